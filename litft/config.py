@@ -1,0 +1,176 @@
+"""Model configuration: one dataclass describes every Llama-architecture model litft runs.
+
+A checkpoint directory stores it as `model_config.yaml`; Hugging Face checkpoints describe the same model
+in `config.json`, which `Config.from_hf_config` reads.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from litft.errors import UserError
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = ""
+    hf_repo: str = ""  # where scripts/download.py fetches the weights from
+    vocab_size: int = 32000
+    n_layer: int = 32
+    n_embd: int = 4096
+    n_head: int = 32
+    n_query_groups: int = 32  # key/value heads; < n_head is grouped-query attention
+    intermediate_size: int = 11008  # SwiGLU hidden width
+    block_size: int = 4096  # longest sequence the model was trained on
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False  # lm_head shares the token-embedding matrix
+
+    def __post_init__(self) -> None:
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd {self.n_embd} is not a multiple of n_head {self.n_head}")
+        if self.n_head % self.n_query_groups:
+            raise ValueError(f"n_head {self.n_head} is not a multiple of n_query_groups {self.n_query_groups}")
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+    # ---- named configs -------------------------------------------------------------------------------
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> "Config":
+        if name not in CONFIGS:
+            raise UserError(f"unknown model name {name!r}; known: {', '.join(sorted(CONFIGS))}")
+        return replace(CONFIGS[name], **overrides)
+
+    # ---- model_config.yaml ---------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def save(self, checkpoint_dir: Path) -> None:
+        from litft.checkpoint import atomic_write_text
+
+        atomic_write_text(Path(checkpoint_dir) / "model_config.yaml", yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Config":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise UserError(f"model_config.yaml has unknown fields {sorted(unknown)}")
+        return cls(**d)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint_dir: Path) -> "Config":
+        checkpoint_dir = Path(checkpoint_dir)
+        if not checkpoint_dir.is_dir():
+            raise UserError(f"checkpoint directory {checkpoint_dir} does not exist; download or convert a model first")
+        path = checkpoint_dir / "model_config.yaml"
+        if not path.is_file():
+            raise UserError(f"{checkpoint_dir} has no model_config.yaml; convert it with scripts/convert_hf_checkpoint.py")
+        try:
+            d = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise UserError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(d, dict):
+            raise UserError(f"{path} should hold a mapping of config fields")
+        return cls.from_dict(d)
+
+    # ---- Hugging Face config.json --------------------------------------------------------------------
+
+    @classmethod
+    def from_hf_config(cls, path_or_dict: Path | dict[str, Any], name: str = "") -> "Config":
+        hf = path_or_dict if isinstance(path_or_dict, dict) else json.loads(Path(path_or_dict).read_text())
+        if hf.get("model_type", "llama") not in ("llama", "mistral"):
+            raise UserError(f"model_type {hf.get('model_type')!r} is not a Llama-architecture model")
+        n_head = hf["num_attention_heads"]
+        head_dim = hf.get("head_dim") or hf["hidden_size"] // n_head
+        if head_dim * n_head != hf["hidden_size"]:
+            raise UserError("head_dim × num_attention_heads != hidden_size is not supported")
+        return cls(
+            name=name or hf.get("_name_or_path", ""),
+            vocab_size=hf["vocab_size"],
+            n_layer=hf["num_hidden_layers"],
+            n_embd=hf["hidden_size"],
+            n_head=n_head,
+            n_query_groups=hf.get("num_key_value_heads") or n_head,
+            intermediate_size=hf["intermediate_size"],
+            block_size=hf.get("max_position_embeddings", 4096),
+            rope_base=float(hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0))),
+            norm_eps=hf.get("rms_norm_eps", 1e-5),
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        )
+
+    def to_hf_config(self) -> dict[str, Any]:
+        return {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.n_embd,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.n_layer,
+            "num_attention_heads": self.n_head,
+            "num_key_value_heads": self.n_query_groups,
+            "head_dim": self.head_size,
+            "max_position_embeddings": self.block_size,
+            "rope_theta": self.rope_base,
+            "rms_norm_eps": self.norm_eps,
+            "tie_word_embeddings": self.tie_embeddings,
+            "hidden_act": "silu",
+            "attention_bias": False,
+            "mlp_bias": False,
+            "torch_dtype": "float32",
+        }
+
+
+def _llama2(name: str, repo: str, n_layer: int, n_embd: int, n_head: int, groups: int, inter: int) -> Config:
+    return Config(name=name, hf_repo=repo, vocab_size=32000, n_layer=n_layer, n_embd=n_embd, n_head=n_head,
+                  n_query_groups=groups, intermediate_size=inter, block_size=4096)
+
+
+def _smollm2(name: str, n_layer: int, n_embd: int, n_head: int, groups: int, inter: int, block: int) -> Config:
+    return Config(name=name, hf_repo=f"HuggingFaceTB/{name}", vocab_size=49152, n_layer=n_layer, n_embd=n_embd,
+                  n_head=n_head, n_query_groups=groups, intermediate_size=inter, block_size=block,
+                  rope_base=100000.0 if n_embd < 2048 else 130000.0, tie_embeddings=True)
+
+
+_BASE = [
+    _llama2("Llama-2-7b-hf", "meta-llama/Llama-2-7b-hf", 32, 4096, 32, 32, 11008),
+    _llama2("Llama-2-13b-hf", "meta-llama/Llama-2-13b-hf", 40, 5120, 40, 40, 13824),
+    _llama2("Llama-2-70b-hf", "meta-llama/Llama-2-70b-hf", 80, 8192, 64, 8, 28672),
+    _smollm2("SmolLM2-135M", 30, 576, 9, 3, 1536, 8192),
+    _smollm2("SmolLM2-360M", 32, 960, 15, 5, 2560, 8192),
+    _smollm2("SmolLM2-1.7B", 24, 2048, 32, 32, 8192, 8192),
+    Config(name="TinyLlama-1.1B-intermediate-step-1431k-3T", hf_repo="TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T",
+           vocab_size=32000, n_layer=22, n_embd=2048, n_head=32, n_query_groups=4, intermediate_size=5632, block_size=2048),
+    Config(name="TinyLlama-1.1B-Chat-v1.0", hf_repo="TinyLlama/TinyLlama-1.1B-Chat-v1.0",
+           vocab_size=32000, n_layer=22, n_embd=2048, n_head=32, n_query_groups=4, intermediate_size=5632, block_size=2048),
+    Config(name="Mistral-7B-v0.1", hf_repo="mistralai/Mistral-7B-v0.1", vocab_size=32000, n_layer=32, n_embd=4096,
+           n_head=32, n_query_groups=8, intermediate_size=14336, block_size=32768),
+    # Tiny configs for tests and quick experiments: random weights, seconds on a CPU.
+    Config(name="tiny-mha", vocab_size=256, n_layer=2, n_embd=64, n_head=4, n_query_groups=4, intermediate_size=128,
+           block_size=256),
+    Config(name="tiny-gqa", vocab_size=256, n_layer=2, n_embd=64, n_head=4, n_query_groups=2, intermediate_size=128,
+           block_size=256, tie_embeddings=True),
+]
+
+
+def _variants() -> list[Config]:
+    out = []
+    for c in _BASE:
+        if c.name.startswith("Llama-2"):  # the chat models share the base shapes
+            chat = c.name.replace("-hf", "-chat-hf")
+            out.append(replace(c, name=chat, hf_repo=f"meta-llama/{chat}"))
+        if c.name.startswith("SmolLM2"):
+            out.append(replace(c, name=c.name + "-Instruct", hf_repo=c.hf_repo + "-Instruct"))
+    return out
+
+
+CONFIGS: dict[str, Config] = {c.name: c for c in _BASE + _variants()}

@@ -1,0 +1,183 @@
+"""The Llama architecture, written to be read top to bottom.
+
+    x = embed(tokens)                                   (B, T) -> (B, T, C)
+    for each block:
+        x = x + attention(rmsnorm(x))                   causal self-attention with rotary positions (RoPE)
+        x = x + mlp(rmsnorm(x))                         SwiGLU: down(silu(gate(x)) * up(x))
+    logits = lm_head(rmsnorm(x))                        (B, T, C) -> (B, T, vocab)
+
+Grouped-query attention (Ainslie et al. 2023): n_head query heads share n_query_groups key/value heads
+(Llama-2-70B: 64 / 8, Mistral-7B: 32 / 8, SmolLM2-135M: 9 / 3); n_query_groups == n_head is ordinary
+multi-head attention. Module names follow Hugging Face's LlamaForCausalLM closely, so converting weights is
+mostly renaming (see litft/convert_hf.py).
+
+For generation, `set_kv_cache` allocates a static key/value cache; `forward(idx, input_pos)` then writes the
+new keys and values at `input_pos` and attends over everything cached so far.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from litft.config import Config
+
+
+class Llama(nn.Module):
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.n_embd)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.tie_weights()
+        self.rope_cache: tuple[Tensor, Tensor] | None = None
+
+    def tie_weights(self) -> None:
+        """With tied embeddings the output projection *is* the embedding matrix (one Parameter, two uses)."""
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def forward(self, idx: Tensor, input_pos: Tensor | None = None) -> Tensor:
+        """idx: (B, T) token ids. input_pos: (T,) positions, given only when decoding with the KV cache."""
+        x = self.embed(idx)  # (B, T, C)
+        x = self.norm(self.trunk(x, input_pos))
+        return self.lm_head(x)  # (B, T, vocab)
+
+    def trunk(self, x: Tensor, input_pos: Tensor | None = None) -> Tensor:
+        """Run the blocks: (B, T, C) -> (B, T, C). Separate so training can apply lm_head in chunks."""
+        T = x.size(1)
+        cos, sin = self.rope(x.device)
+        if input_pos is None:  # training / plain forward: positions 0..T-1, causal mask
+            pos, mask = None, None
+            cos, sin = cos[:T], sin[:T]
+        else:  # decoding: attend to every cached position <= our own
+            end = int(input_pos[-1]) + 1
+            pos, cos, sin = input_pos, cos[input_pos], sin[input_pos]
+            mask = None if T == 1 else input_pos[:, None] >= torch.arange(end, device=x.device)  # (T, end)
+        for block in self.blocks:
+            x = block(x, cos.to(x.dtype), sin.to(x.dtype), pos, mask)
+        return x
+
+    def rope(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """cos and sin tables, (block_size, head_size), built once per device in float32."""
+        if self.rope_cache is None or self.rope_cache[0].device != device:
+            self.rope_cache = rope_tables(self.config, device)
+        return self.rope_cache
+
+    def set_kv_cache(self, batch_size: int, max_seq_length: int, device=None, dtype=None) -> None:
+        p = self.embed.weight
+        for block in self.blocks:
+            block.attn.kv_cache = KVCache(batch_size, max_seq_length, self.config, device or p.device, dtype or p.dtype)
+
+    def clear_kv_cache(self) -> None:
+        for block in self.blocks:
+            block.attn.kv_cache = None
+
+
+class Block(nn.Module):
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.attn = Attention(config)
+        self.mlp_norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, pos: Tensor | None, mask: Tensor | None) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, pos, mask)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Attention(nn.Module):
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        C, hs = config.n_embd, config.head_size
+        self.n_head, self.n_kv, self.head_size = config.n_head, config.n_query_groups, hs
+        self.q_proj = nn.Linear(C, config.n_head * hs, bias=False)
+        self.k_proj = nn.Linear(C, config.n_query_groups * hs, bias=False)
+        self.v_proj = nn.Linear(C, config.n_query_groups * hs, bias=False)
+        self.o_proj = nn.Linear(config.n_head * hs, C, bias=False)
+        self.kv_cache: KVCache | None = None
+        # An optional extra attention path (LLaMA-Adapter's learned prefix): called as prefix(q, x),
+        # returns (B, n_head, T, hs) to add to the attention output. None for the plain model.
+        self.prefix: nn.Module | None = None
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, pos: Tensor | None, mask: Tensor | None) -> Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_size).transpose(1, 2)  # (B, nkv, T, hs)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_size).transpose(1, 2)  # (B, nkv, T, hs)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if pos is not None:
+            k, v = self.kv_cache.update(pos, k, v)  # (B, nkv, end, hs): every position so far
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=pos is None,
+                                           enable_gqa=self.n_kv != self.n_head)  # (B, nh, T, hs)
+        if self.prefix is not None:
+            y = y + self.prefix(q, x)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_size)  # (B, T, nh·hs)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward (Shazeer 2020): down(silu(gate(x)) ⊙ up(x))."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, T, C) -> (B, T, I) -> (B, T, C)
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x²) + eps) · weight, computed in float32 (Zhang & Sennrich 2019)."""
+
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+def rope_tables(config: Config, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Rotary embeddings (Su et al. 2021): channel pair (i, i + hs/2) rotates by angle pos · base^(-2i/hs)."""
+    hs = config.head_size
+    inv_freq = 1.0 / config.rope_base ** (torch.arange(0, hs, 2, device=device, dtype=torch.float32) / hs)
+    angles = torch.outer(torch.arange(config.block_size, device=device, dtype=torch.float32), inv_freq)
+    angles = torch.cat((angles, angles), dim=-1)  # (block_size, hs)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x: (B, heads, T, hs); cos, sin: (T, hs). Rotates each (first-half, second-half) channel pair."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos + rotated * sin
+
+
+class KVCache(nn.Module):
+    """Static key/value cache: (B, n_query_groups, max_seq_length, head_size) each, filled by position."""
+
+    def __init__(self, batch_size: int, max_seq_length: int, config: Config, device, dtype) -> None:
+        super().__init__()
+        shape = (batch_size, config.n_query_groups, max_seq_length, config.head_size)
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+
+    def update(self, pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        self.k.index_copy_(2, pos, k.to(self.k.dtype))
+        self.v.index_copy_(2, pos, v.to(self.v.dtype))
+        end = int(pos[-1]) + 1
+        return self.k[:, :, :end], self.v[:, :, :end]

@@ -1,0 +1,48 @@
+"""Shared fixtures: paths to the offline assets and a helper that runs a script as a user would."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    from scripts.fetch_offline_assets import fetch
+
+    return fetch("SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.fixture(scope="session")
+def sentencepiece_model() -> Path:
+    """A real Llama-style sentencepiece model: Mistral-7B v0.1's tokenizer.model (32000 pieces)."""
+    from scripts.fetch_offline_assets import fetch
+
+    return fetch("mistral-7b-v0.1-tokenizer.model")
+
+
+def run_script(script: str, *args: str, check: bool = False, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run `python <script> <args>` from the repository root, as a user would, capturing stdout/stderr."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def assert_user_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    """A user error is one line on stderr starting with 'error:', exit status != 0, and no traceback."""
+    assert proc.returncode != 0, proc.stdout
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
