@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor
 
 from litft.config import Config
@@ -35,6 +36,7 @@ class Llama(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.tie_weights()
         self.rope_cache: tuple[Tensor, Tensor] | None = None
+        self.activation_checkpointing = False  # recompute each block in backward: less memory, ~30% more compute
 
     def tie_weights(self) -> None:
         """With tied embeddings the output projection *is* the embedding matrix (one Parameter, two uses)."""
@@ -58,8 +60,12 @@ class Llama(nn.Module):
             end = int(input_pos[-1]) + 1
             pos, cos, sin = input_pos, cos[input_pos], sin[input_pos]
             mask = None if T == 1 else input_pos[:, None] >= torch.arange(end, device=x.device)  # (T, end)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         for block in self.blocks:
-            x = block(x, cos.to(x.dtype), sin.to(x.dtype), pos, mask)
+            if self.activation_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, pos, mask, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, pos, mask)
         return x
 
     def rope(self, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -101,8 +107,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(C, config.n_query_groups * hs, bias=False)
         self.o_proj = nn.Linear(config.n_head * hs, C, bias=False)
         self.kv_cache: KVCache | None = None
-        # An optional extra attention path (LLaMA-Adapter's learned prefix): called as prefix(q, x),
-        # returns (B, n_head, T, hs) to add to the attention output. None for the plain model.
+        # An optional extra attention path (LLaMA-Adapter's learned prompt): called as prefix(self, q) with the
+        # rotated queries, returns (B, n_head, T, hs) to add to the attention output. None for the plain model.
         self.prefix: nn.Module | None = None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, pos: Tensor | None, mask: Tensor | None) -> Tensor:
@@ -116,7 +122,7 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=pos is None,
                                            enable_gqa=self.n_kv != self.n_head)  # (B, nh, T, hs)
         if self.prefix is not None:
-            y = y + self.prefix(q, x)
+            y = y + self.prefix(self, q)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_size)  # (B, T, nh·hs)
         return self.o_proj(y)
 
