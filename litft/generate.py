@@ -1,0 +1,240 @@
+"""Autoregressive generation: prefill the prompt once, then decode one token at a time from the KV cache.
+
+A language model gives, for every position, a score (logit) for each possible next token. Generating text is a
+loop: score the next token, pick one, append it, repeat. Done naively, step t re-runs the model over all
+t tokens so far. Attention is the only place positions interact, and a token's keys and values never change
+once computed, so we keep them in a static *KV cache*:
+
+    prefill   model(prompt, input_pos=0..T-1)      (1, T)  -> keys/values of T positions cached; next-token logits
+    decode    model(token, input_pos=t)            (1, 1)  -> one new key/value row; next-token logits
+              ... repeated until max_new_tokens, a stop token, or the end of the cache
+
+How the next token is picked from the logits z (vocab,):
+
+    temperature   z / τ; τ → 0 is greedy argmax (deterministic), τ > 1 flattens the distribution
+    top-k         keep the k largest logits, drop the rest
+    top-p         keep the smallest set of most likely tokens whose probability mass reaches p (nucleus
+                  sampling, Holtzman et al. 2019 — https://arxiv.org/abs/1904.09751)
+    sample        draw from softmax of what is left (a seeded torch.Generator makes it reproducible)
+
+`greedy_without_cache` is the same greedy loop with no cache at all: slow, but so simple it serves as the
+reference the cached loop is tested against. `generate_cli` is what the generate/ scripts run.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Optional
+
+import torch
+from torch import Tensor
+
+from litft.errors import UserError
+from litft.prompts import PromptStyle, resolve_style
+from litft.tokenizer import StreamDecoder, Tokenizer
+
+PRECISIONS = {"bf16-true": torch.bfloat16, "16-true": torch.float16, "32-true": torch.float32}
+# Chat templates end the assistant's turn with a token of their own, which may differ from the tokenizer's EOS.
+STYLE_STOP_TOKENS = {"chatml": "<|im_end|>"}
+
+
+# ---- picking the next token ------------------------------------------------------------------------------
+
+
+def top_p_filter(logits: Tensor, top_p: float) -> Tensor:
+    """Set to -inf every logit outside the smallest most-likely set whose probability mass is >= top_p."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)  # (..., vocab), most likely first
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # mass of the tokens strictly ahead of each one
+    drop_sorted = mass_before >= top_p  # the set had already reached top_p without this token
+    drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample(logits: Tensor, temperature: float = 1.0, top_k: Optional[int] = None, top_p: float = 1.0,
+           generator: Optional[torch.Generator] = None) -> Tensor:
+    """logits: (B, vocab) -> (B,) token ids. Temperature 0 is greedy; then top-k, then top-p, then a draw."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth_best = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth_best, float("-inf"))
+    if top_p < 1.0:
+        logits = top_p_filter(logits, top_p)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+# ---- the decoding loops ----------------------------------------------------------------------------------
+
+
+def next_token_logits(model: torch.nn.Module, idx: Tensor, input_pos: Tensor) -> Tensor:
+    """(1, T) ids at positions input_pos -> (1, vocab) logits for the token after the last one.
+
+    Same as model(idx, input_pos)[:, -1], but only the last position goes through the output head: during the
+    prefill that saves a (T × n_embd) @ (n_embd × vocab) matmul whose other T - 1 rows nobody reads.
+    """
+    x = model.trunk(model.embed(idx), input_pos)  # (1, T, C); the KV cache now holds these T positions
+    return model.lm_head(model.norm(x[:, -1]))  # (1, vocab)
+
+
+def check_fits(model: torch.nn.Module, prompt_len: int, max_new_tokens: int) -> None:
+    block_size = model.config.block_size
+    if prompt_len == 0:
+        raise UserError("the prompt is empty; give at least one token to continue from")
+    if max_new_tokens < 1:
+        raise UserError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if prompt_len + max_new_tokens > block_size:
+        raise UserError(f"the prompt ({prompt_len} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the "
+                        f"model's block_size ({block_size}); shorten the prompt or lower --max_new_tokens")
+
+
+@torch.inference_mode()
+def generate(model: torch.nn.Module, prompt: Tensor, max_new_tokens: int, temperature: float = 1.0,
+             top_k: Optional[int] = None, top_p: float = 1.0, stop_ids: Iterable[int] = (),
+             generator: Optional[torch.Generator] = None) -> Iterator[int]:
+    """Yield new token ids one by one as they are produced, for a 1-D prompt of token ids (T,).
+
+    Stops after `max_new_tokens`, or at the first token in `stop_ids` (which is not yielded). The model
+    should be in eval mode. The KV cache is allocated here and dropped when the generator finishes.
+    """
+    T = prompt.size(0)
+    check_fits(model, T, max_new_tokens)
+    stop_ids, device = set(stop_ids), prompt.device
+    model.set_kv_cache(batch_size=1, max_seq_length=T + max_new_tokens)
+    try:
+        logits = next_token_logits(model, prompt[None], torch.arange(T, device=device))  # prefill
+        for t in range(T, T + max_new_tokens):
+            token = sample(logits, temperature, top_k, top_p, generator)  # (1,)
+            token_id = int(token)  # the one host sync per step: we must know the id to stream or stop
+            if token_id in stop_ids:
+                return
+            yield token_id
+            if t + 1 < T + max_new_tokens:
+                logits = next_token_logits(model, token[None], torch.tensor([t], device=device))  # decode
+    finally:
+        model.clear_kv_cache()
+
+
+@torch.inference_mode()
+def greedy_without_cache(model: torch.nn.Module, prompt: Tensor, max_new_tokens: int,
+                         stop_ids: Iterable[int] = ()) -> list[int]:
+    """Greedy decoding the slow, obvious way: re-run the whole sequence every step. A reference for tests."""
+    check_fits(model, prompt.size(0), max_new_tokens)
+    idx, new = prompt[None], []  # (1, T)
+    for _ in range(max_new_tokens):
+        token = model(idx)[:, -1].argmax(dim=-1)  # (1, T, vocab) -> (1,)
+        if int(token) in set(stop_ids):
+            break
+        new.append(int(token))
+        idx = torch.cat((idx, token[None]), dim=1)  # (1, T + 1)
+    return new
+
+
+# ---- the command line: shared by generate/base.py, generate/lora.py, generate/adapter.py, ... --------------
+
+
+def pick_precision(precision: Optional[str], device: torch.device) -> tuple[str, torch.dtype]:
+    """bf16-true on a GPU, 32-true on a CPU unless asked otherwise."""
+    precision = precision or ("bf16-true" if device.type == "cuda" else "32-true")
+    if precision not in PRECISIONS:
+        raise UserError(f"--precision {precision!r} is not supported for generation; choose one of {', '.join(PRECISIONS)}")
+    return precision, PRECISIONS[precision]
+
+
+def stop_token_ids(tokenizer, style: Optional[PromptStyle]) -> set[int]:
+    """The tokenizer's EOS, plus the end-of-turn token of the prompt style when it is a single token."""
+    stops = {tokenizer.eos_id} if tokenizer.eos_id is not None else set()
+    if style is not None and style.name in STYLE_STOP_TOKENS:
+        ids = tokenizer.encode(STYLE_STOP_TOKENS[style.name], bos=False).tolist()
+        if len(ids) == 1:
+            stops.add(ids[0])
+    return stops
+
+
+def peak_memory(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"peak memory: {torch.cuda.max_memory_allocated(device) / 1e9:.2f} GB (GPU, allocated by torch)"
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
+    return f"peak memory: {kib / 1e6:.2f} GB (RSS)"
+
+
+def generate_cli(checkpoint_dir: Path, prompt: str, max_new_tokens: int = 100, temperature: float = 0.8,
+                 top_k: Optional[int] = 50, top_p: float = 1.0, seed: int = 1234, precision: Optional[str] = None,
+                 prompt_style: Optional[str] = None, compile: bool = False, *,
+                 load_model: Callable[..., torch.nn.Module], run_dir: Optional[Path]) -> str:
+    """Generate a completion for a prompt; the completion alone goes to stdout, streamed as it is produced.
+
+    Args:
+        checkpoint_dir: a lit checkpoint directory (lit_model.pth, model_config.yaml, tokenizer files).
+        prompt: the text to continue; wrapped in a prompt style when one is named or found (see prompt_style).
+        max_new_tokens: the most tokens to generate; generation also stops at the end-of-sequence token.
+        temperature: 0 picks the most likely token every step (greedy, deterministic); higher is more random.
+        top_k: sample only among the k most likely tokens (null: no limit).
+        top_p: sample only among the most likely tokens whose probabilities add up to top_p (1.0: no limit).
+        seed: seed of the random generator, so sampling is reproducible.
+        precision: bf16-true, 16-true or 32-true (default: bf16-true on a GPU, 32-true on a CPU).
+        prompt_style: wrap the prompt in this style (plain, alpaca, chatml, llama2-chat); by default the style
+            saved as prompt_style.yaml in the run or checkpoint directory, else the prompt is fed as given.
+        compile: compile the model with torch.compile (worth it for long generations on a GPU).
+
+    The generate/ scripts differ only in `load_model(checkpoint_dir, device=, dtype=)`, which builds the
+    model (e.g. base weights plus LoRA weights), and `run_dir`, a fine-tuning run's directory searched for
+    prompt_style.yaml before checkpoint_dir (None for a plain checkpoint).
+    """
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precision, dtype = pick_precision(precision, device)
+    check_sampling(temperature, top_k, top_p)
+    checkpoint_dir = Path(checkpoint_dir)
+    style = resolve_style(prompt_style, *(d for d in (run_dir, checkpoint_dir) if d is not None and Path(d).is_dir()))
+
+    t0 = time.perf_counter()
+    model = load_model(checkpoint_dir, device=device, dtype=dtype).eval()
+    tokenizer = Tokenizer(checkpoint_dir)
+    print(f"loaded {checkpoint_dir} in {time.perf_counter() - t0:.2f} s ({device.type}, {precision})", file=sys.stderr)
+    if compile:
+        model = torch.compile(model)
+
+    ids = tokenizer.encode(style.apply(prompt) if style else prompt).to(device)  # (T,)
+    generator = torch.Generator(device).manual_seed(seed)
+    tokens = generate(model, ids, max_new_tokens, temperature, top_k, top_p, stop_token_ids(tokenizer, style), generator)
+    text, timings = stream(tokens, tokenizer)
+    report(timings, device)
+    return text
+
+
+def check_sampling(temperature: float, top_k: Optional[int], top_p: float) -> None:
+    if temperature < 0:
+        raise UserError(f"--temperature must be >= 0 (0 is greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise UserError(f"--top_k must be >= 1 (or null for no limit), got {top_k}")
+    if not 0 < top_p <= 1:
+        raise UserError(f"--top_p must be in (0, 1], got {top_p}")
+
+
+def stream(tokens: Iterator[int], tokenizer) -> tuple[str, dict[str, float]]:
+    """Print the completion to stdout as the tokens arrive; return it with timings (seconds) for the report."""
+    decoder, pieces = StreamDecoder(tokenizer), []
+    start, first = time.perf_counter(), None
+    for token_id in tokens:
+        first = first or time.perf_counter()
+        pieces.append(decoder.step(token_id))
+        print(pieces[-1], end="", flush=True)
+    pieces.append(decoder.flush())
+    print(pieces[-1], flush=True)  # anything held back, and a final newline
+    end = time.perf_counter()
+    return "".join(pieces), {"tokens": len(decoder.ids), "start": start, "first": first or end, "end": end}
+
+
+def report(t: dict[str, float], device: torch.device) -> None:
+    """Diagnostics on stderr: time to first token (prompt prefill + one step), decode speed, peak memory."""
+    print(f"time to first token: {t['first'] - t['start']:.3f} s", file=sys.stderr)
+    n, total = int(t["tokens"]), t["end"] - t["start"]
+    decode_rate = (n - 1) / (t["end"] - t["first"]) if n > 1 else float("nan")
+    print(f"{n} tokens in {total:.2f} s: {n / total:.1f} tokens/s overall, {decode_rate:.1f} tokens/s decoding",
+          file=sys.stderr)
+    print(peak_memory(device), file=sys.stderr)

@@ -1,0 +1,179 @@
+"""Generation: the KV-cache loop against a cache-free loop and against transformers' `generate`, the sampling
+filters against a hand computation in numpy, and generate/base.py as a user runs it."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from conftest import assert_user_error, run_script
+
+from litft.checkpoint import save_lit_checkpoint
+from litft.config import Config
+from litft.errors import UserError
+from litft.generate import generate, greedy_without_cache, sample, top_p_filter
+from litft.model import Llama
+from litft.tokenizer import Tokenizer
+
+N_NEW = 40
+
+
+def tiny_model(name: str, seed: int = 0, **overrides) -> Llama:
+    torch.manual_seed(seed)
+    model = Llama(Config.from_name(name, **overrides)).eval()
+    with torch.no_grad():  # larger weights than the default init: peaked, varied predictions, no near-ties
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    return model
+
+
+def hf_to_litft(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers' LlamaForCausalLM names -> litft names (only renaming: the tensors are the same)."""
+    renames = [("model.", ""), ("layers.", "blocks."), ("self_attn.", "attn."), ("input_layernorm", "attn_norm"),
+               ("post_attention_layernorm", "mlp_norm"), ("embed_tokens", "embed")]
+    out = {}
+    for name, tensor in state_dict.items():
+        for old, new in renames:
+            name = name.replace(old, new)
+        out[name] = tensor
+    return out
+
+
+@pytest.mark.parametrize("name", ["tiny-mha", "tiny-gqa"])
+def test_kv_cache_greedy_equals_greedy_without_cache(name):
+    model = tiny_model(name)
+    prompt = torch.randint(0, model.config.vocab_size, (7,))
+    cached = list(generate(model, prompt, N_NEW, temperature=0))
+    assert len(set(cached)) > 5  # a varied sequence, so agreement means something
+    assert cached == greedy_without_cache(model, prompt, N_NEW)
+
+
+@pytest.mark.parametrize("heads,kv_heads,tied", [(4, 4, False), (4, 2, False), (4, 1, True)])
+def test_greedy_equals_transformers_generate(heads, kv_heads, tied):
+    transformers = pytest.importorskip("transformers")
+    hf_config = transformers.LlamaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=heads,
+        num_key_value_heads=kv_heads, max_position_embeddings=128, rope_theta=500.0, rms_norm_eps=1e-5,
+        tie_word_embeddings=tied, initializer_range=0.3, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(1)
+    hf = transformers.LlamaForCausalLM(hf_config).eval()
+    ours = Llama(Config.from_hf_config(hf_config.to_dict()))
+    ours.load_state_dict(hf_to_litft(hf.state_dict()), strict=not tied)
+    ours.tie_weights()
+
+    prompt = torch.randint(3, 256, (9,))
+    with torch.no_grad():  # min_new_tokens keeps transformers from stopping at EOS; we pass no stop ids
+        expected = hf.generate(prompt[None], attention_mask=torch.ones(1, 9, dtype=torch.long), do_sample=False,
+                               max_new_tokens=N_NEW, min_new_tokens=N_NEW)[0, 9:].tolist()
+    assert len(expected) == N_NEW and len(set(expected)) > 5
+    assert list(generate(ours, prompt, N_NEW, temperature=0)) == expected
+
+
+def test_top_k_1_is_greedy():
+    model = tiny_model("tiny-gqa")
+    prompt = torch.randint(0, 256, (5,))
+    gen = torch.Generator().manual_seed(0)
+    assert list(generate(model, prompt, 20, temperature=1.5, top_k=1, generator=gen)) == \
+        greedy_without_cache(model, prompt, 20)
+
+
+def numpy_nucleus(probs: np.ndarray, top_p: float) -> set[int]:
+    """The smallest set of most likely tokens whose total probability is >= top_p, by hand."""
+    order = np.argsort(-probs, kind="stable")
+    cumulative = np.cumsum(probs[order])
+    n = int(np.searchsorted(cumulative, top_p, side="left")) + 1  # first prefix reaching top_p
+    return set(order[:n].tolist())
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = np.array([0.05, 0.4, 0.1, 0.25, 0.2])
+    kept = torch.isfinite(top_p_filter(torch.tensor(np.log(probs))[None], 0.7))[0]
+    assert set(kept.nonzero().flatten().tolist()) == {1, 3, 4}  # 0.4 + 0.25 < 0.7 <= 0.4 + 0.25 + 0.2
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        probs = rng.dirichlet(np.full(12, 0.5))
+        top_p = float(rng.uniform(0.05, 0.99))
+        if np.min(np.abs(np.cumsum(np.sort(probs)[::-1]) - top_p)) < 1e-5:
+            continue  # too close to a boundary for float32 to call
+        logits = torch.tensor(np.log(probs), dtype=torch.float32)[None]
+        kept = torch.isfinite(top_p_filter(logits, top_p))[0]
+        assert set(kept.nonzero().flatten().tolist()) == numpy_nucleus(probs, top_p)
+
+
+def test_sampling_draws_only_from_the_filtered_set():
+    probs = np.array([0.05, 0.4, 0.1, 0.25, 0.2])
+    logits = torch.tensor(np.log(probs), dtype=torch.float32).expand(4000, 5)
+    gen = torch.Generator().manual_seed(0)
+    draws = sample(logits, temperature=1.0, top_p=0.7, generator=gen)
+    counts = torch.bincount(draws, minlength=5).double() / 4000
+    expected = torch.tensor([0, 0.4, 0, 0.25, 0.2], dtype=torch.float64) / 0.85  # renormalised nucleus
+    torch.testing.assert_close(counts, expected, atol=0.03, rtol=0)
+    draws = sample(logits, temperature=1.0, top_k=2, generator=gen)
+    assert set(draws.tolist()) == {1, 3}
+
+
+def test_seeded_sampling_is_reproducible():
+    model = tiny_model("tiny-mha")
+    prompt = torch.randint(0, 256, (5,))
+
+    def run(seed):
+        return list(generate(model, prompt, 30, temperature=1.0, top_k=50, top_p=0.9,
+                             generator=torch.Generator().manual_seed(seed)))
+
+    assert run(3) == run(3)
+    assert run(3) != run(4)
+
+
+def test_stops_at_a_stop_token_without_yielding_it():
+    model = tiny_model("tiny-mha")
+    prompt = torch.randint(0, 256, (5,))
+    full = greedy_without_cache(model, prompt, N_NEW)
+    cut = next(i for i in range(3, N_NEW) if full[i] not in full[:i])  # first occurrence, past a few tokens
+    assert list(generate(model, prompt, N_NEW, temperature=0, stop_ids={full[cut], 10_000})) == full[:cut]
+
+
+def test_prompt_plus_new_tokens_must_fit_block_size():
+    model = tiny_model("tiny-mha", block_size=32)
+    with pytest.raises(UserError, match="block_size"):
+        next(generate(model, torch.zeros(20, dtype=torch.long), 13, temperature=0))
+    assert len(list(generate(model, torch.zeros(20, dtype=torch.long), 12, temperature=0))) <= 12
+
+
+# ---- generate/base.py as a user runs it ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory, sentencepiece_model):
+    """A random small model over the real 32000-piece sentencepiece tokenizer."""
+    directory = tmp_path_factory.mktemp("tiny_checkpoint")
+    model = tiny_model("tiny-gqa", vocab_size=32000, block_size=64)
+    save_lit_checkpoint(model, directory)
+    shutil.copy(sentencepiece_model, directory / "tokenizer.model")
+    return directory, model
+
+
+def test_cli_stdout_is_exactly_the_greedy_completion(tiny_checkpoint):
+    directory, model = tiny_checkpoint
+    prompt = "The capital of France is"
+    proc = run_script("generate/base.py", "--checkpoint_dir", directory, "--prompt", prompt,
+                      "--temperature", "0", "--max_new_tokens", "24", check=True)
+    tokenizer = Tokenizer(directory)  # sentencepiece decodes; our greedy reference picks the ids
+    ids = greedy_without_cache(model, tokenizer.encode(prompt), 24, stop_ids={tokenizer.eos_id})
+    expected = tokenizer.decode(ids) + "\n"
+    assert proc.stdout == expected.replace("\r\n", "\n").replace("\r", "\n")
+    for diagnostic in ("time to first token", "tokens/s", "peak memory"):
+        assert diagnostic in proc.stderr
+
+
+def test_cli_user_errors(tiny_checkpoint, tmp_path):
+    directory, _ = tiny_checkpoint
+    assert_user_error(run_script("generate/base.py", "--checkpoint_dir", tmp_path / "nope", "--prompt", "hi"),
+                      "does not exist")
+    assert_user_error(run_script("generate/base.py", "--checkpoint_dir", directory, "--prompt", "hi",
+                                 "--max_new_tokens", "100"), "block_size")
+    assert_user_error(run_script("generate/base.py", "--checkpoint_dir", directory, "--prompt", "hi",
+                                 "--precision", "fp8"), "--precision")
