@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
+import warnings
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -59,13 +60,17 @@ def load_state_dict(path: Path, mmap: bool = True) -> dict[str, Tensor]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path} does not exist")
+    mmap = mmap and zipfile.is_zipfile(path)  # legacy (pre-zip) pickles cannot be memory-mapped
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        with warnings.catch_warnings():  # the unpickler warns about protocols before refusing a file
+            warnings.simplefilter("ignore")
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         reason = str(e).splitlines()[0] if "Weights only load failed" not in str(e) else "it holds objects other than tensors"
         raise UserError(f"{path} was refused: {reason}; only plain tensor state dicts are loaded") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
-        raise UserError(f"{path} is not a readable checkpoint ({str(e).splitlines()[0]}); it may be truncated — re-create it") from None
+        reason = str(e).splitlines()[0].split(". ")[0]
+        raise UserError(f"{path} is not a readable checkpoint ({reason}); it may be truncated — re-create it") from None
     if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
         raise UserError(f"{path} does not hold a state dict of tensors")
     return sd
@@ -102,12 +107,15 @@ def save_lit_checkpoint(model: Llama, checkpoint_dir: Path) -> None:
 
 
 def load_lit_model(checkpoint_dir: Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
-                   config: Config | None = None) -> Llama:
-    """Build the model from `checkpoint_dir` without first allocating random weights (meta device)."""
+                   config: Config | None = None, weights_path: Path | None = None) -> Llama:
+    """Build the model from `checkpoint_dir` without first allocating random weights (meta device).
+
+    `weights_path` replaces `checkpoint_dir/lit_model.pth`, e.g. a full fine-tune's lit_model_finetuned.pth.
+    """
     checkpoint_dir = Path(checkpoint_dir)
     config = config or Config.from_checkpoint(checkpoint_dir)
-    path = checkpoint_dir / WEIGHTS
-    if not path.is_file():
+    path = Path(weights_path) if weights_path is not None else checkpoint_dir / WEIGHTS
+    if weights_path is None and not path.is_file():
         raise UserError(f"{checkpoint_dir} has no {WEIGHTS}; convert the model first (scripts/convert_hf_checkpoint.py)")
     state_dict = load_state_dict(path)
     with torch.device("meta"):
