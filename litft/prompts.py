@@ -2,7 +2,14 @@
 
 One style object is used by data preparation, training, generation and evaluation, and a fine-tuning run saves
 it as `prompt_style.yaml`, so the text a model was trained on is the text it is prompted with later.
-The completion the model should learn follows the prompt directly; the EOS token ends it.
+The completion the model should learn follows the prompt directly; the tokenizer's EOS token ends it.
+
+    plain         instruction (newline, input)                 no template: for base models and raw text
+    alpaca        "Below is an instruction ... ### Response:\n"  Stanford Alpaca's template, with/without input
+    chatml        <|im_start|>user ... <|im_end|> <|im_start|>assistant\n      ChatML without a system turn
+    smollm2       chatml with SmolLM2-Instruct's default system turn, as its own chat template renders it
+    llama2-chat   [INST] ... [/INST]                          Llama-2-chat; the answer is encoded on its own,
+                                                              so sentencepiece gives it its leading space
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ _ALPACA = (
     "Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Response:\n"
 )
+SMOLLM2_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
 
 @dataclass(frozen=True)
@@ -40,11 +48,18 @@ class PromptStyle:
         if self.name == "alpaca":
             return _ALPACA_INPUT.format(instruction=instruction, input=input) if input else _ALPACA.format(instruction=instruction)
         user = f"{instruction}\n\n{input}" if input else instruction
-        if self.name == "chatml":  # SmolLM2-Instruct, Qwen and others
+        if self.name == "chatml":  # Qwen, SmolLM2-Instruct (without its system turn) and others
             return f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
-        if self.name == "llama2-chat":  # Llama-2-chat's [INST] format; the tokenizer adds BOS
-            return f"[INST] {user} [/INST] "
+        if self.name == "smollm2":
+            return f"<|im_start|>system\n{SMOLLM2_SYSTEM}<|im_end|>\n" + PromptStyle("chatml").apply(instruction, input)
+        if self.name == "llama2-chat":  # the tokenizer adds BOS; no trailing space (the answer brings its own)
+            return f"[INST] {user} [/INST]"
         raise UserError(f"unknown prompt style {self.name!r}; choose one of {', '.join(STYLES)}")
+
+    @property
+    def end_of_turn(self) -> str | None:
+        """The text that closes the assistant's turn in this template (a stop marker for generation), if any."""
+        return "<|im_end|>" if self.name in ("chatml", "smollm2") else None
 
     @classmethod
     def from_name(cls, name: str) -> "PromptStyle":
@@ -63,11 +78,16 @@ class PromptStyle:
         path = Path(directory) / FILE
         if not path.is_file():
             return None
-        data = yaml.safe_load(path.read_text()) or {}
-        return cls.from_name(data.get("name", ""))
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise UserError(f"{path} is not valid YAML ({str(e).splitlines()[0]}); write `name: <style>` in it") from None
+        if not isinstance(data, dict) or not isinstance(data.get("name"), str):
+            raise UserError(f"{path} must hold `name: <style>` with one of {', '.join(STYLES)}")
+        return cls.from_name(data["name"])
 
 
-STYLES = ("plain", "alpaca", "chatml", "llama2-chat")
+STYLES = ("plain", "alpaca", "chatml", "smollm2", "llama2-chat")
 
 
 def resolve_style(name: str | None, *directories: Path) -> PromptStyle | None:

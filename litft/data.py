@@ -1,0 +1,84 @@
+"""Prepared data for training and evaluation: load a split, and pad samples into a batch.
+
+A prepared directory (written by a data_prep script, see litft/prepare.py) holds train.pt and test.pt: lists of
+samples {input_ids, labels, instruction, input, output}. `labels[t]` is the token at position t, or -100 where
+no loss is wanted (the prompt, when inputs are masked); the loss compares the logits at t - 1 with labels[t].
+
+Batches are padded on the right: input ids with the tokenizer's pad id, labels with ignore_index, so padding
+never contributes to the loss and no label written during preparation is ever overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from litft.errors import UserError
+from litft.prompts import PromptStyle
+
+
+def data_dir(data: str | Path) -> Path:
+    """`alpaca` -> data/alpaca; a path is taken as given."""
+    path = Path(data)
+    if path.is_dir() or len(path.parts) > 1:
+        return path
+    return Path("data") / path
+
+
+def load_split(data: str | Path, split: str) -> list[dict]:
+    """The samples of `split` ("train" or "test") in a prepared directory."""
+    directory = data_dir(data)
+    path = directory / f"{split}.pt"
+    if not path.is_file():
+        script = Path(__file__).resolve().parents[1] / "data_prep" / f"{directory.name}.py"
+        hint = f"python data_prep/{directory.name}.py" if script.is_file() else "a data_prep script (e.g. data_prep/json_data.py)"
+        what = "is not prepared data" if directory.is_dir() else "does not exist"
+        raise UserError(f"--data {data}: {directory} {what} (no {split}.pt); prepare it first with {hint}")
+    try:
+        samples = torch.load(path, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+        raise UserError(f"{path} is not readable prepared data ({str(e).splitlines()[0]}); prepare it again") from None
+    if not isinstance(samples, list) or not all(isinstance(s, dict) and "input_ids" in s for s in samples):
+        raise UserError(f"{path} does not hold a list of samples; prepare it again with a data_prep script")
+    return samples
+
+
+def prompt_style_of(data: str | Path) -> PromptStyle:
+    """The prompt style the data was prepared with: training saves it, generation and evaluation reuse it."""
+    style = PromptStyle.from_dir(data_dir(data))
+    if style is None:
+        raise UserError(f"{data_dir(data)} has no prompt_style.yaml; prepare it again with a data_prep script")
+    return style
+
+
+def meta_of(data: str | Path) -> dict:
+    """meta.json of a prepared directory: task, tokenizer checkpoint_dir, max_seq_length, mask_inputs, counts."""
+    path = data_dir(data) / "meta.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def collate(samples: list[dict], pad_id: int, ignore_index: int = -100, max_seq_length: int | None = None
+            ) -> tuple[Tensor, Tensor]:
+    """Samples -> (input_ids, labels), both (B, T), padded on the right to the longest sample.
+
+    A sample longer than max_seq_length keeps its first max_seq_length - 1 tokens and its last one (EOS).
+    """
+    pairs = [cut(s["input_ids"], s["labels"], max_seq_length) for s in samples]
+    T = max(len(ids) for ids, _ in pairs)
+    input_ids = torch.full((len(pairs), T), pad_id, dtype=torch.long)  # (B, T)
+    labels = torch.full((len(pairs), T), ignore_index, dtype=torch.long)  # (B, T)
+    for i, (ids, lab) in enumerate(pairs):
+        input_ids[i, : len(ids)] = ids
+        labels[i, : len(lab)] = lab
+    return input_ids, labels
+
+
+def cut(input_ids: Tensor, labels: Tensor, max_seq_length: int | None) -> tuple[Tensor, Tensor]:
+    if max_seq_length is None or len(input_ids) <= max_seq_length:
+        return input_ids, labels
+    keep = torch.cat([torch.arange(max_seq_length - 1), torch.tensor([len(input_ids) - 1])])
+    return input_ids[keep], labels[keep]

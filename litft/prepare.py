@@ -1,0 +1,250 @@
+"""Turning instruction records into training samples: the one pipeline every data_prep script runs.
+
+    file (JSON, JSONL, CSV) -> records -> examples {instruction, input, output} -> seeded train/test split
+    -> tokens, with prompt = style.apply(instruction, input):
+
+        input_ids = [BOS] prompt ids   answer ids   EOS        (BOS only when the tokenizer adds one)
+        labels    = -100 ... -100      answer ids   EOS        (= input_ids when mask_inputs is off)
+
+The prompt is encoded on its own, exactly as generation encodes it, and the answer is encoded after it, so
+the tokens a model learns to continue are the tokens it is later prompted with. EOS is always the last token:
+a sample longer than max_seq_length loses the end of its answer, never its EOS (counted as truncated); a
+sample whose prompt alone leaves no room for its answer is dropped (counted too). Nothing is written to the
+destination until every record has been read, checked and tokenized.
+
+The destination then holds train.pt and test.pt (lists of {input_ids, labels, instruction, input, output},
+readable with torch.load(weights_only=True)), prompt_style.yaml, meta.json and length_report.json.
+"""
+
+from __future__ import annotations
+
+import csv
+import inspect
+import io
+import json
+import os
+import random
+import sys
+import textwrap
+import urllib.request
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from litft.checkpoint import atomic_path, atomic_write_text
+from litft.errors import UserError
+from litft.prompts import PromptStyle
+
+IGNORE_INDEX = -100
+SPLITS = ("train", "test")
+
+# The options every data_prep script shares; appended to each script's docstring so `--help` explains them.
+COMMON_ARGS = """\
+    data_file: a local copy of the data (JSON, JSONL or CSV); when not given, the data is downloaded.
+    destination_path: where train.pt, test.pt, prompt_style.yaml, meta.json and length_report.json go.
+    checkpoint_dir: the model directory whose tokenizer encodes the data (train that model on it).
+    max_seq_length: the longest sample in tokens; longer answers are shortened, EOS is always kept.
+    mask_inputs: give the prompt tokens the label -100, so the loss covers only the answer and EOS.
+    prompt_style: the template around instruction and input (plain, alpaca, chatml, smollm2, llama2-chat).
+    val_split_fraction: the share of examples held out as the test split (when no test split is given).
+    seed: the seed of the train/test shuffle; the same seed gives the same split.
+"""
+
+
+def with_common_args(fn):
+    """Append the shared options' help to a data_prep script's `main` docstring (read by `--help`)."""
+    names = inspect.signature(fn).parameters
+    lines = [line for line in COMMON_ARGS.splitlines(keepends=True) if line.split(":")[0].strip() in names]
+    doc = inspect.cleandoc(fn.__doc__)
+    fn.__doc__ = doc + ("\n" if "Args:" in doc else "\n\nArgs:\n") + textwrap.indent("".join(lines), "    ")
+    return fn
+
+
+# ---- reading -------------------------------------------------------------------------------------------------
+
+
+def read_records(path: Path) -> list[tuple[str, dict]]:
+    """(where, record) pairs from a JSON array, a JSONL file or a CSV file with a header row."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} does not exist; give --data_file an existing JSON, JSONL or CSV file")
+    text = path.read_text(encoding="utf-8-sig")
+    if not text.strip():
+        raise UserError(f"{path} is empty; it should hold one record per example")
+    if path.suffix == ".csv":
+        reader = csv.DictReader(io.StringIO(text))
+        items = [(f"line {reader.line_num}", row) for row in reader]
+    elif path.suffix == ".jsonl":
+        items = [(f"line {n}", _parse_json(line, path, n)) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    else:
+        data = _parse_json(text, path, 1)
+        if not isinstance(data, list):
+            raise UserError(f"{path} must hold a JSON array of objects (or use .jsonl: one object per line)")
+        items = [(f"record {n}", item) for n, item in enumerate(data, 1)]
+    if not items:
+        raise UserError(f"{path} holds no records")
+    for where, item in items:
+        if not isinstance(item, dict):
+            raise UserError(f"{path} {where}: expected a JSON object, got {type(item).__name__}")
+    return items
+
+
+def _parse_json(text: str, path: Path, first_line: int):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{first_line + e.lineno - 1}:{e.colno}: invalid JSON ({e.msg})") from None
+
+
+def take_fields(records: list[tuple[str, dict]], path: Path, instruction: str | None = "instruction",
+                input: str | None = "input", output: str = "output", fixed_instruction: str = "") -> list[dict]:
+    """Map records to {instruction, input, output} by key names; a key given as None yields a fixed text.
+
+    The input key may be absent (or null) in a record; the other keys must be present and hold strings.
+    """
+    keys = {"instruction": instruction, "input": input, "output": output}
+    examples = []
+    for where, record in records:
+        example = {}
+        for field, key in keys.items():
+            value = record.get(key) if key is not None else (fixed_instruction if field == "instruction" else "")
+            if key is not None and key not in record and field != "input":
+                found = ", ".join(map(repr, record)) or "none"
+                raise UserError(f"{path} {where}: missing key {key!r} (for {field}); keys found: {found}")
+            if value is None and field == "input":
+                value = ""
+            if not isinstance(value, str):
+                raise UserError(f"{path} {where}: {key!r} must be a string, got {type(value).__name__}")
+            example[field] = value
+        examples.append(example)
+    return examples
+
+
+def split_examples(examples: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Shuffle with `seed` and hold out `fraction` of the examples as the test split."""
+    if not 0 <= fraction < 1:
+        raise UserError(f"--val_split_fraction must be in [0, 1), got {fraction}")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_test = round(len(examples) * fraction)
+    if fraction > 0 and len(examples) > 1:
+        n_test = max(n_test, 1)
+    return [examples[i] for i in order[n_test:]], [examples[i] for i in order[:n_test]]
+
+
+def download(url: str, path: Path) -> Path:
+    """Fetch `url` into `path` (skipped when it is already there) and return the path."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    check_writable(path.parent)
+    print(f"downloading {url}", file=sys.stderr)
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, atomic_path(path) as tmp, open(tmp, "wb") as f:
+            bar = tqdm(total=int(response.headers.get("Content-Length") or 0) or None, unit="B", unit_scale=True)
+            while chunk := response.read(1 << 20):
+                f.write(chunk)
+                bar.update(len(chunk))
+            bar.close()
+    except OSError as e:
+        raise UserError(f"could not download {url} ({e}); offline, pass a local copy with --data_file") from None
+    return path
+
+
+# ---- tokenizing ----------------------------------------------------------------------------------------------
+
+
+def encode_example(example: dict, tokenizer, style: PromptStyle, max_seq_length: int, mask_inputs: bool
+                   ) -> tuple[dict | None, bool]:
+    """One example -> (sample, truncated). The sample is None when even the prompt does not fit."""
+    prompt = tokenizer.encode(style.apply(example["instruction"], example["input"]))  # (P,), BOS as the model wants
+    answer = tokenizer.encode(example["output"], bos=False)  # (A,)
+    room = max_seq_length - len(prompt) - 1  # tokens left for the answer once EOS is reserved
+    if room < min(1, len(answer)):
+        return None, False
+    truncated = len(answer) > room
+    input_ids = torch.cat([prompt, answer[:room], torch.tensor([tokenizer.eos_id])])  # (P + A', )
+    labels = input_ids.clone()
+    if mask_inputs:
+        labels[: len(prompt)] = IGNORE_INDEX
+    return {"input_ids": input_ids, "labels": labels, **example}, truncated
+
+
+def encode_split(examples: list[dict], name: str, tokenizer, style: PromptStyle, max_seq_length: int,
+                 mask_inputs: bool) -> tuple[list[dict], dict]:
+    samples, lengths, truncated = [], [], 0
+    for example in tqdm(examples, desc=f"tokenizing {name}", unit=" samples"):
+        sample, cut = encode_example(example, tokenizer, style, max_seq_length, mask_inputs)
+        if sample is not None:
+            samples.append(sample)
+            lengths.append(len(sample["input_ids"]))
+            truncated += cut
+    return samples, length_stats(lengths, truncated, dropped=len(examples) - len(samples))
+
+
+def length_stats(lengths: list[int], truncated: int, dropped: int) -> dict:
+    stats = {"samples": len(lengths), "truncated": truncated, "dropped": dropped}
+    if lengths:
+        t = torch.tensor(lengths, dtype=torch.float)
+        stats.update({"mean": round(t.mean().item(), 1), "min": int(t.min()), "max": int(t.max())})
+        stats.update({f"p{q}": int(t.quantile(q / 100, interpolation="higher")) for q in (50, 90, 95, 99)})
+    return stats
+
+
+# ---- writing -------------------------------------------------------------------------------------------------
+
+
+def check_writable(directory: Path) -> None:
+    """Fail early, before any work, if `directory` cannot be created or written to."""
+    directory = Path(directory).absolute()
+    existing = next(p for p in (directory, *directory.parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"cannot write to {directory}: {existing} is not a directory; choose another --destination_path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write to {directory}: {existing} is not writable; choose another --destination_path")
+
+
+def prepare(train: list[dict], test: list[dict], *, task: str, source: str, destination_path: Path,
+            checkpoint_dir: Path, max_seq_length: int, mask_inputs: bool, prompt_style: str, seed: int,
+            val_split_fraction: float) -> dict:
+    """Tokenize both splits, print the length report and write everything to `destination_path`."""
+    from litft.tokenizer import Tokenizer
+
+    style = PromptStyle.from_name(prompt_style)
+    destination_path = Path(destination_path)
+    check_writable(destination_path)
+    if max_seq_length < 2:
+        raise UserError(f"--max_seq_length must be at least 2 (one answer token and EOS), got {max_seq_length}")
+    tokenizer = Tokenizer(checkpoint_dir)
+    if tokenizer.eos_id is None:
+        raise UserError(f"the tokenizer in {checkpoint_dir} has no EOS token; samples could not be ended")
+    samples, report = {}, {"max_seq_length": max_seq_length}
+    for name, examples in zip(SPLITS, (train, test)):
+        samples[name], report[name] = encode_split(examples, name, tokenizer, style, max_seq_length, mask_inputs)
+    if not samples["train"]:
+        raise UserError(f"every sample of {source} is longer than --max_seq_length {max_seq_length} (even the prompt "
+                        "alone); raise --max_seq_length or choose a shorter --prompt_style")
+    print_report(report)
+    meta = {"task": task, "source": str(source), "checkpoint_dir": str(checkpoint_dir), "max_seq_length": max_seq_length,
+            "mask_inputs": mask_inputs, "ignore_index": IGNORE_INDEX, "prompt_style": style.name, "seed": seed,
+            "val_split_fraction": val_split_fraction, "counts": {s: len(samples[s]) for s in SPLITS}}
+    try:
+        for name in SPLITS:
+            with atomic_path(destination_path / f"{name}.pt") as tmp:
+                torch.save(samples[name], tmp)
+        style.save(destination_path)
+        atomic_write_text(destination_path / "length_report.json", json.dumps(report, indent=2) + "\n")
+        atomic_write_text(destination_path / "meta.json", json.dumps(meta, indent=2) + "\n")
+    except OSError as e:
+        raise UserError(f"cannot write to {destination_path} ({e.strerror}); choose another --destination_path") from None
+    print(f"wrote {meta['counts']['train']} train and {meta['counts']['test']} test samples to {destination_path}")
+    return meta
+
+
+def print_report(report: dict) -> None:
+    print(f"sample lengths in tokens (max_seq_length {report['max_seq_length']}):")
+    for name in SPLITS:
+        r = report[name]
+        spread = "  ".join(f"{k} {r[k]}" for k in ("min", "p50", "p90", "p95", "p99", "max") if k in r)
+        print(f"  {name:5s} {r['samples']:6d} samples  {spread}  truncated {r['truncated']}  dropped {r['dropped']}")

@@ -1,0 +1,61 @@
+"""Exact-match scoring: what counts as the same answer, per task.
+
+A prediction matches when its *extracted* form equals the reference's:
+
+    gsm8k          the number after the last "####": commas, "$" and a trailing "." dropped, "-" or "−" kept,
+                   decimals compared as numbers (3.50 == 3.5, 7.0 == 7); no "####" or no number -> no answer
+    sql            case-insensitive; runs of whitespace -> one space; no spaces around ( ) , = < >;
+                   double quotes -> single quotes; a trailing ";" dropped
+    viggo, games   case-insensitive; runs of whitespace -> one space; no spaces around ( ) [ ] ,
+    anything else  case-insensitive; runs of whitespace -> one space; surrounding whitespace dropped
+"""
+
+from __future__ import annotations
+
+import re
+from decimal import Decimal, InvalidOperation
+
+_NUMBER = re.compile(r"[-−]?\s*\$?\s*(?:\d[\d,]*(?:\.\d*)?|\.\d+)")
+
+
+def normalize_text(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def normalize_mr(text: str) -> str:
+    """Meaning representations: `inform(name[X], genres[a, b])`, compared without layout differences."""
+    return re.sub(r"\s*([()\[\],])\s*", r"\1", normalize_text(text))
+
+
+def normalize_sql(text: str) -> str:
+    text = normalize_text(text).replace('"', "'").rstrip(";").strip()
+    return re.sub(r"\s*([(),=<>])\s*", r"\1", text)
+
+
+def extract_gsm8k(text: str) -> str | None:
+    """The final answer of a GSM8K solution ("... #### 1,234") as a canonical number string, or None."""
+    if "####" not in text:
+        return None
+    match = _NUMBER.search(text.rsplit("####", 1)[1])
+    if match is None:
+        return None
+    number = re.sub(r"[\s$,]", "", match.group()).replace("−", "-")
+    try:
+        value = Decimal(number)
+    except InvalidOperation:
+        return None
+    value = value.quantize(Decimal(1)) if value == value.to_integral_value() else value.normalize()
+    return str(value if value != 0 else abs(value))  # "-0" is 0
+
+
+EXTRACT = {"gsm8k": extract_gsm8k, "sql": normalize_sql, "viggo": normalize_mr, "games": normalize_mr}
+
+
+def extract(task: str, text: str) -> str | None:
+    """The form of `text` that exact match compares for `task`."""
+    return EXTRACT.get(task, normalize_text)(text)
+
+
+def exact_match(task: str, prediction: str, reference: str) -> bool:
+    predicted = extract(task, prediction)
+    return predicted is not None and predicted == extract(task, reference)
