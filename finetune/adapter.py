@@ -1,0 +1,31 @@
+"""Fine-tune with LLaMA-Adapter v1: learned prompts in the top layers behind zero-init gates (litft/adapter.py).
+
+    python finetune/adapter.py --data alpaca --checkpoint_dir checkpoints/meta-llama/Llama-2-7b-hf --out_dir out/adapter
+
+Defaults follow lit-llama's published run (Raschka, "Parameter-Efficient LLM Finetuning With LoRA"):
+learning rate 9e-3, weight decay 0.02, prompt length 10. Everything else is litft.train.
+"""
+
+from litft.adapter import AdapterConfig, add_adapter, mark_only_adapter_trainable
+from litft.cli import run_finetune
+from litft.train import Method, TrainArgs, fit
+
+
+def main(train: TrainArgs, prompt_length: int = 10, start_layer: int = 2) -> dict:
+    """Fine-tune a lit checkpoint with LLaMA-Adapter v1.
+
+    Args:
+        prompt_length: L, the learned prompt rows per adapted layer.
+        start_layer: the first layer (0-based) that gets a prompt; the layers above it do too.
+    """
+    config = AdapterConfig(prompt_length=prompt_length, start_layer=start_layer)
+
+    def prepare(model):
+        add_adapter(model, config)
+        mark_only_adapter_trainable(model)
+
+    return fit(train, Method("adapter", "lit_model_adapter.pth", prepare, config.save, config.__dict__))
+
+
+if __name__ == "__main__":
+    run_finetune(main, learning_rate=9e-3, weight_decay=0.02, out_dir="out/adapter")

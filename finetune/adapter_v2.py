@@ -1,0 +1,27 @@
+"""Fine-tune with LLaMA-Adapter v2: v1's gated prompts plus a scale and bias on every linear layer and
+trainable norms (litft/adapter_v2.py).
+
+    python finetune/adapter_v2.py --data alpaca --checkpoint_dir checkpoints/meta-llama/Llama-2-7b-hf --out_dir out/adapter_v2
+
+Same published defaults as v1: learning rate 9e-3, weight decay 0.02, prompt length 10.
+"""
+
+from litft.adapter_v2 import AdapterV2Config, add_adapter_v2
+from litft.cli import run_finetune
+from litft.train import Method, TrainArgs, fit
+
+
+def main(train: TrainArgs, prompt_length: int = 10, start_layer: int = 2) -> dict:
+    """Fine-tune a lit checkpoint with LLaMA-Adapter v2.
+
+    Args:
+        prompt_length: L, the learned prompt rows per adapted layer.
+        start_layer: the first layer (0-based) that gets a prompt.
+    """
+    config = AdapterV2Config(prompt_length=prompt_length, start_layer=start_layer)
+    prepare = lambda model: add_adapter_v2(model, config)  # noqa: E731 — also marks v2's parameters trainable
+    return fit(train, Method("adapter_v2", "lit_model_adapter_v2.pth", prepare, config.save, config.__dict__))
+
+
+if __name__ == "__main__":
+    run_finetune(main, learning_rate=9e-3, weight_decay=0.02, out_dir="out/adapter_v2")

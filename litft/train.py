@@ -1,0 +1,315 @@
+"""The one training loop. Every fine-tuning recipe (LoRA, adapter, adapter v2, full) runs through `fit`.
+
+A recipe only says what makes its method different — a `Method`: how to turn the loaded base model into the
+model to train (inject LoRA, add adapter prompts, or nothing) and which config file describes it. Everything
+else lives here, once:
+
+    for each optimizer step:                              batch_size samples = accumulation × micro batches
+        for each micro batch:                             (micro_batch_size, T) tokens per process
+            loss = cross_entropy(model(x)[:, :-1], y[:, 1:]) / accumulation
+            backward (gradients sync across processes only on the last micro batch)
+        clip gradients, AdamW step, learning rate: linear warmup then cosine decay
+        every eval_interval: validation loss, perplexity and one generated sample
+        every save_interval: a resumable checkpoint and the method's weights file
+
+Only trainable parameters (`requires_grad`) reach the optimizer and the weights file, so a LoRA run saves the
+LoRA tensors and a full fine-tune saves the whole model, with no method-specific saving code.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Literal
+
+import torch
+import torch.nn.functional as F
+import yaml
+from lightning.fabric import Fabric
+from tqdm import tqdm
+
+from litft import data as data_lib
+from litft import train_state
+from litft.checkpoint import atomic_write_text, load_lit_model, save_state_dict
+from litft.errors import UserError
+from litft.model import Llama
+from litft.tokenizer import Tokenizer
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class TrainArgs:
+    """The flags every finetune/ recipe shares. A recipe changes their defaults, not their meaning."""
+
+    data: str = "alpaca"  # a prepared dataset: a name under data/ or a directory path
+    checkpoint_dir: Path = Path("checkpoints/meta-llama/Llama-2-7b-hf")
+    out_dir: Path = Path("out/finetune")
+    precision: str | None = None  # bf16-mixed, bf16-true, 16-mixed, 32-true; default bf16-mixed on a GPU, else 32-true
+    devices: int = 1
+    num_nodes: int = 1
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto"
+    max_steps: int = 1000  # optimizer steps
+    batch_size: int = 16  # samples per optimizer step, across all processes
+    micro_batch_size: int = 4  # samples per forward/backward on one process
+    learning_rate: float = 3e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 100  # counted in optimizer steps
+    min_lr: float = 0.0  # the cosine schedule decays to this
+    grad_clip: float = 1.0  # max gradient norm; 0 disables
+    max_seq_length: int | None = None  # truncate batches to this many tokens
+    eval_interval: int = 100
+    eval_iters: int = 20  # validation micro batches per evaluation
+    save_interval: int = 100
+    log_interval: int = 1
+    sample_tokens: int = 32  # tokens generated for the sample shown at each evaluation
+    activation_checkpointing: bool = False
+    seed: int = 1337
+    resume: bool = False
+
+    def check(self, world_size: int) -> int:
+        """Validate the batch arithmetic; return the number of micro batches accumulated per step."""
+        per_step = self.micro_batch_size * world_size
+        if self.batch_size % per_step:
+            raise UserError(f"--batch_size {self.batch_size} is not a multiple of --micro_batch_size "
+                            f"{self.micro_batch_size} × {world_size} processes; pick values that divide")
+        for name in ("max_steps", "micro_batch_size", "eval_interval", "save_interval", "log_interval"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"--{name} must be positive, got {getattr(self, name)}")
+        return self.batch_size // per_step
+
+
+@dataclass
+class Method:
+    """What a fine-tuning method contributes: its name, how it prepares the model, what it saves."""
+
+    name: str  # "lora", "adapter", "adapter_v2", "full"
+    weights_name: str  # the file in out_dir with the trained weights, e.g. "lit_model_lora.pth"
+    prepare: Callable[[Llama], None]  # adds the method's modules and leaves only its parameters trainable
+    save_config: Callable[[Path], None] = lambda out_dir: None  # writes e.g. lora.yaml into out_dir
+    config: dict = field(default_factory=dict)  # recorded in hyperparameters.yaml
+
+
+def fit(args: TrainArgs, method: Method) -> dict:
+    """Fine-tune `args.checkpoint_dir` on `args.data` with `method`; returns the final metrics."""
+    fabric = make_fabric(args)
+    fabric.launch()
+    accumulation = args.check(fabric.world_size)
+    fabric.seed_everything(args.seed + fabric.global_rank)
+
+    train_data, val_data = data_lib.load_split(args.data, "train"), data_lib.load_split(args.data, "test")
+    tokenizer = Tokenizer(args.checkpoint_dir)
+    style = data_lib.prompt_style_of(args.data)
+    model = build_model(args, method, fabric)
+    if fabric.global_rank == 0:
+        write_run_files(args, method, model, style)
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    model = fabric.setup_module(model)
+    raw = model.module if hasattr(model, "module") else model
+    optimizer = torch.optim.AdamW([p for p in raw.parameters() if p.requires_grad], lr=args.learning_rate,
+                                  weight_decay=args.weight_decay, betas=(0.9, 0.95))
+    optimizer = fabric.setup_optimizers(optimizer)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, args))
+    fabric.print(f"trainable parameters: {sum(p.numel() for p in trainable):,} "
+                 f"of {sum(p.numel() for p in raw.parameters()):,}", file=sys.stderr)
+
+    state = train_state.State()
+    if args.resume:
+        state = train_state.load(fabric, raw, optimizer, scheduler, args.out_dir)
+        fabric.print(f"resumed from step {state.step}", file=sys.stderr)
+    batches = batch_indices(len(train_data), args.micro_batch_size, fabric.world_size, fabric.global_rank,
+                            args.seed, start=state.position)
+    loop = Loop(fabric, model, raw, optimizer, scheduler, args, tokenizer, style, val_data, method)
+    loop.run(state, train_data, batches, accumulation)
+    return state.metrics
+
+
+class Loop:
+    """The optimizer-step loop; holds what every step needs so each method below stays short."""
+
+    def __init__(self, fabric, model, raw, optimizer, scheduler, args, tokenizer, style, val_data, method):
+        self.fabric, self.model, self.raw, self.optimizer, self.scheduler = fabric, model, raw, optimizer, scheduler
+        self.args, self.tokenizer, self.style, self.val_data, self.method = args, tokenizer, style, val_data, method
+
+    def run(self, state: train_state.State, train_data: list, batches, accumulation: int) -> None:
+        fabric, args = self.fabric, self.args
+        bar = tqdm(total=args.max_steps, initial=state.step, desc="training", disable=fabric.global_rank != 0,
+                   file=sys.stderr, dynamic_ncols=True)
+        while state.step < args.max_steps:
+            t0, tokens, loss = time.perf_counter(), 0, torch.zeros((), device=fabric.device)
+            for micro in range(accumulation):
+                x, y = self.collate([train_data[i] for i in next(batches)])
+                with fabric.no_backward_sync(self.model, enabled=micro < accumulation - 1):
+                    micro_loss = self.loss(x, y)
+                    fabric.backward(micro_loss / accumulation)
+                loss += micro_loss.detach() / accumulation
+                tokens += x.numel()
+            state.position += accumulation
+            loss = fabric.all_reduce(loss, reduce_op="mean")
+            if not torch.isfinite(loss):
+                raise UserError(f"loss became {loss.item()} at step {state.step + 1}; last good checkpoint: "
+                                f"{train_state.latest(args.out_dir) or 'none'} — lower --learning_rate and --resume")
+            if args.grad_clip > 0:
+                fabric.clip_gradients(self.model, self.optimizer, max_norm=args.grad_clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+            state.step += 1
+            self.log(state, loss.item(), tokens * fabric.world_size / (time.perf_counter() - t0))
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            if state.step % args.eval_interval == 0 or state.step == args.max_steps:
+                self.evaluate(state)
+            if state.step % args.save_interval == 0 or state.step == args.max_steps:
+                self.save(state)
+        bar.close()
+        if fabric.global_rank == 0:
+            train_state.plot_loss(state.history, args.out_dir / "loss.png")
+
+    def collate(self, samples: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = data_lib.collate(samples, self.tokenizer.pad_id, IGNORE_INDEX, self.args.max_seq_length)
+        return x.to(self.fabric.device), y.to(self.fabric.device)
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = self.model(x)  # (B, T, vocab); position t predicts token t + 1
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), y[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+
+    def log(self, state: train_state.State, loss: float, tokens_per_s: float) -> None:
+        state.history.append({"step": state.step, "train_loss": loss})
+        if state.step % self.args.log_interval == 0:
+            self.fabric.log_dict({"train/loss": loss, "train/lr": self.scheduler.get_last_lr()[0],
+                                  "train/tokens_per_s": tokens_per_s, "train/memory_gb": peak_memory_gb(self.fabric)},
+                                 step=state.step)
+
+    @torch.no_grad()
+    def evaluate(self, state: train_state.State) -> None:
+        fabric, args = self.fabric, self.args
+        self.model.eval()
+        n = min(args.eval_iters, len(self.val_data) // (args.micro_batch_size * fabric.world_size))
+        losses = torch.zeros(max(n, 1), device=fabric.device)
+        for k in range(n):
+            start = (k * fabric.world_size + fabric.global_rank) * args.micro_batch_size
+            x, y = self.collate(self.val_data[start:start + args.micro_batch_size])
+            losses[k] = self.loss(x, y)
+        val_loss = fabric.all_reduce(losses[:n].mean(), reduce_op="mean").item() if n else float("nan")
+        sample = self.sample()
+        self.model.train()
+        state.history.append({"step": state.step, "val_loss": val_loss})
+        state.metrics = {"step": state.step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50)),
+                         "peak_memory_gb": peak_memory_gb(fabric)}
+        fabric.log_dict({"val/loss": val_loss, "val/ppl": state.metrics["val_ppl"]}, step=state.step)
+        if fabric.global_rank == 0:
+            tqdm.write(f"step {state.step}: val loss {val_loss:.4f}, val ppl {state.metrics['val_ppl']:.2f}, "
+                       f"sample: {sample!r}", file=sys.stderr)
+
+    def sample(self) -> str:
+        """Greedy completion of the first validation prompt, through the training model (all ranks take part)."""
+        from litft.generate import greedy_without_cache
+
+        first = self.val_data[0]
+        prompt = self.style.apply(first["instruction"], first.get("input", ""))
+        ids = self.tokenizer.encode(prompt).to(self.fabric.device)
+        new = greedy_without_cache(self.model, ids, self.args.sample_tokens, stop_ids=[self.tokenizer.eos_id])
+        return self.tokenizer.decode(new)
+
+    def save(self, state: train_state.State) -> None:
+        train_state.save(self.fabric, self.raw, self.optimizer, self.scheduler, state, self.args.out_dir)
+        weights = train_state.gather_trainable(self.raw, to_rank0=self.fabric.global_rank == 0)
+        if self.fabric.global_rank == 0:
+            save_state_dict(weights, self.args.out_dir / self.method.weights_name)
+        self.fabric.barrier()
+
+
+def batch_indices(n: int, micro_batch_size: int, world_size: int, rank: int, seed: int, start: int = 0):
+    """Yield this process's sample indices, one micro batch at a time, forever; resumable at `start`.
+
+    Each epoch is a fresh permutation seeded by (seed, epoch). Micro batch i of the whole job covers
+    permutation slots [i·m·W, (i+1)·m·W); process `rank` takes its m of them. So one process with micro batch m
+    sees the same samples in the same order as W processes together.
+    """
+    per_iter = micro_batch_size * world_size
+    per_epoch = n // per_iter
+    if per_epoch == 0:
+        raise UserError(f"the training split has {n} samples, fewer than one micro batch across all processes "
+                        f"({per_iter}); lower --micro_batch_size or prepare more data")
+    position, epoch, perm = start, -1, None
+    while True:
+        e, i = divmod(position, per_epoch)
+        if e != epoch:
+            epoch, perm = e, torch.randperm(n, generator=torch.Generator().manual_seed(seed + e))
+        first = i * per_iter + rank * micro_batch_size
+        yield perm[first:first + micro_batch_size].tolist()
+        position += 1
+
+
+def make_fabric(args: TrainArgs) -> Fabric:
+    from lightning.fabric.loggers import TensorBoardLogger
+
+    on_gpu = torch.cuda.is_available()
+    precision = args.precision or ("bf16-mixed" if on_gpu else "32-true")
+    strategy = args.strategy
+    if strategy == "fsdp":
+        from lightning.fabric.strategies import ModelParallelStrategy
+
+        strategy = ModelParallelStrategy(parallelize_fn=shard_blocks, data_parallel_size=args.devices * args.num_nodes,
+                                         tensor_parallel_size=1)
+    elif strategy == "ddp" and not on_gpu:
+        strategy = "ddp"
+    logger = TensorBoardLogger(root_dir=str(args.out_dir), name="logs", version="")
+    return Fabric(accelerator="cuda" if on_gpu else "cpu", devices=args.devices, num_nodes=args.num_nodes,
+                  strategy=strategy, precision=precision, loggers=logger)
+
+
+def shard_blocks(model: Llama, device_mesh) -> Llama:
+    """FSDP2: shard each transformer Block, then the root (embeddings, final norm, lm_head)."""
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = device_mesh["data_parallel"]
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def build_model(args: TrainArgs, method: Method, fabric: Fabric) -> Llama:
+    dtype = torch.bfloat16 if fabric.strategy.precision.precision == "bf16-true" else None
+    model = load_lit_model(args.checkpoint_dir, dtype=dtype)
+    model.requires_grad_(False)
+    method.prepare(model)
+    model.activation_checkpointing = args.activation_checkpointing
+    if not any(p.requires_grad for p in model.parameters()):
+        raise UserError(f"the {method.name} method left no trainable parameters")
+    return model
+
+
+def write_run_files(args: TrainArgs, method: Method, model: Llama, style) -> None:
+    """Everything needed to use the weights later without repeating flags."""
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    hyper = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(args).items()}
+    atomic_write_text(out / "hyperparameters.yaml", yaml.safe_dump({"method": method.name, **hyper,
+                                                                   method.name: method.config}, sort_keys=False))
+    model.config.save(out)
+    style.save(out)
+    method.save_config(out)
+
+
+def lr_factor(step: int, args: TrainArgs) -> float:
+    """Multiplier on learning_rate after `step` optimizer steps: linear warmup, then cosine to min_lr."""
+    if step < args.warmup_steps:
+        return (step + 1) / (args.warmup_steps + 1)
+    progress = (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps)
+    floor = args.min_lr / args.learning_rate
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def peak_memory_gb(fabric: Fabric) -> float:
+    if fabric.device.type == "cuda":
+        return torch.cuda.max_memory_allocated(fabric.device) / 1e9
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux reports KiB
