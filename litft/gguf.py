@@ -1,0 +1,256 @@
+"""GGUF (llama.cpp's file format) → lit checkpoint: dequantize, un-permute, rename, rebuild the tokenizer.
+
+A GGUF file is one header of typed key/value metadata followed by tensors. Everything needed to rebuild a
+model is in it:
+
+    llama.block_count, llama.embedding_length, llama.attention.head_count, ...   -> Config
+    token_embd.weight, blk.{i}.attn_q.weight, ..., output_norm.weight            -> state dict
+    tokenizer.ggml.model / tokens / merges / scores / token_type / bos_token_id   -> tokenizer files
+    tokenizer.chat_template                                                       -> tokenizer_config.json
+
+Four things differ from a PyTorch state dict:
+
+1. **Quantized storage.** A Q8_0 tensor is stored in blocks of 32 weights: one float16 scale d and 32 int8
+   values q, weight = d·q. Q4_0 packs 4-bit q with weight = d·(q − 8); Q4_1 adds a per-block minimum m,
+   weight = d·q + m. `gguf.quants.dequantize` turns every supported type back into float32; the result is
+   exactly the model llama.cpp runs, so quantization error is kept, not undone.
+2. **Reversed shapes.** GGUF lists dimensions fastest-varying first (ggml's `ne`), so a PyTorch (out, in)
+   weight is described as [in, out]. The bytes are the same; only the description is reversed.
+3. **Permuted q/k rows.** Hugging Face's Llama applies RoPE to the channel pairs (i, i + hs/2) of each head
+   ("rotate half"); llama.cpp rotates adjacent pairs (2i, 2i + 1). Its converter therefore reorders the rows
+   of attn_q (per query head) and attn_k (per key/value head) so adjacent rows hold each pair:
+
+       HF row   (j · hs/2 + i)   ->   GGUF row (2i + j)        j ∈ {0, 1}, i < hs/2, within each head
+
+   litft uses rotate-half like Hugging Face, so `unpermute_qk` puts the rows back.
+4. **Names.** `blk.3.ffn_gate.weight` is litft's `blocks.3.mlp.gate_proj.weight`; a file without
+   `output.weight` reuses `token_embd.weight` as the output layer (tied embeddings).
+
+Nothing is written until the whole file has been checked, and each tensor is dequantized straight into the
+output state dict, so the conversion holds one full copy of the weights (the GGUF itself is memory-mapped).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from litft.config import Config
+from litft.errors import UserError
+
+TOP_LEVEL = {"token_embd.weight": "embed.weight", "output_norm.weight": "norm.weight", "output.weight": "lm_head.weight"}
+PER_BLOCK = {
+    "attn_norm": "attn_norm", "attn_q": "attn.q_proj", "attn_k": "attn.k_proj", "attn_v": "attn.v_proj",
+    "attn_output": "attn.o_proj", "ffn_norm": "mlp_norm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+# Storage types converted (all dequantized by gguf.quants); IQ* and the integer types are refused up front.
+SUPPORTED = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+
+
+# ---- reading ------------------------------------------------------------------------------------------------
+
+def open_gguf(path: Path):
+    """Memory-map a GGUF file; a missing or non-GGUF file is a UserError."""
+    from gguf import GGUFReader
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} does not exist; pass the .gguf file with --gguf_path")
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise UserError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
+    try:
+        return GGUFReader(path)
+    except (ValueError, IndexError, OSError) as e:
+        raise UserError(f"{path} is not a readable GGUF file ({str(e).splitlines()[0]}); it may be truncated") from None
+
+
+def metadata(reader) -> dict[str, Any]:
+    """The key/value header as plain Python values (strings, numbers, lists)."""
+    return {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
+
+
+def config_from_gguf(meta: dict[str, Any], tensor_names: set[str], name: str = "") -> Config:
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise UserError(f"this GGUF holds a {arch!r} model; only the 'llama' architecture (Llama, Mistral, SmolLM2, "
+                        "TinyLlama) converts to litft")
+    if "rope_freqs.weight" in tensor_names or meta.get("llama.rope.scaling.type", "none") not in ("none", ""):
+        raise UserError("this GGUF uses RoPE frequency scaling (e.g. Llama-3.1), which litft's Llama does not implement")
+    n_embd, n_head = meta["llama.embedding_length"], meta["llama.attention.head_count"]
+    head_size = n_embd // n_head
+    for key in ("llama.rope.dimension_count", "llama.attention.key_length", "llama.attention.value_length"):
+        if meta.get(key, head_size) != head_size:
+            raise UserError(f"{key} = {meta[key]} differs from the head size {head_size}; not a plain Llama layout")
+    try:
+        return Config(
+            name=name,
+            vocab_size=meta.get("llama.vocab_size") or len(meta["tokenizer.ggml.tokens"]),
+            n_layer=meta["llama.block_count"],
+            n_embd=n_embd,
+            n_head=n_head,
+            n_query_groups=meta.get("llama.attention.head_count_kv") or n_head,
+            intermediate_size=meta["llama.feed_forward_length"],
+            block_size=meta.get("llama.context_length", 4096),
+            rope_base=float(meta.get("llama.rope.freq_base", 10000.0)),
+            norm_eps=float(meta["llama.attention.layer_norm_rms_epsilon"]),
+            tie_embeddings="output.weight" not in tensor_names,
+        )
+    except (KeyError, ValueError) as e:
+        raise UserError(f"the GGUF metadata does not describe a usable Llama model ({e})") from None
+
+
+def lit_name(gguf_name: str) -> str:
+    if gguf_name in TOP_LEVEL:
+        return TOP_LEVEL[gguf_name]
+    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", gguf_name)
+    if m is None or m.group(2) not in PER_BLOCK:
+        raise UserError(f"the GGUF has a tensor {gguf_name!r} that a plain Llama does not have; it cannot be converted")
+    return f"blocks.{m.group(1)}.{PER_BLOCK[m.group(2)]}.weight"
+
+
+def check_tensors(reader, config: Config) -> None:
+    """Refuse unknown names and unsupported storage types before anything is written."""
+    for t in reader.tensors:
+        lit_name(t.name)
+        if t.tensor_type.name not in SUPPORTED:
+            raise UserError(f"tensor {t.name} is stored as {t.tensor_type.name}, which this converter does not "
+                            f"dequantize; supported: {', '.join(SUPPORTED)}")
+    expected = {"token_embd.weight", "output_norm.weight"} | {
+        f"blk.{i}.{part}.weight" for i in range(config.n_layer) for part in PER_BLOCK}
+    missing = expected - {t.name for t in reader.tensors}
+    if missing:
+        raise UserError(f"the GGUF lacks {len(missing)} tensors a {config.n_layer}-layer Llama needs (e.g. {min(missing)})")
+
+
+# ---- weights ------------------------------------------------------------------------------------------------
+
+def dequantize(tensor) -> Tensor:
+    """One GGUF tensor -> float32 torch tensor in PyTorch's (out, in) order."""
+    from gguf.quants import dequantize as gguf_dequantize
+
+    shape = tuple(int(d) for d in reversed(tensor.shape))  # ggml's ne order is reversed
+    values = gguf_dequantize(tensor.data, tensor.tensor_type)
+    return torch.from_numpy(np.array(values, dtype=np.float32, copy=True).reshape(shape))
+
+
+def unpermute_qk(w: Tensor, n_heads: int) -> Tensor:
+    """Undo llama.cpp's row order: per head, interleaved pairs (2i, 2i+1) -> halves (i, i + hs/2)."""
+    rows, cols = w.shape
+    hs = rows // n_heads
+    w = w.view(n_heads, hs // 2, 2, cols)  # GGUF row 2i + j of each head
+    return w.transpose(1, 2).reshape(rows, cols)  # HF row j·hs/2 + i
+
+
+def convert_weights(reader, config: Config, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+    state_dict = {}
+    for t in reader.tensors:
+        w = dequantize(t)
+        if t.name.endswith("attn_q.weight"):
+            w = unpermute_qk(w, config.n_head)
+        elif t.name.endswith("attn_k.weight"):
+            w = unpermute_qk(w, config.n_query_groups)
+        state_dict[lit_name(t.name)] = w.to(dtype)
+    return state_dict
+
+
+# ---- tokenizer ----------------------------------------------------------------------------------------------
+
+CONTROL, USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values (the same numbering as sentencepiece's)
+_GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+_LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# tokenizer.ggml.pre names how text is split before BPE; these are llama.cpp's splits for each name.
+PRE_TOKENIZERS = {
+    "default": [_GPT2_REGEX], "gpt2": [_GPT2_REGEX], "gpt-2": [_GPT2_REGEX],
+    "smollm": [r"\p{N}", _GPT2_REGEX], "starcoder": [r"\p{N}", _GPT2_REGEX], "refact": [r"\p{N}", _GPT2_REGEX],
+    "llama-bpe": [_LLAMA3_REGEX], "llama3": [_LLAMA3_REGEX], "llama-v3": [_LLAMA3_REGEX],
+}
+
+
+def tokenizer_files(meta: dict[str, Any]) -> dict[str, str | bytes]:
+    """Rebuild the tokenizer from the metadata: {file name: contents} for the checkpoint directory."""
+    kind = meta.get("tokenizer.ggml.model")
+    if kind == "gpt2":
+        files: dict[str, str | bytes] = {"tokenizer.json": byte_level_bpe(meta)}
+    elif kind == "llama":
+        files = {"tokenizer.model": sentencepiece_model(meta)}
+    elif kind is None:
+        raise UserError("the GGUF has no tokenizer (no tokenizer.ggml.model); it cannot become a usable checkpoint")
+    else:
+        raise UserError(f"the GGUF's tokenizer type {kind!r} is not supported; supported: 'gpt2' (byte-level BPE), "
+                        "'llama' (sentencepiece)")
+    files["tokenizer_config.json"] = json.dumps(tokenizer_config(meta), indent=2, ensure_ascii=False)
+    return files
+
+
+def _special(meta: dict[str, Any], kind: str) -> str | None:
+    id = meta.get(f"tokenizer.ggml.{kind}_token_id")
+    tokens = meta["tokenizer.ggml.tokens"]
+    return tokens[id] if id is not None and 0 <= id < len(tokens) else None
+
+
+def tokenizer_config(meta: dict[str, Any]) -> dict[str, Any]:
+    sentencepiece = meta["tokenizer.ggml.model"] == "llama"
+    config = {
+        "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", sentencepiece)),
+        "add_eos_token": bool(meta.get("tokenizer.ggml.add_eos_token", False)),
+        **{f"{k}_token": _special(meta, {"pad": "padding", "unk": "unknown"}.get(k, k)) for k in ("bos", "eos", "pad", "unk")},
+        "model_max_length": meta.get("llama.context_length"),
+        "tokenizer_class": "LlamaTokenizer" if sentencepiece else "PreTrainedTokenizerFast",
+    }
+    if "tokenizer.chat_template" in meta:
+        config["chat_template"] = meta["tokenizer.chat_template"]
+    return {k: v for k, v in config.items() if v is not None}
+
+
+def byte_level_bpe(meta: dict[str, Any]) -> str:
+    """GPT-2-style byte-level BPE (SmolLM2, Llama-3): vocab + merges + the splitting regex -> tokenizer.json."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    pre = meta.get("tokenizer.ggml.pre", "default")
+    if pre not in PRE_TOKENIZERS:
+        raise UserError(f"the GGUF's pre-tokenizer {pre!r} is not supported; supported: {', '.join(PRE_TOKENIZERS)}")
+    tokens, types = meta["tokenizer.ggml.tokens"], meta.get("tokenizer.ggml.token_type") or []
+    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+    splits = [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in PRE_TOKENIZERS[pre]]
+    tok.pre_tokenizer = pre_tokenizers.Sequence([*splits, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, y in zip(tokens, types) if y == CONTROL])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t, y in zip(tokens, types) if y == USER_DEFINED])
+    bos = _special(meta, "bos")
+    if meta.get("tokenizer.ggml.add_bos_token", False) and bos is not None:  # the post-processor adds BOS
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokens.index(bos))])
+    return tok.to_str(pretty=True)
+
+
+def sentencepiece_model(meta: dict[str, Any]) -> bytes:
+    """A Llama-style sentencepiece vocabulary (pieces, scores, types) -> a tokenizer.model file."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    tokens, types = meta["tokenizer.ggml.tokens"], meta.get("tokenizer.ggml.token_type") or []
+    scores = meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
+    model = pb.ModelProto()
+    for piece, score, type in zip(tokens, scores, types or [1] * len(tokens)):
+        model.pieces.add(piece=piece, score=score, type=type)
+    spec = model.trainer_spec
+    spec.model_type, spec.vocab_size, spec.byte_fallback = pb.TrainerSpec.BPE, len(tokens), 6 in types
+    for kind, key in (("unk", "unknown"), ("bos", "bos"), ("eos", "eos")):
+        id = meta.get(f"tokenizer.ggml.{key}_token_id", -1)
+        setattr(spec, f"{kind}_id", id)
+        if id >= 0:
+            setattr(spec, f"{kind}_piece", tokens[id])
+    spec.pad_id = -1
+    norm = model.normalizer_spec
+    norm.name, norm.add_dummy_prefix = "identity", bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+    norm.remove_extra_whitespaces, norm.escape_whitespaces = False, True
+    return model.SerializeToString()

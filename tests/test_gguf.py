@@ -1,0 +1,216 @@
+"""GGUF conversion against outside truth.
+
+- Tiny GGUF files are written here with `gguf.GGUFWriter` from a random transformers LlamaForCausalLM, the way
+  llama.cpp's converter writes them (q/k rows permuted, shapes in ggml order, tensors quantized with
+  `gguf.quants.quantize`). The reference is that same transformers model holding `dequantize(quantize(W))`,
+  computed by `gguf` on the *unpermuted* weights — so the converter's un-permutation is checked, not assumed.
+- The real SmolLM2-135M-Instruct GGUF is compared with transformers' own GGUF loader, tensor by tensor and
+  logit by logit.
+- Tokenizers rebuilt from GGUF metadata are compared with the `tokenizers` / `sentencepiece` originals.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import assert_user_error, run_script
+from gguf import GGMLQuantizationType as Q
+from gguf import GGUFWriter
+from gguf.quants import dequantize, quantize
+
+from litft.checkpoint import load_lit_model
+from litft.errors import UserError
+from litft.tokenizer import Tokenizer
+
+SCRIPT = "scripts/convert_gguf_checkpoint.py"
+CHATML = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+TEXTS = ["Hello, world!", "the quick brown fox\n\tjumps", "naïve café 🦙", "  spaced  out  ", "<|im_start|>user\nhi<|im_end|>"]
+
+
+# ---- writing GGUF files the way llama.cpp does -------------------------------------------------------------
+
+def llama_cpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp's convert_hf_to_gguf.py: per head, rows (i, i + hs/2) become adjacent rows (2i, 2i + 1)."""
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_name(hf_name: str) -> str:
+    parts = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+           "lm_head.weight": "output.weight"}
+    if hf_name in top:
+        return top[hf_name]
+    layer, rest = hf_name.removeprefix("model.layers.").split(".", 1)
+    return f"blk.{layer}.{parts[rest.removesuffix('.weight')]}.weight"
+
+
+def tiny_hf_llama(vocab_size: int, tie: bool, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         rope_theta=5000.0, rms_norm_eps=1e-5, tie_word_embeddings=tie)
+    return LlamaForCausalLM(config).eval()
+
+
+def write_tiny_gguf(path: Path, hf, types: list[Q], tokenizer: dict, float64: str = "") -> dict[str, torch.Tensor]:
+    """Write `hf` as a GGUF whose matrices cycle through `types`; return the dequantized HF state dict.
+    The tensor named `float64` (a GGUF name) is stored as F64, a type the converter refuses."""
+    c = hf.config
+    writer = GGUFWriter(path, "llama")
+    writer.add_block_count(c.num_hidden_layers)
+    writer.add_context_length(c.max_position_embeddings)
+    writer.add_embedding_length(c.hidden_size)
+    writer.add_feed_forward_length(c.intermediate_size)
+    writer.add_head_count(c.num_attention_heads)
+    writer.add_head_count_kv(c.num_key_value_heads)
+    writer.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+    writer.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+    for key, value in tokenizer.items():
+        writer.add_key_value(key, *value)
+    reference, matrices = {}, 0
+    for name, w in hf.state_dict().items():
+        if name == "lm_head.weight" and c.tie_word_embeddings:
+            continue
+        w = w.numpy()
+        qtype = Q.F32 if w.ndim == 1 else types[matrices % len(types)]
+        matrices += w.ndim == 2
+        reference[name] = torch.from_numpy(dequantize(quantize(w, qtype), qtype).reshape(w.shape).copy())
+        if "q_proj" in name:
+            w = llama_cpp_permute(w, c.num_attention_heads)
+        elif "k_proj" in name:
+            w = llama_cpp_permute(w, c.num_key_value_heads)
+        data = quantize(w, qtype) if gguf_name(name) != float64 else w.astype(np.float64)
+        writer.add_tensor(gguf_name(name), data, raw_dtype=None if data.dtype != np.uint8 else qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return reference
+
+
+def trained_bpe():
+    """A small byte-level BPE trained with `tokenizers`, and its GGUF metadata (as llama.cpp stores 'gpt2')."""
+    from gguf import GGUFValueType as V
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(TEXTS * 30, trainer)
+    model = json.loads(tok.to_str())["model"]
+    tokens = sorted(model["vocab"], key=model["vocab"].get)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    meta = {
+        "tokenizer.ggml.model": ("gpt2", V.STRING), "tokenizer.ggml.pre": ("default", V.STRING),
+        "tokenizer.ggml.tokens": (tokens, V.ARRAY), "tokenizer.ggml.merges": (merges, V.ARRAY),
+        "tokenizer.ggml.token_type": ([3 if t in specials else 1 for t in tokens], V.ARRAY),
+        "tokenizer.ggml.bos_token_id": (1, V.UINT32), "tokenizer.ggml.eos_token_id": (2, V.UINT32),
+        "tokenizer.ggml.add_bos_token": (True, V.BOOL), "tokenizer.chat_template": (CHATML, V.STRING),
+    }
+    return tok, meta
+
+
+def hf_with(hf, state_dict):
+    hf.load_state_dict(state_dict, strict=not hf.config.tie_word_embeddings)
+    return hf
+
+
+# ---- tiny files ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("tie,types", [
+    (False, [Q.Q8_0, Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1]),
+    (True, [Q.Q4_1, Q.Q8_0, Q.F32]),
+])
+def test_tiny_gguf_logits_match_dequantized_transformers(tmp_path, tie, types):
+    tok, meta = trained_bpe()
+    hf = tiny_hf_llama(tok.get_vocab_size(), tie)
+    reference = write_tiny_gguf(tmp_path / "tiny.gguf", hf, types, meta)
+    hf = hf_with(hf, reference)
+    out = tmp_path / "ckpt"
+    proc = run_script(SCRIPT, "--gguf_path", tmp_path / "tiny.gguf", "--output_dir", out, check=True)
+    assert "ChatML" in proc.stderr and not (out / "prompt_style.yaml").exists()
+
+    ours = load_lit_model(out)
+    assert ours.config.tie_embeddings is tie and ours.config.n_query_groups == 2 and ours.config.rope_base == 5000.0
+    x = torch.randint(0, hf.config.vocab_size, (2, 17))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), hf(x).logits, atol=1e-4, rtol=0)
+
+    tokenizer = Tokenizer(out)  # the rebuilt tokenizer.json encodes as the trained original does
+    assert (tokenizer.bos_id, tokenizer.eos_id, tokenizer.add_bos) == (1, 2, True)
+    for text in TEXTS:
+        assert tokenizer.encode(text).tolist() == [1] + tok.encode(text, add_special_tokens=False).ids
+    assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == CHATML
+
+
+def test_sentencepiece_vocabulary_round_trips(tmp_path, sentencepiece_model):
+    """A 'llama' (sentencepiece) GGUF vocabulary — pieces, scores and types, as llama.cpp stores Mistral's
+    tokenizer.model — becomes a tokenizer.model that encodes exactly as the original."""
+    import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    from litft.gguf import tokenizer_files
+
+    proto = pb.ModelProto()
+    proto.ParseFromString(sentencepiece_model.read_bytes())
+    meta = {  # the header fields llama.cpp writes for a sentencepiece vocabulary
+        "tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": [p.piece for p in proto.pieces],
+        "tokenizer.ggml.scores": [p.score for p in proto.pieces],
+        "tokenizer.ggml.token_type": [int(p.type) for p in proto.pieces],
+        "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.unknown_token_id": 0,
+    }
+    for name, contents in tokenizer_files(meta).items():
+        (tmp_path / name).write_bytes(contents if isinstance(contents, bytes) else contents.encode())
+
+    original = spm.SentencePieceProcessor(model_file=str(sentencepiece_model))
+    tok = Tokenizer(tmp_path)
+    assert tok.backend == "sentencepiece" and (tok.bos_id, tok.eos_id, tok.add_bos) == (1, 2, True)
+    for text in TEXTS + ["Größe 12345\n\n  x", "𝔘𝔫𝔦𝔠𝔬𝔡𝔢 ⁂ 日本語 <s>"]:
+        ids = original.encode(text)
+        assert tok.encode(text, bos=False).tolist() == ids and tok.decode(ids) == original.decode(ids)
+
+
+# ---- bad input ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", ["missing", "float64"])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, case):
+    path, message = tmp_path / "missing.gguf", "missing.gguf does not exist"
+    if case == "float64":  # checked before any weight is converted: nothing may be written
+        tok, meta = trained_bpe()
+        path, message = tmp_path / "f64.gguf", "blk.1.ffn_up.weight is stored as F64, which this converter does not"
+        write_tiny_gguf(path, tiny_hf_llama(tok.get_vocab_size(), tie=True), [Q.Q8_0], meta, float64="blk.1.ffn_up.weight")
+    out = tmp_path / "out"
+    assert_user_error(run_script(SCRIPT, "--gguf_path", path, "--output_dir", out), message)
+    assert not out.exists()
+
+
+def test_not_gguf_and_not_llama_are_user_errors(tmp_path):
+    from litft.gguf import config_from_gguf, metadata, open_gguf
+
+    (tmp_path / "weights.gguf").write_text("hello")
+    with pytest.raises(UserError, match="is not a GGUF file"):
+        open_gguf(tmp_path / "weights.gguf")
+    writer = GGUFWriter(tmp_path / "gpt2.gguf", "gpt2")
+    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
+    with pytest.raises(UserError, match="holds a 'gpt2' model; only the 'llama' architecture"):
+        config_from_gguf(metadata(open_gguf(tmp_path / "gpt2.gguf")), set())
+
+
+def test_unsupported_tokenizer_type_is_a_user_error():
+    from litft.gguf import tokenizer_files
+
+    with pytest.raises(UserError, match="tokenizer type 'bert' is not supported"):
+        tokenizer_files({"tokenizer.ggml.model": "bert", "tokenizer.ggml.tokens": ["a"]})
