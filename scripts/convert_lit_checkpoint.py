@@ -1,0 +1,83 @@
+"""Convert a lit checkpoint back to Hugging Face format, for transformers, vLLM or the Hub.
+
+    python scripts/convert_lit_checkpoint.py --checkpoint_dir out/merged --output_dir out/merged-hf
+
+writes config.json, model.safetensors (sharded with an index above --max_shard_gb), generation_config.json
+and the tokenizer files, so that `transformers.AutoModelForCausalLM.from_pretrained(output_dir)` loads it.
+Everything is checked (config, readable tensors, shapes) before the first file is written.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from litft.checkpoint import WEIGHTS, atomic_write_text, check_shapes, load_state_dict
+from litft.config import Config
+from litft.convert_hf import TOKENIZER_FILES, copy_files, lit_to_hf_state_dict, save_hf_safetensors
+from litft.errors import UserError
+from litft.model import Llama
+
+
+def main(checkpoint_dir: Path, output_dir: Path, max_shard_gb: float = 5.0) -> None:
+    """Write a Hugging Face LlamaForCausalLM directory from a lit checkpoint.
+
+    Args:
+        checkpoint_dir: a lit checkpoint directory (lit_model.pth, model_config.yaml, tokenizer files).
+        output_dir: where to write the Hugging Face files.
+        max_shard_gb: largest safetensors file to write; bigger models are split with an index.
+    """
+    checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
+    config = Config.from_checkpoint(checkpoint_dir)
+    path = checkpoint_dir / WEIGHTS
+    if not path.is_file():
+        raise UserError(f"{checkpoint_dir} has no {WEIGHTS}; convert or merge a model into it first")
+    state_dict = load_state_dict(path)  # weights only, memory-mapped
+    with torch.device("meta"):
+        check_shapes(Llama(config), state_dict, path)
+    hf_state_dict = lit_to_hf_state_dict(state_dict)
+    special = special_token_ids(checkpoint_dir)
+
+    files = save_hf_safetensors(hf_state_dict, output_dir, int(max_shard_gb * 2**30))
+    dtype = str(next(iter(hf_state_dict.values())).dtype).removeprefix("torch.")
+    hf_config = {**config.to_hf_config(), "torch_dtype": dtype, **special}
+    atomic_write_text(output_dir / "config.json", json.dumps(hf_config, indent=2))
+    files += ["config.json"] + copy_files(checkpoint_dir, output_dir, TOKENIZER_FILES)
+    if special and not (output_dir / "generation_config.json").is_file():
+        atomic_write_text(output_dir / "generation_config.json", json.dumps(special, indent=2))
+        files.append("generation_config.json")
+    print(f"wrote {output_dir}: {', '.join(files)}")
+
+
+def special_token_ids(checkpoint_dir: Path) -> dict[str, int]:
+    """bos/eos token ids from the checkpoint's tokenizer files, where they say (empty if unknown)."""
+    d = Path(checkpoint_dir)
+    if (d / "generation_config.json").is_file():
+        gen = json.loads((d / "generation_config.json").read_text())
+        return {k: gen[k] for k in ("bos_token_id", "eos_token_id") if gen.get(k) is not None}
+    if (d / "tokenizer.model").is_file():
+        import sentencepiece as spm
+
+        sp = spm.SentencePieceProcessor(model_file=str(d / "tokenizer.model"))
+        return {k: i for k, i in (("bos_token_id", sp.bos_id()), ("eos_token_id", sp.eos_id())) if i >= 0}
+    if (d / "tokenizer.json").is_file() and (d / "tokenizer_config.json").is_file():
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(d / "tokenizer.json"))
+        cfg = json.loads((d / "tokenizer_config.json").read_text())
+        ids = {}
+        for key in ("bos", "eos"):
+            token = cfg.get(f"{key}_token")
+            token = token.get("content") if isinstance(token, dict) else token
+            if token and tok.token_to_id(token) is not None:
+                ids[f"{key}_token_id"] = tok.token_to_id(token)
+        return ids
+    return {}
+
+
+if __name__ == "__main__":
+    from litft.cli import run
+
+    run(main)

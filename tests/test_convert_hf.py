@@ -1,0 +1,170 @@
+"""HF ↔ litft conversion, judged by transformers: its LlamaForCausalLM is the reference for logits, and its
+from_pretrained is the reader of what convert_lit_checkpoint.py writes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from conftest import run_script
+
+transformers = pytest.importorskip("transformers")
+
+SHAPES = {  # name: (num_attention_heads, num_key_value_heads, tie_word_embeddings)
+    "multi-head": (4, 4, False),
+    "grouped-query": (4, 2, False),
+    "tied": (4, 1, True),
+}
+
+
+def tiny_hf_llama(heads: int, kv_heads: int, tied: bool, seed: int = 0) -> "transformers.LlamaForCausalLM":
+    """A random LlamaForCausalLM with non-default rope_theta / rms_norm_eps and random norm weights too."""
+    g = torch.Generator().manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=heads,
+        num_key_value_heads=kv_heads, tie_word_embeddings=tied, max_position_embeddings=128,
+        rope_theta=float(torch.randint(500, 50_000, (1,), generator=g)), rms_norm_eps=float(torch.rand(1, generator=g)) * 1e-3,
+        attn_implementation="eager")
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.15 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def convert(hf_dir: Path, out_dir: Path, *args: str) -> torch.nn.Module:
+    from litft.checkpoint import load_lit_model
+
+    run_script("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", hf_dir, "--output_dir", out_dir, *args, check=True)
+    return load_lit_model(out_dir).eval()
+
+
+def max_logit_diff(ours: torch.nn.Module, hf: torch.nn.Module, vocab: int = 96) -> float:
+    x = torch.randint(0, vocab, (2, 23), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return (ours(x) - hf(x).logits).abs().max().item()
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_logits_match_transformers(tmp_path, shape):
+    hf = tiny_hf_llama(*SHAPES[shape])
+    hf.save_pretrained(tmp_path / "hf")
+    ours = convert(tmp_path / "hf", tmp_path / "lit")
+    assert ours.config.rope_base == hf.config.rope_parameters["rope_theta"]
+    assert ours.config.norm_eps == hf.config.rms_norm_eps
+    if SHAPES[shape][2]:
+        assert ours.lm_head.weight is ours.embed.weight
+    assert max_logit_diff(ours, hf) <= 1e-4
+
+
+def save_bin(model, directory: Path, n_shards: int, legacy: bool) -> None:
+    """What older transformers wrote with safe_serialization=False: pytorch_model*.bin (+ an index when sharded)."""
+    model.config.save_pretrained(directory)
+    sd = model.state_dict()
+    names = [list(sd)[k::n_shards] for k in range(n_shards)]
+    files = ["pytorch_model.bin"] if n_shards == 1 else [f"pytorch_model-{k + 1:05d}-of-{n_shards:05d}.bin"
+                                                         for k in range(n_shards)]
+    for shard, fname in zip(names, files):
+        torch.save({k: sd[k] for k in shard}, directory / fname, _use_new_zipfile_serialization=not legacy)
+    if n_shards > 1:
+        weight_map = {k: fname for shard, fname in zip(names, files) for k in shard}
+        (directory / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+@pytest.mark.parametrize("save", ["sharded-safetensors", "bin-legacy", "sharded-bin"])
+def test_sharded_and_bin_checkpoints_convert(tmp_path, save):
+    """Read in-process (the CLI around it is covered above); transformers first confirms the files are valid."""
+    from litft.convert_hf import hf_to_lit_state_dict, read_hf_config
+    from litft.model import Llama
+
+    hf = tiny_hf_llama(4, 2, False, seed=3)
+    if save == "sharded-safetensors":
+        hf.save_pretrained(tmp_path, max_shard_size="40KB")
+        assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+    else:
+        save_bin(hf, tmp_path, n_shards=3 if save == "sharded-bin" else 1, legacy=save == "bin-legacy")
+        reloaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+        x = torch.randint(0, 96, (1, 9))
+        with torch.no_grad():
+            assert torch.equal(reloaded(x).logits, hf(x).logits)
+    config = read_hf_config(tmp_path)
+    ours = Llama(config)
+    ours.load_state_dict(hf_to_lit_state_dict(tmp_path, config), strict=True)
+    assert max_logit_diff(ours.eval(), hf) <= 1e-4
+
+
+def test_in_place_conversion_copies_tokenizer_and_casts(tmp_path, sentencepiece_model):
+    hf = tiny_hf_llama(4, 2, True, seed=5)
+    hf.save_pretrained(tmp_path / "m")
+    shutil.copyfile(sentencepiece_model, tmp_path / "m" / "tokenizer.model")
+    proc = run_script("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", tmp_path / "m", "--dtype", "bfloat16",
+                      check=True)
+    assert "bfloat16" in proc.stdout
+    sd = torch.load(tmp_path / "m" / "lit_model.pth", weights_only=True)
+    assert {t.dtype for t in sd.values()} == {torch.bfloat16}
+    assert "lm_head.weight" not in sd  # tied: stored once
+    assert torch.equal(sd["embed.weight"], hf.model.embed_tokens.weight.to(torch.bfloat16))
+    assert (tmp_path / "m" / "model_config.yaml").read_text().startswith("name: m\n")
+
+
+def hf_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        with safe_open(f, framework="pt") as st:
+            out.update({k: st.get_tensor(k) for k in st.keys()})
+    return out
+
+
+CONFIG_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
+                 "rope_parameters", "hidden_act", "bos_token_id", "eos_token_id")
+
+
+@pytest.mark.parametrize("shape,dtype,shard", [("grouped-query", torch.float32, "5.0"),
+                                               ("tied", torch.bfloat16, "0.00002")])
+def test_hf_lit_hf_round_trip(tmp_path, shape, dtype, shard, sentencepiece_model):
+    hf = tiny_hf_llama(*SHAPES[shape], seed=7).to(dtype)
+    hf.save_pretrained(tmp_path / "hf")
+    run_script("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", tmp_path / "hf", "--output_dir", tmp_path / "lit",
+               check=True)
+    if shape == "tied":  # a lit checkpoint with only a sentencepiece model: bos/eos must come from sentencepiece
+        (tmp_path / "lit" / "generation_config.json").unlink()
+        shutil.copyfile(sentencepiece_model, tmp_path / "lit" / "tokenizer.model")
+    run_script("scripts/convert_lit_checkpoint.py", "--checkpoint_dir", tmp_path / "lit", "--output_dir",
+               tmp_path / "back", "--max_shard_gb", shard, check=True)
+
+    before, after = hf_tensors(tmp_path / "hf"), hf_tensors(tmp_path / "back")
+    assert sorted(before) == sorted(after)
+    for name in before:
+        assert before[name].dtype == after[name].dtype and torch.equal(before[name], after[name]), name
+    assert (tmp_path / "back" / "model.safetensors.index.json").is_file() == (shard != "5.0")
+
+    cfg_a = transformers.AutoConfig.from_pretrained(tmp_path / "hf")
+    cfg_b = transformers.AutoConfig.from_pretrained(tmp_path / "back")
+    for field in CONFIG_FIELDS:
+        assert getattr(cfg_a, field) == getattr(cfg_b, field), field
+    gen = transformers.GenerationConfig.from_pretrained(tmp_path / "back")
+    if shape == "tied":
+        import sentencepiece as spm
+
+        sp = spm.SentencePieceProcessor(model_file=str(sentencepiece_model))
+        assert (gen.bos_token_id, gen.eos_token_id) == (sp.bos_id(), sp.eos_id())
+        assert (tmp_path / "back" / "tokenizer.model").read_bytes() == sentencepiece_model.read_bytes()
+    else:
+        assert (gen.bos_token_id, gen.eos_token_id) == (hf.generation_config.bos_token_id, hf.generation_config.eos_token_id)
+
+    # transformers loads both directories the same way (it recomputes rope tables in fp32 on load)
+    load = lambda d: transformers.AutoModelForCausalLM.from_pretrained(d, attn_implementation="eager").eval()  # noqa: E731
+    original, back = load(tmp_path / "hf"), load(tmp_path / "back")
+    assert back.dtype == dtype
+    x = torch.randint(0, 96, (2, 19))
+    with torch.no_grad():
+        assert torch.equal(back(x).logits, original(x).logits)
