@@ -10,14 +10,81 @@ from pathlib import Path
 
 import torch
 
-from litft.checkpoint import load_lit_model
+from litft.checkpoint import WEIGHTS, load_lit_model, load_state_dict
+from litft.config import Config
+from litft.errors import UserError
 from litft.model import Llama
 
 
 def load_finetuned(checkpoint_dir: Path, weights_path: Path | None = None, device: str | torch.device = "cpu",
-                   dtype: torch.dtype | None = None) -> Llama:
-    """The base model from `checkpoint_dir`, with the method's weights from `weights_path` applied."""
-    model = load_lit_model(checkpoint_dir, device=device, dtype=dtype)
+                   dtype: torch.dtype | None = None, method: str | None = None) -> Llama:
+    """The base model from `checkpoint_dir`, with the method's weights from `weights_path` applied.
+
+    `method` (adapter, adapter_v2, full, ...) says what `weights_path` must be; by default the run directory
+    says it (see above).
+    """
     if weights_path is None:
-        return model.eval()
-    raise NotImplementedError("method weights are wired in as the methods land")
+        return load_lit_model(checkpoint_dir, device=device, dtype=dtype).eval()
+    weights_path = Path(weights_path)
+    method = method or detect_method(weights_path)
+    if method == "full":
+        return load_full(checkpoint_dir, weights_path, device, dtype).eval()
+    if method in ("adapter", "adapter_v2"):
+        return load_adapter(checkpoint_dir, weights_path, device, dtype, v2=method == "adapter_v2").eval()
+    if method == "lora":
+        return load_lora_run(checkpoint_dir, weights_path, device, dtype).eval()
+    raise NotImplementedError(f"loading {method} weights is wired in as the method lands")
+
+
+def detect_method(weights_path: Path) -> str:
+    run_dir = weights_path if weights_path.is_dir() else weights_path.parent
+    found = [m for m, f in (("lora", "lora.yaml"), ("adapter", "adapter.yaml"), ("adapter_v2", "adapter_v2.yaml"))
+             if (run_dir / f).is_file()]
+    return found[0] if len(found) == 1 else "full"
+
+
+def check_same_base(run_dir: Path, base: Config, source: Path) -> None:
+    """A run directory's model_config.yaml names the model it was trained on; refuse another base model."""
+    if not (Path(run_dir) / "model_config.yaml").is_file():
+        return
+    trained = Config.from_checkpoint(run_dir)
+    if (trained.n_layer, trained.n_embd, trained.vocab_size) != (base.n_layer, base.n_embd, base.vocab_size):
+        raise UserError(f"{source} was trained on {trained.name or 'a model'} (width {trained.n_embd}, "
+                        f"{trained.n_layer} layers), not {base.name or 'this model'} (width {base.n_embd}, "
+                        f"{base.n_layer} layers); pass the --checkpoint_dir it was trained on")
+
+
+def load_adapter(checkpoint_dir: Path, weights_path: Path, device, dtype, v2: bool) -> Llama:
+    """Base model + LLaMA-Adapter (v1 or v2); prompt length and start layer come from the run directory."""
+    from litft import adapter, adapter_v2
+
+    state_dict = load_state_dict(weights_path)
+    config_cls, add, load = ((adapter_v2.AdapterV2Config, adapter_v2.add_adapter_v2, adapter_v2.load_adapter_v2_state_dict)
+                             if v2 else (adapter.AdapterConfig, adapter.add_adapter, adapter.load_adapter_state_dict))
+    adapter.check_not_other_method(state_dict, weights_path, v2)
+    config = config_cls.from_dir(weights_path.parent)
+    check_same_base(weights_path.parent, Config.from_checkpoint(checkpoint_dir), weights_path)
+    model = load_lit_model(checkpoint_dir, device=device, dtype=dtype)
+    add(model, config)
+    load(model, state_dict, weights_path)
+    return model
+
+
+def load_lora_run(checkpoint_dir: Path, weights_path: Path, device, dtype) -> Llama:
+    """Base model + LoRA; r, alpha, targets (and new tokens) come from the run directory's lora.yaml."""
+    from litft.lora import LoRAConfig, load_lora
+
+    LoRAConfig.from_dir(weights_path.parent)  # fail before the base model is read
+    check_same_base(weights_path.parent, Config.from_checkpoint(checkpoint_dir), weights_path)
+    return load_lora(load_lit_model(checkpoint_dir, device=device, dtype=dtype), weights_path)
+
+
+def load_full(checkpoint_dir: Path, weights_path: Path, device, dtype) -> Llama:
+    """A full fine-tune: the run's weights file, or a run directory that is itself a lit checkpoint."""
+    if weights_path.is_dir() and (weights_path / WEIGHTS).is_file():  # a lit checkpoint directory of its own
+        return load_lit_model(weights_path, device=device, dtype=dtype)
+    if weights_path.is_dir():
+        weights_path = weights_path / "lit_model_finetuned.pth"
+    config = Config.from_checkpoint(checkpoint_dir)
+    check_same_base(weights_path.parent, config, weights_path)
+    return load_lit_model(checkpoint_dir, device=device, dtype=dtype, config=config, weights_path=weights_path)
