@@ -32,7 +32,7 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-from litft.checkpoint import atomic_path, check_shapes, load_state_dict
+from litft.checkpoint import WEIGHTS, atomic_path, check_shapes, load_state_dict, save_state_dict
 from litft.config import CONFIGS, Config
 from litft.errors import UserError
 from litft.model import Llama
@@ -200,3 +200,21 @@ def save_hf_safetensors(state_dict: dict[str, Tensor], out_dir: Path, max_shard_
             tmp.write_text(json.dumps(index, indent=2))
         names.append("model.safetensors.index.json")
     return names
+
+
+def convert_hf_checkpoint(checkpoint_dir: Path, output_dir: Path | None = None, dtype: str | None = None) -> str:
+    """HF directory -> lit checkpoint (lit_model.pth, model_config.yaml, tokenizer files). Returns a summary line."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if not checkpoint_dir.is_dir():
+        raise UserError(f"checkpoint directory {checkpoint_dir} does not exist; download it with scripts/download.py")
+    output_dir = Path(output_dir) if output_dir is not None else checkpoint_dir
+    config = read_hf_config(checkpoint_dir)
+    state_dict = hf_to_lit_state_dict(checkpoint_dir, config, parse_dtype(dtype))  # all checked before writing
+
+    save_state_dict(state_dict, output_dir / WEIGHTS)
+    config.save(output_dir)
+    copied = copy_files(checkpoint_dir, output_dir)
+    n_params = sum(t.numel() for t in state_dict.values())
+    dtypes = "/".join(sorted({str(t.dtype).removeprefix("torch.") for t in state_dict.values()}))
+    return (f"wrote {output_dir / WEIGHTS}: {len(state_dict)} tensors, {n_params:,} parameters, {dtypes}; "
+            f"model_config.yaml ({config.name}); copied {', '.join(copied) or 'no tokenizer files'}")

@@ -19,6 +19,7 @@ from litft.config import Config
 from litft.convert_hf import TOKENIZER_FILES, copy_files, lit_to_hf_state_dict, save_hf_safetensors
 from litft.errors import UserError
 from litft.model import Llama
+from litft.tokenizer import Tokenizer
 
 
 def main(checkpoint_dir: Path, output_dir: Path, max_shard_gb: float = 5.0) -> None:
@@ -52,29 +53,16 @@ def main(checkpoint_dir: Path, output_dir: Path, max_shard_gb: float = 5.0) -> N
 
 
 def special_token_ids(checkpoint_dir: Path) -> dict[str, int]:
-    """bos/eos token ids from the checkpoint's tokenizer files, where they say (empty if unknown)."""
+    """bos/eos ids as the checkpoint's tokenizer files (or its generation_config.json) say; empty if unknown."""
     d = Path(checkpoint_dir)
-    if (d / "generation_config.json").is_file():
-        gen = json.loads((d / "generation_config.json").read_text())
-        return {k: gen[k] for k in ("bos_token_id", "eos_token_id") if gen.get(k) is not None}
-    if (d / "tokenizer.model").is_file():
-        import sentencepiece as spm
-
-        sp = spm.SentencePieceProcessor(model_file=str(d / "tokenizer.model"))
-        return {k: i for k, i in (("bos_token_id", sp.bos_id()), ("eos_token_id", sp.eos_id())) if i >= 0}
-    if (d / "tokenizer.json").is_file() and (d / "tokenizer_config.json").is_file():
-        from tokenizers import Tokenizer
-
-        tok = Tokenizer.from_file(str(d / "tokenizer.json"))
-        cfg = json.loads((d / "tokenizer_config.json").read_text())
+    if (d / "tokenizer.json").is_file() or (d / "tokenizer.model").is_file():
+        tok = Tokenizer(d)
+        ids = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id}
+    elif (d / "generation_config.json").is_file():
+        ids = json.loads((d / "generation_config.json").read_text())
+    else:
         ids = {}
-        for key in ("bos", "eos"):
-            token = cfg.get(f"{key}_token")
-            token = token.get("content") if isinstance(token, dict) else token
-            if token and tok.token_to_id(token) is not None:
-                ids[f"{key}_token_id"] = tok.token_to_id(token)
-        return ids
-    return {}
+    return {k: ids[k] for k in ("bos_token_id", "eos_token_id") if isinstance(ids.get(k), int)}
 
 
 if __name__ == "__main__":
