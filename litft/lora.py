@@ -214,6 +214,12 @@ def lora_state_dict(model: Llama) -> dict[str, Tensor]:
 
 def load_lora_state_dict(model: Llama, state_dict: dict[str, Tensor], source_path: Path) -> None:
     """Load LoRA tensors into a model prepared with `add_lora`, with one-line errors for the usual mix-ups."""
+    check_lora_state_dict(model, state_dict, source_path)
+    model.load_state_dict(state_dict, strict=False)
+
+
+def check_lora_state_dict(model: Llama, state_dict: dict[str, Tensor], source_path: Path) -> None:
+    """Raise a one-line UserError unless `state_dict` holds exactly the LoRA tensors `model` expects."""
     expected, src, cfg = lora_state_dict(model), source_path, model.config
     if not any(_is_lora(k) for k in state_dict):
         raise UserError(f"{src} holds no LoRA tensors (first key {next(iter(state_dict), None)!r}); "
@@ -235,7 +241,6 @@ def load_lora_state_dict(model: Llama, state_dict: dict[str, Tensor], source_pat
     missing = [k for k in expected if k not in state_dict]
     if missing:
         raise UserError(f"{src} lacks {len(missing)} LoRA tensors lora.yaml asks for (first: {missing[0]})")
-    model.load_state_dict(state_dict, strict=False)
 
 
 def load_lora(model: Llama, lora_path: Path) -> Llama:

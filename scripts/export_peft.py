@@ -1,0 +1,86 @@
+"""Export a LoRA run as a PEFT adapter: adapter_config.json + adapter_model.safetensors.
+
+    python scripts/export_peft.py --checkpoint_dir checkpoints/meta-llama/Llama-2-7b-hf \
+        --lora_path out/lora/lit_model_lora.pth --output_dir out/lora/peft
+
+The result loads onto transformers' model of the same base, and serves with vLLM's LoRA support:
+
+    model = AutoModelForCausalLM.from_pretrained("meta-llama/Llama-2-7b-hf")
+    model = PeftModel.from_pretrained(model, "out/lora/peft")
+
+Only names change: litft's blocks.{i}.attn.q_proj.lora_A becomes PEFT's
+base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight (embeddings: lora_embedding_A / _B, which PEFT
+stores without `.weight`). r, α, rsLoRA and the targets come from the run's lora.yaml. The base weights are
+not needed: the model is built on the meta device only to check that the file fits the base's shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from litft.checkpoint import atomic_path, atomic_write_text, load_state_dict
+from litft.cli import run
+from litft.config import Config
+from litft.convert_hf import lit_to_hf_name
+from litft.errors import UserError
+from litft.lora import LoRAConfig, add_lora, check_lora_state_dict
+from litft.model import Llama
+
+HF_MODULES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
+              "down": "down_proj", "embed": "embed_tokens", "lm_head": "lm_head"}
+
+
+def peft_name(lit_name: str) -> str:
+    """blocks.3.attn.q_proj.lora_A -> base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight"""
+    module, _, tensor = lit_name.rpartition(".")
+    hf_module = lit_to_hf_name(f"{module}.weight").removesuffix(".weight")
+    if module == "embed":
+        return f"base_model.model.{hf_module}.{tensor.replace('lora_', 'lora_embedding_')}"
+    return f"base_model.model.{hf_module}.{tensor}.weight"
+
+
+def adapter_config(lora: LoRAConfig, base: Config, base_path: str) -> dict:
+    alpha = int(lora.alpha) if float(lora.alpha).is_integer() else lora.alpha
+    return {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_path,
+        "r": lora.r, "lora_alpha": alpha, "lora_dropout": lora.dropout, "use_rslora": lora.rslora,
+        "target_modules": sorted(HF_MODULES[t] for t in lora.targets), "bias": "none",
+        "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True, "modules_to_save": None,
+    }
+
+
+def main(checkpoint_dir: Path, lora_path: Path, output_dir: Path) -> None:
+    """Write --lora_path as a PEFT adapter (adapter_config.json, adapter_model.safetensors) in --output_dir.
+
+    Args:
+        checkpoint_dir: the base lit checkpoint the LoRA run was trained on (only model_config.yaml is read).
+        lora_path: the run's lit_model_lora.pth (its folder holds lora.yaml).
+        output_dir: where to write the adapter (created if needed).
+    """
+    from safetensors.torch import save_file
+
+    checkpoint_dir, lora_path, output_dir = Path(checkpoint_dir), Path(lora_path), Path(output_dir)
+    base = Config.from_checkpoint(checkpoint_dir)
+    lora = LoRAConfig.from_dir(lora_path.parent)
+    if lora.new_tokens:
+        raise UserError(f"{lora_path} adds new tokens {lora.new_tokens}; PEFT export of grown vocabularies is not "
+                        "supported — merge it with scripts/merge_lora.py and convert the merged checkpoint instead")
+    state_dict = load_state_dict(lora_path, mmap=False)
+    with torch.device("meta"):
+        model = add_lora(Llama(base), lora)
+    check_lora_state_dict(model, state_dict, lora_path)
+
+    tensors = {peft_name(k): v.contiguous() for k, v in state_dict.items()}
+    with atomic_path(output_dir / "adapter_model.safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    config = adapter_config(lora, base, base.hf_repo or str(checkpoint_dir.resolve()))
+    atomic_write_text(output_dir / "adapter_config.json", json.dumps(config, indent=2) + "\n")
+    print(f"wrote {len(tensors)} LoRA tensors for {config['target_modules']} to {output_dir}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    run(main)

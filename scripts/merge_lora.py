@@ -1,0 +1,55 @@
+"""Fold a LoRA run's weights into its base model: a full lit checkpoint that generate/base.py serves.
+
+    python scripts/merge_lora.py --checkpoint_dir checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct \
+        --lora_path out/lora/lit_model_lora.pth --out_dir checkpoints/merged/smollm2-lora
+
+Every adapted weight becomes W + (α/r)·B·A; r, α and the targets come from the run's lora.yaml (the folder of
+--lora_path). The output holds lit_model.pth, model_config.yaml, the base's tokenizer files and, when the run
+has one, its prompt_style.yaml, so the merged model is prompted as it was trained. With tied embeddings and
+LoRA on embed or lm_head, the merged model has the two matrices untied (tie_embeddings: false).
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+from litft.checkpoint import atomic_path, load_lit_model, save_lit_checkpoint
+from litft.cli import run
+from litft.config import Config
+from litft.convert_hf import copy_files
+from litft.errors import UserError
+from litft.lora import LoRAConfig, load_lora, merge_lora
+from litft.prompts import FILE as PROMPT_STYLE
+
+
+def main(checkpoint_dir: Path, lora_path: Path, out_dir: Path) -> None:
+    """Merge the LoRA weights in --lora_path into the base model in --checkpoint_dir and save it to --out_dir.
+
+    Args:
+        checkpoint_dir: the base lit checkpoint the LoRA run was trained on.
+        lora_path: the run's lit_model_lora.pth (its folder holds lora.yaml).
+        out_dir: where to write the merged lit checkpoint (created if needed).
+    """
+    checkpoint_dir, lora_path, out_dir = Path(checkpoint_dir), Path(lora_path), Path(out_dir)
+    if out_dir.resolve() == checkpoint_dir.resolve():
+        raise UserError(f"--out_dir {out_dir} is the base checkpoint itself; choose a new directory")
+    if not lora_path.is_file():
+        raise UserError(f"--lora_path {lora_path} does not exist; pass the run's lit_model_lora.pth")
+    Config.from_checkpoint(checkpoint_dir)  # fail early on a bad base directory
+    LoRAConfig.from_dir(lora_path.parent)
+    model = load_lora(load_lit_model(checkpoint_dir), lora_path)  # every check happens before anything is written
+    merged = merge_lora(model)
+    save_lit_checkpoint(merged, out_dir)
+    copied = copy_files(checkpoint_dir, out_dir)
+    if (lora_path.parent / PROMPT_STYLE).is_file():
+        with atomic_path(out_dir / PROMPT_STYLE) as tmp:
+            shutil.copyfile(lora_path.parent / PROMPT_STYLE, tmp)
+        copied.append(PROMPT_STYLE)
+    print(f"merged {lora_path} into {checkpoint_dir} -> {out_dir} (lit_model.pth, model_config.yaml, "
+          f"{', '.join(copied)})", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    run(main)

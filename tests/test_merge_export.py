@@ -1,0 +1,147 @@
+"""scripts/merge_lora.py, scripts/export_peft.py and generate/lora.py as a user runs them.
+
+Truth: PEFT loading our export onto transformers' Llama; the merged checkpoint against the unmerged LoRA model;
+generate/base.py on the merged checkpoint against generate/lora.py on base + LoRA.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+import yaml
+
+from conftest import assert_user_error, run_script
+from litft.checkpoint import load_lit_model, save_lit_checkpoint, save_state_dict
+from litft.config import Config
+from litft.lora import LINEAR, TARGETS, LoRAConfig, add_lora, lora_state_dict
+from litft.model import Llama
+from litft.prompts import PromptStyle
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+
+def hf_to_lit_name(name: str) -> str:
+    name = name.replace("model.embed_tokens", "embed").replace("model.norm", "norm").replace("model.layers", "blocks")
+    name = name.replace("self_attn", "attn").replace("input_layernorm", "attn_norm")
+    return name.replace("post_attention_layernorm", "mlp_norm")
+
+
+def base_config(tied: bool) -> Config:
+    return Config.from_name("tiny-gqa" if tied else "tiny-mha", vocab_size=32000, block_size=64)
+
+
+def hf_model(config: Config) -> "transformers.LlamaForCausalLM":
+    torch.manual_seed(0)  # the same weights every call: PEFT loading modifies a model in place
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**config.to_hf_config())).eval()
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory, sentencepiece_model):
+    """tied -> a lit checkpoint holding transformers' random tiny Llama over the real 32000-piece tokenizer."""
+    out = {}
+    for tied in (True, False):
+        config = base_config(tied)
+        model = Llama(config)
+        model.load_state_dict({hf_to_lit_name(k): v for k, v in hf_model(config).state_dict().items()}, strict=False)
+        model.tie_weights()
+        out[tied] = directory = tmp_path_factory.mktemp("tied" if tied else "untied")
+        save_lit_checkpoint(model, directory)
+        shutil.copy(sentencepiece_model, directory / "tokenizer.model")
+    return out
+
+
+def make_run(base_dir, run_dir, lora: LoRAConfig, style: str | None = "alpaca", seed: int = 1) -> Llama:
+    """A LoRA run directory as finetune/lora.py leaves it, with random nonzero B; returns the LoRA model."""
+    model = add_lora(load_lit_model(base_dir), lora).eval()
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B") or name.endswith("embed.lora_A"):
+                p.normal_(std=0.05)
+    save_state_dict(lora_state_dict(model), run_dir / "lit_model_lora.pth")
+    lora.save(run_dir)
+    model.config.save(run_dir)
+    if style:
+        PromptStyle.from_name(style).save(run_dir)
+    return model
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_merged_checkpoint_equals_unmerged(bases, tmp_path, tied):
+    base_dir = bases[tied]
+    run_dir, out = tmp_path / "run", tmp_path / "merged"
+    model = make_run(base_dir, run_dir, LoRAConfig(r=4, alpha=8, targets=list(TARGETS)))
+    run_script("scripts/merge_lora.py", "--checkpoint_dir", base_dir, "--lora_path", run_dir / "lit_model_lora.pth",
+               "--out_dir", out, check=True)
+    assert {"lit_model.pth", "model_config.yaml", "tokenizer.model", "prompt_style.yaml"} <= {p.name for p in out.iterdir()}
+    merged = load_lit_model(out).eval()
+    assert merged.config.tie_embeddings is False  # LoRA on embed and lm_head: the merged matrices differ
+    x = torch.randint(0, 32000, (2, 17))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x), model(x), atol=1e-5, rtol=0)
+    if not tied:
+        return
+    # generate/base.py on the merged checkpoint == generate/lora.py on base + LoRA (both greedy)
+
+    flags = ("--prompt", "Name a primary color.", "--temperature", "0", "--max_new_tokens", "20")
+    lora = run_script("generate/lora.py", "--checkpoint_dir", base_dir, "--lora_path", run_dir / "lit_model_lora.pth",
+                      *flags, check=True)
+    base = run_script("generate/base.py", "--checkpoint_dir", out, *flags, check=True)
+    plain = run_script("generate/base.py", "--checkpoint_dir", base_dir, "--prompt_style", "alpaca", *flags, check=True)
+    assert lora.stdout.strip() and lora.stdout == base.stdout
+    assert lora.stdout != plain.stdout  # the LoRA weights really change what is generated
+
+
+@pytest.mark.parametrize("tied,targets,rslora", [(False, list(LINEAR), False), (True, list(LINEAR), True),
+                                                  (True, list(TARGETS), False)], ids=["linear", "linear-rslora", "all"])
+def test_export_loads_in_peft_and_matches(bases, tmp_path, tied, targets, rslora):
+    base_dir = bases[tied]
+    run_dir, out = tmp_path / "run", tmp_path / "peft"
+    model = make_run(base_dir, run_dir, LoRAConfig(r=4, alpha=8, targets=targets, rslora=rslora))
+    run_script("scripts/export_peft.py", "--checkpoint_dir", base_dir, "--lora_path", run_dir / "lit_model_lora.pth",
+               "--output_dir", out, check=True)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["use_rslora"], config["task_type"]) == (4, 8, rslora, "CAUSAL_LM")
+    hf = hf_model(model.config)
+    pm = peft.PeftModel.from_pretrained(hf, out).eval()
+    loaded = [n for n, _ in pm.named_parameters() if "lora_" in n]
+    assert len(loaded) == len(lora_state_dict(model))
+    x = torch.randint(0, 32000, (2, 17))
+    with torch.no_grad():
+        expected = pm(x).logits
+        with pm.disable_adapter():
+            assert (pm(x).logits - expected).abs().max() > 1e-3  # the adapter is active
+        torch.testing.assert_close(model(x), expected, atol=1e-4, rtol=0)
+
+
+def test_user_errors_are_one_line_and_write_nothing(bases, tmp_path):
+    base_dir = bases[True]
+    config = Config.from_checkpoint(base_dir)
+    other_base = tmp_path / "other_base"  # same vocabulary and depth, another width
+    save_lit_checkpoint(Llama(Config.from_name("tiny-mha", vocab_size=32000, block_size=64, n_embd=32, n_head=2,
+                                               n_query_groups=2)), other_base)
+    foreign, rank, unknown = tmp_path / "foreign", tmp_path / "rank", tmp_path / "unknown"
+    make_run(other_base, foreign, LoRAConfig(r=4))
+    (foreign / "model_config.yaml").unlink()  # no name to compare: the shapes must tell
+    make_run(base_dir, rank, LoRAConfig(r=4))
+    (rank / "lora.yaml").write_text(yaml.safe_dump({**yaml.safe_load((rank / "lora.yaml").read_text()), "r": 8}))
+    make_run(base_dir, unknown, LoRAConfig(r=4))
+    (unknown / "lora.yaml").write_text(yaml.safe_dump({"r": 4, "targets": ["q", "query"]}))
+    adapter_file = tmp_path / "adapter_run"
+    make_run(base_dir, adapter_file, LoRAConfig(r=4))
+    save_state_dict({"blocks.0.attn.prefix.prompt": torch.zeros(3, config.n_embd)}, adapter_file / "lit_model_lora.pth")
+
+    cases = [("scripts/merge_lora.py", "--out_dir", foreign, ["another base model", "width 64"]),
+             ("generate/lora.py", None, rank, ["rank-4", "r=8"]),
+             ("scripts/export_peft.py", "--output_dir", unknown, ["unknown LoRA target 'query'", "embed, lm_head"]),
+             ("scripts/merge_lora.py", "--out_dir", adapter_file, ["holds no LoRA tensors"])]
+    for script, out_flag, run_dir, fragments in cases:
+        out = tmp_path / f"out_{run_dir.name}"
+        args = (out_flag, out) if out_flag else ("--prompt", "hi")
+        proc = run_script(script, "--checkpoint_dir", base_dir, "--lora_path", run_dir / "lit_model_lora.pth", *args)
+        assert_user_error(proc, *fragments)
+        assert proc.stdout == "" and not out.exists()
