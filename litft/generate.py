@@ -110,7 +110,7 @@ def generate(model: torch.nn.Module, prompt: Tensor, max_new_tokens: int, temper
         logits = next_token_logits(model, prompt[None], torch.arange(T, device=device))  # prefill
         for t in range(T, T + max_new_tokens):
             token = sample(logits, temperature, top_k, top_p, generator)  # (1,)
-            token_id = int(token)  # the one host sync per step: we must know the id to stream or stop
+            token_id = int(token)  # the host needs the id to stream it or to stop
             if token_id in stop_ids:
                 return
             yield token_id
@@ -125,10 +125,10 @@ def greedy_without_cache(model: torch.nn.Module, prompt: Tensor, max_new_tokens:
                          stop_ids: Iterable[int] = ()) -> list[int]:
     """Greedy decoding the slow, obvious way: re-run the whole sequence every step. A reference for tests."""
     check_fits(model, prompt.size(0), max_new_tokens)
-    idx, new = prompt[None], []  # (1, T)
+    idx, new, stop_ids = prompt[None], [], set(stop_ids)  # (1, T)
     for _ in range(max_new_tokens):
         token = model(idx)[:, -1].argmax(dim=-1)  # (1, T, vocab) -> (1,)
-        if int(token) in set(stop_ids):
+        if int(token) in stop_ids:
             break
         new.append(int(token))
         idx = torch.cat((idx, token[None]), dim=1)  # (1, T + 1)
@@ -146,7 +146,7 @@ def pick_precision(precision: Optional[str], device: torch.device) -> tuple[str,
     return precision, PRECISIONS[precision]
 
 
-def stop_token_ids(tokenizer, style: Optional[PromptStyle]) -> set[int]:
+def stop_token_ids(tokenizer: Tokenizer, style: Optional[PromptStyle]) -> set[int]:
     """The tokenizer's EOS, plus the end-of-turn token of the prompt style when it is a single token."""
     stops = {tokenizer.eos_id} if tokenizer.eos_id is not None else set()
     if style is not None and style.name in STYLE_STOP_TOKENS:
@@ -165,7 +165,7 @@ def peak_memory(device: torch.device) -> str:
 
 def generate_cli(checkpoint_dir: Path, prompt: str, max_new_tokens: int = 100, temperature: float = 0.8,
                  top_k: Optional[int] = 50, top_p: float = 1.0, seed: int = 1234, precision: Optional[str] = None,
-                 prompt_style: Optional[str] = None, compile: bool = False, *,
+                 prompt_style: Optional[str] = None, *,
                  load_model: Callable[..., torch.nn.Module], run_dir: Optional[Path]) -> str:
     """Generate a completion for a prompt; the completion alone goes to stdout, streamed as it is produced.
 
@@ -180,7 +180,6 @@ def generate_cli(checkpoint_dir: Path, prompt: str, max_new_tokens: int = 100, t
         precision: bf16-true, 16-true or 32-true (default: bf16-true on a GPU, 32-true on a CPU).
         prompt_style: wrap the prompt in this style (plain, alpaca, chatml, llama2-chat); by default the style
             saved as prompt_style.yaml in the run or checkpoint directory, else the prompt is fed as given.
-        compile: compile the model with torch.compile (worth it for long generations on a GPU).
 
     The generate/ scripts differ only in `load_model(checkpoint_dir, device=, dtype=)`, which builds the
     model (e.g. base weights plus LoRA weights), and `run_dir`, a fine-tuning run's directory searched for
@@ -190,14 +189,14 @@ def generate_cli(checkpoint_dir: Path, prompt: str, max_new_tokens: int = 100, t
     precision, dtype = pick_precision(precision, device)
     check_sampling(temperature, top_k, top_p)
     checkpoint_dir = Path(checkpoint_dir)
+    if not checkpoint_dir.is_dir():
+        raise UserError(f"checkpoint directory {checkpoint_dir} does not exist; download or convert a model first")
     style = resolve_style(prompt_style, *(d for d in (run_dir, checkpoint_dir) if d is not None and Path(d).is_dir()))
+    tokenizer = Tokenizer(checkpoint_dir)
 
     t0 = time.perf_counter()
     model = load_model(checkpoint_dir, device=device, dtype=dtype).eval()
-    tokenizer = Tokenizer(checkpoint_dir)
     print(f"loaded {checkpoint_dir} in {time.perf_counter() - t0:.2f} s ({device.type}, {precision})", file=sys.stderr)
-    if compile:
-        model = torch.compile(model)
 
     ids = tokenizer.encode(style.apply(prompt) if style else prompt).to(device)  # (T,)
     generator = torch.Generator(device).manual_seed(seed)
@@ -216,7 +215,7 @@ def check_sampling(temperature: float, top_k: Optional[int], top_p: float) -> No
         raise UserError(f"--top_p must be in (0, 1], got {top_p}")
 
 
-def stream(tokens: Iterator[int], tokenizer) -> tuple[str, dict[str, float]]:
+def stream(tokens: Iterator[int], tokenizer: Tokenizer) -> tuple[str, dict[str, float]]:
     """Print the completion to stdout as the tokens arrive; return it with timings (seconds) for the report."""
     decoder, pieces = StreamDecoder(tokenizer), []
     start, first = time.perf_counter(), None

@@ -13,8 +13,9 @@ from conftest import assert_user_error, run_script
 from litft.checkpoint import save_lit_checkpoint
 from litft.config import Config
 from litft.errors import UserError
-from litft.generate import generate, greedy_without_cache, sample, top_p_filter
+from litft.generate import generate, greedy_without_cache, sample, stop_token_ids, top_p_filter
 from litft.model import Llama
+from litft.prompts import PromptStyle
 from litft.tokenizer import Tokenizer
 
 N_NEW = 40
@@ -167,6 +168,33 @@ def test_cli_stdout_is_exactly_the_greedy_completion(tiny_checkpoint):
     assert proc.stdout == expected.replace("\r\n", "\n").replace("\r", "\n")
     for diagnostic in ("time to first token", "tokens/s", "peak memory"):
         assert diagnostic in proc.stderr
+
+
+def test_cli_wraps_the_prompt_in_the_checkpoint_prompt_style(tiny_checkpoint, tmp_path):
+    source, model = tiny_checkpoint
+    directory = shutil.copytree(source, tmp_path / "styled")
+    PromptStyle("alpaca").save(directory)
+    proc = run_script("generate/base.py", "--checkpoint_dir", directory, "--prompt", "Name a color.",
+                      "--temperature", "0", "--max_new_tokens", "8", check=True)
+    tokenizer = Tokenizer(directory)
+    wrapped = PromptStyle("alpaca").apply("Name a color.")
+    assert wrapped.startswith("Below is an instruction")
+    ids = greedy_without_cache(model, tokenizer.encode(wrapped), 8, stop_ids={tokenizer.eos_id})
+    assert proc.stdout == (tokenizer.decode(ids) + "\n").replace("\r\n", "\n").replace("\r", "\n")
+
+
+def test_chatml_stops_at_im_end_as_well_as_eos(tmp_path):
+    from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers
+
+    hf = HFTokenizer(models.WordLevel({"[UNK]": 0, "hello": 1, "world": 2}, unk_token="[UNK]"))
+    hf.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    hf.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text('{"eos_token": "<|endoftext|>"}')
+    tokenizer = Tokenizer(tmp_path)
+    eos, im_end = hf.token_to_id("<|endoftext|>"), hf.token_to_id("<|im_end|>")
+    assert stop_token_ids(tokenizer, PromptStyle("chatml")) == {eos, im_end}
+    assert stop_token_ids(tokenizer, None) == {eos}
 
 
 def test_cli_user_errors(tiny_checkpoint, tmp_path):
