@@ -98,7 +98,7 @@ def fit(args: TrainArgs, method: Method) -> dict:
     fabric = make_fabric(args)
     fabric.launch()
     accumulation = args.check(fabric.world_size)
-    fabric.seed_everything(args.seed + fabric.global_rank)
+    fabric.seed_everything(args.seed)  # the same initial weights (e.g. LoRA's A) on every process
 
     train_data, val_data = data_lib.load_split(args.data, "train"), data_lib.load_split(args.data, "test")
     tokenizer = Tokenizer(args.checkpoint_dir)
@@ -109,6 +109,7 @@ def fit(args: TrainArgs, method: Method) -> dict:
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     model = fabric.setup_module(model)
+    fabric.seed_everything(args.seed + fabric.global_rank, verbose=False)  # different dropout masks per process
     raw = model.module if hasattr(model, "module") else model
     optimizer = torch.optim.AdamW([p for p in raw.parameters() if p.requires_grad], lr=args.learning_rate,
                                   weight_decay=args.weight_decay, betas=(0.9, 0.95))
@@ -139,6 +140,15 @@ class Loop:
         fabric, args = self.fabric, self.args
         bar = tqdm(total=args.max_steps, initial=state.step, desc="training", disable=fabric.global_rank != 0,
                    file=sys.stderr, dynamic_ncols=True)
+        try:
+            self.steps(state, train_data, batches, accumulation, bar)
+        finally:
+            bar.close()
+        if fabric.global_rank == 0:
+            train_state.plot_loss(state.history, args.out_dir / "loss.png")
+
+    def steps(self, state: train_state.State, train_data: list, batches, accumulation: int, bar: tqdm) -> None:
+        fabric, args = self.fabric, self.args
         while state.step < args.max_steps:
             t0, tokens, loss = time.perf_counter(), 0, torch.zeros((), device=fabric.device)
             for micro in range(accumulation):
@@ -166,9 +176,6 @@ class Loop:
                 self.evaluate(state)
             if state.step % args.save_interval == 0 or state.step == args.max_steps:
                 self.save(state)
-        bar.close()
-        if fabric.global_rank == 0:
-            train_state.plot_loss(state.history, args.out_dir / "loss.png")
 
     def collate(self, samples: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = data_lib.collate(samples, self.tokenizer.pad_id, IGNORE_INDEX, self.args.max_seq_length)

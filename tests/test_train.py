@@ -1,0 +1,153 @@
+"""The shared training loop, run as a user runs it: finetune/*.py in a subprocess on a tiny model.
+
+Outside truths here are the run's own observable contract: the loss goes down, resuming reproduces an
+uninterrupted run bit for bit, several processes (DDP, FSDP over gloo) reach the same weights as one process,
+and user mistakes end in one line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, assert_user_error, run_script
+
+COMMON = ["--max_steps", "6", "--batch_size", "4", "--micro_batch_size", "2", "--eval_interval", "3",
+          "--eval_iters", "2", "--save_interval", "3", "--warmup_steps", "1", "--learning_rate", "3e-2",
+          "--sample_tokens", "4"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict[str, Path]:
+    """A tiny random Llama with a byte-level BPE tokenizer, and a small prepared instruction dataset."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+
+    from litft import Config, Llama
+    from litft.checkpoint import save_lit_checkpoint
+
+    root = tmp_path_factory.mktemp("tiny")
+    ckpt, data = root / "ckpt", root / "data"
+    torch.manual_seed(0)
+    model = Llama(Config.from_name("tiny-gqa"))
+    for p in model.parameters():  # small weights: a loss near log(vocab) at the start
+        p.data.mul_(0.1) if p.dim() > 1 else None
+    save_lit_checkpoint(model, ckpt)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=256, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    words = ["red", "green", "blue", "cat", "dog", "one", "two", "three", "colour", "animal", "number"]
+    tok.train_from_iterator([" ".join(words)] * 20, trainer)
+    tok.save(str(ckpt / "tokenizer.json"))
+    (ckpt / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
+                                                            "add_bos_token": True}))
+    rows = [{"instruction": f"{kind} {i}", "input": "", "output": word}
+            for i in range(40) for kind, word in (("colour", "red"), ("animal", "cat"), ("number", "two"))]
+    (root / "rows.json").write_text(json.dumps(rows))
+    run_script("data_prep/json_data.py", "--data_file", root / "rows.json", "--destination_path", data,
+               "--checkpoint_dir", ckpt, "--max_seq_length", "48", "--prompt_style", "plain", "--val_split_fraction", "0.1",
+               check=True)
+    return {"ckpt": ckpt, "data": data}
+
+
+def finetune(tiny, out_dir: Path, *extra: str, script: str = "finetune/lora.py", check: bool = True):
+    return run_script(script, "--checkpoint_dir", tiny["ckpt"], "--data", tiny["data"], "--out_dir", out_dir,
+                      *COMMON, *extra, check=check)
+
+
+def history(out_dir: Path) -> list[dict]:
+    last = sorted((out_dir / "checkpoints").glob("step-*"))[-1]
+    return torch.load(last / "meta.pt", weights_only=True)["history"]
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)
+
+
+def assert_same(a: dict, b: dict, atol: float = 0.0) -> None:
+    assert sorted(a) == sorted(b)
+    for k in a:
+        if atol:
+            torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=k)
+        else:
+            assert torch.equal(a[k], b[k]), k
+
+
+def test_lora_run_lowers_loss_and_writes_everything(tiny, tmp_path):
+    out = tmp_path / "run"
+    finetune(tiny, out, "--max_steps", "12", "--eval_interval", "6", "--save_interval", "6")
+    losses = [h["train_loss"] for h in history(out) if "train_loss" in h]
+    assert len(losses) == 12 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5, losses
+    for name in ("lit_model_lora.pth", "lora.yaml", "model_config.yaml", "prompt_style.yaml", "hyperparameters.yaml",
+                 "loss.png"):
+        assert (out / name).is_file(), name
+    assert list((out / "logs").glob("events.out.tfevents.*"))
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = weights(out / "lit_model_lora.pth")
+    assert saved and all(k.endswith(("lora_A", "lora_B")) for k in saved)
+
+
+def test_resume_is_bit_identical(tiny, tmp_path):
+    """6 steps straight vs. the same run resumed from its step-3 checkpoint: identical LoRA weights."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    finetune(tiny, straight)
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-000006")
+    (resumed / "lit_model_lora.pth").unlink()
+    proc = finetune(tiny, resumed, "--resume", "true")
+    assert "resumed from step 3" in proc.stderr
+    assert_same(weights(straight / "lit_model_lora.pth"), weights(resumed / "lit_model_lora.pth"))
+
+
+def test_killed_runs_resume_from_last_complete_checkpoint(tiny, tmp_path):
+    out = tmp_path / "run"
+    args = [sys.executable, str(ROOT / "finetune/lora.py"), "--checkpoint_dir", str(tiny["ckpt"]), "--data",
+            str(tiny["data"]), "--out_dir", str(out), *COMMON, "--max_steps", "400", "--save_interval", "2",
+            "--eval_interval", "1000"]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    deadline = time.time() + 120
+    while not (out / "checkpoints" / "step-000004").is_dir() and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)  # killed during training, wherever it is
+    proc.wait()
+    # What a kill during a checkpoint write leaves behind: a partial .tmp directory and a partial weights file.
+    partial = out / "checkpoints" / "step-999998.tmp"
+    partial.mkdir()
+    (partial / "meta.pt").write_bytes(b"PK\x03\x04 truncated")
+    (out / ".lit_model_lora.pth.x.tmp").write_bytes(b"PK\x03\x04 truncated")
+    complete = sorted(d.name for d in (out / "checkpoints").glob("step-*") if not d.name.endswith(".tmp"))
+    done = finetune(tiny, out, "--resume", "true", "--max_steps", str(int(complete[-1][5:]) + 2))
+    assert f"resumed from step {int(complete[-1][5:])}" in done.stderr
+    assert weights(out / "lit_model_lora.pth")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_match_one(tiny, tmp_path, strategy):
+    """Same global batch, same data order: 2 processes (gloo) save the weights one process saves."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    finetune(tiny, one, "--lora_dropout", "0")
+    proc = finetune(tiny, two, "--lora_dropout", "0", "--devices", "2", "--strategy", strategy)
+    assert "Starting with 2 processes" in proc.stdout + proc.stderr
+    assert_same(weights(one / "lit_model_lora.pth"), weights(two / "lit_model_lora.pth"), atol=1e-5)
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--batch_size", "5"], ["--batch_size 5", "--micro_batch_size 2"]),
+    (["--resume", "true"], ["--resume", "no complete checkpoint"]),
+    (["--lora_targets", "q,banana"], ["unknown LoRA target", "banana"]),
+    (["--learning_rate", "1e30", "--grad_clip", "0"], ["at step", "last good checkpoint"]),
+])
+def test_user_errors_are_one_line(tiny, tmp_path, args, fragments):
+    proc = finetune(tiny, tmp_path / "run", *args, check=False)
+    assert_user_error(proc, *fragments)
