@@ -99,12 +99,17 @@ def config_from_gguf(meta: dict[str, Any], tensor_names: set[str], name: str = "
             n_query_groups=meta.get("llama.attention.head_count_kv") or n_head,
             intermediate_size=meta["llama.feed_forward_length"],
             block_size=meta.get("llama.context_length", 4096),
-            rope_base=float(meta.get("llama.rope.freq_base", 10000.0)),
-            norm_eps=float(meta["llama.attention.layer_norm_rms_epsilon"]),
+            rope_base=_float32(meta.get("llama.rope.freq_base", 10000.0)),
+            norm_eps=_float32(meta["llama.attention.layer_norm_rms_epsilon"]),
             tie_embeddings="output.weight" not in tensor_names,
         )
     except (KeyError, ValueError) as e:
         raise UserError(f"the GGUF metadata does not describe a usable Llama model ({e})") from None
+
+
+def _float32(x: float) -> float:
+    """GGUF stores float32: 1e-5 reads back as 9.99999974e-06. Keep the shortest decimal with that float32 value."""
+    return float(np.format_float_positional(np.float32(x), unique=True, trim="-"))
 
 
 def lit_name(gguf_name: str) -> str:
@@ -137,7 +142,7 @@ def dequantize(tensor) -> Tensor:
     from gguf.quants import dequantize as gguf_dequantize
 
     shape = tuple(int(d) for d in reversed(tensor.shape))  # ggml's ne order is reversed
-    values = gguf_dequantize(tensor.data, tensor.tensor_type)
+    values = gguf_dequantize(np.asarray(tensor.data), tensor.tensor_type)  # a plain view of the memory map
     return torch.from_numpy(np.array(values, dtype=np.float32, copy=True).reshape(shape))
 
 

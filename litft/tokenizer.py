@@ -111,9 +111,9 @@ class Tokenizer:
             ids = ids[:max_length]
         return torch.tensor(ids, dtype=torch.long)
 
-    def decode(self, ids: Tensor | Iterable[int]) -> str:
+    def decode(self, ids: Tensor | Iterable[int] | int) -> str:
         """Ids -> text. Control tokens (BOS, EOS, chat markers) are dropped, as both libraries do."""
-        ids = ids.tolist() if isinstance(ids, Tensor) else list(ids)
+        ids = ids.reshape(-1).tolist() if isinstance(ids, Tensor) else [ids] if isinstance(ids, int) else list(ids)
         if self.backend == "tokenizers":
             return self.hf.decode(ids, skip_special_tokens=True)
         return self.sp.decode(ids)

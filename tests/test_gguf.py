@@ -214,3 +214,39 @@ def test_unsupported_tokenizer_type_is_a_user_error():
 
     with pytest.raises(UserError, match="tokenizer type 'bert' is not supported"):
         tokenizer_files({"tokenizer.ggml.model": "bert", "tokenizer.ggml.tokens": ["a"]})
+
+
+# ---- the real model -----------------------------------------------------------------------------------------
+
+def test_smollm2_gguf_matches_transformers_gguf_loader(smollm2_gguf, tmp_path):
+    """SmolLM2-135M-Instruct (F32/Q8_0/Q4_1): our conversion equals transformers' own GGUF loading, tensor for
+    tensor (so q/k are un-permuted as transformers does), and litft's Llama gives its logits and says Paris."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "SmolLM2-135M-Instruct"
+    run_script(SCRIPT, "--gguf_path", smollm2_gguf, "--output_dir", out, check=True)
+    reference = AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
+                                                     dtype=torch.float32).eval()
+    ours = load_lit_model(out).eval()
+    assert ours.config.tie_embeddings and reference.config.tie_word_embeddings
+    converted = ours.state_dict()
+    for hf_name, tensor in reference.state_dict().items():
+        if hf_name != "lm_head.weight":  # tied: the same tensor as the embedding
+            torch.testing.assert_close(converted[lit_from_hf(hf_name)], tensor, atol=1e-6, rtol=0)
+
+    tokenizer = Tokenizer(out)
+    ids = tokenizer.encode("The capital of France is")[None]  # (1, T)
+    with torch.no_grad():
+        logits, expected = ours(ids), reference(ids).logits
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
+    assert logits[0].argmax(-1).tolist() == expected[0].argmax(-1).tolist()
+    assert tokenizer.decode(logits[0, -1].argmax()) == " Paris"
+
+
+def lit_from_hf(name: str) -> str:
+    parts = {"input_layernorm": "attn_norm", "self_attn": "attn", "post_attention_layernorm": "mlp_norm"}
+    top = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "norm.weight"}
+    if name in top:
+        return top[name]
+    layer, module, rest = name.removeprefix("model.layers.").split(".", 2)  # "3", "self_attn", "q_proj.weight"
+    return f"blocks.{layer}.{parts.get(module, module)}.{rest}"
