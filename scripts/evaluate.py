@@ -1,0 +1,90 @@
+"""Evaluate a base, LoRA, adapter, merged or fully fine-tuned model on a prepared test split.
+
+    python scripts/evaluate.py --checkpoint_dir checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct \\
+        --weights_path out/lora/games/lit_model_lora.pth --data games --limit 100 --out out/lora/games/eval.json
+
+Answers are greedy, prompts use the style the data was prepared with (prompt_style.yaml), and exact match
+follows the task's rule (litft/scoring.py). Accuracy and loss go to stdout; the JSON report holds them and
+every sample's prompt, reference and prediction.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from litft.checkpoint import atomic_write_text
+from litft.cli import run
+from litft.data import data_dir, load_split, meta_of, prompt_style_of
+from litft.errors import UserError
+from litft.evaluate import evaluate
+from litft.finetuned import load_finetuned
+from litft.generate import pick_precision
+from litft.prompts import PromptStyle
+from litft.tokenizer import Tokenizer
+
+
+def main(checkpoint_dir: Path, data: str, weights_path: Optional[Path] = None, split: str = "test",
+         limit: Optional[int] = None, max_new_tokens: int = 128, out: Optional[Path] = None,
+         precision: Optional[str] = None, batch_size: int = 8) -> dict:
+    """Score greedy answers by exact match and compute the validation loss.
+
+    Args:
+        checkpoint_dir: the base model's lit checkpoint (weights, model_config.yaml, tokenizer).
+        data: a prepared data name (games -> data/games) or directory.
+        weights_path: a fine-tuning run's weights (LoRA, adapter or full); none evaluates the checkpoint as is.
+        split: which split to evaluate (test or train).
+        limit: evaluate only the first N samples.
+        max_new_tokens: the longest answer generated per sample.
+        out: where to write the JSON report (default: out/evaluate/<data>-<split>.json).
+        precision: bf16-true, 16-true or 32-true (default: bf16-true on a GPU, 32-true on a CPU).
+        batch_size: samples per forward pass for the validation loss.
+    """
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit must be at least 1, got {limit}")
+    samples, style = load_split(data, split), prompt_style_of(data)
+    task = meta_of(data).get("task", "text")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precision, dtype = pick_precision(precision, device)
+    tokenizer = Tokenizer(checkpoint_dir)
+    check_same_tokens(samples[0], tokenizer, style, data, checkpoint_dir)
+    warn_if_trained_with_another_style(weights_path, style)
+
+    model = load_finetuned(checkpoint_dir, weights_path, device, dtype)
+    start = time.perf_counter()
+    report = evaluate(model, tokenizer, samples, style, task, limit, max_new_tokens, batch_size)
+    report.update(data=str(data_dir(data)), split=split, checkpoint_dir=str(checkpoint_dir),
+                  weights_path=str(weights_path) if weights_path else None, seconds=round(time.perf_counter() - start, 1))
+    out = out or Path("out/evaluate") / f"{data_dir(data).name}-{split}.json"
+    atomic_write_text(out, json.dumps(report, indent=2) + "\n")
+    print(f"exact match {report['exact_match']:.1%} ({report['correct']}/{report['samples']})  "
+          f"val loss {report['val_loss']:.4f}  report: {out}")
+    return report
+
+
+def check_same_tokens(sample: dict, tokenizer: Tokenizer, style: PromptStyle, data: str, checkpoint_dir: Path) -> None:
+    """The data's prompt tokens must be what this checkpoint's tokenizer makes of the prompt."""
+    prompt = tokenizer.encode(style.apply(sample["instruction"], sample["input"]))
+    if not torch.equal(sample["input_ids"][: len(prompt)], prompt):
+        prepared_with = meta_of(data).get("checkpoint_dir", "another tokenizer")
+        raise UserError(f"{data_dir(data)} was prepared with the tokenizer of {prepared_with}, not {checkpoint_dir}; "
+                        f"prepare it again with --checkpoint_dir {checkpoint_dir}")
+
+
+def warn_if_trained_with_another_style(weights_path: Optional[Path], style: PromptStyle) -> None:
+    if weights_path is None:
+        return
+    run_dir = Path(weights_path) if Path(weights_path).is_dir() else Path(weights_path).parent
+    trained = PromptStyle.from_dir(run_dir) if run_dir.is_dir() else None
+    if trained is not None and trained != style:
+        print(f"warning: {run_dir} was trained with prompt style {trained.name!r}; this data uses {style.name!r}",
+              file=sys.stderr)
+
+
+if __name__ == "__main__":
+    run(main)

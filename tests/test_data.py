@@ -1,0 +1,197 @@
+"""Data preparation and batching, checked against the tokenizers themselves (sentencepiece's encode of Llama's
+tokenizer.model; a `tokenizers` BPE trained here): the exact token ids, the prompt mask, EOS at the end of every
+sample (truncated ones too), right padding, the Dolly and custom-key mappings, and a reproducible seeded split."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import pytest
+import torch
+from conftest import run_script
+
+from litft.data import collate, load_split, meta_of, prompt_style_of
+from litft.errors import UserError
+from litft.prepare import IGNORE_INDEX, prepare, read_records, split_examples, take_fields
+from litft.prompts import PromptStyle
+
+EXAMPLES = [
+    {"instruction": "Name a primary color.", "input": "", "output": "Red."},
+    {"instruction": "Translate to French.", "input": "Good morning", "output": "Bonjour."},
+    {"instruction": "Add the numbers.", "input": "2 and 3", "output": "2 + 3 = 5"},
+    {"instruction": "Write a haiku about rain.", "input": "", "output": "Soft rain on the roof,\nquiet streets."},
+]
+
+
+@pytest.fixture(scope="module")
+def sp_dir(tmp_path_factory, sentencepiece_model):
+    """A checkpoint directory holding only a real Llama-style sentencepiece tokenizer (BOS 1, EOS 2)."""
+    directory = tmp_path_factory.mktemp("sp")
+    shutil.copy(sentencepiece_model, directory / "tokenizer.model")
+    return directory
+
+
+@pytest.fixture(scope="module")
+def bpe_dir(tmp_path_factory):
+    """A checkpoint directory with a byte-level BPE tokenizer.json trained here; EOS is ChatML's <|im_end|>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([json.dumps(e) for e in EXAMPLES] * 20, trainer)
+    directory = tmp_path_factory.mktemp("bpe")
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", "add_bos_token": False}))
+    return directory
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def prepare_here(tmp_path, checkpoint_dir, examples=EXAMPLES, **options):
+    options = {"max_seq_length": 256, "mask_inputs": True, "prompt_style": "alpaca", **options}
+    prepare(examples, examples[:1], task="text", source="test", destination_path=tmp_path / "data",
+            checkpoint_dir=checkpoint_dir, seed=0, val_split_fraction=0.0, **options)
+    return load_split(tmp_path / "data", "train")
+
+
+def test_samples_equal_sentencepiece_ids_with_the_prompt_masked(tmp_path, sp_dir, sentencepiece_model):
+    from sentencepiece import SentencePieceProcessor
+
+    sp = SentencePieceProcessor(model_file=str(sentencepiece_model))
+    style = PromptStyle("alpaca")
+    proc = run_script("data_prep/json_data.py", "--data_file", write_jsonl(tmp_path / "d.jsonl", EXAMPLES),
+                      "--val_split_fraction", "0", "--checkpoint_dir", sp_dir, "--destination_path", tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr
+    samples = load_split(tmp_path / "out", "train")
+    assert sorted(s["output"] for s in samples) == sorted(e["output"] for e in EXAMPLES)
+    for s in samples:
+        prompt = [sp.bos_id()] + sp.encode(style.apply(s["instruction"], s["input"]))
+        answer = sp.encode(s["output"]) + [sp.eos_id()]
+        assert s["input_ids"].tolist() == prompt + answer
+        assert s["labels"].tolist() == [IGNORE_INDEX] * len(prompt) + answer
+        assert sp.decode(answer) == s["output"]
+    assert prompt_style_of(tmp_path / "out") == style
+    meta = meta_of(tmp_path / "out")
+    assert meta["mask_inputs"] is True and meta["counts"] == {"train": 4, "test": 0}
+    assert "sample lengths in tokens" in proc.stdout
+
+
+def test_chatml_samples_equal_tokenizers_ids_and_unmasked_labels(tmp_path, bpe_dir):
+    from tokenizers import Tokenizer
+
+    hf = Tokenizer.from_file(str(bpe_dir / "tokenizer.json"))
+    eos = hf.token_to_id("<|im_end|>")
+    samples = prepare_here(tmp_path, bpe_dir, prompt_style="chatml", mask_inputs=False)
+    for s, e in zip(samples, EXAMPLES):
+        prompt = hf.encode(PromptStyle("chatml").apply(e["instruction"], e["input"]), add_special_tokens=False).ids
+        assert prompt[0] == hf.token_to_id("<|im_start|>")  # markers are single ids, no BOS
+        assert s["input_ids"].tolist() == prompt + hf.encode(e["output"], add_special_tokens=False).ids + [eos]
+        assert torch.equal(s["labels"], s["input_ids"])  # mask_inputs off: the prompt is learned too
+
+
+def test_truncated_samples_keep_eos_and_are_counted(tmp_path, sp_dir, sentencepiece_model):
+    from sentencepiece import SentencePieceProcessor
+
+    sp = SentencePieceProcessor(model_file=str(sentencepiece_model))
+    style, max_len = PromptStyle("plain"), 16
+    examples = [{"instruction": f"Story {i}.", "input": "", "output": " ".join(["once upon a time"] * i)} for i in range(6)]
+    examples.append({"instruction": "word " * 40, "input": "", "output": "too long a prompt"})
+    full = [1 + len(sp.encode(style.apply(e["instruction"]))) + len(sp.encode(e["output"])) + 1 for e in examples]
+    samples = prepare_here(tmp_path, sp_dir, examples, prompt_style="plain", max_seq_length=max_len)
+    assert len(samples) == len(examples) - 1  # the 40-word prompt leaves no room for an answer: dropped
+    for s in samples:
+        assert len(s["input_ids"]) <= max_len
+        assert s["input_ids"][-1] == s["labels"][-1] == sp.eos_id()
+    report = json.loads((tmp_path / "data" / "length_report.json").read_text())["train"]
+    assert report["truncated"] == sum(n > max_len for n in full[:-1]) > 0
+    assert report["dropped"] == 1 and report["max"] == max_len
+
+
+def test_collate_pads_right_without_touching_labels():
+    a = {"input_ids": torch.tensor([1, 5, 6, 7, 2]), "labels": torch.tensor([-100, -100, 6, 7, 2])}
+    b = {"input_ids": torch.tensor([1, 8, 2]), "labels": torch.tensor([-100, 8, 2])}
+    input_ids, labels = collate([a, b], pad_id=0)
+    assert input_ids.tolist() == [[1, 5, 6, 7, 2], [1, 8, 2, 0, 0]]
+    assert labels.tolist() == [[-100, -100, 6, 7, 2], [-100, 8, 2, -100, -100]]
+    assert collate([b, b], pad_id=0)[0].shape == (2, 3)  # no padding when nothing needs it
+    # a sample longer than max_seq_length keeps its head and its final EOS
+    input_ids, labels = collate([a, b], pad_id=9, ignore_index=-1, max_seq_length=4)
+    assert input_ids.tolist() == [[1, 5, 6, 2], [1, 8, 2, 9]]
+    assert labels.tolist() == [[-100, -100, 6, 2], [-100, 8, 2, -1]]
+
+
+def test_dolly_maps_context_and_response(tmp_path, sp_dir):
+    records = [{"instruction": f"Question {i}?", "context": f"Passage {i}." if i % 2 else "", "response": f"Answer {i}.",
+                "category": "open_qa"} for i in range(10)]
+    proc = run_script("data_prep/dolly.py", "--data_file", write_jsonl(tmp_path / "dolly.jsonl", records),
+                      "--checkpoint_dir", sp_dir, "--destination_path", tmp_path / "dolly", "--val_split_fraction", "0.2")
+    assert proc.returncode == 0, proc.stderr
+    samples = load_split(tmp_path / "dolly", "train") + load_split(tmp_path / "dolly", "test")
+    got = sorted((s["instruction"], s["input"], s["output"]) for s in samples)
+    assert got == sorted((r["instruction"], r["context"], r["response"]) for r in records)
+    assert meta_of(tmp_path / "dolly")["counts"] == {"train": 8, "test": 2}
+
+
+def test_custom_keys_and_separate_validation_file(tmp_path, sp_dir):
+    train = [{"q": f"What is {i} + {i}?", "a": str(2 * i)} for i in range(5)]
+    val = [{"q": "What is 9 + 9?", "a": "18"}]
+    proc = run_script("data_prep/json_data.py", "--data_file", write_jsonl(tmp_path / "t.jsonl", train),
+                      "--val_file", write_jsonl(tmp_path / "v.jsonl", val), "--instruction_key", "q", "--input_key", "",
+                      "--output_key", "a", "--task", "gsm8k", "--prompt_style", "plain", "--checkpoint_dir", sp_dir,
+                      "--destination_path", tmp_path / "qa")
+    assert proc.returncode == 0, proc.stderr
+    assert [(s["instruction"], s["input"], s["output"]) for s in load_split(tmp_path / "qa", "train")] == \
+        [(r["q"], "", r["a"]) for r in train]
+    assert [s["output"] for s in load_split(tmp_path / "qa", "test")] == ["18"]
+    assert meta_of(tmp_path / "qa")["task"] == "gsm8k" and prompt_style_of(tmp_path / "qa") == PromptStyle("plain")
+
+
+def test_seeded_split_is_reproducible(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": str(i), "output": str(i)} for i in range(50)])
+    examples = take_fields(read_records(path), path)
+    train, test = split_examples(examples, 0.2, seed=7)
+    assert (train, test) == split_examples(examples, 0.2, seed=7)
+    assert test != split_examples(examples, 0.2, seed=8)[1]
+    assert len(test) == 10 and sorted(e["output"] for e in train + test) == sorted(str(i) for i in range(50))
+    assert all(e["input"] == "" for e in examples)  # a missing input key is an empty input
+
+
+def test_games_task_is_deterministic_regular_and_held_out(tmp_path, bpe_dir):
+    runs = []
+    for name in ("a", "b"):
+        proc = run_script("data_prep/games.py", "--num_examples", "300", "--checkpoint_dir", bpe_dir,
+                          "--destination_path", tmp_path / name)
+        assert proc.returncode == 0, proc.stderr
+        runs.append([json.loads((tmp_path / name / f"games_{s}.json").read_text()) for s in ("train", "test")])
+    assert runs[0] == runs[1]  # same seed, same task
+    train, test = runs[0]
+    assert len(train) == 270 and len(test) == 30
+    assert not {e["input"] for e in train} & {e["input"] for e in test}
+    slot = r"(name|release_year|genres|platforms|rating|multiplayer)\[[^\]]+\]"
+    grammar = re.compile(rf"(inform|request|confirm|give_opinion)\({slot}(, {slot})*\)")
+    order = ["name", "release_year", "genres", "platforms", "rating", "multiplayer"]
+    for e in train + test:
+        assert grammar.fullmatch(e["output"]), e["output"]
+        slots = re.findall(r"(\w+)\[", e["output"])
+        assert slots == sorted(slots, key=order.index)  # attributes always in the fixed order
+        assert len(e["input"]) < 200
+    assert len(load_split(tmp_path / "a", "test")) == 30 and meta_of(tmp_path / "a")["task"] == "games"
+
+
+def test_missing_data_names_the_script_to_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=r"data/alpaca does not exist .*python data_prep/alpaca.py"):
+        load_split("alpaca", "train")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="is not prepared data"):
+        load_split(tmp_path / "empty", "train")
+    with pytest.raises(UserError, match="no prompt_style.yaml"):
+        prompt_style_of(tmp_path / "empty")

@@ -1,0 +1,84 @@
+"""Bad input to the data_prep scripts, as a user meets it: one line on stderr naming the file (with line and
+column for broken JSON), exit status != 0, and nothing written to the destination."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+from conftest import assert_user_error, run_script
+
+GOOD = {"instruction": "Say hi.", "input": "", "output": "Hi."}
+
+
+@pytest.fixture(scope="module")
+def sp_dir(tmp_path_factory, sentencepiece_model):
+    directory = tmp_path_factory.mktemp("sp")
+    shutil.copy(sentencepiece_model, directory / "tokenizer.model")
+    return directory
+
+
+CASES = {
+    # name: (file name, content, extra flags, fragments of the error line besides the file name)
+    "malformed JSON": ("d.json", '[{"instruction": "a", "output": "b"},\n {"instruction": "c" "output": "d"}]', [],
+                       [":2:22:", "invalid JSON"]),
+    "malformed JSONL": ("d.jsonl", json.dumps(GOOD) + "\n" + json.dumps(GOOD) + "\n{\"instruction\": \"x\",,}\n", [],
+                        [":3:21:", "invalid JSON"]),
+    "missing key": ("d.jsonl", json.dumps(GOOD) + "\n" + json.dumps({"instruction": "x"}) + "\n", [],
+                    ["line 2", "missing key 'output'"]),
+    "non-string field": ("d.json", json.dumps([GOOD, {"instruction": "x", "output": 5}]), [],
+                         ["record 2", "'output' must be a string, got int"]),
+    "not objects": ("d.jsonl", "[1, 2]\n", [], ["line 1", "expected a JSON object"]),
+    "empty file": ("d.jsonl", "\n \n", [], ["is empty"]),
+    "every sample too long": ("d.jsonl", json.dumps(GOOD) + "\n", ["--max_seq_length", "4"],
+                              ["every sample", "--max_seq_length 4"]),
+    "unknown prompt style": ("d.jsonl", json.dumps(GOOD) + "\n", ["--prompt_style", "vicuna"],
+                             ["unknown prompt style 'vicuna'"]),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_data_file_is_one_line_and_writes_nothing(tmp_path, sp_dir, case):
+    name, content, flags, fragments = CASES[case]
+    path = tmp_path / name
+    path.write_text(content)
+    destination = tmp_path / "out"
+    proc = run_script("data_prep/json_data.py", "--data_file", path, "--checkpoint_dir", sp_dir,
+                      "--destination_path", destination, "--val_split_fraction", "0", *flags)
+    fragments = fragments if case == "unknown prompt style" else [str(path), *fragments]
+    assert_user_error(proc, *fragments)
+    assert not destination.exists()
+
+
+def test_missing_file_and_unknown_variant(tmp_path, sp_dir):
+    proc = run_script("data_prep/dolly.py", "--data_file", tmp_path / "nope.jsonl", "--checkpoint_dir", sp_dir,
+                      "--destination_path", tmp_path / "out")
+    assert_user_error(proc, str(tmp_path / "nope.jsonl"), "does not exist")
+    proc = run_script("data_prep/alpaca.py", "--variant", "dirty", "--destination_path", tmp_path / "out")
+    assert_user_error(proc, "--variant 'dirty'", "original, cleaned")
+    assert not (tmp_path / "out").exists()
+
+
+def test_destination_that_is_not_writable(tmp_path, sp_dir):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps(GOOD) + "\n")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    proc = run_script("data_prep/json_data.py", "--data_file", data, "--checkpoint_dir", sp_dir,
+                      "--destination_path", blocker / "out")
+    assert_user_error(proc, str(blocker / "out"), "is not a directory")
+    assert blocker.read_text() == "not a directory"
+    if os.geteuid() != 0:  # root may write anywhere, so permissions can only be tested as a user
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o555)
+        proc = run_script("data_prep/json_data.py", "--data_file", data, "--checkpoint_dir", sp_dir,
+                          "--destination_path", locked / "out")
+        assert_user_error(proc, str(locked / "out"), "not writable")
+        assert not (locked / "out").exists()
+
+
+def test_unknown_data_name_in_evaluate(tmp_path):
+    proc = run_script("scripts/evaluate.py", "--checkpoint_dir", tmp_path, "--data", "no_such_data")
+    assert_user_error(proc, "--data no_such_data", "data/no_such_data does not exist")

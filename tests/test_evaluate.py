@@ -1,0 +1,155 @@
+"""Exact-match rules, and evaluation through the CLIs: the prompt a run is trained on (tokens stored by data_prep)
+is the prompt generate/ and scripts/evaluate.py give the model, the loss ignores prompt and padding, and the
+report counts matches. Greedy continuations are checked with the cache-free reference loop."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import run_script
+
+from litft.checkpoint import save_lit_checkpoint
+from litft.config import Config
+from litft.data import load_split
+from litft.evaluate import evaluate
+from litft.finetuned import load_finetuned
+from litft.generate import greedy_without_cache
+from litft.model import Llama
+from litft.prompts import PromptStyle
+from litft.scoring import exact_match, extract_gsm8k, normalize_mr, normalize_sql, normalize_text
+from litft.tokenizer import Tokenizer
+
+# ---- scoring -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text,number", [
+    ("She has 3 + 4 = 7 apples.\n#### 7", "7"),
+    ("#### 1,234", "1234"),            # thousands separators
+    ("#### 12,345,678", "12345678"),
+    ("The loss is #### -15", "-15"),   # negatives, ASCII or Unicode minus
+    ("#### −8", "-8"),
+    ("#### 3.50", "3.5"),              # decimals compare as numbers
+    ("#### 7.0", "7"),
+    ("#### .25", "0.25"),
+    ("#### $1,000.", "1000"),          # a currency sign and a sentence's full stop
+    ("#### 42 dollars", "42"),
+    ("#### 1 #### 2", "2"),            # the last marker wins
+    ("The answer is 42.", None),       # no marker: no answer
+    ("#### ", None),
+    ("#### many", None),
+])
+def test_gsm8k_extraction(text, number):
+    assert extract_gsm8k(text) == number
+
+
+def test_gsm8k_exact_match():
+    assert exact_match("gsm8k", "So 1000 + 234 = 1234.\n#### 1234", "Work...\n#### 1,234")
+    assert not exact_match("gsm8k", "The answer is 1234", "#### 1234")  # missing #### is wrong
+    assert not exact_match("gsm8k", "#### 12", "#### 1.2")
+
+
+def test_normalization_rules():
+    assert normalize_text("  The  Answer\nis 4 ") == "the answer is 4"
+    assert normalize_mr("Inform( name [Iron Echo] , genres[action,  puzzle] )") == \
+        normalize_mr("inform(name[Iron Echo], genres[action, puzzle])")
+    assert normalize_mr("inform(name[Iron Echo])") != normalize_mr("inform(name[Iron Echoes])")
+    assert normalize_sql('SELECT COUNT ( * ) FROM t WHERE a = "B";') == normalize_sql("select count(*) from t where a='b'")
+    assert normalize_sql("SELECT a FROM t") != normalize_sql("SELECT b FROM t")
+    assert exact_match("games", "confirm(name[X],genres[puzzle])", "confirm(name[X], genres[puzzle])")
+    assert not exact_match("games", "confirm(genres[puzzle], name[X])", "confirm(name[X], genres[puzzle])")
+    assert exact_match("alpaca", "Paris ", "paris") and not exact_match("alpaca", "Paris.", "Paris")
+
+
+# ---- evaluation over a tiny model and a real tokenizer -------------------------------------------------------
+
+EXAMPLES = [{"instruction": f"Describe the number {n}.", "input": "", "output": f"{n} is a number."} for n in range(6)]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, sentencepiece_model):
+    """A tiny random Llama (Llama's 32000-token vocabulary) with a real sentencepiece tokenizer."""
+    directory = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    model = Llama(Config.from_name("tiny-gqa", vocab_size=32000))
+    with torch.no_grad():  # larger weights than the default init: greedy answers depend on the prompt
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    save_lit_checkpoint(model, directory)
+    shutil.copy(sentencepiece_model, directory / "tokenizer.model")
+    return directory
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, checkpoint):
+    directory = tmp_path_factory.mktemp("data")
+    (directory / "d.jsonl").write_text("".join(json.dumps(e) + "\n" for e in EXAMPLES))
+    proc = run_script("data_prep/json_data.py", "--data_file", directory / "d.jsonl", "--checkpoint_dir", checkpoint,
+                      "--destination_path", directory / "prepared", "--val_split_fraction", "0.5", "--seed", "3")
+    assert proc.returncode == 0, proc.stderr
+    return directory / "prepared"
+
+
+def greedy_from_training_tokens(model, sample: dict, tokenizer: Tokenizer, n: int) -> str:
+    """Continue the prompt exactly as stored for training (the masked label positions of the sample)."""
+    prompt = sample["input_ids"][sample["labels"] == -100]  # (P,)
+    return tokenizer.decode(greedy_without_cache(model, prompt, n, stop_ids=[tokenizer.eos_id]))
+
+
+def test_evaluate_cli_prompts_as_trained_and_computes_loss(tmp_path, checkpoint, data):
+    proc = run_script("scripts/evaluate.py", "--checkpoint_dir", checkpoint, "--data", data, "--max_new_tokens", "6",
+                      "--out", tmp_path / "report.json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert "exact match" in proc.stdout and report["samples"] == 3 and report["prompt_style"] == "alpaca"
+    model, tokenizer = load_finetuned(checkpoint), Tokenizer(checkpoint)
+    samples = load_split(data, "test")
+    for row, sample in zip(report["predictions"], samples):
+        assert row["prompt"] == PromptStyle("alpaca").apply(sample["instruction"])
+        assert row["prediction"] == greedy_from_training_tokens(model, sample, tokenizer, 6)
+    # the loss: mean next-token cross-entropy over each sample's own answer tokens, no padding involved
+    losses, counts = [], []
+    with torch.no_grad():
+        for s in samples:
+            logits = model(s["input_ids"][None])[0, :-1]  # (T - 1, vocab)
+            targets = s["labels"][1:]
+            keep = targets != -100
+            losses.append(F.cross_entropy(logits[keep], targets[keep], reduction="sum").item())
+            counts.append(int(keep.sum()))
+    assert report["val_loss"] == pytest.approx(sum(losses) / sum(counts), rel=1e-5)
+
+
+def test_exact_match_counts_matching_answers(checkpoint, data):
+    model, tokenizer = load_finetuned(checkpoint), Tokenizer(checkpoint)
+    samples = load_split(data, "test")
+    # references made equal to the model's own greedy answers, except one: 2 of 3 must match
+    rigged = [{**s, "output": greedy_from_training_tokens(model, s, tokenizer, 6)} for s in samples]
+    rigged[1]["output"] += " (changed)"
+    report = evaluate(model, tokenizer, rigged, PromptStyle("alpaca"), "text", max_new_tokens=6)
+    assert [row["correct"] for row in report["predictions"]] == [True, False, True]
+    assert report["exact_match"] == pytest.approx(2 / 3)
+    assert evaluate(model, tokenizer, rigged, PromptStyle("alpaca"), "text", limit=1, max_new_tokens=6)["samples"] == 1
+
+
+def test_training_and_generation_use_the_same_prompt(tmp_path, checkpoint, data):
+    """data_prep -> finetune/lora.py -> generate/lora.py: the run carries the data's style, and generation
+    continues exactly the tokens the run was trained on."""
+    run = tmp_path / "run"
+    proc = run_script("finetune/lora.py", "--data", data, "--checkpoint_dir", checkpoint, "--out_dir", run,
+                      "--max_steps", "1", "--batch_size", "2", "--micro_batch_size", "2", "--warmup_steps", "1",
+                      "--eval_interval", "1", "--eval_iters", "1", "--save_interval", "1", "--precision", "32-true")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert PromptStyle.from_dir(run) == PromptStyle("alpaca")
+    sample = load_split(data, "train")[0]
+    proc = run_script("generate/lora.py", "--checkpoint_dir", checkpoint, "--lora_path", run / "lit_model_lora.pth",
+                      "--prompt", sample["instruction"], "--temperature", "0", "--max_new_tokens", "6")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    model, tokenizer = load_finetuned(checkpoint, run / "lit_model_lora.pth"), Tokenizer(checkpoint)
+    expected = greedy_from_training_tokens(model, sample, tokenizer, 6)
+    assert proc.stdout.rstrip("\n") == expected
+    plain = tokenizer.decode(greedy_without_cache(model, tokenizer.encode(sample["instruction"]), 6, [tokenizer.eos_id]))
+    assert plain != expected  # the comparison can tell prompt styles apart
