@@ -192,6 +192,7 @@ def save_hf_safetensors(state_dict: dict[str, Tensor], out_dir: Path, max_shard_
     for shard, fname in zip(shards, names):
         with atomic_path(Path(out_dir) / fname) as tmp:
             save_file(shard, tmp, metadata={"format": "pt"})
+            tmp.chmod(0o644)  # safetensors creates the file anew, private to its owner
     if n > 1:
         total = sum(t.numel() * t.element_size() for t in state_dict.values())
         index = {"metadata": {"total_size": total},

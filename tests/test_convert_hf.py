@@ -27,7 +27,7 @@ def tiny_hf_llama(heads: int, kv_heads: int, tied: bool, seed: int = 0) -> "tran
     g = torch.Generator().manual_seed(seed)
     config = transformers.LlamaConfig(
         vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=heads,
-        num_key_value_heads=kv_heads, tie_word_embeddings=tied, max_position_embeddings=128,
+        num_key_value_heads=kv_heads, tie_word_embeddings=tied, max_position_embeddings=128, bos_token_id=5, eos_token_id=7,
         rope_theta=float(torch.randint(500, 50_000, (1,), generator=g)), rms_norm_eps=float(torch.rand(1, generator=g)) * 1e-3,
         attn_implementation="eager")
     model = transformers.LlamaForCausalLM(config).eval()
@@ -99,20 +99,10 @@ def test_sharded_and_bin_checkpoints_convert(tmp_path, save):
     ours = Llama(config)
     ours.load_state_dict(hf_to_lit_state_dict(tmp_path, config), strict=True)
     assert max_logit_diff(ours.eval(), hf) <= 1e-4
-
-
-def test_in_place_conversion_copies_tokenizer_and_casts(tmp_path, sentencepiece_model):
-    hf = tiny_hf_llama(4, 2, True, seed=5)
-    hf.save_pretrained(tmp_path / "m")
-    shutil.copyfile(sentencepiece_model, tmp_path / "m" / "tokenizer.model")
-    proc = run_script("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", tmp_path / "m", "--dtype", "bfloat16",
-                      check=True)
-    assert "bfloat16" in proc.stdout
-    sd = torch.load(tmp_path / "m" / "lit_model.pth", weights_only=True)
-    assert {t.dtype for t in sd.values()} == {torch.bfloat16}
-    assert "lm_head.weight" not in sd  # tied: stored once
-    assert torch.equal(sd["embed.weight"], hf.model.embed_tokens.weight.to(torch.bfloat16))
-    assert (tmp_path / "m" / "model_config.yaml").read_text().startswith("name: m\n")
+    if save == "sharded-safetensors":  # a cast is a plain .to(dtype) of each transformers tensor
+        cast = hf_to_lit_state_dict(tmp_path, config, torch.bfloat16)
+        assert torch.equal(cast["blocks.1.mlp.up_proj.weight"], hf.model.layers[1].mlp.up_proj.weight.bfloat16())
+        assert {t.dtype for t in cast.values()} == {torch.bfloat16}
 
 
 def hf_tensors(directory: Path) -> dict[str, torch.Tensor]:
@@ -133,13 +123,18 @@ CONFIG_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_l
 def test_hf_lit_hf_round_trip(tmp_path, shape, dtype, shard, sentencepiece_model):
     hf = tiny_hf_llama(*SHAPES[shape], seed=7).to(dtype)
     hf.save_pretrained(tmp_path / "hf")
-    run_script("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", tmp_path / "hf", "--output_dir", tmp_path / "lit",
-               check=True)
-    if shape == "tied":  # a lit checkpoint with only a sentencepiece model: bos/eos must come from sentencepiece
-        (tmp_path / "lit" / "generation_config.json").unlink()
-        shutil.copyfile(sentencepiece_model, tmp_path / "lit" / "tokenizer.model")
-    run_script("scripts/convert_lit_checkpoint.py", "--checkpoint_dir", tmp_path / "lit", "--output_dir",
-               tmp_path / "back", "--max_shard_gb", shard, check=True)
+    if shape == "tied":  # into a lit directory with only a sentencepiece model: bos/eos must come from it
+        lit = tmp_path / "lit"
+        run_script("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", tmp_path / "hf", "--output_dir", lit,
+                   check=True)
+        (lit / "generation_config.json").unlink()
+        shutil.copyfile(sentencepiece_model, lit / "tokenizer.model")
+    else:  # the default: in place, next to the HF files
+        lit = tmp_path / "hf"
+        run_script("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", lit, check=True)
+        assert (lit / "model_config.yaml").read_text().startswith("name: hf\n")
+    run_script("scripts/convert_lit_checkpoint.py", "--checkpoint_dir", lit, "--output_dir", tmp_path / "back",
+               "--max_shard_gb", shard, check=True)
 
     before, after = hf_tensors(tmp_path / "hf"), hf_tensors(tmp_path / "back")
     assert sorted(before) == sorted(after)
@@ -149,17 +144,16 @@ def test_hf_lit_hf_round_trip(tmp_path, shape, dtype, shard, sentencepiece_model
 
     cfg_a = transformers.AutoConfig.from_pretrained(tmp_path / "hf")
     cfg_b = transformers.AutoConfig.from_pretrained(tmp_path / "back")
-    for field in CONFIG_FIELDS:
-        assert getattr(cfg_a, field) == getattr(cfg_b, field), field
     gen = transformers.GenerationConfig.from_pretrained(tmp_path / "back")
-    if shape == "tied":
+    if shape == "tied":  # the special ids are the sentencepiece model's now (1, 2), not the original 5, 7
         import sentencepiece as spm
 
         sp = spm.SentencePieceProcessor(model_file=str(sentencepiece_model))
-        assert (gen.bos_token_id, gen.eos_token_id) == (sp.bos_id(), sp.eos_id())
+        cfg_a.bos_token_id, cfg_a.eos_token_id = sp.bos_id(), sp.eos_id()
         assert (tmp_path / "back" / "tokenizer.model").read_bytes() == sentencepiece_model.read_bytes()
-    else:
-        assert (gen.bos_token_id, gen.eos_token_id) == (hf.generation_config.bos_token_id, hf.generation_config.eos_token_id)
+    assert (gen.bos_token_id, gen.eos_token_id) == (cfg_a.bos_token_id, cfg_a.eos_token_id) != (None, None)
+    for field in CONFIG_FIELDS:
+        assert getattr(cfg_a, field) == getattr(cfg_b, field), field
 
     # transformers loads both directories the same way (it recomputes rope tables in fp32 on load)
     load = lambda d: transformers.AutoModelForCausalLM.from_pretrained(d, attn_implementation="eager").eval()  # noqa: E731
