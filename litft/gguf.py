@@ -43,6 +43,7 @@ from torch import Tensor
 
 from litft.config import Config
 from litft.errors import UserError
+from litft.model import Llama
 
 TOP_LEVEL = {"token_embd.weight": "embed.weight", "output_norm.weight": "norm.weight", "output.weight": "lm_head.weight"}
 PER_BLOCK = {
@@ -77,12 +78,17 @@ def metadata(reader) -> dict[str, Any]:
     return {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
 
 
-def config_from_gguf(meta: dict[str, Any], tensor_names: set[str], name: str = "") -> Config:
+def tensor_shapes(reader) -> dict[str, tuple[int, ...]]:
+    """Each tensor's shape in PyTorch order (GGUF lists ggml's `ne`, fastest-varying dimension first)."""
+    return {t.name: tuple(int(d) for d in reversed(t.shape)) for t in reader.tensors}
+
+
+def config_from_gguf(meta: dict[str, Any], shapes: dict[str, tuple[int, ...]], name: str = "") -> Config:
     arch = meta.get("general.architecture")
     if arch != "llama":
         raise UserError(f"this GGUF holds a {arch!r} model; only the 'llama' architecture (Llama, Mistral, SmolLM2, "
                         "TinyLlama) converts to litft")
-    if "rope_freqs.weight" in tensor_names or meta.get("llama.rope.scaling.type", "none") not in ("none", ""):
+    if "rope_freqs.weight" in shapes or meta.get("llama.rope.scaling.type", "none") not in ("none", ""):
         raise UserError("this GGUF uses RoPE frequency scaling (e.g. Llama-3.1), which litft's Llama does not implement")
     n_embd, n_head = meta["llama.embedding_length"], meta["llama.attention.head_count"]
     head_size = n_embd // n_head
@@ -92,7 +98,7 @@ def config_from_gguf(meta: dict[str, Any], tensor_names: set[str], name: str = "
     try:
         return Config(
             name=name,
-            vocab_size=meta.get("llama.vocab_size") or len(meta["tokenizer.ggml.tokens"]),
+            vocab_size=shapes["token_embd.weight"][0],  # (vocab, n_embd); the vocab may be padded
             n_layer=meta["llama.block_count"],
             n_embd=n_embd,
             n_head=n_head,
@@ -101,7 +107,7 @@ def config_from_gguf(meta: dict[str, Any], tensor_names: set[str], name: str = "
             block_size=meta.get("llama.context_length", 4096),
             rope_base=_float32(meta.get("llama.rope.freq_base", 10000.0)),
             norm_eps=_float32(meta["llama.attention.layer_norm_rms_epsilon"]),
-            tie_embeddings="output.weight" not in tensor_names,
+            tie_embeddings="output.weight" not in shapes,
         )
     except (KeyError, ValueError) as e:
         raise UserError(f"the GGUF metadata does not describe a usable Llama model ({e})") from None
@@ -122,15 +128,19 @@ def lit_name(gguf_name: str) -> str:
 
 
 def check_tensors(reader, config: Config) -> None:
-    """Refuse unknown names and unsupported storage types before anything is written."""
+    """Refuse unknown names, unsupported storage types and wrong shapes before anything is written."""
+    with torch.device("meta"):  # shapes only, no memory
+        expected = {k: tuple(v.shape) for k, v in Llama(config).state_dict().items()}
+    shapes = tensor_shapes(reader)
     for t in reader.tensors:
-        lit_name(t.name)
+        name = lit_name(t.name)
         if t.tensor_type.name not in SUPPORTED:
             raise UserError(f"tensor {t.name} is stored as {t.tensor_type.name}, which this converter does not "
                             f"dequantize; supported: {', '.join(SUPPORTED)}")
-    expected = {"token_embd.weight", "output_norm.weight"} | {
-        f"blk.{i}.{part}.weight" for i in range(config.n_layer) for part in PER_BLOCK}
-    missing = expected - {t.name for t in reader.tensors}
+        if shapes[t.name] != expected[name]:
+            raise UserError(f"tensor {t.name} has shape {shapes[t.name]} but the file's metadata implies "
+                            f"{expected[name]}; the GGUF is inconsistent")
+    missing = {name for name in expected if name != "lm_head.weight"} - {lit_name(n) for n in shapes}
     if missing:
         raise UserError(f"the GGUF lacks {len(missing)} tensors a {config.n_layer}-layer Llama needs (e.g. {min(missing)})")
 
@@ -240,6 +250,7 @@ def byte_level_bpe(meta: dict[str, Any]) -> str:
 
 def sentencepiece_model(meta: dict[str, Any]) -> bytes:
     """A Llama-style sentencepiece vocabulary (pieces, scores, types) -> a tokenizer.model file."""
+    from sentencepiece import SentencePieceProcessor
     from sentencepiece import sentencepiece_model_pb2 as pb
 
     tokens, types = meta["tokenizer.ggml.tokens"], meta.get("tokenizer.ggml.token_type") or []
@@ -258,4 +269,9 @@ def sentencepiece_model(meta: dict[str, Any]) -> bytes:
     norm = model.normalizer_spec
     norm.name, norm.add_dummy_prefix = "identity", bool(meta.get("tokenizer.ggml.add_space_prefix", True))
     norm.remove_extra_whitespaces, norm.escape_whitespaces = False, True
-    return model.SerializeToString()
+    data = model.SerializeToString()
+    try:
+        SentencePieceProcessor(model_proto=data)  # sentencepiece checks it is a consistent model
+    except RuntimeError as e:
+        raise UserError(f"the GGUF's sentencepiece vocabulary is inconsistent ({str(e).splitlines()[0]})") from None
+    return data

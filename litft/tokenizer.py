@@ -35,13 +35,13 @@ class Tokenizer:
             from tokenizers import Tokenizer as HFTokenizer
 
             self.backend = "tokenizers"
-            self.hf = HFTokenizer.from_file(str(path))
+            self.hf = _load(HFTokenizer.from_file, path)
             self.vocab_size = self.hf.get_vocab_size(with_added_tokens=True)
         elif (path := checkpoint_dir / "tokenizer.model").is_file():
             from sentencepiece import SentencePieceProcessor
 
             self.backend = "sentencepiece"
-            self.sp = SentencePieceProcessor(model_file=str(path))
+            self.sp = _load(lambda p: SentencePieceProcessor(model_file=p), path)
             self.vocab_size = self.sp.vocab_size()
         else:
             raise UserError(f"{checkpoint_dir} has neither tokenizer.json nor tokenizer.model; "
@@ -150,6 +150,13 @@ class StreamDecoder:
             return ""
         self.prefix, self.read = self.read, len(self.ids)
         return text[len(seen):]
+
+
+def _load(loader, path: Path):
+    try:
+        return loader(str(path))
+    except Exception as e:  # both libraries raise plain Exception/RuntimeError for a damaged file
+        raise UserError(f"{path} could not be read ({str(e).splitlines()[0][:200]}); restore the tokenizer file") from None
 
 
 def _read_json(path: Path) -> dict[str, Any]:

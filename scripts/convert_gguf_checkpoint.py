@@ -16,7 +16,8 @@ from typing import Literal
 import torch
 
 from litft.checkpoint import WEIGHTS, atomic_path, atomic_write_text, save_state_dict
-from litft.gguf import check_tensors, config_from_gguf, convert_weights, metadata, open_gguf, tokenizer_files
+from litft.gguf import (check_tensors, config_from_gguf, convert_weights, metadata, open_gguf, tensor_shapes,
+                        tokenizer_files)
 
 
 def main(gguf_path: Path, output_dir: Path, dtype: Literal["float32", "bfloat16", "float16"] = "float32") -> None:
@@ -30,7 +31,7 @@ def main(gguf_path: Path, output_dir: Path, dtype: Literal["float32", "bfloat16"
     start = time.perf_counter()
     reader = open_gguf(gguf_path)
     meta = metadata(reader)
-    config = config_from_gguf(meta, {t.name for t in reader.tensors}, name=Path(output_dir).name)
+    config = config_from_gguf(meta, tensor_shapes(reader), name=Path(output_dir).name)
     check_tensors(reader, config)
     files = tokenizer_files(meta)  # built (and checked) in memory before anything is written
 

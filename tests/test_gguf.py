@@ -197,8 +197,8 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, case):
     assert not out.exists()
 
 
-def test_not_gguf_and_not_llama_are_user_errors(tmp_path):
-    from litft.gguf import config_from_gguf, metadata, open_gguf
+def test_not_gguf_not_llama_and_inconsistent_are_user_errors(tmp_path):
+    from litft.gguf import check_tensors, config_from_gguf, metadata, open_gguf, tensor_shapes
 
     (tmp_path / "weights.gguf").write_text("hello")
     with pytest.raises(UserError, match="is not a GGUF file"):
@@ -206,7 +206,16 @@ def test_not_gguf_and_not_llama_are_user_errors(tmp_path):
     writer = GGUFWriter(tmp_path / "gpt2.gguf", "gpt2")
     writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
     with pytest.raises(UserError, match="holds a 'gpt2' model; only the 'llama' architecture"):
-        config_from_gguf(metadata(open_gguf(tmp_path / "gpt2.gguf")), set())
+        config_from_gguf(metadata(open_gguf(tmp_path / "gpt2.gguf")), {})
+
+    tok, meta = trained_bpe()
+    hf = tiny_hf_llama(tok.get_vocab_size(), tie=False)
+    hf.config.intermediate_size = 96  # the header now disagrees with the 128-wide MLP tensors
+    write_tiny_gguf(tmp_path / "inconsistent.gguf", hf, [Q.F32], meta)
+    reader = open_gguf(tmp_path / "inconsistent.gguf")
+    config = config_from_gguf(metadata(reader), tensor_shapes(reader))
+    with pytest.raises(UserError, match=r"blk.0.ffn_gate.weight has shape \(128, 64\) but the file's metadata implies \(96, 64\)"):
+        check_tensors(reader, config)
 
 
 def test_unsupported_tokenizer_type_is_a_user_error():

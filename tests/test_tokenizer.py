@@ -93,9 +93,14 @@ def test_tokenizer_config_overrides_defaults(sp_dir, tmp_path):
     assert tok.encode("hi")[0] != 2
 
 
-def test_no_tokenizer_is_a_user_error(tmp_path):
+def test_missing_or_damaged_tokenizer_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="neither tokenizer.json nor tokenizer.model"):
         Tokenizer(tmp_path)
+    for name in ("tokenizer.model", "tokenizer.json"):
+        (tmp_path / name).write_text("{ not a tokenizer")
+        with pytest.raises(UserError, match=f"{name} could not be read"):
+            Tokenizer(tmp_path)
+        (tmp_path / name).unlink()
 
 
 # ---- tokenizer.json -----------------------------------------------------------------------------------------
