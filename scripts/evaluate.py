@@ -48,6 +48,8 @@ def main(checkpoint_dir: Path, data: str, weights_path: Optional[Path] = None, s
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be at least 1, got {limit}")
     samples, style = load_split(data, split), prompt_style_of(data)
+    if not samples:
+        raise UserError(f"the {split} split of {data_dir(data)} is empty; prepare it with a --val_split_fraction above 0")
     task = meta_of(data).get("task", "text")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision, dtype = pick_precision(precision, device)

@@ -195,3 +195,40 @@ def test_missing_data_names_the_script_to_run(tmp_path, monkeypatch):
         load_split(tmp_path / "empty", "train")
     with pytest.raises(UserError, match="no prompt_style.yaml"):
         prompt_style_of(tmp_path / "empty")
+
+
+def test_alpaca_viggo_gsm8k_sql_mappings_from_local_files(tmp_path, sp_dir):
+    """Each script's --data_file path, with records laid out as the public files are."""
+    import csv
+
+    from data_prep import alpaca, gsm8k, sql, viggo
+
+    with open(tmp_path / "viggo.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, ["gem_id", "meaning_representation", "target", "references"])
+        writer.writeheader()
+        for i in range(4):
+            writer.writerow({"gem_id": f"viggo-{i}", "meaning_representation": f"inform(name[Game {i}], rating[good])",
+                             "target": f"Game {i} is a good game, with \"quotes\", commas.", "references": "[]"})
+    math = [{"question": f"What is {i} times 2?", "answer": f"{i} * 2 = {2 * i}\n#### {2 * i}"} for i in range(4)]
+    tables = [{"question": f"How many rows have id {i}?", "context": "CREATE TABLE t (id VARCHAR)",
+               "answer": f"SELECT COUNT(*) FROM t WHERE id = {i}"} for i in range(4)]
+    (tmp_path / "gsm8k.jsonl").write_text("".join(json.dumps(r) + "\n" for r in math))
+    (tmp_path / "sql.json").write_text(json.dumps(tables))
+    (tmp_path / "alpaca.json").write_text(json.dumps(EXAMPLES))
+    expected = {
+        viggo: ("viggo.csv", "viggo", lambda s: (s["input"].startswith("Game "), s["output"].startswith("inform("),
+                                                 s["instruction"] == viggo.INSTRUCTION)),
+        gsm8k: ("gsm8k.jsonl", "gsm8k", lambda s: (s["instruction"].startswith("What is"), "####" in s["output"],
+                                                   s["input"] == "")),
+        sql: ("sql.json", "sql", lambda s: (s["input"] == "CREATE TABLE t (id VARCHAR)", s["output"].startswith("SELECT"),
+                                            s["instruction"].startswith("How many"))),
+        alpaca: ("alpaca.json", "alpaca", lambda s: (s in EXAMPLES,)),
+    }
+    for module, (name, task, check) in expected.items():
+        out = tmp_path / task
+        module.main(data_file=tmp_path / name, destination_path=out, checkpoint_dir=sp_dir, val_split_fraction=0.25)
+        samples = load_split(out, "train") + load_split(out, "test")
+        assert len(samples) == 4 and meta_of(out)["task"] == task
+        raw = [{k: s[k] for k in ("instruction", "input", "output")} for s in samples]
+        assert all(all(check(s)) for s in raw), (task, raw[0])
+    assert {s["input"] for s in load_split(tmp_path / "viggo", "train")} <= {f"Game {i} is a good game, with \"quotes\", commas." for i in range(4)}
