@@ -4,14 +4,14 @@ Every example comes from templates written here and a seeded random generator, s
 every machine and needs no download. A sentence about a made-up game maps to one dialogue act whose
 attributes follow a fixed order:
 
-    "Hollow Circuit is an amazing RPG game from 2011, available on PS and Windows."
+    "Hollow Circuit is an amazing RPG game from 2011, available on Windows and PS."
     -> inform(name[Hollow Circuit], release_year[2011], genres[role-playing], platforms[PC, PlayStation], rating[excellent])
 
 What a model has to learn, and cannot guess before training:
 - the act from the sentence's shape: a statement (inform), a question naming no game (request),
   "Did you mean X ...?" (confirm), an opinion such as "I think X is ..." (give_opinion);
 - the attribute order name, release_year, genres, platforms, rating, multiplayer, whatever order the sentence
-  uses; genres and platforms listed in a fixed order too;
+  mentions them in;
 - one canonical value per synonym: "RPG" -> role-playing, "Windows" -> PC, "brilliant" -> excellent, ...
 
 The answer is a function of the sentence (a repeated sentence is skipped), so exact match is a fair score.
@@ -54,7 +54,6 @@ def draw_game(rng: random.Random) -> dict:
     platforms = sorted(rng.sample(list(PLATFORMS), rng.randint(1, 3)), key=list(PLATFORMS).index)
     year, rating, multiplayer = str(rng.randint(1995, 2023)), rng.choice(list(RATINGS)), rng.choice(list(MULTIPLAYER))
     said_platforms = [rng.choice(PLATFORMS[p]) for p in platforms]
-    rng.shuffle(said_platforms)  # a sentence lists them in any order; the answer does not
     return {
         "name": (f"{rng.choice(NAMES[0])} {rng.choice(NAMES[1])}",) * 2,
         "release_year": (year, year),
