@@ -92,7 +92,8 @@ def hf_weight_files(checkpoint_dir: Path) -> list[Path]:
             return shards
         if files := sorted(d.glob(single)):
             return files
-    raise UserError(f"{d} holds no model*.safetensors or pytorch_model*.bin weights; download them with scripts/download.py")
+    raise UserError(f"{d} holds no model*.safetensors or pytorch_model*.bin weights; "
+                    "download them with scripts/download.py")
 
 
 def iter_hf_tensors(checkpoint_dir: Path) -> Iterator[tuple[str, Tensor]]:

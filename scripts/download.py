@@ -1,7 +1,7 @@
 """Download a Llama-architecture model from the Hugging Face Hub into checkpoints/<org>/<name>.
 
     python scripts/download.py --repo_id HuggingFaceTB/SmolLM2-135M-Instruct
-    python scripts/download.py --repo_id meta-llama/Llama-2-7b-hf --access_token hf_...   # gated: accept the license first
+    python scripts/download.py --repo_id meta-llama/Llama-2-7b-hf --access_token hf_...  # gated: accept its license
     python scripts/download.py --repo_id list                                             # the models litft names
 
 Only what litft needs is fetched: config.json, the tokenizer files and the weights, as safetensors when the
@@ -67,7 +67,8 @@ def weight_patterns(repo_id: str, token: str | None) -> list[str]:
         return SAFETENSORS
     if any(f.startswith("pytorch_model") and f.endswith(".bin") for f in files):
         return PYTORCH_BIN
-    raise UserError(f"{repo_id} has no model*.safetensors or pytorch_model*.bin weights; is it a transformers Llama model?")
+    raise UserError(f"{repo_id} has no model*.safetensors or pytorch_model*.bin weights; "
+                    "is it a transformers Llama model?")
 
 
 @contextmanager
@@ -89,7 +90,8 @@ def explain(error: Exception, repo: str) -> str | None:
                                         OfflineModeIsEnabled, RepositoryNotFoundError)
 
     if isinstance(error, HFValidationError):
-        return f"--repo_id {repo!r} is not a Hub repository id (ORG/NAME); `--repo_id list` prints the models litft names"
+        return (f"--repo_id {repo!r} is not a Hub repository id (ORG/NAME); "
+                "`--repo_id list` prints the models litft names")
 
     if isinstance(error, OfflineModeIsEnabled) or (isinstance(error, LocalEntryNotFoundError) and is_offline()):
         return f"cannot download {repo}: Hugging Face Hub offline mode is on (HF_HUB_OFFLINE=1); {OFFLINE_HINT}"
@@ -102,7 +104,8 @@ def explain(error: Exception, repo: str) -> str | None:
     if isinstance(error, HfHubHTTPError):
         return f"the Hub refused {repo}: {str(error).splitlines()[0]}"
     if is_network_error(error):
-        return f"cannot reach the Hugging Face Hub for {repo} ({type(error).__name__}); check the network, or {OFFLINE_HINT}"
+        return (f"cannot reach the Hugging Face Hub for {repo} ({type(error).__name__}); "
+                f"check the network, or {OFFLINE_HINT}")
     return None
 
 

@@ -27,8 +27,10 @@ def tiny_hf_llama(heads: int, kv_heads: int, tied: bool, seed: int = 0) -> "tran
     g = torch.Generator().manual_seed(seed)
     config = transformers.LlamaConfig(
         vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=heads,
-        num_key_value_heads=kv_heads, tie_word_embeddings=tied, max_position_embeddings=128, bos_token_id=5, eos_token_id=7,
-        rope_theta=float(torch.randint(500, 50_000, (1,), generator=g)), rms_norm_eps=float(torch.rand(1, generator=g)) * 1e-3,
+        num_key_value_heads=kv_heads, tie_word_embeddings=tied, max_position_embeddings=128,
+        bos_token_id=5, eos_token_id=7,
+        rope_theta=float(torch.randint(500, 50_000, (1,), generator=g)),
+        rms_norm_eps=float(torch.rand(1, generator=g)) * 1e-3,
         attn_implementation="eager")
     model = transformers.LlamaForCausalLM(config).eval()
     with torch.no_grad():
@@ -43,7 +45,8 @@ def tiny_hf_llama(heads: int, kv_heads: int, tied: bool, seed: int = 0) -> "tran
 def convert(hf_dir: Path, out_dir: Path, *args: str) -> torch.nn.Module:
     from litft.checkpoint import load_lit_model
 
-    run_script("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", hf_dir, "--output_dir", out_dir, *args, check=True)
+    run_script("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", hf_dir, "--output_dir", out_dir, *args,
+               check=True)
     return load_lit_model(out_dir).eval()
 
 
@@ -156,8 +159,8 @@ def test_hf_lit_hf_round_trip(tmp_path, shape, dtype, shard, sentencepiece_model
         assert getattr(cfg_a, field) == getattr(cfg_b, field), field
 
     # transformers loads both directories the same way (it recomputes rope tables in fp32 on load)
-    load = lambda d: transformers.AutoModelForCausalLM.from_pretrained(d, attn_implementation="eager").eval()  # noqa: E731
-    original, back = load(tmp_path / "hf"), load(tmp_path / "back")
+    original, back = (transformers.AutoModelForCausalLM.from_pretrained(d, attn_implementation="eager").eval()
+                      for d in (tmp_path / "hf", tmp_path / "back"))
     assert back.dtype == dtype
     x = torch.randint(0, 96, (2, 19))
     with torch.no_grad():
