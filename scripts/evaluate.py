@@ -14,7 +14,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 
@@ -29,7 +29,7 @@ from litft.prompts import PromptStyle
 from litft.tokenizer import Tokenizer
 
 
-def main(checkpoint_dir: Path, data: str, weights_path: Optional[Path] = None, split: str = "test",
+def main(checkpoint_dir: Path, data: str, weights_path: Optional[Path] = None, split: Literal["test", "train"] = "test",
          limit: Optional[int] = None, max_new_tokens: int = 128, out: Optional[Path] = None,
          precision: Optional[str] = None, batch_size: int = 8) -> dict:
     """Score greedy answers by exact match and compute the validation loss.

@@ -165,14 +165,14 @@ def test_seeded_split_is_reproducible(tmp_path):
 
 
 def test_games_task_is_deterministic_regular_and_held_out(tmp_path, bpe_dir):
-    runs = []
-    for name in ("a", "b"):
-        proc = run_script("data_prep/games.py", "--num_examples", "300", "--checkpoint_dir", bpe_dir,
-                          "--destination_path", tmp_path / name)
-        assert proc.returncode == 0, proc.stderr
-        runs.append([json.loads((tmp_path / name / f"games_{s}.json").read_text()) for s in ("train", "test")])
-    assert runs[0] == runs[1]  # same seed, same task
-    train, test = runs[0]
+    from data_prep import games
+
+    proc = run_script("data_prep/games.py", "--num_examples", "300", "--checkpoint_dir", bpe_dir,
+                      "--destination_path", tmp_path / "a")
+    assert proc.returncode == 0, proc.stderr
+    train, test = [json.loads((tmp_path / "a" / f"games_{s}.json").read_text()) for s in ("train", "test")]
+    assert split_examples(games.generate_examples(300, seed=42), 0.1, seed=42) == (train, test)  # same seed, same task
+    assert games.generate_examples(300, seed=1) != games.generate_examples(300, seed=42)
     assert len(train) == 270 and len(test) == 30
     assert not {e["input"] for e in train} & {e["input"] for e in test}
     slot = r"(name|release_year|genres|platforms|rating|multiplayer)\[[^\]]+\]"
