@@ -89,9 +89,9 @@ def decoding_head(model: torch.nn.Module) -> Callable[[Tensor], Tensor]:
     Decoding one token is matrix-vector work that streams every weight from memory once, and the output head is
     the largest single matrix (SmolLM2-135M: 49152 × 576, a fifth of the model). In float32 on a CPU (MKL),
     x @ W with a (C, vocab) copy of the weight runs about twice as fast as nn.Linear's x @ Wᵀ on the stored
-    (vocab, C) matrix: ~20 instead of ~40 ms per token for SmolLM2-135M, for a one-off copy that takes about as
-    long as one or two decoding steps. In bf16/fp16, on a GPU, or when lm_head is not a plain Linear (e.g. wrapped by LoRA),
-    the module is used as it is.
+    (vocab, C) matrix: ~20 instead of ~40 ms per token for SmolLM2-135M, for a one-off copy that takes about
+    as long as one or two decoding steps. In bf16/fp16 (slower that way), on a GPU, or when lm_head is not a
+    plain Linear (e.g. wrapped by LoRA), the module is used as it is.
     """
     head, w = model.lm_head, model.lm_head.weight
     if type(head) is not torch.nn.Linear or head.bias is not None or (w.device.type, w.dtype) != ("cpu", torch.float32):
