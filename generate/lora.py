@@ -11,8 +11,10 @@ from functools import partial
 from pathlib import Path
 
 from litft.cli import run
+from litft.errors import UserError
 from litft.finetuned import load_finetuned
 from litft.generate import generate_cli
+from litft.lora import LoRAConfig
 
 
 def main(lora_path: Path, **flags) -> None:
@@ -21,6 +23,9 @@ def main(lora_path: Path, **flags) -> None:
     Args:
         lora_path: a LoRA run's lit_model_lora.pth; its folder holds lora.yaml (and prompt_style.yaml).
     """
+    if LoRAConfig.from_dir(Path(lora_path).parent).new_tokens:
+        raise UserError(f"{lora_path} adds new tokens, which the base tokenizer does not know; merge the run with "
+                        "scripts/merge_lora.py (its tokenizer has them) and generate with generate/base.py")
     load = partial(load_finetuned, weights_path=lora_path, method="lora")
     generate_cli(load_model=load, run_dir=Path(lora_path).parent, **flags)
 

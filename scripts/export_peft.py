@@ -17,6 +17,7 @@ not needed: the model is built on the meta device only to check that the file fi
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -24,9 +25,10 @@ import torch
 
 from litft.checkpoint import atomic_path, atomic_write_text, load_state_dict
 from litft.cli import run
-from litft.config import Config
+from litft.config import CONFIGS, Config
 from litft.convert_hf import lit_to_hf_name
 from litft.errors import UserError
+from litft.finetuned import check_same_base
 from litft.lora import LoRAConfig, add_lora, check_lora_state_dict
 from litft.model import Llama
 
@@ -66,6 +68,7 @@ def main(checkpoint_dir: Path, lora_path: Path, output_dir: Path) -> None:
     checkpoint_dir, lora_path, output_dir = Path(checkpoint_dir), Path(lora_path), Path(output_dir)
     base = Config.from_checkpoint(checkpoint_dir)
     lora = LoRAConfig.from_dir(lora_path.parent)
+    check_same_base(lora_path.parent, base, lora_path)  # the run's model_config.yaml names its base
     if lora.new_tokens:
         raise UserError(f"{lora_path} adds new tokens {lora.new_tokens}; PEFT export of grown vocabularies is not "
                         "supported — merge it with scripts/merge_lora.py and convert the merged checkpoint instead")
@@ -77,7 +80,10 @@ def main(checkpoint_dir: Path, lora_path: Path, output_dir: Path) -> None:
     tensors = {peft_name(k): v.contiguous() for k, v in state_dict.items()}
     with atomic_path(output_dir / "adapter_model.safetensors") as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
-    config = adapter_config(lora, base, base.hf_repo or str(checkpoint_dir.resolve()))
+        os.chmod(tmp, 0o644)  # save_file re-creates the file with owner-only permissions
+    named = CONFIGS.get(base.name)  # a checkpoint converted from GGUF may not record its hub repo
+    hub_repo = base.hf_repo or (named.hf_repo if named else "")
+    config = adapter_config(lora, base, hub_repo or str(checkpoint_dir.resolve()))
     atomic_write_text(output_dir / "adapter_config.json", json.dumps(config, indent=2) + "\n")
     print(f"wrote {len(tensors)} LoRA tensors for {config['target_modules']} to {output_dir}", file=sys.stderr)
 

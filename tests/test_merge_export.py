@@ -145,3 +145,42 @@ def test_user_errors_are_one_line_and_write_nothing(bases, tmp_path):
         proc = run_script(script, "--checkpoint_dir", base_dir, "--lora_path", run_dir / "lit_model_lora.pth", *args)
         assert_user_error(proc, *fragments)
         assert proc.stdout == "" and not out.exists()
+
+
+def test_merge_with_new_tokens_grows_vocabulary_and_tokenizer(bases, tmp_path):
+    """Vocabulary 32000 -> 32003: merged rows equal the LoRA model's, and the merged tokenizer (read by
+    sentencepiece itself) maps the new tokens to ids 32000.. and back."""
+    import sentencepiece
+
+    base_dir, run_dir, out = bases[True], tmp_path / "run", tmp_path / "merged"
+    new = ["<sql>", "</sql>", "[R]"]
+    model = make_run(base_dir, run_dir, LoRAConfig(r=4, targets=["q", "v"], new_tokens=new))
+    with torch.no_grad():
+        model.embed.new_rows.normal_(std=0.5)
+    save_state_dict(lora_state_dict(model), run_dir / "lit_model_lora.pth")
+    run_script("scripts/merge_lora.py", "--checkpoint_dir", base_dir, "--lora_path", run_dir / "lit_model_lora.pth",
+               "--out_dir", out, check=True)
+    merged = load_lit_model(out).eval()
+    assert merged.config.vocab_size == 32003 and merged.config.tie_embeddings
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
+    ids = sp.encode("a <sql>SELECT 1</sql> [R]")
+    assert {32000, 32001, 32002} <= set(ids) and sp.decode(ids) == "a <sql>SELECT 1</sql> [R]"
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x), model(x), atol=1e-5, rtol=0)
+
+
+def test_new_tokens_in_a_tokenizers_json(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from litft.new_tokens import grown_tokenizer_files
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(["the cat sat on the mat"] * 10, trainers.BpeTrainer(vocab_size=40, special_tokens=["<unk>"]))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    V = tok.get_vocab_size()
+    grown = Tokenizer.from_str(grown_tokenizer_files(tmp_path, ["<r>", "<s2>"], V)["tokenizer.json"].decode())
+    assert grown.encode("the <r> cat<s2>").ids[-3:] == [V, grown.token_to_id("cat"), V + 1]
+    with pytest.raises(Exception, match="would not line up"):
+        grown_tokenizer_files(tmp_path, ["<r>"], V + 5)

@@ -1,0 +1,62 @@
+"""New tokens: tokenizer files whose vocabulary is grown by a few whole-string tokens.
+
+A LoRA run may add tokens (e.g. markers that structure a task's data; the Anyscale Llama-2 study grew the
+vocabulary from 32,000 to 32,004). The model side lives in litft/lora.py (`new_tokens`, trainable `new_rows`);
+here the tokenizer side: token i of `new_tokens` gets id V + i, where V is the model's base vocabulary, and is
+matched whole in the text before anything else is tokenized, and decoded back to its own text.
+
+- tokenizer.json (Hugging Face tokenizers): appended as added tokens (not "special", so decoding prints them).
+- tokenizer.model (sentencepiece): appended as USER_DEFINED pieces, which sentencepiece matches whole
+  (needs the `protobuf` package to edit the model file).
+
+The tokenizer's own vocabulary must end exactly at V, otherwise the new ids would not line up with the rows.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from litft.errors import UserError
+
+
+def grown_tokenizer_files(checkpoint_dir: Path, new_tokens: list[str], first_id: int) -> dict[str, bytes]:
+    """The tokenizer file(s) of `checkpoint_dir` with `new_tokens` appended at ids first_id, first_id + 1, ..."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if (path := checkpoint_dir / "tokenizer.json").is_file():
+        return {"tokenizer.json": _grow_hf(path, new_tokens, first_id)}
+    if (path := checkpoint_dir / "tokenizer.model").is_file():
+        return {"tokenizer.model": _grow_sentencepiece(path, new_tokens, first_id)}
+    raise UserError(f"{checkpoint_dir} has neither tokenizer.json nor tokenizer.model to add new tokens to")
+
+
+def _check(size: int, first_id: int, new_tokens: list[str], path: Path, present: list[str]) -> None:
+    if present:
+        raise UserError(f"new tokens {present} are already in {path}; new tokens must be new")
+    if size != first_id:
+        raise UserError(f"{path} has {size} tokens but the model has {first_id} rows; new token ids would not line up")
+
+
+def _grow_hf(path: Path, new_tokens: list[str], first_id: int) -> bytes:
+    from tokenizers import AddedToken, Tokenizer
+
+    tok = Tokenizer.from_file(str(path))
+    _check(tok.get_vocab_size(with_added_tokens=True), first_id, new_tokens, path,
+           [t for t in new_tokens if tok.token_to_id(t) is not None])
+    tok.add_tokens([AddedToken(t, normalized=False, single_word=False) for t in new_tokens])
+    assert [tok.token_to_id(t) for t in new_tokens] == list(range(first_id, first_id + len(new_tokens)))
+    return tok.to_str().encode()
+
+
+def _grow_sentencepiece(path: Path, new_tokens: list[str], first_id: int) -> bytes:
+    try:
+        from sentencepiece import sentencepiece_model_pb2 as pb
+    except ImportError:
+        raise UserError("adding tokens to a sentencepiece tokenizer needs protobuf: pip install protobuf") from None
+    proto = pb.ModelProto()
+    proto.ParseFromString(path.read_bytes())
+    pieces = {p.piece for p in proto.pieces}
+    _check(len(proto.pieces), first_id, new_tokens, path, [t for t in new_tokens if t in pieces])
+    for token in new_tokens:
+        piece = proto.pieces.add()
+        piece.piece, piece.score, piece.type = token, 0.0, pb.ModelProto.SentencePiece.USER_DEFINED
+    return proto.SerializeToString()
