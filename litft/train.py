@@ -18,6 +18,7 @@ LoRA tensors and a full fine-tune saves the whole model, with no method-specific
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
@@ -135,17 +136,31 @@ class Loop:
     def __init__(self, fabric, model, raw, optimizer, scheduler, args, tokenizer, style, val_data, method):
         self.fabric, self.model, self.raw, self.optimizer, self.scheduler = fabric, model, raw, optimizer, scheduler
         self.args, self.tokenizer, self.style, self.val_data, self.method = args, tokenizer, style, val_data, method
+        self.tokens_seen = 0  # input tokens processed by all processes since this run (or resume) started
 
     def run(self, state: train_state.State, train_data: list, batches, accumulation: int) -> None:
         fabric, args = self.fabric, self.args
         bar = tqdm(total=args.max_steps, initial=state.step, desc="training", disable=fabric.global_rank != 0,
                    file=sys.stderr, dynamic_ncols=True)
+        start = time.perf_counter()
         try:
             self.steps(state, train_data, batches, accumulation, bar)
         finally:
             bar.close()
         if fabric.global_rank == 0:
             train_state.plot_loss(state.history, args.out_dir / "loss.png")
+            self.write_summary(state, time.perf_counter() - start)
+
+    def write_summary(self, state: train_state.State, seconds: float) -> None:
+        """summary.json: what a comparison between runs needs, without reading TensorBoard."""
+        train_losses = [h["train_loss"] for h in state.history if "train_loss" in h]
+        summary = {"method": self.method.name, "steps": state.step, **state.metrics,
+                   "final_train_loss": train_losses[-1] if train_losses else None,
+                   "trainable_parameters": sum(p.numel() for p in self.raw.parameters() if p.requires_grad),
+                   "train_seconds": seconds, "tokens_per_s": self.tokens_seen / seconds if seconds else None,
+                   "peak_memory_gb": peak_memory_gb(self.fabric),
+                   "weights_file_bytes": (self.args.out_dir / self.method.weights_name).stat().st_size}
+        atomic_write_text(self.args.out_dir / "summary.json", json.dumps(summary, indent=2))
 
     def steps(self, state: train_state.State, train_data: list, batches, accumulation: int, bar: tqdm) -> None:
         fabric, args = self.fabric, self.args
@@ -158,6 +173,7 @@ class Loop:
                     fabric.backward(micro_loss / accumulation)
                 loss += micro_loss.detach() / accumulation
                 tokens += x.numel()
+            self.tokens_seen += tokens * fabric.world_size
             state.position += accumulation
             loss = fabric.all_reduce(loss, reduce_op="mean")
             if not torch.isfinite(loss):
@@ -182,8 +198,7 @@ class Loop:
         return x.to(self.fabric.device), y.to(self.fabric.device)
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        logits = self.model(x)  # (B, T, vocab); position t predicts token t + 1
-        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), y[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+        return causal_lm_loss(self.model, x, y)
 
     def log(self, state: train_state.State, loss: float, tokens_per_s: float) -> None:
         state.history.append({"step": state.step, "train_loss": loss})
@@ -229,6 +244,12 @@ class Loop:
         if self.fabric.global_rank == 0:
             save_state_dict(weights, self.args.out_dir / self.method.weights_name)
         self.fabric.barrier()
+
+
+def causal_lm_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the positions whose target is not IGNORE_INDEX."""
+    logits = model(x)  # (B, T, vocab); position t predicts token t + 1
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), y[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
 
 
 def batch_indices(n: int, micro_batch_size: int, world_size: int, rank: int, seed: int, start: int = 0):
