@@ -32,13 +32,12 @@ from typing import Callable, Iterable, Iterator, Optional
 import torch
 from torch import Tensor
 
+from litft.config import Config
 from litft.errors import UserError
 from litft.prompts import PromptStyle, resolve_style
 from litft.tokenizer import StreamDecoder, Tokenizer
 
 PRECISIONS = {"bf16-true": torch.bfloat16, "16-true": torch.float16, "32-true": torch.float32}
-# Chat templates end the assistant's turn with a token of their own, which may differ from the tokenizer's EOS.
-STYLE_STOP_TOKENS = {"chatml": "<|im_end|>"}
 
 
 # ---- picking the next token ------------------------------------------------------------------------------
@@ -100,8 +99,7 @@ def decoding_head(model: torch.nn.Module) -> Callable[[Tensor], Tensor]:
     return lambda x: x @ weight_t
 
 
-def check_fits(model: torch.nn.Module, prompt_len: int, max_new_tokens: int) -> None:
-    block_size = model.config.block_size
+def check_fits(block_size: int, prompt_len: int, max_new_tokens: int) -> None:
     if prompt_len == 0:
         raise UserError("the prompt is empty; give at least one token to continue from")
     if max_new_tokens < 1:
@@ -121,7 +119,7 @@ def generate(model: torch.nn.Module, prompt: Tensor, max_new_tokens: int, temper
     should be in eval mode. The KV cache is allocated here and dropped when the generator finishes.
     """
     T = prompt.size(0)
-    check_fits(model, T, max_new_tokens)
+    check_fits(model.config.block_size, T, max_new_tokens)
     stop_ids, device = set(stop_ids), prompt.device
     model.set_kv_cache(batch_size=1, max_seq_length=T + max_new_tokens)
     head = decoding_head(model)
@@ -143,7 +141,7 @@ def generate(model: torch.nn.Module, prompt: Tensor, max_new_tokens: int, temper
 def greedy_without_cache(model: torch.nn.Module, prompt: Tensor, max_new_tokens: int,
                          stop_ids: Iterable[int] = ()) -> list[int]:
     """Greedy decoding the slow, obvious way: re-run the whole sequence every step. A reference for tests."""
-    check_fits(model, prompt.size(0), max_new_tokens)
+    check_fits(model.config.block_size, prompt.size(0), max_new_tokens)
     idx, new, stop_ids = prompt[None], [], set(stop_ids)  # (1, T)
     for _ in range(max_new_tokens):
         token = model(idx)[:, -1].argmax(dim=-1)  # (1, T, vocab) -> (1,)
@@ -166,10 +164,10 @@ def pick_precision(precision: Optional[str], device: torch.device) -> tuple[str,
 
 
 def stop_token_ids(tokenizer: Tokenizer, style: Optional[PromptStyle]) -> set[int]:
-    """The tokenizer's EOS, plus the end-of-turn token of the prompt style when it is a single token."""
+    """The tokenizer's EOS, plus the style's end-of-turn marker (ChatML's <|im_end|>) when it is one token."""
     stops = {tokenizer.eos_id} if tokenizer.eos_id is not None else set()
-    if style is not None and style.name in STYLE_STOP_TOKENS:
-        ids = tokenizer.encode(STYLE_STOP_TOKENS[style.name], bos=False).tolist()
+    if style is not None and style.end_of_turn is not None:
+        ids = tokenizer.encode(style.end_of_turn, bos=False).tolist()
         if len(ids) == 1:
             stops.add(ids[0])
     return stops
@@ -212,12 +210,14 @@ def generate_cli(checkpoint_dir: Path, prompt: str, max_new_tokens: int = 100, t
         raise UserError(f"checkpoint directory {checkpoint_dir} does not exist; download or convert a model first")
     style = resolve_style(prompt_style, *(d for d in (run_dir, checkpoint_dir) if d is not None and Path(d).is_dir()))
     tokenizer = Tokenizer(checkpoint_dir)
+    ids = tokenizer.encode(style.apply(prompt) if style else prompt)  # (T,)
+    check_fits(Config.from_checkpoint(checkpoint_dir).block_size, len(ids), max_new_tokens)  # before loading
 
     t0 = time.perf_counter()
     model = load_model(checkpoint_dir, device=device, dtype=dtype).eval()
     print(f"loaded {checkpoint_dir} in {time.perf_counter() - t0:.2f} s ({device.type}, {precision})", file=sys.stderr)
 
-    ids = tokenizer.encode(style.apply(prompt) if style else prompt).to(device)  # (T,)
+    ids = ids.to(device)
     generator = torch.Generator(device).manual_seed(seed)
     tokens = generate(model, ids, max_new_tokens, temperature, top_k, top_p, stop_token_ids(tokenizer, style), generator)
     text, timings = stream(tokens, tokenizer)
