@@ -47,8 +47,6 @@ def evaluate(model: torch.nn.Module, tokenizer, samples: list[dict], style: Prom
     samples = samples[:limit] if limit else samples
     device = next(model.parameters()).device
     stops, block_size = stop_token_ids(tokenizer, style), model.config.block_size
-    if style.end_of_turn and len(end := tokenizer.encode(style.end_of_turn, bos=False)) == 1:
-        stops.add(int(end[0]))
     rows = []
     for sample in tqdm(samples, desc="evaluating", unit=" samples"):
         prompt = style.apply(sample["instruction"], sample["input"])
