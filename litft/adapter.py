@@ -16,8 +16,8 @@ keys and values depend on weights only, so the KV cache needs nothing extra; the
 (an L-row matmul, negligible) instead of cached, so training and decoding share one code path. With grouped-
 query attention the prompt's keys/values have n_query_groups heads, shared by query heads like K and V are.
 
-The gate g is one number per attention head (as in the reference code and lit-llama; the paper's g_l is a
-per-layer gate applied to each head's scores), so the trainable parameters are
+The gate g is one number per attention head (as in the authors' code and lit-llama), so each head decides
+how much of the prompt it lets in. The trainable parameters are
 
     (n_layer − start_layer) × (L × C + n_head)
 
@@ -69,7 +69,10 @@ class AdapterConfig:
         path = Path(run_dir) / cls.FILE
         if not path.is_file():
             raise UserError(f"{run_dir} has no {cls.FILE}; pass a weights file that sits in its fine-tuning run directory")
-        data = yaml.safe_load(path.read_text())
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise UserError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(data, dict) or set(data) - {"prompt_length", "start_layer"}:
             raise UserError(f"{path} should hold prompt_length and start_layer only")
         return cls(**data)

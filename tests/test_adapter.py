@@ -288,7 +288,7 @@ def test_load_finetuned_refuses_files_of_another_model_or_method(base_dir, tmp_p
         (tmp_path / "w32" / "lit_model_adapter.pth", "adapter", "width 32"),  # no model_config.yaml: shapes tell
         (v2, "adapter", "generate/adapter_v2.py"),
         (v1, "adapter_v2", "generate/adapter.py"),
-        (v1, "full", "prefix"),
+        (v1, "full", "generate/adapter.py"),
     ]
     for weights, method, message in cases:
         with pytest.raises(UserError, match=re.escape(message)):
