@@ -66,15 +66,12 @@ class AdapterConfig:
 
     @classmethod
     def from_dir(cls, run_dir: Path):
-        path = Path(run_dir) / cls.FILE
-        if not path.is_file():
-            raise UserError(f"{run_dir} has no {cls.FILE}; pass a weights file that sits in its fine-tuning run directory")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise UserError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(data, dict) or set(data) - {"prompt_length", "start_layer"}:
-            raise UserError(f"{path} should hold prompt_length and start_layer only")
+        from litft.checkpoint import read_yaml_mapping
+
+        data = read_yaml_mapping(Path(run_dir) / cls.FILE, f"{run_dir} has no {cls.FILE}; pass a weights file that "
+                                 "sits in its fine-tuning run directory")
+        if set(data) - {"prompt_length", "start_layer"}:
+            raise UserError(f"{Path(run_dir) / cls.FILE} should hold prompt_length and start_layer only")
         return cls(**data)
 
 

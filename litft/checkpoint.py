@@ -50,6 +50,22 @@ def atomic_write_text(path: Path, text: str) -> None:
         tmp.write_text(text)
 
 
+def read_yaml_mapping(path: Path, missing: str) -> dict:
+    """A YAML file that holds a mapping. A missing file raises UserError(missing); a malformed one, one line."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(missing)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise UserError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} should hold a mapping of settings")
+    return data
+
+
 def save_state_dict(state_dict: dict[str, Tensor], path: Path) -> None:
     with atomic_path(path) as tmp:
         torch.save(state_dict, tmp)

@@ -82,7 +82,7 @@ def load_lora_run(checkpoint_dir: Path, weights_path: Path, device, dtype) -> Ll
 def load_full(checkpoint_dir: Path, weights_path: Path, device, dtype) -> Llama:
     """A full fine-tune: the run's weights file, or a run directory that is itself a lit checkpoint."""
     if (method := detect_method(weights_path)) != "full":
-        raise UserError(f"{weights_path} comes from a {method} run (its directory holds {method}.yaml), not a full "
+        raise UserError(f"{weights_path} holds {method} weights (its run directory has {method}.yaml), not a full "
                         f"fine-tune; serve it with generate/{method}.py")
     if weights_path.is_dir() and (weights_path / WEIGHTS).is_file():  # a lit checkpoint directory of its own
         return load_lit_model(weights_path, device=device, dtype=dtype)
