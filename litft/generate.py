@@ -159,7 +159,8 @@ def pick_precision(precision: Optional[str], device: torch.device) -> tuple[str,
     """bf16-true on a GPU, 32-true on a CPU unless asked otherwise."""
     precision = precision or ("bf16-true" if device.type == "cuda" else "32-true")
     if precision not in PRECISIONS:
-        raise UserError(f"--precision {precision!r} is not supported for generation; choose one of {', '.join(PRECISIONS)}")
+        raise UserError(f"--precision {precision!r} is not supported for generation; "
+                        f"choose one of {', '.join(PRECISIONS)}")
     return precision, PRECISIONS[precision]
 
 
@@ -195,8 +196,8 @@ def generate_cli(checkpoint_dir: Path, prompt: str, max_new_tokens: int = 100, t
         top_p: sample only among the most likely tokens whose probabilities add up to top_p (1.0: no limit).
         seed: seed of the random generator, so sampling is reproducible.
         precision: bf16-true, 16-true or 32-true (default: bf16-true on a GPU, 32-true on a CPU).
-        prompt_style: wrap the prompt in this style (plain, alpaca, chatml, llama2-chat); by default the style
-            saved as prompt_style.yaml in the run or checkpoint directory, else the prompt is fed as given.
+        prompt_style: wrap the prompt in this style (plain, alpaca, chatml, smollm2, llama2-chat); by default
+            the style saved as prompt_style.yaml in the run or checkpoint directory, else the prompt as given.
 
     The generate/ scripts differ only in `load_model(checkpoint_dir, device=, dtype=)`, which builds the
     model (e.g. base weights plus LoRA weights), and `run_dir`, a fine-tuning run's directory searched for
@@ -219,7 +220,8 @@ def generate_cli(checkpoint_dir: Path, prompt: str, max_new_tokens: int = 100, t
 
     ids = ids.to(device)
     generator = torch.Generator(device).manual_seed(seed)
-    tokens = generate(model, ids, max_new_tokens, temperature, top_k, top_p, stop_token_ids(tokenizer, style), generator)
+    stops = stop_token_ids(tokenizer, style)
+    tokens = generate(model, ids, max_new_tokens, temperature, top_k, top_p, stops, generator)
     text, timings = stream(tokens, tokenizer)
     report(timings, device)
     return text
