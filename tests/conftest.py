@@ -46,3 +46,33 @@ def assert_user_error(proc: subprocess.CompletedProcess, *fragments: str) -> Non
     assert len(lines) == 1, proc.stderr
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A tiny random Llama (tiny-gqa, small weights) with a byte-level BPE tokenizer.json: a real lit checkpoint."""
+    import json
+
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from litft import Config, Llama
+    from litft.checkpoint import save_lit_checkpoint
+
+    ckpt = tmp_path_factory.mktemp("tiny_checkpoint")
+    torch.manual_seed(0)
+    model = Llama(Config.from_name("tiny-gqa"))
+    with torch.no_grad():
+        for p in model.parameters():  # small weights: the loss starts near log(vocab)
+            if p.dim() > 1:
+                p.mul_(0.1)
+    save_lit_checkpoint(model, ckpt)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=256, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["red green blue cat dog one two three colour animal number"] * 20, trainer)
+    tok.save(str(ckpt / "tokenizer.json"))
+    (ckpt / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
+                                                            "add_bos_token": True}))
+    return ckpt

@@ -27,36 +27,16 @@ COMMON = ["--max_steps", "6", "--batch_size", "4", "--micro_batch_size", "2", "-
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> dict[str, Path]:
-    """A tiny random Llama with a byte-level BPE tokenizer, and a small prepared instruction dataset."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
-
-    from litft import Config, Llama
-    from litft.checkpoint import save_lit_checkpoint
-
+def tiny(tiny_checkpoint, tmp_path_factory) -> dict[str, Path]:
+    """The tiny checkpoint and a small prepared instruction dataset."""
     root = tmp_path_factory.mktemp("tiny")
-    ckpt, data = root / "ckpt", root / "data"
-    torch.manual_seed(0)
-    model = Llama(Config.from_name("tiny-gqa"))
-    for p in model.parameters():  # small weights: a loss near log(vocab) at the start
-        p.data.mul_(0.1) if p.dim() > 1 else None
-    save_lit_checkpoint(model, ckpt)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=256, special_tokens=["<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    words = ["red", "green", "blue", "cat", "dog", "one", "two", "three", "colour", "animal", "number"]
-    tok.train_from_iterator([" ".join(words)] * 20, trainer)
-    tok.save(str(ckpt / "tokenizer.json"))
-    (ckpt / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
-                                                            "add_bos_token": True}))
     rows = [{"instruction": f"{kind} {i}", "input": "", "output": word}
             for i in range(40) for kind, word in (("colour", "red"), ("animal", "cat"), ("number", "two"))]
     (root / "rows.json").write_text(json.dumps(rows))
-    run_script("data_prep/json_data.py", "--data_file", root / "rows.json", "--destination_path", data,
-               "--checkpoint_dir", ckpt, "--max_seq_length", "48", "--prompt_style", "plain", "--val_split_fraction", "0.1",
-               check=True)
-    return {"ckpt": ckpt, "data": data}
+    run_script("data_prep/json_data.py", "--data_file", root / "rows.json", "--destination_path", root / "data",
+               "--checkpoint_dir", tiny_checkpoint, "--max_seq_length", "48", "--prompt_style", "plain",
+               "--val_split_fraction", "0.1", check=True)
+    return {"ckpt": tiny_checkpoint, "data": root / "data"}
 
 
 def finetune(tiny, out_dir: Path, *extra: str, script: str = "finetune/lora.py", check: bool = True):

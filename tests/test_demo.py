@@ -1,0 +1,28 @@
+"""The demo's whole pipeline on a tiny model, so CI keeps `make demo` working: data prep, evaluation before,
+LoRA fine-tuning, evaluation after, merge, the merged-vs-LoRA token check, the report and the comparison."""
+
+import json
+
+from conftest import assert_user_error, run_script
+
+
+def test_demo_pipeline_end_to_end(tiny_checkpoint, tmp_path):
+    out, data = tmp_path / "demo", tmp_path / "games"
+    args = ["--checkpoint_dir", tiny_checkpoint, "--out_dir", out, "--data", data, "--max_steps", "2", "--eval_limit", "2"]
+    proc = run_script("scripts/demo.py", *args, check=True)
+    assert "exact match before" in proc.stdout and "exact match after" in proc.stdout
+    assert "token for token: **yes**" in proc.stdout  # merged and LoRA answer identically
+    for name in ("eval-base.json", "eval-lora.json", "report-lora.md", "lora/summary.json", "lora/loss.png",
+                 "lora-merged/lit_model.pth"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "lora" / "summary.json").read_text())["steps"] == 2
+
+    again = run_script("scripts/demo.py", *args, check=True)  # a re-run reuses every step's output
+    assert again.stderr.count("using ") >= 3 and "finetune/lora.py" not in again.stderr
+
+    table = run_script("scripts/demo.py", "--method", "compare", "--out_dir", out, check=True).stdout
+    assert table.splitlines()[2].startswith("| lora |") and "base (no training)" in table
+
+
+def test_compare_without_runs_is_one_line(tmp_path):
+    assert_user_error(run_script("scripts/demo.py", "--method", "compare", "--out_dir", tmp_path), "no finished demo runs")
