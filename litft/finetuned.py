@@ -33,7 +33,7 @@ def load_finetuned(checkpoint_dir: Path, weights_path: Path | None = None, devic
         return load_adapter(checkpoint_dir, weights_path, device, dtype, v2=method == "adapter_v2").eval()
     if method == "lora":
         return load_lora_run(checkpoint_dir, weights_path, device, dtype).eval()
-    raise NotImplementedError(f"loading {method} weights is wired in as the method lands")
+    raise UserError(f"unknown method {method!r}; choose lora, adapter, adapter_v2 or full")
 
 
 def detect_method(weights_path: Path) -> str:
