@@ -72,15 +72,10 @@ class Config:
         checkpoint_dir = Path(checkpoint_dir)
         if not checkpoint_dir.is_dir():
             raise UserError(f"checkpoint directory {checkpoint_dir} does not exist; download or convert a model first")
-        path = checkpoint_dir / "model_config.yaml"
-        if not path.is_file():
-            raise UserError(f"{checkpoint_dir} has no model_config.yaml; convert it with scripts/convert_hf_checkpoint.py")
-        try:
-            d = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise UserError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(d, dict):
-            raise UserError(f"{path} should hold a mapping of config fields")
+        from litft.checkpoint import read_yaml_mapping
+
+        d = read_yaml_mapping(checkpoint_dir / "model_config.yaml",
+                              f"{checkpoint_dir} has no model_config.yaml; convert it with scripts/convert_hf_checkpoint.py")
         return cls.from_dict(d)
 
     # ---- Hugging Face config.json --------------------------------------------------------------------

@@ -81,15 +81,12 @@ class LoRAConfig:
 
     @classmethod
     def from_dir(cls, directory: Path) -> "LoRAConfig":
+        from litft.checkpoint import read_yaml_mapping
+
         path = Path(directory) / FILE
-        if not path.is_file():
-            raise UserError(f"{directory} has no {FILE}; pass the lit_model_lora.pth inside the run's out_dir")
-        try:
-            d = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise UserError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        d = read_yaml_mapping(path, f"{directory} has no {FILE}; pass the lit_model_lora.pth inside the run's out_dir")
         known = {f.name for f in fields(cls)}
-        if not isinstance(d, dict) or set(d) - known:
+        if set(d) - known:
             raise UserError(f"{path} should map LoRA settings ({', '.join(sorted(known))})")
         return cls(**d)
 
@@ -110,9 +107,12 @@ class LoRALinear(nn.Linear):
         self.new_rows = new_rows  # (n_new, d_in) or None
 
     def forward(self, x: Tensor) -> Tensor:  # x: (B, T, d_in)
-        out = F.linear(x, self.weight, self.bias)  # (B, T, d_out), frozen
-        if self.lora_A is not None:
-            out = out + self.scaling * ((self.dropout(x) @ self.lora_A.T) @ self.lora_B.T)  # (B,T,r) -> (B,T,d_out)
+        if self.lora_A is None:
+            out = F.linear(x, self.weight, self.bias)  # (B, T, d_out), frozen
+        else:  # scale the small (B, T, r) product; the frozen matmul then adds W x onto B A x in the same GEMM
+            delta = (self.dropout(x) @ self.lora_A.T * self.scaling) @ self.lora_B.T  # (B,T,r) -> (B,T,d_out)
+            out = torch.addmm(delta.flatten(0, -2), x.flatten(0, -2), self.weight.T).view(delta.shape)
+            out = out if self.bias is None else out + self.bias
         if self.new_rows is not None:
             out = torch.cat((out, F.linear(x, self.new_rows)), dim=-1)  # (B, T, d_out + n_new)
         return out
