@@ -126,7 +126,7 @@ def load_lit_model(checkpoint_dir: Path, device: torch.device | str = "cpu", dty
                    config: Config | None = None, weights_path: Path | None = None) -> Llama:
     """Build the model from `checkpoint_dir` without first allocating random weights (meta device).
 
-    `weights_path` replaces `checkpoint_dir/lit_model.pth`, e.g. a full fine-tune's lit_model_finetuned.pth.
+    `weights_path` replaces `checkpoint_dir/lit_model.pth`, e.g. a full fine-tune's out_dir/lit_model.pth.
     """
     checkpoint_dir = Path(checkpoint_dir)
     config = config or Config.from_checkpoint(checkpoint_dir)

@@ -84,10 +84,8 @@ def load_full(checkpoint_dir: Path, weights_path: Path, device, dtype) -> Llama:
     if (method := detect_method(weights_path)) != "full":
         raise UserError(f"{weights_path} holds {method} weights (its run directory has {method}.yaml), not a full "
                         f"fine-tune; serve it with generate/{method}.py")
-    if weights_path.is_dir() and (weights_path / WEIGHTS).is_file():  # a lit checkpoint directory of its own
+    if weights_path.is_dir():  # finetune/full.py's run directory is a lit checkpoint of its own
         return load_lit_model(weights_path, device=device, dtype=dtype)
-    if weights_path.is_dir():
-        weights_path = weights_path / "lit_model_finetuned.pth"
     config = Config.from_checkpoint(checkpoint_dir)
     check_same_base(weights_path.parent, config, weights_path)
     return load_lit_model(checkpoint_dir, device=device, dtype=dtype, config=config, weights_path=weights_path)
