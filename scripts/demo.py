@@ -39,7 +39,7 @@ METHOD_FLAGS = {
 
 
 def main(method: Literal["lora", "adapter", "full", "compare"] = "lora", max_steps: int = 60,
-         eval_limit: int = 40, out_dir: Path = Path("out/demo"), data: Path = Path("data/games"),
+         eval_limit: int = 30, out_dir: Path = Path("out/demo"), data: Path = Path("data/games"),
          checkpoint_dir: Path = MODEL) -> None:
     """Run the offline demo for one fine-tuning method (or compare the methods already run).
 
@@ -112,7 +112,7 @@ def evaluate(model: Path, report: Path, data: Path, limit: int, weights: Path | 
     if not (ROOT / report).is_file():
         extra = ["--weights_path", weights] if weights else []
         run("scripts/evaluate.py", "--checkpoint_dir", model, "--data", data, "--limit", str(limit),
-            "--max_new_tokens", "64", "--out", report, *extra)
+            "--max_new_tokens", "48", "--out", report, *extra)
     result = json.loads((ROOT / report).read_text())
     print(f"exact match: {result['exact_match']:.1%} ({result['correct']}/{result['samples']})", file=sys.stderr)
     return result
