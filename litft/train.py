@@ -249,7 +249,9 @@ class Loop:
 def causal_lm_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over the positions whose target is not IGNORE_INDEX."""
     logits = model(x)  # (B, T, vocab); position t predicts token t + 1
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), y[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+    # Shift the targets, not the logits: slicing (B, T, vocab) would copy it (and its gradient) once more.
+    targets = F.pad(y[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T); the last position has nothing to predict
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
 
 
 def batch_indices(n: int, micro_batch_size: int, world_size: int, rank: int, seed: int, start: int = 0):
