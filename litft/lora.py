@@ -32,6 +32,7 @@ With tied embeddings, a merged LoRA on embed or lm_head gives the two uses diffe
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -49,6 +50,7 @@ WEIGHTS = "lit_model_lora.pth"
 LINEAR = {"q": "attn.q_proj", "k": "attn.k_proj", "v": "attn.v_proj", "o": "attn.o_proj",
           "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
 TARGETS = (*LINEAR, "embed", "lm_head")
+SAME_INPUT = {"q": "attn", "k": "attn", "v": "attn", "gate": "mlp", "up": "mlp"}  # layers that read one tensor
 
 
 @dataclass
@@ -94,7 +96,8 @@ class LoRAConfig:
 class LoRALinear(nn.Linear):
     """y = W x + (α/r) · B A x, with W frozen. Optionally extra output rows (lm_head for new tokens)."""
 
-    def __init__(self, base: nn.Linear, config: LoRAConfig, lora: bool = True, new_rows: nn.Parameter | None = None):
+    def __init__(self, base: nn.Linear, config: LoRAConfig, lora: bool = True, new_rows: nn.Parameter | None = None,
+                 dropout: nn.Module | None = None):
         super().__init__(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
         self.weight, self.bias = base.weight, base.bias  # the same Parameters: keys and tying unchanged
         w, r = base.weight, config.r
@@ -103,7 +106,7 @@ class LoRALinear(nn.Linear):
         if lora:
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.scaling = config.scaling
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.dropout = dropout if dropout is not None else lora_dropout(config.dropout)  # add_lora may share one
         self.new_rows = new_rows  # (n_new, d_in) or None
 
     def forward(self, x: Tensor) -> Tensor:  # x: (B, T, d_in)
@@ -168,21 +171,42 @@ class LoRAEmbedding(nn.Embedding):
         return plain
 
 
-def _linear_sites(model: Llama, targets: list[str]):
-    """(parent module, attribute name) of every targeted linear layer inside the blocks."""
-    for t in targets:
-        if t in LINEAR:
-            sub, attr = LINEAR[t].split(".")
-            for block in model.blocks:
-                yield getattr(block, sub), attr
+class SharedDropout(nn.Dropout):
+    """Dropout that hands every layer reading the same tensor the same dropped copy.
+
+    q, k and v all read the attention norm's output, gate and up the MLP norm's. One mask per tensor instead of
+    one per layer halves LoRA dropout's cost: fewer random numbers, fewer saved activations (on SmolLM2-135M
+    at p = 0.05 dropout was a quarter of the CPU training step). Each layer's input is still dropped with
+    probability p; litgpt's fused qkv shares its mask the same way. Only weak references are kept, so nothing
+    outlives the step: the dropped copy stays alive exactly as long as autograd holds it for the backward pass.
+    """
+
+    def __init__(self, p: float) -> None:
+        super().__init__(p)
+        self.last: tuple[weakref.ref, weakref.ref] | None = None  # (input, output) of the latest call
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.last[1]() if self.last is not None and self.last[0]() is x else None
+        if out is None:
+            out = super().forward(x)
+            self.last = (weakref.ref(x), weakref.ref(out))
+        return out
+
+
+def lora_dropout(p: float) -> nn.Module:
+    return SharedDropout(p) if p > 0 else nn.Identity()
 
 
 def add_lora(model: Llama, config: LoRAConfig) -> Llama:
     """Replace the targeted layers of `model` in place with their LoRA versions (same frozen weights)."""
     if any(isinstance(m, (LoRALinear, LoRAEmbedding)) for m in model.modules()):
         raise ValueError("the model already has LoRA layers")
-    for parent, name in _linear_sites(model, config.targets):
-        setattr(parent, name, LoRALinear(getattr(parent, name), config))
+    for block in model.blocks:
+        dropouts: dict[str, nn.Module] = {}  # one per input tensor: q, k, v share one, gate and up another
+        for t in (t for t in config.targets if t in LINEAR):
+            sub, name = LINEAR[t].split(".")
+            parent, drop = getattr(block, sub), dropouts.setdefault(SAME_INPUT.get(t, t), lora_dropout(config.dropout))
+            setattr(parent, name, LoRALinear(getattr(parent, name), config, dropout=drop))
     embed_rows = head_rows = None
     if config.new_tokens:  # new rows start at the mean embedding / mean output row
         n, w = len(config.new_tokens), model.embed.weight
