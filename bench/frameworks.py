@@ -1,0 +1,126 @@
+"""One training step, written the way each library's own recipe writes it, on the same weights and batch.
+
+    litft                     Llama + add_lora; loss = litft.train.causal_lm_loss (what every litft recipe uses)
+    transformers (+ peft)     LlamaForCausalLM (+ get_peft_model); loss = model(x, labels=x).loss
+    litgpt                    litgpt.lora.GPT (or litgpt.model.GPT); loss as litgpt/finetune/lora.py computes it:
+                              model(x, lm_head_chunk_size=128), then chunked_cross_entropy
+
+All three start from litft's randomly initialised weights (copied under each library's names), so with B = 0
+at step 0 their first losses agree: a check that the three steps compute the same thing. Each library is
+imported only when asked for, so a process that runs one library holds only that library in memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from litft.config import Config
+
+FRAMEWORKS = ("litft", "transformers", "litgpt")
+LORA_TARGETS_HF = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class StepSpec:
+    config: Config
+    method: str = "lora"  # "lora" (r on all seven linear layers of every block) or "full"
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    seed: int = 0
+
+
+def base_state_dict(config: Config, seed: int) -> dict[str, Tensor]:
+    """litft's randomly initialised weights, normal(0, 0.02) for matrices, ones for norms."""
+    from litft.model import Llama
+
+    torch.manual_seed(seed)
+    model = Llama(config)
+    for p in model.parameters():
+        if p.dim() == 2:
+            torch.nn.init.normal_(p, std=0.02)
+    return model.state_dict()
+
+
+def build(framework: str, spec: StepSpec) -> tuple[torch.nn.Module, Callable[[Tensor], Tensor]]:
+    """The model (LoRA or full, trainable parameters marked) and its loss function loss(x) for next-token targets x."""
+    return {"litft": build_litft, "transformers": build_transformers, "litgpt": build_litgpt}[framework](spec)
+
+
+def build_litft(spec: StepSpec):
+    from litft.lora import LoRAConfig, add_lora, mark_only_lora_trainable
+    from litft.model import Llama
+    from litft.train import causal_lm_loss
+
+    model = Llama(spec.config)
+    model.load_state_dict(base_state_dict(spec.config, spec.seed))
+    if spec.method == "lora":
+        add_lora(model, LoRAConfig(r=spec.r, alpha=spec.alpha, dropout=spec.dropout))
+        mark_only_lora_trainable(model)
+    return model.train(), lambda x: causal_lm_loss(model, x, x)
+
+
+def build_transformers(spec: StepSpec):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from litft.convert_hf import lit_to_hf_state_dict
+
+    model = LlamaForCausalLM(LlamaConfig(**spec.config.to_hf_config()))  # attention: SDPA (the default)
+    missing, unexpected = model.load_state_dict(lit_to_hf_state_dict(base_state_dict(spec.config, spec.seed)),
+                                                strict=False)
+    assert not unexpected and all(k == "lm_head.weight" for k in missing), (missing, unexpected)
+    if spec.method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
+                                                 target_modules=LORA_TARGETS_HF))
+    return model.train(), lambda x: model(input_ids=x, labels=x).loss
+
+
+def to_litgpt_state_dict(sd: dict[str, Tensor], config: Config) -> dict[str, Tensor]:
+    """litft names -> litgpt's (fused qkv = cat(q, k, v) rows; MLP fc_1 = gate, fc_2 = up, proj = down)."""
+    out = {"transformer.wte.weight": sd["embed.weight"], "transformer.ln_f.weight": sd["norm.weight"],
+           "lm_head.weight": sd["lm_head.weight"]}
+    for i in range(config.n_layer):
+        b, t = f"blocks.{i}.", f"transformer.h.{i}."
+        out[t + "attn.qkv.weight"] = torch.cat([sd[b + f"attn.{p}_proj.weight"] for p in "qkv"])
+        out[t + "attn.proj.weight"] = sd[b + "attn.o_proj.weight"]
+        out[t + "norm_1.weight"], out[t + "norm_2.weight"] = sd[b + "attn_norm.weight"], sd[b + "mlp_norm.weight"]
+        for ours, theirs in (("gate", "fc_1"), ("up", "fc_2"), ("down", "proj")):
+            out[t + f"mlp.{theirs}.weight"] = sd[b + f"mlp.{ours}_proj.weight"]
+    return out
+
+
+def build_litgpt(spec: StepSpec):
+    from litgpt.utils import chunked_cross_entropy
+
+    c = spec.config
+    shapes = dict(name=c.name, n_layer=c.n_layer, n_embd=c.n_embd, n_head=c.n_head, n_query_groups=c.n_query_groups,
+                  head_size=c.head_size, intermediate_size=c.intermediate_size, vocab_size=c.vocab_size,
+                  padded_vocab_size=c.vocab_size, block_size=c.block_size, rope_base=c.rope_base, norm_eps=c.norm_eps,
+                  bias=False, norm_class_name="RMSNorm", mlp_class_name="LLaMAMLP", parallel_residual=False)
+    if spec.method == "lora":
+        from litgpt.lora import GPT, Config as LoRAConfig, mark_only_lora_as_trainable
+
+        model = GPT(LoRAConfig(**shapes, lora_r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
+                               lora_query=True, lora_key=True, lora_value=True, lora_projection=True, lora_mlp=True))
+    else:
+        from litgpt.model import GPT, Config as PlainConfig
+
+        model = GPT(PlainConfig(**shapes))
+    missing, unexpected = model.load_state_dict(to_litgpt_state_dict(base_state_dict(c, spec.seed), c), strict=False)
+    assert not unexpected and all("lora_" in k for k in missing), (missing, unexpected)
+    # litgpt does not tie embeddings: its converter copies the embedding into lm_head, and so does this.
+    if spec.method == "lora":
+        mark_only_lora_as_trainable(model)
+
+    def loss(x: Tensor) -> Tensor:  # as litgpt/finetune/lora.py
+        logits = model(x, lm_head_chunk_size=128)
+        logits[-1] = logits[-1][..., :-1, :]
+        return chunked_cross_entropy(logits, x[..., 1:])
+
+    return model.train(), loss

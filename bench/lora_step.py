@@ -1,0 +1,120 @@
+"""Training-step speed and memory: litft against transformers + peft and litgpt, in one run.
+
+    python bench/lora_step.py --seqs [256] --precisions [32-true]                  # one setting, ~5 min on 2 cores
+    python bench/lora_step.py --method full --frameworks [litft,transformers]      # full fine-tuning
+
+For every (sequence length, precision) it starts one bench/worker.py process per library (its own memory,
+its own imports), warms each up, then alternates timed steps A B C A B C … and between rounds times this
+machine's matmul rate on the model's shapes (bench/flops.py). It prints every round to stderr and a Markdown
+table to stdout: median step seconds, each library's time relative to litft, tokens/s, achieved FLOP/s and its
+fraction of the measured matmul rate, peak RSS of each process. Weights are random (speed does not depend on
+the values) but shared: at step 0 the LoRA product B·A is zero, so all first losses agree; the table prints them.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from flops import matmul_rate, step_flops_per_token
+from litft.cli import run
+from litft.config import Config
+
+WORKER = Path(__file__).with_name("worker.py")
+
+
+class Worker:
+    def __init__(self, framework: str, **flags) -> None:
+        args = [f"--{k}={v}" for k, v in flags.items()]
+        self.name = framework
+        self.proc = subprocess.Popen([sys.executable, str(WORKER), f"--framework={framework}", *args],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def wait_ready(self) -> None:
+        line = self.proc.stdout.readline()
+        if line.strip() != "ready":
+            raise RuntimeError(f"{self.name} worker failed to start (see its traceback above)")
+
+    def ask(self, command: str) -> dict:
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        answer = self.proc.stdout.readline()
+        if not answer:
+            raise RuntimeError(f"{self.name} worker died on {command!r} (see its traceback above)")
+        return json.loads(answer)
+
+    def close(self) -> dict:
+        summary = self.ask("quit")
+        self.proc.wait()
+        return summary
+
+
+def compare(frameworks: list[str], rounds: int, warmup: int, flags: dict, config: Config) -> list[dict]:
+    """Alternate timed steps across one worker per framework; return a row per framework."""
+    workers = [Worker(f, **flags) for f in frameworks]
+    for w in workers:
+        w.wait_ready()
+    first_loss = {w.name: w.ask(f"step {warmup}")["loss"] for w in workers}
+    times: dict[str, list[float]] = {f: [] for f in frameworks}
+    rates = []
+    dtype = torch.bfloat16 if flags["precision"] == "bf16-mixed" else torch.float32
+    tokens = flags["micro_batch_size"] * flags["seq"]
+    for r in range(rounds):
+        for w in workers:
+            seconds = w.ask("step 1")["seconds"][0]
+            times[w.name].append(seconds)
+            print(f"  round {r + 1} {w.name:>12}: {seconds:6.2f} s", file=sys.stderr, flush=True)
+        rates.append(matmul_rate(config, tokens, dtype))
+        print(f"  round {r + 1} matmul rate: {rates[-1] / 1e9:.1f} GFLOP/s", file=sys.stderr, flush=True)
+    summaries = {w.name: w.close() for w in workers}
+    rate = statistics.median(rates)
+    flops = step_flops_per_token(config, flags["seq"], flags["method"]) * tokens
+    rows = []
+    for f in frameworks:
+        median = statistics.median(times[f])
+        rows.append({"framework": f, "seconds": median, "vs_litft": median / statistics.median(times[frameworks[0]]),
+                     "tokens_per_s": tokens / median, "gflops": flops / median / 1e9,
+                     "of_matmul": flops / median / rate, "matmul_gflops": rate / 1e9,
+                     "peak_rss_mb": summaries[f]["peak_rss_mb"], "first_loss": first_loss[f]})
+    return rows
+
+
+def main(method: str = "lora", seqs: list[int] = [256, 512], precisions: list[str] = ["32-true", "bf16-mixed"],
+         frameworks: list[str] = ["litft", "transformers", "litgpt"], model: str = "SmolLM2-135M",
+         micro_batch_size: int = 4, dropout: float = 0.05, rounds: int = 3, warmup: int = 1, threads: int = 0) -> None:
+    """Time one training step (forward, backward, AdamW) of each library, alternating, and print a table.
+
+    Args:
+        method: lora (r 8, alpha 16, all seven linear layers) or full.
+        seqs: sequence lengths to run.
+        precisions: 32-true and/or bf16-mixed (torch.autocast to bfloat16).
+        frameworks: libraries to compare; the first is the reference of the ratios.
+        model: litft config name (shapes).
+        micro_batch_size: samples per step.
+        dropout: LoRA dropout (0.05 is litft's and litgpt's recipe default).
+        rounds: timed steps per library.
+        warmup: untimed steps per library first.
+        threads: torch CPU threads per worker (0: torch's choice).
+    """
+    cfg = Config.from_name(model)
+    print(f"| method | seq | precision | library | step s | vs {frameworks[0]} | tokens/s | GFLOP/s | of matmul rate "
+          f"| peak RSS MB | first loss |\n|---|---|---|---|---|---|---|---|---|---|---|")
+    for seq in seqs:
+        for precision in precisions:
+            print(f"{method}, seq {seq}, {precision}:", file=sys.stderr, flush=True)
+            flags = dict(method=method, model=model, seq=seq, micro_batch_size=micro_batch_size,
+                         precision=precision, dropout=dropout, threads=threads)
+            for row in compare(frameworks, rounds, warmup, flags, cfg):
+                print(f"| {method} | {seq} | {precision} | {row['framework']} | {row['seconds']:.2f} | "
+                      f"{row['vs_litft']:.2f} | {row['tokens_per_s']:.0f} | {row['gflops']:.1f} | "
+                      f"{row['of_matmul']:.0%} of {row['matmul_gflops']:.1f} | {row['peak_rss_mb']:.0f} | "
+                      f"{row['first_loss']:.4f} |", flush=True)
+
+
+if __name__ == "__main__":
+    run(main)
