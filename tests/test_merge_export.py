@@ -141,7 +141,7 @@ def test_user_errors_are_one_line_and_write_nothing(bases, tmp_path):
              ("scripts/merge_lora.py", "--out_dir", adapter_file, ["holds no LoRA tensors"])]
     for script, out_flag, run_dir, fragments in cases:
         out = tmp_path / f"out_{run_dir.name}"
-        args = (out_flag, out) if out_flag else ("--prompt", "hi")
+        args = (out_flag, out) if out_flag else ("--prompt", "hi", "--max_new_tokens", "5")
         proc = run_script(script, "--checkpoint_dir", base_dir, "--lora_path", run_dir / "lit_model_lora.pth", *args)
         assert_user_error(proc, *fragments)
         assert proc.stdout == "" and not out.exists()
