@@ -176,11 +176,12 @@ def write_report(model: Path, method: str, out_dir: Path, run_dir: Path, before:
              f"| peak memory (training process) | {summary['peak_memory_gb']:.2f} GB |",
              f"| demo wall time | {seconds / 60:.1f} min |"]
     if merged:
-        lines += ["", f"Merged checkpoint {merged['dir']}: greedy answers identical to LoRA's token for token: "
+        lines += ["", f"Merged checkpoint `{merged['dir']}`: greedy answers identical to LoRA's token for token: "
                       f"**{'yes' if merged['identical'] else 'NO'}**", ""]
         for s in merged["samples"]:
-            lines += [f"- input: {s['input']}", f"  - reference: `{s['reference']}`", f"  - base: `{s['base']}`",
-                      f"  - LoRA: `{s['lora']}`", f"  - merged: `{s['merged']}`"]
+            one_line = {k: " ".join(str(v).split()) for k, v in s.items()}  # keep each answer on its list item
+            lines += [f"- input: {one_line['input']}"] + [f"  - {label}: `{one_line[key]}`" for key, label in
+                      (("reference", "reference"), ("base", "base"), ("lora", "LoRA"), ("merged", "merged"))]
     text = "\n".join(lines) + "\n"
     atomic_write_text(ROOT / out_dir / f"report-{method}.md", text)
     return text
