@@ -23,8 +23,12 @@ from litft.scoring import exact_match, extract
 
 
 def next_token_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100, reduction: str = "mean") -> Tensor:
-    """logits (B, T, vocab) at position t predict labels[t + 1]; positions labelled ignore_index are skipped."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=ignore_index,
+    """logits (B, T, vocab) at position t predict labels[t + 1]; positions labelled ignore_index are skipped.
+
+    The targets are shifted, not the logits: slicing (B, T, vocab) would copy it (and, in training, its gradient).
+    """
+    targets = F.pad(labels[:, 1:], (0, 1), value=ignore_index)  # (B, T); the last position predicts nothing
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index,
                            reduction=reduction)
 
 

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Callable, Literal
 
 import torch
-import torch.nn.functional as F
 import yaml
 from lightning.fabric import Fabric
 from tqdm import tqdm
@@ -36,6 +35,7 @@ from litft import data as data_lib
 from litft import train_state
 from litft.checkpoint import atomic_write_text, load_lit_model, save_state_dict
 from litft.errors import UserError
+from litft.evaluate import next_token_loss
 from litft.model import Llama
 from litft.tokenizer import Tokenizer
 
@@ -248,10 +248,7 @@ class Loop:
 
 def causal_lm_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over the positions whose target is not IGNORE_INDEX."""
-    logits = model(x)  # (B, T, vocab); position t predicts token t + 1
-    # Shift the targets, not the logits: slicing (B, T, vocab) would copy it (and its gradient) once more.
-    targets = F.pad(y[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T); the last position has nothing to predict
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
+    return next_token_loss(model(x), y, IGNORE_INDEX)  # model(x): (B, T, vocab)
 
 
 def batch_indices(n: int, micro_batch_size: int, world_size: int, rank: int, seed: int, start: int = 0):
