@@ -12,24 +12,13 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor
 from tqdm import tqdm
 
 from litft.data import collate
 from litft.generate import generate, stop_token_ids
+from litft.loss import next_token_loss
 from litft.prompts import PromptStyle
 from litft.scoring import exact_match, extract
-
-
-def next_token_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100, reduction: str = "mean") -> Tensor:
-    """logits (B, T, vocab) at position t predict labels[t + 1]; positions labelled ignore_index are skipped.
-
-    The targets are shifted, not the logits: slicing (B, T, vocab) would copy it (and, in training, its gradient).
-    """
-    targets = F.pad(labels[:, 1:], (0, 1), value=ignore_index)  # (B, T); the last position predicts nothing
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index,
-                           reduction=reduction)
 
 
 @torch.no_grad()

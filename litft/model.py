@@ -24,6 +24,7 @@ import torch.utils.checkpoint
 from torch import Tensor
 
 from litft.config import Config
+from litft.loss import chunked_next_token_loss
 
 
 class Llama(nn.Module):
@@ -43,14 +44,20 @@ class Llama(nn.Module):
         if self.config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
 
-    def forward(self, idx: Tensor, input_pos: Tensor | None = None) -> Tensor:
-        """idx: (B, T) token ids. input_pos: (T,) positions, given only when decoding with the KV cache."""
+    def forward(self, idx: Tensor, input_pos: Tensor | None = None, labels: Tensor | None = None) -> Tensor:
+        """idx: (B, T) token ids. input_pos: (T,) positions, given only when decoding with the KV cache.
+
+        With labels (B, T), returns the mean next-token loss instead of the logits, computed a slice of
+        positions at a time so the (B, T, vocab) logits never exist at once (litft/loss.py).
+        """
         x = self.embed(idx)  # (B, T, C)
         x = self.norm(self.trunk(x, input_pos))
+        if labels is not None:
+            return chunked_next_token_loss(self.lm_head, x, labels)
         return self.lm_head(x)  # (B, T, vocab)
 
     def trunk(self, x: Tensor, input_pos: Tensor | None = None) -> Tensor:
-        """Run the blocks: (B, T, C) -> (B, T, C). Separate so training can apply lm_head in chunks."""
+        """Run the blocks: (B, T, C) -> (B, T, C)."""
         T = x.size(1)
         cos, sin = self.rope(x.device)
         if input_pos is None:  # training / plain forward: positions 0..T-1, causal mask

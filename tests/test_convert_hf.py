@@ -165,3 +165,28 @@ def test_hf_lit_hf_round_trip(tmp_path, shape, dtype, shard, sentencepiece_model
     x = torch.randint(0, 96, (2, 19))
     with torch.no_grad():
         assert torch.equal(back(x).logits, original(x).logits)
+
+
+@pytest.mark.parametrize("chunk_tokens", [512, 8], ids=["one-slice", "many-slices"])
+def test_training_loss_and_gradients_match_transformers(tmp_path, chunk_tokens):
+    """The chunked training loss (litft/loss.py) against transformers' `labels=` loss: value and every gradient."""
+    from litft.convert_hf import hf_to_lit_name
+    from litft.loss import chunked_next_token_loss
+
+    hf = tiny_hf_llama(4, 2, tied=True)
+    hf.save_pretrained(tmp_path / "hf")
+    ours = convert(tmp_path / "hf", tmp_path / "lit")
+    x = torch.randint(0, 96, (2, 23), generator=torch.Generator().manual_seed(2))
+    y = x.clone()
+    y[0, :9], y[1, 15:] = -100, -100  # a masked prompt, and padding
+    expected = hf(x, labels=y).loss
+    expected.backward()
+    if chunk_tokens == 512:
+        loss = ours(x, labels=y)
+    else:
+        loss = chunked_next_token_loss(ours.lm_head, ours.norm(ours.trunk(ours.embed(x))), y, chunk_tokens=chunk_tokens)
+    loss.backward()
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=0)
+    grads = {hf_to_lit_name(n): p.grad for n, p in hf.named_parameters()}
+    for name, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name], atol=1e-5, rtol=1e-4, msg=name)
