@@ -3,6 +3,7 @@
     python data_prep/json_data.py --data_file my_data.jsonl --checkpoint_dir checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct
     python data_prep/json_data.py --data_file qa.json --instruction_key question --input_key "" --output_key answer \\
         --val_file qa_test.json --destination_path data/qa
+    python data_prep/json_data.py --data_file tagged.jsonl --new_tokens "<q>,</q>"   # markers become new tokens
 
 A .jsonl file holds one object per line; any other file holds one JSON array of objects. The input key may be
 missing in a record (it is then empty); the instruction and output keys must be present in every record.
@@ -12,7 +13,7 @@ from pathlib import Path
 
 from litft.cli import run
 from litft.errors import UserError
-from litft.prepare import prepare, read_records, split_examples, take_fields, with_common_args
+from litft.prepare import prepare, read_records, split_examples, split_tokens, take_fields, with_common_args
 from litft.scoring import EXTRACT
 
 
@@ -20,7 +21,7 @@ from litft.scoring import EXTRACT
 def main(data_file: Path, val_file: Path | None = None, instruction_key: str = "instruction", input_key: str = "input",
          output_key: str = "output", task: str = "text", destination_path: Path = Path("data/json"),
          checkpoint_dir: Path = Path("checkpoints/meta-llama/Llama-2-7b-hf"), max_seq_length: int = 512,
-         mask_inputs: bool = True, prompt_style: str = "alpaca", val_split_fraction: float = 0.1, seed: int = 42) -> None:
+         mask_inputs: bool = True, prompt_style: str = "alpaca", val_split_fraction: float = 0.1, seed: int = 42, new_tokens: str = "") -> None:
     """Prepare a JSON/JSONL file of instruction examples for fine-tuning.
 
     Args:
@@ -40,7 +41,7 @@ def main(data_file: Path, val_file: Path | None = None, instruction_key: str = "
         train, test = split_examples(examples, val_split_fraction, seed)
     prepare(train, test, task=task, source=data_file, destination_path=destination_path, checkpoint_dir=checkpoint_dir,
             max_seq_length=max_seq_length, mask_inputs=mask_inputs, prompt_style=prompt_style, seed=seed,
-            val_split_fraction=val_split_fraction)
+            val_split_fraction=val_split_fraction, new_tokens=split_tokens(new_tokens))
 
 
 if __name__ == "__main__":

@@ -4,17 +4,15 @@
         --lora_path out/lora/lit_model_lora.pth --prompt "Name a primary color." --temperature 0
 
 r, alpha, the targets and the prompt style are read from the run directory (the folder of --lora_path: lora.yaml,
-prompt_style.yaml), never repeated on the command line. Other flags: litft.generate.generate_cli.
+prompt_style.yaml), never repeated on the command line; so is the tokenizer when the run added new tokens. Other flags: litft.generate.generate_cli.
 """
 
 from functools import partial
 from pathlib import Path
 
 from litft.cli import run
-from litft.errors import UserError
 from litft.finetuned import load_finetuned
 from litft.generate import generate_cli
-from litft.lora import LoRAConfig
 
 
 def main(lora_path: Path, **flags) -> None:
@@ -23,9 +21,6 @@ def main(lora_path: Path, **flags) -> None:
     Args:
         lora_path: a LoRA run's lit_model_lora.pth; its folder holds lora.yaml (and prompt_style.yaml).
     """
-    if LoRAConfig.from_dir(Path(lora_path).parent).new_tokens:
-        raise UserError(f"{lora_path} adds new tokens, which the base tokenizer does not know; merge the run with "
-                        "scripts/merge_lora.py (its tokenizer has them) and generate with generate/base.py")
     load = partial(load_finetuned, weights_path=lora_path, method="lora")
     generate_cli(load_model=load, run_dir=Path(lora_path).parent, **flags)
 

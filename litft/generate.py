@@ -34,6 +34,7 @@ from torch import Tensor
 
 from litft.config import Config
 from litft.errors import UserError
+from litft.new_tokens import tokenizer_dir
 from litft.prompts import PromptStyle, resolve_style
 from litft.tokenizer import StreamDecoder, Tokenizer
 
@@ -210,7 +211,7 @@ def generate_cli(checkpoint_dir: Path, prompt: str, max_new_tokens: int = 100, t
     if not checkpoint_dir.is_dir():
         raise UserError(f"checkpoint directory {checkpoint_dir} does not exist; download or convert a model first")
     style = resolve_style(prompt_style, *(d for d in (run_dir, checkpoint_dir) if d is not None and Path(d).is_dir()))
-    tokenizer = Tokenizer(checkpoint_dir)
+    tokenizer = Tokenizer(tokenizer_dir(run_dir, checkpoint_dir))  # a run with new tokens has its own
     ids = tokenizer.encode(style.apply(prompt) if style else prompt)  # (T,)
     check_fits(Config.from_checkpoint(checkpoint_dir).block_size, len(ids), max_new_tokens)  # before loading
 

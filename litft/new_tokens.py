@@ -10,6 +10,10 @@ matched whole in the text before anything else is tokenized, and decoded back to
   (needs the `protobuf` package to edit the model file).
 
 The tokenizer's own vocabulary must end exactly at V, otherwise the new ids would not line up with the rows.
+
+Where the grown tokenizer lives: data_prep (--new_tokens) writes it next to train.pt, finetune/lora.py copies it
+into the run directory, and generate/, scripts/evaluate.py, merge and export read it from there
+(`tokenizer_dir`), so the tokens are named once, when the data is prepared.
 """
 
 from __future__ import annotations
@@ -27,6 +31,28 @@ def grown_tokenizer_files(checkpoint_dir: Path, new_tokens: list[str], first_id:
     if (path := checkpoint_dir / "tokenizer.model").is_file():
         return {"tokenizer.model": _grow_sentencepiece(path, new_tokens, first_id)}
     raise UserError(f"{checkpoint_dir} has neither tokenizer.json nor tokenizer.model to add new tokens to")
+
+
+def write_tokenizer(checkpoint_dir: Path, out_dir: Path, new_tokens: list[str], first_id: int) -> list[str]:
+    """Copy `checkpoint_dir`'s tokenizer files into `out_dir`, the vocabulary grown by `new_tokens`; return names."""
+    from litft.checkpoint import atomic_path
+    from litft.convert_hf import TOKENIZER_FILES, copy_files
+
+    grown = grown_tokenizer_files(checkpoint_dir, new_tokens, first_id)
+    copied = copy_files(checkpoint_dir, out_dir, tuple(n for n in TOKENIZER_FILES if n not in grown))
+    for name, data in grown.items():
+        with atomic_path(Path(out_dir) / name) as tmp:
+            tmp.write_bytes(data)
+    return copied + [f"{name} (+{len(new_tokens)} tokens)" for name in grown]
+
+
+def has_tokenizer(directory: Path | None) -> bool:
+    return directory is not None and any((Path(directory) / n).is_file() for n in ("tokenizer.json", "tokenizer.model"))
+
+
+def tokenizer_dir(run_dir: Path | None, checkpoint_dir: Path) -> Path:
+    """The run (or data) directory when it holds its own, grown tokenizer; otherwise the base checkpoint's."""
+    return Path(run_dir) if has_tokenizer(run_dir) else Path(checkpoint_dir)
 
 
 def _check(size: int, first_id: int, new_tokens: list[str], path: Path, present: list[str]) -> None:

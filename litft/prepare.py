@@ -13,7 +13,9 @@ sample whose prompt alone leaves no room for its answer is dropped (counted too)
 destination until every record has been read, checked and tokenized.
 
 The destination then holds train.pt and test.pt (lists of {input_ids, labels, instruction, input, output},
-readable with torch.load(weights_only=True)), prompt_style.yaml, meta.json and length_report.json.
+readable with torch.load(weights_only=True)), prompt_style.yaml, meta.json and length_report.json. With
+new tokens (markers that structure the data, e.g. "<sql>"), the tokenizer is grown first so each marker is one
+new id V, V + 1, ... (litft/new_tokens.py), and the grown tokenizer files are written next to the data.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import json
 import os
 import random
 import sys
+import tempfile
 import textwrap
 import urllib.request
 from pathlib import Path
@@ -34,6 +37,7 @@ from tqdm import tqdm
 
 from litft.checkpoint import atomic_path, atomic_write_text
 from litft.errors import UserError
+from litft.new_tokens import write_tokenizer
 from litft.prompts import PromptStyle
 
 IGNORE_INDEX = -100
@@ -49,6 +53,7 @@ COMMON_ARGS = """\
     prompt_style: the template around instruction and input (plain, alpaca, chatml, smollm2, llama2-chat).
     val_split_fraction: the share of examples held out as the test split (when no test split is given).
     seed: the seed of the train/test shuffle; the same seed gives the same split.
+    new_tokens: comma-separated tokens to add to the vocabulary (e.g. "<q>,</q>"); only finetune/lora.py trains them.
 """
 
 
@@ -207,16 +212,15 @@ def check_writable(directory: Path) -> None:
 
 def prepare(train: list[dict], test: list[dict], *, task: str, source: str, destination_path: Path,
             checkpoint_dir: Path, max_seq_length: int, mask_inputs: bool, prompt_style: str, seed: int,
-            val_split_fraction: float) -> dict:
+            val_split_fraction: float, new_tokens: list[str] = ()) -> dict:
     """Tokenize both splits, print the length report and write everything to `destination_path`."""
-    from litft.tokenizer import Tokenizer
-
     style = PromptStyle.from_name(prompt_style)
     destination_path = Path(destination_path)
     check_writable(destination_path)
     if max_seq_length < 2:
         raise UserError(f"--max_seq_length must be at least 2 (one answer token and EOS), got {max_seq_length}")
-    tokenizer = Tokenizer(checkpoint_dir)
+    with tempfile.TemporaryDirectory() as grown_dir:
+        tokenizer = grown_tokenizer(checkpoint_dir, list(new_tokens), Path(grown_dir))
     if tokenizer.eos_id is None:
         raise UserError(f"the tokenizer in {checkpoint_dir} has no EOS token; samples could not be ended")
     samples, report = {}, {"max_seq_length": max_seq_length}
@@ -228,8 +232,12 @@ def prepare(train: list[dict], test: list[dict], *, task: str, source: str, dest
     print_report(report)
     meta = {"task": task, "source": str(source), "checkpoint_dir": str(checkpoint_dir), "max_seq_length": max_seq_length,
             "mask_inputs": mask_inputs, "ignore_index": IGNORE_INDEX, "prompt_style": style.name, "seed": seed,
-            "val_split_fraction": val_split_fraction, "counts": {s: len(samples[s]) for s in SPLITS}}
+            "val_split_fraction": val_split_fraction, "counts": {s: len(samples[s]) for s in SPLITS},
+            "new_tokens": list(new_tokens)}
     try:
+        if new_tokens:
+            first_id = tokenizer.vocab_size - len(new_tokens)  # the model's vocabulary V
+            write_tokenizer(checkpoint_dir, destination_path, list(new_tokens), first_id)
         for name in SPLITS:
             with atomic_path(destination_path / f"{name}.pt") as tmp:
                 torch.save(samples[name], tmp)
@@ -240,6 +248,25 @@ def prepare(train: list[dict], test: list[dict], *, task: str, source: str, dest
         raise UserError(f"cannot write to {destination_path} ({e.strerror}); choose another --destination_path") from None
     print(f"wrote {meta['counts']['train']} train and {meta['counts']['test']} test samples to {destination_path}")
     return meta
+
+
+def grown_tokenizer(checkpoint_dir: Path, new_tokens: list[str], scratch: Path):
+    """The checkpoint's tokenizer, with `new_tokens` appended after the model's vocabulary when there are any."""
+    from litft.config import Config
+    from litft.tokenizer import Tokenizer
+
+    if not new_tokens:
+        return Tokenizer(checkpoint_dir)
+    if any(not t or t != t.strip() or "," in t for t in new_tokens):
+        raise UserError(f"--new_tokens {','.join(new_tokens)!r}: each token must be non-empty, without spaces at "
+                        "either end; separate them with commas")
+    write_tokenizer(checkpoint_dir, scratch, new_tokens, Config.from_checkpoint(checkpoint_dir).vocab_size)
+    return Tokenizer(scratch)
+
+
+def split_tokens(text: str) -> list[str]:
+    """ "<q>, </q>" -> ["<q>", "</q>"] (the --new_tokens flag of the data_prep scripts)."""
+    return [t.strip() for t in text.split(",") if t.strip()]
 
 
 def print_report(report: dict) -> None:

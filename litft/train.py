@@ -34,8 +34,8 @@ from tqdm import tqdm
 from litft import data as data_lib
 from litft import train_state
 from litft.checkpoint import atomic_write_text, load_lit_model, save_state_dict
+from litft.convert_hf import copy_files
 from litft.errors import UserError
-from litft.evaluate import next_token_loss
 from litft.model import Llama
 from litft.tokenizer import Tokenizer
 
@@ -92,6 +92,7 @@ class Method:
     prepare: Callable[[Llama], None]  # adds the method's modules and leaves only its parameters trainable
     save_config: Callable[[Path], None] = lambda out_dir: None  # writes e.g. lora.yaml into out_dir
     config: dict = field(default_factory=dict)  # recorded in hyperparameters.yaml
+    new_tokens: list[str] = field(default_factory=list)  # tokens the prepared model has new rows for (LoRA only)
 
 
 def fit(args: TrainArgs, method: Method) -> dict:
@@ -102,7 +103,7 @@ def fit(args: TrainArgs, method: Method) -> dict:
     fabric.seed_everything(args.seed)  # the same initial weights (e.g. LoRA's A) on every process
 
     train_data, val_data = data_lib.load_split(args.data, "train"), data_lib.load_split(args.data, "test")
-    tokenizer = Tokenizer(args.checkpoint_dir)
+    tokenizer = Tokenizer(tokenizer_of(args, method))
     style = data_lib.prompt_style_of(args.data)
     model = build_model(args, method, fabric)
     if fabric.global_rank == 0:
@@ -247,8 +248,11 @@ class Loop:
 
 
 def causal_lm_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over the positions whose target is not IGNORE_INDEX."""
-    return next_token_loss(model(x), y, IGNORE_INDEX)  # model(x): (B, T, vocab)
+    """Mean next-token cross-entropy over the positions whose target is not IGNORE_INDEX (-100).
+
+    The model computes it from its final hidden states a slice at a time (litft/loss.py), never holding the
+    whole (B, T, vocab) logits; going through forward() keeps DDP's and FSDP's hooks in the path."""
+    return model(x, labels=y)
 
 
 def batch_indices(n: int, micro_batch_size: int, world_size: int, rank: int, seed: int, start: int = 0):
@@ -323,6 +327,17 @@ def write_run_files(args: TrainArgs, method: Method, model: Llama, style) -> Non
     model.config.save(out)
     style.save(out)
     method.save_config(out)
+    if method.new_tokens:  # the data's grown tokenizer goes with the run, for generate/ and merge
+        copy_files(data_lib.data_dir(args.data), out)
+
+
+def tokenizer_of(args: TrainArgs, method: Method) -> Path:
+    """The base tokenizer, or the data's grown one when the data was prepared with --new_tokens."""
+    new_tokens = data_lib.meta_of(args.data).get("new_tokens", [])
+    if new_tokens != method.new_tokens:
+        raise UserError(f"{data_lib.data_dir(args.data)} was prepared with new tokens {new_tokens}, which "
+                        f"{method.name} cannot train; use finetune/lora.py, or prepare the data without --new_tokens")
+    return data_lib.data_dir(args.data) if new_tokens else args.checkpoint_dir
 
 
 def lr_factor(step: int, args: TrainArgs) -> float:

@@ -25,6 +25,7 @@ from litft.errors import UserError
 from litft.evaluate import evaluate
 from litft.finetuned import load_finetuned
 from litft.generate import pick_precision
+from litft.new_tokens import tokenizer_dir
 from litft.prompts import PromptStyle
 from litft.tokenizer import Tokenizer
 
@@ -53,7 +54,7 @@ def main(checkpoint_dir: Path, data: str, weights_path: Optional[Path] = None, s
     task = meta_of(data).get("task", "text")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision, dtype = pick_precision(precision, device)
-    tokenizer = Tokenizer(checkpoint_dir)
+    tokenizer = Tokenizer(tokenizer_dir(Path(weights_path).parent if weights_path else None, checkpoint_dir))
     check_same_tokens(samples[0], tokenizer, style, data, checkpoint_dir)
     warn_if_trained_with_another_style(weights_path, style)
 

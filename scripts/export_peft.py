@@ -12,6 +12,12 @@ Only names change: litft's blocks.{i}.attn.q_proj.lora_A becomes PEFT's
 base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight (embeddings: lora_embedding_A / _B, which PEFT
 stores without `.weight`). r, α, rsLoRA and the targets come from the run's lora.yaml. The base weights are
 not needed: the model is built on the meta device only to check that the file fits the base's shapes.
+
+A run with new tokens exports their rows as PEFT's trainable tokens (`trainable_token_indices`: ids V, V + 1, ...)
+together with the grown tokenizer; grow the base model to the tokenizer's size before loading the adapter:
+
+    tokenizer = AutoTokenizer.from_pretrained("out/lora/peft")
+    model.resize_token_embeddings(len(tokenizer))
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from litft.errors import UserError
 from litft.finetuned import check_same_base
 from litft.lora import LoRAConfig, add_lora, check_lora_state_dict
 from litft.model import Llama
+from litft.new_tokens import write_tokenizer
 
 HF_MODULES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
               "down": "down_proj", "embed": "embed_tokens", "lm_head": "lm_head"}
@@ -40,6 +47,8 @@ def peft_name(lit_name: str) -> str:
     """blocks.3.attn.q_proj.lora_A -> base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight"""
     module, _, tensor = lit_name.rpartition(".")
     hf_module = lit_to_hf_name(f"{module}.weight").removesuffix(".weight")
+    if tensor == "new_rows":  # new-token rows: PEFT's trainable tokens, which replace rows V, V + 1, ...
+        return f"base_model.model.{hf_module}.token_adapter.trainable_tokens_delta"
     if module == "embed":
         return f"base_model.model.{hf_module}.{tensor.replace('lora_', 'lora_embedding_')}"
     return f"base_model.model.{hf_module}.{tensor}.weight"
@@ -47,11 +56,15 @@ def peft_name(lit_name: str) -> str:
 
 def adapter_config(lora: LoRAConfig, base: Config, base_path: str) -> dict:
     alpha = int(lora.alpha) if float(lora.alpha).is_integer() else lora.alpha
+    new_ids = list(range(base.vocab_size, base.vocab_size + len(lora.new_tokens)))
+    # tied embeddings: PEFT ties lm_head's rows to embed_tokens' by itself; otherwise name both layers
+    trainable_tokens = new_ids if base.tie_embeddings else {"embed_tokens": new_ids, "lm_head": new_ids}
     return {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_path,
         "r": lora.r, "lora_alpha": alpha, "lora_dropout": lora.dropout, "use_rslora": lora.rslora,
         "target_modules": sorted(HF_MODULES[t] for t in lora.targets), "bias": "none",
         "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True, "modules_to_save": None,
+        "trainable_token_indices": trainable_tokens if new_ids else None,
     }
 
 
@@ -59,7 +72,7 @@ def main(checkpoint_dir: Path, lora_path: Path, output_dir: Path) -> None:
     """Write --lora_path as a PEFT adapter (adapter_config.json, adapter_model.safetensors) in --output_dir.
 
     Args:
-        checkpoint_dir: the base lit checkpoint the LoRA run was trained on (only model_config.yaml is read).
+        checkpoint_dir: the base lit checkpoint the LoRA run was trained on (model_config.yaml; tokenizer files for new tokens).
         lora_path: the run's lit_model_lora.pth (its folder holds lora.yaml).
         output_dir: where to write the adapter (created if needed).
     """
@@ -69,9 +82,9 @@ def main(checkpoint_dir: Path, lora_path: Path, output_dir: Path) -> None:
     base = Config.from_checkpoint(checkpoint_dir)
     lora = LoRAConfig.from_dir(lora_path.parent)
     check_same_base(lora_path.parent, base, lora_path)  # the run's model_config.yaml names its base
-    if lora.new_tokens:
-        raise UserError(f"{lora_path} adds new tokens {lora.new_tokens}; PEFT export of grown vocabularies is not "
-                        "supported — merge it with scripts/merge_lora.py and convert the merged checkpoint instead")
+    if lora.new_tokens and {"embed", "lm_head"} & set(lora.targets):
+        raise UserError(f"{lora_path} has both new tokens and LoRA on embed/lm_head, which PEFT cannot hold in one "
+                        "layer; merge it with scripts/merge_lora.py and convert the merged checkpoint instead")
     state_dict = load_state_dict(lora_path, mmap=False)
     with torch.device("meta"):
         model = add_lora(Llama(base), lora)
@@ -85,6 +98,8 @@ def main(checkpoint_dir: Path, lora_path: Path, output_dir: Path) -> None:
     hub_repo = base.hf_repo or (named.hf_repo if named else "")
     config = adapter_config(lora, base, hub_repo or str(checkpoint_dir.resolve()))
     atomic_write_text(output_dir / "adapter_config.json", json.dumps(config, indent=2) + "\n")
+    if lora.new_tokens:  # the adapter is unusable without the tokenizer that knows the new ids
+        write_tokenizer(checkpoint_dir, output_dir, lora.new_tokens, base.vocab_size)
     print(f"wrote {len(tensors)} LoRA tensors for {config['target_modules']} to {output_dir}", file=sys.stderr)
 
 

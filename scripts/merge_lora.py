@@ -19,11 +19,11 @@ from pathlib import Path
 from litft.checkpoint import atomic_path, load_lit_model, save_lit_checkpoint
 from litft.cli import run
 from litft.config import Config
-from litft.convert_hf import TOKENIZER_FILES, copy_files
+from litft.convert_hf import copy_files
 from litft.errors import UserError
 from litft.finetuned import check_same_base
 from litft.lora import LoRAConfig, load_lora, merge_lora
-from litft.new_tokens import grown_tokenizer_files
+from litft.new_tokens import grown_tokenizer_files, write_tokenizer
 from litft.prompts import FILE as PROMPT_STYLE
 
 
@@ -43,15 +43,13 @@ def main(checkpoint_dir: Path, lora_path: Path, out_dir: Path) -> None:
     base = Config.from_checkpoint(checkpoint_dir)  # fail early on a bad base directory
     lora = LoRAConfig.from_dir(lora_path.parent)
     check_same_base(lora_path.parent, base, lora_path)  # the run's model_config.yaml names its base
-    grown = grown_tokenizer_files(checkpoint_dir, lora.new_tokens, base.vocab_size) if lora.new_tokens else {}
+    if lora.new_tokens:  # fail before anything is written if the tokenizer cannot take them
+        grown_tokenizer_files(checkpoint_dir, lora.new_tokens, base.vocab_size)
     model = load_lora(load_lit_model(checkpoint_dir), lora_path)  # every check happens before anything is written
     merged = merge_lora(model)
     save_lit_checkpoint(merged, out_dir)
-    copied = copy_files(checkpoint_dir, out_dir, tuple(n for n in TOKENIZER_FILES if n not in grown))
-    for name, data in grown.items():  # the tokenizer with the run's new tokens at ids V, V + 1, ...
-        with atomic_path(out_dir / name) as tmp:
-            tmp.write_bytes(data)
-        copied.append(f"{name} (+{len(lora.new_tokens)} tokens)")
+    copied = (write_tokenizer(checkpoint_dir, out_dir, lora.new_tokens, base.vocab_size) if lora.new_tokens
+              else copy_files(checkpoint_dir, out_dir))  # new tokens at ids V, V + 1, ...
     if (lora_path.parent / PROMPT_STYLE).is_file():
         with atomic_path(out_dir / PROMPT_STYLE) as tmp:
             shutil.copyfile(lora_path.parent / PROMPT_STYLE, tmp)

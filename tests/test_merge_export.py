@@ -184,3 +184,30 @@ def test_new_tokens_in_a_tokenizers_json(tmp_path):
     assert grown.encode("the <r> cat<s2>").ids[-3:] == [V, grown.token_to_id("cat"), V + 1]
     with pytest.raises(Exception, match="would not line up"):
         grown_tokenizer_files(tmp_path, ["<r>"], V + 5)
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_export_with_new_tokens_loads_in_peft_and_matches(bases, tmp_path, tied):
+    """New-token rows become PEFT trainable tokens: transformers' model grown to 32002 rows + our adapter gives our
+    logits, on text that uses the new tokens, and the exported tokenizer (read by sentencepiece) knows them."""
+    import sentencepiece
+
+    base_dir, run_dir, out = bases[tied], tmp_path / "run", tmp_path / "peft"
+    model = make_run(base_dir, run_dir, LoRAConfig(r=4, alpha=8, targets=list(LINEAR), new_tokens=["<a>", "<b>"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("new_rows"):
+                p.normal_(std=0.5)
+    save_state_dict(lora_state_dict(model), run_dir / "lit_model_lora.pth")
+    run_script("scripts/export_peft.py", "--checkpoint_dir", base_dir, "--lora_path", run_dir / "lit_model_lora.pth",
+               "--output_dir", out, check=True)
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
+    ids = sp.encode("say <a> then <b>")
+    assert {32000, 32001} <= set(ids)
+    hf = hf_model(model.config)
+    hf.resize_token_embeddings(32002)
+    pm = peft.PeftModel.from_pretrained(hf, out).eval()
+    x = torch.tensor([ids, [32001, 5, 32000, 7, 9, 32000, 11][: len(ids)] + ids[7:]])
+    with torch.no_grad():
+        expected = pm(x).logits  # (2, T, 32002)
+        torch.testing.assert_close(model(x), expected, atol=1e-4, rtol=0)

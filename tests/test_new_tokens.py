@@ -1,0 +1,65 @@
+"""New tokens from data preparation to generation, as a user runs the scripts.
+
+Truth: the `tokenizers` library reading the tokenizer files the scripts write; the merged checkpoint served by
+generate/base.py against generate/lora.py on base + LoRA.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import torch
+from tokenizers import Tokenizer
+
+from conftest import assert_user_error, run_script
+from litft import Config, Llama
+from litft.checkpoint import save_lit_checkpoint
+from test_train import COMMON
+
+NEW = ["<ans>", "</ans>"]
+
+
+def test_new_tokens_from_data_prep_to_generation(tiny_checkpoint, tmp_path):
+    base = tmp_path / "base"  # the tiny checkpoint with as many rows as its tokenizer has tokens
+    vocab = Tokenizer.from_file(str(tiny_checkpoint / "tokenizer.json")).get_vocab_size()
+    torch.manual_seed(0)
+    model = Llama(Config.from_name("tiny-gqa", vocab_size=vocab))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.1) if p.dim() > 1 else None
+    save_lit_checkpoint(model, base)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_checkpoint / name, base / name)
+    rows = [{"instruction": f"{kind} {i}", "input": "", "output": f"<ans>{word}</ans>"}
+            for i in range(40) for kind, word in (("colour", "red"), ("animal", "cat"), ("number", "two"))]
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    data, run = tmp_path / "data", tmp_path / "run"
+    run_script("data_prep/json_data.py", "--data_file", tmp_path / "rows.json", "--destination_path", data,
+               "--checkpoint_dir", base, "--max_seq_length", "48", "--prompt_style", "plain",
+               "--new_tokens", ",".join(NEW), check=True)
+
+    grown = Tokenizer.from_file(str(data / "tokenizer.json"))
+    assert [grown.token_to_id(t) for t in NEW] == [vocab, vocab + 1]
+    sample = torch.load(data / "train.pt", weights_only=True)[0]
+    assert json.loads((data / "meta.json").read_text())["new_tokens"] == NEW
+    assert sample["input_ids"].tolist().count(vocab) == 1 and vocab + 1 in sample["labels"].tolist()
+
+    flags = ("--checkpoint_dir", base, "--data", data, *COMMON)
+    run_script("finetune/lora.py", *flags, "--out_dir", run, "--max_steps", "30", check=True)
+    saved = torch.load(run / "lit_model_lora.pth", weights_only=True)
+    assert saved["embed.new_rows"].shape == (2, 64) and "lm_head.new_rows" not in saved  # tied: stored once
+    assert (run / "tokenizer.json").read_bytes() == (data / "tokenizer.json").read_bytes()
+
+    ask = ("--prompt", "colour 3", "--temperature", "0", "--max_new_tokens", "6")
+    lora = run_script("generate/lora.py", "--checkpoint_dir", base, "--lora_path", run / "lit_model_lora.pth", *ask,
+                      check=True)
+    assert lora.stdout.startswith("<ans>")  # the new token, learnt, generated and decoded
+    run_script("scripts/merge_lora.py", "--checkpoint_dir", base, "--lora_path", run / "lit_model_lora.pth",
+               "--out_dir", tmp_path / "merged", check=True)
+    merged = run_script("generate/base.py", "--checkpoint_dir", tmp_path / "merged", *ask, check=True)
+    assert merged.stdout == lora.stdout
+
+    full = run_script("finetune/full.py", *flags, "--out_dir", tmp_path / "full")
+    assert_user_error(full, "prepared with new tokens", "finetune/lora.py")
+    assert not (tmp_path / "full").exists()
