@@ -32,6 +32,7 @@ class StepSpec:
     alpha: float = 16.0
     dropout: float = 0.05
     seed: int = 0
+    activation_checkpointing: bool = False  # recompute each block in backward (litft, transformers)
 
 
 def base_state_dict(config: Config, seed: int) -> dict[str, Tensor]:
@@ -61,6 +62,7 @@ def build_litft(spec: StepSpec):
     if spec.method == "lora":
         add_lora(model, LoRAConfig(r=spec.r, alpha=spec.alpha, dropout=spec.dropout))
         mark_only_lora_trainable(model)
+    model.activation_checkpointing = spec.activation_checkpointing
     return model.train(), lambda x: causal_lm_loss(model, x, x)
 
 
@@ -73,6 +75,8 @@ def build_transformers(spec: StepSpec):
     missing, unexpected = model.load_state_dict(lit_to_hf_state_dict(base_state_dict(spec.config, spec.seed)),
                                                 strict=False)
     assert not unexpected and all(k == "lm_head.weight" for k in missing), (missing, unexpected)
+    if spec.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if spec.method == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -98,6 +102,8 @@ def to_litgpt_state_dict(sd: dict[str, Tensor], config: Config) -> dict[str, Ten
 def build_litgpt(spec: StepSpec):
     from litgpt.utils import chunked_cross_entropy
 
+    if spec.activation_checkpointing:
+        raise SystemExit("litgpt applies activation checkpointing through its FSDP strategy only; not benchmarked")
     c = spec.config
     shapes = dict(name=c.name, n_layer=c.n_layer, n_embd=c.n_embd, n_head=c.n_head, n_query_groups=c.n_query_groups,
                   head_size=c.head_size, intermediate_size=c.intermediate_size, vocab_size=c.vocab_size,

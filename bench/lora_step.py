@@ -16,6 +16,7 @@ losses agree; the table prints them.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -31,11 +32,12 @@ WORKER = Path(__file__).with_name("worker.py")
 
 
 class Worker:
-    def __init__(self, framework: str, **flags) -> None:
+    def __init__(self, framework: str, env: dict[str, str] | None = None, **flags) -> None:
         args = [f"--{k}={v}" for k, v in flags.items()]
         self.name = framework
         self.proc = subprocess.Popen([sys.executable, str(WORKER), f"--framework={framework}", *args],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     env={**os.environ, **(env or {})})
 
     def wait_ready(self) -> None:
         line = self.proc.stdout.readline()
