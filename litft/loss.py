@@ -6,9 +6,17 @@ A causal language model's logits at position t predict the token at t + 1:
 
 The logits are the largest tensor of a training step: B · T · vocab floats (micro batch 4, 256 tokens and
 SmolLM2's 49,152-token vocabulary: 201 MB in fp32), stored for the backward pass together with their softmax
-and, later, their gradient. `chunked_next_token_loss` instead applies lm_head to a slice of positions at a
-time and recomputes that slice's logits in the backward pass (activation checkpointing for the output layer),
-so only one slice of logits exists at any moment. The extra cost is one more lm_head matmul per slice.
+and, later, their gradient. `chunked_next_token_loss` never holds them all. With a plain output layer
+(logits = h Wᵀ) it computes the gradients already in the forward pass, a slice of positions at a time:
+
+    d loss_sum / d logits = softmax(logits) − onehot(target)      (zero rows where the target is ignored)
+    d loss_sum / d h      = (softmax − onehot) W                  (n, V) @ (V, C) -> (n, C)
+    d loss_sum / d W     += (softmax − onehot)ᵀ h                 (V, n) @ (n, C) -> (V, C), only if W trains
+
+and keeps only those (the size of h and W); backward multiplies them by the incoming gradient. Same
+arithmetic as the plain loss, one (slice, vocab) block of logits alive at a time. An output layer with its own
+trainable parts (LoRA on lm_head, new-token rows) is instead re-applied to each slice in the backward pass
+(activation checkpointing), at the cost of one more lm_head matmul.
 """
 
 from __future__ import annotations
@@ -35,26 +43,62 @@ def next_token_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100, re
 
 
 def chunked_next_token_loss(lm_head: nn.Module, hidden: Tensor, labels: Tensor, ignore_index: int = -100,
-                            chunk_tokens: int = 512) -> Tensor:
+                            chunk_tokens: int = 256) -> Tensor:
     """next_token_loss(lm_head(hidden), labels), computed `chunk_tokens` positions at a time.
 
     hidden: (B, T, C), the final normalised hidden states; labels: (B, T). Same value and gradients as the
-    plain loss (up to float summation order); peak memory holds one (chunk_tokens, vocab) slice of logits.
+    plain loss (up to float summation order); the logits of one slice exist at a time.
     """
     h = hidden.flatten(0, 1)  # (B·T, C)
     targets = shift_labels(labels, ignore_index).flatten()  # (B·T,)
     count = (targets != ignore_index).sum()
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, h.size(0), chunk_tokens):
-        h_chunk, t_chunk = h[start : start + chunk_tokens], targets[start : start + chunk_tokens]
-        if torch.is_grad_enabled() and h.requires_grad:  # recompute this slice's logits in backward
-            total = total + torch.utils.checkpoint.checkpoint(
-                _summed_loss, lm_head, h_chunk, t_chunk, ignore_index, use_reentrant=False)
-        else:
-            total = total + _summed_loss(lm_head, h_chunk, t_chunk, ignore_index)
+    if type(lm_head) is nn.Linear and lm_head.bias is None:
+        total = LinearCrossEntropy.apply(h, lm_head.weight, targets, ignore_index, chunk_tokens)
+    else:
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for s in range(0, h.size(0), chunk_tokens):
+            total = total + torch.utils.checkpoint.checkpoint(_summed_loss, lm_head, h[s : s + chunk_tokens],
+                                                              targets[s : s + chunk_tokens], ignore_index,
+                                                              use_reentrant=False)
     return total / count  # NaN when nothing is labelled, like F.cross_entropy's mean
 
 
 def _summed_loss(lm_head: nn.Module, h: Tensor, targets: Tensor, ignore_index: int) -> Tensor:
-    logits = lm_head(h)  # (N, vocab)
+    logits = lm_head(h)  # (n, vocab)
     return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index, reduction="sum")
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Σ cross-entropy(h Wᵀ, targets), its gradients for h and W computed slice by slice in forward."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, weight: Tensor, targets: Tensor, ignore_index: int, chunk_tokens: int) -> Tensor:
+        # h: (N, C), weight: (V, C), targets: (N,)
+        grad_h = torch.zeros_like(h) if h.requires_grad else None  # (N, C)
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if weight.requires_grad else None  # (V, C)
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for s in range(0, h.size(0), chunk_tokens):
+            h_s, t_s = h[s : s + chunk_tokens], targets[s : s + chunk_tokens]  # (n, C), (n,)
+            logits = (h_s @ weight.T).float()  # (n, V)
+            keep = t_s != ignore_index  # (n,)
+            t_s = torch.where(keep, t_s, 0)
+            lse = torch.logsumexp(logits, dim=-1)  # (n,)
+            total += ((lse - logits.gather(1, t_s[:, None]).squeeze(1)) * keep).sum()
+            if grad_h is None and grad_w is None:
+                continue
+            grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits: (n, V)
+            grad[torch.arange(len(t_s), device=grad.device), t_s] -= 1
+            grad *= keep[:, None]
+            grad = grad.to(h.dtype)
+            if grad_h is not None:
+                grad_h[s : s + chunk_tokens] = grad @ weight  # (n, V) @ (V, C)
+            if grad_w is not None:
+                grad_w += grad.T @ h_s  # (V, n) @ (n, C)
+        ctx.save_for_backward(grad_h, None if grad_w is None else grad_w.to(weight.dtype))
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        scale = lambda g: None if g is None else g * grad_total  # noqa: E731
+        return scale(grad_h), scale(grad_w), None, None, None

@@ -95,6 +95,41 @@ def test_logits_match_peft(name, targets, rslora):
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("targets,chunk_tokens", [(list(LINEAR), 256), (list(TARGETS), 256), (list(TARGETS), 5)],
+                         ids=["plain-lm_head", "lora-lm_head", "lora-lm_head-many-slices"])
+def test_training_loss_and_lora_gradients_match_peft(targets, chunk_tokens):
+    """The training loss (litft/loss.py, both of its paths) and every LoRA gradient against PEFT's labels= loss."""
+    from litft.loss import chunked_next_token_loss
+
+    hf, ours = tiny_pair("tiny-gqa")
+    cfg = LoRAConfig(r=4, alpha=8, dropout=0.0, targets=targets)
+    pm = peft_model(hf, cfg).train()
+    torch.manual_seed(1)
+    for n, p in pm.named_parameters():
+        if "lora_" in n:
+            torch.nn.init.normal_(p, std=0.1)
+    add_lora(ours, cfg)
+    mark_only_lora_trainable(ours)
+    copy_peft_lora_into(pm, ours)
+    x = torch.randint(0, ours.config.vocab_size, (2, 13))
+    y = x.clone()
+    y[:, :4] = -100  # a masked prompt
+    expected = pm(input_ids=x, labels=y).loss
+    expected.backward()
+    loss = chunked_next_token_loss(ours.lm_head, ours.norm(ours.trunk(ours.embed(x))), y, chunk_tokens=chunk_tokens)
+    loss.backward()
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=0)
+    theirs = {}
+    for name, p in pm.named_parameters():
+        m = re.fullmatch(r"base_model\.model\.(.+)\.lora_(embedding_)?([AB])(?:\.default(?:\.weight)?)", name)
+        if m:
+            theirs[hf_to_lit_name(m.group(1)) + f".lora_{m.group(3)}"] = p.grad
+    ours_grads = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
+    assert sorted(ours_grads) == sorted(theirs)
+    for name, grad in ours_grads.items():
+        torch.testing.assert_close(grad, theirs[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
 def test_only_lora_is_trainable_and_saved(tmp_path):
     _, ours = tiny_pair("tiny-mha")
     add_lora(ours, LoRAConfig(r=4, targets=list(TARGETS)))
