@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,7 +59,9 @@ def save(fabric, model, optimizer, scheduler, state: State, out_dir: Path, keep:
     fabric.barrier()
     model_sd, optim_sd = get_state_dict(model, _raw(optimizer))
     names = trainable_names(model)
-    dcp.save({"model": {k: v for k, v in model_sd.items() if k in names}, "optim": optim_sd}, checkpoint_id=tmp)
+    with warnings.catch_warnings():  # a single process is a supported use, not something to warn about
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save({"model": {k: v for k, v in model_sd.items() if k in names}, "optim": optim_sd}, checkpoint_id=tmp)
     torch.save(_rng_state(), tmp / f"rng-{fabric.global_rank}.pt")
     if fabric.global_rank == 0:
         meta = {"step": state.step, "position": state.position, "scheduler": scheduler.state_dict(),
@@ -82,7 +85,9 @@ def load(fabric, model, optimizer, scheduler, out_dir: Path) -> State:
     model_sd, optim_sd = get_state_dict(model, _raw(optimizer))
     names = trainable_names(model)
     model_sd = {k: v for k, v in model_sd.items() if k in names}
-    dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
     set_state_dict(model, _raw(optimizer), model_state_dict=model_sd, optim_state_dict=optim_sd,
                    options=StateDictOptions(strict=False))
     meta = torch.load(path / "meta.pt", weights_only=True)

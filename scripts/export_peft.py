@@ -100,7 +100,9 @@ def main(checkpoint_dir: Path, lora_path: Path, output_dir: Path) -> None:
     atomic_write_text(output_dir / "adapter_config.json", json.dumps(config, indent=2) + "\n")
     if lora.new_tokens:  # the adapter is unusable without the tokenizer that knows the new ids
         write_tokenizer(checkpoint_dir, output_dir, lora.new_tokens, base.vocab_size)
-    print(f"wrote {len(tensors)} LoRA tensors for {config['target_modules']} to {output_dir}", file=sys.stderr)
+    rows = f" and {len(lora.new_tokens)} new-token rows (+ tokenizer)" if lora.new_tokens else ""
+    print(f"wrote {sum('lora_' in k for k in tensors)} LoRA tensors for {config['target_modules']}{rows} to "
+          f"{output_dir}", file=sys.stderr)
 
 
 if __name__ == "__main__":
