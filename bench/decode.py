@@ -1,10 +1,10 @@
-"""Decode speed: litft's KV-cache loop against transformers' `generate`, same weights, same greedy task.
+"""Decode speed: litft's KV-cache loop against transformers' and litgpt's `generate`, same weights, same task.
 
     python bench/decode.py --checkpoint_dir checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct
 
-Each round times both libraries producing `new_tokens` greedy tokens after a `prompt_tokens`-long prompt
-(prefill included), alternating litft, transformers, litft, transformers … so that a machine that speeds up
-or slows down during the run affects both alike. It prints each round, the medians and their ratio.
+Each round times every library producing `new_tokens` greedy tokens after a `prompt_tokens`-long prompt
+(prefill included), alternating litft, transformers, litgpt, litft, … so that a machine that speeds up or
+slows down during the run affects all alike. It prints each round, the medians and their ratios to litft.
 Without --checkpoint_dir it uses SmolLM2-135M's shapes with random weights (speed does not depend on the
 values, but then the two token sequences may differ where random logits nearly tie).
 """
@@ -51,6 +51,17 @@ def build_models(checkpoint_dir: Optional[Path]) -> tuple[Llama, torch.nn.Module
     return ours.eval(), hf.eval()
 
 
+def build_litgpt(ours: Llama) -> torch.nn.Module:
+    """litgpt's GPT holding the same weights (fused qkv), with its KV cache for one sequence."""
+    from frameworks import litgpt_shapes, to_litgpt_state_dict
+    from litgpt.model import GPT, Config as LitGPTConfig
+
+    c = ours.config
+    model = GPT(LitGPTConfig(**litgpt_shapes(c)))
+    model.load_state_dict(to_litgpt_state_dict(ours.state_dict(), c))
+    return model.eval()
+
+
 def timed(fn: Callable[[], list[int]]) -> tuple[float, list[int]]:
     start = time.perf_counter()
     ids = fn()
@@ -76,6 +87,18 @@ def main(checkpoint_dir: Optional[Path] = None, prompt_tokens: int = 128, new_to
     def run_litft() -> list[int]:
         return list(generate(ours, prompt, new_tokens, temperature=0))
 
+    litgpt = build_litgpt(ours)
+
+    def run_litgpt() -> list[int]:
+        from litgpt.generate.base import generate as litgpt_generate
+
+        litgpt.max_seq_length = prompt_tokens + new_tokens
+        litgpt.set_kv_cache(batch_size=1)
+        with torch.inference_mode():
+            out = litgpt_generate(litgpt, prompt, prompt_tokens + new_tokens, temperature=0.0, include_prompt=False)
+        litgpt.clear_kv_cache()
+        return out.tolist()
+
     def run_hf() -> list[int]:
         with torch.inference_mode():
             out = hf.generate(prompt[None], attention_mask=torch.ones(1, prompt_tokens, dtype=torch.long),
@@ -85,17 +108,20 @@ def main(checkpoint_dir: Optional[Path] = None, prompt_tokens: int = 128, new_to
 
     print(f"{ours.config.name or 'model'}: prompt {prompt_tokens}, {new_tokens} new tokens, greedy, fp32, "
           f"{torch.get_num_threads()} threads", file=sys.stderr)
-    run_litft(), run_hf()  # warm-up
-    speeds: dict[str, list[float]] = {"litft": [], "transformers": []}
+    libraries = {"litft": run_litft, "transformers": run_hf, "litgpt": run_litgpt}
+    ids = {name: fn() for name, fn in libraries.items()}  # warm-up, and the tokens to compare
+    speeds: dict[str, list[float]] = {name: [] for name in libraries}
     for r in range(rounds):
-        for name, fn in (("litft", run_litft), ("transformers", run_hf)):
-            seconds, ids = timed(fn)
-            speeds[name].append(len(ids) / seconds)
+        for name, fn in libraries.items():
+            seconds, new = timed(fn)
+            speeds[name].append(len(new) / seconds)
             print(f"round {r + 1} {name:>12}: {speeds[name][-1]:6.1f} tokens/s ({seconds:.2f} s)")
-    same = sum(a == b for a, b in zip(run_litft(), run_hf()))
-    lit, ref = statistics.median(speeds["litft"]), statistics.median(speeds["transformers"])
-    print(f"median litft {lit:.1f} tokens/s, transformers {ref:.1f} tokens/s, ratio {lit / ref:.2f}x "
-          f"(greedy ids identical at {same}/{new_tokens} positions)")
+    lit = statistics.median(speeds["litft"])
+    for name in ("transformers", "litgpt"):
+        same = sum(a == b for a, b in zip(ids["litft"], ids[name]))
+        other = statistics.median(speeds[name])
+        print(f"median litft {lit:.1f} tokens/s, {name} {other:.1f} tokens/s: litft is {lit / other:.2f}x "
+              f"(greedy ids identical at {same}/{new_tokens} positions)")
 
 
 if __name__ == "__main__":

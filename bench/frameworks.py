@@ -99,16 +99,22 @@ def to_litgpt_state_dict(sd: dict[str, Tensor], config: Config) -> dict[str, Ten
     return out
 
 
+def litgpt_shapes(c: Config) -> dict:
+    """litgpt Config fields for a litft config: a Llama (RMSNorm, SwiGLU, rotary on the whole head, no bias)."""
+    return dict(name=c.name, n_layer=c.n_layer, n_embd=c.n_embd, n_head=c.n_head, n_query_groups=c.n_query_groups,
+                head_size=c.head_size, intermediate_size=c.intermediate_size, vocab_size=c.vocab_size,
+                padded_vocab_size=c.vocab_size, block_size=c.block_size, rope_base=c.rope_base, norm_eps=c.norm_eps,
+                rotary_percentage=1.0, bias=False, norm_class_name="RMSNorm", mlp_class_name="LLaMAMLP",
+                parallel_residual=False)
+
+
 def build_litgpt(spec: StepSpec):
     from litgpt.utils import chunked_cross_entropy
 
     if spec.activation_checkpointing:
         raise SystemExit("litgpt applies activation checkpointing through its FSDP strategy only; not benchmarked")
     c = spec.config
-    shapes = dict(name=c.name, n_layer=c.n_layer, n_embd=c.n_embd, n_head=c.n_head, n_query_groups=c.n_query_groups,
-                  head_size=c.head_size, intermediate_size=c.intermediate_size, vocab_size=c.vocab_size,
-                  padded_vocab_size=c.vocab_size, block_size=c.block_size, rope_base=c.rope_base, norm_eps=c.norm_eps,
-                  bias=False, norm_class_name="RMSNorm", mlp_class_name="LLaMAMLP", parallel_residual=False)
+    shapes = litgpt_shapes(c)
     if spec.method == "lora":
         from litgpt.lora import GPT, Config as LoRAConfig, mark_only_lora_as_trainable
 

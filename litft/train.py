@@ -100,7 +100,7 @@ def fit(args: TrainArgs, method: Method) -> dict:
     fabric = make_fabric(args)
     fabric.launch()
     accumulation = args.check(fabric.world_size)
-    fabric.seed_everything(args.seed)  # the same initial weights (e.g. LoRA's A) on every process
+    fabric.seed_everything(args.seed, verbose=False)  # the same initial weights (e.g. LoRA's A) on every process
 
     train_data, val_data = data_lib.load_split(args.data, "train"), data_lib.load_split(args.data, "test")
     tokenizer = Tokenizer(tokenizer_of(args, method))
