@@ -43,7 +43,8 @@ def main(model: str = "SmolLM2-135M", seq: int = 256, micro_batch_size: int = 4,
         for checkpointing in (False, True):
             row = {}
             for method in ("lora", "full"):  # one process at a time: each has the machine to itself
-                print(f"{method}, {allocator}, activation checkpointing {checkpointing} ...", file=sys.stderr, flush=True)
+                print(f"{method}, {allocator}, activation checkpointing {checkpointing} ...", file=sys.stderr,
+                      flush=True)
                 w = Worker("litft", env=env, method=method, model=model, seq=seq, micro_batch_size=micro_batch_size,
                            precision=precision, threads=threads, activation_checkpointing=checkpointing)
                 w.wait_ready()

@@ -48,7 +48,8 @@ def reset_peak_rss() -> None:
 
 def main(framework: Literal["litft", "transformers", "litgpt"], method: Literal["lora", "full"] = "lora",
          model: str = "SmolLM2-135M", seq: int = 256, micro_batch_size: int = 4, precision: Literal["32-true", "bf16-mixed"] = "32-true",
-         dropout: float = 0.05, threads: int = 0, seed: int = 0, activation_checkpointing: bool = False) -> None:
+         dropout: float = 0.05, threads: int = 0, seed: int = 0,
+         activation_checkpointing: bool = False) -> None:
     """Serve timed training steps of one library over stdin/stdout.
 
     Args:

@@ -4,7 +4,8 @@
         --lora_path out/lora/lit_model_lora.pth --prompt "Name a primary color." --temperature 0
 
 r, alpha, the targets and the prompt style are read from the run directory (the folder of --lora_path: lora.yaml,
-prompt_style.yaml), never repeated on the command line; so is the tokenizer when the run added new tokens. Other flags: litft.generate.generate_cli.
+prompt_style.yaml), never repeated on the command line; so is the tokenizer when the run added new tokens.
+Other flags: litft.generate.generate_cli.
 """
 
 from functools import partial

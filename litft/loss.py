@@ -13,10 +13,11 @@ and, later, their gradient. `chunked_next_token_loss` never holds them all. With
     d loss_sum / d h      = (softmax − onehot) W                  (n, V) @ (V, C) -> (n, C)
     d loss_sum / d W     += (softmax − onehot)ᵀ h                 (V, n) @ (n, C) -> (V, C), only if W trains
 
-and keeps only those (the size of h and W); backward multiplies them by the incoming gradient. Same
-arithmetic as the plain loss, one (slice, vocab) block of logits alive at a time. An output layer with its own
+and keeps only those (the size of h and W); backward multiplies them by the incoming gradient. The same
+matmuls as the plain loss, one (slice, vocab) block of logits alive at a time. An output layer with its own
 trainable parts (LoRA on lm_head, new-token rows) is instead re-applied to each slice in the backward pass
-(activation checkpointing), at the cost of one more lm_head matmul.
+(activation checkpointing), at the cost of one more lm_head matmul; so is any lm_head under float16, whose
+loss scaling only reaches the gradients in the backward pass.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ def chunked_next_token_loss(lm_head: nn.Module, hidden: Tensor, labels: Tensor, 
     h = hidden.flatten(0, 1)  # (B·T, C)
     targets = shift_labels(labels, ignore_index).flatten()  # (B·T,)
     count = (targets != ignore_index).sum()
-    if type(lm_head) is nn.Linear and lm_head.bias is None:
+    # exactly nn.Linear, not a subclass: LoRALinear (LoRA on lm_head, new-token rows) has trainables of its own
+    if type(lm_head) is nn.Linear and lm_head.bias is None and not _half_precision(h):
         total = LinearCrossEntropy.apply(h, lm_head.weight, targets, ignore_index, chunk_tokens)
     else:
         total = hidden.new_zeros((), dtype=torch.float32)
@@ -61,6 +63,14 @@ def chunked_next_token_loss(lm_head: nn.Module, hidden: Tensor, labels: Tensor, 
                                                               targets[s : s + chunk_tokens], ignore_index,
                                                               use_reentrant=False)
     return total / count  # NaN when nothing is labelled, like F.cross_entropy's mean
+
+
+def _half_precision(h: Tensor) -> bool:
+    """float16 in play (16-mixed, 16-true): gradients formed in forward would be cast to fp16 before the loss
+    scaler multiplies them, and tiny softmax values would underflow; such runs take the checkpointed path."""
+    device = h.device.type
+    return h.dtype == torch.float16 or (torch.is_autocast_enabled(device) and
+                                        torch.get_autocast_dtype(device) == torch.float16)
 
 
 def _summed_loss(lm_head: nn.Module, h: Tensor, targets: Tensor, ignore_index: int) -> Tensor:

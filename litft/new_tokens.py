@@ -9,11 +9,13 @@ matched whole in the text before anything else is tokenized, and decoded back to
 - tokenizer.model (sentencepiece): appended as USER_DEFINED pieces, which sentencepiece matches whole
   (needs the `protobuf` package to edit the model file).
 
-The tokenizer's own vocabulary must end exactly at V, otherwise the new ids would not line up with the rows.
+A checkpoint that ships both files (most Llama-2 and Mistral repositories) gets both grown. The tokenizer's own
+vocabulary must end exactly at V, otherwise the new ids would not line up with the rows.
 
-Where the grown tokenizer lives: data_prep (--new_tokens) writes it next to train.pt, finetune/lora.py copies it
-into the run directory, and generate/, scripts/evaluate.py, merge and export read it from there
-(`tokenizer_dir`), so the tokens are named once, when the data is prepared.
+The tokens are named once, when the data is prepared (data_prep --new_tokens), and the grown files written
+next to train.pt; finetune/lora.py records the tokens in lora.yaml and copies the files into the run
+directory, where generate/ and scripts/evaluate.py read them (`tokenizer_dir`); merge and export grow the
+base's files again from lora.yaml's list, which gives the same files.
 """
 
 from __future__ import annotations
@@ -26,33 +28,65 @@ from litft.errors import UserError
 def grown_tokenizer_files(checkpoint_dir: Path, new_tokens: list[str], first_id: int) -> dict[str, bytes]:
     """The tokenizer file(s) of `checkpoint_dir` with `new_tokens` appended at ids first_id, first_id + 1, ..."""
     checkpoint_dir = Path(checkpoint_dir)
-    if (path := checkpoint_dir / "tokenizer.json").is_file():
-        return {"tokenizer.json": _grow_hf(path, new_tokens, first_id)}
-    if (path := checkpoint_dir / "tokenizer.model").is_file():
-        return {"tokenizer.model": _grow_sentencepiece(path, new_tokens, first_id)}
-    raise UserError(f"{checkpoint_dir} has neither tokenizer.json nor tokenizer.model to add new tokens to")
+    if any(not t or t != t.strip() for t in new_tokens) or len(set(new_tokens)) != len(new_tokens):
+        raise UserError(f"new tokens {new_tokens}: each must be non-empty, without spaces at either end, and "
+                        "different from the others")
+    grow = {"tokenizer.json": _grow_hf, "tokenizer.model": _grow_sentencepiece}
+    grown = {name: fn(checkpoint_dir / name, new_tokens, first_id) for name, fn in grow.items()
+             if (checkpoint_dir / name).is_file()}
+    if not grown:
+        raise UserError(f"{checkpoint_dir} has neither tokenizer.json nor tokenizer.model to add new tokens to")
+    return grown
 
 
 def write_tokenizer(checkpoint_dir: Path, out_dir: Path, new_tokens: list[str], first_id: int) -> list[str]:
-    """Copy `checkpoint_dir`'s tokenizer files into `out_dir`, the vocabulary grown by `new_tokens`; return names."""
+    """Copy `checkpoint_dir`'s tokenizer files into `out_dir`, the vocabulary grown by `new_tokens`; return names.
+
+    Tokenizer files already in `out_dir` that the base does not have are removed, so none is left stale."""
     from litft.checkpoint import atomic_path
     from litft.convert_hf import TOKENIZER_FILES, copy_files
 
+    if Path(out_dir).resolve() == Path(checkpoint_dir).resolve():
+        raise UserError(f"{out_dir} is the base checkpoint; its tokenizer must not be overwritten, "
+                        "choose another directory")
     grown = grown_tokenizer_files(checkpoint_dir, new_tokens, first_id)
     copied = copy_files(checkpoint_dir, out_dir, tuple(n for n in TOKENIZER_FILES if n not in grown))
     for name, data in grown.items():
         with atomic_path(Path(out_dir) / name) as tmp:
             tmp.write_bytes(data)
+    remove_other_tokenizer_files(out_dir, keep=[*copied, *grown])
     return copied + [f"{name} (+{len(new_tokens)} tokens)" for name in grown]
 
 
-def has_tokenizer(directory: Path | None) -> bool:
-    return directory is not None and any((Path(directory) / n).is_file() for n in ("tokenizer.json", "tokenizer.model"))
+def copy_tokenizer(src_dir: Path, out_dir: Path) -> list[str]:
+    """Copy `src_dir`'s tokenizer files into `out_dir`, removing any other tokenizer file left there."""
+    from litft.convert_hf import copy_files
+
+    copied = copy_files(src_dir, out_dir)
+    remove_other_tokenizer_files(out_dir, keep=copied)
+    return copied
+
+
+def remove_other_tokenizer_files(directory: Path, keep: list[str]) -> None:
+    from litft.convert_hf import TOKENIZER_FILES
+
+    for name in set(TOKENIZER_FILES) - set(keep):
+        (Path(directory) / name).unlink(missing_ok=True)
 
 
 def tokenizer_dir(run_dir: Path | None, checkpoint_dir: Path) -> Path:
-    """The run (or data) directory when it holds its own, grown tokenizer; otherwise the base checkpoint's."""
-    return Path(run_dir) if has_tokenizer(run_dir) else Path(checkpoint_dir)
+    """The tokenizer to use with a run: its own grown one when its LoRA added tokens, else the base's."""
+    from litft.lora import FILE, LoRAConfig
+
+    if run_dir is None or not (Path(run_dir) / FILE).is_file():
+        return Path(checkpoint_dir)
+    new_tokens = LoRAConfig.from_dir(run_dir).new_tokens
+    if not new_tokens:
+        return Path(checkpoint_dir)
+    if not any((Path(run_dir) / n).is_file() for n in ("tokenizer.json", "tokenizer.model")):
+        raise UserError(f"{run_dir} adds new tokens {new_tokens} but holds no tokenizer file; copy back the "
+                        "tokenizer.json / tokenizer.model that finetune/lora.py wrote there")
+    return Path(run_dir)
 
 
 def _check(size: int, first_id: int, new_tokens: list[str], path: Path, present: list[str]) -> None:

@@ -219,6 +219,9 @@ def prepare(train: list[dict], test: list[dict], *, task: str, source: str, dest
     check_writable(destination_path)
     if max_seq_length < 2:
         raise UserError(f"--max_seq_length must be at least 2 (one answer token and EOS), got {max_seq_length}")
+    if new_tokens and destination_path.resolve() == Path(checkpoint_dir).resolve():
+        raise UserError(f"--destination_path {destination_path} is the model's own directory; its tokenizer must "
+                        "not be overwritten with new tokens, choose another --destination_path")
     with tempfile.TemporaryDirectory() as grown_dir:
         tokenizer = grown_tokenizer(checkpoint_dir, list(new_tokens), Path(grown_dir))
     if tokenizer.eos_id is None:
@@ -236,8 +239,7 @@ def prepare(train: list[dict], test: list[dict], *, task: str, source: str, dest
             "new_tokens": list(new_tokens)}
     try:
         if new_tokens:
-            first_id = tokenizer.vocab_size - len(new_tokens)  # the model's vocabulary V
-            write_tokenizer(checkpoint_dir, destination_path, list(new_tokens), first_id)
+            write_tokenizer(checkpoint_dir, destination_path, list(new_tokens), model_vocab_size(checkpoint_dir))
         for name in SPLITS:
             with atomic_path(destination_path / f"{name}.pt") as tmp:
                 torch.save(samples[name], tmp)
@@ -252,16 +254,19 @@ def prepare(train: list[dict], test: list[dict], *, task: str, source: str, dest
 
 def grown_tokenizer(checkpoint_dir: Path, new_tokens: list[str], scratch: Path):
     """The checkpoint's tokenizer, with `new_tokens` appended after the model's vocabulary when there are any."""
-    from litft.config import Config
     from litft.tokenizer import Tokenizer
 
     if not new_tokens:
         return Tokenizer(checkpoint_dir)
-    if any(not t or t != t.strip() or "," in t for t in new_tokens):
-        raise UserError(f"--new_tokens {','.join(new_tokens)!r}: each token must be non-empty, without spaces at "
-                        "either end; separate them with commas")
-    write_tokenizer(checkpoint_dir, scratch, new_tokens, Config.from_checkpoint(checkpoint_dir).vocab_size)
+    write_tokenizer(checkpoint_dir, scratch, new_tokens, model_vocab_size(checkpoint_dir))
     return Tokenizer(scratch)
+
+
+def model_vocab_size(checkpoint_dir: Path) -> int:
+    """V, the number of embedding rows of the model: new tokens get ids V, V + 1, ..."""
+    from litft.config import Config
+
+    return Config.from_checkpoint(checkpoint_dir).vocab_size
 
 
 def split_tokens(text: str) -> list[str]:

@@ -34,9 +34,9 @@ from tqdm import tqdm
 from litft import data as data_lib
 from litft import train_state
 from litft.checkpoint import atomic_write_text, load_lit_model, save_state_dict
-from litft.convert_hf import copy_files
 from litft.errors import UserError
 from litft.model import Llama
+from litft.new_tokens import copy_tokenizer
 from litft.tokenizer import Tokenizer
 
 IGNORE_INDEX = -100
@@ -328,13 +328,13 @@ def write_run_files(args: TrainArgs, method: Method, model: Llama, style) -> Non
     style.save(out)
     method.save_config(out)
     if method.new_tokens:  # the data's grown tokenizer goes with the run, for generate/ and merge
-        copy_files(data_lib.data_dir(args.data), out)
+        copy_tokenizer(data_lib.data_dir(args.data), out)
 
 
 def tokenizer_of(args: TrainArgs, method: Method) -> Path:
     """The base tokenizer, or the data's grown one when the data was prepared with --new_tokens."""
     new_tokens = data_lib.meta_of(args.data).get("new_tokens", [])
-    if new_tokens != method.new_tokens:
+    if new_tokens and new_tokens != method.new_tokens:
         raise UserError(f"{data_lib.data_dir(args.data)} was prepared with new tokens {new_tokens}, which "
                         f"{method.name} cannot train; use finetune/lora.py, or prepare the data without --new_tokens")
     return data_lib.data_dir(args.data) if new_tokens else args.checkpoint_dir

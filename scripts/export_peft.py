@@ -13,8 +13,9 @@ base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight (embeddings: lo
 stores without `.weight`). r, α, rsLoRA and the targets come from the run's lora.yaml. The base weights are
 not needed: the model is built on the meta device only to check that the file fits the base's shapes.
 
-A run with new tokens exports their rows as PEFT's trainable tokens (`trainable_token_indices`: ids V, V + 1, ...)
-together with the grown tokenizer; grow the base model to the tokenizer's size before loading the adapter:
+A run with new tokens exports their rows as PEFT's trainable tokens (`trainable_token_indices`: ids V, V + 1,
+...; PEFT ≥ 0.15, tested with 0.21) together with the grown tokenizer; grow the base model to the tokenizer's
+size before loading the adapter:
 
     tokenizer = AutoTokenizer.from_pretrained("out/lora/peft")
     model.resize_token_embeddings(len(tokenizer))
@@ -37,7 +38,7 @@ from litft.errors import UserError
 from litft.finetuned import check_same_base
 from litft.lora import LoRAConfig, add_lora, check_lora_state_dict
 from litft.model import Llama
-from litft.new_tokens import write_tokenizer
+from litft.new_tokens import remove_other_tokenizer_files, write_tokenizer
 
 HF_MODULES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
               "down": "down_proj", "embed": "embed_tokens", "lm_head": "lm_head"}
@@ -72,7 +73,8 @@ def main(checkpoint_dir: Path, lora_path: Path, output_dir: Path) -> None:
     """Write --lora_path as a PEFT adapter (adapter_config.json, adapter_model.safetensors) in --output_dir.
 
     Args:
-        checkpoint_dir: the base lit checkpoint the LoRA run was trained on (model_config.yaml; tokenizer files for new tokens).
+        checkpoint_dir: the base lit checkpoint the LoRA run was trained on (model_config.yaml; with new tokens,
+            its tokenizer files too).
         lora_path: the run's lit_model_lora.pth (its folder holds lora.yaml).
         output_dir: where to write the adapter (created if needed).
     """
@@ -100,6 +102,8 @@ def main(checkpoint_dir: Path, lora_path: Path, output_dir: Path) -> None:
     atomic_write_text(output_dir / "adapter_config.json", json.dumps(config, indent=2) + "\n")
     if lora.new_tokens:  # the adapter is unusable without the tokenizer that knows the new ids
         write_tokenizer(checkpoint_dir, output_dir, lora.new_tokens, base.vocab_size)
+    else:  # the base's own tokenizer serves; none from an earlier export may linger
+        remove_other_tokenizer_files(output_dir, keep=[])
     rows = f" and {len(lora.new_tokens)} new-token rows (+ tokenizer)" if lora.new_tokens else ""
     print(f"wrote {sum('lora_' in k for k in tensors)} LoRA tensors for {config['target_modules']}{rows} to "
           f"{output_dir}", file=sys.stderr)

@@ -19,11 +19,10 @@ from pathlib import Path
 from litft.checkpoint import atomic_path, load_lit_model, save_lit_checkpoint
 from litft.cli import run
 from litft.config import Config
-from litft.convert_hf import copy_files
 from litft.errors import UserError
 from litft.finetuned import check_same_base
 from litft.lora import LoRAConfig, load_lora, merge_lora
-from litft.new_tokens import grown_tokenizer_files, write_tokenizer
+from litft.new_tokens import copy_tokenizer, grown_tokenizer_files, write_tokenizer
 from litft.prompts import FILE as PROMPT_STYLE
 
 
@@ -49,7 +48,7 @@ def main(checkpoint_dir: Path, lora_path: Path, out_dir: Path) -> None:
     merged = merge_lora(model)
     save_lit_checkpoint(merged, out_dir)
     copied = (write_tokenizer(checkpoint_dir, out_dir, lora.new_tokens, base.vocab_size) if lora.new_tokens
-              else copy_files(checkpoint_dir, out_dir))  # new tokens at ids V, V + 1, ...
+              else copy_tokenizer(checkpoint_dir, out_dir))  # new tokens at ids V, V + 1, ...
     if (lora_path.parent / PROMPT_STYLE).is_file():
         with atomic_path(out_dir / PROMPT_STYLE) as tmp:
             shutil.copyfile(lora_path.parent / PROMPT_STYLE, tmp)

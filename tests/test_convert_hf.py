@@ -167,9 +167,11 @@ def test_hf_lit_hf_round_trip(tmp_path, shape, dtype, shard, sentencepiece_model
         assert torch.equal(back(x).logits, original(x).logits)
 
 
-@pytest.mark.parametrize("chunk_tokens", [512, 8], ids=["one-slice", "many-slices"])
+@pytest.mark.parametrize("chunk_tokens", [None, 8], ids=["model-forward", "many-slices"])
 def test_training_loss_and_gradients_match_transformers(tmp_path, chunk_tokens):
-    """The chunked training loss (litft/loss.py) against transformers' `labels=` loss: value and every gradient."""
+    """The chunked training loss (litft/loss.py) against transformers' `labels=` loss: value and every gradient.
+
+    None: through Llama.forward(x, labels=y), as training calls it (46 positions, one slice); 8: six slices."""
     from litft.convert_hf import hf_to_lit_name
     from litft.loss import chunked_next_token_loss
 
@@ -181,7 +183,7 @@ def test_training_loss_and_gradients_match_transformers(tmp_path, chunk_tokens):
     y[0, :9], y[1, 15:] = -100, -100  # a masked prompt, and padding
     expected = hf(x, labels=y).loss
     expected.backward()
-    if chunk_tokens == 512:
+    if chunk_tokens is None:
         loss = ours(x, labels=y)
     else:
         loss = chunked_next_token_loss(ours.lm_head, ours.norm(ours.trunk(ours.embed(x))), y, chunk_tokens=chunk_tokens)
@@ -190,3 +192,24 @@ def test_training_loss_and_gradients_match_transformers(tmp_path, chunk_tokens):
     grads = {hf_to_lit_name(n): p.grad for n, p in hf.named_parameters()}
     for name, p in ours.named_parameters():
         torch.testing.assert_close(p.grad, grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_training_loss_under_bf16_autocast_matches_transformers(tmp_path):
+    """bf16-mixed: the chunked loss and its gradients against transformers' under the same autocast; both round
+    to bf16, so they agree to bf16's precision, not fp32's."""
+    from litft.convert_hf import hf_to_lit_name
+
+    hf = tiny_hf_llama(4, 2, tied=True)
+    hf.save_pretrained(tmp_path / "hf")
+    ours = convert(tmp_path / "hf", tmp_path / "lit")
+    x = torch.randint(0, 96, (2, 23), generator=torch.Generator().manual_seed(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, loss = hf(x, labels=x).loss, ours(x, labels=x)
+    expected.backward()
+    loss.backward()
+    torch.testing.assert_close(loss, expected, atol=2e-2, rtol=0)
+    grads = {hf_to_lit_name(n): p.grad for n, p in hf.named_parameters()}
+    for name, p in ours.named_parameters():
+        assert p.grad.dtype == torch.float32
+        error = (p.grad - grads[name]).norm() / grads[name].norm()
+        assert error < 5e-2, (name, float(error))

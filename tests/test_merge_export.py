@@ -207,7 +207,31 @@ def test_export_with_new_tokens_loads_in_peft_and_matches(bases, tmp_path, tied)
     hf = hf_model(model.config)
     hf.resize_token_embeddings(32002)
     pm = peft.PeftModel.from_pretrained(hf, out).eval()
-    x = torch.tensor([ids, [32001, 5, 32000, 7, 9, 32000, 11][: len(ids)] + ids[7:]])
+    x = torch.tensor([ids, ids[::-1]])  # the new ids at other positions in the second row
     with torch.no_grad():
         expected = pm(x).logits  # (2, T, 32002)
         torch.testing.assert_close(model(x), expected, atol=1e-4, rtol=0)
+
+
+def test_both_tokenizer_files_are_grown(bases, tmp_path):
+    """A base with tokenizer.model and tokenizer.json (most Llama-2 repositories): both get the new tokens, read
+    back by sentencepiece and by tokenizers; no stale file is left in the output."""
+    import sentencepiece
+    from tokenizers import Tokenizer
+
+    from litft.new_tokens import write_tokenizer
+
+    both = tmp_path / "both"
+    both.mkdir()
+    shutil.copy(bases[True] / "tokenizer.model", both / "tokenizer.model")
+    fast = transformers.AutoTokenizer.from_pretrained(both)  # transformers' own conversion to tokenizer.json
+    fast.backend_tokenizer.save(str(both / "tokenizer.json"))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "special_tokens_map.json").write_text("{}")  # left over from something else
+    write_tokenizer(both, out, ["<a>", "<b>"], 32000)
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
+    hf = Tokenizer.from_file(str(out / "tokenizer.json"))
+    assert [sp.piece_to_id(t) for t in ("<a>", "<b>")] == [hf.token_to_id(t) for t in ("<a>", "<b>")] == [32000, 32001]
+    assert 32001 in sp.encode("x <b> y") and 32001 in hf.encode("x <b> y").ids
+    assert not (out / "special_tokens_map.json").exists()

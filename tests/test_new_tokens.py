@@ -27,7 +27,8 @@ def test_new_tokens_from_data_prep_to_generation(tiny_checkpoint, tmp_path):
     model = Llama(Config.from_name("tiny-gqa", vocab_size=vocab))
     with torch.no_grad():
         for p in model.parameters():
-            p.mul_(0.1) if p.dim() > 1 else None
+            if p.dim() > 1:  # small weights: the loss starts near log(vocab)
+                p.mul_(0.1)
     save_lit_checkpoint(model, base)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tiny_checkpoint / name, base / name)
@@ -63,3 +64,9 @@ def test_new_tokens_from_data_prep_to_generation(tiny_checkpoint, tmp_path):
     full = run_script("finetune/full.py", *flags, "--out_dir", tmp_path / "full")
     assert_user_error(full, "prepared with new tokens", "finetune/lora.py")
     assert not (tmp_path / "full").exists()
+    (run / "tokenizer.json").unlink()  # the run's ids mean nothing to the base tokenizer: refuse, do not guess
+    assert_user_error(run_script("generate/lora.py", "--checkpoint_dir", base, "--lora_path", run / "lit_model_lora.pth",
+                                 *ask), "holds no tokenizer file")
+    again = run_script("data_prep/json_data.py", "--data_file", tmp_path / "rows.json", "--destination_path", data,
+                       "--checkpoint_dir", base, "--new_tokens", "<ans>,<ans>")
+    assert_user_error(again, "different from the others")
