@@ -219,9 +219,6 @@ def prepare(train: list[dict], test: list[dict], *, task: str, source: str, dest
     check_writable(destination_path)
     if max_seq_length < 2:
         raise UserError(f"--max_seq_length must be at least 2 (one answer token and EOS), got {max_seq_length}")
-    if new_tokens and destination_path.resolve() == Path(checkpoint_dir).resolve():
-        raise UserError(f"--destination_path {destination_path} is the model's own directory; its tokenizer must "
-                        "not be overwritten with new tokens, choose another --destination_path")
     with tempfile.TemporaryDirectory() as grown_dir:
         tokenizer = grown_tokenizer(checkpoint_dir, list(new_tokens), Path(grown_dir))
     if tokenizer.eos_id is None:

@@ -327,7 +327,7 @@ def write_run_files(args: TrainArgs, method: Method, model: Llama, style) -> Non
     model.config.save(out)
     style.save(out)
     method.save_config(out)
-    if method.new_tokens:  # the data's grown tokenizer goes with the run, for generate/ and merge
+    if method.new_tokens:  # the data's grown tokenizer goes with the run, for generate/ and evaluate
         copy_tokenizer(data_lib.data_dir(args.data), out)
 
 
