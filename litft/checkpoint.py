@@ -133,7 +133,10 @@ def load_lit_model(checkpoint_dir: Path, device: torch.device | str = "cpu", dty
     path = Path(weights_path) if weights_path is not None else checkpoint_dir / WEIGHTS
     if weights_path is None and not path.is_file():
         raise UserError(f"{checkpoint_dir} has no {WEIGHTS}; convert the model first (scripts/convert_hf_checkpoint.py)")
-    state_dict = load_state_dict(path)
+    # Memory-mapped when the weights move to a GPU: the file's pages are read once and need no CPU copy. On the
+    # CPU the model holds every weight anyway, and as its own memory it can be freed tensor by tensor (a mapped
+    # file stays resident until its last tensor goes; see litft/cpu_decoding.py, which replaces most of them).
+    state_dict = load_state_dict(path, mmap=torch.device(device).type != "cpu")
     with torch.device("meta"):
         model = Llama(config)
     check_shapes(model, state_dict, path)

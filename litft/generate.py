@@ -17,6 +17,9 @@ How the next token is picked from the logits z (vocab,):
                   sampling, Holtzman et al. 2019 — https://arxiv.org/abs/1904.09751)
     sample        draw from softmax of what is left (a seeded torch.Generator makes it reproducible)
 
+On a CPU in fp32, `generate_cli` first stores the weights in a layout that lets every thread work on each
+matrix-vector product (litft/cpu_decoding.py); the loop itself does not change.
+
 `greedy_without_cache` is the same greedy loop with no cache at all: slow, but so simple it serves as the
 reference the cached loop is tested against. `generate_cli` is what the generate/ scripts run.
 """
@@ -33,6 +36,7 @@ import torch
 from torch import Tensor
 
 from litft.config import Config
+from litft.cpu_decoding import prepare_for_cpu_decoding
 from litft.errors import UserError
 from litft.new_tokens import tokenizer_dir
 from litft.prompts import PromptStyle, resolve_style
@@ -72,32 +76,14 @@ def sample(logits: Tensor, temperature: float = 1.0, top_k: Optional[int] = None
 # ---- the decoding loops ----------------------------------------------------------------------------------
 
 
-def next_token_logits(model: torch.nn.Module, idx: Tensor, input_pos: Tensor,
-                      head: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
+def next_token_logits(model: torch.nn.Module, idx: Tensor, input_pos: Tensor) -> Tensor:
     """(1, T) ids at positions input_pos -> (1, vocab) logits for the token after the last one.
 
     Same as model(idx, input_pos)[:, -1], but only the last position goes through the output head: during the
     prefill that saves a (T × n_embd) @ (n_embd × vocab) matmul whose other T - 1 rows nobody reads.
     """
     x = model.trunk(model.embed(idx), input_pos)  # (1, T, C); the KV cache now holds these T positions
-    return (head or model.lm_head)(model.norm(x[:, -1]))  # (1, vocab)
-
-
-def decoding_head(model: torch.nn.Module) -> Callable[[Tensor], Tensor]:
-    """The output projection (1, C) -> (1, vocab), in the layout that decodes fastest.
-
-    Decoding one token is matrix-vector work that streams every weight from memory once, and the output head is
-    the largest single matrix (SmolLM2-135M: 49152 × 576, a fifth of the model). In float32 on a CPU (MKL),
-    x @ W with a (C, vocab) copy of the weight runs about twice as fast as nn.Linear's x @ Wᵀ on the stored
-    (vocab, C) matrix: ~20 instead of ~40 ms per token for SmolLM2-135M, for a one-off copy that takes about
-    as long as one or two decoding steps. In bf16/fp16 (slower that way), on a GPU, or when lm_head is not a
-    plain Linear (e.g. wrapped by LoRA), the module is used as it is.
-    """
-    head, w = model.lm_head, model.lm_head.weight
-    if type(head) is not torch.nn.Linear or head.bias is not None or (w.device.type, w.dtype) != ("cpu", torch.float32):
-        return head
-    weight_t = w.t().contiguous()  # (C, vocab)
-    return lambda x: x @ weight_t
+    return model.lm_head(model.norm(x[:, -1]))  # (1, vocab)
 
 
 def check_fits(block_size: int, prompt_len: int, max_new_tokens: int) -> None:
@@ -123,9 +109,8 @@ def generate(model: torch.nn.Module, prompt: Tensor, max_new_tokens: int, temper
     check_fits(model.config.block_size, T, max_new_tokens)
     stop_ids, device = set(stop_ids), prompt.device
     model.set_kv_cache(batch_size=1, max_seq_length=T + max_new_tokens)
-    head = decoding_head(model)
     try:
-        logits = next_token_logits(model, prompt[None], torch.arange(T, device=device), head)  # prefill
+        logits = next_token_logits(model, prompt[None], torch.arange(T, device=device))  # prefill
         for t in range(T, T + max_new_tokens):
             token = sample(logits, temperature, top_k, top_p, generator)  # (1,)
             token_id = int(token)  # the host needs the id to stream it or to stop
@@ -133,7 +118,7 @@ def generate(model: torch.nn.Module, prompt: Tensor, max_new_tokens: int, temper
                 return
             yield token_id
             if t + 1 < T + max_new_tokens:
-                logits = next_token_logits(model, token[None], torch.tensor([t], device=device), head)  # decode
+                logits = next_token_logits(model, token[None], torch.tensor([t], device=device))  # decode
     finally:
         model.clear_kv_cache()
 
@@ -216,7 +201,7 @@ def generate_cli(checkpoint_dir: Path, prompt: str, max_new_tokens: int = 100, t
     check_fits(Config.from_checkpoint(checkpoint_dir).block_size, len(ids), max_new_tokens)  # before loading
 
     t0 = time.perf_counter()
-    model = load_model(checkpoint_dir, device=device, dtype=dtype).eval()
+    model = prepare_for_cpu_decoding(load_model(checkpoint_dir, device=device, dtype=dtype).eval())
     print(f"loaded {checkpoint_dir} in {time.perf_counter() - t0:.2f} s ({device.type}, {precision})", file=sys.stderr)
 
     ids = ids.to(device)

@@ -20,6 +20,7 @@ import torch
 
 from litft.checkpoint import atomic_write_text
 from litft.cli import run
+from litft.cpu_decoding import prepare_for_cpu_decoding
 from litft.data import data_dir, load_split, meta_of, prompt_style_of
 from litft.errors import UserError
 from litft.evaluate import evaluate
@@ -58,7 +59,7 @@ def main(checkpoint_dir: Path, data: str, weights_path: Optional[Path] = None, s
     check_same_tokens(samples[0], tokenizer, style, data, checkpoint_dir)
     warn_if_trained_with_another_style(weights_path, style)
 
-    model = load_finetuned(checkpoint_dir, weights_path, device, dtype)
+    model = prepare_for_cpu_decoding(load_finetuned(checkpoint_dir, weights_path, device, dtype))
     start = time.perf_counter()
     report = evaluate(model, tokenizer, samples, style, task, limit, max_new_tokens, batch_size)
     report.update(data=str(data_dir(data)), split=split, checkpoint_dir=str(checkpoint_dir),

@@ -1,0 +1,67 @@
+"""A weight layout for decoding on a CPU: each thread streams its own slice of every matrix.
+
+Decoding one token multiplies a (1, d_in) row by every weight matrix of the model. That is matrix-vector
+work: two FLOPs per weight read, so its speed is the rate at which weights come in from memory. On a CPU,
+torch computes an fp32 `nn.Linear` on one row (y = x Wᵀ, W stored as (d_out, d_in)) with a single BLAS
+matrix-vector call that runs on one thread however many torch has: on a 2-core Zen 4 it reads weights at
+10–15 GB/s, against ~50 GB/s for a plain `sum` over the same bytes.
+
+`SplitLinear` stores Wᵀ cut into n column blocks, one per thread:
+
+    blocks = [W₁ᵀ, W₂ᵀ, …, Wₙᵀ]                        (n, d_in, d_out / n), W padded to a multiple of n rows
+    y = x Wᵀ = [x W₁ᵀ | x W₂ᵀ | … | x Wₙᵀ]             one batched matmul; torch gives each thread one block
+
+The arithmetic is the same; only the order of the additions inside each dot product may differ (results
+agree to ~1e-5 relative). The prompt's prefill goes through the same layout, one (T, d_in) @ (d_in, d_out / n)
+product per thread. On SmolLM2-135M (2 threads) a decoding step takes ~36 ms instead of ~55 ms; see
+bench/decode.py and bench/RESULTS.md. In bf16 on a CPU the layout measured no faster, and on a GPU the
+matrix-vector kernels already use the whole device, so only fp32 CPU models are converted.
+
+`prepare_for_cpu_decoding(model)` swaps every plain fp32 `nn.Linear` of a CPU model for a `SplitLinear`, in
+place. It is for a model loaded to generate: the swapped layers keep their weights only in this layout, so
+the model's state_dict no longer holds them — save before, never after. A LoRA model is merged first
+(litft/lora.py, `merge_lora`), so that its layers are plain `nn.Linear` too.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class SplitLinear(nn.Module):
+    """y = x Wᵀ (+ b) with Wᵀ kept as `n` column blocks, (n, d_in, d_out / n), for an n-thread matmul."""
+
+    def __init__(self, linear: nn.Linear, n: int) -> None:
+        super().__init__()
+        weight = linear.weight.detach()  # (d_out, d_in)
+        self.out_features, d_in = weight.shape
+        if self.out_features % n:
+            weight = F.pad(weight, (0, 0, 0, -self.out_features % n))  # (n · k, d_in), k = ceil(d_out / n)
+        blocks = weight.t().reshape(d_in, n, -1).transpose(0, 1)  # (n, d_in, k), a view: one copy below
+        self.register_buffer("blocks", blocks.contiguous(), persistent=False)
+        self.bias = None if linear.bias is None else linear.bias.detach()
+
+    def forward(self, x: Tensor) -> Tensor:  # (..., d_in) -> (..., d_out)
+        rows = x.reshape(1, -1, x.size(-1))  # (1, R, d_in), R = all leading dims
+        y = torch.matmul(rows, self.blocks)  # (n, R, k): block i holds output columns i·k .. (i+1)·k - 1
+        y = y.transpose(0, 1).reshape(*x.shape[:-1], -1)[..., : self.out_features]  # (..., d_out)
+        return y if self.bias is None else y + self.bias
+
+
+def prepare_for_cpu_decoding(model: nn.Module, threads: int | None = None) -> nn.Module:
+    """Swap every plain fp32 CPU `nn.Linear` in `model` for a `SplitLinear` over `threads` blocks, in place.
+
+    Leaves the layers of a GPU or 16-bit model as they are. With one thread (n = 1) this is just Wᵀ stored
+    as (d_in, d_out), which BLAS also multiplies faster than W. Returns the same model.
+    """
+    n = threads or torch.get_num_threads()
+    names = [name for name, m in model.named_modules()
+             if type(m) is nn.Linear and (m.weight.device.type, m.weight.dtype) == ("cpu", torch.float32)]
+    for name in names:  # one at a time, so each old weight can be freed as soon as its copy exists
+        parent, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent)
+        setattr(parent, attr, SplitLinear(getattr(parent, attr), n))
+    return model
