@@ -4,7 +4,8 @@
 
 Each round times every library producing `new_tokens` greedy tokens after a `prompt_tokens`-long prompt
 (prefill included), alternating litft, transformers, litgpt, litft, … so that a machine that speeds up or
-slows down during the run affects all alike. It prints each round, the medians and their ratios to litft.
+slows down during the run affects all alike. litft runs as generate/ scripts run it, with the CPU decoding
+layout (litft/cpu_decoding.py). It prints each round, the medians and their ratios to litft.
 Without --checkpoint_dir it uses SmolLM2-135M's shapes with random weights (speed does not depend on the
 values, but then the two token sequences may differ where random logits nearly tie).
 """
@@ -22,6 +23,7 @@ import torch
 from litft.checkpoint import load_lit_model
 from litft.cli import run
 from litft.config import Config
+from litft.cpu_decoding import prepare_for_cpu_decoding
 from litft.generate import generate
 from litft.model import Llama
 
@@ -88,6 +90,7 @@ def main(checkpoint_dir: Optional[Path] = None, prompt_tokens: int = 128, new_to
         return list(generate(ours, prompt, new_tokens, temperature=0))
 
     litgpt = build_litgpt(ours)
+    prepare_for_cpu_decoding(ours)  # as generate_cli does after loading (last: the others copy its weights)
 
     def run_litgpt() -> list[int]:
         from litgpt.generate.base import generate as litgpt_generate
