@@ -1,0 +1,57 @@
+"""LoRA dropout against the definition of (inverted) dropout: each element zeroed with probability p, the rest
+scaled by 1 / (1 - p), as torch.nn.functional.dropout does; and one mask per input tensor."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from litft.lora_dropout import SharedDropout, cpu_dropout
+
+
+@pytest.mark.parametrize("p", [0.05, 0.3, 0.5])
+def test_cpu_dropout_drops_each_element_with_probability_p(p):
+    torch.manual_seed(0)
+    x = torch.rand(999, 1001) + 1.0  # no zeros of its own; an odd count, not a multiple of 4
+    out = cpu_dropout(x, p)
+    dropped = out == 0
+    sigma = math.sqrt(p * (1 - p) / x.numel())
+    assert abs(dropped.float().mean().item() - p) < 5 * sigma
+    for lane in range(4):  # each of the four elements cut from one 64-bit draw is dropped with probability p
+        lane_dropped = dropped.flatten()[lane::4].float()
+        assert abs(lane_dropped.mean().item() - p) < 5 * math.sqrt(p * (1 - p) / lane_dropped.numel())
+    torch.testing.assert_close(out[~dropped], x[~dropped] / (1 - p), rtol=1e-4, atol=0)  # F.dropout's scale
+
+
+def test_cpu_dropout_gradient_is_the_mask_times_the_scale():
+    x = torch.randn(3, 5, 7, requires_grad=True)
+    out = cpu_dropout(x, 0.5)
+    out.sum().backward()
+    kept = out != 0
+    assert kept.any() and not kept.all()
+    assert torch.equal(x.grad, kept.float() * 2.0)  # 1 / (1 - p), p = 0.5
+
+
+def test_cpu_dropout_is_reproducible_under_a_seed():
+    x = torch.ones(64, 64)
+    torch.manual_seed(3)
+    a = cpu_dropout(x, 0.5)
+    torch.manual_seed(3)
+    assert torch.equal(a, cpu_dropout(x, 0.5))
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_layers_reading_one_tensor_share_one_mask(autocast):
+    """As q, k and v do: the second layer sees the same dropped copy; the test itself keeps no reference to it."""
+    drop = SharedDropout(0.5).train()
+    x = torch.randn(2, 8, 16)
+    lora_a = torch.randn(4, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        h1 = drop(x) @ lora_a.T
+        h2 = drop(x) @ lora_a.T  # equal to h1 only if the mask is the same
+        h3 = drop(x.clone()) @ lora_a.T  # another tensor: another mask
+    assert torch.equal(h1, h2) and not torch.equal(h1, h3)
+    assert h1.dtype == (torch.bfloat16 if autocast else torch.float32)
+    assert torch.equal(SharedDropout(0.5).eval()(x), x)
