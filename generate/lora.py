@@ -5,17 +5,17 @@
 
 r, alpha, the targets and the prompt style are read from the run directory (the folder of --lora_path: lora.yaml,
 prompt_style.yaml), never repeated on the command line; so is the tokenizer when the run added new tokens.
-The LoRA is merged into the weights after loading (W + (α/r)·B·A), so decoding costs what the base model's does.
+In fp32 (the CPU default) the LoRA is merged into the weights after loading, W' = W + (α/r)·B·A, so decoding
+costs what the base model's does; in 16-bit it stays a separate branch (see litft/finetuned.py).
 Other flags: litft.generate.generate_cli.
 """
 
+from functools import partial
 from pathlib import Path
 
 from litft.cli import run
 from litft.finetuned import load_finetuned
 from litft.generate import generate_cli
-from litft.lora import merge_lora
-from litft.model import Llama
 
 
 def main(lora_path: Path, **flags) -> None:
@@ -24,9 +24,7 @@ def main(lora_path: Path, **flags) -> None:
     Args:
         lora_path: a LoRA run's lit_model_lora.pth; its folder holds lora.yaml (and prompt_style.yaml).
     """
-    def load(checkpoint_dir: Path, **kwargs) -> Llama:  # merged: decodes as fast as the base model
-        return merge_lora(load_finetuned(checkpoint_dir, weights_path=lora_path, method="lora", **kwargs))
-
+    load = partial(load_finetuned, weights_path=lora_path, method="lora", merge=True)
     generate_cli(load_model=load, run_dir=Path(lora_path).parent, **flags)
 
 

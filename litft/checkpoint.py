@@ -123,20 +123,20 @@ def save_lit_checkpoint(model: Llama, checkpoint_dir: Path) -> None:
 
 
 def load_lit_model(checkpoint_dir: Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
-                   config: Config | None = None, weights_path: Path | None = None) -> Llama:
+                   config: Config | None = None, weights_path: Path | None = None, mmap: bool = True) -> Llama:
     """Build the model from `checkpoint_dir` without first allocating random weights (meta device).
 
     `weights_path` replaces `checkpoint_dir/lit_model.pth`, e.g. a full fine-tune's out_dir/lit_model.pth.
+    `mmap` maps the file instead of reading it: processes share its pages and nothing is copied before the
+    weights move to a GPU. mmap=False gives the model memory of its own, freed tensor by tensor when a tensor
+    is replaced (litft/cpu_decoding.py); a mapped file stays resident until its last tensor is gone.
     """
     checkpoint_dir = Path(checkpoint_dir)
     config = config or Config.from_checkpoint(checkpoint_dir)
     path = Path(weights_path) if weights_path is not None else checkpoint_dir / WEIGHTS
     if weights_path is None and not path.is_file():
         raise UserError(f"{checkpoint_dir} has no {WEIGHTS}; convert the model first (scripts/convert_hf_checkpoint.py)")
-    # Memory-mapped when the weights move to a GPU: the file's pages are read once and need no CPU copy. On the
-    # CPU the model holds every weight anyway, and as its own memory it can be freed tensor by tensor (a mapped
-    # file stays resident until its last tensor goes; see litft/cpu_decoding.py, which replaces most of them).
-    state_dict = load_state_dict(path, mmap=torch.device(device).type != "cpu")
+    state_dict = load_state_dict(path, mmap=mmap)
     with torch.device("meta"):
         model = Llama(config)
     check_shapes(model, state_dict, path)

@@ -1,26 +1,28 @@
 """A weight layout for decoding on a CPU: each thread streams its own slice of every matrix.
 
 Decoding one token multiplies a (1, d_in) row by every weight matrix of the model. That is matrix-vector
-work: two FLOPs per weight read, so its speed is the rate at which weights come in from memory. On a CPU,
-torch computes an fp32 `nn.Linear` on one row (y = x Wᵀ, W stored as (d_out, d_in)) with a single BLAS
-matrix-vector call that runs on one thread however many torch has: on a 2-core Zen 4 it reads weights at
-10–15 GB/s, against ~50 GB/s for a plain `sum` over the same bytes.
+work: two FLOPs per weight read, so its speed is the rate at which weights come in from memory. With the
+torch 2.13 CPU build, an fp32 `nn.Linear` on one row (y = x Wᵀ, W stored as (d_out, d_in)) measured the same
+speed with 1 thread as with 2: 10–15 GB/s of weights on a 2-core Zen 4 that sums a tensor at ~50 GB/s.
 
 `SplitLinear` stores Wᵀ cut into n column blocks, one per thread:
 
     blocks = [W₁ᵀ, W₂ᵀ, …, Wₙᵀ]                        (n, d_in, d_out / n), W padded to a multiple of n rows
-    y = x Wᵀ = [x W₁ᵀ | x W₂ᵀ | … | x Wₙᵀ]             one batched matmul; torch gives each thread one block
+    y = x Wᵀ = [x W₁ᵀ | x W₂ᵀ | … | x Wₙᵀ]             one batched matmul, which torch spreads over its threads
 
 The arithmetic is the same; only the order of the additions inside each dot product may differ (results
 agree to ~1e-5 relative). The prompt's prefill goes through the same layout, one (T, d_in) @ (d_in, d_out / n)
-product per thread. On SmolLM2-135M (2 threads) a decoding step takes ~36 ms instead of ~55 ms; see
-bench/decode.py and bench/RESULTS.md. In bf16 on a CPU the layout measured no faster, and on a GPU the
-matrix-vector kernels already use the whole device, so only fp32 CPU models are converted.
+product per block. On SmolLM2-135M with 2 threads a decoding step took ~36 ms instead of ~55 ms (table per
+matrix shape in bench/RESULTS.md); with n = 1 the layout is plain Wᵀ, which measured faster than W as well.
+In bf16 on a CPU it measured no faster, and GPU kernels already use the whole device, so only fp32 CPU
+models are converted. Many-core machines (small blocks) have not been measured.
 
 `prepare_for_cpu_decoding(model)` swaps every plain fp32 `nn.Linear` of a CPU model for a `SplitLinear`, in
-place. It is for a model loaded to generate: the swapped layers keep their weights only in this layout, so
-the model's state_dict no longer holds them — save before, never after. A LoRA model is merged first
-(litft/lora.py, `merge_lora`), so that its layers are plain `nn.Linear` too.
+place, freeing each original weight once its copy exists — except a tied output head's, which is still the
+embedding (SmolLM2-135M: 113 MB more). The model is then for generation only: the swapped weights are no
+longer parameters, so it can be neither trained nor saved (saving raises). A LoRA model can be merged first
+(litft/finetuned.py, `merge=True`) so that its layers are plain `nn.Linear` too; other wrapped layers (LoRA
+unmerged, LLaMA-Adapter v2's scaled layers) are left as they are.
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ class SplitLinear(nn.Module):
             weight = F.pad(weight, (0, 0, 0, -self.out_features % n))  # (n · k, d_in), k = ceil(d_out / n)
         blocks = weight.t().reshape(d_in, n, -1).transpose(0, 1)  # (n, d_in, k), a view: one copy below
         self.register_buffer("blocks", blocks.contiguous(), persistent=False)
-        self.bias = None if linear.bias is None else linear.bias.detach()
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach(), persistent=False)
+        self.register_state_dict_pre_hook(refuse_to_save)
 
     def forward(self, x: Tensor) -> Tensor:  # (..., d_in) -> (..., d_out)
         rows = x.reshape(1, -1, x.size(-1))  # (1, R, d_in), R = all leading dims
@@ -51,11 +54,16 @@ class SplitLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+def refuse_to_save(module: nn.Module, prefix: str, keep_vars: bool) -> None:
+    raise RuntimeError(f"{prefix or 'this layer'} holds its weight in the CPU decoding layout, which is not "
+                       "saved; save the model before prepare_for_cpu_decoding")
+
+
 def prepare_for_cpu_decoding(model: nn.Module, threads: int | None = None) -> nn.Module:
     """Swap every plain fp32 CPU `nn.Linear` in `model` for a `SplitLinear` over `threads` blocks, in place.
 
-    Leaves the layers of a GPU or 16-bit model as they are. With one thread (n = 1) this is just Wᵀ stored
-    as (d_in, d_out), which BLAS also multiplies faster than W. Returns the same model.
+    `threads` defaults to torch.get_num_threads(). GPU and 16-bit layers are left as they are; calling it
+    twice changes nothing more. Returns the same model.
     """
     n = threads or torch.get_num_threads()
     names = [name for name, m in model.named_modules()

@@ -6,33 +6,41 @@ The run directory (the folder holding the weights file) says which method produc
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from litft.checkpoint import WEIGHTS, load_lit_model, load_state_dict
 from litft.config import Config
 from litft.errors import UserError
+from litft.lora import merge_lora
 from litft.model import Llama
 
 
 def load_finetuned(checkpoint_dir: Path, weights_path: Path | None = None, device: str | torch.device = "cpu",
-                   dtype: torch.dtype | None = None, method: str | None = None) -> Llama:
+                   dtype: torch.dtype | None = None, method: str | None = None, merge: bool = False,
+                   mmap: bool = True) -> Llama:
     """The base model from `checkpoint_dir`, with the method's weights from `weights_path` applied.
 
     `method` (adapter, adapter_v2, full, ...) says what `weights_path` must be; by default the run directory
-    says it (see above).
+    says it (see above). `merge` folds a LoRA into the weights when they are fp32 (exact to rounding there; in
+    16-bit, W + (α/r)·B·A would be rounded to W's precision, losing small updates), so it costs nothing more
+    than the base model to run. `mmap`: see load_lit_model.
     """
+    load_base = partial(load_lit_model, device=device, dtype=dtype, mmap=mmap)
     if weights_path is None:
-        return load_lit_model(checkpoint_dir, device=device, dtype=dtype).eval()
+        return load_base(checkpoint_dir).eval()
     weights_path = Path(weights_path)
     method = method or detect_method(weights_path)
     if method == "full":
-        return load_full(checkpoint_dir, weights_path, device, dtype).eval()
+        return load_full(checkpoint_dir, weights_path, load_base).eval()
     if method in ("adapter", "adapter_v2"):
-        return load_adapter(checkpoint_dir, weights_path, device, dtype, v2=method == "adapter_v2").eval()
+        return load_adapter(checkpoint_dir, weights_path, load_base, v2=method == "adapter_v2").eval()
     if method == "lora":
-        return load_lora_run(checkpoint_dir, weights_path, device, dtype).eval()
+        model = load_lora_run(checkpoint_dir, weights_path, load_base).eval()
+        return merge_lora(model) if merge and model.embed.weight.dtype == torch.float32 else model
     raise UserError(f"unknown method {method!r}; choose lora, adapter, adapter_v2 or full")
 
 
@@ -54,7 +62,7 @@ def check_same_base(run_dir: Path, base: Config, source: Path) -> None:
                         f"{base.n_layer} layers); pass the --checkpoint_dir it was trained on")
 
 
-def load_adapter(checkpoint_dir: Path, weights_path: Path, device, dtype, v2: bool) -> Llama:
+def load_adapter(checkpoint_dir: Path, weights_path: Path, load_base: Callable[..., Llama], v2: bool) -> Llama:
     """Base model + LLaMA-Adapter (v1 or v2); prompt length and start layer come from the run directory."""
     from litft import adapter, adapter_v2
 
@@ -64,28 +72,28 @@ def load_adapter(checkpoint_dir: Path, weights_path: Path, device, dtype, v2: bo
     adapter.check_not_other_method(state_dict, weights_path, v2)
     config = config_cls.from_dir(weights_path.parent)
     check_same_base(weights_path.parent, Config.from_checkpoint(checkpoint_dir), weights_path)
-    model = load_lit_model(checkpoint_dir, device=device, dtype=dtype)
+    model = load_base(checkpoint_dir)
     add(model, config)
     load(model, state_dict, weights_path)
     return model
 
 
-def load_lora_run(checkpoint_dir: Path, weights_path: Path, device, dtype) -> Llama:
+def load_lora_run(checkpoint_dir: Path, weights_path: Path, load_base: Callable[..., Llama]) -> Llama:
     """Base model + LoRA; r, alpha, targets (and new tokens) come from the run directory's lora.yaml."""
     from litft.lora import LoRAConfig, load_lora
 
     LoRAConfig.from_dir(weights_path.parent)  # fail before the base model is read
     check_same_base(weights_path.parent, Config.from_checkpoint(checkpoint_dir), weights_path)
-    return load_lora(load_lit_model(checkpoint_dir, device=device, dtype=dtype), weights_path)
+    return load_lora(load_base(checkpoint_dir), weights_path)
 
 
-def load_full(checkpoint_dir: Path, weights_path: Path, device, dtype) -> Llama:
+def load_full(checkpoint_dir: Path, weights_path: Path, load_base: Callable[..., Llama]) -> Llama:
     """A full fine-tune: the run's weights file, or a run directory that is itself a lit checkpoint."""
     if (method := detect_method(weights_path)) != "full":
         raise UserError(f"{weights_path} holds {method} weights (its run directory has {method}.yaml), not a full "
                         f"fine-tune; serve it with generate/{method}.py")
     if weights_path.is_dir():  # finetune/full.py's run directory is a lit checkpoint of its own
-        return load_lit_model(weights_path, device=device, dtype=dtype)
+        return load_base(weights_path)
     config = Config.from_checkpoint(checkpoint_dir)
     check_same_base(weights_path.parent, config, weights_path)
-    return load_lit_model(checkpoint_dir, device=device, dtype=dtype, config=config, weights_path=weights_path)
+    return load_base(checkpoint_dir, config=config, weights_path=weights_path)

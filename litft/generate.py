@@ -185,7 +185,7 @@ def generate_cli(checkpoint_dir: Path, prompt: str, max_new_tokens: int = 100, t
         prompt_style: wrap the prompt in this style (plain, alpaca, chatml, smollm2, llama2-chat); by default
             the style saved as prompt_style.yaml in the run or checkpoint directory, else the prompt as given.
 
-    The generate/ scripts differ only in `load_model(checkpoint_dir, device=, dtype=)`, which builds the
+    The generate/ scripts differ only in `load_model(checkpoint_dir, device=, dtype=, mmap=)`, which builds the
     model (e.g. base weights plus LoRA weights), and `run_dir`, a fine-tuning run's directory searched for
     prompt_style.yaml before checkpoint_dir (None for a plain checkpoint).
     """
@@ -201,7 +201,9 @@ def generate_cli(checkpoint_dir: Path, prompt: str, max_new_tokens: int = 100, t
     check_fits(Config.from_checkpoint(checkpoint_dir).block_size, len(ids), max_new_tokens)  # before loading
 
     t0 = time.perf_counter()
-    model = prepare_for_cpu_decoding(load_model(checkpoint_dir, device=device, dtype=dtype).eval())
+    relayout = device.type == "cpu" and dtype == torch.float32  # weights copied into cpu_decoding's layout
+    model = load_model(checkpoint_dir, device=device, dtype=dtype, mmap=not relayout)  # not mapped: freed as copied
+    model = prepare_for_cpu_decoding(model.eval())
     print(f"loaded {checkpoint_dir} in {time.perf_counter() - t0:.2f} s ({device.type}, {precision})", file=sys.stderr)
 
     ids = ids.to(device)

@@ -5,8 +5,9 @@ A frozen weight W (d_out × d_in) gets a trainable low-rank update:
     h = W x + (α / r) · B A x          A: r × d_in,  B: d_out × r,  r ≪ min(d_in, d_out)
 
 A starts kaiming-uniform and B at zero, so B A = 0 and at step 0 the model is exactly the pretrained one;
-only A and B are trained and saved. rsLoRA (Kalajdzievski 2023, https://arxiv.org/abs/2312.03732) scales by
-α / √r instead of α / r, so the update's size does not shrink as r grows.
+only A and B are trained and saved; in training the branch reads dropout(x) (litft/lora_dropout.py).
+rsLoRA (Kalajdzievski 2023, https://arxiv.org/abs/2312.03732) scales by α / √r instead of α / r, so the
+update's size does not shrink as r grows.
 
 Parameter count: each adapted layer adds r · (d_in + d_out). Llama-2-7B (width 4096, MLP 11008, 32 layers)
 at r = 8 on q and v: 32 · 2 · 8 · (4096 + 4096) = 4,194,304; on all seven linear layers (q, k, v, o, gate, up,

@@ -59,7 +59,9 @@ def main(checkpoint_dir: Path, data: str, weights_path: Optional[Path] = None, s
     check_same_tokens(samples[0], tokenizer, style, data, checkpoint_dir)
     warn_if_trained_with_another_style(weights_path, style)
 
-    model = prepare_for_cpu_decoding(load_finetuned(checkpoint_dir, weights_path, device, dtype))
+    relayout = device.type == "cpu" and dtype == torch.float32  # as generate/ scripts: LoRA merged, CPU layout
+    model = load_finetuned(checkpoint_dir, weights_path, device, dtype, merge=True, mmap=not relayout)
+    model = prepare_for_cpu_decoding(model)
     start = time.perf_counter()
     report = evaluate(model, tokenizer, samples, style, task, limit, max_new_tokens, batch_size)
     report.update(data=str(data_dir(data)), split=split, checkpoint_dir=str(checkpoint_dir),

@@ -88,6 +88,12 @@ def test_split_linear_equals_nn_linear(n, bias):
     torch.testing.assert_close(SplitLinear(linear, n)(x[0, :1]), linear(x[0, :1]), rtol=1e-5, atol=1e-6)
 
 
+def test_a_model_in_the_cpu_decoding_layout_refuses_to_be_saved():
+    model = prepare_for_cpu_decoding(tiny_model("tiny-gqa"), threads=2)
+    with pytest.raises(RuntimeError, match="save the model before prepare_for_cpu_decoding"):
+        model.state_dict()
+
+
 def test_cpu_decoding_layout_leaves_lora_and_bf16_models_alone():
     from litft.lora import LoRAConfig, LoRALinear, add_lora
 

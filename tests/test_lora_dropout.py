@@ -55,3 +55,23 @@ def test_layers_reading_one_tensor_share_one_mask(autocast):
     assert torch.equal(h1, h2) and not torch.equal(h1, h3)
     assert h1.dtype == (torch.bfloat16 if autocast else torch.float32)
     assert torch.equal(SharedDropout(0.5).eval()(x), x)
+
+
+def test_activation_checkpointing_recomputes_the_masks_the_forward_pass_used():
+    """Loss and gradients of a checkpointed block must be those of the same block run plainly."""
+    from torch.utils.checkpoint import checkpoint
+
+    drop, x = SharedDropout(0.5).train(), torch.randn(4, 16)
+    a, b = torch.randn(3, 16, requires_grad=True), torch.randn(3, 16, requires_grad=True)
+
+    def two_layers(x):  # both read x, as q and k do
+        return drop(x) @ a.T + drop(x) @ b.T  # (4, 3)
+
+    results = []
+    for block in (two_layers, lambda x: checkpoint(two_layers, x, use_reentrant=False)):
+        torch.manual_seed(0)
+        loss = block(x.clone()).pow(2).sum()  # nonlinear after the block: its backward reads the forward's output
+        loss.backward()
+        results.append((loss.detach(), a.grad, b.grad))
+        a.grad = b.grad = None
+    torch.testing.assert_close(results[0], results[1])
