@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from torch import Tensor
 
 from litft.checkpoint import WEIGHTS, load_lit_model, load_state_dict
 from litft.config import Config
 from litft.errors import UserError
-from litft.lora import merge_lora
+from litft.lora import LoRAConfig, add_lora, is_lora_key, lora_state_dict, merge_lora
 from litft.model import Llama
 
 
@@ -80,8 +81,6 @@ def load_adapter(checkpoint_dir: Path, weights_path: Path, load_base: Callable[.
 
 def load_lora_run(checkpoint_dir: Path, weights_path: Path, load_base: Callable[..., Llama]) -> Llama:
     """Base model + LoRA; r, alpha, targets (and new tokens) come from the run directory's lora.yaml."""
-    from litft.lora import LoRAConfig, load_lora
-
     LoRAConfig.from_dir(weights_path.parent)  # fail before the base model is read
     check_same_base(weights_path.parent, Config.from_checkpoint(checkpoint_dir), weights_path)
     return load_lora(load_base(checkpoint_dir), weights_path)
@@ -97,3 +96,44 @@ def load_full(checkpoint_dir: Path, weights_path: Path, load_base: Callable[...,
     config = Config.from_checkpoint(checkpoint_dir)
     check_same_base(weights_path.parent, config, weights_path)
     return load_base(checkpoint_dir, config=config, weights_path=weights_path)
+
+
+def load_lora_state_dict(model: Llama, state_dict: dict[str, Tensor], source_path: Path) -> None:
+    """Load LoRA tensors into a model prepared with `add_lora`, with one-line errors for the usual mix-ups."""
+    check_lora_state_dict(model, state_dict, source_path)
+    model.load_state_dict(state_dict, strict=False)
+
+
+def check_lora_state_dict(model: Llama, state_dict: dict[str, Tensor], source_path: Path) -> None:
+    """Raise a one-line UserError unless `state_dict` holds exactly the LoRA tensors `model` expects."""
+    expected, src, cfg = lora_state_dict(model), source_path, model.config
+    if not any(is_lora_key(k) for k in state_dict):
+        raise UserError(f"{src} holds no LoRA tensors (first key {next(iter(state_dict), None)!r}); "
+                        "is it an adapter or full checkpoint? Use the generate script for its method")
+    for k, t in state_dict.items():
+        if k not in expected:
+            raise UserError(f"{src} has {k}, which this model has not: it was trained on another base or with other "
+                            f"targets than lora.yaml says (this base: {cfg.name or 'unnamed'}, {cfg.n_layer} layers)")
+        e = expected[k]
+        if t.shape == e.shape:
+            continue
+        r_dim = {"lora_A": 0, "lora_B": 1}.get(k.rsplit(".", 1)[-1])
+        if r_dim is not None and t.shape[1 - r_dim] == e.shape[1 - r_dim]:
+            raise UserError(f"{src} holds rank-{t.shape[r_dim]} LoRA tensors but lora.yaml says r={e.shape[r_dim]}; "
+                            "the file and its lora.yaml do not belong together")
+        raise UserError(f"{src} was made for another base model: {k} is {tuple(t.shape)} in the file but "
+                        f"{tuple(e.shape)} for {cfg.name or 'this base'} (width {cfg.n_embd}); "
+                        "pass the --checkpoint_dir it was trained on")
+    missing = [k for k in expected if k not in state_dict]
+    if missing:
+        raise UserError(f"{src} lacks {len(missing)} LoRA tensors lora.yaml asks for (first: {missing[0]})")
+
+
+def load_lora(model: Llama, lora_path: Path) -> Llama:
+    """Add LoRA to `model` as its run dir's lora.yaml describes and load `lora_path` into it."""
+    lora_path = Path(lora_path)
+    config = LoRAConfig.from_dir(lora_path.parent)
+    state_dict = load_state_dict(lora_path)
+    add_lora(model, config)
+    load_lora_state_dict(model, state_dict, lora_path)
+    return model

@@ -195,63 +195,21 @@ def add_lora(model: Llama, config: LoRAConfig) -> Llama:
     return model.train(model.training)  # new layers follow the model's train/eval mode
 
 
-def _is_lora(name: str) -> bool:
+def is_lora_key(name: str) -> bool:
+    """A, B and new-token rows: the tensors a LoRA run trains and saves."""
     return name.rsplit(".", 1)[-1] in ("lora_A", "lora_B", "new_rows")
 
 
 def mark_only_lora_trainable(model: nn.Module) -> None:
     for name, p in model.named_parameters(remove_duplicate=False):
-        p.requires_grad = _is_lora(name)
+        p.requires_grad = is_lora_key(name)
 
 
 def lora_state_dict(model: Llama) -> dict[str, Tensor]:
     """Exactly the LoRA tensors (A, B and new-token rows); a tied lm_head's new rows are stored once, as embed's."""
     tied = isinstance(model.lm_head, LoRALinear) and model.lm_head.new_rows is not None and \
         isinstance(model.embed, LoRAEmbedding) and model.lm_head.new_rows is model.embed.new_rows
-    return {k: v for k, v in model.state_dict().items() if _is_lora(k) and not (tied and k == "lm_head.new_rows")}
-
-
-def load_lora_state_dict(model: Llama, state_dict: dict[str, Tensor], source_path: Path) -> None:
-    """Load LoRA tensors into a model prepared with `add_lora`, with one-line errors for the usual mix-ups."""
-    check_lora_state_dict(model, state_dict, source_path)
-    model.load_state_dict(state_dict, strict=False)
-
-
-def check_lora_state_dict(model: Llama, state_dict: dict[str, Tensor], source_path: Path) -> None:
-    """Raise a one-line UserError unless `state_dict` holds exactly the LoRA tensors `model` expects."""
-    expected, src, cfg = lora_state_dict(model), source_path, model.config
-    if not any(_is_lora(k) for k in state_dict):
-        raise UserError(f"{src} holds no LoRA tensors (first key {next(iter(state_dict), None)!r}); "
-                        "is it an adapter or full checkpoint? Use the generate script for its method")
-    for k, t in state_dict.items():
-        if k not in expected:
-            raise UserError(f"{src} has {k}, which this model has not: it was trained on another base or with other "
-                            f"targets than lora.yaml says (this base: {cfg.name or 'unnamed'}, {cfg.n_layer} layers)")
-        e = expected[k]
-        if t.shape == e.shape:
-            continue
-        r_dim = {"lora_A": 0, "lora_B": 1}.get(k.rsplit(".", 1)[-1])
-        if r_dim is not None and t.shape[1 - r_dim] == e.shape[1 - r_dim]:
-            raise UserError(f"{src} holds rank-{t.shape[r_dim]} LoRA tensors but lora.yaml says r={e.shape[r_dim]}; "
-                            "the file and its lora.yaml do not belong together")
-        raise UserError(f"{src} was made for another base model: {k} is {tuple(t.shape)} in the file but "
-                        f"{tuple(e.shape)} for {cfg.name or 'this base'} (width {cfg.n_embd}); "
-                        "pass the --checkpoint_dir it was trained on")
-    missing = [k for k in expected if k not in state_dict]
-    if missing:
-        raise UserError(f"{src} lacks {len(missing)} LoRA tensors lora.yaml asks for (first: {missing[0]})")
-
-
-def load_lora(model: Llama, lora_path: Path) -> Llama:
-    """Add LoRA to `model` as its run dir's lora.yaml describes and load `lora_path` into it."""
-    from litft.checkpoint import load_state_dict
-
-    lora_path = Path(lora_path)
-    config = LoRAConfig.from_dir(lora_path.parent)
-    state_dict = load_state_dict(lora_path)
-    add_lora(model, config)
-    load_lora_state_dict(model, state_dict, lora_path)
-    return model
+    return {k: v for k, v in model.state_dict().items() if is_lora_key(k) and not (tied and k == "lm_head.new_rows")}
 
 
 def merge_lora(model: Llama) -> Llama:

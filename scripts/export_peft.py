@@ -35,8 +35,8 @@ from litft.cli import run
 from litft.config import CONFIGS, Config
 from litft.convert_hf import lit_to_hf_name
 from litft.errors import UserError
-from litft.finetuned import check_same_base
-from litft.lora import LoRAConfig, add_lora, check_lora_state_dict
+from litft.finetuned import check_lora_state_dict, check_same_base
+from litft.lora import LoRAConfig, add_lora
 from litft.model import Llama
 from litft.new_tokens import remove_other_tokenizer_files, write_tokenizer
 

@@ -20,8 +20,8 @@ from litft.checkpoint import atomic_path, load_lit_model, save_lit_checkpoint
 from litft.cli import run
 from litft.config import Config
 from litft.errors import UserError
-from litft.finetuned import check_same_base
-from litft.lora import LoRAConfig, load_lora, merge_lora
+from litft.finetuned import check_same_base, load_lora
+from litft.lora import LoRAConfig, merge_lora
 from litft.new_tokens import copy_tokenizer, grown_tokenizer_files, write_tokenizer
 from litft.prompts import FILE as PROMPT_STYLE
 

@@ -11,7 +11,8 @@ from litft.checkpoint import save_state_dict
 from litft.config import Config
 from litft.errors import UserError
 from litft.lora import (LINEAR, TARGETS, LoRAConfig, LoRAEmbedding, LoRALinear, add_lora, count_trainable,
-                        load_lora_state_dict, lora_state_dict, mark_only_lora_trainable, merge_lora)
+                        lora_state_dict, mark_only_lora_trainable, merge_lora)
+from litft.finetuned import load_lora_state_dict
 from litft.model import Llama
 
 peft = pytest.importorskip("peft")
