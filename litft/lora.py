@@ -33,6 +33,7 @@ With tied embeddings, a merged LoRA on embed or lm_head gives the two uses diffe
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -177,10 +178,12 @@ def add_lora(model: Llama, config: LoRAConfig) -> Llama:
     if any(isinstance(m, (LoRALinear, LoRAEmbedding)) for m in model.modules()):
         raise ValueError("the model already has LoRA layers")
     for block in model.blocks:
-        dropouts: dict[str, nn.Module] = {}  # one per input tensor: q, k, v share one, gate and up another
-        for t in (t for t in config.targets if t in LINEAR):
+        targets = [t for t in LINEAR if t in config.targets]
+        groups = Counter(SAME_INPUT.get(t, t) for t in targets)  # one dropout per input tensor: q, k, v share one
+        dropouts = {group: lora_dropout(config.dropout, readers) for group, readers in groups.items()}
+        for t in targets:
             sub, name = LINEAR[t].split(".")
-            parent, drop = getattr(block, sub), dropouts.setdefault(SAME_INPUT.get(t, t), lora_dropout(config.dropout))
+            parent, drop = getattr(block, sub), dropouts[SAME_INPUT.get(t, t)]
             setattr(parent, name, LoRALinear(getattr(parent, name), config, dropout=drop))
     embed_rows = head_rows = None
     if config.new_tokens:  # new rows start at the mean embedding / mean output row

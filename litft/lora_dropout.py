@@ -7,9 +7,9 @@ On a CPU at LoRA's usual p = 0.05 the random mask, not the multiply, is the cost
 1. One mask per input tensor (`SharedDropout`). q, k and v all read the attention norm's output, gate and up
    the MLP norm's: the layers that read one tensor get the same dropped copy, so a block draws four masks
    instead of seven (litgpt's fused qkv shares its mask the same way). Each layer's input is still dropped
-   with probability p. The copy is held while its input tensor is alive (a weak reference tells when that
-   goes), then only as long as autograd needs it. Sharing so depends on nothing but the input, which keeps
-   activation checkpointing exact: its recomputation draws and shares the masks exactly as the forward did.
+   with probability p. The first reader draws the mask, the others reuse the copy, and after the last one
+   it is let go: it lives on only as long as autograd needs it, and a recomputation under activation
+   checkpointing repeats exactly the forward's draws (torch restores the random state) and operations.
    Under bf16 autocast the input is cast *before* dropping, so the dropped copy is the very tensor the LoRA
    matmuls save (cast after, it would be cast and saved once per layer).
 2. A cheaper mask (`cpu_dropout`): torch's CPU dropout draws one random number per element (bernoulli_);
@@ -31,26 +31,26 @@ from torch import Tensor
 
 
 class SharedDropout(nn.Dropout):
-    """Dropout that hands every layer reading the same tensor the same dropped copy."""
+    """Dropout that hands the `readers` layers reading one tensor the same dropped copy, one after another."""
 
-    def __init__(self, p: float) -> None:
+    def __init__(self, p: float, readers: int = 1) -> None:
         super().__init__(p)
-        self.last: tuple[weakref.ref, Tensor] | None = None  # (input, dropped copy) of the latest call
+        self.readers = readers
+        self.last: tuple[weakref.ref, Tensor, int] | None = None  # (input, dropped copy, reads left)
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.training:
             return x
         if self.last is not None and self.last[0]() is x:
-            return self.last[1]
-        x_cast = to_autocast_dtype(x)
-        out = cpu_dropout(x_cast, self.p) if x.is_cpu else super().forward(x_cast)
-        self.last = (weakref.ref(x, self.forget), out)  # the copy is held for as long as its input lives
+            _, out, reads_left = self.last
+        else:
+            x_cast = to_autocast_dtype(x)
+            out = cpu_dropout(x_cast, self.p) if x.is_cpu else super().forward(x_cast)
+            reads_left = self.readers
+        # Let go after the last reader: autograd keeps the copy if backward needs it, and a recomputation
+        # (activation checkpointing) draws again, from the random state it restored, exactly as the forward did.
+        self.last = (weakref.ref(x), out, reads_left - 1) if reads_left > 1 else None
         return out
-
-    def forget(self, input_ref: weakref.ref) -> None:
-        """Called when an input is freed: drop its copy (autograd keeps it if the backward pass needs it)."""
-        if self.last is not None and self.last[0] is input_ref:
-            self.last = None
 
 
 def to_autocast_dtype(x: Tensor) -> Tensor:
@@ -67,5 +67,6 @@ def cpu_dropout(x: Tensor, p: float) -> Tensor:
     return torch.where(lanes >= k, x * (2**15 / (2**15 - k)), 0)
 
 
-def lora_dropout(p: float) -> nn.Module:
-    return SharedDropout(p) if p > 0 else nn.Identity()
+def lora_dropout(p: float, readers: int = 1) -> nn.Module:
+    """Dropout for the LoRA branch of `readers` layers that read the same input tensor."""
+    return SharedDropout(p, readers) if p > 0 else nn.Identity()

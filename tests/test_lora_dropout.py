@@ -45,13 +45,13 @@ def test_cpu_dropout_is_reproducible_under_a_seed():
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
 def test_layers_reading_one_tensor_share_one_mask(autocast):
     """As q, k and v do: the second layer sees the same dropped copy; the test itself keeps no reference to it."""
-    drop = SharedDropout(0.5).train()
+    drop = SharedDropout(0.5, readers=2).train()
     x = torch.randn(2, 8, 16)
     lora_a = torch.randn(4, 16, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         h1 = drop(x) @ lora_a.T
         h2 = drop(x) @ lora_a.T  # equal to h1 only if the mask is the same
-        h3 = drop(x.clone()) @ lora_a.T  # another tensor: another mask
+        h3 = drop(x) @ lora_a.T  # a third read of the same tensor is another step: another mask
     assert torch.equal(h1, h2) and not torch.equal(h1, h3)
     assert h1.dtype == (torch.bfloat16 if autocast else torch.float32)
     assert torch.equal(SharedDropout(0.5).eval()(x), x)
@@ -61,7 +61,7 @@ def test_activation_checkpointing_recomputes_the_masks_the_forward_pass_used():
     """Loss and gradients of a checkpointed block must be those of the same block run plainly."""
     from torch.utils.checkpoint import checkpoint
 
-    drop, x = SharedDropout(0.5).train(), torch.randn(4, 16)
+    drop, x = SharedDropout(0.5, readers=2).train(), torch.randn(4, 16, requires_grad=True)
     a, b = torch.randn(3, 16, requires_grad=True), torch.randn(3, 16, requires_grad=True)
 
     def two_layers(x):  # both read x, as q and k do
@@ -70,8 +70,24 @@ def test_activation_checkpointing_recomputes_the_masks_the_forward_pass_used():
     results = []
     for block in (two_layers, lambda x: checkpoint(two_layers, x, use_reentrant=False)):
         torch.manual_seed(0)
-        loss = block(x.clone()).pow(2).sum()  # nonlinear after the block: its backward reads the forward's output
+        loss = block(x * 1).pow(2).sum()  # nonlinear after the block: its backward reads the forward's output
         loss.backward()
-        results.append((loss.detach(), a.grad, b.grad))
-        a.grad = b.grad = None
+        results.append((loss.detach(), a.grad, b.grad, x.grad))
+        a.grad = b.grad = x.grad = None
     torch.testing.assert_close(results[0], results[1])
+
+
+@pytest.mark.parametrize("activation_checkpointing", [False, True])
+def test_lora_model_with_dropout_trains_under_checkpointing(activation_checkpointing):
+    """The loss recomputes lm_head under checkpoint (litft/loss.py): LoRA on it must redo the same operations."""
+    from litft.config import Config
+    from litft.lora import LINEAR, LoRAConfig, add_lora, mark_only_lora_trainable
+    from litft.model import Llama
+
+    torch.manual_seed(0)
+    model = add_lora(Llama(Config.from_name("tiny-gqa")), LoRAConfig(targets=[*LINEAR, "lm_head"], dropout=0.1))
+    mark_only_lora_trainable(model)
+    model.activation_checkpointing = activation_checkpointing
+    x = torch.randint(0, model.config.vocab_size, (2, 16))
+    model(x, labels=x).backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
