@@ -59,6 +59,14 @@ def refuse_to_save(module: nn.Module, prefix: str, keep_vars: bool) -> None:
                        "saved; save the model before prepare_for_cpu_decoding")
 
 
+def uses_cpu_layout(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether prepare_for_cpu_decoding converts weights on this device in this dtype: fp32 on a CPU.
+
+    Callers load such weights into memory instead of memory-mapping them (load_lit_model's mmap=False), so that
+    each original is freed as soon as its copy exists."""
+    return torch.device(device).type == "cpu" and dtype == torch.float32
+
+
 def prepare_for_cpu_decoding(model: nn.Module, threads: int | None = None) -> nn.Module:
     """Swap every plain fp32 CPU `nn.Linear` in `model` for a `SplitLinear` over `threads` blocks, in place.
 
@@ -67,7 +75,7 @@ def prepare_for_cpu_decoding(model: nn.Module, threads: int | None = None) -> nn
     """
     n = threads or torch.get_num_threads()
     names = [name for name, m in model.named_modules()
-             if type(m) is nn.Linear and (m.weight.device.type, m.weight.dtype) == ("cpu", torch.float32)]
+             if type(m) is nn.Linear and uses_cpu_layout(m.weight.device, m.weight.dtype)]
     for name in names:  # one at a time, so each old weight can be freed as soon as its copy exists
         parent, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent)

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from litft.config import Config
-from litft.cpu_decoding import prepare_for_cpu_decoding
+from litft.cpu_decoding import prepare_for_cpu_decoding, uses_cpu_layout
 from litft.errors import UserError
 from litft.new_tokens import tokenizer_dir
 from litft.prompts import PromptStyle, resolve_style
@@ -201,8 +201,7 @@ def generate_cli(checkpoint_dir: Path, prompt: str, max_new_tokens: int = 100, t
     check_fits(Config.from_checkpoint(checkpoint_dir).block_size, len(ids), max_new_tokens)  # before loading
 
     t0 = time.perf_counter()
-    relayout = device.type == "cpu" and dtype == torch.float32  # weights copied into cpu_decoding's layout
-    model = load_model(checkpoint_dir, device=device, dtype=dtype, mmap=not relayout)  # not mapped: freed as copied
+    model = load_model(checkpoint_dir, device=device, dtype=dtype, mmap=not uses_cpu_layout(device, dtype))
     model = prepare_for_cpu_decoding(model.eval())
     print(f"loaded {checkpoint_dir} in {time.perf_counter() - t0:.2f} s ({device.type}, {precision})", file=sys.stderr)
 

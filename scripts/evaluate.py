@@ -20,7 +20,7 @@ import torch
 
 from litft.checkpoint import atomic_write_text
 from litft.cli import run
-from litft.cpu_decoding import prepare_for_cpu_decoding
+from litft.cpu_decoding import prepare_for_cpu_decoding, uses_cpu_layout
 from litft.data import data_dir, load_split, meta_of, prompt_style_of
 from litft.errors import UserError
 from litft.evaluate import evaluate
@@ -59,8 +59,9 @@ def main(checkpoint_dir: Path, data: str, weights_path: Optional[Path] = None, s
     check_same_tokens(samples[0], tokenizer, style, data, checkpoint_dir)
     warn_if_trained_with_another_style(weights_path, style)
 
-    relayout = device.type == "cpu" and dtype == torch.float32  # as generate/ scripts: LoRA merged, CPU layout
-    model = load_finetuned(checkpoint_dir, weights_path, device, dtype, merge=True, mmap=not relayout)
+    # as the generate/ scripts load a model: LoRA merged (in fp32), weights in the CPU decoding layout
+    model = load_finetuned(checkpoint_dir, weights_path, device, dtype, merge=True,
+                           mmap=not uses_cpu_layout(device, dtype))
     model = prepare_for_cpu_decoding(model)
     start = time.perf_counter()
     report = evaluate(model, tokenizer, samples, style, task, limit, max_new_tokens, batch_size)

@@ -10,9 +10,9 @@ import torch
 from litft.checkpoint import save_state_dict
 from litft.config import Config
 from litft.errors import UserError
+from litft.finetuned import load_lora_state_dict
 from litft.lora import (LINEAR, TARGETS, LoRAConfig, LoRAEmbedding, LoRALinear, add_lora, count_trainable,
                         lora_state_dict, mark_only_lora_trainable, merge_lora)
-from litft.finetuned import load_lora_state_dict
 from litft.model import Llama
 
 peft = pytest.importorskip("peft")
