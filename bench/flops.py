@@ -52,16 +52,23 @@ def step_flops_per_token(config: Config, seq: int, method: str, r: int = 8) -> f
     return 4 * dense_params(config) + 6 * lora_params(config, r) + attention
 
 
-def matmul_rate(config: Config, tokens: int, dtype: torch.dtype, seconds: float = 0.25) -> float:
+def matmul_rate(config: Config, tokens: int, dtype: torch.dtype, seconds: float = 0.25,
+                device: str | torch.device = "cpu") -> float:
     """FLOP/s of torch.mm over the model's shapes, (tokens × d_in) @ (d_in × d_out), FLOP-weighted."""
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     total_flops = total_time = 0.0
     for d_in, d_out, count in linear_shapes(config):
-        a, b = torch.randn(tokens, d_in, dtype=dtype), torch.randn(d_in, d_out, dtype=dtype)
+        a = torch.randn(tokens, d_in, dtype=dtype, device=device)
+        b = torch.randn(d_in, d_out, dtype=dtype, device=device)
         torch.mm(a, b)
+        sync()
         n, t0 = 0, time.perf_counter()
         while time.perf_counter() - t0 < seconds:
             torch.mm(a, b)
             n += 1
+            if n % 10 == 0:
+                sync()
+        sync()
         per_mm = (time.perf_counter() - t0) / n
         total_flops += 2 * tokens * d_in * d_out * count
         total_time += per_mm * count

@@ -1,62 +1,137 @@
-"""LoRA on a Llama-2-7B-shaped model on one GPU: tokens/s, MFU, peak memory; then the same under FSDP.
+"""LoRA on a Llama-2-7B-shaped model on one GPU, litft beside transformers + peft and litgpt; then litft under FSDP.
 
     python bench/gpu.py                                      # H200: a few minutes, random weights
     python bench/gpu.py --device cpu --model tiny-gqa --seq 64 --peak_tflops 1   # checks the script's logic
 
-Part 1 trains LoRA (r 8 on all seven linear layers, dropout 0.05, AdamW) through Fabric with bf16-true (weights,
-activations and LoRA parameters in bfloat16), timing `steps` optimizer steps after `warmup`. MFU is achieved
-FLOP/s over the card's dense bf16 peak (`--peak_tflops`; H200 and H100 SXM: 989), with the FLOPs a LoRA step
-really needs (bench/flops.py: ≈ 4·N per token plus causal attention — not the 6·N of full fine-tuning).
+Part 1 trains LoRA (r 8 on all seven linear layers, dropout 0.05, AdamW) with weights and activations in
+bfloat16, timing `steps` optimizer steps after `warmup`, for each library in turn, as its own recipe runs it:
 
-Part 2 runs a few steps of the same model under Fabric's ModelParallelStrategy (FSDP2: fully_shard per Block,
-then the root, exactly as finetune/*.py --strategy fsdp), one process: the sharded code path end to end.
+    litft                 Fabric bf16-true; loss = litft.train.causal_lm_loss
+    transformers + peft   LlamaForCausalLM in bf16 (SDPA) + get_peft_model with its defaults, which keep the
+                          adapter weights in float32; loss = model(x, labels=x).loss
+    litgpt                litgpt.lora.GPT in bf16; loss as litgpt/finetune/lora.py (lm_head in chunks of 128)
+
+A library that is not installed is skipped. MFU is achieved FLOP/s over the card's dense bf16 peak
+(`--peak_tflops`; H200 and H100 SXM: 989) and over the measured bf16 matmul rate on the model's own shapes, with
+the FLOPs a LoRA step really needs (bench/flops.py: ≈ 4·N per token plus causal attention, not 6·N).
+
+Part 2 runs a few steps of litft under Fabric's ModelParallelStrategy (FSDP2: fully_shard per Block, then the
+root, exactly as finetune/*.py --strategy fsdp), one process: the sharded code path end to end.
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import statistics
 import sys
 import time
+from contextlib import contextmanager
+from typing import Callable, Iterator, Literal
 
 import torch
 from lightning.fabric import Fabric
 
-from flops import step_flops_per_token
+from flops import matmul_rate, step_flops_per_token
+from frameworks import LORA_TARGETS_HF, litgpt_shapes
 from litft.cli import run
 from litft.config import Config
 from litft.lora import LoRAConfig, add_lora, mark_only_lora_trainable
 from litft.model import Llama
 from litft.train import causal_lm_loss, shard_blocks
 
-
-def random_lora_model(config: Config, device: torch.device, dtype: torch.dtype) -> Llama:
-    """Llama with random bf16 weights, built directly on `device` (no fp32 copy), plus LoRA."""
-    with torch.device("meta"):
-        model = Llama(config)
-    model.to_empty(device=device).to(dtype)
-    model.tie_weights()
-    for name, p in model.named_parameters():
-        torch.nn.init.normal_(p, std=0.02) if p.dim() == 2 else torch.nn.init.ones_(p)
-    model.requires_grad_(False)
-    add_lora(model, LoRAConfig(r=8, alpha=16, dropout=0.05))
-    mark_only_lora_trainable(model)
-    return model.train()
+R, ALPHA, DROPOUT = 8, 16.0, 0.05
+Step = Callable[[torch.Tensor], None]  # one optimizer step on a batch
 
 
-def train_steps(fabric: Fabric, model, optimizer, x: torch.Tensor, steps: int) -> list[float]:
-    """Seconds per optimizer step (forward, backward, AdamW), synchronised with the device."""
-    seconds = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        loss = causal_lm_loss(model, x, x)
-        fabric.backward(loss)
+@contextmanager
+def building_on(device: torch.device) -> Iterator[None]:
+    """Create modules directly on `device` in bfloat16: no float32 copy of 7 B parameters on the host."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def adamw(model: torch.nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, betas=(0.9, 0.95))
+
+
+def plain_step(model: torch.nn.Module, loss_fn: Callable[[torch.Tensor], torch.Tensor]) -> Step:
+    optimizer = adamw(model)
+
+    def step(x: torch.Tensor) -> None:
+        loss_fn(x).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if fabric.device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds.append(time.perf_counter() - t0)
-    return seconds
+
+    return step
+
+
+def litft_step(fabric: Fabric, config: Config) -> Step:
+    with torch.device("meta"):
+        model = Llama(config)
+    model.to_empty(device=fabric.device).to(torch.bfloat16)
+    model.tie_weights()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.02) if p.dim() == 2 else torch.nn.init.ones_(p)
+    model.requires_grad_(False)
+    add_lora(model, LoRAConfig(r=R, alpha=ALPHA, dropout=DROPOUT))
+    mark_only_lora_trainable(model)
+    model = fabric.setup_module(model.train())
+    optimizer = fabric.setup_optimizers(adamw(model))
+
+    def step(x: torch.Tensor) -> None:
+        fabric.backward(causal_lm_loss(model, x, x))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def transformers_step(device: torch.device, config: Config) -> Step:
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with building_on(device):
+        model = LlamaForCausalLM(LlamaConfig(**config.to_hf_config(), attn_implementation="sdpa"))
+    model = get_peft_model(model, LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=DROPOUT,
+                                             target_modules=LORA_TARGETS_HF)).train()
+    return plain_step(model, lambda x: model(input_ids=x, labels=x).loss)
+
+
+def litgpt_step(device: torch.device, config: Config) -> Step:
+    from litgpt.lora import GPT, Config as LitGPTConfig, mark_only_lora_as_trainable
+    from litgpt.utils import chunked_cross_entropy
+
+    with building_on(device):
+        model = GPT(LitGPTConfig(**litgpt_shapes(config), lora_r=R, lora_alpha=ALPHA, lora_dropout=DROPOUT,
+                                 lora_query=True, lora_key=True, lora_value=True, lora_projection=True,
+                                 lora_mlp=True))
+    mark_only_lora_as_trainable(model)
+
+    def loss(x: torch.Tensor) -> torch.Tensor:
+        logits = model(x, lm_head_chunk_size=128)
+        logits[-1] = logits[-1][..., :-1, :]
+        return chunked_cross_entropy(logits, x[..., 1:])
+
+    return plain_step(model.train(), loss)
+
+
+def seconds_per_step(step: Step, x: torch.Tensor, warmup: int, steps: int) -> float:
+    """Median wall time of one optimizer step (forward, backward, AdamW), synchronised with the device."""
+    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
+    times = []
+    for _ in range(warmup + steps):
+        sync()
+        t0 = time.perf_counter()
+        step(x)
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[warmup:])
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -64,33 +139,34 @@ def peak_memory_gb(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 1e9
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # CPU: the process's peak RSS
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # CPU: the process's peak RSS (never resets)
 
 
-def run_part(fabric: Fabric, config: Config, seq: int, micro_batch_size: int, warmup: int, steps: int,
-             peak_tflops: float, label: str) -> None:
-    if fabric.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(fabric.device)
-    model = random_lora_model(config, fabric.device, torch.bfloat16)
-    model = fabric.setup_module(model)
-    optimizer = fabric.setup_optimizers(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
-                                                          lr=1e-4, betas=(0.9, 0.95)))
-    x = torch.randint(0, config.vocab_size, (micro_batch_size, seq), device=fabric.device)
-    train_steps(fabric, model, optimizer, x, warmup)
-    seconds = statistics.median(train_steps(fabric, model, optimizer, x, steps))
-    tokens_per_s = micro_batch_size * seq / seconds
-    tflops = step_flops_per_token(config, seq, "lora") * tokens_per_s / 1e12
-    print(f"{label}: {seconds:.3f} s/step, {tokens_per_s:,.0f} tokens/s, {tflops:.1f} TFLOP/s = "
-          f"{tflops / peak_tflops:.1%} MFU of {peak_tflops:g}, peak memory {peak_memory_gb(fabric.device):.1f} GB",
-          flush=True)
-    del model, optimizer
-    if fabric.device.type == "cuda":
+def measure(label: str, build: Callable[[], Step], x: torch.Tensor, warmup: int, steps: int,
+            flops_per_token: float, peak_tflops: float, matmul_tflops: float) -> float | None:
+    """Build one library's step, time it, print a line; returns seconds per step (None if it failed)."""
+    device = x.device
+    gc.collect()  # the previous library's model and optimizer
+    if device.type == "cuda":
         torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        seconds = seconds_per_step(build(), x, warmup, steps)
+    except Exception as e:  # a library that is missing, does not fit this torch, or runs out of memory
+        print(f"{label}: failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})", flush=True)
+        return None
+    tokens_per_s = x.numel() / seconds
+    tflops = flops_per_token * tokens_per_s / 1e12
+    print(f"{label}: {seconds:.3f} s/step, {tokens_per_s:,.0f} tokens/s, {tflops:.1f} TFLOP/s = "
+          f"{tflops / peak_tflops:.1%} MFU of {peak_tflops:g} ({tflops / matmul_tflops:.1%} of the measured "
+          f"matmul rate), peak memory {peak_memory_gb(device):.1f} GB", flush=True)
+    return seconds
 
 
 def main(device: str = "cuda", model: str = "Llama-2-7b-hf", seq: int = 2048, micro_batch_size: int = 4,
-         warmup: int = 2, steps: int = 5, fsdp_steps: int = 3, peak_tflops: float = 989.0) -> None:
-    """LoRA tokens/s, MFU and peak memory on one device, then a few FSDP steps.
+         warmup: int = 2, steps: int = 5, fsdp_steps: int = 3, peak_tflops: float = 989.0,
+         frameworks: list[Literal["litft", "transformers", "litgpt"]] = ["litft", "transformers", "litgpt"]) -> None:
+    """LoRA tokens/s, MFU and peak memory of each library on one device, then a few litft steps under FSDP.
 
     Args:
         device: cuda, or cpu to check the script with a tiny model.
@@ -101,15 +177,26 @@ def main(device: str = "cuda", model: str = "Llama-2-7b-hf", seq: int = 2048, mi
         steps: timed steps (the median is reported).
         fsdp_steps: timed steps under FSDP (0 skips that part).
         peak_tflops: the device's dense bf16 TFLOP/s (H200 / H100 SXM: 989).
+        frameworks: which libraries to time, in this order.
     """
     config = Config.from_name(model)
     accelerator = "cuda" if device == "cuda" else "cpu"
     name = torch.cuda.get_device_name() if accelerator == "cuda" else "cpu"
-    print(f"{name}: {model}, LoRA r 8 on q k v o gate up down, bf16-true, micro batch {micro_batch_size} × seq {seq}",
-          flush=True)
     fabric = Fabric(accelerator=accelerator, devices=1, precision="bf16-true")
     fabric.seed_everything(0, verbose=False)
-    run_part(fabric, config, seq, micro_batch_size, warmup, steps, peak_tflops, "single device")
+    matmul_tflops = matmul_rate(config, micro_batch_size * seq, torch.bfloat16, device=fabric.device) / 1e12
+    print(f"{name}: {model}, LoRA r {R} on q k v o gate up down, bf16, micro batch {micro_batch_size} × seq {seq}; "
+          f"bf16 matmul on the model's shapes {matmul_tflops:.0f} TFLOP/s", flush=True)
+    x = torch.randint(0, config.vocab_size, (micro_batch_size, seq), device=fabric.device)
+    builders = {"litft": lambda: litft_step(fabric, config),
+                "transformers": lambda: transformers_step(fabric.device, config),
+                "litgpt": lambda: litgpt_step(fabric.device, config)}
+    flops = step_flops_per_token(config, seq, "lora", R)
+    seconds = {f: measure(f, builders[f], x, warmup, steps, flops, peak_tflops, matmul_tflops) for f in frameworks}
+    if seconds.get("litft"):
+        for other, s in seconds.items():
+            if other != "litft" and s:
+                print(f"litft / {other}: {seconds['litft'] / s:.2f}× the step time", flush=True)
     if fsdp_steps:
         from lightning.fabric.strategies import ModelParallelStrategy
 
@@ -118,7 +205,8 @@ def main(device: str = "cuda", model: str = "Llama-2-7b-hf", seq: int = 2048, mi
         strategy = ModelParallelStrategy(parallelize_fn=shard_blocks, data_parallel_size=1, tensor_parallel_size=1)
         fabric = Fabric(accelerator=accelerator, devices=1, strategy=strategy, precision="bf16-true")
         fabric.launch()
-        run_part(fabric, config, seq, micro_batch_size, 1, fsdp_steps, peak_tflops, "FSDP2 (1 process)")
+        measure("litft, FSDP2 (1 process)", lambda: litft_step(fabric, config), x, 1, fsdp_steps, flops, peak_tflops,
+                matmul_tflops)
     print(f"done ({sys.argv[0]})", file=sys.stderr)
 
 
