@@ -73,6 +73,16 @@ def _half_precision(h: Tensor) -> bool:
                                         torch.get_autocast_dtype(device) == torch.float16)
 
 
+def _cast_once_for_autocast(h: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Under autocast, h and W in its dtype once: left to autocast, each slice's two matmuls would cast the
+    whole (frozen, so uncached) weight again."""
+    device = h.device.type
+    if not torch.is_autocast_enabled(device):
+        return h, weight
+    dtype = torch.get_autocast_dtype(device)
+    return h.to(dtype), weight.to(dtype)
+
+
 def _summed_loss(lm_head: nn.Module, h: Tensor, targets: Tensor, ignore_index: int) -> Tensor:
     logits = lm_head(h)  # (n, vocab)
     return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index, reduction="sum")
@@ -87,23 +97,22 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.zeros_like(h) if h.requires_grad else None  # (N, C)
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if weight.requires_grad else None  # (V, C)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
-        for s in range(0, h.size(0), chunk_tokens):
-            h_s, t_s = h[s : s + chunk_tokens], targets[s : s + chunk_tokens]  # (n, C), (n,)
-            logits = (h_s @ weight.T).float()  # (n, V)
-            keep = t_s != ignore_index  # (n,)
-            t_s = torch.where(keep, t_s, 0)
-            lse = torch.logsumexp(logits, dim=-1)  # (n,)
-            total += ((lse - logits.gather(1, t_s[:, None]).squeeze(1)) * keep).sum()
-            if grad_h is None and grad_w is None:
-                continue
-            grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits: (n, V)
-            grad[torch.arange(len(t_s), device=grad.device), t_s] -= 1
-            grad *= keep[:, None]
-            grad = grad.to(h.dtype)
-            if grad_h is not None:
-                grad_h[s : s + chunk_tokens] = grad @ weight  # (n, V) @ (V, C)
-            if grad_w is not None:
-                grad_w += grad.T @ h_s  # (V, n) @ (n, C)
+        h, w = _cast_once_for_autocast(h, weight)
+        with torch.autocast(h.device.type, enabled=False):
+            for s in range(0, h.size(0), chunk_tokens):
+                h_s, t_s = h[s : s + chunk_tokens], targets[s : s + chunk_tokens]  # (n, C), (n,)
+                logits = h_s @ w.T  # (n, V)
+                total += F.cross_entropy(logits.float(), t_s, ignore_index=ignore_index, reduction="sum")
+                if grad_h is None and grad_w is None:
+                    continue
+                keep = t_s != ignore_index  # (n,)
+                grad = torch.softmax(logits, dim=-1)  # (n, V); accumulates in fp32 whatever the logits' dtype
+                grad[torch.arange(len(t_s), device=grad.device), torch.where(keep, t_s, 0)] -= 1
+                grad *= keep[:, None]
+                if grad_h is not None:
+                    grad_h[s : s + chunk_tokens] = grad @ w  # (n, V) @ (V, C)
+                if grad_w is not None:
+                    grad_w += grad.T @ h_s  # (V, n) @ (n, C)
         ctx.save_for_backward(grad_h, None if grad_w is None else grad_w.to(weight.dtype))
         return total
 
