@@ -7,6 +7,7 @@ Part 1 trains LoRA (r 8 on all seven linear layers, dropout 0.05, AdamW) with we
 bfloat16, timing `steps` optimizer steps after `warmup`, for each library in turn, as its own recipe runs it:
 
     litft                 Fabric bf16-true; loss = litft.train.causal_lm_loss
+    litft-compiled        the same with every block compiled (finetune/*.py --compile true); warm-up compiles
     transformers + peft   LlamaForCausalLM in bf16 (SDPA) + get_peft_model with its defaults, which keep the
                           adapter weights in float32; loss = model(x, labels=x).loss
     litgpt                litgpt.lora.GPT in bf16; loss as litgpt/finetune/lora.py (lm_head in chunks of 128)
@@ -15,8 +16,8 @@ A library that is not installed is skipped. MFU is achieved FLOP/s over the card
 (`--peak_tflops`; H200 and H100 SXM: 989) and over the measured bf16 matmul rate on the model's own shapes, with
 the FLOPs a LoRA step really needs (bench/flops.py: ≈ 4·N per token plus causal attention, not 6·N).
 
-Part 2 runs a few steps of litft under Fabric's ModelParallelStrategy (FSDP2: fully_shard per Block, then the
-root, exactly as finetune/*.py --strategy fsdp), one process: the sharded code path end to end.
+Part 2 runs a few steps of litft (and litft-compiled) under Fabric's ModelParallelStrategy (FSDP2: fully_shard
+per Block, then the root, exactly as finetune/*.py --strategy fsdp), one process: the sharded path end to end.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def plain_step(model: torch.nn.Module, loss_fn: Callable[[torch.Tensor], torch.T
     return step
 
 
-def litft_step(fabric: Fabric, config: Config) -> Step:
+def litft_step(fabric: Fabric, config: Config, compile: bool = False) -> Step:
     with torch.device("meta"):
         model = Llama(config)
     model.to_empty(device=fabric.device).to(torch.bfloat16)
@@ -82,6 +83,9 @@ def litft_step(fabric: Fabric, config: Config) -> Step:
     add_lora(model, LoRAConfig(r=R, alpha=ALPHA, dropout=DROPOUT))
     mark_only_lora_trainable(model)
     model = fabric.setup_module(model.train())
+    if compile:  # as finetune/*.py --compile true
+        for block in model.module.blocks:
+            block.compile()
     optimizer = fabric.setup_optimizers(adamw(model))
 
     def step(x: torch.Tensor) -> None:
@@ -165,7 +169,8 @@ def measure(label: str, build: Callable[[], Step], x: torch.Tensor, warmup: int,
 
 def main(device: str = "cuda", model: str = "Llama-2-7b-hf", seq: int = 2048, micro_batch_size: int = 4,
          warmup: int = 2, steps: int = 5, fsdp_steps: int = 3, peak_tflops: float = 989.0,
-         frameworks: list[Literal["litft", "transformers", "litgpt"]] = ["litft", "transformers", "litgpt"]) -> None:
+         frameworks: list[Literal["litft", "litft-compiled", "transformers", "litgpt"]] = [
+             "litft", "litft-compiled", "transformers", "litgpt"]) -> None:
     """LoRA tokens/s, MFU and peak memory of each library on one device, then a few litft steps under FSDP.
 
     Args:
@@ -189,14 +194,15 @@ def main(device: str = "cuda", model: str = "Llama-2-7b-hf", seq: int = 2048, mi
           f"bf16 matmul on the model's shapes {matmul_tflops:.0f} TFLOP/s", flush=True)
     x = torch.randint(0, config.vocab_size, (micro_batch_size, seq), device=fabric.device)
     builders = {"litft": lambda: litft_step(fabric, config),
+                "litft-compiled": lambda: litft_step(fabric, config, compile=True),
                 "transformers": lambda: transformers_step(fabric.device, config),
                 "litgpt": lambda: litgpt_step(fabric.device, config)}
     flops = step_flops_per_token(config, seq, "lora", R)
     seconds = {f: measure(f, builders[f], x, warmup, steps, flops, peak_tflops, matmul_tflops) for f in frameworks}
-    if seconds.get("litft"):
-        for other, s in seconds.items():
-            if other != "litft" and s:
-                print(f"litft / {other}: {seconds['litft'] / s:.2f}× the step time", flush=True)
+    for ours in ("litft", "litft-compiled"):
+        for other in ("transformers", "litgpt"):
+            if seconds.get(ours) and seconds.get(other):
+                print(f"{ours} / {other}: {seconds[ours] / seconds[other]:.2f}× the step time", flush=True)
     if fsdp_steps:
         from lightning.fabric.strategies import ModelParallelStrategy
 
@@ -205,8 +211,10 @@ def main(device: str = "cuda", model: str = "Llama-2-7b-hf", seq: int = 2048, mi
         strategy = ModelParallelStrategy(parallelize_fn=shard_blocks, data_parallel_size=1, tensor_parallel_size=1)
         fabric = Fabric(accelerator=accelerator, devices=1, strategy=strategy, precision="bf16-true")
         fabric.launch()
-        measure("litft, FSDP2 (1 process)", lambda: litft_step(fabric, config), x, 1, fsdp_steps, flops, peak_tflops,
-                matmul_tflops)
+        for ours in ("litft", "litft-compiled"):
+            if ours in frameworks:
+                measure(f"{ours}, FSDP2 (1 process)", lambda: litft_step(fabric, config, compile=ours != "litft"), x,
+                        2, fsdp_steps, flops, peak_tflops, matmul_tflops)
     print(f"done ({sys.argv[0]})", file=sys.stderr)
 
 

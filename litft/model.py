@@ -148,7 +148,12 @@ class MLP(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """x / sqrt(mean(x²) + eps) · weight, computed in float32 (Zhang & Sennrich 2019)."""
+    """x / sqrt(mean(x²) + eps) · weight, computed in float32 (Zhang & Sennrich 2019).
+
+    One fused kernel. In fp32 it equals transformers' LlamaRMSNorm bit for bit; in 16 bits it rounds once, at
+    the end, where transformers rounds before multiplying by the weight too, so it is as close or closer to
+    the exact value (and 11 % faster on a GPU's whole LoRA step than the unfused form: bench/RESULTS.md).
+    """
 
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
@@ -156,11 +161,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dtype == self.weight.dtype == torch.float32:  # the same numbers from one fused kernel
-            return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * normed.to(x.dtype)
+        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)

@@ -68,6 +68,7 @@ class TrainArgs:
     log_interval: int = 1
     sample_tokens: int = 32  # tokens generated for the sample shown at each evaluation
     activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile each transformer block: fewer, fused kernels on a GPU; the first steps compile
     seed: int = 1337
     resume: bool = False
 
@@ -113,6 +114,9 @@ def fit(args: TrainArgs, method: Method) -> dict:
     model = fabric.setup_module(model)
     fabric.seed_everything(args.seed + fabric.global_rank, verbose=False)  # different dropout masks per process
     raw = model.module if hasattr(model, "module") else model
+    if args.compile:
+        for block in raw.blocks:  # after FSDP's sharding, as torch.compile expects
+            block.compile()
     optimizer = torch.optim.AdamW([p for p in raw.parameters() if p.requires_grad], lr=args.learning_rate,
                                   weight_decay=args.weight_decay, betas=(0.9, 0.95))
     optimizer = fabric.setup_optimizers(optimizer)

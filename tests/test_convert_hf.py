@@ -68,6 +68,28 @@ def test_logits_match_transformers(tmp_path, shape):
     assert max_logit_diff(ours, hf) <= 1e-4
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rms_norm_against_transformers(dtype):
+    """transformers' LlamaRMSNorm: equal in fp32; in 16 bits at least as close as it to the exact (fp64) value."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from litft.model import RMSNorm
+
+    x = torch.randn(3, 7, 96, generator=torch.Generator().manual_seed(0)) * 4
+    weight = 1 + 0.3 * torch.randn(96, generator=torch.Generator().manual_seed(1))
+    ours, theirs, exact = RMSNorm(96, 1e-5), LlamaRMSNorm(96, eps=1e-5), LlamaRMSNorm(96, eps=1e-5).double()
+    for norm in (ours, theirs, exact):
+        norm.weight.data.copy_(weight)
+    ours, theirs = ours.to(dtype), theirs.to(dtype)
+    with torch.no_grad():
+        ours_y, theirs_y, exact_y = ours(x.to(dtype)), theirs(x.to(dtype)), exact(x.to(dtype).double())
+    if dtype == torch.float32:
+        assert torch.equal(ours_y, theirs_y)
+    else:
+        assert ours_y.dtype == dtype
+        assert (ours_y.double() - exact_y).abs().max() <= (theirs_y.double() - exact_y).abs().max()
+
+
 def save_bin(model, directory: Path, n_shards: int, legacy: bool) -> None:
     """What older transformers wrote with safe_serialization=False: pytorch_model*.bin (+ an index when sharded)."""
     model.config.save_pretrained(directory)

@@ -122,6 +122,17 @@ def test_two_processes_match_one(tiny, tmp_path, strategy):
     assert_same(weights(one / "lit_model_lora.pth"), weights(two / "lit_model_lora.pth"), atol=1e-5)
 
 
+def test_compiled_blocks_train_to_the_same_weights(tiny, tmp_path, monkeypatch):
+    """--compile: inductor's generated kernels (an implementation of the same ops outside litft) reach the
+    weights the eager run reaches, to float rounding."""
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    finetune(tiny, eager, "--lora_dropout", "0")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    finetune(tiny, compiled, "--lora_dropout", "0", "--compile", "true")
+    assert any((tmp_path / "inductor").rglob("*.py")), "no kernels were generated: the blocks did not compile"
+    assert_same(weights(eager / "lit_model_lora.pth"), weights(compiled / "lit_model_lora.pth"), atol=1e-4)
+
+
 @pytest.mark.parametrize("args, fragments", [
     (["--batch_size", "5"], ["--batch_size 5", "--micro_batch_size 2"]),
     (["--resume", "true"], ["--resume", "no complete checkpoint"]),
