@@ -151,6 +151,7 @@ def measure(label: str, build: Callable[[], Step], x: torch.Tensor, warmup: int,
     """Build one library's step, time it, print a line; returns seconds per step (None if it failed)."""
     device = x.device
     gc.collect()  # the previous library's model and optimizer
+    torch._dynamo.reset()  # and the previous compiled variant's graphs, so each compiles afresh
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)

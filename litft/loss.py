@@ -97,20 +97,24 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.zeros_like(h) if h.requires_grad else None  # (N, C)
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if weight.requires_grad else None  # (V, C)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
-        h, w = _cast_once_for_autocast(h, weight)
+        # grad_h and grad_w above keep the dtypes of h and weight; the matmuls below use the autocast dtype's copies
+        h_mm, w_mm = _cast_once_for_autocast(h, weight)
         with torch.autocast(h.device.type, enabled=False):
             for s in range(0, h.size(0), chunk_tokens):
-                h_s, t_s = h[s : s + chunk_tokens], targets[s : s + chunk_tokens]  # (n, C), (n,)
-                logits = h_s @ w.T  # (n, V)
-                total += F.cross_entropy(logits.float(), t_s, ignore_index=ignore_index, reduction="sum")
+                h_s, t_s = h_mm[s : s + chunk_tokens], targets[s : s + chunk_tokens]  # (n, C), (n,)
+                logits = h_s @ w_mm.T  # (n, V)
+                ce = F.cross_entropy(logits.float(), t_s, ignore_index=ignore_index, reduction="none")  # (n,)
+                total += ce.sum()
                 if grad_h is None and grad_w is None:
                     continue
                 keep = t_s != ignore_index  # (n,)
-                grad = torch.softmax(logits, dim=-1)  # (n, V); accumulates in fp32 whatever the logits' dtype
-                grad[torch.arange(len(t_s), device=grad.device), torch.where(keep, t_s, 0)] -= 1
+                grad = torch.softmax(logits, dim=-1)  # (n, V), in the logits' dtype
+                # at the target, p − 1 = exp(−ce) − 1, from the fp32 loss: a bf16 p rounds to 1 once p > 0.998
+                at_target = torch.arange(len(t_s), device=grad.device), torch.where(keep, t_s, 0)
+                grad[at_target] = torch.expm1(-ce).to(grad.dtype)
                 grad *= keep[:, None]
                 if grad_h is not None:
-                    grad_h[s : s + chunk_tokens] = grad @ w  # (n, V) @ (V, C)
+                    grad_h[s : s + chunk_tokens] = grad @ w_mm  # (n, V) @ (V, C)
                 if grad_w is not None:
                     grad_w += grad.T @ h_s  # (V, n) @ (n, C)
         ctx.save_for_backward(grad_h, None if grad_w is None else grad_w.to(weight.dtype))

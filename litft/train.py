@@ -115,7 +115,7 @@ def fit(args: TrainArgs, method: Method) -> dict:
     fabric.seed_everything(args.seed + fabric.global_rank, verbose=False)  # different dropout masks per process
     raw = model.module if hasattr(model, "module") else model
     if args.compile:
-        for block in raw.blocks:  # after FSDP's sharding, as torch.compile expects
+        for block in raw.blocks:  # in place: the state dict's names stay the same
             block.compile()
     optimizer = torch.optim.AdamW([p for p in raw.parameters() if p.requires_grad], lr=args.learning_rate,
                                   weight_decay=args.weight_decay, betas=(0.9, 0.95))

@@ -1,0 +1,39 @@
+"""litft/loss.py's chunked loss against torch's own cross-entropy, computed in float64 on the same inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from litft.loss import chunked_next_token_loss
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "bf16-mixed"])
+def test_bf16_gradient_keeps_confident_targets(precision):
+    """Fine-tuned models predict most targets with p ≈ 1, where the gradient's target term p − 1 is tiny.
+    In bf16, p rounds to 1 there (its spacing near 1 is 2⁻⁸), so p − 1 must not be formed from a bf16 p."""
+    g = torch.Generator().manual_seed(0)
+    V = C = 64
+    weight, _ = torch.linalg.qr(torch.randn(V, C, generator=g))  # orthonormal rows: logit_j = h · w_j
+    labels = torch.randint(0, V, (1, 25), generator=g)
+    hidden = 11 * weight[labels.roll(-1, dims=1)] + 0.3 * torch.randn(1, 25, C, generator=g)  # p(target) ≈ 0.999
+    head = torch.nn.Linear(C, V, bias=False).requires_grad_(False)
+    head.weight.data.copy_(weight)
+    if precision == "bf16-true":
+        head, hidden = head.bfloat16(), hidden.bfloat16()
+    hidden.requires_grad_(True)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+        loss = chunked_next_token_loss(head, hidden, labels, chunk_tokens=8)
+    loss.backward()
+
+    h64 = hidden.detach().to(torch.bfloat16).double().requires_grad_(True)  # what the bf16 matmul sees
+    logits = h64[0, :-1] @ head.weight.detach().to(torch.bfloat16).double().T
+    expected = F.cross_entropy(logits, labels[0, 1:])
+    expected.backward()
+    p_target = logits.softmax(-1).gather(1, labels[0, 1:, None])
+    assert p_target.min() > 0.998, "the test needs confident targets"
+    assert abs(loss.item() - expected.item()) < 0.02 * expected.item()
+    error = (hidden.grad.double() - h64.grad).norm() / h64.grad.norm()
+    assert error < 0.03, float(error)
