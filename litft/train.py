@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -68,7 +70,7 @@ class TrainArgs:
     log_interval: int = 1
     sample_tokens: int = 32  # tokens generated for the sample shown at each evaluation
     activation_checkpointing: bool = False
-    compile: bool = False  # torch.compile each transformer block: fewer, fused kernels on a GPU; the first steps compile
+    compile: bool = False  # torch.compile each block: fused kernels on a GPU; the first steps compile
     seed: int = 1337
     resume: bool = False
 
@@ -101,6 +103,8 @@ def fit(args: TrainArgs, method: Method) -> dict:
     fabric = make_fabric(args)
     fabric.launch()
     accumulation = args.check(fabric.world_size)
+    if args.compile:
+        check_can_compile(fabric.device)
     fabric.seed_everything(args.seed, verbose=False)  # the same initial weights (e.g. LoRA's A) on every process
 
     train_data, val_data = data_lib.load_split(args.data, "train"), data_lib.load_split(args.data, "test")
@@ -297,6 +301,14 @@ def make_fabric(args: TrainArgs) -> Fabric:
     logger = TensorBoardLogger(root_dir=str(args.out_dir), name="logs", version="")
     return Fabric(accelerator="cuda" if on_gpu else "cpu", devices=args.devices, num_nodes=args.num_nodes,
                   strategy=strategy, precision=precision, loggers=logger)
+
+
+def check_can_compile(device: torch.device) -> None:
+    """torch.compile writes C++ for a CPU (a GPU's kernels come from Triton); fail now, not at the first step."""
+    compilers = (os.environ.get("CXX"), "g++", "clang++")  # where inductor looks: $CXX, then the platform's
+    if device.type == "cpu" and not any(shutil.which(cxx) for cxx in compilers if cxx):
+        raise UserError("--compile on a CPU needs a C++ compiler (g++ or clang++) on PATH; install one or drop "
+                        "--compile (on a CPU it is no faster)")
 
 
 def shard_blocks(model: Llama, device_mesh) -> Llama:

@@ -133,6 +133,12 @@ def test_compiled_blocks_train_to_the_same_weights(tiny, tmp_path, monkeypatch):
     assert_same(weights(eager / "lit_model_lora.pth"), weights(compiled / "lit_model_lora.pth"), atol=1e-4)
 
 
+def test_compile_on_a_cpu_without_a_cpp_compiler_is_one_line(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no g++, c++ or clang++ to be found
+    assert_user_error(finetune(tiny, tmp_path / "run", "--compile", "true", check=False), "--compile", "C++ compiler")
+    assert not (tmp_path / "run" / "lit_model_lora.pth").exists()
+
+
 @pytest.mark.parametrize("args, fragments", [
     (["--batch_size", "5"], ["--batch_size 5", "--micro_batch_size 2"]),
     (["--resume", "true"], ["--resume", "no complete checkpoint"]),
