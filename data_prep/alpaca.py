@@ -1,5 +1,6 @@
 """Prepare Stanford Alpaca (52K instruction-following examples) for fine-tuning.
 
+    python data_prep/alpaca.py                      # for SmolLM2-135M-Instruct (the default --checkpoint_dir)
     python data_prep/alpaca.py --checkpoint_dir checkpoints/meta-llama/Llama-2-7b-hf
     python data_prep/alpaca.py --variant cleaned             # the community-cleaned release
     python data_prep/alpaca.py --data_file alpaca_data.json  # offline: a local copy
@@ -22,7 +23,7 @@ URLS = {
 
 @with_common_args
 def main(variant: str = "original", data_file: Path | None = None, destination_path: Path = Path("data/alpaca"),
-         checkpoint_dir: Path = Path("checkpoints/meta-llama/Llama-2-7b-hf"), max_seq_length: int = 512,
+         checkpoint_dir: Path = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct"), max_seq_length: int = 512,
          mask_inputs: bool = True, prompt_style: str = "alpaca", val_split_fraction: float = 0.04, seed: int = 42) -> None:
     """Prepare Stanford Alpaca for fine-tuning.
 

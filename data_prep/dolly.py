@@ -1,5 +1,6 @@
 """Prepare Databricks Dolly 15k (15,000 human-written instructions, CC BY-SA 3.0) for fine-tuning.
 
+    python data_prep/dolly.py                      # for SmolLM2-135M-Instruct (the default --checkpoint_dir)
     python data_prep/dolly.py --checkpoint_dir checkpoints/meta-llama/Llama-2-7b-hf
     python data_prep/dolly.py --data_file databricks-dolly-15k.jsonl   # offline: a local copy
 
@@ -17,7 +18,7 @@ URL = "https://huggingface.co/datasets/databricks/databricks-dolly-15k/resolve/m
 
 @with_common_args
 def main(data_file: Path | None = None, destination_path: Path = Path("data/dolly"),
-         checkpoint_dir: Path = Path("checkpoints/meta-llama/Llama-2-7b-hf"), max_seq_length: int = 512,
+         checkpoint_dir: Path = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct"), max_seq_length: int = 512,
          mask_inputs: bool = True, prompt_style: str = "alpaca", val_split_fraction: float = 0.1, seed: int = 42) -> None:
     """Prepare Dolly 15k for fine-tuning (context -> input, response -> output)."""
     path = data_file or download(URL, destination_path / URL.rsplit("/", 1)[1])

@@ -1,5 +1,6 @@
 """Prepare GSM8K (8.5K grade-school math word problems, MIT license) for fine-tuning.
 
+    python data_prep/gsm8k.py                      # for SmolLM2-135M-Instruct (the default --checkpoint_dir)
     python data_prep/gsm8k.py --checkpoint_dir checkpoints/meta-llama/Llama-2-7b-hf
     python data_prep/gsm8k.py --data_file train.jsonl     # offline: a local copy, split with --seed
 
@@ -21,7 +22,7 @@ def load(path: Path) -> list[dict]:
 
 @with_common_args
 def main(data_file: Path | None = None, destination_path: Path = Path("data/gsm8k"),
-         checkpoint_dir: Path = Path("checkpoints/meta-llama/Llama-2-7b-hf"), max_seq_length: int = 512,
+         checkpoint_dir: Path = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct"), max_seq_length: int = 512,
          mask_inputs: bool = True, prompt_style: str = "alpaca", val_split_fraction: float = 0.1, seed: int = 42) -> None:
     """Prepare GSM8K for fine-tuning (question -> worked answer ending in "#### <number>")."""
     if data_file is not None:

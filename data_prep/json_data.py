@@ -20,7 +20,7 @@ from litft.scoring import EXTRACT
 @with_common_args
 def main(data_file: Path, val_file: Path | None = None, instruction_key: str = "instruction", input_key: str = "input",
          output_key: str = "output", task: str = "text", destination_path: Path = Path("data/json"),
-         checkpoint_dir: Path = Path("checkpoints/meta-llama/Llama-2-7b-hf"), max_seq_length: int = 512,
+         checkpoint_dir: Path = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct"), max_seq_length: int = 512,
          mask_inputs: bool = True, prompt_style: str = "alpaca", val_split_fraction: float = 0.1, seed: int = 42,
          new_tokens: str = "") -> None:
     """Prepare a JSON/JSONL file of instruction examples for fine-tuning.

@@ -1,5 +1,6 @@
 """Prepare text-to-SQL data (sql-create-context: 78K questions over WikiSQL/Spider tables, CC BY 4.0).
 
+    python data_prep/sql.py                      # for SmolLM2-135M-Instruct (the default --checkpoint_dir)
     python data_prep/sql.py --checkpoint_dir checkpoints/meta-llama/Llama-2-7b-hf
     python data_prep/sql.py --data_file sql_create_context_v4.json    # offline: a local copy
 
@@ -17,7 +18,7 @@ URL = "https://huggingface.co/datasets/b-mc2/sql-create-context/resolve/main/sql
 
 @with_common_args
 def main(data_file: Path | None = None, destination_path: Path = Path("data/sql"),
-         checkpoint_dir: Path = Path("checkpoints/meta-llama/Llama-2-7b-hf"), max_seq_length: int = 512,
+         checkpoint_dir: Path = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct"), max_seq_length: int = 512,
          mask_inputs: bool = True, prompt_style: str = "alpaca", val_split_fraction: float = 0.05, seed: int = 42) -> None:
     """Prepare text-to-SQL data for fine-tuning (question + table schema -> SQL query)."""
     path = data_file or download(URL, destination_path / URL.rsplit("/", 1)[1])

@@ -1,5 +1,6 @@
 """Prepare ViGGO (video-game dialogue: sentence -> meaning representation, CC BY-SA 4.0) for fine-tuning.
 
+    python data_prep/viggo.py                      # for SmolLM2-135M-Instruct (the default --checkpoint_dir)
     python data_prep/viggo.py --checkpoint_dir checkpoints/meta-llama/Llama-2-7b-hf
     python data_prep/viggo.py --data_file viggo_train.csv    # offline: a local copy (CSV, JSON or JSONL)
 
@@ -30,7 +31,7 @@ def load(path: Path) -> list[dict]:
 
 @with_common_args
 def main(data_file: Path | None = None, destination_path: Path = Path("data/viggo"),
-         checkpoint_dir: Path = Path("checkpoints/meta-llama/Llama-2-7b-hf"), max_seq_length: int = 256,
+         checkpoint_dir: Path = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct"), max_seq_length: int = 256,
          mask_inputs: bool = True, prompt_style: str = "alpaca", val_split_fraction: float = 0.1, seed: int = 42) -> None:
     """Prepare ViGGO for fine-tuning (sentence -> meaning representation)."""
     if data_file is not None:

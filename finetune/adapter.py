@@ -1,5 +1,6 @@
 """Fine-tune with LLaMA-Adapter v1: learned prompts in the top layers behind zero-init gates (litft/adapter.py).
 
+    python finetune/adapter.py --data games    # SmolLM2-135M-Instruct, data/games prepared on first use, -> out/adapter
     python finetune/adapter.py --data alpaca --checkpoint_dir checkpoints/meta-llama/Llama-2-7b-hf --out_dir out/adapter
 
 Defaults follow lit-llama's published run (Raschka, "Parameter-Efficient LLM Finetuning With LoRA"):

@@ -1,6 +1,7 @@
 """Fine-tune with LLaMA-Adapter v2: v1's gated prompts plus a scale and bias on every linear layer and
 trainable norms (litft/adapter_v2.py).
 
+    python finetune/adapter_v2.py --data games  # SmolLM2-135M-Instruct, data/games prepared on first use, -> out/adapter_v2
     python finetune/adapter_v2.py --data alpaca --checkpoint_dir checkpoints/meta-llama/Llama-2-7b-hf --out_dir out/adapter_v2
 
 Same published defaults as v1: learning rate 9e-3, weight decay 0.02, prompt length 10.

@@ -1,6 +1,7 @@
 """Full fine-tuning: every weight is trained. The out_dir becomes a complete lit checkpoint that
 generate/base.py (or generate/full.py) serves directly.
 
+    python finetune/full.py --data games    # SmolLM2-135M-Instruct, data/games prepared on first use, -> out/full
     python finetune/full.py --data alpaca --checkpoint_dir checkpoints/meta-llama/Llama-2-7b-hf --out_dir out/full \
         --devices 4 --strategy fsdp
 

@@ -1,5 +1,6 @@
 """Fine-tune with LoRA: the base model stays frozen, low-rank updates B·A are trained (see litft/lora.py).
 
+    python finetune/lora.py --data games    # SmolLM2-135M-Instruct, data/games prepared on first use, -> out/lora
     python finetune/lora.py --data alpaca --checkpoint_dir checkpoints/meta-llama/Llama-2-7b-hf --out_dir out/lora
 
 Defaults follow the reference articles: r 8, α 16, dropout 0.05, every linear layer of the blocks, learning

@@ -27,9 +27,13 @@ def run_finetune(recipe: Callable[..., Any], args: list[str] | None = None, **de
 
     `recipe(train_args, **method_flags)`; `defaults` override TrainArgs defaults (e.g. learning_rate=9e-3 for the
     adapter), so `--help` and `--print_config` show the values this recipe really uses.
+    Before the recipe runs, the default base checkpoint is converted and a named --data set prepared when they
+    are missing (litft/base_checkpoint.py, litft/named_data.py) — here, before Fabric starts other processes.
     """
     from jsonargparse import ActionConfigFile, ArgumentParser
 
+    from litft.base_checkpoint import ensure_checkpoint
+    from litft.named_data import ensure_data
     from litft.train import TrainArgs
 
     parser = ArgumentParser(description=(recipe.__doc__ or "").strip().splitlines()[0] if recipe.__doc__ else None)
@@ -41,6 +45,8 @@ def run_finetune(recipe: Callable[..., Any], args: list[str] | None = None, **de
     flags.pop("config", None)
     train = TrainArgs(**{k: flags.pop(k) for k in list(flags) if k in TrainArgs.__dataclass_fields__})
     try:
+        ensure_checkpoint(train.checkpoint_dir)
+        ensure_data(train.data, train.checkpoint_dir)
         return recipe(train, **flags)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

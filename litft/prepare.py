@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from litft.base_checkpoint import ensure_checkpoint
 from litft.checkpoint import atomic_path, atomic_write_text
 from litft.errors import UserError
 from litft.new_tokens import write_tokenizer
@@ -47,7 +48,7 @@ SPLITS = ("train", "test")
 COMMON_ARGS = """\
     data_file: a local copy of the data (JSON, JSONL or CSV); when not given, the data is downloaded.
     destination_path: where train.pt, test.pt, prompt_style.yaml, meta.json and length_report.json go.
-    checkpoint_dir: the model directory whose tokenizer encodes the data (train that model on it).
+    checkpoint_dir: the model whose tokenizer encodes the data; the default is converted from the offline GGUF if missing.
     max_seq_length: the longest sample in tokens; longer answers are shortened, EOS is always kept.
     mask_inputs: give the prompt tokens the label -100, so the loss covers only the answer and EOS.
     prompt_style: the template around instruction and input (plain, alpaca, chatml, smollm2, llama2-chat).
@@ -153,8 +154,16 @@ def download(url: str, path: Path) -> Path:
                 bar.update(len(chunk))
             bar.close()
     except OSError as e:
-        raise UserError(f"could not download {url} ({e}); offline, pass a local copy with --data_file") from None
+        raise DownloadError(url, str(e)) from None
     return path
+
+
+class DownloadError(UserError):
+    """A data set could not be downloaded; finetune/*.py --data NAME words the same advice for its own flags."""
+
+    def __init__(self, url: str, reason: str):
+        super().__init__(f"could not download {url} ({reason}); offline, pass a local copy with --data_file")
+        self.url, self.reason = url, reason
 
 
 # ---- tokenizing ----------------------------------------------------------------------------------------------
@@ -214,6 +223,7 @@ def prepare(train: list[dict], test: list[dict], *, task: str, source: str, dest
             checkpoint_dir: Path, max_seq_length: int, mask_inputs: bool, prompt_style: str, seed: int,
             val_split_fraction: float, new_tokens: list[str] = ()) -> dict:
     """Tokenize both splits, print the length report and write everything to `destination_path`."""
+    ensure_checkpoint(checkpoint_dir)  # the default base is converted on first use
     style = PromptStyle.from_name(prompt_style)
     destination_path = Path(destination_path)
     check_writable(destination_path)

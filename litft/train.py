@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from litft import data as data_lib
 from litft import train_state
+from litft.base_checkpoint import DEFAULT_CHECKPOINT, record_base
 from litft.checkpoint import atomic_write_text, load_lit_model, save_state_dict
 from litft.errors import UserError
 from litft.model import Llama
@@ -48,8 +49,8 @@ IGNORE_INDEX = -100
 class TrainArgs:
     """The flags every finetune/ recipe shares. A recipe changes their defaults, not their meaning."""
 
-    data: str = "alpaca"  # a prepared dataset: a name under data/ or a directory path
-    checkpoint_dir: Path = Path("checkpoints/meta-llama/Llama-2-7b-hf")
+    data: str = "alpaca"  # alpaca, dolly, viggo, gsm8k, sql, games (prepared on first use) or a prepared directory
+    checkpoint_dir: Path = DEFAULT_CHECKPOINT  # SmolLM2-135M-Instruct, converted from the offline GGUF on first use
     out_dir: Path = Path("out/finetune")
     precision: str | None = None  # bf16-mixed, bf16-true, 16-mixed, 32-true; default bf16-mixed on a GPU, else 32-true
     devices: int = 1
@@ -341,6 +342,7 @@ def write_run_files(args: TrainArgs, method: Method, model: Llama, style) -> Non
     atomic_write_text(out / "hyperparameters.yaml", yaml.safe_dump({"method": method.name, **hyper,
                                                                    method.name: method.config}, sort_keys=False))
     model.config.save(out)
+    record_base(out, args.checkpoint_dir)  # base.yaml: generate/*.py finds the base again, and notices a changed one
     style.save(out)
     method.save_config(out)
     if method.new_tokens:  # the data's grown tokenizer goes with the run, for generate/ and evaluate
