@@ -1,28 +1,34 @@
 """Generate text with a base checkpoint plus the weights of a LLaMA-Adapter run (finetune/adapter.py).
 
-    python generate/adapter.py --checkpoint_dir checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct \
-        --adapter_path out/adapter/lit_model_adapter.pth --prompt "Name a primary color." --temperature 0
+    python generate/adapter.py --prompt "Name a primary color."       # the run in out/adapter, on its recorded base
+    python generate/adapter.py --adapter_path out/adapter-games/lit_model_adapter.pth --prompt "..." --temperature 0
 
 The prompt length and start layer come from adapter.yaml next to the weights, the prompt style from the run's
-prompt_style.yaml; nothing needs repeating. The other flags are those of litft.generate.generate_cli.
+prompt_style.yaml, the base model from its base.yaml (checked against the base's fingerprint at training time);
+nothing needs repeating. The other flags are those of litft.generate.generate_cli.
 """
 
 from functools import partial
 from pathlib import Path
 
+from litft.base_checkpoint import resolve_run
 from litft.cli import run
 from litft.finetuned import load_finetuned
 from litft.generate import generate_cli
 
 
-def main(adapter_path: Path, **flags) -> None:
-    """Generate a completion for --prompt from --checkpoint_dir with the adapter in --adapter_path.
+def main(adapter_path: Path = Path("out/adapter/lit_model_adapter.pth"), checkpoint_dir: Path | None = None,
+         **flags) -> None:
+    """Generate a completion for --prompt with an adapter run: its weights in --adapter_path on its base model.
 
     Args:
-        adapter_path: a run's lit_model_adapter.pth; adapter.yaml and prompt_style.yaml sit next to it.
+        adapter_path: a run's lit_model_adapter.pth (the default is where finetune/adapter.py writes it);
+            adapter.yaml, prompt_style.yaml and base.yaml sit next to it.
+        checkpoint_dir: the base model; by default the one the run was trained on (recorded in base.yaml).
     """
+    adapter_path, checkpoint_dir = resolve_run("adapter", adapter_path, checkpoint_dir, flag="adapter_path")
     load_model = partial(load_finetuned, weights_path=adapter_path, method="adapter")
-    generate_cli(load_model=load_model, run_dir=Path(adapter_path).parent, **flags)
+    generate_cli(checkpoint_dir=checkpoint_dir, load_model=load_model, run_dir=adapter_path.parent, **flags)
 
 
 if __name__ == "__main__":
