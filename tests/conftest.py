@@ -28,10 +28,12 @@ def sentencepiece_model() -> Path:
     return fetch("mistral-7b-v0.1-tokenizer.model")
 
 
-def run_script(script: str, *args: str, check: bool = False, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run `python <script> <args>` from the repository root, as a user would, capturing stdout/stderr."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, env=env,
+def run_script(script: str, *args: str, check: bool = False, timeout: float = 600, cwd: Path = ROOT,
+               env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run `python <script> <args>` as a user would (from the repository root unless `cwd` says otherwise; `env`
+    adds variables), capturing stdout/stderr."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
