@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from litft.errors import UserError
+from litft.rope import RoPEScaling, rope_from_hf, rope_to_hf
 
 
 @dataclass(frozen=True)
@@ -26,10 +27,12 @@ class Config:
     n_head: int = 32
     n_query_groups: int = 32  # key/value heads; < n_head is grouped-query attention
     intermediate_size: int = 11008  # SwiGLU hidden width
-    block_size: int = 4096  # longest sequence the model was trained on
+    block_size: int = 4096  # longest sequence litft runs the model on
     rope_base: float = 10000.0
+    rope_scaling: RoPEScaling | None = None  # longer contexts: linear, dynamic, llama3 or yarn (litft/rope.py)
     norm_eps: float = 1e-5
     tie_embeddings: bool = False  # lm_head shares the token-embedding matrix
+    qkv_bias: bool = False  # Qwen2: the q, k and v projections add a bias
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head:
@@ -61,11 +64,25 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Config":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
+        """Rebuild a Config from model_config.yaml, refusing unknown fields and values of the wrong type."""
+        known = {f.name: f for f in fields(cls)}
+        unknown = set(d) - set(known)
         if unknown:
             raise UserError(f"model_config.yaml has unknown fields {sorted(unknown)}")
-        return cls(**d)
+        d = dict(d)
+        for name, value in d.items():
+            _check_type(name, value, known[name].type)
+        if isinstance(d.get("rope_scaling"), dict):
+            scaling_fields = {f.name: f.type for f in fields(RoPEScaling)}
+            for name, value in d["rope_scaling"].items():
+                if name not in scaling_fields:
+                    raise UserError(f"model_config.yaml has an unknown rope_scaling field {name!r}")
+                _check_type(f"rope_scaling.{name}", value, scaling_fields[name])
+            d["rope_scaling"] = RoPEScaling(**d["rope_scaling"])
+        try:
+            return cls(**d)
+        except ValueError as e:
+            raise UserError(f"model_config.yaml: {e}") from None
 
     @classmethod
     def from_checkpoint(cls, checkpoint_dir: Path) -> "Config":
@@ -82,13 +99,16 @@ class Config:
 
     @classmethod
     def from_hf_config(cls, path_or_dict: Path | dict[str, Any], name: str = "") -> "Config":
+        """Read config.json of a Llama, Mistral or Qwen2 checkpoint; any setting litft does not model is refused."""
         hf = path_or_dict if isinstance(path_or_dict, dict) else json.loads(Path(path_or_dict).read_text())
-        if hf.get("model_type", "llama") not in ("llama", "mistral"):
-            raise UserError(f"model_type {hf.get('model_type')!r} is not a Llama-architecture model")
+        check_hf_fields(hf)
         n_head = hf["num_attention_heads"]
-        head_dim = hf.get("head_dim") or hf["hidden_size"] // n_head
-        if head_dim * n_head != hf["hidden_size"]:
-            raise UserError("head_dim × num_attention_heads != hidden_size is not supported")
+        rope_base, rope_scaling = rope_from_hf(hf)
+        block_size = hf.get("max_position_embeddings", 4096)
+        if rope_scaling is not None:
+            block_size = rope_scaling.context_length(block_size)
+        if window := sliding_window(hf):  # attention is exact as long as no sequence is longer than the window
+            block_size = min(block_size, window)
         return cls(
             name=name or hf.get("_name_or_path", ""),
             vocab_size=hf["vocab_size"],
@@ -97,16 +117,23 @@ class Config:
             n_head=n_head,
             n_query_groups=hf.get("num_key_value_heads") or n_head,
             intermediate_size=hf["intermediate_size"],
-            block_size=hf.get("max_position_embeddings", 4096),
-            rope_base=float(hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0))),
+            block_size=block_size,
+            rope_base=rope_base,
+            rope_scaling=rope_scaling,
             norm_eps=hf.get("rms_norm_eps", 1e-5),
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            qkv_bias=hf.get("model_type") == "qwen2",
         )
 
     def to_hf_config(self) -> dict[str, Any]:
+        """config.json for transformers: LlamaForCausalLM, or Qwen2ForCausalLM when q, k and v have biases."""
+        s = self.rope_scaling
+        max_position = s.original_max_position if s is not None and s.type == "dynamic" else self.block_size
+        rope = rope_to_hf(self.rope_base, s)
+        arch, model_type = ("Qwen2ForCausalLM", "qwen2") if self.qkv_bias else ("LlamaForCausalLM", "llama")
         return {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
+            "architectures": [arch],
+            "model_type": model_type,
             "vocab_size": self.vocab_size,
             "hidden_size": self.n_embd,
             "intermediate_size": self.intermediate_size,
@@ -114,15 +141,66 @@ class Config:
             "num_attention_heads": self.n_head,
             "num_key_value_heads": self.n_query_groups,
             "head_dim": self.head_size,
-            "max_position_embeddings": self.block_size,
-            "rope_theta": self.rope_base,
+            "max_position_embeddings": max_position,
+            "rope_theta": rope.pop("rope_theta"),
+            "rope_scaling": None if rope["rope_type"] == "default" else rope,
             "rms_norm_eps": self.norm_eps,
             "tie_word_embeddings": self.tie_embeddings,
             "hidden_act": "silu",
             "attention_bias": False,
             "mlp_bias": False,
+            "use_sliding_window": False,
+            "sliding_window": None,
             "torch_dtype": "float32",
         }
+
+
+# ---- what config.json may say ------------------------------------------------------------------------------
+
+MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+def check_hf_fields(hf: dict[str, Any]) -> None:
+    """Refuse, by name, every config.json setting that would make litft's model differ from the checkpoint's."""
+    model_type = hf.get("model_type", "llama")
+    if model_type not in MODEL_TYPES:
+        raise UserError(f"config.json model_type {model_type!r} is not supported; litft runs {', '.join(MODEL_TYPES)}")
+    unsupported = {
+        "hidden_act": hf.get("hidden_act", "silu") != "silu",
+        "attention_bias": bool(hf.get("attention_bias")),  # Llama's: a bias on q, k, v *and* o
+        "mlp_bias": bool(hf.get("mlp_bias")),
+        "pretraining_tp": hf.get("pretraining_tp", 1) not in (1, None),
+    }
+    n_head, width = hf["num_attention_heads"], hf["hidden_size"]
+    unsupported["head_dim"] = (hf.get("head_dim") or width // n_head) * n_head != width
+    kinds = set(hf.get("layer_types") or ()) - {"full_attention", "sliding_attention"}
+    unsupported["layer_types"] = bool(kinds)
+    for field, bad in unsupported.items():
+        if bad:
+            raise UserError(f"config.json field {field} = {hf.get(field)!r} is not supported by litft's Llama; "
+                            "this checkpoint cannot be converted exactly")
+
+
+def sliding_window(hf: dict[str, Any]) -> int | None:
+    """The attention window, when config.json turns one on (Mistral v0.1: 4096; Qwen2 only with use_sliding_window)."""
+    if hf.get("model_type") == "qwen2" and not hf.get("use_sliding_window"):
+        return None
+    window = hf.get("sliding_window")
+    return window if isinstance(window, int) and window > 0 else None
+
+
+def _check_type(name: str, value: Any, annotation: str) -> None:
+    """One line for a model_config.yaml value whose type is wrong ("false" for a bool, 2.5 for an int, ...)."""
+    allowed = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+    base = annotation.split(" | ")[0]
+    if value is None and "None" in annotation:
+        return
+    if base in allowed:
+        ok = isinstance(value, allowed[base]) and (base == "bool" or not isinstance(value, bool))
+    else:  # a nested dataclass (rope_scaling)
+        ok = isinstance(value, dict)
+    if not ok:
+        raise UserError(f"model_config.yaml: {name} = {value!r} should be {'a mapping' if base not in allowed else base}")
 
 
 def _llama2(name: str, repo: str, n_layer: int, n_embd: int, n_head: int, groups: int, inter: int) -> Config:

@@ -4,14 +4,15 @@
     model.embed_tokens.weight                        embed.weight
     model.layers.{i}.input_layernorm.weight          blocks.{i}.attn_norm.weight
     model.layers.{i}.self_attn.{q,k,v,o}_proj.weight blocks.{i}.attn.{q,k,v,o}_proj.weight
+    model.layers.{i}.self_attn.{q,k,v}_proj.bias     blocks.{i}.attn.{q,k,v}_proj.bias (Qwen2 only)
     model.layers.{i}.post_attention_layernorm.weight blocks.{i}.mlp_norm.weight
     model.layers.{i}.mlp.{gate,up,down}_proj.weight  blocks.{i}.mlp.{gate,up,down}_proj.weight
     model.norm.weight                                norm.weight
     lm_head.weight                                   lm_head.weight (absent when tied to the embedding)
 
 No tensor is reshaped or permuted: transformers' Llama rotates the (first half, second half) channel pairs of
-each head, exactly as litft/model.py does. Rotary `inv_freq` buffers, which old checkpoints stored, are
-recomputed from rope_base and dropped. With tied embeddings the matrix is stored once, as the embedding.
+each head, exactly as litft/rope.py does. Rotary `inv_freq` buffers, which old checkpoints stored, are
+recomputed from rope_base and rope_scaling and dropped. With tied embeddings the matrix is stored once.
 
 Memory. A 7B model is 13.5 GB in bf16, so a conversion must not hold it twice. HF weights are read one shard
 at a time, one tensor at a time, as memory-mapped views of the file (safetensors, and the zip-format .bin files
@@ -47,6 +48,7 @@ _LAYER = {  # HF suffix after model.layers.{i}. -> litft suffix after blocks.{i}
     "input_layernorm.weight": "attn_norm.weight",
     "post_attention_layernorm.weight": "mlp_norm.weight",
     **{f"self_attn.{p}_proj.weight": f"attn.{p}_proj.weight" for p in "qkvo"},
+    **{f"self_attn.{p}_proj.bias": f"attn.{p}_proj.bias" for p in "qkv"},  # Qwen2
     **{f"mlp.{p}_proj.weight": f"mlp.{p}_proj.weight" for p in ("gate", "up", "down")},
 }
 _TOP_BACK = {v: k for k, v in _TOP.items()}

@@ -9,7 +9,8 @@
 Grouped-query attention (Ainslie et al. 2023): n_head query heads share n_query_groups key/value heads
 (Llama-2-70B: 64 / 8, Mistral-7B: 32 / 8, SmolLM2-135M: 9 / 3); n_query_groups == n_head is ordinary
 multi-head attention. Module names follow Hugging Face's LlamaForCausalLM closely, so converting weights is
-mostly renaming (see litft/convert_hf.py).
+mostly renaming (see litft/convert_hf.py). Qwen2 is the same network with a bias on q, k and v (`qkv_bias`).
+Rotary positions, and the ways Llama 3.1, YaRN and others stretch them, are litft/rope.py.
 
 For generation, `set_kv_cache` allocates a static key/value cache; `forward(idx, input_pos)` then writes the
 new keys and values at `input_pos` and attends over everything cached so far.
@@ -25,6 +26,7 @@ from torch import Tensor
 
 from litft.config import Config
 from litft.loss import chunked_next_token_loss
+from litft.rope import apply_rope, rope_tables
 
 
 class Llama(nn.Module):
@@ -36,7 +38,7 @@ class Llama(nn.Module):
         self.norm = RMSNorm(config.n_embd, config.norm_eps)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.tie_weights()
-        self.rope_cache: tuple[Tensor, Tensor] | None = None
+        self.rope_cache: tuple[Tensor, Tensor] | None = None  # cos, sin: (positions, head_size)
         self.activation_checkpointing = False  # recompute each block in backward: less memory, ~30% more compute
 
     def tie_weights(self) -> None:
@@ -59,12 +61,12 @@ class Llama(nn.Module):
     def trunk(self, x: Tensor, input_pos: Tensor | None = None) -> Tensor:
         """Run the blocks: (B, T, C) -> (B, T, C)."""
         T = x.size(1)
-        cos, sin = self.rope(x.device)
         if input_pos is None:  # training / plain forward: positions 0..T-1, causal mask
-            pos, mask = None, None
-            cos, sin = cos[:T], sin[:T]
+            cos, sin = self.rope(T, x.device)
+            pos, mask, cos, sin = None, None, cos[:T], sin[:T]
         else:  # decoding: attend to every cached position <= our own
             end = int(input_pos[-1]) + 1
+            cos, sin = self.rope(end, x.device)
             pos, cos, sin = input_pos, cos[input_pos], sin[input_pos]
             mask = None if T == 1 else input_pos[:, None] >= torch.arange(end, device=x.device)  # (T, end)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
@@ -75,10 +77,18 @@ class Llama(nn.Module):
                 x = block(x, cos, sin, pos, mask)
         return x
 
-    def rope(self, device: torch.device) -> tuple[Tensor, Tensor]:
-        """cos and sin tables, (block_size, head_size), built once per device in float32."""
-        if self.rope_cache is None or self.rope_cache[0].device != device:
-            self.rope_cache = rope_tables(self.config, device)
+    def rope(self, seq_len: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """cos and sin tables for at least `seq_len` positions, (≥ seq_len, head_size), float32 (litft/rope.py).
+
+        Built once per device for block_size positions. Dynamic NTK scaling is the exception: past the original
+        context its frequencies depend on the sequence length, so its tables are built for each length.
+        """
+        scaling = self.config.rope_scaling
+        if scaling is not None and scaling.type == "dynamic" and seq_len > scaling.original_max_position:
+            return rope_tables(self.config, seq_len, device)
+        cached = self.rope_cache
+        if cached is None or cached[0].device != device or cached[0].size(0) < seq_len:
+            self.rope_cache = rope_tables(self.config, max(seq_len, self.config.block_size), device, seq_len)
         return self.rope_cache
 
     def set_kv_cache(self, batch_size: int, max_seq_length: int, device=None, dtype=None) -> None:
@@ -109,9 +119,9 @@ class Attention(nn.Module):
         super().__init__()
         C, hs = config.n_embd, config.head_size
         self.n_head, self.n_kv, self.head_size = config.n_head, config.n_query_groups, hs
-        self.q_proj = nn.Linear(C, config.n_head * hs, bias=False)
-        self.k_proj = nn.Linear(C, config.n_query_groups * hs, bias=False)
-        self.v_proj = nn.Linear(C, config.n_query_groups * hs, bias=False)
+        self.q_proj = nn.Linear(C, config.n_head * hs, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(C, config.n_query_groups * hs, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(C, config.n_query_groups * hs, bias=config.qkv_bias)
         self.o_proj = nn.Linear(config.n_head * hs, C, bias=False)
         self.kv_cache: KVCache | None = None
         # An optional extra attention path (LLaMA-Adapter's learned prompt): called as prefix(self, q) with the
@@ -166,22 +176,6 @@ class RMSNorm(nn.Module):
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
-
-
-def rope_tables(config: Config, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Rotary embeddings (Su et al. 2021): channel pair (i, i + hs/2) rotates by angle pos · base^(-2i/hs)."""
-    hs = config.head_size
-    inv_freq = 1.0 / config.rope_base ** (torch.arange(0, hs, 2, device=device, dtype=torch.float32) / hs)
-    angles = torch.outer(torch.arange(config.block_size, device=device, dtype=torch.float32), inv_freq)
-    angles = torch.cat((angles, angles), dim=-1)  # (block_size, hs)
-    return angles.cos(), angles.sin()
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x: (B, heads, T, hs); cos, sin: (T, hs). Rotates each (first-half, second-half) channel pair."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return x * cos + rotated * sin
 
 
 class KVCache(nn.Module):
