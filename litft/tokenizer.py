@@ -8,8 +8,24 @@
   text before anything else runs, so a chat template's markers become their single ids.
 
 Which ids mean "begin" and "end" of a sequence, and whether a sequence starts with BOS, is a property of the
-checkpoint, not of the library: it is read from tokenizer_config.json, generation_config.json and config.json
-(what Hugging Face checkpoints carry), falling back to the sentencepiece model's own bos/eos ids.
+checkpoint, not of the library: it is read from tokenizer_config.json, special_tokens_map.json,
+generation_config.json and config.json (what Hugging Face checkpoints carry), falling back to the sentencepiece
+model's own bos/eos ids. Llama-3 names <|begin_of_text|> and adds it through its tokenizer.json post-processor;
+Qwen2.5 has no BOS at all; Mistral and Llama-2 say `add_bos_token: true`.
+
+A model may have several stop tokens: Llama-3.1-Instruct's generation_config.json lists
+`eos_token_id: [128001, 128008, 128009]` (<|end_of_text|>, <|eom_id|>, <|eot_id|>). `stop_ids` holds them all.
+
+Special tokens written out in text (a rendered chat template: "<|start_header_id|>user<|end_header_id|>",
+"<s>[INST]") must become their single ids. tokenizer.json matches its added tokens itself. A sentencepiece
+model never matches its control pieces ([INST] in Mistral v0.3's tokenizer.model) in text, so for it the text
+is split at the special tokens tokenizer_config.json declares, and the pieces between are encoded one by one.
+As transformers does (unless the config says `legacy: true`), text right after a special token gets no extra
+leading "▁": "[INST] Hi" is [INST] ▁Hi, not [INST] ▁ ▁Hi. A sentencepiece model without a tokenizer_config.json
+encodes exactly as the sentencepiece library does.
+
+A chat template writes BOS itself ("{{ bos_token }}..."), so `encode` does not add a second one in front of a
+text that already begins with it.
 
 Text produced token by token cannot be decoded token by token: sentencepiece drops the leading space of the
 first piece, and a byte-fallback character arrives as several tokens that are not valid UTF-8 on their own.
@@ -19,6 +35,8 @@ first piece, and a byte-fallback character arrives as several tokens that are no
 from __future__ import annotations
 
 import json
+import re
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -46,7 +64,7 @@ class Tokenizer:
         else:
             raise UserError(f"{checkpoint_dir} has neither tokenizer.json nor tokenizer.model; "
                             "copy the tokenizer files of the model into it")
-        config = _read_json(checkpoint_dir / "tokenizer_config.json")
+        config = read_tokenizer_config(checkpoint_dir)
         generation = _read_json(checkpoint_dir / "generation_config.json")
         model = _read_json(checkpoint_dir / "config.json")
         self.bos_id = self._special_id("bos", config, generation, model)
@@ -54,15 +72,22 @@ class Tokenizer:
         pad_id = self._special_id("pad", config, generation, model)
         self.pad_id: int = pad_id if pad_id is not None else (self.eos_id if self.eos_id is not None else 0)
         self.add_bos: bool = self._adds_bos(config)
+        self.stop_ids: set[int] = self._stop_ids(generation, model)
+        self.special_tokens: dict[str, int] = self._special_tokens(config)  # text -> id, matched whole in text
+        self.legacy: bool = config.get("legacy") is True  # sentencepiece: "▁" after a special token too
 
     # ---- what the checkpoint says ----------------------------------------------------------------------
 
     def _special_id(self, kind: str, config: dict, generation: dict, model: dict) -> int | None:
-        """`kind` in {bos, eos, pad}: the token named in tokenizer_config.json, else an id from the config files."""
-        token = config.get(f"{kind}_token")
-        if isinstance(token, dict):  # {"content": "</s>", "lstrip": false, ...}
-            token = token.get("content")
-        if isinstance(token, str) and (id := self.token_to_id(token)) is not None:
+        """`kind` in {bos, eos, pad}: the token named in tokenizer_config.json, else an id from the config files.
+
+        `"bos_token": null` is a statement (Qwen has no BOS): generation_config.json's bos_token_id then only names
+        the id a prompt-less generation would start from, and is not the tokenizer's BOS.
+        """
+        if kind == "bos" and "bos_token" in config and config["bos_token"] is None:
+            return None
+        token = _token_text(config.get(f"{kind}_token"))
+        if token is not None and (id := self.token_to_id(token)) is not None:
             return id
         for source in (generation, model):
             id = source.get(f"{kind}_token_id")
@@ -81,6 +106,41 @@ class Tokenizer:
         full = self.hf.encode("a", add_special_tokens=True).ids
         return full[0] if len(full) > len(plain) and full[1:1 + len(plain)] == plain else None
 
+    def _stop_ids(self, generation: dict, model: dict) -> set[int]:
+        """EOS and every `eos_token_id` generation_config.json or config.json lists: each one ends generation."""
+        ids = {self.eos_id}
+        for source in (generation, model):
+            listed = source.get("eos_token_id")
+            ids.update(listed if isinstance(listed, list) else [listed])
+        return {id for id in ids if isinstance(id, int)}
+
+    def _special_tokens(self, config: dict) -> dict[str, int]:
+        """The special tokens' text -> id, for the sentencepiece backend (tokenizer.json knows its own).
+
+        They are the tokens tokenizer_config.json declares in `added_tokens_decoder` and the named ones
+        (bos/eos/unk/pad) that are pieces of the model; none when the checkpoint has no tokenizer_config.json.
+        """
+        if self.backend == "tokenizers":
+            return {t.content: id for id, t in self.hf.get_added_tokens_decoder().items() if t.special}
+        tokens = {}
+        for id, token in (config.get("added_tokens_decoder") or {}).items():
+            if isinstance(token, dict) and token.get("content") and str(id).isdigit():
+                tokens[token["content"]] = int(id)
+        for kind in ("bos", "eos", "unk", "pad"):
+            if (text := _token_text(config.get(f"{kind}_token"))) and (id := self.token_to_id(text)) is not None:
+                tokens.setdefault(text, id)
+        return tokens
+
+    def is_special(self, id: int) -> bool:
+        """Whether `id` is a special (control) token: BOS, EOS, a chat marker such as <|eot_id|> or [INST]."""
+        if self.backend == "sentencepiece" and 0 <= id < self.vocab_size and self.sp.is_control(id):
+            return True
+        return id in self._special_ids
+
+    @cached_property
+    def _special_ids(self) -> frozenset[int]:
+        return frozenset(self.special_tokens.values())
+
     def _adds_bos(self, config: dict) -> bool:
         if isinstance(config.get("add_bos_token"), bool):
             return config["add_bos_token"]
@@ -98,12 +158,18 @@ class Tokenizer:
         return None if id == self.sp.unk_id() and token != self.sp.id_to_piece(id) else id
 
     def encode(self, text: str, bos: bool | None = None, eos: bool = False, max_length: int = -1) -> Tensor:
-        """Text -> 1-D LongTensor of ids. bos=None: add BOS iff the checkpoint does; max_length > 0 truncates."""
+        """Text -> 1-D LongTensor of ids; special tokens written in the text become their ids.
+
+        bos=None adds BOS iff the checkpoint does and the text does not already begin with it (a rendered chat
+        template does); bos=True/False force it. max_length > 0 truncates.
+        """
         if self.backend == "tokenizers":
             ids = self.hf.encode(text, add_special_tokens=False).ids
         else:
-            ids = self.sp.encode(text)
-        if (self.add_bos if bos is None else bos) and self.bos_id is not None:
+            ids = self._encode_sentencepiece(text)
+        if bos is None:
+            bos = self.add_bos and ids[:1] != [self.bos_id]
+        if bos and self.bos_id is not None:
             ids = [self.bos_id] + ids
         if eos and self.eos_id is not None:
             ids = ids + [self.eos_id]
@@ -116,7 +182,41 @@ class Tokenizer:
         ids = ids.reshape(-1).tolist() if isinstance(ids, Tensor) else [ids] if isinstance(ids, int) else list(ids)
         if self.backend == "tokenizers":
             return self.hf.decode(ids, skip_special_tokens=True)
-        return self.sp.decode(ids)
+        return self.sp.decode([id for id in ids if id not in self._special_ids])
+
+    # ---- sentencepiece with special tokens in the text ---------------------------------------------------
+
+    def _encode_sentencepiece(self, text: str) -> list[int]:
+        """Split the text at special tokens; encode the pieces between with sentencepiece, the tokens as ids."""
+        if not self.special_tokens:
+            return self.sp.encode(text)
+        parts = self._special_pattern.split(text)  # [text, special, text, special, ..., text]
+        ids = self.sp.encode(parts[0]) if parts[0] else []  # the start of the text: sentencepiece's leading "▁"
+        for special, piece in zip(parts[1::2], parts[2::2]):
+            ids.append(self.special_tokens[special])
+            if piece:
+                ids += (self.sp if self.legacy else self._sp_without_prefix).encode(piece)
+        return ids
+
+    @cached_property
+    def _special_pattern(self) -> re.Pattern:
+        longest_first = sorted(self.special_tokens, key=len, reverse=True)  # "<|eot|>" before a prefix of it
+        return re.compile("(" + "|".join(map(re.escape, longest_first)) + ")")
+
+    @cached_property
+    def _sp_without_prefix(self):
+        """The same sentencepiece model with its "add a leading ▁" switch off (needs protobuf to edit it)."""
+        from sentencepiece import SentencePieceProcessor
+
+        try:
+            from sentencepiece import sentencepiece_model_pb2 as pb
+        except ImportError:
+            raise UserError("encoding text after a special token with a sentencepiece tokenizer needs protobuf: "
+                            "pip install protobuf") from None
+        proto = pb.ModelProto()
+        proto.ParseFromString(self.sp.serialized_model_proto())
+        proto.normalizer_spec.add_dummy_prefix = False
+        return SentencePieceProcessor(model_proto=proto.SerializeToString())
 
 
 class StreamDecoder:
@@ -150,6 +250,19 @@ class StreamDecoder:
             return ""
         self.prefix, self.read = self.read, len(self.ids)
         return text[len(seen):]
+
+
+def read_tokenizer_config(directory: Path) -> dict[str, Any]:
+    """tokenizer_config.json over special_tokens_map.json (older checkpoints name bos/eos only in the latter)."""
+    directory = Path(directory)
+    return {**_read_json(directory / "special_tokens_map.json"), **_read_json(directory / "tokenizer_config.json")}
+
+
+def _token_text(token: Any) -> str | None:
+    """A special token as the config files write it: "</s>" or {"content": "</s>", "lstrip": false, ...}."""
+    if isinstance(token, dict):
+        token = token.get("content")
+    return token if isinstance(token, str) and token else None
 
 
 def _load(loader, path: Path):

@@ -162,3 +162,15 @@ def test_stream_decode_concatenates_to_full_decode(which, sp_dir, smollm2_dir):
     decoder = StreamDecoder(tok)
     emoji = tok.encode("🦙", bos=False).tolist()
     assert [decoder.step(i) for i in emoji][-1].endswith("🦙")  # whole character at once, never half of it
+
+
+def test_special_tokens_map_names_bos_and_eos_like_transformers(tmp_path):
+    """Older checkpoints name bos/eos only in special_tokens_map.json; transformers reads them from there too."""
+    from transformers import AutoTokenizer
+
+    train_bpe(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
+    (tmp_path / "special_tokens_map.json").write_text(json.dumps({"bos_token": "<|bos|>", "eos_token": "<|eos|>"}))
+    reference, tok = AutoTokenizer.from_pretrained(tmp_path), Tokenizer(tmp_path)
+    assert (tok.bos_id, tok.eos_id) == (reference.bos_token_id, reference.eos_token_id) == (0, 1)
+    assert tok.stop_ids == {1} and tok.is_special(2) and not tok.is_special(200)  # <|im_end|> is special too
