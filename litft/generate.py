@@ -151,8 +151,9 @@ def pick_precision(precision: Optional[str], device: torch.device) -> tuple[str,
 
 
 def stop_token_ids(tokenizer: Tokenizer, style: Optional[PromptStyle]) -> set[int]:
-    """The tokenizer's EOS, plus the style's end-of-turn marker (ChatML's <|im_end|>) when it is one token."""
-    stops = {tokenizer.eos_id} if tokenizer.eos_id is not None else set()
+    """Every id that ends generation: the checkpoint's stop ids (EOS, and all of generation_config.json's
+    `eos_token_id` list), plus the style's end-of-turn marker (<|im_end|>, <|eot_id|>) when it is one token."""
+    stops = set(tokenizer.stop_ids)
     if style is not None and style.end_of_turn is not None:
         ids = tokenizer.encode(style.end_of_turn, bos=False).tolist()
         if len(ids) == 1:
@@ -176,14 +177,15 @@ def generate_cli(checkpoint_dir: Path, prompt: str, max_new_tokens: int = 100, t
     Args:
         checkpoint_dir: a lit checkpoint directory (lit_model.pth, model_config.yaml, tokenizer files).
         prompt: the text to continue; wrapped in a prompt style when one is named or found (see prompt_style).
-        max_new_tokens: the most tokens to generate; generation also stops at the end-of-sequence token.
+        max_new_tokens: the most tokens to generate; generation also stops at any of the model's stop tokens.
         temperature: 0 picks the most likely token every step (greedy, deterministic); higher is more random.
         top_k: sample only among the k most likely tokens (null: no limit).
         top_p: sample only among the most likely tokens whose probabilities add up to top_p (1.0: no limit).
         seed: seed of the random generator, so sampling is reproducible.
         precision: bf16-true, 16-true or 32-true (default: bf16-true on a GPU, 32-true on a CPU).
-        prompt_style: wrap the prompt in this style (plain, alpaca, chatml, smollm2, llama2-chat); by default
-            the style saved as prompt_style.yaml in the run or checkpoint directory, else the prompt as given.
+        prompt_style: wrap the prompt in this style (plain, alpaca, chatml, smollm2, llama2-chat, chat-template);
+            by default the style saved as prompt_style.yaml in the run or checkpoint directory, else the chat
+            template in the checkpoint's tokenizer_config.json, else the prompt as given (same as plain).
 
     The generate/ scripts differ only in `load_model(checkpoint_dir, device=, dtype=, mmap=)`, which builds the
     model (e.g. base weights plus LoRA weights), and `run_dir`, a fine-tuning run's directory searched for
@@ -198,6 +200,8 @@ def generate_cli(checkpoint_dir: Path, prompt: str, max_new_tokens: int = 100, t
     style = resolve_style(prompt_style, *(d for d in (run_dir, checkpoint_dir) if d is not None and Path(d).is_dir()))
     tokenizer = Tokenizer(tokenizer_dir(run_dir, checkpoint_dir))  # a run with new tokens has its own
     ids = tokenizer.encode(style.apply(prompt) if style else prompt)  # (T,)
+    if style is not None:
+        print(f"prompt style: {style.name}", file=sys.stderr)
     check_fits(Config.from_checkpoint(checkpoint_dir).block_size, len(ids), max_new_tokens)  # before loading
 
     t0 = time.perf_counter()

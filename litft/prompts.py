@@ -10,11 +10,17 @@ The completion the model should learn follows the prompt directly; the tokenizer
     smollm2       chatml with SmolLM2-Instruct's default system turn, as its own chat template renders it
     llama2-chat   [INST] ... [/INST]                          Llama-2-chat; the answer is encoded on its own,
                                                               so sentencepiece gives it its leading space
+    chat-template the checkpoint's own Jinja chat template     Llama-3, Qwen2.5, Mistral, ... (litft/chat_template.py)
+
+Which style a prompt gets (`resolve_style`): the one named (`--prompt_style`); else the prompt_style.yaml of the
+run or checkpoint directory; else, when the checkpoint's tokenizer_config.json has a chat template, that template;
+else none (the text is continued as given). A chat-template style stores the template itself in
+prompt_style.yaml, so a run directory carries it even when the base checkpoint is gone or changes.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -47,7 +53,7 @@ class PromptStyle:
             return f"{instruction}\n{input}" if input else instruction
         if self.name == "alpaca":
             return _ALPACA_INPUT.format(instruction=instruction, input=input) if input else _ALPACA.format(instruction=instruction)
-        user = f"{instruction}\n\n{input}" if input else instruction
+        user = user_turn(instruction, input)
         if self.name == "chatml":  # Qwen, SmolLM2-Instruct (without its system turn) and others
             return f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
         if self.name == "smollm2":
@@ -62,10 +68,18 @@ class PromptStyle:
         return "<|im_end|>" if self.name in ("chatml", "smollm2") else None
 
     @classmethod
-    def from_name(cls, name: str) -> "PromptStyle":
+    def from_name(cls, name: str, *directories: Path) -> "PromptStyle":
+        """The style called `name`; "chat-template" takes the template of the first directory that has one."""
         if name not in STYLES:
             raise UserError(f"unknown prompt style {name!r}; choose one of {', '.join(STYLES)}")
-        return cls(name)
+        if name != ChatTemplateStyle.NAME:
+            return cls(name)
+        for directory in directories:
+            if directory is not None and (style := ChatTemplateStyle.from_checkpoint(directory)) is not None:
+                return style
+        where = " or ".join(str(d) for d in directories if d is not None) or "(no checkpoint given)"
+        raise UserError(f"prompt style chat-template needs a chat template in tokenizer_config.json, and {where} has "
+                        f"none; choose one of {', '.join(s for s in STYLES if s != name)}")
 
     def save(self, directory: Path) -> None:
         from litft.checkpoint import atomic_write_text
@@ -84,17 +98,88 @@ class PromptStyle:
             raise UserError(f"{path} is not valid YAML ({str(e).splitlines()[0]}); write `name: <style>` in it") from None
         if not isinstance(data, dict) or not isinstance(data.get("name"), str):
             raise UserError(f"{path} must hold `name: <style>` with one of {', '.join(STYLES)}")
+        if data["name"] == ChatTemplateStyle.NAME:
+            return ChatTemplateStyle.from_yaml(data, path)
         return cls.from_name(data["name"])
 
 
-STYLES = ("plain", "alpaca", "chatml", "smollm2", "llama2-chat")
+@dataclass(frozen=True)
+class ChatTemplateStyle(PromptStyle):
+    """The checkpoint's own chat template, rendered for one user turn with the assistant's header after it.
+
+    `tokens` are the special tokens' text the template refers to (bos_token, eos_token, ...). Both are saved
+    in prompt_style.yaml, so the style does not depend on the checkpoint's files once chosen.
+    """
+
+    NAME = "chat-template"
+    name: str = NAME
+    template: str = ""
+    tokens: dict[str, str] = field(default_factory=dict)
+
+    def apply(self, instruction: str, input: str = "") -> str:
+        from litft.chat_template import render
+
+        return render(self.template, [{"role": "user", "content": user_turn(instruction, input)}], **self.tokens)
+
+    @property
+    def end_of_turn(self) -> str | None:
+        from litft.chat_template import end_of_turn
+
+        return end_of_turn(self.template, self.tokens)
+
+    def save(self, directory: Path) -> None:
+        from litft.checkpoint import atomic_write_text
+
+        data = {"name": self.name, "tokens": dict(self.tokens), "template": self.template}
+        atomic_write_text(Path(directory) / FILE, yaml.dump(data, Dumper=_LiteralDumper, sort_keys=False,
+                                                            allow_unicode=True))
+
+    @classmethod
+    def from_checkpoint(cls, directory: Path) -> "ChatTemplateStyle | None":
+        """The chat template in a checkpoint's tokenizer files, or None when it has none."""
+        from litft.chat_template import find_template, token_variables
+
+        template = find_template(directory)
+        return cls(template=template, tokens=token_variables(directory)) if template else None
+
+    @classmethod
+    def from_yaml(cls, data: dict, path: Path) -> "ChatTemplateStyle":
+        template, tokens = data.get("template"), data.get("tokens") or {}
+        if not isinstance(template, str) or not template.strip() or not isinstance(tokens, dict):
+            raise UserError(f"{path} names the chat-template style but holds no `template:` text (and `tokens:` "
+                            "mapping); write the style again with --prompt_style chat-template")
+        return cls(template=template, tokens={str(k): str(v) for k, v in tokens.items()})
+
+
+class _LiteralDumper(yaml.SafeDumper):
+    """Writes multi-line strings (a chat template) as YAML literal blocks, readable as the template itself."""
+
+
+def _represent_str(dumper: yaml.SafeDumper, text: str) -> yaml.ScalarNode:
+    style = "|" if "\n" in text else None  # PyYAML falls back to quoting when a block cannot hold the text
+    return dumper.represent_scalar("tag:yaml.org,2002:str", text, style=style)
+
+
+_LiteralDumper.add_representer(str, _represent_str)
+
+STYLES = ("plain", "alpaca", "chatml", "smollm2", "llama2-chat", ChatTemplateStyle.NAME)
+
+
+def user_turn(instruction: str, input: str = "") -> str:
+    """What the user says: the instruction, and the input (if any) after a blank line."""
+    return f"{instruction}\n\n{input}" if input else instruction
 
 
 def resolve_style(name: str | None, *directories: Path) -> PromptStyle | None:
-    """`--prompt_style NAME` wins; otherwise the first directory that carries a prompt_style.yaml; else None."""
+    """Which style a prompt gets: `--prompt_style NAME`; else the first prompt_style.yaml among `directories`;
+    else the first chat template in their tokenizer files; else None (the prompt is used as given)."""
+    directories = tuple(d for d in directories if d is not None)
     if name:
-        return PromptStyle.from_name(name)
+        return PromptStyle.from_name(name, *directories)
     for directory in directories:
-        if directory is not None and (style := PromptStyle.from_dir(directory)) is not None:
+        if (style := PromptStyle.from_dir(directory)) is not None:
+            return style
+    for directory in directories:
+        if (style := ChatTemplateStyle.from_checkpoint(directory)) is not None:
             return style
     return None

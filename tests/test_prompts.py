@@ -55,7 +55,7 @@ def test_end_of_turn_markers():
     assert PromptStyle("alpaca").end_of_turn is None
 
 
-@pytest.mark.parametrize("name", STYLES)
+@pytest.mark.parametrize("name", [s for s in STYLES if s != "chat-template"])  # that one: test_chat_formats.py
 def test_save_and_resolve_round_trip(tmp_path, name):
     PromptStyle.from_name(name).save(tmp_path)
     assert PromptStyle.from_dir(tmp_path) == PromptStyle(name)
@@ -73,3 +73,54 @@ def test_unknown_and_broken_styles_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="must hold `name: <style>`"):
         PromptStyle.from_dir(tmp_path)
     assert PromptStyle.from_dir(tmp_path / "nowhere") is None
+
+
+# ---- the checkpoint's own chat template ------------------------------------------------------------------------
+
+def write_template(directory, template: str, **tokens) -> None:
+    import json
+
+    (directory / "tokenizer_config.json").write_text(json.dumps({"chat_template": template, **tokens}))
+
+
+def test_smollm2_chat_template_is_the_smollm2_style(smollm2_chat_template, tmp_path):
+    """A SmolLM2 checkpoint without prompt_style.yaml now gets its template: the smollm2 style, byte for byte."""
+    write_template(tmp_path, smollm2_chat_template, bos_token="<|im_start|>", eos_token="<|im_end|>")
+    style = resolve_style(None, tmp_path)
+    assert style.name == "chat-template" and style.end_of_turn == "<|im_end|>"
+    for instruction, input in [("Name three colors.", ""), ("Summarize the text.", "Cats sleep a lot.")]:
+        assert style.apply(instruction, input) == PromptStyle("smollm2").apply(instruction, input)
+
+
+def test_a_saved_style_wins_over_the_template_and_no_template_means_no_style(smollm2_chat_template, tmp_path):
+    write_template(tmp_path, smollm2_chat_template)
+    PromptStyle("alpaca").save(tmp_path)
+    assert resolve_style(None, tmp_path) == PromptStyle("alpaca")
+    assert resolve_style(None, tmp_path / "empty") is None  # an old checkpoint: the prompt as given
+
+
+def test_template_renders_like_transformers_environment(tmp_path):
+    """tojson writes plain JSON (Jinja's own escapes <, >, & for HTML); loop controls and strftime_now exist."""
+    import json
+    from datetime import datetime
+
+    template = ("{% for m in messages %}{% if m.role == 'system' %}{% continue %}{% endif %}{{ m | tojson }}"
+                "{% break %}{% endfor %}|{{ strftime_now('%Y') }}|{{ bos_token }}")
+    write_template(tmp_path, template, bos_token={"content": "<s>", "lstrip": False})
+    messages = [{"role": "user", "content": "<b>Tom & 'Jerry'</b> café"}]
+    style = PromptStyle.from_name("chat-template", tmp_path)
+    assert style.apply(messages[0]["content"]) == f"{json.dumps(messages[0], ensure_ascii=False)}|{datetime.now():%Y}|<s>"
+
+
+def test_chat_template_user_errors(tmp_path):
+    with pytest.raises(UserError, match="needs a chat template in tokenizer_config.json"):
+        PromptStyle.from_name("chat-template", tmp_path)
+    write_template(tmp_path, "{{ raise_exception('no system turns, please') }}")
+    with pytest.raises(UserError, match="could not be rendered \\(no system turns, please\\)"):
+        resolve_style(None, tmp_path).apply("Hi")
+    write_template(tmp_path, "{% for %}")
+    with pytest.raises(UserError, match="could not be rendered"):
+        resolve_style(None, tmp_path).apply("Hi")
+    (tmp_path / "prompt_style.yaml").write_text("name: chat-template\n")
+    with pytest.raises(UserError, match="holds no `template:`"):
+        PromptStyle.from_dir(tmp_path)
