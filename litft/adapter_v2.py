@@ -6,6 +6,8 @@ trainable per-output bias b and scale s, and every RMSNorm's weight becomes trai
 
     y = s ⊙ (W x + b)          W frozen;  s = 1, b = 0 at init, so the model starts as the base model
 
+(Qwen2's q, k and v already have a frozen bias b₀; there y = s ⊙ (W x + b₀ + b).)
+
 Trainable parameters, for the linear layers' output widths d_out and the norms' widths:
 
     prompts and gates (v1)  +  2 × Σ d_out (q, k, v, o, gate, up, down in every layer, and lm_head)
@@ -46,18 +48,20 @@ class AdapterV2Config(AdapterConfig):
 
 
 class ScaledLinear(nn.Module):
-    """y = s ⊙ (W x + b) around a bias-free nn.Linear's frozen weight W (d_out, d_in)."""
+    """y = s ⊙ (W x + b₀ + b) around an nn.Linear's frozen weight W (d_out, d_in) and bias b₀ (Qwen2's q, k, v;
+    None elsewhere)."""
 
     def __init__(self, base: nn.Linear) -> None:
         super().__init__()
         w = base.weight
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = w  # the same Parameter under the same name: base checkpoints load as before
+        self.register_parameter("bias", base.bias)  # frozen b₀, or None
         self.adapter_bias = nn.Parameter(torch.zeros(self.out_features, device=w.device, dtype=w.dtype))
         self.adapter_scale = nn.Parameter(torch.ones(self.out_features, device=w.device, dtype=w.dtype))
 
     def forward(self, x: Tensor) -> Tensor:  # (..., d_in) -> (..., d_out)
-        return self.adapter_scale * (F.linear(x, self.weight) + self.adapter_bias)
+        return self.adapter_scale * (F.linear(x, self.weight, self.bias) + self.adapter_bias)
 
     def reset_parameters(self) -> None:  # for the adapter's own parameters only; W comes from the checkpoint
         nn.init.zeros_(self.adapter_bias)
