@@ -214,10 +214,36 @@ def _smollm2(name: str, n_layer: int, n_embd: int, n_head: int, groups: int, int
                   rope_base=100000.0 if n_embd < 2048 else 130000.0, tie_embeddings=True)
 
 
+def _llama3(name: str, n_layer: int, n_embd: int, n_head: int, inter: int, factor: float, tied: bool) -> Config:
+    """Llama 3.1+: 128,256 tokens, 8 KV heads, θ base 500,000 stretched from 8K to 128K by llama3 RoPE."""
+    rope = RoPEScaling(type="llama3", factor=factor, original_max_position=8192, low_freq_factor=1.0,
+                       high_freq_factor=4.0)
+    return Config(name=name, hf_repo=f"meta-llama/{name}", vocab_size=128256, n_layer=n_layer, n_embd=n_embd,
+                  n_head=n_head, n_query_groups=8, intermediate_size=inter, block_size=131072, rope_base=500000.0,
+                  rope_scaling=rope, tie_embeddings=tied)
+
+
+def _qwen25(name: str, vocab: int, n_layer: int, n_embd: int, n_head: int, groups: int, inter: int, block: int,
+            tied: bool) -> Config:
+    """Qwen2.5: biases on q, k, v; θ base 1,000,000; RMSNorm eps 1e-6."""
+    return Config(name=name, hf_repo=f"Qwen/{name}", vocab_size=vocab, n_layer=n_layer, n_embd=n_embd, n_head=n_head,
+                  n_query_groups=groups, intermediate_size=inter, block_size=block, rope_base=1000000.0,
+                  norm_eps=1e-6, tie_embeddings=tied, qkv_bias=True)
+
+
+# The shapes are those of each repository's config.json; tests/test_config.py checks them against the parameter
+# counts the model cards publish.
 _BASE = [
     _llama2("Llama-2-7b-hf", "meta-llama/Llama-2-7b-hf", 32, 4096, 32, 32, 11008),
     _llama2("Llama-2-13b-hf", "meta-llama/Llama-2-13b-hf", 40, 5120, 40, 40, 13824),
     _llama2("Llama-2-70b-hf", "meta-llama/Llama-2-70b-hf", 80, 8192, 64, 8, 28672),
+    _llama3("Llama-3.2-1B", 16, 2048, 32, 8192, factor=32.0, tied=True),
+    _llama3("Llama-3.2-3B", 28, 3072, 24, 8192, factor=32.0, tied=True),
+    _llama3("Llama-3.1-8B", 32, 4096, 32, 14336, factor=8.0, tied=False),
+    _llama3("Llama-3.3-70B-Instruct", 80, 8192, 64, 28672, factor=8.0, tied=False),
+    _qwen25("Qwen2.5-0.5B", 151936, 24, 896, 14, 2, 4864, 32768, tied=True),
+    _qwen25("Qwen2.5-1.5B", 151936, 28, 1536, 12, 2, 8960, 32768, tied=True),
+    _qwen25("Qwen2.5-7B", 152064, 28, 3584, 28, 4, 18944, 32768, tied=False),
     _smollm2("SmolLM2-135M", 30, 576, 9, 3, 1536, 8192),
     _smollm2("SmolLM2-360M", 32, 960, 15, 5, 2560, 8192),
     _smollm2("SmolLM2-1.7B", 24, 2048, 32, 32, 8192, 8192),
@@ -225,8 +251,11 @@ _BASE = [
            vocab_size=32000, n_layer=22, n_embd=2048, n_head=32, n_query_groups=4, intermediate_size=5632, block_size=2048),
     Config(name="TinyLlama-1.1B-Chat-v1.0", hf_repo="TinyLlama/TinyLlama-1.1B-Chat-v1.0",
            vocab_size=32000, n_layer=22, n_embd=2048, n_head=32, n_query_groups=4, intermediate_size=5632, block_size=2048),
+    # v0.1 attends over a sliding window of 4096 tokens: litft runs it on sequences no longer than that
     Config(name="Mistral-7B-v0.1", hf_repo="mistralai/Mistral-7B-v0.1", vocab_size=32000, n_layer=32, n_embd=4096,
-           n_head=32, n_query_groups=8, intermediate_size=14336, block_size=32768),
+           n_head=32, n_query_groups=8, intermediate_size=14336, block_size=4096),
+    Config(name="Mistral-7B-v0.3", hf_repo="mistralai/Mistral-7B-v0.3", vocab_size=32768, n_layer=32, n_embd=4096,
+           n_head=32, n_query_groups=8, intermediate_size=14336, block_size=32768, rope_base=1000000.0),
     # Tiny configs for tests and quick experiments: random weights, seconds on a CPU.
     Config(name="tiny-mha", vocab_size=256, n_layer=2, n_embd=64, n_head=4, n_query_groups=4, intermediate_size=128,
            block_size=256),
@@ -235,15 +264,18 @@ _BASE = [
 ]
 
 
-def _variants() -> list[Config]:
-    out = []
-    for c in _BASE:
-        if c.name.startswith("Llama-2"):  # the chat models share the base shapes
-            chat = c.name.replace("-hf", "-chat-hf")
-            out.append(replace(c, name=chat, hf_repo=f"meta-llama/{chat}"))
-        if c.name.startswith("SmolLM2"):
-            out.append(replace(c, name=c.name + "-Instruct", hf_repo=c.hf_repo + "-Instruct"))
-    return out
+def _instruct(c: Config) -> Config | None:
+    """The chat / instruction-tuned sibling of a base model: the same shapes under another name."""
+    if c.name.startswith("Llama-2"):
+        name = c.name.replace("-hf", "-chat-hf")
+    elif c.name.startswith(("SmolLM2", "Llama-3.2", "Llama-3.1", "Qwen2.5")):
+        name = c.name + "-Instruct"
+    elif c.name == "Mistral-7B-v0.3":
+        name = "Mistral-7B-Instruct-v0.3"
+    else:
+        return None
+    return replace(c, name=name, hf_repo=f"{c.hf_repo.split('/')[0]}/{name}")
 
 
-CONFIGS: dict[str, Config] = {c.name: c for c in _BASE + _variants()}
+_INSTRUCT = [_instruct(c) for c in _BASE]
+CONFIGS: dict[str, Config] = {c.name: c for c in _BASE + [c for c in _INSTRUCT if c is not None]}
