@@ -115,10 +115,11 @@ class Tokenizer:
         return {id for id in ids if isinstance(id, int)}
 
     def _special_tokens(self, config: dict) -> dict[str, int]:
-        """The special tokens' text -> id, for the sentencepiece backend (tokenizer.json knows its own).
+        """The special tokens' text -> id: what a rendered chat template writes out and must come back as one id.
 
-        They are the tokens tokenizer_config.json declares in `added_tokens_decoder` and the named ones
-        (bos/eos/unk/pad) that are pieces of the model; none when the checkpoint has no tokenizer_config.json.
+        tokenizer.json lists its own (and matches them in text itself). For sentencepiece they are the tokens
+        tokenizer_config.json declares in `added_tokens_decoder` and the named ones (bos/eos/unk/pad) that are
+        pieces of the model; none when the checkpoint has no tokenizer_config.json.
         """
         if self.backend == "tokenizers":
             return {t.content: id for id, t in self.hf.get_added_tokens_decoder().items() if t.special}
@@ -131,14 +132,9 @@ class Tokenizer:
                 tokens.setdefault(text, id)
         return tokens
 
-    def is_special(self, id: int) -> bool:
-        """Whether `id` is a special (control) token: BOS, EOS, a chat marker such as <|eot_id|> or [INST]."""
-        if self.backend == "sentencepiece" and 0 <= id < self.vocab_size and self.sp.is_control(id):
-            return True
-        return id in self._special_ids
-
     @cached_property
     def _special_ids(self) -> frozenset[int]:
+        """The ids decode drops for sentencepiece (tokenizer.json drops its own special tokens)."""
         return frozenset(self.special_tokens.values())
 
     def _adds_bos(self, config: dict) -> bool:
@@ -200,7 +196,7 @@ class Tokenizer:
 
     @cached_property
     def _special_pattern(self) -> re.Pattern:
-        longest_first = sorted(self.special_tokens, key=len, reverse=True)  # "<|eot|>" before a prefix of it
+        longest_first = sorted(self.special_tokens, key=len, reverse=True)  # a token before its own prefixes
         return re.compile("(" + "|".join(map(re.escape, longest_first)) + ")")
 
     @cached_property

@@ -173,4 +173,4 @@ def test_special_tokens_map_names_bos_and_eos_like_transformers(tmp_path):
     (tmp_path / "special_tokens_map.json").write_text(json.dumps({"bos_token": "<|bos|>", "eos_token": "<|eos|>"}))
     reference, tok = AutoTokenizer.from_pretrained(tmp_path), Tokenizer(tmp_path)
     assert (tok.bos_id, tok.eos_id) == (reference.bos_token_id, reference.eos_token_id) == (0, 1)
-    assert tok.stop_ids == {1} and tok.is_special(2) and not tok.is_special(200)  # <|im_end|> is special too
+    assert tok.stop_ids == {1} and tok.special_tokens == {"<|bos|>": 0, "<|eos|>": 1, "<|im_end|>": 2}
