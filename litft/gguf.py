@@ -8,7 +8,8 @@ model is in it:
     tokenizer.ggml.model / tokens / merges / scores / token_type / bos_token_id   -> tokenizer files
     tokenizer.chat_template                                                       -> tokenizer_config.json
 
-Four things differ from a PyTorch state dict:
+Two architectures convert: `llama` (Llama, Mistral, SmolLM2, TinyLlama) and `qwen2` (the same network with
+biases on q, k and v). Five things differ from a PyTorch state dict:
 
 1. **Quantized storage.** A Q8_0 tensor is stored in blocks of 32 weights: one float16 scale d and 32 int8
    values q, weight = d·q. Q4_0 packs 4-bit q with weight = d·(q − 8); Q4_1 adds a per-block minimum m,
@@ -22,9 +23,13 @@ Four things differ from a PyTorch state dict:
 
        HF row   (j · hs/2 + i)   ->   GGUF row (2i + j)        j ∈ {0, 1}, i < hs/2, within each head
 
-   litft uses rotate-half like Hugging Face, so `unpermute_qk` puts the rows back.
+   litft uses rotate-half like Hugging Face, so `unpermute_qk` puts the rows back. (llama.cpp's qwen2
+   architecture rotates halves itself, so its rows are stored in Hugging Face's order.)
 4. **Names.** `blk.3.ffn_gate.weight` is litft's `blocks.3.mlp.gate_proj.weight`; a file without
    `output.weight` reuses `token_embd.weight` as the output layer (tied embeddings).
+5. **RoPE scaling.** Llama 3.1's is not in the header: the file holds a `rope_freqs` tensor that divides each
+   pair's frequency. `llama3_from_rope_freqs` recovers the llama3 settings from it and checks that they
+   reproduce every divisor (litft/rope.py computes the frequencies from the settings).
 
 Nothing is written until the whole file has been checked, and each tensor is dequantized straight into the
 output state dict, so the conversion holds one full copy of the weights (the GGUF itself is memory-mapped).
@@ -34,6 +39,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +50,9 @@ from torch import Tensor
 from litft.config import Config
 from litft.errors import UserError
 from litft.model import Llama
+from litft.rope import RoPEScaling, inverse_frequencies
 
+ROPE_FREQS = "rope_freqs.weight"
 TOP_LEVEL = {"token_embd.weight": "embed.weight", "output_norm.weight": "norm.weight", "output.weight": "lm_head.weight"}
 PER_BLOCK = {
     "attn_norm": "attn_norm", "attn_q": "attn.q_proj", "attn_k": "attn.k_proj", "attn_v": "attn.v_proj",
@@ -83,34 +91,85 @@ def tensor_shapes(reader) -> dict[str, tuple[int, ...]]:
     return {t.name: tuple(int(d) for d in reversed(t.shape)) for t in reader.tensors}
 
 
-def config_from_gguf(meta: dict[str, Any], shapes: dict[str, tuple[int, ...]], name: str = "") -> Config:
+ARCHITECTURES = ("llama", "qwen2")  # qwen2: a Llama with q, k, v biases, its q/k rows not permuted
+
+
+def config_from_gguf(meta: dict[str, Any], shapes: dict[str, tuple[int, ...]], name: str = "",
+                     rope_freqs: np.ndarray | None = None) -> Config:
+    """The model's Config from the header; `rope_freqs` is the file's rope_freqs.weight tensor, if it has one."""
     arch = meta.get("general.architecture")
-    if arch != "llama":
-        raise UserError(f"this GGUF holds a {arch!r} model; only the 'llama' architecture (Llama, Mistral, SmolLM2, "
-                        "TinyLlama) converts to litft")
-    if "rope_freqs.weight" in shapes or meta.get("llama.rope.scaling.type", "none") not in ("none", ""):
-        raise UserError("this GGUF uses RoPE frequency scaling (e.g. Llama-3.1), which litft's Llama does not implement")
-    n_embd, n_head = meta["llama.embedding_length"], meta["llama.attention.head_count"]
+    if arch not in ARCHITECTURES:
+        raise UserError(f"this GGUF holds a {arch!r} model; the architectures that convert to litft are "
+                        f"{', '.join(ARCHITECTURES)} (Llama, Mistral, SmolLM2, TinyLlama, Qwen2)")
+    n_embd, n_head = meta[f"{arch}.embedding_length"], meta[f"{arch}.attention.head_count"]
     head_size = n_embd // n_head
-    for key in ("llama.rope.dimension_count", "llama.attention.key_length", "llama.attention.value_length"):
+    for key in (f"{arch}.rope.dimension_count", f"{arch}.attention.key_length", f"{arch}.attention.value_length"):
         if meta.get(key, head_size) != head_size:
             raise UserError(f"{key} = {meta[key]} differs from the head size {head_size}; not a plain Llama layout")
+    rope_base = _float32(meta.get(f"{arch}.rope.freq_base", 10000.0))
     try:
         return Config(
             name=name,
             vocab_size=shapes["token_embd.weight"][0],  # (vocab, n_embd); the vocab may be padded
-            n_layer=meta["llama.block_count"],
+            n_layer=meta[f"{arch}.block_count"],
             n_embd=n_embd,
             n_head=n_head,
-            n_query_groups=meta.get("llama.attention.head_count_kv") or n_head,
-            intermediate_size=meta["llama.feed_forward_length"],
-            block_size=meta.get("llama.context_length", 4096),
-            rope_base=_float32(meta.get("llama.rope.freq_base", 10000.0)),
-            norm_eps=_float32(meta["llama.attention.layer_norm_rms_epsilon"]),
+            n_query_groups=meta.get(f"{arch}.attention.head_count_kv") or n_head,
+            intermediate_size=meta[f"{arch}.feed_forward_length"],
+            block_size=meta.get(f"{arch}.context_length", 4096),
+            rope_base=rope_base,
+            rope_scaling=rope_scaling(meta, arch, rope_base, head_size, rope_freqs),
+            norm_eps=_float32(meta[f"{arch}.attention.layer_norm_rms_epsilon"]),
             tie_embeddings="output.weight" not in shapes,
+            qkv_bias=arch == "qwen2",
         )
     except (KeyError, ValueError) as e:
         raise UserError(f"the GGUF metadata does not describe a usable Llama model ({e})") from None
+
+
+def rope_scaling(meta: dict[str, Any], arch: str, base: float, head_size: int,
+                 rope_freqs: np.ndarray | None) -> RoPEScaling | None:
+    """llama.cpp stores linear scaling in the header, and Llama 3.1's as a tensor of per-pair divisors."""
+    kind = meta.get(f"{arch}.rope.scaling.type", "none")
+    if rope_freqs is not None:
+        return llama3_from_rope_freqs(rope_freqs, base, head_size)
+    if kind in ("none", ""):
+        return None
+    if kind == "linear":
+        return RoPEScaling(type="linear", factor=_float32(meta[f"{arch}.rope.scaling.factor"]))
+    raise UserError(f"this GGUF's {arch}.rope.scaling.type {kind!r} does not convert; litft reads 'linear' and "
+                    "Llama 3.1's rope_freqs tensor")
+
+
+def llama3_from_rope_freqs(divisors: np.ndarray, base: float, head_size: int) -> RoPEScaling:
+    """Recover llama3 RoPE settings from llama.cpp's rope_freqs tensor (θ_i is divided by divisors[i]).
+
+    In the band between the two wavelengths, 1/divisor = (1 − s)/factor + s with s = L/(λ·(high − low)) −
+    low/(high − low), linear in 1/λ: two in-band pairs fix the line, and the band's ends are where it reaches 0
+    and 1. So low = 1, high = 1 − 1/b and L = −a/b (s = a/λ + b) reproduce every divisor. Checked, not assumed.
+    """
+    d = divisors.astype(np.float64)
+    factor = float(d.max())
+    theta = 1.0 / base ** (np.arange(0, head_size, 2, dtype=np.float64) / head_size)
+    band = (d > 1 + 1e-6) & (d < factor - 1e-6)
+    scaling = None
+    if factor > 1 and band.sum() >= 2:
+        s = (1 / d[band] - 1 / factor) / (1 - 1 / factor)  # the blend of each in-band pair
+        a, b = np.polyfit(theta[band] / (2 * np.pi), s, 1)  # s = a / λ + b
+        if b < 0:
+            scaling = RoPEScaling(type="llama3", factor=_float32(factor), original_max_position=int(round(-a / b)),
+                                  low_freq_factor=1.0, high_freq_factor=float(np.round(1 - 1 / b, 4)))
+    if scaling is None or not _reproduces(scaling, divisors, base, head_size):
+        raise UserError("this GGUF's rope_freqs tensor is not Llama 3.1's RoPE scaling (or too few of its pairs are "
+                        "scaled to recover it); litft cannot convert it exactly")
+    return scaling
+
+
+def _reproduces(scaling: RoPEScaling, divisors: np.ndarray, base: float, head_size: int) -> bool:
+    config = Config(n_embd=head_size, n_head=1, n_query_groups=1, rope_base=base, rope_scaling=scaling)
+    plain = inverse_frequencies(replace(config, rope_scaling=None), 1)[0]
+    scaled = inverse_frequencies(config, 1)[0]
+    return bool(np.allclose((plain / scaled).numpy(), divisors, rtol=1e-4, atol=0))
 
 
 def _float32(x: float) -> float:
@@ -121,10 +180,20 @@ def _float32(x: float) -> float:
 def lit_name(gguf_name: str) -> str:
     if gguf_name in TOP_LEVEL:
         return TOP_LEVEL[gguf_name]
-    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", gguf_name)
+    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", gguf_name)
     if m is None or m.group(2) not in PER_BLOCK:
         raise UserError(f"the GGUF has a tensor {gguf_name!r} that a plain Llama does not have; it cannot be converted")
-    return f"blocks.{m.group(1)}.{PER_BLOCK[m.group(2)]}.weight"
+    return f"blocks.{m.group(1)}.{PER_BLOCK[m.group(2)]}.{m.group(3)}"
+
+
+def model_tensors(reader) -> list:
+    """The tensors that become weights: all but rope_freqs, which config_from_gguf reads as RoPE scaling."""
+    return [t for t in reader.tensors if t.name != ROPE_FREQS]
+
+
+def rope_freqs(reader) -> np.ndarray | None:
+    found = [t for t in reader.tensors if t.name == ROPE_FREQS]
+    return dequantize(found[0]).numpy() if found else None
 
 
 def check_tensors(reader, config: Config) -> None:
@@ -132,7 +201,8 @@ def check_tensors(reader, config: Config) -> None:
     with torch.device("meta"):  # shapes only, no memory
         expected = {k: tuple(v.shape) for k, v in Llama(config).state_dict().items()}
     shapes = tensor_shapes(reader)
-    for t in reader.tensors:
+    shapes.pop(ROPE_FREQS, None)
+    for t in model_tensors(reader):
         name = lit_name(t.name)
         if t.tensor_type.name not in SUPPORTED:
             raise UserError(f"tensor {t.name} is stored as {t.tensor_type.name}, which this converter does not "
@@ -164,13 +234,15 @@ def unpermute_qk(w: Tensor, n_heads: int) -> Tensor:
     return w.transpose(1, 2).reshape(rows, cols)  # HF row j·hs/2 + i
 
 
-def convert_weights(reader, config: Config, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+def convert_weights(reader, config: Config, dtype: torch.dtype = torch.float32,
+                    permuted_qk: bool = True) -> dict[str, Tensor]:
+    """Every model tensor, dequantized; q/k rows un-permuted where llama.cpp permuted them (its llama arch)."""
     state_dict = {}
-    for t in reader.tensors:
+    for t in model_tensors(reader):
         w = dequantize(t)
-        if t.name.endswith("attn_q.weight"):
+        if permuted_qk and t.name.endswith("attn_q.weight"):
             w = unpermute_qk(w, config.n_head)
-        elif t.name.endswith("attn_k.weight"):
+        elif permuted_qk and t.name.endswith("attn_k.weight"):
             w = unpermute_qk(w, config.n_query_groups)
         state_dict[lit_name(t.name)] = w.to(dtype)
     return state_dict
@@ -182,11 +254,14 @@ CONTROL, USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values (the same numbe
 _GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 _LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 # tokenizer.ggml.pre names how text is split before BPE; these are llama.cpp's splits for each name.
 PRE_TOKENIZERS = {
     "default": [_GPT2_REGEX], "gpt2": [_GPT2_REGEX], "gpt-2": [_GPT2_REGEX],
     "smollm": [r"\p{N}", _GPT2_REGEX], "starcoder": [r"\p{N}", _GPT2_REGEX], "refact": [r"\p{N}", _GPT2_REGEX],
     "llama-bpe": [_LLAMA3_REGEX], "llama3": [_LLAMA3_REGEX], "llama-v3": [_LLAMA3_REGEX],
+    "qwen2": [_QWEN2_REGEX],  # Qwen's tokenizer.json also normalizes to NFC first
 }
 
 
@@ -218,7 +293,7 @@ def tokenizer_config(meta: dict[str, Any]) -> dict[str, Any]:
         "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", sentencepiece)),
         "add_eos_token": bool(meta.get("tokenizer.ggml.add_eos_token", False)),
         **{f"{k}_token": _special(meta, {"pad": "padding", "unk": "unknown"}.get(k, k)) for k in ("bos", "eos", "pad", "unk")},
-        "model_max_length": meta.get("llama.context_length"),
+        "model_max_length": meta.get(f"{meta.get('general.architecture')}.context_length"),
         "tokenizer_class": "LlamaTokenizer" if sentencepiece else "PreTrainedTokenizerFast",
     }
     if "tokenizer.chat_template" in meta:
@@ -228,7 +303,7 @@ def tokenizer_config(meta: dict[str, Any]) -> dict[str, Any]:
 
 def byte_level_bpe(meta: dict[str, Any]) -> str:
     """GPT-2-style byte-level BPE (SmolLM2, Llama-3): vocab + merges + the splitting regex -> tokenizer.json."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
     pre = meta.get("tokenizer.ggml.pre", "default")
     if pre not in PRE_TOKENIZERS:
@@ -236,6 +311,8 @@ def byte_level_bpe(meta: dict[str, Any]) -> str:
     tokens, types = meta["tokenizer.ggml.tokens"], meta.get("tokenizer.ggml.token_type") or []
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
     tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+    if pre == "qwen2":
+        tok.normalizer = normalizers.NFC()
     splits = [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in PRE_TOKENIZERS[pre]]
     tok.pre_tokenizer = pre_tokenizers.Sequence([*splits, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()

@@ -16,12 +16,12 @@ from typing import Literal
 import torch
 
 from litft.checkpoint import WEIGHTS, atomic_path, atomic_write_text, save_state_dict
-from litft.gguf import (check_tensors, config_from_gguf, convert_weights, metadata, open_gguf, tensor_shapes,
-                        tokenizer_files)
+from litft.gguf import (check_tensors, config_from_gguf, convert_weights, metadata, open_gguf, rope_freqs,
+                        tensor_shapes, tokenizer_files)
 
 
 def main(gguf_path: Path, output_dir: Path, dtype: Literal["float32", "bfloat16", "float16"] = "float32") -> None:
-    """Convert a GGUF file (llama architecture) into a lit checkpoint.
+    """Convert a GGUF file (llama or qwen2 architecture) into a lit checkpoint.
 
     Args:
         gguf_path: the .gguf file (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_*, Q*_K tensors).
@@ -31,11 +31,11 @@ def main(gguf_path: Path, output_dir: Path, dtype: Literal["float32", "bfloat16"
     start = time.perf_counter()
     reader = open_gguf(gguf_path)
     meta = metadata(reader)
-    config = config_from_gguf(meta, tensor_shapes(reader), name=Path(output_dir).name)
+    config = config_from_gguf(meta, tensor_shapes(reader), Path(output_dir).name, rope_freqs(reader))
     check_tensors(reader, config)
     files = tokenizer_files(meta)  # built (and checked) in memory before anything is written
 
-    state_dict = convert_weights(reader, config, getattr(torch, dtype))
+    state_dict = convert_weights(reader, config, getattr(torch, dtype), permuted_qk=meta["general.architecture"] == "llama")
     save_state_dict(state_dict, Path(output_dir) / WEIGHTS)
     config.save(output_dir)
     for name, contents in files.items():

@@ -47,7 +47,8 @@ def gguf_name(hf_name: str) -> str:
     if hf_name in top:
         return top[hf_name]
     layer, rest = hf_name.removeprefix("model.layers.").split(".", 1)
-    return f"blk.{layer}.{parts[rest.removesuffix('.weight')]}.weight"
+    module, kind = rest.rsplit(".", 1)  # kind: weight, or bias (Qwen2's q, k, v)
+    return f"blk.{layer}.{parts[module]}.{kind}"
 
 
 def tiny_hf_llama(vocab_size: int, tie: bool, seed: int = 0):
@@ -60,11 +61,13 @@ def tiny_hf_llama(vocab_size: int, tie: bool, seed: int = 0):
     return LlamaForCausalLM(config).eval()
 
 
-def write_tiny_gguf(path: Path, hf, types: list[Q], tokenizer: dict, float64: str = "") -> dict[str, torch.Tensor]:
+def write_tiny_gguf(path: Path, hf, types: list[Q], tokenizer: dict, float64: str = "", arch: str = "llama",
+                    rope_freqs: np.ndarray | None = None) -> dict[str, torch.Tensor]:
     """Write `hf` as a GGUF whose matrices cycle through `types`; return the dequantized HF state dict.
-    The tensor named `float64` (a GGUF name) is stored as F64, a type the converter refuses."""
+    The tensor named `float64` (a GGUF name) is stored as F64, a type the converter refuses. llama.cpp permutes
+    q/k rows for its llama architecture only; Llama 3.1's RoPE scaling travels as the rope_freqs tensor."""
     c = hf.config
-    writer = GGUFWriter(path, "llama")
+    writer = GGUFWriter(path, arch)
     writer.add_block_count(c.num_hidden_layers)
     writer.add_context_length(c.max_position_embeddings)
     writer.add_embedding_length(c.hidden_size)
@@ -76,6 +79,8 @@ def write_tiny_gguf(path: Path, hf, types: list[Q], tokenizer: dict, float64: st
     writer.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
     for key, value in tokenizer.items():
         writer.add_key_value(key, *value)
+    if rope_freqs is not None:
+        writer.add_tensor("rope_freqs.weight", rope_freqs.astype(np.float32))
     reference, matrices = {}, 0
     for name, w in hf.state_dict().items():
         if name == "lm_head.weight" and c.tie_word_embeddings:
@@ -84,9 +89,9 @@ def write_tiny_gguf(path: Path, hf, types: list[Q], tokenizer: dict, float64: st
         qtype = Q.F32 if w.ndim == 1 else types[matrices % len(types)]
         matrices += w.ndim == 2
         reference[name] = torch.from_numpy(dequantize(quantize(w, qtype), qtype).reshape(w.shape).copy())
-        if "q_proj" in name:
+        if "q_proj" in name and arch == "llama":
             w = llama_cpp_permute(w, c.num_attention_heads)
-        elif "k_proj" in name:
+        elif "k_proj" in name and arch == "llama":
             w = llama_cpp_permute(w, c.num_key_value_heads)
         data = quantize(w, qtype) if gguf_name(name) != float64 else w.astype(np.float64)
         writer.add_tensor(gguf_name(name), data, raw_dtype=None if data.dtype != np.uint8 else qtype)
@@ -154,6 +159,81 @@ def test_tiny_gguf_logits_match_dequantized_transformers(tmp_path, tie, types):
     for text in TEXTS:
         assert tokenizer.encode(text).tolist() == [1] + tok.encode(text, add_special_tokens=False).ids
     assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == CHATML
+
+
+def llama_cpp_rope_freqs(theta: float, head_size: int, factor: float, low: float, high: float, L: int) -> np.ndarray:
+    """llama.cpp's converter for Llama 3.1: each pair's divisor of θ_i (1 fast, `factor` slow, blended between)."""
+    out = []
+    for freq in 1.0 / theta ** (np.arange(0, head_size, 2) / head_size):
+        wavelength = 2 * np.pi / freq
+        if wavelength < L / high:
+            out.append(1.0)
+        elif wavelength > L / low:
+            out.append(factor)
+        else:
+            smooth = (L / wavelength - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("low,high,L", [(1.0, 4.0, 64), (1.0, 8.0, 200)])
+def test_llama3_gguf_keeps_its_rope_scaling(tmp_path, low, high, L):
+    """A Llama-3.1-style file (RoPE scaling stored as rope_freqs) converts to the same model: logits past L
+    equal transformers' on the original llama3 config."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok, meta = trained_bpe()
+    torch.manual_seed(0)
+    rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": low,
+            "high_freq_factor": high, "original_max_position_embeddings": L}
+    hf = LlamaForCausalLM(LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=1024, rope_parameters=rope)).eval()
+    divisors = llama_cpp_rope_freqs(10000.0, 16, 8.0, low, high, L)
+    assert ((divisors > 1) & (divisors < 8)).sum() >= 2  # the blended band the converter recovers the settings from
+    write_tiny_gguf(tmp_path / "llama3.gguf", hf, [Q.F32], meta, rope_freqs=divisors)
+    run_script(SCRIPT, "--gguf_path", tmp_path / "llama3.gguf", "--output_dir", tmp_path / "ckpt", check=True)
+    ours = load_lit_model(tmp_path / "ckpt").eval()
+    assert ours.config.rope_scaling.type == "llama3" and ours.config.rope_scaling.factor == 8.0
+    x = torch.randint(0, hf.config.vocab_size, (1, 3 * L // 2), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), hf(x).logits, atol=1e-4, rtol=0)
+
+
+def test_qwen2_gguf_converts_with_biases_and_unpermuted_rows(tmp_path):
+    """llama.cpp's qwen2 architecture: q, k, v biases, q/k rows in Hugging Face's order, Qwen's pre-tokenizer."""
+    from gguf import GGUFValueType as V
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tok, meta = trained_bpe()
+    meta["tokenizer.ggml.pre"] = ("qwen2", V.STRING)
+    torch.manual_seed(0)
+    hf = Qwen2ForCausalLM(Qwen2Config(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=128, rope_theta=5000.0, tie_word_embeddings=True)).eval()
+    with torch.no_grad():  # transformers starts biases at zero, which would hide a dropped one
+        for name, p in hf.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(std=0.5)
+    reference = write_tiny_gguf(tmp_path / "qwen2.gguf", hf, [Q.Q8_0, Q.F16], meta, arch="qwen2")
+    hf = hf_with(hf, reference)
+    run_script(SCRIPT, "--gguf_path", tmp_path / "qwen2.gguf", "--output_dir", tmp_path / "ckpt", check=True)
+    ours = load_lit_model(tmp_path / "ckpt").eval()
+    assert ours.config.qkv_bias
+    x = torch.randint(0, hf.config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), hf(x).logits, atol=1e-4, rtol=0)
+    tokenizer = Tokenizer(tmp_path / "ckpt")  # Qwen's split: digits one at a time
+    assert tokenizer.encode("12345", bos=False).tolist() == [tok.token_to_id(d) for d in "12345"]
+
+
+def test_rope_freqs_that_are_not_llama3_are_refused(tmp_path):
+    tok, meta = trained_bpe()
+    hf = tiny_hf_llama(tok.get_vocab_size(), tie=True)
+    write_tiny_gguf(tmp_path / "odd.gguf", hf, [Q.F32], meta, rope_freqs=np.linspace(1, 3, 8) ** 2)
+    proc = run_script(SCRIPT, "--gguf_path", tmp_path / "odd.gguf", "--output_dir", tmp_path / "out")
+    assert_user_error(proc, "rope_freqs")
+    assert not (tmp_path / "out").exists()
 
 
 def test_sentencepiece_vocabulary_round_trips(tmp_path, sentencepiece_model):
