@@ -285,7 +285,7 @@ def test_not_gguf_not_llama_and_inconsistent_are_user_errors(tmp_path):
         open_gguf(tmp_path / "weights.gguf")
     writer = GGUFWriter(tmp_path / "gpt2.gguf", "gpt2")
     writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
-    with pytest.raises(UserError, match="holds a 'gpt2' model; only the 'llama' architecture"):
+    with pytest.raises(UserError, match="holds a 'gpt2' model; the architectures that convert to litft are llama, qwen2"):
         config_from_gguf(metadata(open_gguf(tmp_path / "gpt2.gguf")), {})
 
     tok, meta = trained_bpe()
