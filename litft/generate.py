@@ -199,7 +199,7 @@ def generate_cli(checkpoint_dir: Path, prompt: str, max_new_tokens: int = 100, t
         raise UserError(f"checkpoint directory {checkpoint_dir} does not exist; download or convert a model first")
     style = resolve_style(prompt_style, *(d for d in (run_dir, checkpoint_dir) if d is not None and Path(d).is_dir()))
     tokenizer = Tokenizer(tokenizer_dir(run_dir, checkpoint_dir))  # a run with new tokens has its own
-    ids = tokenizer.encode(style.apply(prompt) if style else prompt)  # (T,)
+    ids = tokenizer.encode(style.apply(prompt), bos=style.add_bos) if style else tokenizer.encode(prompt)  # (T,)
     if style is not None:
         print(f"prompt style: {style.name}", file=sys.stderr)
     check_fits(Config.from_checkpoint(checkpoint_dir).block_size, len(ids), max_new_tokens)  # before loading

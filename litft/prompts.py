@@ -3,6 +3,7 @@
 One style object is used by data preparation, training, generation and evaluation, and a fine-tuning run saves
 it as `prompt_style.yaml`, so the text a model was trained on is the text it is prompted with later.
 The completion the model should learn follows the prompt directly; the tokenizer's EOS token ends it.
+Encode a prompt with `tokenizer.encode(style.apply(...), bos=style.add_bos)`: a chat template writes its own BOS.
 
     plain         instruction (newline, input)                 no template: for base models and raw text
     alpaca        "Below is an instruction ... ### Response:\n"  Stanford Alpaca's template, with/without input
@@ -63,6 +64,11 @@ class PromptStyle:
         raise UserError(f"unknown prompt style {self.name!r}; choose one of {', '.join(STYLES)}")
 
     @property
+    def add_bos(self) -> bool | None:
+        """Tokenizer.encode's `bos` for a prompt in this style: None, the checkpoint decides whether BOS leads."""
+        return None
+
+    @property
     def end_of_turn(self) -> str | None:
         """The text that closes the assistant's turn in this template (a stop marker for generation), if any."""
         return "<|im_end|>" if self.name in ("chatml", "smollm2") else None
@@ -120,6 +126,12 @@ class ChatTemplateStyle(PromptStyle):
         from litft.chat_template import render
 
         return render(self.template, [{"role": "user", "content": user_turn(instruction, input)}], **self.tokens)
+
+    @property
+    def add_bos(self) -> bool:
+        """False: the template writes BOS itself when the model wants one ({{ bos_token }}), so the tokenizer
+        adds none, as transformers' apply_chat_template encodes with add_special_tokens=False."""
+        return False
 
     @property
     def end_of_turn(self) -> str | None:

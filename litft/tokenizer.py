@@ -18,14 +18,11 @@ A model may have several stop tokens: Llama-3.1-Instruct's generation_config.jso
 
 Special tokens written out in text (a rendered chat template: "<|start_header_id|>user<|end_header_id|>",
 "<s>[INST]") must become their single ids. tokenizer.json matches its added tokens itself. A sentencepiece
-model never matches its control pieces ([INST] in Mistral v0.3's tokenizer.model) in text, so for it the text
-is split at the special tokens tokenizer_config.json declares, and the pieces between are encoded one by one.
-As transformers does (unless the config says `legacy: true`), text right after a special token gets no extra
-leading "▁": "[INST] Hi" is [INST] ▁Hi, not [INST] ▁ ▁Hi. A sentencepiece model without a tokenizer_config.json
-encodes exactly as the sentencepiece library does.
-
-A chat template writes BOS itself ("{{ bos_token }}..."), so `encode` does not add a second one in front of a
-text that already begins with it.
+model never matches its control pieces ([INST] in Mistral v0.3's tokenizer.model) in text, so for it the text is
+split at the special tokens tokenizer_config.json declares (`added_tokens_decoder`) and the pieces between are
+encoded one by one; as transformers does (unless the config says `legacy: true`), text right after a special
+token gets no extra leading "▁": "[INST] Hi" is [INST] ▁Hi, not [INST] ▁ ▁Hi. A sentencepiece model without
+that record encodes exactly as the sentencepiece library does.
 
 Text produced token by token cannot be decoded token by token: sentencepiece drops the leading space of the
 first piece, and a byte-fallback character arrives as several tokens that are not valid UTF-8 on their own.
@@ -117,20 +114,15 @@ class Tokenizer:
     def _special_tokens(self, config: dict) -> dict[str, int]:
         """The special tokens' text -> id: what a rendered chat template writes out and must come back as one id.
 
-        tokenizer.json lists its own (and matches them in text itself). For sentencepiece they are the tokens
-        tokenizer_config.json declares in `added_tokens_decoder` and the named ones (bos/eos/unk/pad) that are
-        pieces of the model; none when the checkpoint has no tokenizer_config.json.
+        tokenizer.json lists its own (and matches them in text itself). For sentencepiece they are the tokens a
+        Hugging Face tokenizer_config.json declares in `added_tokens_decoder`; without that record (a bare
+        tokenizer.model, one converted from GGUF) there are none and the text is the sentencepiece library's.
         """
         if self.backend == "tokenizers":
             return {t.content: id for id, t in self.hf.get_added_tokens_decoder().items() if t.special}
-        tokens = {}
-        for id, token in (config.get("added_tokens_decoder") or {}).items():
-            if isinstance(token, dict) and token.get("content") and str(id).isdigit():
-                tokens[token["content"]] = int(id)
-        for kind in ("bos", "eos", "unk", "pad"):
-            if (text := _token_text(config.get(f"{kind}_token"))) and (id := self.token_to_id(text)) is not None:
-                tokens.setdefault(text, id)
-        return tokens
+        declared = (config.get("added_tokens_decoder") or {}).items()
+        return {t["content"]: int(id) for id, t in declared
+                if isinstance(t, dict) and isinstance(t.get("content"), str) and t["content"] and str(id).isdigit()}
 
     @cached_property
     def _special_ids(self) -> frozenset[int]:
@@ -156,16 +148,14 @@ class Tokenizer:
     def encode(self, text: str, bos: bool | None = None, eos: bool = False, max_length: int = -1) -> Tensor:
         """Text -> 1-D LongTensor of ids; special tokens written in the text become their ids.
 
-        bos=None adds BOS iff the checkpoint does and the text does not already begin with it (a rendered chat
-        template does); bos=True/False force it. max_length > 0 truncates.
+        bos=None: add BOS iff the checkpoint does (a prompt style's `add_bos` says when not: a chat template
+        writes its own); max_length > 0 truncates.
         """
         if self.backend == "tokenizers":
             ids = self.hf.encode(text, add_special_tokens=False).ids
         else:
             ids = self._encode_sentencepiece(text)
-        if bos is None:
-            bos = self.add_bos and ids[:1] != [self.bos_id]
-        if bos and self.bos_id is not None:
+        if (self.add_bos if bos is None else bos) and self.bos_id is not None:
             ids = [self.bos_id] + ids
         if eos and self.eos_id is not None:
             ids = ids + [self.eos_id]

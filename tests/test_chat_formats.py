@@ -228,7 +228,7 @@ def test_chat_template_ids_equal_transformers(family_dir, instruction, input):
     content = f"{instruction}\n\n{input}" if input else instruction
     expected = reference(family_dir).apply_chat_template([{"role": "user", "content": content}],
                                                          add_generation_prompt=True, tokenize=True, return_dict=False)
-    assert Tokenizer(family_dir).encode(style.apply(instruction, input)).tolist() == expected
+    assert Tokenizer(family_dir).encode(style.apply(instruction, input), bos=style.add_bos).tolist() == expected
 
 
 def test_rendered_text_equals_transformers_and_keeps_special_tokens_whole(llama3_dir, qwen_dir, mistral_sp_dir):
@@ -238,7 +238,7 @@ def test_rendered_text_equals_transformers_and_keeps_special_tokens_whole(llama3
         text = style.apply("What is LoRA?")
         assert text == hf.apply_chat_template([{"role": "user", "content": "What is LoRA?"}],
                                               add_generation_prompt=True, tokenize=False)
-        ids = tokenizer.encode(text).tolist()
+        ids = tokenizer.encode(text, bos=style.add_bos).tolist()
         assert ids[:len(first_ids)] == [tokenizer.token_to_id(t) for t in first_ids]  # one id each, BOS once
 
 
@@ -269,9 +269,7 @@ def test_encode_decode_and_special_ids_equal_transformers(family_dir, request):
     for text in SAMPLES[family]:
         plain = hf(text, add_special_tokens=False).input_ids
         assert tokenizer.encode(text, bos=False).tolist() == plain, text
-        # transformers adds its BOS even in front of a text that starts with one; litft does not double it
-        starts_with_bos = hf.bos_token is not None and text.startswith(hf.bos_token)
-        assert tokenizer.encode(text).tolist() == hf(text, add_special_tokens=not starts_with_bos).input_ids, text
+        assert tokenizer.encode(text).tolist() == hf(text).input_ids, text  # BOS as the checkpoint adds it
         assert tokenizer.decode(plain) == hf.decode(plain, skip_special_tokens=True), text
 
 
@@ -335,7 +333,8 @@ def chain_checkpoint(tokenizer_dir: Path, out: Path, stop_token: str) -> tuple[P
     for path in tokenizer_dir.iterdir():
         (out / path.name).write_bytes(path.read_bytes())
     tokenizer = Tokenizer(out)
-    prompt = tokenizer.encode(resolve_style(None, out).apply("What is LoRA?")).tolist()
+    style = resolve_style(None, out)
+    prompt = tokenizer.encode(style.apply("What is LoRA?"), bos=style.add_bos).tolist()
     words = [tokenizer.encode(w, bos=False).tolist()[0] for w in (" fox", " dog")]
     chain = [prompt[-1], *words, tokenizer.token_to_id(stop_token)]
     save_lit_checkpoint(chain_model(tokenizer.vocab_size, chain), out)
@@ -348,7 +347,7 @@ def chain_checkpoint(tokenizer_dir: Path, out: Path, stop_token: str) -> tuple[P
 def test_generation_stops_at_each_stop_id(family, stop_token, request, tmp_path, capsys):
     checkpoint, chain = chain_checkpoint(request.getfixturevalue(f"{family}_dir"), tmp_path / family, stop_token)
     tokenizer, style = Tokenizer(checkpoint), resolve_style(None, checkpoint)
-    prompt = tokenizer.encode(style.apply("What is LoRA?"))
+    prompt = tokenizer.encode(style.apply("What is LoRA?"), bos=style.add_bos)
     model = load_lit_model(checkpoint).eval()
     assert list(generate(model, prompt, 6, temperature=0))[:3] == chain[1:]  # the model does walk into the stop id
     assert list(generate(model, prompt, 6, temperature=0, stop_ids=stop_token_ids(tokenizer, style))) == chain[1:3]
