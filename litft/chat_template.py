@@ -62,7 +62,10 @@ def token_variables(directory: Path) -> dict[str, str]:
 def render(template: str, messages: list[dict[str, str]], add_generation_prompt: bool = True,
            **variables: Any) -> str:
     """Render `template` for a conversation, as transformers' apply_chat_template(..., tokenize=False) does."""
-    import jinja2
+    try:
+        import jinja2
+    except ImportError:
+        raise UserError("rendering the checkpoint's chat template needs jinja2: pip install jinja2") from None
 
     try:
         program = _environment().from_string(template)
