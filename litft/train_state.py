@@ -1,27 +1,31 @@
 """Resumable training state: save it atomically, find the last complete one, restore it exactly.
 
 A checkpoint is a directory `out_dir/checkpoints/step-000100/` holding
-    the trainable parameters and the optimizer state   (torch.distributed.checkpoint: each process writes its
-                                                        own shards under FSDP, one file otherwise)
-    meta.pt     step, data position, scheduler state, loss history
-    rng-<rank>.pt  every process's random number generator state
+    state-rank<r>.safetensors   each process's trainable parameters and AdamW moments (its own shards under
+                                FSDP: DTensor local pieces), named `param:<name>` and `optim:<name>:<key>`
+    state-rank<r>.json          that process's random number generator state, and its optimizer's settings
+    meta.json                   step, data position, scheduler state, loss history, the number of processes
+Nothing in it is unpickled when it is loaded: tensors come from safetensors, everything else from JSON, so a
+checkpoint directory someone else wrote cannot run code (torch's distributed checkpoint format, which this
+replaced, reads its `.metadata` with pickle).
 It is written under a `.tmp` name and renamed into place only when complete, so a run killed mid-write leaves a
 `.tmp` directory that is never loaded (and is removed by the next save). Resuming restores all of it, so on a CPU
-a run resumed at step 5 reaches step 10 with bit-identical weights to a run that never stopped.
+a run resumed at step 5 reaches step 10 with bit-identical weights to a run that never stopped. Shards are
+per process: a checkpoint resumes with the number of processes that wrote it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch.distributed.tensor import DTensor
 
 from litft.errors import UserError
@@ -41,7 +45,7 @@ def checkpoints_dir(out_dir: Path) -> Path:
 
 def latest(out_dir: Path) -> Path | None:
     """The newest complete checkpoint directory, or None."""
-    done = [d for d in checkpoints_dir(out_dir).glob("step-*") if not d.name.endswith(".tmp") and (d / "meta.pt").is_file()]
+    done = [d for d in checkpoints_dir(out_dir).glob("step-*") if not d.name.endswith(".tmp") and (d / META).is_file()]
     return max(done, key=lambda d: d.name, default=None)
 
 
@@ -49,26 +53,28 @@ def trainable_names(model: torch.nn.Module) -> set[str]:
     return {name for name, p in model.named_parameters() if p.requires_grad}
 
 
+META = "meta.json"
+
+
 def save(fabric, model, optimizer, scheduler, state: State, out_dir: Path, keep: int = 2) -> Path:
     """Write a checkpoint for `state.step`; every process takes part."""
     final = checkpoints_dir(out_dir) / f"step-{state.step:06d}"
     tmp = final.with_name(final.name + ".tmp")
-    if fabric.global_rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
+    rank = fabric.global_rank
+    if rank == 0:
+        for stale in checkpoints_dir(out_dir).glob("*.tmp"):  # this one, or one a killed save left behind
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
     fabric.barrier()
-    model_sd, optim_sd = get_state_dict(model, _raw(optimizer))
-    names = trainable_names(model)
-    with warnings.catch_warnings():  # a single process is a supported use, not something to warn about
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save({"model": {k: v for k, v in model_sd.items() if k in names}, "optim": optim_sd}, checkpoint_id=tmp)
-    torch.save(_rng_state(), tmp / f"rng-{fabric.global_rank}.pt")
-    if fabric.global_rank == 0:
+    tensors, groups = _local_state(model, _raw(optimizer))
+    save_file(tensors, tmp / f"state-rank{rank}.safetensors")
+    (tmp / f"state-rank{rank}.json").write_text(json.dumps({"rng": _rng_state(), "param_groups": groups}))
+    if rank == 0:
         meta = {"step": state.step, "position": state.position, "scheduler": scheduler.state_dict(),
-                "history": state.history, "metrics": state.metrics}
-        torch.save(meta, tmp / "meta.pt")
+                "history": state.history, "metrics": state.metrics, "world_size": fabric.world_size}
+        (tmp / META).write_text(json.dumps(meta))
     fabric.barrier()
-    if fabric.global_rank == 0:
+    if rank == 0:
         os.replace(tmp, final)
         complete = sorted(d for d in checkpoints_dir(out_dir).glob("step-*") if not d.name.endswith(".tmp"))
         for old in complete[:-keep]:
@@ -81,21 +87,81 @@ def load(fabric, model, optimizer, scheduler, out_dir: Path) -> State:
     """Restore the newest complete checkpoint into model, optimizer and scheduler; return its State."""
     path = latest(out_dir)
     if path is None:
-        raise UserError(f"--resume: no complete checkpoint in {checkpoints_dir(out_dir)}; run without --resume to start")
-    model_sd, optim_sd = get_state_dict(model, _raw(optimizer))
-    names = trainable_names(model)
-    model_sd = {k: v for k, v in model_sd.items() if k in names}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
-    set_state_dict(model, _raw(optimizer), model_state_dict=model_sd, optim_state_dict=optim_sd,
-                   options=StateDictOptions(strict=False))
-    meta = torch.load(path / "meta.pt", weights_only=True)
+        old = [d for d in checkpoints_dir(out_dir).glob("step-*") if (d / ".metadata").exists()]
+        raise UserError(f"--resume: {old[-1]} is in torch's distributed checkpoint format, which is not loaded "
+                        "because reading it unpickles; start the run again without --resume" if old else
+                        f"--resume: no complete checkpoint in {checkpoints_dir(out_dir)}; run without --resume to start")
+    meta, rank = _read_json(path / META), fabric.global_rank
+    if meta.get("world_size", 1) != fabric.world_size:
+        raise UserError(f"--resume: {path} was written by {meta['world_size']} processes, this run has "
+                        f"{fabric.world_size}; resume with the same --devices × --num_nodes")
+    try:
+        tensors = load_file(path / f"state-rank{rank}.safetensors")
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"--resume: {path} is damaged ({str(e).splitlines()[0]}); remove it to resume from the "
+                        "checkpoint before it") from None
+    rank_meta = _read_json(path / f"state-rank{rank}.json")
+    _restore_local_state(model, _raw(optimizer), tensors, rank_meta["param_groups"], path)
     scheduler.load_state_dict(meta["scheduler"])
-    rng = path / f"rng-{fabric.global_rank}.pt"
-    if rng.is_file():
-        _set_rng_state(torch.load(rng, weights_only=True))
+    _set_rng_state(rank_meta["rng"])
     return State(meta["step"], meta["position"], meta["history"], meta["metrics"])
+
+
+# ---- what each process holds, as plain tensors and JSON --------------------------------------------------
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This process's piece of a (possibly FSDP-sharded) tensor."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _local_state(model, optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """Trainable parameters and their AdamW state by parameter name; param_groups with names for ids."""
+    names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
+    tensors = {f"param:{n}": _local(p).detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    for p, s in optimizer.state.items():
+        for key, value in s.items():
+            tensors[f"optim:{names[id(p)]}:{key}"] = _local(value).detach().contiguous()
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [names[id(p)] for p in g["params"]]}
+              for g in optimizer.param_groups]
+    return {k: v.cpu() for k, v in tensors.items()}, groups
+
+
+def _restore_local_state(model, optimizer, tensors: dict[str, torch.Tensor], groups: list[dict], path: Path) -> None:
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    saved = {k.removeprefix("param:") for k in tensors if k.startswith("param:")}
+    if saved != set(params):
+        differ = sorted(saved ^ set(params))
+        raise UserError(f"--resume: {path} holds other trainable parameters than this run ({differ[0]}, ...); "
+                        "resume with the method and settings the run was started with")
+    with torch.no_grad():
+        for name, p in params.items():
+            _local(p).copy_(tensors[f"param:{name}"])
+    for name, p in params.items():
+        state = {}
+        for key in ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            if (t := tensors.get(f"optim:{name}:{key}")) is not None:
+                state[key] = t if key == "step" else _like(p, t)
+        if state:
+            optimizer.state[p] = state
+    for group, saved_group in zip(optimizer.param_groups, groups):
+        group.update({k: tuple(v) if k == "betas" else v for k, v in saved_group.items() if k != "params"})
+
+
+def _like(param: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """`local` on the parameter's device, as a DTensor sharded like it when it is one."""
+    local = local.to(_local(param).device)
+    if isinstance(param, DTensor):
+        return DTensor.from_local(local, param.device_mesh, param.placements, run_check=False,
+                                  shape=param.shape, stride=param.stride())
+    return local
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"--resume: {path} is unreadable ({str(e).splitlines()[0]}); remove its checkpoint "
+                        "directory to resume from the one before") from None
 
 
 def gather_trainable(model: torch.nn.Module, to_rank0: bool) -> dict[str, torch.Tensor]:
@@ -117,15 +183,17 @@ def _raw(optimizer):
 
 
 def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    """Every generator a step draws from, as JSON: torch's byte states as lists, Python's as its tuple."""
+    cuda = [t.tolist() for t in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else []
+    return {"torch": torch.get_rng_state().tolist(), "python": random.getstate(), "cuda": cuda}
 
 
 def _set_rng_state(s: dict) -> None:
-    torch.set_rng_state(s["torch"])
-    random.setstate(s["python"])
+    torch.set_rng_state(torch.tensor(s["torch"], dtype=torch.uint8))
+    version, internal, gauss = s["python"]
+    random.setstate((version, tuple(internal), gauss))
     if s["cuda"]:
-        torch.cuda.set_rng_state_all(s["cuda"])
+        torch.cuda.set_rng_state_all([torch.tensor(c, dtype=torch.uint8) for c in s["cuda"]])
 
 
 def plot_loss(history: list[dict], path: Path) -> None:

@@ -46,7 +46,7 @@ def finetune(tiny, out_dir: Path, *extra: str, script: str = "finetune/lora.py",
 
 def history(out_dir: Path) -> list[dict]:
     last = sorted((out_dir / "checkpoints").glob("step-*"))[-1]
-    return torch.load(last / "meta.pt", weights_only=True)["history"]
+    return json.loads((last / "meta.json").read_text())["history"]
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
@@ -76,16 +76,50 @@ def test_lora_run_lowers_loss_and_writes_everything(tiny, tmp_path):
     assert saved and all(k.endswith(("lora_A", "lora_B")) for k in saved)
 
 
-def test_resume_is_bit_identical(tiny, tmp_path):
-    """6 steps straight vs. the same run resumed from its step-3 checkpoint: identical LoRA weights."""
+@pytest.mark.parametrize("processes", [(), pytest.param(("--devices", "2", "--strategy", "fsdp"), marks=pytest.mark.slow)],
+                         ids=["one-process", "fsdp-two-processes"])
+def test_resume_is_bit_identical(tiny, tmp_path, processes):
+    """6 steps straight vs. the same run resumed from its step-3 checkpoint: identical LoRA weights (under FSDP,
+    each process restores its own shards of the parameters and AdamW moments)."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    finetune(tiny, straight)
+    finetune(tiny, straight, *processes)
     shutil.copytree(straight, resumed)
     shutil.rmtree(resumed / "checkpoints" / "step-000006")
     (resumed / "lit_model_lora.pth").unlink()
-    proc = finetune(tiny, resumed, "--resume", "true")
+    proc = finetune(tiny, resumed, "--resume", "true", *processes)
     assert "resumed from step 3" in proc.stderr
     assert_same(weights(straight / "lit_model_lora.pth"), weights(resumed / "lit_model_lora.pth"))
+
+
+class RunsCode:
+    """A pickle that runs code when it is loaded: it creates the file `marker`."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_resume_never_unpickles_what_the_run_directory_holds(tiny, tmp_path):
+    """Whatever a checkpoint directory holds, --resume reads only safetensors and JSON: planted pickles (the
+    `.metadata` torch's distributed checkpoint reads with pickle, a tensor file) never run."""
+    import pickle
+
+    out, marker = tmp_path / "run", tmp_path / "code-ran"
+    finetune(tiny, out)
+    last = out / "checkpoints" / "step-000006"
+    for name in (".metadata", "__0_0.distcp", "rng-0.pt", "meta.pt"):
+        (last / name).write_bytes(pickle.dumps(RunsCode(marker)))
+    proc = finetune(tiny, out, "--resume", "true", "--max_steps", "7")
+    assert "resumed from step 6" in proc.stderr and not marker.exists()
+
+    for name in os.listdir(last):  # an old-format (pickled) checkpoint alone: refused in one line, nothing run
+        if not name.startswith((".metadata", "__0_0")):
+            os.remove(last / name)
+    shutil.rmtree(out / "checkpoints" / "step-000007")
+    assert_user_error(finetune(tiny, out, "--resume", "true", "--max_steps", "8", check=False), "unpickles")
+    assert not marker.exists()
 
 
 def test_killed_runs_resume_from_last_complete_checkpoint(tiny, tmp_path):
@@ -103,7 +137,7 @@ def test_killed_runs_resume_from_last_complete_checkpoint(tiny, tmp_path):
     # What a kill during a checkpoint write leaves behind: a partial .tmp directory and a partial weights file.
     partial = out / "checkpoints" / "step-999998.tmp"
     partial.mkdir()
-    (partial / "meta.pt").write_bytes(b"PK\x03\x04 truncated")
+    (partial / "meta.json").write_text('{"step": 99')
     (out / ".lit_model_lora.pth.x.tmp").write_bytes(b"PK\x03\x04 truncated")
     complete = sorted(d.name for d in (out / "checkpoints").glob("step-*") if not d.name.endswith(".tmp"))
     done = finetune(tiny, out, "--resume", "true", "--max_steps", str(int(complete[-1][5:]) + 2))
