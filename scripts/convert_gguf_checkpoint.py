@@ -49,8 +49,6 @@ def main(gguf_path: Path, output_dir: Path, dtype: Literal["float32", "bfloat16"
     types = sorted({t.tensor_type.name for t in reader.tensors})
     print(f"wrote {output_dir}: {len(state_dict)} tensors ({'/'.join(types)} -> {dtype}), {WEIGHTS} {size:.0f} MiB, "
           f"{', '.join(files)} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
-    if "<|im_start|>" in meta.get("tokenizer.chat_template", ""):
-        print("its chat template is ChatML: generate with --prompt_style chatml", file=sys.stderr)
 
 
 if __name__ == "__main__":
