@@ -50,6 +50,24 @@ def atomic_write_text(path: Path, text: str) -> None:
         tmp.write_text(text)
 
 
+def check_output_dir(flag: str, out: Path, **inputs: Path) -> Path:
+    """Refuse, in one line, an output directory that is a file, cannot be written, or is one of the inputs.
+
+    `inputs` name the directories a script reads (e.g. base=checkpoint_dir, run=lora_path.parent): writing into
+    them could overwrite or delete what the user asked to read.
+    """
+    out = Path(out)
+    for what, directory in inputs.items():
+        if directory is not None and out.resolve() == Path(directory).resolve():
+            raise UserError(f"{flag} {out} is the {what} directory this command reads; choose a new directory")
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"{flag} {out}: {existing} is a file, not a directory; choose another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {out}: {existing} is not writable; choose a directory you can write to")
+    return out
+
+
 def read_yaml_mapping(path: Path, missing: str) -> dict:
     """A YAML file that holds a mapping. A missing file raises UserError(missing); a malformed one, one line."""
     import yaml

@@ -15,7 +15,7 @@ from typing import Literal
 
 import torch
 
-from litft.checkpoint import WEIGHTS, atomic_path, atomic_write_text, save_state_dict
+from litft.checkpoint import WEIGHTS, atomic_path, atomic_write_text, check_output_dir, save_state_dict
 from litft.gguf import (check_tensors, config_from_gguf, convert_weights, metadata, open_gguf, rope_freqs,
                         tensor_shapes, tokenizer_files)
 
@@ -29,6 +29,7 @@ def main(gguf_path: Path, output_dir: Path, dtype: Literal["float32", "bfloat16"
         dtype: dtype of the saved weights. float32 keeps the dequantized values exactly; bfloat16 halves the size.
     """
     start = time.perf_counter()
+    check_output_dir("--output_dir", output_dir)
     reader = open_gguf(gguf_path)
     meta = metadata(reader)
     config = config_from_gguf(meta, tensor_shapes(reader), Path(output_dir).name, rope_freqs(reader))

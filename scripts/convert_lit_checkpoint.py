@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from litft.checkpoint import WEIGHTS, atomic_write_text, check_shapes, load_state_dict
+from litft.checkpoint import WEIGHTS, atomic_write_text, check_output_dir, check_shapes, load_state_dict
 from litft.config import Config
 from litft.convert_hf import TOKENIZER_FILES, copy_files, lit_to_hf_state_dict, save_hf_safetensors
 from litft.errors import UserError
@@ -31,6 +31,7 @@ def main(checkpoint_dir: Path, output_dir: Path, max_shard_gb: float = 5.0) -> N
         max_shard_gb: largest safetensors file to write; bigger models are split with an index.
     """
     checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
+    check_output_dir("--output_dir", output_dir, checkpoint=checkpoint_dir)
     config = Config.from_checkpoint(checkpoint_dir)
     path = checkpoint_dir / WEIGHTS
     if not path.is_file():
@@ -42,6 +43,7 @@ def main(checkpoint_dir: Path, output_dir: Path, max_shard_gb: float = 5.0) -> N
     special = special_token_ids(checkpoint_dir)
 
     files = save_hf_safetensors(hf_state_dict, output_dir, int(max_shard_gb * 2**30))
+    remove_stale_weights(output_dir, keep=files)
     dtype = str(next(iter(hf_state_dict.values())).dtype).removeprefix("torch.")
     hf_config = {**config.to_hf_config(), "torch_dtype": dtype, **special}
     atomic_write_text(output_dir / "config.json", json.dumps(hf_config, indent=2))
@@ -50,6 +52,15 @@ def main(checkpoint_dir: Path, output_dir: Path, max_shard_gb: float = 5.0) -> N
         atomic_write_text(output_dir / "generation_config.json", json.dumps(special, indent=2))
         files.append("generation_config.json")
     print(f"wrote {output_dir}: {', '.join(files)}")
+
+
+def remove_stale_weights(output_dir: Path, keep: list[str]) -> None:
+    """Delete weight files an earlier export left in output_dir: transformers would load them instead of ours."""
+    for pattern in ("model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin",
+                    "pytorch_model.bin.index.json"):
+        for stale in Path(output_dir).glob(pattern):
+            if stale.name not in keep:
+                stale.unlink()
 
 
 def special_token_ids(checkpoint_dir: Path) -> dict[str, int]:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from litft.checkpoint import atomic_path, atomic_write_text, load_state_dict
+from litft.checkpoint import atomic_path, atomic_write_text, check_output_dir, load_state_dict
 from litft.cli import run
 from litft.config import CONFIGS, Config
 from litft.convert_hf import lit_to_hf_name
@@ -81,6 +81,7 @@ def main(checkpoint_dir: Path, lora_path: Path, output_dir: Path) -> None:
     from safetensors.torch import save_file
 
     checkpoint_dir, lora_path, output_dir = Path(checkpoint_dir), Path(lora_path), Path(output_dir)
+    check_output_dir("--output_dir", output_dir, base=checkpoint_dir, run=lora_path.parent)
     base = Config.from_checkpoint(checkpoint_dir)
     lora = LoRAConfig.from_dir(lora_path.parent)
     check_same_base(lora_path.parent, base, lora_path)  # the run's model_config.yaml names its base

@@ -16,7 +16,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from litft.checkpoint import atomic_path, load_lit_model, save_lit_checkpoint
+from litft.checkpoint import atomic_path, check_output_dir, load_lit_model, save_lit_checkpoint
 from litft.cli import run
 from litft.config import Config
 from litft.errors import UserError
@@ -35,8 +35,7 @@ def main(checkpoint_dir: Path, lora_path: Path, out_dir: Path) -> None:
         out_dir: where to write the merged lit checkpoint (created if needed).
     """
     checkpoint_dir, lora_path, out_dir = Path(checkpoint_dir), Path(lora_path), Path(out_dir)
-    if out_dir.resolve() == checkpoint_dir.resolve():
-        raise UserError(f"--out_dir {out_dir} is the base checkpoint itself; choose a new directory")
+    check_output_dir("--out_dir", out_dir, base=checkpoint_dir, run=lora_path.parent)
     if not lora_path.is_file():
         raise UserError(f"--lora_path {lora_path} does not exist; pass the run's lit_model_lora.pth")
     base = Config.from_checkpoint(checkpoint_dir)  # fail early on a bad base directory

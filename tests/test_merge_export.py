@@ -237,3 +237,48 @@ def test_both_tokenizer_files_are_grown(bases, tmp_path):
     assert [sp.piece_to_id(t) for t in ("<a>", "<b>")] == [hf.token_to_id(t) for t in ("<a>", "<b>")] == [32000, 32001]
     assert 32001 in sp.encode("x <b> y") and 32001 in hf.encode("x <b> y").ids
     assert not (out / "special_tokens_map.json").exists()
+
+
+def snapshot(directory) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+@pytest.mark.parametrize("target", ["a-file", "the-base", "the-run"])
+def test_exporters_never_write_into_their_inputs_or_over_a_file(bases, tmp_path, smollm2_gguf, target):
+    """Every script that writes a directory refuses a path that is a file or one it reads, in one line, and
+    leaves that path exactly as it was."""
+    base_dir = tmp_path / "base"
+    shutil.copytree(bases[True], base_dir)
+    run_dir = tmp_path / "run"
+    make_run(base_dir, run_dir, LoRAConfig(r=4))
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep me")
+    out = {"a-file": a_file, "the-base": base_dir, "the-run": run_dir}[target]
+    lora = ("--checkpoint_dir", base_dir, "--lora_path", run_dir / "lit_model_lora.pth")
+    commands = [("scripts/merge_lora.py", *lora, "--out_dir", out),
+                ("scripts/export_peft.py", *lora, "--output_dir", out),
+                ("scripts/convert_lit_checkpoint.py", "--checkpoint_dir", base_dir, "--output_dir", out)]
+    if target == "a-file":
+        commands += [("scripts/convert_gguf_checkpoint.py", "--gguf_path", smollm2_gguf, "--output_dir", out),
+                     ("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", base_dir, "--output_dir", out)]
+    before = {d: snapshot(d) for d in (base_dir, run_dir)}
+    for script, *args in commands:
+        if target == "the-base" and script.endswith("convert_lit_checkpoint.py"):
+            args[-1] = base_dir  # its only input
+        if target == "the-run" and script.endswith("convert_lit_checkpoint.py"):
+            continue  # it reads no run
+        assert_user_error(run_script(script, *args), "--o")
+        assert a_file.read_text() == "keep me"
+        assert {d: snapshot(d) for d in (base_dir, run_dir)} == before, script
+
+
+def test_convert_lit_checkpoint_removes_an_earlier_exports_weights(bases, tmp_path):
+    """A directory holding an older sharded export: transformers would load the stale shards, so they go."""
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "model-00001-of-00002.safetensors").write_bytes(b"old")
+    (out / "model.safetensors.index.json").write_text("{}")
+    run_script("scripts/convert_lit_checkpoint.py", "--checkpoint_dir", bases[False], "--output_dir", out, check=True)
+    assert sorted(p.name for p in out.glob("model*")) == ["model.safetensors"]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert hf.config.vocab_size == 32000
