@@ -35,6 +35,12 @@ class Config:
     qkv_bias: bool = False  # Qwen2: the q, k and v projections add a bias
 
     def __post_init__(self) -> None:
+        sizes = ("vocab_size", "n_layer", "n_embd", "n_head", "n_query_groups", "intermediate_size", "block_size")
+        for name in sizes:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not (self.rope_base > 0 and self.norm_eps > 0):
+            raise ValueError(f"rope_base and norm_eps must be > 0, got {self.rope_base} and {self.norm_eps}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd {self.n_embd} is not a multiple of n_head {self.n_head}")
         if self.n_head % self.n_query_groups:

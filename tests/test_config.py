@@ -54,6 +54,8 @@ BAD_VALUES = {  # model_config.yaml field: a value of the wrong type
     "rope_base": [1, 2],
     "rope_scaling": "llama3",
     "qkv_bias": 1,
+    "n_query_groups": 0,
+    "norm_eps": -1e-5,
 }
 
 
