@@ -194,6 +194,7 @@ def generate_cli(checkpoint_dir: Path, prompt: str, max_new_tokens: int = 100, t
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision, dtype = pick_precision(precision, device)
     check_sampling(temperature, top_k, top_p)
+    check_text(prompt, "--prompt")
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
         raise UserError(f"checkpoint directory {checkpoint_dir} does not exist; download or convert a model first")
@@ -216,6 +217,14 @@ def generate_cli(checkpoint_dir: Path, prompt: str, max_new_tokens: int = 100, t
     text, timings = stream(tokens, tokenizer)
     report(timings, device)
     return text
+
+
+def check_text(text: str, flag: str) -> None:
+    """A command line that is not UTF-8 reaches Python as lone surrogates, which no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UserError(f"{flag} is not valid UTF-8 (at character {e.start}); pass the text in UTF-8") from None
 
 
 def check_sampling(temperature: float, top_k: Optional[int], top_p: float) -> None:

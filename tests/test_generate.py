@@ -236,3 +236,20 @@ def test_cli_user_errors(tiny_checkpoint, tmp_path):
                                  "--max_new_tokens", "100"), "block_size")
     assert_user_error(run_script("generate/base.py", "--checkpoint_dir", directory, "--prompt", "hi",
                                  "--precision", "fp8"), "--precision")
+
+
+def test_a_prompt_that_is_not_utf8_and_bad_sampling_flags_are_one_line(tiny_checkpoint):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    directory, _ = tiny_checkpoint
+    argv = [sys.executable, str(ROOT / "generate/base.py"), "--checkpoint_dir", str(directory), "--prompt",
+            b"caf\xe9 in Latin-1"]  # bytes as a shell passes them: Python sees lone surrogates
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert_user_error(proc, "--prompt is not valid UTF-8")
+    for flag, value in (("--temperature", "-0.5"), ("--top_k", "0"), ("--top_p", "1.5"), ("--top_p", "0")):
+        assert_user_error(run_script("generate/base.py", "--checkpoint_dir", directory, "--prompt", "hi", flag, value),
+                          flag)
