@@ -114,8 +114,20 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+def _resharded(model):
+    """FSDP2 leaves the root's gathered (unsharded) parameters registered after a forward without backward (an
+    evaluation); reshard so the module holds the sharded parameters the optimizer steps."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+    return model
+
+
 def _local_state(model, optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
     """Trainable parameters and their AdamW state by parameter name; param_groups with names for ids."""
+    _resharded(model)
     names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
     tensors = {f"param:{n}": _local(p).detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
     for p, s in optimizer.state.items():
@@ -127,6 +139,7 @@ def _local_state(model, optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]
 
 
 def _restore_local_state(model, optimizer, tensors: dict[str, torch.Tensor], groups: list[dict], path: Path) -> None:
+    _resharded(model)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     saved = {k.removeprefix("param:") for k in tensors if k.startswith("param:")}
     if saved != set(params):
