@@ -80,12 +80,34 @@ def fingerprint(checkpoint_dir: Path) -> str:
     for name in FINGERPRINTED:
         if (checkpoint_dir / name).is_file():
             digest.update(name.encode() + b"\0" + (checkpoint_dir / name).read_bytes())
-    weights = checkpoint_dir / WEIGHTS
-    size = weights.stat().st_size
-    with open(weights, "rb") as f:
+    sample_file(digest, checkpoint_dir / WEIGHTS)
+    return digest.hexdigest()[:16]
+
+
+def sample_file(digest, path: Path) -> None:
+    """Feed `digest` a file's size, first MiB and last MiB: all of a small file; for a torch.save file, enough to
+    see any changed tensor (its zip directory at the end holds each tensor's CRC-32)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
         digest.update(str(size).encode() + b"\0" + f.read(MIB))
         f.seek(max(size - MIB, 0))
         digest.update(f.read(MIB))
+
+
+def tokenizer_fingerprint(checkpoint_dir: Path) -> str:
+    """A short hash of what turns text into token ids: the tokenizer file and the BOS/EOS ids it resolves to.
+
+    data_prep records it in meta.json; finetune/ compares it with the model's, so data encoded by another
+    tokenizer is refused instead of training on ids that mean other words.
+    """
+    from litft.tokenizer import Tokenizer
+
+    checkpoint_dir, digest = Path(checkpoint_dir), hashlib.sha256()
+    for name in ("tokenizer.json", "tokenizer.model"):
+        if (checkpoint_dir / name).is_file():
+            digest.update(name.encode() + b"\0" + (checkpoint_dir / name).read_bytes())
+    tokenizer = Tokenizer(checkpoint_dir)
+    digest.update(f"bos {tokenizer.bos_id} eos {tokenizer.eos_id}".encode())
     return digest.hexdigest()[:16]
 
 
