@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from litft.base_checkpoint import ensure_checkpoint
+from litft.base_checkpoint import ensure_checkpoint, tokenizer_fingerprint
 from litft.checkpoint import atomic_path, atomic_write_text
 from litft.errors import UserError
 from litft.new_tokens import write_tokenizer
@@ -243,7 +243,8 @@ def prepare(train: list[dict], test: list[dict], *, task: str, source: str, dest
     meta = {"task": task, "source": str(source), "checkpoint_dir": str(checkpoint_dir), "max_seq_length": max_seq_length,
             "mask_inputs": mask_inputs, "ignore_index": IGNORE_INDEX, "prompt_style": style.name, "seed": seed,
             "val_split_fraction": val_split_fraction, "counts": {s: len(samples[s]) for s in SPLITS},
-            "new_tokens": list(new_tokens)}
+            "new_tokens": list(new_tokens),
+            "tokenizer": tokenizer_fingerprint(checkpoint_dir)}  # finetune/ refuses data another tokenizer encoded
     try:
         if new_tokens:
             write_tokenizer(checkpoint_dir, destination_path, list(new_tokens), model_vocab_size(checkpoint_dir))
