@@ -43,7 +43,7 @@ def evaluate(model: torch.nn.Module, tokenizer, samples: list[dict], style: Prom
     rows = []
     for sample in tqdm(samples, desc="evaluating", unit=" samples"):
         prompt = style.apply(sample["instruction"], sample["input"])
-        ids = tokenizer.encode(prompt).to(device)  # (T,), exactly as generate/ scripts encode a prompt
+        ids = tokenizer.encode(prompt, bos=style.add_bos).to(device)  # (T,), as generate/ scripts encode a prompt
         budget = min(max_new_tokens, block_size - len(ids))
         answer = tokenizer.decode(list(generate(model, ids, budget, temperature=0, stop_ids=stops))) if budget > 0 else ""
         rows.append({"prompt": prompt, "reference": sample["output"], "prediction": answer,

@@ -7,7 +7,8 @@
         labels    = -100 ... -100      answer ids   EOS        (= input_ids when mask_inputs is off)
 
 The prompt is encoded on its own, exactly as generation encodes it, and the answer is encoded after it, so
-the tokens a model learns to continue are the tokens it is later prompted with. EOS is always the last token:
+the tokens a model learns to continue are the tokens it is later prompted with. EOS is always the last token
+(or the style's end-of-turn token, <|im_end|> or <|eot_id|>, when the template closes turns with one):
 a sample longer than max_seq_length loses the end of its answer, never its EOS (counted as truncated); a
 sample whose prompt alone leaves no room for its answer is dropped (counted too). Nothing is written to the
 destination until every record has been read, checked and tokenized.
@@ -172,17 +173,27 @@ class DownloadError(UserError):
 def encode_example(example: dict, tokenizer, style: PromptStyle, max_seq_length: int, mask_inputs: bool
                    ) -> tuple[dict | None, bool]:
     """One example -> (sample, truncated). The sample is None when even the prompt does not fit."""
-    prompt = tokenizer.encode(style.apply(example["instruction"], example["input"]))  # (P,), BOS as the model wants
+    prompt = tokenizer.encode(style.apply(example["instruction"], example["input"]), bos=style.add_bos)  # (P,)
     answer = tokenizer.encode(example["output"], bos=False)  # (A,)
-    room = max_seq_length - len(prompt) - 1  # tokens left for the answer once EOS is reserved
+    room = max_seq_length - len(prompt) - 1  # tokens left for the answer once its end token is reserved
     if room < min(1, len(answer)):
         return None, False
     truncated = len(answer) > room
-    input_ids = torch.cat([prompt, answer[:room], torch.tensor([tokenizer.eos_id])])  # (P + A', )
+    input_ids = torch.cat([prompt, answer[:room], torch.tensor([answer_end_id(tokenizer, style)])])  # (P + A', )
     labels = input_ids.clone()
     if mask_inputs:
         labels[: len(prompt)] = IGNORE_INDEX
     return {"input_ids": input_ids, "labels": labels, **example}, truncated
+
+
+def answer_end_id(tokenizer, style: PromptStyle) -> int:
+    """The token that ends an answer: the style's end of turn when it is one token (<|im_end|>, <|eot_id|>), so
+    the model learns to close its turn as the template does; otherwise EOS. Generation stops at both."""
+    if style.end_of_turn is not None:
+        ids = tokenizer.encode(style.end_of_turn, bos=False).tolist()
+        if len(ids) == 1:
+            return ids[0]
+    return tokenizer.eos_id
 
 
 def encode_split(examples: list[dict], name: str, tokenizer, style: PromptStyle, max_seq_length: int,
@@ -224,7 +235,7 @@ def prepare(train: list[dict], test: list[dict], *, task: str, source: str, dest
             val_split_fraction: float, new_tokens: list[str] = ()) -> dict:
     """Tokenize both splits, print the length report and write everything to `destination_path`."""
     ensure_checkpoint(checkpoint_dir)  # the default base is converted on first use
-    style = PromptStyle.from_name(prompt_style)
+    style = PromptStyle.from_name(prompt_style, checkpoint_dir)  # chat-template: the checkpoint's own template
     destination_path = Path(destination_path)
     check_writable(destination_path)
     if max_seq_length < 2:

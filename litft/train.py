@@ -240,12 +240,13 @@ class Loop:
 
     def sample(self) -> str:
         """Greedy completion of the first validation prompt, through the training model (all ranks take part)."""
-        from litft.generate import greedy_without_cache
+        from litft.generate import greedy_without_cache, stop_token_ids
 
         first = self.val_data[0]
         prompt = self.style.apply(first["instruction"], first.get("input", ""))
-        ids = self.tokenizer.encode(prompt).to(self.fabric.device)
-        new = greedy_without_cache(self.model, ids, self.args.sample_tokens, stop_ids=[self.tokenizer.eos_id])
+        ids = self.tokenizer.encode(prompt, bos=self.style.add_bos).to(self.fabric.device)
+        stops = stop_token_ids(self.tokenizer, self.style)
+        new = greedy_without_cache(self.model, ids, self.args.sample_tokens, stop_ids=stops)
         return self.tokenizer.decode(new)
 
     def save(self, state: train_state.State) -> None:

@@ -137,7 +137,7 @@ def merge_and_check(model: Path, run_dir: Path, data: Path) -> dict:
 
     from litft.data import load_split, prompt_style_of
     from litft.finetuned import load_finetuned
-    from litft.generate import generate
+    from litft.generate import generate, stop_token_ids
     from litft.tokenizer import Tokenizer
 
     step("5. merge LoRA into the base weights and compare")
@@ -148,10 +148,10 @@ def merge_and_check(model: Path, run_dir: Path, data: Path) -> dict:
     tokenizer, style = Tokenizer(ROOT / model), prompt_style_of(ROOT / data)
     models = {"base": load_finetuned(ROOT / model), "lora": load_finetuned(ROOT / model, ROOT / run_dir / WEIGHTS["lora"]),
               "merged": load_finetuned(ROOT / merged_dir)}
-    stops = {tokenizer.eos_id, tokenizer.token_to_id(style.end_of_turn or "")} - {None}
+    stops = stop_token_ids(tokenizer, style)
     samples = []
     for sample in load_split(ROOT / data, "test")[:3]:
-        ids = tokenizer.encode(style.apply(sample["instruction"], sample["input"]))
+        ids = tokenizer.encode(style.apply(sample["instruction"], sample["input"]), bos=style.add_bos)
         with torch.inference_mode():
             out = {name: list(generate(m, ids, 64, temperature=0, stop_ids=stops)) for name, m in models.items()}
         samples.append({"input": sample["input"], "reference": sample["output"],

@@ -381,3 +381,27 @@ def test_chat_template_style_round_trips_through_prompt_style_yaml(llama3_dir, t
     again = PromptStyle.from_dir(tmp_path)
     assert again == style and again.apply("Hi", "there") == style.apply("Hi", "there")
     assert resolve_style(None, tmp_path, Path("/nonexistent")) == style  # the run dir alone is enough
+
+
+# ---- training data in the checkpoint's chat format ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("family,turn_end", [("llama3", "<|eot_id|>"), ("qwen", "<|im_end|>")])
+def test_data_prep_with_the_chat_template_trains_the_format_transformers_renders(request, tmp_path, family, turn_end):
+    """data_prep --prompt_style chat-template: each sample is transformers' apply_chat_template(user turn,
+    add_generation_prompt=True), then the answer, then the token that closes the assistant's turn."""
+    directory = request.getfixturevalue(f"{family}_dir")
+    rows = [{"instruction": q, "input": i, "output": "Two small matrices."} for q, i in QUESTIONS] * 4
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    run_script("data_prep/json_data.py", "--data_file", tmp_path / "rows.json", "--destination_path", tmp_path / "data",
+               "--checkpoint_dir", directory, "--prompt_style", "chat-template", "--val_split_fraction", "0",
+               check=True)
+    samples = torch.load(tmp_path / "data" / "train.pt", weights_only=True)
+    hf = reference(directory)
+    for sample in samples:
+        content = f"{sample['instruction']}\n\n{sample['input']}" if sample["input"] else sample["instruction"]
+        prompt = hf.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                        tokenize=True, return_dict=False)
+        answer = hf.encode(sample["output"], add_special_tokens=False)
+        assert sample["input_ids"].tolist() == prompt + answer + [hf.convert_tokens_to_ids(turn_end)]
+    assert isinstance(PromptStyle.from_dir(tmp_path / "data"), ChatTemplateStyle)
