@@ -74,9 +74,11 @@ def with_common_args(fn):
 def read_records(path: Path) -> list[tuple[str, dict]]:
     """(where, record) pairs from a JSON array, a JSONL file or a CSV file with a header row."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a directory; give --data_file a JSON, JSONL or CSV file")
     if not path.is_file():
         raise UserError(f"{path} does not exist; give --data_file an existing JSON, JSONL or CSV file")
-    text = path.read_text(encoding="utf-8-sig")
+    text = read_text(path)
     if not text.strip():
         raise UserError(f"{path} is empty; it should hold one record per example")
     if path.suffix == ".csv":
@@ -95,6 +97,19 @@ def read_records(path: Path) -> list[tuple[str, dict]]:
         if not isinstance(item, dict):
             raise UserError(f"{path} {where}: expected a JSON object, got {type(item).__name__}")
     return items
+
+
+def read_text(path: Path) -> str:
+    """The file as text: UTF-8 (with or without a byte-order mark) or UTF-16 with one; anything else is refused
+    in one line rather than guessed (Latin-1 and UTF-8 cannot be told apart reliably)."""
+    data = path.read_bytes()
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return data.decode("utf-16")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); save it as "
+                        "UTF-8 and run again") from None
 
 
 def _parse_json(text: str, path: Path, first_line: int):
@@ -123,6 +138,11 @@ def take_fields(records: list[tuple[str, dict]], path: Path, instruction: str | 
                 value = ""
             if not isinstance(value, str):
                 raise UserError(f"{path} {where}: {key!r} must be a string, got {type(value).__name__}")
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:  # JSON can spell a lone surrogate ("\ud800"), which is not text
+                raise UserError(f"{path} {where}: {key!r} holds an unpaired surrogate at character {e.start}, "
+                                "which is not valid Unicode text") from None
             example[field] = value
         examples.append(example)
     return examples

@@ -36,6 +36,12 @@ CASES = {
                               ["every sample", "--max_seq_length 4"]),
     "unknown prompt style": ("d.jsonl", json.dumps(GOOD) + "\n", ["--prompt_style", "vicuna"],
                              ["unknown prompt style 'vicuna'"]),
+    "Latin-1 JSONL": ("d.jsonl", '{"instruction": "Caf\u00e9?", "output": "Oui."}\n'.encode("latin-1"), [],
+                      ["is not UTF-8", "byte 0xe9 at offset 20"]),
+    "Latin-1 CSV": ("d.csv", "instruction,output\nGr\u00fc\u00df,Hallo\n".encode("latin-1"), [],
+                    ["is not UTF-8", "byte 0xfc"]),
+    "lone surrogate": ("d.jsonl", '{"instruction": "a\\ud800b", "output": "c"}\n', [],
+                       ["line 1", "'instruction' holds an unpaired surrogate at character 1"]),
 }
 
 
@@ -43,7 +49,7 @@ CASES = {
 def test_bad_data_file_is_one_line_and_writes_nothing(tmp_path, sp_dir, case):
     name, content, flags, fragments = CASES[case]
     path = tmp_path / name
-    path.write_text(content)
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
     destination = tmp_path / "out"
     proc = run_script("data_prep/json_data.py", "--data_file", path, "--checkpoint_dir", sp_dir,
                       "--destination_path", destination, "--val_split_fraction", "0", *flags)
@@ -82,3 +88,14 @@ def test_destination_that_is_not_writable(tmp_path, sp_dir):
 def test_unknown_data_name_in_evaluate(tmp_path):
     proc = run_script("scripts/evaluate.py", "--checkpoint_dir", tmp_path, "--data", "no_such_data")
     assert_user_error(proc, "--data no_such_data", "data/no_such_data does not exist")
+
+
+def test_a_directory_as_data_file_and_utf16_with_a_byte_order_mark(tmp_path, sp_dir):
+    proc = run_script("data_prep/json_data.py", "--data_file", tmp_path, "--checkpoint_dir", sp_dir,
+                      "--destination_path", tmp_path / "out")
+    assert_user_error(proc, "is a directory")
+    path = tmp_path / "d.json"
+    path.write_bytes(json.dumps([GOOD, {**GOOD, "instruction": "Grüße?"}], ensure_ascii=False).encode("utf-16"))
+    run_script("data_prep/json_data.py", "--data_file", path, "--checkpoint_dir", sp_dir, "--destination_path",
+               tmp_path / "out", "--val_split_fraction", "0", check=True)
+    assert (tmp_path / "out" / "train.pt").is_file()
