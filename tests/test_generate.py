@@ -253,3 +253,48 @@ def test_a_prompt_that_is_not_utf8_and_bad_sampling_flags_are_one_line(tiny_chec
     for flag, value in (("--temperature", "-0.5"), ("--top_k", "0"), ("--top_p", "1.5"), ("--top_p", "0")):
         assert_user_error(run_script("generate/base.py", "--checkpoint_dir", directory, "--prompt", "hi", flag, value),
                           flag)
+
+
+def analytic_sampling_distribution(z: list[float], temperature: float, top_k: int, top_p: float) -> dict[int, float]:
+    """What `sample` must draw from, by hand: softmax(z / τ) over the k largest logits, then the smallest most likely
+    prefix of that distribution whose mass reaches top_p, renormalised. {token id: probability}."""
+    import math
+
+    top = sorted(range(len(z)), key=lambda i: -z[i])[:top_k]
+    weights = {i: math.exp(z[i] / temperature) for i in top}
+    total = sum(weights.values())
+    kept, mass = {}, 0.0
+    for i in top:  # most likely first
+        if mass >= top_p:
+            break
+        kept[i] = weights[i] / total
+        mass += kept[i]
+    return {i: p / mass for i, p in kept.items()}
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.5, 6, 0.88), (2.0, 7, 0.8), (1.5, 3, 0.95)])
+def test_sampling_frequencies_at_a_temperature_with_top_k_and_top_p_match_the_analytic_distribution(
+        temperature, top_k, top_p):
+    """20,000 seeded draws against softmax(z / τ) restricted by top-k then top-p: tokens outside the kept set are
+    never drawn, every kept one is, and a chi-square test does not reject their frequencies (p > 0.001). The analytic
+    distribution is itself checked against transformers' logits warpers (temperature, top-k, top-p in that order)."""
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    z = [2.0, 1.6, 1.1, 0.9, 0.4, 0.1, -0.3, -0.8, -1.5, -2.5]
+    expected = analytic_sampling_distribution(z, temperature, top_k, top_p)
+    warped = torch.tensor([z], dtype=torch.float64)
+    for warper in (TemperatureLogitsWarper(temperature), TopKLogitsWarper(top_k), TopPLogitsWarper(top_p)):
+        warped = warper(None, warped)
+    hf = warped.softmax(-1)[0]
+    torch.testing.assert_close(hf, torch.tensor([expected.get(i, 0.0) for i in range(len(z))], dtype=torch.float64))
+
+    n = 20_000
+    draws = sample(torch.tensor(z).expand(n, -1), temperature, top_k, top_p, generator=torch.Generator().manual_seed(0))
+    counts = torch.bincount(draws, minlength=len(z)).double()
+    assert set(draws.unique().tolist()) == set(expected)  # exact: nothing outside the kept set, everything in it
+    observed = counts[list(expected)]
+    predicted = n * torch.tensor(list(expected.values()), dtype=torch.float64)
+    chi2 = float(((observed - predicted) ** 2 / predicted).sum())
+    dof = len(expected) - 1
+    p_value = float(torch.special.gammaincc(torch.tensor(dof / 2), torch.tensor(chi2 / 2)))  # chi-square survival
+    assert p_value > 1e-3, (chi2, counts.tolist(), expected)
