@@ -1,5 +1,6 @@
 """LLaMA-Adapter v1/v2 and full fine-tune inference: the prompt path against the paper's equation written out
-here with transformers' RoPE helper, base-model identity at init, what trains and what is saved, parameter
+here with transformers' RoPE helper, v2's s ⊙ (W x + b) against the equation in float64 and against transformers'
+Llama with s and b folded into biased linears, base-model identity at init, what trains and what is saved, parameter
 counts from a formula, cached vs uncached greedy decoding, and generate/{adapter,adapter_v2,full}.py as users
 run them, including their one-line errors."""
 
@@ -141,6 +142,74 @@ def test_a_base_checkpoint_loads_into_an_adapter_v2_model():
     idx = torch.randint(0, 256, (1, 9))
     with torch.no_grad():
         assert torch.equal(adapted.eval()(idx), base(idx))
+
+
+# ---- v2's bias tuning is the paper's equation ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("frozen_bias", [False, True], ids=["llama", "qwen2-qkv"])
+def test_scaled_linear_equals_the_papers_equation_in_float64(frozen_bias):
+    """Gao et al. 2023, eq. 4: y = s ⊙ (W x + b), with non-trivial s and b; a frozen b₀ (Qwen2) adds inside."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(24, 40, bias=frozen_bias, dtype=torch.float64)
+    layer = ScaledLinear(base)
+    s, b = torch.rand(40, dtype=torch.float64) * 3 - 1, torch.randn(40, dtype=torch.float64)  # s in [-1, 2)
+    with torch.no_grad():
+        layer.adapter_scale.copy_(s)
+        layer.adapter_bias.copy_(b)
+    x = torch.randn(2, 5, 24, dtype=torch.float64)
+    b0 = base.bias if frozen_bias else torch.zeros(40, dtype=torch.float64)
+    expected = s * (x @ base.weight.T + b0 + b)  # (2, 5, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected, atol=1e-12, rtol=0)
+
+
+def test_adapter_v2_logits_equal_transformers_llama_with_the_scale_and_bias_folded_into_its_linears():
+    """s ⊙ (W x + b) = (s ⊙ W) x + s ⊙ b: a transformers Llama with attention_bias and mlp_bias, weights s ⊙ W and
+    biases s ⊙ b, is the outside model of every adapted block (float64). Its lm_head has no bias, so the head's
+    equation is applied to its logits by hand: s_head ⊙ (logits + b_head). Gates stay 0: no prompt path."""
+    transformers = pytest.importorskip("transformers")
+    shapes = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128, rope_theta=500.0, rms_norm_eps=1e-5,
+                  tie_word_embeddings=False)
+    torch.manual_seed(0)
+    ours = Llama(Config.from_hf_config(transformers.LlamaConfig(**shapes).to_dict())).double().eval()
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.normal_(0, 0.3)
+    add_adapter_v2(ours, AdapterV2Config(prompt_length=3, start_layer=0))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if name.endswith(("adapter_scale", "norm.weight")):
+                p.copy_(1 + 0.5 * torch.randn(p.shape, generator=gen, dtype=torch.float64))
+            elif name.endswith("adapter_bias"):
+                p.copy_(0.5 * torch.randn(p.shape, generator=gen, dtype=torch.float64))
+
+    def hf_name(name: str) -> str:  # litft -> transformers naming
+        for old, new in [("blocks.", "model.layers."), ("attn_norm", "input_layernorm"), ("attn.", "self_attn."),
+                         ("mlp_norm", "post_attention_layernorm")]:
+            name = name.replace(old, new)
+        return {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}.get(name, name)
+
+    state = {hf_name(n): p.detach() for n, p in ours.named_parameters() if n == "embed.weight" or n.endswith("norm.weight")}
+    for name, module in ours.named_modules():
+        if isinstance(module, ScaledLinear):
+            s = module.adapter_scale.detach()
+            if name == "lm_head":
+                state["lm_head.weight"] = module.weight.detach()  # its s and b are applied below
+            else:
+                state[f"{hf_name(name)}.weight"] = s[:, None] * module.weight.detach()
+                state[f"{hf_name(name)}.bias"] = s * module.adapter_bias.detach()
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**shapes, attention_bias=True, mlp_bias=True))
+    hf.double().eval().load_state_dict(state, strict=True)
+
+    idx = torch.randint(0, 256, (2, 11))
+    with torch.no_grad():
+        head = ours.lm_head
+        expected = head.adapter_scale * (hf(idx).logits + head.adapter_bias)  # (2, 11, vocab)
+        # Both models compute RMSNorm and the RoPE tables in float32, so float64 agrees to ~1e-5, not to 1e-12.
+        torch.testing.assert_close(ours(idx), expected, atol=1e-4, rtol=1e-4)
 
 
 # ---- trainable parameter counts on Llama-2-7B ----------------------------------------------------------
