@@ -1,0 +1,293 @@
+"""Mutation check: does the test suite notice when litft is wrong?
+
+A *mutant* is litft/ with one small change of the kind a bug makes:
+
+    operator     + ↔ -   * ↔ /   // → /   % → //   ** → *   & ↔ |   and ↔ or   (also in +=, *=, ...)
+    comparison   < ↔ <=   > ↔ >=   == ↔ !=   is ↔ is not   in ↔ not in
+    constant     int n → n + 1   float x → x + 1   True ↔ False
+    negation     -x → x   not x → x   ~x → x
+
+Each mutant of a seeded sample runs against the test files that cover its module (TESTS below). A failing test
+*kills* it; a mutant that every test passes *survives*: a gap in the tests, or a change that makes no observable
+difference (an *equivalent* mutant). The score is killed / run.
+
+    python bench/mutation.py                          # 45 mutants, seed 0 (what bench/RESULTS.md reports)
+    python bench/mutation.py --sample 10 --modules generate,lora --seed 3
+    python bench/mutation.py --list                   # how many mutants each module has, nothing run
+
+Everything happens in a temporary copy of the repository at a commit (HEAD unless --rev says otherwise; git
+archive), never in the working tree, which others edit and commit while this runs. The copy goes when the run
+ends, Ctrl-C included. Before the first mutant of a test group, the group runs once unmutated: its time sets the
+mutant's timeout (a mutant that hangs is killed), and a test that already fails there is deselected, so it cannot
+"kill" anything. Slow (multi-process) tests are left out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The test files that cover each module, the module's own first. A module not listed is not mutated.
+TESTS = {
+    "adapter": ["test_adapter.py"],
+    "adapter_v2": ["test_adapter.py", "test_qwen2.py"],
+    "base_checkpoint": ["test_default_commands.py", "test_run_lifecycle.py"],
+    "chat_template": ["test_chat_formats.py", "test_prompts.py"],
+    "checkpoint": ["test_checkpoint_errors.py", "test_merge_export.py", "test_convert_hf.py"],
+    "cli": ["test_default_commands.py", "test_generate.py"],
+    "config": ["test_config.py", "test_convert_hf.py", "test_qwen2.py"],
+    "convert_hf": ["test_convert_hf.py", "test_qwen2.py"],
+    "cpu_decoding": ["test_generate.py"],
+    "data": ["test_data.py", "test_train.py"],
+    "evaluate": ["test_evaluate.py"],
+    "finetuned": ["test_adapter.py", "test_lora.py", "test_new_tokens.py"],
+    "generate": ["test_generate.py"],
+    "gguf": ["test_gguf.py", "test_tokenizer.py"],
+    "lora": ["test_lora.py", "test_merge_export.py"],
+    "lora_dropout": ["test_lora_dropout.py"],
+    "loss": ["test_loss.py", "test_lora.py"],
+    "model": ["test_convert_hf.py", "test_generate.py", "test_rope.py"],
+    "named_data": ["test_data.py", "test_default_commands.py"],
+    "new_tokens": ["test_new_tokens.py", "test_merge_export.py"],
+    "prepare": ["test_data.py", "test_data_errors.py"],
+    "prompts": ["test_prompts.py", "test_chat_formats.py"],
+    "rope": ["test_rope.py"],
+    "run_dir": ["test_run_lifecycle.py"],
+    "scoring": ["test_evaluate.py"],
+    "tokenizer": ["test_tokenizer.py", "test_chat_formats.py"],
+    "train": ["test_schedule.py", "test_train.py", "test_run_lifecycle.py"],
+    "train_state": ["test_run_lifecycle.py", "test_train.py"],
+}
+
+BINOPS = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult, ast.FloorDiv: ast.Div,
+          ast.Mod: ast.FloorDiv, ast.Pow: ast.Mult, ast.BitAnd: ast.BitOr, ast.BitOr: ast.BitAnd}
+COMPARES = {ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Eq: ast.NotEq, ast.NotEq: ast.Eq,
+            ast.Is: ast.IsNot, ast.IsNot: ast.Is, ast.In: ast.NotIn, ast.NotIn: ast.In}
+BOOLOPS = {ast.And: ast.Or, ast.Or: ast.And}
+SYMBOL = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/", ast.FloorDiv: "//", ast.Mod: "%", ast.Pow: "**",
+          ast.BitAnd: "&", ast.BitOr: "|", ast.Lt: "<", ast.LtE: "<=", ast.Gt: ">", ast.GtE: ">=", ast.Eq: "==",
+          ast.NotEq: "!=", ast.Is: "is", ast.IsNot: "is not", ast.In: "in", ast.NotIn: "not in", ast.And: "and",
+          ast.Or: "or", ast.USub: "-", ast.Not: "not ", ast.Invert: "~"}
+
+
+@dataclass(frozen=True)
+class Mutant:
+    module: str  # "generate" for litft/generate.py
+    index: int  # the node's position in ast.walk order of the module
+    line: int
+    change: str  # e.g. "/ -> *"
+
+
+# ---- finding and applying mutants --------------------------------------------------------------------------
+
+
+def skipped_nodes(tree: ast.AST) -> set[int]:
+    """ids of nodes not worth mutating: docstrings, type annotations, f-strings (messages, not behaviour)."""
+    skip = set()
+
+    def drop(node):
+        skip.update(id(n) for n in ast.walk(node))
+
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                drop(first)
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.returns:
+            drop(node.returns)
+        if isinstance(node, ast.arg) and node.annotation:
+            drop(node.annotation)
+        if isinstance(node, ast.AnnAssign):
+            drop(node.annotation)
+        if isinstance(node, ast.JoinedStr):
+            drop(node)
+    return skip
+
+
+def mutation(node: ast.AST) -> tuple[ast.AST, str] | None:
+    """The one mutated copy of `node` this tool makes, with a description; None for a node it leaves alone."""
+    if isinstance(node, (ast.BinOp, ast.AugAssign)) and type(node.op) in BINOPS:
+        new = type(node.op)
+        return _replace(node, op=BINOPS[new]()), f"{SYMBOL[new]} -> {SYMBOL[BINOPS[new]]}"
+    if isinstance(node, ast.Compare) and type(node.ops[0]) in COMPARES:
+        old = type(node.ops[0])
+        return _replace(node, ops=[COMPARES[old](), *node.ops[1:]]), f"{SYMBOL[old]} -> {SYMBOL[COMPARES[old]]}"
+    if isinstance(node, ast.BoolOp):
+        old = type(node.op)
+        return _replace(node, op=BOOLOPS[old]()), f"{SYMBOL[old]} -> {SYMBOL[BOOLOPS[old]]}"
+    if isinstance(node, ast.UnaryOp) and type(node.op) in (ast.USub, ast.Not, ast.Invert):
+        return node.operand, f"{SYMBOL[type(node.op)]}x -> x"
+    if isinstance(node, ast.Constant) and type(node.value) in (bool, int, float):
+        old = node.value
+        new = (not old) if isinstance(old, bool) else old + 1
+        return ast.Constant(new), f"{old!r} -> {new!r}"
+    return None
+
+
+def _replace(node: ast.AST, **fields) -> ast.AST:
+    new = type(node)(**{**{f: getattr(node, f) for f in node._fields}, **fields})
+    return ast.copy_location(new, node)
+
+
+def candidates(source: str) -> list[tuple[int, ast.AST, str]]:
+    """(index in ast.walk order, node, change) for every mutable node of a module."""
+    tree = ast.parse(source)
+    skip = skipped_nodes(tree)
+    out = []
+    for index, node in enumerate(ast.walk(tree)):
+        if id(node) not in skip and (m := mutation(node)) is not None:
+            out.append((index, node, m[1]))
+    return out
+
+
+def mutate(source: str, index: int) -> str:
+    """`source` with the node at `index` (ast.walk order) replaced by its mutation, the rest byte for byte."""
+    node = next(n for i, n in enumerate(ast.walk(ast.parse(source))) if i == index)
+    new, _ = mutation(node)
+    text = ast.unparse(new)
+    if not isinstance(node, ast.stmt):
+        text = f"({text})"  # keep the precedence of what surrounds it
+    data = source.encode()  # ast positions are UTF-8 byte offsets within a line
+    starts = [0]
+    for line in data.splitlines(keepends=True):
+        starts.append(starts[-1] + len(line))
+    begin = starts[node.lineno - 1] + node.col_offset
+    end = starts[node.end_lineno - 1] + node.end_col_offset
+    mutated = (data[:begin] + text.encode() + data[end:]).decode()
+    if ast.dump(ast.parse(mutated)) == ast.dump(ast.parse(source)):
+        raise ValueError(f"mutant {index} changes nothing")
+    return mutated
+
+
+def all_mutants(tree: Path) -> list[Mutant]:
+    out = []
+    for module in sorted(TESTS):
+        if not (tree / "litft" / f"{module}.py").is_file():
+            continue  # a module this commit does not have yet
+        source = (tree / "litft" / f"{module}.py").read_text()
+        out += [Mutant(module, i, node.lineno, change) for i, node, change in candidates(source)]
+    return out
+
+
+# ---- running the tests ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Baseline:
+    seconds: float
+    deselect: list[str]  # tests that fail without any mutant
+
+
+def pytest(tree: Path, files: list[str], extra: list[str], timeout: float) -> tuple[str, float, str]:
+    """Run pytest on those of `files` the copy has: ("passed" | "failed" | "timeout", seconds, output)."""
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rf", "-p", "no:cacheprovider", "-m", "not slow",
+           *(f"tests/{f}" for f in files if (tree / "tests" / f).is_file()), *extra]
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}  # a mutant must never be read back from a stale .pyc
+    start = time.perf_counter()
+    with subprocess.Popen(cmd, cwd=tree, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          start_new_session=True) as proc:
+        try:
+            out, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)  # pytest and every script it started
+            proc.communicate()
+            return "timeout", time.perf_counter() - start, ""
+        except BaseException:
+            os.killpg(proc.pid, 9)
+            raise
+    return ("passed" if proc.returncode == 0 else "failed"), time.perf_counter() - start, out
+
+
+def baseline(tree: Path, files: list[str]) -> Baseline:
+    status, seconds, out = pytest(tree, files, [], timeout=3600)
+    failing = re.findall(r"^FAILED (\S+)", out, flags=re.M)
+    if status != "passed":
+        print(f"  baseline {' '.join(files)}: {len(failing)} failing without a mutant, deselected: {failing}")
+        if not failing:
+            raise SystemExit(f"the tests {files} do not run without a mutant:\n{out[-3000:]}")
+    return Baseline(seconds, failing)
+
+
+def run_mutant(tree: Path, mutant: Mutant, base: Baseline, min_timeout: float) -> tuple[str, float]:
+    path = tree / "litft" / f"{mutant.module}.py"
+    original = path.read_text()
+    path.write_text(mutate(original, mutant.index))
+    try:
+        extra = ["-x", *(f"--deselect={t}" for t in base.deselect)]
+        status, seconds, _ = pytest(tree, TESTS[mutant.module], extra, timeout=max(min_timeout, 3 * base.seconds))
+    finally:
+        path.write_text(original)
+    return {"passed": "survived", "failed": "killed", "timeout": "killed (timeout)"}[status], seconds
+
+
+def copy_of_repository(rev: str, into: Path) -> str:
+    """git archive of `rev` into `into`; the offline model files (git-ignored) are linked, not copied."""
+    commit = subprocess.run(["git", "rev-parse", rev], cwd=ROOT, check=True, capture_output=True, text=True).stdout.strip()
+    archive = subprocess.run(["git", "archive", commit], cwd=ROOT, check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    offline = ROOT / "checkpoints" / "offline"
+    if offline.is_dir():
+        (into / "checkpoints").mkdir(exist_ok=True)
+        (into / "checkpoints" / "offline").symlink_to(offline)
+    return commit
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sample", type=int, default=45, help="how many mutants to run")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sample")
+    parser.add_argument("--modules", default="", help="comma-separated litft modules to mutate (default: all)")
+    parser.add_argument("--rev", default="HEAD", help="the commit to test")
+    parser.add_argument("--min_timeout", type=float, default=120, help="seconds; a mutant gets max(this, 3 × baseline)")
+    parser.add_argument("--list", action="store_true", help="count the mutants of each module and stop")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="litft-mutation-") as tmp:
+        tree = Path(tmp)
+        commit = copy_of_repository(args.rev, tree)
+        mutants = all_mutants(tree)
+        if args.modules:
+            mutants = [m for m in mutants if m.module in args.modules.split(",")]
+        if args.list:
+            for module in sorted({m.module for m in mutants}):
+                print(f"{module:16} {sum(m.module == module for m in mutants):4}")
+            print(f"{'total':16} {len(mutants):4}")
+            return
+        sample = sorted(random.Random(args.seed).sample(mutants, min(args.sample, len(mutants))),
+                        key=lambda m: (m.module, m.line))
+        print(f"commit {commit[:12]}: {len(sample)} of {len(mutants)} mutants (seed {args.seed})", flush=True)
+
+        baselines, results = {}, []
+        for i, mutant in enumerate(sample, 1):
+            files = tuple(TESTS[mutant.module])
+            if files not in baselines:
+                baselines[files] = baseline(tree, list(files))
+                print(f"  baseline {' '.join(files)}: {baselines[files].seconds:.0f} s", flush=True)
+            outcome, seconds = run_mutant(tree, mutant, baselines[files], args.min_timeout)
+            results.append((mutant, outcome))
+            print(f"[{i:3}/{len(sample)}] {outcome:16} litft/{mutant.module}.py:{mutant.line:<4} {mutant.change:14} "
+                  f"({seconds:.0f} s)", flush=True)
+
+        killed = sum(outcome.startswith("killed") for _, outcome in results)
+        print(f"\nscore: {killed}/{len(results)} killed ({100 * killed / len(results):.0f} %)")
+        survivors = [m for m, outcome in results if outcome == "survived"]
+        for m in survivors:
+            source = (tree / "litft" / f"{m.module}.py").read_text()
+            before = source.splitlines()[m.line - 1].strip()
+            print(f"survived: litft/{m.module}.py:{m.line} {m.change}\n    {before}")
+
+
+if __name__ == "__main__":
+    main()
