@@ -1,9 +1,14 @@
-"""The adapter, adapter v2 and full recipes over the shared loop, run as users run them."""
+"""The adapter, adapter v2 and full recipes over the shared loop, run as users run them; the YAML recipes in
+recipes/ loaded through --config, read back by jsonargparse's --print_config and seen by the training loop."""
+
+import re
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
-from conftest import run_script
+from conftest import ROOT, assert_user_error, run_script
 from test_train import finetune, history, tiny, weights  # noqa: F401 — `tiny` is a fixture
 
 FILES = {"adapter": "lit_model_adapter.pth", "adapter_v2": "lit_model_adapter_v2.pth", "full": "lit_model.pth"}
@@ -46,3 +51,63 @@ def test_recipes_run_under_fsdp_with_two_processes(tiny, tmp_path, method):
     assert sorted(a) == sorted(b)
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0, msg=k)
+
+
+# ---- the YAML recipes in recipes/, loaded with --config ------------------------------------------------------
+
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+
+
+def recipe_script(recipe) -> str:
+    """The script a recipe is for, from the command its header gives: `# python finetune/lora.py --config ...`."""
+    found = re.search(rf"^# python (\S+\.py) --config recipes/{re.escape(recipe.name)}", recipe.read_text(), re.M)
+    assert found, f"{recipe.name} does not say which script loads it"
+    return found.group(1)
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_every_recipe_parses_against_its_script_and_every_value_lands(recipe):
+    """jsonargparse's --print_config is the outside reader: every key of the YAML file is a flag of the script and
+    comes back with the recipe's value (a misspelt key would be refused, a missing one would show the default)."""
+    values = yaml.safe_load(recipe.read_text())
+    printed = run_script(recipe_script(recipe), "--config", recipe, "--print_config", check=True)
+    parsed = yaml.safe_load(printed.stdout)
+    assert {k: parsed.get(k) for k in values} == values
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_a_recipe_reaches_the_training_loop(recipe, monkeypatch, tmp_path):
+    """Run the recipe's script in-process up to `fit`, which is replaced by a probe: the TrainArgs and the method
+    config it receives carry the recipe's values. (Converting the base and preparing data are skipped.)"""
+    import runpy
+    import sys
+
+    import litft.base_checkpoint
+    import litft.named_data
+    import litft.train
+
+    received = {}
+    monkeypatch.setattr(litft.train, "fit", lambda args, method: received.update(args=args, method=method))
+    monkeypatch.setattr(litft.base_checkpoint, "ensure_checkpoint", lambda *a, **k: None)
+    monkeypatch.setattr(litft.named_data, "ensure_data", lambda *a, **k: None)
+    monkeypatch.chdir(tmp_path)  # the recipe's relative out_dir and data resolve here, where nothing exists yet
+    monkeypatch.setattr(sys, "argv", [recipe_script(recipe), "--config", str(recipe)])
+    runpy.run_path(str(ROOT / recipe_script(recipe)), run_name="__main__")
+
+    args, method = received["args"], received["method"]
+    config = {"lora_r": method.config["r"], "lora_alpha": method.config["alpha"],
+              "lora_dropout": method.config["dropout"], "lora_targets": ",".join(method.config["targets"])}
+    for key, value in yaml.safe_load(recipe.read_text()).items():
+        got = config[key] if key in config else getattr(args, key)
+        assert (str(got) if isinstance(got, Path) else got) == value, key
+
+
+def test_flags_after_config_win_and_a_misspelt_recipe_key_is_one_line(tmp_path):
+    recipe = ROOT / "recipes" / "lora.yaml"
+    printed = run_script("finetune/lora.py", "--config", recipe, "--max_steps", "7", "--lora_r", "4", "--print_config",
+                         check=True)
+    parsed = yaml.safe_load(printed.stdout)
+    assert (parsed["max_steps"], parsed["lora_r"], parsed["batch_size"]) == (7, 4, 64)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(recipe.read_text().replace("lora_r:", "lora_rank:"))
+    assert_user_error(run_script("finetune/lora.py", "--config", bad, "--print_config"), "lora_rank")
