@@ -1,7 +1,12 @@
-"""Entry point shared by every script: a jsonargparse CLI whose user errors end as one line on stderr."""
+"""Entry point shared by every script: a jsonargparse CLI whose user errors end as one line on stderr.
+
+Two endings are not bugs, so neither prints a traceback: a UserError (`error: <what is wrong and what to do>`,
+exit status 2) and Ctrl-C at any point (`error: interrupted`, exit status 130, the shell's code for SIGINT).
+"""
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any, Callable
 
@@ -12,14 +17,35 @@ def run(fn: Callable[..., Any], args: list[str] | None = None) -> Any:
     """Parse the command line into `fn`'s signature (`--help`, `--config`, `--print_config`) and call it."""
     from jsonargparse import auto_cli
 
+    return reported(lambda: auto_cli(fn, args=args, as_positional=False))
+
+
+def reported(call: Callable[[], Any]) -> Any:
+    """Call `call`; a user error or an interrupt ends the process with its one line."""
     try:
-        return auto_cli(fn, args=args, as_positional=False)
+        return call()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        sys.exit(130)
+        fail(str(e), 2)
+    except BaseException as e:
+        if interrupted(e):  # also what a Ctrl-C turns into while a file is being written: an error chained to it
+            fail("interrupted", 130)
+        raise
+
+
+def interrupted(e: BaseException | None) -> bool:
+    """True when `e`, or an exception it was raised while handling, is a KeyboardInterrupt."""
+    while e is not None:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def fail(message: str, status: int) -> None:
+    """Print `error: message` once — from the first process of a multi-process run only — and exit."""
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(status)
 
 
 def run_finetune(recipe: Callable[..., Any], args: list[str] | None = None, **defaults: Any) -> Any:
@@ -27,9 +53,14 @@ def run_finetune(recipe: Callable[..., Any], args: list[str] | None = None, **de
 
     `recipe(train_args, **method_flags)`; `defaults` override TrainArgs defaults (e.g. learning_rate=9e-3 for the
     adapter), so `--help` and `--print_config` show the values this recipe really uses.
-    Before the recipe runs, the default base checkpoint is converted and a named --data set prepared when they
-    are missing (litft/base_checkpoint.py, litft/named_data.py) — here, before Fabric starts other processes.
+    Every flag value is checked first (TrainArgs.validate); then the default base checkpoint is converted and a
+    named --data set prepared when they are missing (litft/base_checkpoint.py, litft/named_data.py) — here,
+    before Fabric starts other processes.
     """
+    return reported(lambda: _finetune(recipe, args, defaults))
+
+
+def _finetune(recipe: Callable[..., Any], args: list[str] | None, defaults: dict) -> Any:
     from jsonargparse import ActionConfigFile, ArgumentParser
 
     from litft.base_checkpoint import ensure_checkpoint
@@ -44,10 +75,7 @@ def run_finetune(recipe: Callable[..., Any], args: list[str] | None = None, **de
     flags = parser.parse_args(args).as_dict()
     flags.pop("config", None)
     train = TrainArgs(**{k: flags.pop(k) for k in list(flags) if k in TrainArgs.__dataclass_fields__})
-    try:
-        ensure_checkpoint(train.checkpoint_dir)
-        ensure_data(train.data, train.checkpoint_dir)
-        return recipe(train, **flags)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    train.validate()
+    ensure_checkpoint(train.checkpoint_dir)
+    ensure_data(train.data, train.checkpoint_dir)
+    return recipe(train, **flags)

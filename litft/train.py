@@ -34,8 +34,8 @@ from lightning.fabric import Fabric
 from tqdm import tqdm
 
 from litft import data as data_lib
-from litft import train_state
-from litft.base_checkpoint import DEFAULT_CHECKPOINT, record_base
+from litft import run_dir, train_state
+from litft.base_checkpoint import DEFAULT_CHECKPOINT, record_base, tokenizer_fingerprint
 from litft.checkpoint import atomic_write_text, load_lit_model, save_state_dict
 from litft.errors import UserError
 from litft.model import Llama
@@ -43,6 +43,9 @@ from litft.new_tokens import copy_tokenizer
 from litft.tokenizer import Tokenizer
 
 IGNORE_INDEX = -100
+PRECISIONS = ("bf16-mixed", "bf16-true", "16-mixed", "16-true", "32-true")
+AT_LEAST_ONE = ("max_steps", "batch_size", "micro_batch_size", "devices", "num_nodes", "eval_interval", "eval_iters",
+                "save_interval", "log_interval")
 
 
 @dataclass
@@ -73,17 +76,37 @@ class TrainArgs:
     activation_checkpointing: bool = False
     compile: bool = False  # torch.compile each block: fused kernels on a GPU; the first steps compile
     seed: int = 1337
-    resume: bool = False
+    resume: bool = False  # continue the run in out_dir (it must be the same run: see litft/run_dir.py)
+    overwrite: bool = False  # replace the run in out_dir; without it a used out_dir is refused
 
-    def check(self, world_size: int) -> int:
-        """Validate the batch arithmetic; return the number of micro batches accumulated per step."""
+    def validate(self) -> None:
+        """Refuse, in one line naming the value and what is allowed, a flag value that cannot work — before
+        anything is converted, prepared or written."""
+        for name in AT_LEAST_ONE:
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name} {getattr(self, name)}: must be at least 1")
+        for name in ("warmup_steps", "sample_tokens", "weight_decay", "grad_clip", "min_lr"):
+            if not getattr(self, name) >= 0 or not math.isfinite(getattr(self, name)):
+                raise UserError(f"--{name} {getattr(self, name)}: must be 0 or more")
+        if not 0 < self.learning_rate < math.inf:
+            raise UserError(f"--learning_rate {self.learning_rate}: must be a positive number (e.g. 3e-4)")
+        if self.min_lr > self.learning_rate:
+            raise UserError(f"--min_lr {self.min_lr}: must not exceed --learning_rate {self.learning_rate}")
+        if self.max_seq_length is not None and self.max_seq_length < 2:
+            raise UserError(f"--max_seq_length {self.max_seq_length}: must be at least 2 (a token and EOS)")
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise UserError(f"--precision {self.precision}: choose one of {', '.join(PRECISIONS)}")
+        if torch.cuda.is_available() and self.devices > torch.cuda.device_count():
+            raise UserError(f"--devices {self.devices}: this machine has {torch.cuda.device_count()} GPUs")
+        self.micro_batches(self.devices * self.num_nodes)
+        run_dir.check_out_dir(self)
+
+    def micro_batches(self, world_size: int) -> int:
+        """The number of micro batches accumulated per optimizer step."""
         per_step = self.micro_batch_size * world_size
         if self.batch_size % per_step:
             raise UserError(f"--batch_size {self.batch_size} is not a multiple of --micro_batch_size "
                             f"{self.micro_batch_size} × {world_size} processes; pick values that divide")
-        for name in ("max_steps", "micro_batch_size", "eval_interval", "save_interval", "log_interval"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"--{name} must be positive, got {getattr(self, name)}")
         return self.batch_size // per_step
 
 
@@ -100,20 +123,29 @@ class Method:
 
 
 def fit(args: TrainArgs, method: Method) -> dict:
-    """Fine-tune `args.checkpoint_dir` on `args.data` with `method`; returns the final metrics."""
+    """Fine-tune `args.checkpoint_dir` on `args.data` with `method`; returns the final metrics.
+
+    Everything is read and checked first (flags, data, base, out_dir); only then is out_dir written to."""
+    args.validate()
     fabric = make_fabric(args)
     fabric.launch()
-    accumulation = args.check(fabric.world_size)
+    accumulation = args.micro_batches(fabric.world_size)
     if args.compile:
         check_can_compile(fabric.device)
     fabric.seed_everything(args.seed, verbose=False)  # the same initial weights (e.g. LoRA's A) on every process
 
+    check_data_tokenizer(args)
     train_data, val_data = data_lib.load_split(args.data, "train"), data_lib.load_split(args.data, "test")
     tokenizer = Tokenizer(tokenizer_of(args, method))
     style = data_lib.prompt_style_of(args.data)
     model = build_model(args, method, fabric)
+    check_token_ids(args, model.config.vocab_size + len(method.new_tokens), train=train_data, test=val_data)
+    run_id = start_run(fabric, args, method)
     if fabric.global_rank == 0:
-        write_run_files(args, method, model, style)
+        write_run_files(args, method, model, style, run_id)
+    if not val_data:
+        fabric.print(f"note: {data_lib.data_dir(args.data)}/test.pt holds no samples, so validation is skipped",
+                     file=sys.stderr)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     model = fabric.setup_module(model)
@@ -135,7 +167,7 @@ def fit(args: TrainArgs, method: Method) -> dict:
         fabric.print(f"resumed from step {state.step}", file=sys.stderr)
     batches = batch_indices(len(train_data), args.micro_batch_size, fabric.world_size, fabric.global_rank,
                             args.seed, start=state.position)
-    loop = Loop(fabric, model, raw, optimizer, scheduler, args, tokenizer, style, val_data, method)
+    loop = Loop(fabric, model, raw, optimizer, scheduler, args, tokenizer, style, val_data, method, run_id)
     loop.run(state, train_data, batches, accumulation)
     return state.metrics
 
@@ -143,9 +175,10 @@ def fit(args: TrainArgs, method: Method) -> dict:
 class Loop:
     """The optimizer-step loop; holds what every step needs so each method below stays short."""
 
-    def __init__(self, fabric, model, raw, optimizer, scheduler, args, tokenizer, style, val_data, method):
+    def __init__(self, fabric, model, raw, optimizer, scheduler, args, tokenizer, style, val_data, method, run_id):
         self.fabric, self.model, self.raw, self.optimizer, self.scheduler = fabric, model, raw, optimizer, scheduler
         self.args, self.tokenizer, self.style, self.val_data, self.method = args, tokenizer, style, val_data, method
+        self.run_id = run_id  # goes into every checkpoint: rotation deletes only this run's
         self.tokens_seen = 0  # input tokens processed by all processes since this run (or resume) started
 
     def run(self, state: train_state.State, train_data: list, batches, accumulation: int) -> None:
@@ -198,10 +231,21 @@ class Loop:
             self.log(state, loss.item(), tokens * fabric.world_size / (time.perf_counter() - t0))
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}")
-            if state.step % args.eval_interval == 0 or state.step == args.max_steps:
+            self.evaluate_and_save(state)
+
+    def evaluate_and_save(self, state: train_state.State) -> None:
+        """Evaluate and save when due. A failing evaluation (or sample) still lets the weights be saved first."""
+        last = state.step == self.args.max_steps
+        save = state.step % self.args.save_interval == 0 or last
+        if state.step % self.args.eval_interval == 0 or last:
+            try:
                 self.evaluate(state)
-            if state.step % args.save_interval == 0 or state.step == args.max_steps:
-                self.save(state)
+            except Exception:
+                if save:
+                    self.save(state)
+                raise
+        if save:
+            self.save(state)
 
     def collate(self, samples: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = data_lib.collate(samples, self.tokenizer.pad_id, IGNORE_INDEX, self.args.max_seq_length)
@@ -220,6 +264,8 @@ class Loop:
     @torch.no_grad()
     def evaluate(self, state: train_state.State) -> None:
         fabric, args = self.fabric, self.args
+        if not self.val_data:  # an empty test split (--val_split_fraction 0): said once when the run started
+            return
         self.model.eval()
         n = min(args.eval_iters, len(self.val_data) // (args.micro_batch_size * fabric.world_size))
         losses = torch.zeros(max(n, 1), device=fabric.device)
@@ -250,7 +296,7 @@ class Loop:
         return self.tokenizer.decode(new)
 
     def save(self, state: train_state.State) -> None:
-        train_state.save(self.fabric, self.raw, self.optimizer, self.scheduler, state, self.args.out_dir)
+        train_state.save(self.fabric, self.raw, self.optimizer, self.scheduler, state, self.args.out_dir, self.run_id)
         weights = train_state.gather_trainable(self.raw, to_rank0=self.fabric.global_rank == 0)
         if self.fabric.global_rank == 0:
             save_state_dict(weights, self.args.out_dir / self.method.weights_name)
@@ -335,10 +381,47 @@ def build_model(args: TrainArgs, method: Method, fabric: Fabric) -> Llama:
     return model
 
 
-def write_run_files(args: TrainArgs, method: Method, model: Llama, style) -> None:
-    """Everything needed to use the weights later without repeating flags."""
+def start_run(fabric: Fabric, args: TrainArgs, method: Method) -> str:
+    """Rank 0 checks out_dir for a fresh, resumed or overwritten run and clears what must go (litft/run_dir.py);
+    every process learns the outcome, so a refusal ends them all. Returns the run's id."""
+    outcome = ("", None)
+    if fabric.global_rank == 0:
+        try:
+            outcome = (run_dir.start(args, method), None)
+        except UserError as e:
+            outcome = ("", str(e))
+    run_id, error = fabric.broadcast(outcome, src=0)
+    if error:
+        raise UserError(error)
+    return run_id
+
+
+def check_data_tokenizer(args: TrainArgs) -> None:
+    """Data encoded by another tokenizer is refused: its ids would mean other words to this model."""
+    meta = data_lib.meta_of(args.data)
+    if meta.get("tokenizer") and meta["tokenizer"] != (ours := tokenizer_fingerprint(args.checkpoint_dir)):
+        raise UserError(f"--data {args.data} was encoded by the tokenizer of {meta.get('checkpoint_dir')} "
+                        f"(fingerprint {meta['tokenizer']}), not by --checkpoint_dir {args.checkpoint_dir}'s ({ours}); "
+                        f"prepare the data again with --checkpoint_dir {args.checkpoint_dir}")
+
+
+def check_token_ids(args: TrainArgs, vocab_size: int, **splits: list[dict]) -> None:
+    """Every token id must be a row of the model's embedding (data prepared for a larger vocabulary is not)."""
+    for split, samples in splits.items():
+        for s in samples:
+            ids = s["input_ids"]
+            if len(ids) and not 0 <= int(ids.min()) <= int(ids.max()) < vocab_size:
+                bad = int(ids.max()) if int(ids.max()) >= vocab_size else int(ids.min())
+                raise UserError(f"{data_lib.data_dir(args.data)}/{split}.pt holds token id {bad}, outside the "
+                                f"{vocab_size} ids of {args.checkpoint_dir}; prepare the data again with "
+                                f"--checkpoint_dir {args.checkpoint_dir}")
+
+
+def write_run_files(args: TrainArgs, method: Method, model: Llama, style, run_id: str) -> None:
+    """Everything needed to use the weights later without repeating flags, and run.yaml for --resume."""
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    run_dir.record(args, method, run_id)
     hyper = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(args).items()}
     atomic_write_text(out / "hyperparameters.yaml", yaml.safe_dump({"method": method.name, **hyper,
                                                                    method.name: method.config}, sort_keys=False))

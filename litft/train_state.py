@@ -9,7 +9,8 @@ Nothing in it is unpickled when it is loaded: tensors come from safetensors, eve
 checkpoint directory someone else wrote cannot run code (torch's distributed checkpoint format, which this
 replaced, reads its `.metadata` with pickle).
 It is written under a `.tmp` name and renamed into place only when complete, so a run killed mid-write leaves a
-`.tmp` directory that is never loaded (and is removed by the next save). Resuming restores all of it, so on a CPU
+`.tmp` directory that is never loaded (and is removed when the next run starts, litft/run_dir.py). meta.json
+names the run that wrote it (run.yaml's run_id): keeping the newest two deletes only that run's older ones. Resuming restores all of it, so on a CPU
 a run resumed at step 5 reaches step 10 with bit-identical weights to a run that never stopped. Shards are
 per process: a checkpoint resumes with the number of processes that wrote it.
 """
@@ -56,8 +57,20 @@ def trainable_names(model: torch.nn.Module) -> set[str]:
 META = "meta.json"
 
 
-def save(fabric, model, optimizer, scheduler, state: State, out_dir: Path, keep: int = 2) -> Path:
-    """Write a checkpoint for `state.step`; every process takes part."""
+def resumable(out_dir: Path) -> Path:
+    """The checkpoint --resume continues from, or one line saying why there is none."""
+    path = latest(out_dir)
+    if path is None:
+        old = [d for d in checkpoints_dir(out_dir).glob("step-*") if (d / ".metadata").exists()]
+        raise UserError(f"--resume: {old[-1]} is in torch's distributed checkpoint format, which is not loaded "
+                        "because reading it unpickles; start the run again without --resume" if old else
+                        f"--resume: no complete checkpoint in {checkpoints_dir(out_dir)}; run without --resume to start")
+    return path
+
+
+def save(fabric, model, optimizer, scheduler, state: State, out_dir: Path, run_id: str, keep: int = 2) -> Path:
+    """Write a checkpoint for `state.step`; every process takes part. Then delete this run's checkpoints older
+    than the newest `keep` — never one that another run (another run_id) or a later step wrote."""
     final = checkpoints_dir(out_dir) / f"step-{state.step:06d}"
     tmp = final.with_name(final.name + ".tmp")
     rank = fabric.global_rank
@@ -71,26 +84,33 @@ def save(fabric, model, optimizer, scheduler, state: State, out_dir: Path, keep:
     (tmp / f"state-rank{rank}.json").write_text(json.dumps({"rng": _rng_state(), "param_groups": groups}))
     if rank == 0:
         meta = {"step": state.step, "position": state.position, "scheduler": scheduler.state_dict(),
-                "history": state.history, "metrics": state.metrics, "world_size": fabric.world_size}
+                "history": state.history, "metrics": state.metrics, "world_size": fabric.world_size, "run_id": run_id}
         (tmp / META).write_text(json.dumps(meta))
     fabric.barrier()
     if rank == 0:
         os.replace(tmp, final)
-        complete = sorted(d for d in checkpoints_dir(out_dir).glob("step-*") if not d.name.endswith(".tmp"))
-        for old in complete[:-keep]:
+        for old in own_checkpoints(out_dir, run_id, up_to=final)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     fabric.barrier()
     return final
 
 
+def own_checkpoints(out_dir: Path, run_id: str, up_to: Path) -> list[Path]:
+    """Complete checkpoints up to `up_to` that run `run_id` wrote, oldest first."""
+    mine = []
+    for d in sorted(checkpoints_dir(out_dir).glob("step-*")):
+        if not d.name.endswith(".tmp") and d.name <= up_to.name and (d / META).is_file():
+            try:
+                if json.loads((d / META).read_text()).get("run_id") == run_id:
+                    mine.append(d)
+            except (OSError, ValueError):
+                pass  # unreadable: not known to be ours, so kept
+    return mine
+
+
 def load(fabric, model, optimizer, scheduler, out_dir: Path) -> State:
     """Restore the newest complete checkpoint into model, optimizer and scheduler; return its State."""
-    path = latest(out_dir)
-    if path is None:
-        old = [d for d in checkpoints_dir(out_dir).glob("step-*") if (d / ".metadata").exists()]
-        raise UserError(f"--resume: {old[-1]} is in torch's distributed checkpoint format, which is not loaded "
-                        "because reading it unpickles; start the run again without --resume" if old else
-                        f"--resume: no complete checkpoint in {checkpoints_dir(out_dir)}; run without --resume to start")
+    path = resumable(out_dir)
     meta, rank = _read_json(path / META), fabric.global_rank
     if meta.get("world_size", 1) != fabric.world_size:
         raise UserError(f"--resume: {path} was written by {meta['world_size']} processes, this run has "

@@ -1,0 +1,334 @@
+"""A run directory's lifecycle, run as a user runs finetune/*.py (subprocesses on the tiny model).
+
+What is checked is what a user sees and keeps: a used out_dir is refused unless --overwrite (which removes the old
+run's files and nothing else), a --resume that asks for another run is refused before any file changes, the
+rotation of checkpoints spares other runs', weights are saved without validation data, data from another
+tokenizer is refused, every bad flag value is one line, and Ctrl-C is `error: interrupted` with exit 130.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import ROOT, assert_user_error, run_script
+from test_train import COMMON, finetune, tiny, weights  # noqa: F401 — `tiny` is a fixture
+
+
+def snapshot(directory: Path) -> dict[str, tuple[int, int]]:
+    """Every file under `directory` with its size and modification time: equal snapshots, nothing touched."""
+    return {str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def done_run(tiny, tmp_path_factory) -> Path:
+    """A finished 6-step LoRA run (checkpoints at steps 3 and 6); tests copy it before changing anything."""
+    out = tmp_path_factory.mktemp("done") / "run"
+    finetune(tiny, out)
+    return out
+
+
+def copy_run(done_run: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "run"
+    shutil.copytree(done_run, out)
+    return out
+
+
+# ---- class 2 + 3: fresh, overwrite, resume -----------------------------------------------------------------------
+
+
+def killed_run(out: Path) -> None:
+    """What a run killed after its first checkpoint leaves: run files and checkpoints/, no final weights."""
+    for name in ("lit_model_lora.pth", "summary.json", "loss.png"):
+        (out / name).unlink()
+    shutil.rmtree(out / "checkpoints" / "step-000006")
+
+
+def only_an_orphan(out: Path) -> None:
+    """Only the temporary file of a killed weights save is left."""
+    (out / ".lit_model_lora.pth.k3x9.tmp").write_bytes(b"PK\x03\x04 truncated")
+    for p in list(out.iterdir()):
+        if not p.name.endswith(".tmp"):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+@pytest.mark.parametrize("leave", [lambda out: None, killed_run, only_an_orphan],
+                         ids=["finished-run", "killed-run", "orphaned-tmp-file"])
+def test_a_fresh_run_into_a_used_out_dir_is_refused_untouched(tiny, done_run, tmp_path, leave):
+    out = copy_run(done_run, tmp_path)
+    leave(out)
+    before = snapshot(out)
+    proc = finetune(tiny, out, "--max_steps", "2", check=False)
+    assert_user_error(proc, f"--out_dir {out} holds an earlier run", "--resume true", "--overwrite true")
+    assert snapshot(out) == before
+
+
+def test_overwrite_replaces_the_run_and_keeps_everything_else(tiny, done_run, tmp_path):
+    out = copy_run(done_run, tmp_path)
+    kept = {"notes.txt": "my notes", "eval/answers.jsonl": "{}", "checkpoints/README": "mine", "logs/mine.txt": "x"}
+    for name, text in kept.items():
+        (out / name).parent.mkdir(exist_ok=True)
+        (out / name).write_text(text)
+    (out / "checkpoints" / "step-000005.tmp").mkdir()  # a killed save's directory
+    proc = finetune(tiny, out, "--overwrite", "true", "--max_steps", "2", "--save_interval", "1", "--lora_r", "4")
+    assert "removing the earlier run's files" in proc.stderr
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["README", "step-000001", "step-000002"]
+    assert all((out / name).read_text() == text for name, text in kept.items())
+    assert yaml.safe_load((out / "lora.yaml").read_text())["r"] == 4
+    assert json.loads((out / "summary.json").read_text())["steps"] == 2
+
+
+def other_base(tiny, tmp_path: Path) -> list[str]:
+    """A copy of the base whose weights differ: another fingerprint."""
+    base = tmp_path / "other-base"
+    shutil.copytree(tiny["ckpt"], base)
+    state = torch.load(base / "lit_model.pth", weights_only=True)
+    state["blocks.0.attn.q_proj.weight"] += 1e-3
+    torch.save(state, base / "lit_model.pth")
+    return ["--checkpoint_dir", str(base)]
+
+
+def other_data(tiny, tmp_path: Path) -> list[str]:
+    """The same data with one answer changed: another data fingerprint."""
+    data = tmp_path / "other-data"
+    shutil.copytree(tiny["data"], data)
+    samples = torch.load(data / "train.pt", weights_only=True)
+    samples[0]["labels"][-2] = samples[0]["input_ids"][-2] = 7
+    torch.save(samples, data / "train.pt")
+    return ["--data", str(data)]
+
+
+@pytest.mark.parametrize("change, named", [
+    (lambda tiny, tmp: ["--lora_r", "16"], "lora r 8, this run has lora r 16"),
+    (lambda tiny, tmp: ["--lora_targets", "q,v"], "lora targets"),
+    (lambda tiny, tmp: ["--lora_alpha", "4"], "lora alpha 16.0, this run has lora alpha 4.0"),
+    (lambda tiny, tmp: ["--micro_batch_size", "1"], "--micro_batch_size 2, this run has --micro_batch_size 1"),
+    (lambda tiny, tmp: ["--seed", "7"], "--seed 1337"),
+    (other_base, "this run has base"),
+    (other_data, "this run has data"),
+], ids=["lora_r", "lora_targets", "lora_alpha", "micro_batch_size", "seed", "other-base", "other-data"])
+def test_a_resume_that_asks_for_another_run_is_refused_untouched(tiny, done_run, tmp_path, change, named):
+    out = copy_run(done_run, tmp_path)
+    before = snapshot(out)
+    proc = finetune(tiny, out, "--resume", "true", "--max_steps", "9", *change(tiny, tmp_path), check=False)
+    assert_user_error(proc, f"--resume: {out} was started with", named, "run.yaml")
+    assert snapshot(out) == before
+
+
+def test_a_resume_with_another_method_is_refused_untouched(tiny, done_run, tmp_path):
+    out = copy_run(done_run, tmp_path)
+    before = snapshot(out)
+    proc = finetune(tiny, out, "--resume", "true", "--start_layer", "0", script="finetune/adapter.py", check=False)
+    assert_user_error(proc, "method lora, this run has method adapter")
+    assert snapshot(out) == before
+
+
+def test_resume_removes_orphans_and_rotation_spares_other_runs(tiny, done_run, tmp_path):
+    """A resume on a copy of the base (another path, the same fingerprint) goes ahead; the temporary files of a
+    killed save are gone; the rotation deletes this run's step 3 but not a checkpoint another run wrote."""
+    out = copy_run(done_run, tmp_path)
+    foreign = out / "checkpoints" / "step-000001"
+    shutil.copytree(out / "checkpoints" / "step-000003", foreign)
+    meta = json.loads((foreign / "meta.json").read_text())
+    (foreign / "meta.json").write_text(json.dumps({**meta, "run_id": "another-run"}))
+    orphans = [out / ".lit_model_lora.pth.a1b2.tmp", out / ".summary.json.c3d4.tmp"]
+    for orphan in orphans:
+        orphan.write_bytes(b"partial")
+    (out / "checkpoints" / "step-000007.tmp").mkdir()
+    base = tmp_path / "moved-base"
+    shutil.copytree(tiny["ckpt"], base)
+
+    proc = finetune(tiny, out, "--resume", "true", "--max_steps", "9", "--checkpoint_dir", base)
+    assert "resumed from step 6" in proc.stderr
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000001", "step-000006", "step-000009"]
+    assert not any(orphan.exists() for orphan in orphans)
+
+
+# ---- class 4: no validation data ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def no_val_data(tiny, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("noval")
+    rows = [{"instruction": f"colour {i}", "input": "", "output": "red"} for i in range(24)]
+    (root / "rows.json").write_text(json.dumps(rows))
+    run_script("data_prep/json_data.py", "--data_file", root / "rows.json", "--destination_path", root / "data",
+               "--checkpoint_dir", tiny["ckpt"], "--max_seq_length", "48", "--prompt_style", "plain",
+               "--val_split_fraction", "0", check=True)
+    return root / "data"
+
+
+@pytest.mark.parametrize("script, weights_file", [("finetune/lora.py", "lit_model_lora.pth"),
+                                                  ("finetune/full.py", "lit_model.pth")], ids=["lora", "full"])
+def test_an_empty_validation_split_trains_and_saves(tiny, no_val_data, tmp_path, script, weights_file):
+    out = tmp_path / "run"
+    proc = run_script(script, "--checkpoint_dir", tiny["ckpt"], "--data", no_val_data, "--out_dir", out, *COMMON,
+                      check=True)
+    notes = [line for line in proc.stderr.splitlines() if "validation is skipped" in line]
+    assert len(notes) == 1 and "test.pt holds no samples" in notes[0], proc.stderr
+    assert weights(out / weights_file)
+    assert json.loads((out / "summary.json").read_text())["steps"] == 6
+
+
+# ---- class 6: data of another tokenizer ---------------------------------------------------------------------------
+
+
+def data_of_another_tokenizer(tiny, tmp_path: Path) -> Path:
+    """Data prepared with a checkpoint whose tokenizer numbers its special tokens the other way round."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    ckpt = tmp_path / "other-tokenizer"
+    shutil.copytree(tiny["ckpt"], ckpt)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=256, special_tokens=["</s>", "<s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["red green blue cat dog one two three colour animal number"] * 20, trainer)
+    tok.save(str(ckpt / "tokenizer.json"))
+    rows = [{"instruction": f"colour {i}", "input": "", "output": "red"} for i in range(24)]
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    run_script("data_prep/json_data.py", "--data_file", tmp_path / "rows.json", "--destination_path",
+               tmp_path / "data", "--checkpoint_dir", ckpt, "--max_seq_length", "48", "--prompt_style", "plain",
+               check=True)
+    return tmp_path / "data"
+
+
+def data_with_an_id_beyond_the_vocabulary(tiny, tmp_path: Path, token_id: int = 300) -> Path:
+    """Data without a tokenizer record (prepared before it was kept) holding an id the tiny model lacks (256)."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny["data"], data)
+    samples = torch.load(data / "train.pt", weights_only=True)
+    samples[3]["input_ids"][1] = token_id
+    torch.save(samples, data / "train.pt")
+    meta = json.loads((data / "meta.json").read_text())
+    del meta["tokenizer"]
+    (data / "meta.json").write_text(json.dumps(meta))
+    return data
+
+
+@pytest.mark.parametrize("make, fragments", [
+    (data_of_another_tokenizer, ["was encoded by the tokenizer of", "prepare the data again with --checkpoint_dir"]),
+    (data_with_an_id_beyond_the_vocabulary, ["train.pt holds token id 300", "outside the 256 ids"]),
+    (lambda tiny, tmp: data_with_an_id_beyond_the_vocabulary(tiny, tmp, -3), ["train.pt holds token id -3"]),
+], ids=["other-tokenizer", "id-beyond-vocabulary", "negative-id"])
+def test_data_for_another_tokenizer_is_refused(tiny, tmp_path, make, fragments):
+    data = make(tiny, tmp_path)
+    proc = run_script("finetune/lora.py", "--checkpoint_dir", tiny["ckpt"], "--data", data, "--out_dir",
+                      tmp_path / "run", *COMMON)
+    assert_user_error(proc, *fragments)
+    assert not (tmp_path / "run").exists()
+
+
+# ---- class 8: flag values -------------------------------------------------------------------------------------------
+
+
+def not_writable(tmp_path: Path) -> str:
+    if os.geteuid() == 0:
+        pytest.skip("root writes anywhere")
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    return str(locked / "run")
+
+
+FLAG_CASES = {
+    "micro_batch_size-0": (["--micro_batch_size", "0"], ["--micro_batch_size 0", "at least 1"]),
+    "micro_batch_size-negative": (["--micro_batch_size=-2"], ["--micro_batch_size -2", "at least 1"]),
+    "batch_size-0": (["--batch_size", "0"], ["--batch_size 0", "at least 1"]),
+    "batch_size-negative": (["--batch_size=-4"], ["--batch_size -4", "at least 1"]),
+    "batch_size-not-a-multiple": (["--batch_size", "5"], ["--batch_size 5", "not a multiple"]),
+    "learning_rate-0": (["--learning_rate", "0"], ["--learning_rate 0", "positive"]),
+    "learning_rate-negative": (["--learning_rate=-1e-3"], ["--learning_rate -0.001", "positive"]),
+    "learning_rate-nan": (["--learning_rate", "nan"], ["learning_rate"]),  # jsonargparse's own refusal
+    "precision": (["--precision", "bogus"], ["--precision bogus", "bf16-mixed"]),
+    "devices-0": (["--devices", "0"], ["--devices 0", "at least 1"]),
+    "num_nodes-0": (["--num_nodes", "0"], ["--num_nodes 0", "at least 1"]),
+    "max_seq_length-0": (["--max_seq_length", "0"], ["--max_seq_length 0", "at least 2"]),
+    "warmup_steps-negative": (["--warmup_steps=-5"], ["--warmup_steps -5", "0 or more"]),
+    "max_steps-0": (["--max_steps", "0"], ["--max_steps 0", "at least 1"]),
+    "eval_interval-0": (["--eval_interval", "0"], ["--eval_interval 0", "at least 1"]),
+    "save_interval-0": (["--save_interval", "0"], ["--save_interval 0", "at least 1"]),
+    "resume-and-overwrite": (["--resume", "true", "--overwrite", "true"], ["--resume", "--overwrite", "choose one"]),
+    "lora_r-0": (["--lora_r", "0"], ["r ≥ 1", "r=0"]),
+    "lora_dropout-1": (["--lora_dropout", "1"], ["dropout < 1"]),
+    "lora_alpha-negative": (["--lora_alpha=-1"], ["alpha > 0"]),
+}
+
+
+@pytest.mark.parametrize("args, fragments", FLAG_CASES.values(), ids=FLAG_CASES.keys())
+def test_bad_flag_values_are_one_line_and_write_nothing(tiny, tmp_path, args, fragments):
+    proc = finetune(tiny, tmp_path / "run", *args, check=False)
+    assert_user_error(proc, *fragments)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("where, fragments", [
+    (lambda tiny, tmp: (tmp / "file").write_text("x") and str(tmp / "file"), ["is a file, not a directory"]),
+    (lambda tiny, tmp: (tmp / "file").write_text("x") and str(tmp / "file" / "run"), ["is a file, not a directory"]),
+    (lambda tiny, tmp: not_writable(tmp), ["is not writable"]),
+    (lambda tiny, tmp: str(tiny["ckpt"]), ["is the base directory"]),
+    (lambda tiny, tmp: str(tiny["data"]), ["is the data directory"]),
+    (lambda tiny, tmp: str(tiny["data"].parent), ["contains --data"]),
+], ids=["file", "under-a-file", "not-writable", "the-base", "the-data", "holds-the-data"])
+def test_a_bad_out_dir_is_one_line_and_touches_nothing(tiny, tmp_path, where, fragments):
+    out = where(tiny, tmp_path)
+    around = Path(out).parent if Path(out).parent.exists() else tmp_path
+    before = snapshot(around)
+    assert_user_error(finetune(tiny, out, check=False), f"--out_dir {out}", *fragments)
+    assert snapshot(around) == before
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--prompt_length", "0"], ["prompt_length must be at least 1"]),
+    (["--start_layer=-1"], ["start_layer must be >= 0"]),
+    (["--start_layer", "9"], ["start_layer 9", "2 layers"]),
+], ids=["prompt_length-0", "start_layer-negative", "start_layer-beyond"])
+def test_bad_adapter_flags_are_one_line(tiny, tmp_path, args, fragments):
+    proc = finetune(tiny, tmp_path / "run", *args, script="finetune/adapter.py", check=False)
+    assert_user_error(proc, *fragments)
+    assert not (tmp_path / "run").exists()
+
+
+# ---- class 10: Ctrl-C ------------------------------------------------------------------------------------------------
+
+
+def written(out: Path) -> bool:
+    return (out / "run.yaml").is_file()
+
+
+def training(out: Path) -> bool:
+    return any((out / "checkpoints").glob("step-*"))
+
+
+def saving(out: Path) -> bool:
+    """A save in progress (a .tmp of the checkpoint or the weights); after the first checkpoint, any moment."""
+    return any((out / "checkpoints").glob("*.tmp")) or any(out.glob(".*.tmp")) or \
+        len(list((out / "checkpoints").glob("step-*"))) >= 2
+
+
+@pytest.mark.parametrize("moment", [written, training, saving], ids=["after-setup", "training", "saving"])
+def test_ctrl_c_is_one_line_and_status_130(tiny, tmp_path, moment):
+    out = tmp_path / "run"
+    args = [sys.executable, str(ROOT / "finetune/lora.py"), "--checkpoint_dir", str(tiny["ckpt"]), "--data",
+            str(tiny["data"]), "--out_dir", str(out), *COMMON, "--max_steps", "100000", "--save_interval", "1",
+            "--eval_interval", "1000000"]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    deadline = time.time() + 180
+    while not moment(out) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr, stderr
+    assert [line for line in stderr.splitlines() if line.startswith("error:")] == ["error: interrupted"], stderr
