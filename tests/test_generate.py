@@ -172,7 +172,8 @@ def test_prompt_plus_new_tokens_must_fit_block_size():
     model = tiny_model("tiny-mha", block_size=32)
     with pytest.raises(UserError, match="block_size"):
         next(generate(model, torch.zeros(20, dtype=torch.long), 13, temperature=0))
-    assert len(list(generate(model, torch.zeros(20, dtype=torch.long), 12, temperature=0))) <= 12
+    fits = list(generate(model, torch.zeros(20, dtype=torch.long), 12, temperature=0))  # 20 + 12 = block_size
+    assert fits == greedy_without_cache(model, torch.zeros(20, dtype=torch.long), 12) and len(fits) == 12
 
 
 # ---- generate/base.py as a user runs it ----------------------------------------------------------------
