@@ -7,9 +7,10 @@ A *mutant* is litft/ with one small change of the kind a bug makes:
     constant     int n → n + 1   float x → x + 1   True ↔ False
     negation     -x → x   not x → x   ~x → x
 
-Each mutant of a seeded sample runs against the test files that cover its module (TESTS below). A failing test
-*kills* it; a mutant that every test passes *survives*: a gap in the tests, or a change that makes no observable
-difference (an *equivalent* mutant). The score is killed / run.
+Each mutant of a seeded sample runs against the test files that cover its module (TESTS below), one file at a
+time, the module's own first, until a test fails. A failing test *kills* the mutant; a mutant that every test
+passes *survives*: a gap in the tests, or a change that makes no observable difference (an *equivalent* mutant).
+The score is killed / run.
 
     python bench/mutation.py                          # 45 mutants, seed 0 (what bench/RESULTS.md reports)
     python bench/mutation.py --sample 10 --modules generate,lora --seed 3
@@ -17,9 +18,9 @@ difference (an *equivalent* mutant). The score is killed / run.
 
 Everything happens in a temporary copy of the repository at a commit (HEAD unless --rev says otherwise; git
 archive), never in the working tree, which others edit and commit while this runs. The copy goes when the run
-ends, Ctrl-C included. Before the first mutant of a test group, the group runs once unmutated: its time sets the
-mutant's timeout (a mutant that hangs is killed), and a test that already fails there is deselected, so it cannot
-"kill" anything. Slow (multi-process) tests are left out.
+ends, Ctrl-C included. Before a test file first meets a mutant, it runs once unmutated: its time sets the
+mutant's timeout (3 ×; a mutant that hangs is killed), and a test that already fails there is deselected, so it
+cannot "kill" anything. Slow (multi-process) tests are left out.
 """
 
 from __future__ import annotations
@@ -210,26 +211,40 @@ def pytest(tree: Path, files: list[str], extra: list[str], timeout: float) -> tu
     return ("passed" if proc.returncode == 0 else "failed"), time.perf_counter() - start, out
 
 
-def baseline(tree: Path, files: list[str]) -> Baseline:
-    status, seconds, out = pytest(tree, files, [], timeout=3600)
+def baseline(tree: Path, file: str) -> Baseline:
+    status, seconds, out = pytest(tree, [file], [], timeout=3600)
     failing = re.findall(r"^FAILED (\S+)", out, flags=re.M)
     if status != "passed":
-        print(f"  baseline {' '.join(files)}: {len(failing)} failing without a mutant, deselected: {failing}")
+        print(f"  baseline {file}: {len(failing)} failing without a mutant, deselected: {failing}")
         if not failing:
-            raise SystemExit(f"the tests {files} do not run without a mutant:\n{out[-3000:]}")
+            raise SystemExit(f"{file} does not run without a mutant:\n{out[-3000:]}")
+    print(f"  baseline {file}: {seconds:.0f} s", flush=True)
     return Baseline(seconds, failing)
 
 
-def run_mutant(tree: Path, mutant: Mutant, base: Baseline, min_timeout: float) -> tuple[str, float]:
+def run_mutant(tree: Path, mutant: Mutant, baselines: dict[str, Baseline], min_timeout: float) -> tuple[str, float]:
+    """Run the module's test files one by one, its own first, until one fails: ("killed by FILE" | "survived", s)."""
     path = tree / "litft" / f"{mutant.module}.py"
     original = path.read_text()
     path.write_text(mutate(original, mutant.index))
+    total = 0.0
     try:
-        extra = ["-x", *(f"--deselect={t}" for t in base.deselect)]
-        status, seconds, _ = pytest(tree, TESTS[mutant.module], extra, timeout=max(min_timeout, 3 * base.seconds))
+        for file in TESTS[mutant.module]:
+            if not (tree / "tests" / file).is_file():
+                continue
+            if file not in baselines:
+                path.write_text(original)  # the baseline runs unmutated
+                baselines[file] = baseline(tree, file)
+                path.write_text(mutate(original, mutant.index))
+            base = baselines[file]
+            extra = ["-x", *(f"--deselect={t}" for t in base.deselect)]
+            status, seconds, _ = pytest(tree, [file], extra, timeout=max(min_timeout, 3 * base.seconds))
+            total += seconds
+            if status != "passed":
+                return f"killed by {file}" + (" (timeout)" if status == "timeout" else ""), total
+        return "survived", total
     finally:
         path.write_text(original)
-    return {"passed": "survived", "failed": "killed", "timeout": "killed (timeout)"}[status], seconds
 
 
 def copy_of_repository(rev: str, into: Path) -> str:
@@ -270,24 +285,26 @@ def main() -> None:
         print(f"commit {commit[:12]}: {len(sample)} of {len(mutants)} mutants (seed {args.seed})", flush=True)
 
         baselines, results = {}, []
-        for i, mutant in enumerate(sample, 1):
-            files = tuple(TESTS[mutant.module])
-            if files not in baselines:
-                baselines[files] = baseline(tree, list(files))
-                print(f"  baseline {' '.join(files)}: {baselines[files].seconds:.0f} s", flush=True)
-            outcome, seconds = run_mutant(tree, mutant, baselines[files], args.min_timeout)
-            results.append((mutant, outcome))
-            print(f"[{i:3}/{len(sample)}] {outcome:16} litft/{mutant.module}.py:{mutant.line:<4} {mutant.change:14} "
-                  f"({seconds:.0f} s)", flush=True)
+        try:
+            for i, mutant in enumerate(sample, 1):
+                outcome, seconds = run_mutant(tree, mutant, baselines, args.min_timeout)
+                results.append((mutant, outcome))
+                print(f"[{i:3}/{len(sample)}] litft/{mutant.module}.py:{mutant.line:<4} {mutant.change:14} {outcome} "
+                      f"({seconds:.0f} s)", flush=True)
+        except KeyboardInterrupt:
+            print(f"\ninterrupted: the score below counts the {len(results)} mutants that finished")
+        report(tree, results)
 
-        killed = sum(outcome.startswith("killed") for _, outcome in results)
-        print(f"\nscore: {killed}/{len(results)} killed ({100 * killed / len(results):.0f} %)")
-        survivors = [m for m, outcome in results if outcome == "survived"]
-        for m in survivors:
-            source = (tree / "litft" / f"{m.module}.py").read_text()
-            before = source.splitlines()[m.line - 1].strip()
-            print(f"survived: litft/{m.module}.py:{m.line} {m.change}\n    {before}")
 
+def report(tree: Path, results: list[tuple[Mutant, str]]) -> None:
+    if not results:
+        return
+    killed = sum(outcome.startswith("killed") for _, outcome in results)
+    print(f"\nscore: {killed}/{len(results)} killed ({100 * killed / len(results):.0f} %)")
+    for m, outcome in results:
+        if outcome == "survived":
+            line = (tree / "litft" / f"{m.module}.py").read_text().splitlines()[m.line - 1].strip()
+            print(f"survived: litft/{m.module}.py:{m.line} {m.change}\n    {line}")
 
 if __name__ == "__main__":
     main()
