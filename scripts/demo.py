@@ -124,11 +124,17 @@ def finetune(model: Path, method: str, run_dir: Path, data: Path, max_steps: int
     if summary.is_file() and json.loads(summary.read_text())["steps"] >= max_steps:
         print(f"using {run_dir}", file=sys.stderr)
         return
-    resume = ["--resume", "true"] if (ROOT / run_dir / "checkpoints").is_dir() else []
     run(f"finetune/{method}.py", "--checkpoint_dir", model, "--data", data, "--out_dir", run_dir,
         "--max_steps", str(max_steps), "--batch_size", "8", "--micro_batch_size", "4", "--warmup_steps", "5",
         "--eval_interval", str(max_steps), "--eval_iters", "4", "--save_interval", "20", "--max_seq_length", "128",
-        *METHOD_FLAGS[method], *resume)
+        *METHOD_FLAGS[method], *continue_or_restart(ROOT / run_dir))
+
+
+def continue_or_restart(run_dir: Path) -> list[str]:
+    """Resume a demo run that saved a checkpoint; start over one killed before its first save (or older runs)."""
+    if (run_dir / "run.yaml").is_file() and any((run_dir / "checkpoints").glob("step-*[0-9]")):
+        return ["--resume", "true"]
+    return ["--overwrite", "true"] if run_dir.exists() else []
 
 
 def merge_and_check(model: Path, run_dir: Path, data: Path) -> dict:
