@@ -49,6 +49,16 @@ def test_lr_factor_decays_to_zero_without_a_floor_and_has_no_warmup_when_asked()
                                                                     (1 - math.sqrt(0.5)) / 2, 0.0], abs=1e-15)
 
 
+def test_a_floor_equal_to_the_peak_is_a_constant_schedule_and_a_floor_above_it_is_refused(tmp_path):
+    """--min_lr "must not exceed --learning_rate": equal is allowed (after warmup the rate stays at the peak)."""
+    flat = TrainArgs(warmup_steps=10, max_steps=110, learning_rate=1e-3, min_lr=1e-3, out_dir=tmp_path / "run")
+    flat.validate()
+    assert [lr_factor(s, flat) for s in range(10, 200)] == [1.0] * 190
+    above = TrainArgs(warmup_steps=10, max_steps=110, learning_rate=1e-3, min_lr=2e-3, out_dir=tmp_path / "run")
+    with pytest.raises(UserError, match="--min_lr"):
+        above.validate()
+
+
 @pytest.mark.parametrize("warmup,max_steps,min_lr", [(10, 110, 1e-4), (3, 20, 0.0), (0, 7, 5e-4)])
 def test_lr_factor_equals_torchs_linear_warmup_then_cosine_annealing(warmup, max_steps, min_lr):
     """torch.optim.lr_scheduler is the outside implementation: LinearLR from 1/(w+1) to 1 over w steps, then
