@@ -339,3 +339,19 @@ def lit_from_hf(name: str) -> str:
         return top[name]
     layer, module, rest = name.removeprefix("model.layers.").split(".", 2)  # "3", "self_attn", "q_proj.weight"
     return f"blocks.{layer}.{parts.get(module, module)}.{rest}"
+
+
+def test_unknown_tensors_and_a_missing_freq_base():
+    """A tensor a Llama does not have is one line (not a KeyError later); a header without rope.freq_base means
+    llama.cpp's default base, 10000 (as transformers' LlamaConfig too)."""
+    from transformers import LlamaConfig
+
+    from litft.gguf import config_from_gguf, lit_name
+
+    for name in ("blk.0.attn_qkv.weight", "blk.0.ffn_gate_exps.weight", "token_types.weight"):
+        with pytest.raises(UserError, match="a plain Llama does not have"):
+            lit_name(name)
+    meta = {"general.architecture": "llama", "llama.embedding_length": 64, "llama.attention.head_count": 4,
+            "llama.block_count": 2, "llama.feed_forward_length": 128, "llama.attention.layer_norm_rms_epsilon": 1e-5}
+    config = config_from_gguf(meta, {"token_embd.weight": (96, 64)})
+    assert config.rope_base == LlamaConfig().rope_parameters["rope_theta"] == 10000.0
