@@ -56,7 +56,6 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     import json
 
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     from litft import Config, Llama
     from litft.checkpoint import save_lit_checkpoint
@@ -69,12 +68,19 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
             if p.dim() > 1:
                 p.mul_(0.1)
     save_lit_checkpoint(model, ckpt)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=256, special_tokens=["<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["red green blue cat dog one two three colour animal number"] * 20, trainer)
-    tok.save(str(ckpt / "tokenizer.json"))
+    tiny_bpe(["<s>", "</s>"]).save(str(ckpt / "tokenizer.json"))
     (ckpt / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
                                                             "add_bos_token": True}))
     return ckpt
+
+
+def tiny_bpe(special_tokens: list[str]):
+    """A 256-token byte-level BPE trained with `tokenizers` on a few words; special tokens get the first ids."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=256, special_tokens=special_tokens,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["red green blue cat dog one two three colour animal number"] * 20, trainer)
+    return tok

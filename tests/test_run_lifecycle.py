@@ -186,16 +186,11 @@ def test_an_empty_validation_split_trains_and_saves(tiny, no_val_data, tmp_path,
 
 def data_of_another_tokenizer(tiny, tmp_path: Path) -> Path:
     """Data prepared with a checkpoint whose tokenizer numbers its special tokens the other way round."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from conftest import tiny_bpe
 
     ckpt = tmp_path / "other-tokenizer"
     shutil.copytree(tiny["ckpt"], ckpt)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=256, special_tokens=["</s>", "<s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["red green blue cat dog one two three colour animal number"] * 20, trainer)
-    tok.save(str(ckpt / "tokenizer.json"))
+    tiny_bpe(["</s>", "<s>"]).save(str(ckpt / "tokenizer.json"))
     rows = [{"instruction": f"colour {i}", "input": "", "output": "red"} for i in range(24)]
     (tmp_path / "rows.json").write_text(json.dumps(rows))
     run_script("data_prep/json_data.py", "--data_file", tmp_path / "rows.json", "--destination_path",
