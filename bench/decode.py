@@ -56,7 +56,8 @@ def build_models(checkpoint_dir: Optional[Path]) -> tuple[Llama, torch.nn.Module
 def build_litgpt(ours: Llama) -> torch.nn.Module:
     """litgpt's GPT holding the same weights (fused qkv), with its KV cache for one sequence."""
     from frameworks import litgpt_shapes, to_litgpt_state_dict
-    from litgpt.model import GPT, Config as LitGPTConfig
+    from litgpt.model import GPT
+    from litgpt.model import Config as LitGPTConfig
 
     c = ours.config
     model = GPT(LitGPTConfig(**litgpt_shapes(c)))

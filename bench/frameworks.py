@@ -116,12 +116,14 @@ def build_litgpt(spec: StepSpec):
     c = spec.config
     shapes = litgpt_shapes(c)
     if spec.method == "lora":
-        from litgpt.lora import GPT, Config as LoRAConfig, mark_only_lora_as_trainable
+        from litgpt.lora import GPT, mark_only_lora_as_trainable
+        from litgpt.lora import Config as LoRAConfig
 
         model = GPT(LoRAConfig(**shapes, lora_r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
                                lora_query=True, lora_key=True, lora_value=True, lora_projection=True, lora_mlp=True))
     else:
-        from litgpt.model import GPT, Config as PlainConfig
+        from litgpt.model import GPT
+        from litgpt.model import Config as PlainConfig
 
         model = GPT(PlainConfig(**shapes))
     missing, unexpected = model.load_state_dict(to_litgpt_state_dict(base_state_dict(c, spec.seed), c), strict=False)

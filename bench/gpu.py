@@ -31,10 +31,10 @@ from contextlib import contextmanager
 from typing import Callable, Iterator, Literal
 
 import torch
-from lightning.fabric import Fabric
-
 from flops import matmul_rate, step_flops_per_token
 from frameworks import LORA_TARGETS_HF, litgpt_shapes
+from lightning.fabric import Fabric
+
 from litft.cli import run
 from litft.config import Config
 from litft.lora import LoRAConfig, add_lora, mark_only_lora_trainable
@@ -108,7 +108,8 @@ def transformers_step(device: torch.device, config: Config) -> Step:
 
 
 def litgpt_step(device: torch.device, config: Config) -> Step:
-    from litgpt.lora import GPT, Config as LitGPTConfig, mark_only_lora_as_trainable
+    from litgpt.lora import GPT, mark_only_lora_as_trainable
+    from litgpt.lora import Config as LitGPTConfig
     from litgpt.utils import chunked_cross_entropy
 
     with building_on(device):

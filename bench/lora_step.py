@@ -23,8 +23,8 @@ import sys
 from pathlib import Path
 
 import torch
-
 from flops import matmul_rate, step_flops_per_token
+
 from litft.cli import run
 from litft.config import Config
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import sys
 
 from lora_step import Worker
+
 from litft.cli import run
 
 

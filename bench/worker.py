@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-
 from frameworks import StepSpec, build
+
 from litft.cli import run
 from litft.config import Config
 

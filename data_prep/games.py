@@ -25,9 +25,9 @@ import json
 import random
 from pathlib import Path
 
-from litft.checkpoint import atomic_write_text
 from litft.cli import run
 from litft.errors import UserError
+from litft.files import atomic_write_text
 from litft.prepare import prepare, split_examples, with_common_args
 
 INSTRUCTION = "Convert the sentence to a meaning representation."

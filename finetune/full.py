@@ -13,7 +13,7 @@ a 7B model needs FSDP across several GPUs.
 from pathlib import Path
 
 from litft.cli import run_finetune
-from litft.convert_hf import copy_files
+from litft.files import copy_files
 from litft.train import Method, TrainArgs, fit
 
 

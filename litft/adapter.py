@@ -38,6 +38,7 @@ import yaml
 from torch import Tensor
 
 from litft.errors import UserError
+from litft.files import atomic_write_text, read_yaml_mapping
 from litft.model import Attention, Llama
 
 
@@ -60,14 +61,10 @@ class AdapterConfig:
             raise UserError(f"start_layer {self.start_layer} leaves no layer to adapt: the model has {n_layer} layers")
 
     def save(self, run_dir: Path) -> None:
-        from litft.checkpoint import atomic_write_text
-
         atomic_write_text(Path(run_dir) / self.FILE, yaml.safe_dump(asdict(self), sort_keys=False))
 
     @classmethod
     def from_dir(cls, run_dir: Path):
-        from litft.checkpoint import read_yaml_mapping
-
         data = read_yaml_mapping(Path(run_dir) / cls.FILE, f"{run_dir} has no {cls.FILE}; pass a weights file that "
                                  "sits in its fine-tuning run directory")
         if set(data) - {"prompt_length", "start_layer"}:

@@ -25,8 +25,9 @@ from pathlib import Path
 
 import yaml
 
-from litft.checkpoint import WEIGHTS, atomic_write_text, read_yaml_mapping
+from litft.checkpoint import WEIGHTS
 from litft.errors import UserError
+from litft.files import atomic_write_text, read_yaml_mapping
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CHECKPOINT = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct")

@@ -1,113 +1,23 @@
-"""Lit checkpoints on disk: atomic writes, safe loads, and building a model from a checkpoint directory.
+"""Lit checkpoints: a directory with `lit_model.pth` (a state dict in litft naming), `model_config.yaml` and the
+tokenizer files, and building a model from one.
 
-A checkpoint directory holds `lit_model.pth` (a plain state dict in litft naming), `model_config.yaml` and the
-tokenizer files. Loading never unpickles arbitrary objects (`weights_only=True`) and memory-maps the file, so a
-7B model is not read into RAM twice. Writing goes to a temporary file that is renamed into place, so a crash
-mid-write never leaves a half-written checkpoint behind.
+Loading memory-maps the weights file (litft/files.py reads it with weights_only=True), so a 7B model is not read
+into RAM twice, and builds the model on the meta device, so no random weights are allocated first.
 """
 
 from __future__ import annotations
 
-import os
-import pickle
-import tempfile
-import warnings
-import zipfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch import Tensor
 
 from litft.config import Config
 from litft.errors import UserError
+from litft.files import load_state_dict, save_state_dict
 from litft.model import Llama
 
 WEIGHTS = "lit_model.pth"
-
-
-@contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path next to `path`; on success it replaces `path` in one rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    os.chmod(tmp, 0o644)
-    try:
-        yield Path(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-
-
-def check_output_dir(flag: str, out: Path, **inputs: Path) -> Path:
-    """Refuse, in one line, an output directory that is a file, cannot be written, or is one of the inputs.
-
-    `inputs` name the directories a script reads (e.g. base=checkpoint_dir, run=lora_path.parent): writing into
-    them could overwrite or delete what the user asked to read.
-    """
-    out = Path(out)
-    for what, directory in inputs.items():
-        if directory is not None and out.resolve() == Path(directory).resolve():
-            raise UserError(f"{flag} {out} is the {what} directory this command reads; choose a new directory")
-    existing = next(p for p in (out, *out.parents) if p.exists())
-    if not existing.is_dir():
-        raise UserError(f"{flag} {out}: {existing} is a file, not a directory; choose another path")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"{flag} {out}: {existing} is not writable; choose a directory you can write to")
-    return out
-
-
-def read_yaml_mapping(path: Path, missing: str) -> dict:
-    """A YAML file that holds a mapping. A missing file raises UserError(missing); a malformed one, one line."""
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(missing)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise UserError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path} should hold a mapping of settings")
-    return data
-
-
-def save_state_dict(state_dict: dict[str, Tensor], path: Path) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(state_dict, tmp)
-
-
-def load_state_dict(path: Path, mmap: bool = True) -> dict[str, Tensor]:
-    """Load tensors only. A truncated file or a pickle that would run code becomes a UserError."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path} does not exist")
-    mmap = mmap and zipfile.is_zipfile(path)  # legacy (pre-zip) pickles cannot be memory-mapped
-    try:
-        with warnings.catch_warnings():  # the unpickler warns about protocols before refusing a file
-            warnings.simplefilter("ignore")
-            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as e:
-        reason = str(e).splitlines()[0] if "Weights only load failed" not in str(e) else "it holds objects other than tensors"
-        raise UserError(f"{path} was refused: {reason}; only plain tensor state dicts are loaded") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
-        reason = str(e).splitlines()[0].split(". ")[0]
-        raise UserError(f"{path} is not a readable checkpoint ({reason}); it may be truncated — re-create it") from None
-    if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
-        raise UserError(f"{path} does not hold a state dict of tensors")
-    return sd
 
 
 def check_shapes(model: torch.nn.Module, state_dict: dict[str, Tensor], source: Path, strict: bool = True) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from litft.errors import UserError
+from litft.files import atomic_write_text, read_yaml_mapping
 from litft.rope import RoPEScaling, rope_from_hf, rope_to_hf
 
 
@@ -64,8 +65,6 @@ class Config:
         return asdict(self)
 
     def save(self, checkpoint_dir: Path) -> None:
-        from litft.checkpoint import atomic_write_text
-
         atomic_write_text(Path(checkpoint_dir) / "model_config.yaml", yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     @classmethod
@@ -95,8 +94,6 @@ class Config:
         checkpoint_dir = Path(checkpoint_dir)
         if not checkpoint_dir.is_dir():
             raise UserError(f"checkpoint directory {checkpoint_dir} does not exist; download or convert a model first")
-        from litft.checkpoint import read_yaml_mapping
-
         d = read_yaml_mapping(checkpoint_dir / "model_config.yaml",
                               f"{checkpoint_dir} has no model_config.yaml; convert it with scripts/convert_hf_checkpoint.py")
         return cls.from_dict(d)

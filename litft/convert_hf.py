@@ -26,20 +26,18 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 from typing import Iterator
 
 import torch
 from torch import Tensor
 
-from litft.checkpoint import WEIGHTS, atomic_path, check_output_dir, check_shapes, load_state_dict, save_state_dict
+from litft.checkpoint import WEIGHTS, check_shapes
 from litft.config import CONFIGS, Config
 from litft.errors import UserError
+from litft.files import atomic_path, check_output_dir, load_state_dict, save_state_dict
 from litft.model import Llama
 
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "generation_config.json", "chat_template.jinja")  # newer repos keep the chat template apart
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 _TOP = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "norm.weight",
@@ -162,20 +160,6 @@ def parse_dtype(dtype: str | None) -> torch.dtype | None:
 
 
 # ---- writing -------------------------------------------------------------------------------------------
-
-def copy_files(src_dir: Path, dst_dir: Path, names: tuple[str, ...] = TOKENIZER_FILES) -> list[str]:
-    """Copy those of `names` that exist in src_dir (atomically); return the names copied."""
-    src_dir, dst_dir = Path(src_dir), Path(dst_dir)
-    if src_dir.resolve() == dst_dir.resolve():
-        return [n for n in names if (src_dir / n).is_file()]
-    copied = []
-    for n in names:
-        if (src_dir / n).is_file():
-            with atomic_path(dst_dir / n) as tmp:
-                shutil.copyfile(src_dir / n, tmp)
-            copied.append(n)
-    return copied
-
 
 def save_hf_safetensors(state_dict: dict[str, Tensor], out_dir: Path, max_shard_bytes: int) -> list[str]:
     """Write model.safetensors, or model-0000k-of-0000n.safetensors + index.json when larger than one shard."""

@@ -13,9 +13,10 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from litft.checkpoint import WEIGHTS, load_lit_model, load_state_dict
+from litft.checkpoint import WEIGHTS, load_lit_model
 from litft.config import Config
 from litft.errors import UserError
+from litft.files import load_state_dict
 from litft.lora import LoRAConfig, add_lora, is_lora_key, lora_state_dict, merge_lora
 from litft.model import Llama
 

@@ -44,6 +44,7 @@ import yaml
 from torch import Tensor
 
 from litft.errors import UserError
+from litft.files import atomic_write_text, read_yaml_mapping
 from litft.lora_dropout import lora_dropout
 from litft.model import Llama
 
@@ -79,14 +80,10 @@ class LoRAConfig:
         return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
 
     def save(self, directory: Path) -> None:
-        from litft.checkpoint import atomic_write_text
-
         atomic_write_text(Path(directory) / FILE, yaml.safe_dump(asdict(self), sort_keys=False))
 
     @classmethod
     def from_dir(cls, directory: Path) -> "LoRAConfig":
-        from litft.checkpoint import read_yaml_mapping
-
         path = Path(directory) / FILE
         d = read_yaml_mapping(path, f"{directory} has no {FILE}; pass the lit_model_lora.pth inside the run's out_dir")
         known = {f.name for f in fields(cls)}

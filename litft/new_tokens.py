@@ -23,6 +23,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from litft.errors import UserError
+from litft.files import TOKENIZER_FILES, atomic_path, copy_files, remove_other_tokenizer_files
 
 
 def grown_tokenizer_files(checkpoint_dir: Path, new_tokens: list[str], first_id: int) -> dict[str, bytes]:
@@ -43,9 +44,6 @@ def write_tokenizer(checkpoint_dir: Path, out_dir: Path, new_tokens: list[str], 
     """Copy `checkpoint_dir`'s tokenizer files into `out_dir`, the vocabulary grown by `new_tokens`; return names.
 
     Tokenizer files already in `out_dir` that the base does not have are removed, so none is left stale."""
-    from litft.checkpoint import atomic_path
-    from litft.convert_hf import TOKENIZER_FILES, copy_files
-
     if Path(out_dir).resolve() == Path(checkpoint_dir).resolve():
         raise UserError(f"{out_dir} is the base checkpoint; its tokenizer must not be overwritten, "
                         "choose another directory")
@@ -56,22 +54,6 @@ def write_tokenizer(checkpoint_dir: Path, out_dir: Path, new_tokens: list[str], 
             tmp.write_bytes(data)
     remove_other_tokenizer_files(out_dir, keep=[*copied, *grown])
     return copied + [f"{name} (+{len(new_tokens)} tokens)" for name in grown]
-
-
-def copy_tokenizer(src_dir: Path, out_dir: Path) -> list[str]:
-    """Copy `src_dir`'s tokenizer files into `out_dir`, removing any other tokenizer file left there."""
-    from litft.convert_hf import copy_files
-
-    copied = copy_files(src_dir, out_dir)
-    remove_other_tokenizer_files(out_dir, keep=copied)
-    return copied
-
-
-def remove_other_tokenizer_files(directory: Path, keep: list[str]) -> None:
-    from litft.convert_hf import TOKENIZER_FILES
-
-    for name in set(TOKENIZER_FILES) - set(keep):
-        (Path(directory) / name).unlink(missing_ok=True)
 
 
 def tokenizer_dir(run_dir: Path | None, checkpoint_dir: Path) -> Path:

@@ -37,8 +37,8 @@ import torch
 from tqdm import tqdm
 
 from litft.base_checkpoint import ensure_checkpoint, tokenizer_fingerprint
-from litft.checkpoint import atomic_path, atomic_write_text
 from litft.errors import UserError
+from litft.files import atomic_path, atomic_write_text
 from litft.new_tokens import write_tokenizer
 from litft.prompts import PromptStyle
 

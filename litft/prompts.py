@@ -27,6 +27,7 @@ from pathlib import Path
 import yaml
 
 from litft.errors import UserError
+from litft.files import atomic_write_text
 
 FILE = "prompt_style.yaml"
 
@@ -88,8 +89,6 @@ class PromptStyle:
                         f"none; choose one of {', '.join(s for s in STYLES if s != name)}")
 
     def save(self, directory: Path) -> None:
-        from litft.checkpoint import atomic_write_text
-
         atomic_write_text(Path(directory) / FILE, yaml.safe_dump({"name": self.name}))
 
     @classmethod
@@ -140,8 +139,6 @@ class ChatTemplateStyle(PromptStyle):
         return end_of_turn(self.template, self.tokens)
 
     def save(self, directory: Path) -> None:
-        from litft.checkpoint import atomic_write_text
-
         data = {"name": self.name, "tokens": dict(self.tokens), "template": self.template}
         atomic_write_text(Path(directory) / FILE, yaml.dump(data, Dumper=_LiteralDumper, sort_keys=False,
                                                             allow_unicode=True))

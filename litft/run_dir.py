@@ -33,10 +33,9 @@ import yaml
 
 from litft import train_state
 from litft.base_checkpoint import fingerprint, sample_file
-from litft.checkpoint import atomic_write_text, check_output_dir, read_yaml_mapping
-from litft.convert_hf import TOKENIZER_FILES
 from litft.data import data_dir
 from litft.errors import UserError
+from litft.files import TOKENIZER_FILES, atomic_write_text, check_output_dir, read_yaml_mapping
 
 RECORD = "run.yaml"
 WEIGHT_FILES = ("lit_model_lora.pth", "lit_model_adapter.pth", "lit_model_adapter_v2.pth", "lit_model.pth")

@@ -36,10 +36,10 @@ from tqdm import tqdm
 from litft import data as data_lib
 from litft import run_dir, train_state
 from litft.base_checkpoint import DEFAULT_CHECKPOINT, record_base, tokenizer_fingerprint
-from litft.checkpoint import atomic_write_text, load_lit_model, save_state_dict
+from litft.checkpoint import load_lit_model
 from litft.errors import UserError
+from litft.files import atomic_write_text, copy_tokenizer, save_state_dict
 from litft.model import Llama
-from litft.new_tokens import copy_tokenizer
 from litft.tokenizer import Tokenizer
 
 IGNORE_INDEX = -100

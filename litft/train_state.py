@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.tensor import DTensor
 
 from litft.errors import UserError
+from litft.files import atomic_path
 
 
 @dataclass
@@ -235,8 +236,6 @@ def plot_loss(history: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from litft.checkpoint import atomic_path
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for key, style in (("train_loss", "-"), ("val_loss", "o-")):

@@ -15,9 +15,18 @@ from typing import Literal
 
 import torch
 
-from litft.checkpoint import WEIGHTS, atomic_path, atomic_write_text, check_output_dir, save_state_dict
-from litft.gguf import (check_tensors, config_from_gguf, convert_weights, metadata, open_gguf, rope_freqs,
-                        tensor_shapes, tokenizer_files)
+from litft.checkpoint import WEIGHTS
+from litft.files import atomic_path, atomic_write_text, check_output_dir, save_state_dict
+from litft.gguf import (
+    check_tensors,
+    config_from_gguf,
+    convert_weights,
+    metadata,
+    open_gguf,
+    rope_freqs,
+    tensor_shapes,
+    tokenizer_files,
+)
 
 
 def main(gguf_path: Path, output_dir: Path, dtype: Literal["float32", "bfloat16", "float16"] = "float32") -> None:

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import torch
 
-from litft.checkpoint import WEIGHTS, atomic_write_text, check_output_dir, check_shapes, load_state_dict
+from litft.checkpoint import WEIGHTS, check_shapes
 from litft.config import Config
-from litft.convert_hf import TOKENIZER_FILES, copy_files, lit_to_hf_state_dict, save_hf_safetensors
+from litft.convert_hf import lit_to_hf_state_dict, save_hf_safetensors
 from litft.errors import UserError
+from litft.files import TOKENIZER_FILES, atomic_write_text, check_output_dir, copy_files, load_state_dict
 from litft.model import Llama
 from litft.tokenizer import Tokenizer
 

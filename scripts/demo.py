@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 from typing import Literal
 
-from litft.checkpoint import atomic_write_text
 from litft.errors import UserError
+from litft.files import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct")

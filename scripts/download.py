@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from litft.config import CONFIGS
-from litft.convert_hf import TOKENIZER_FILES, convert_hf_checkpoint
+from litft.convert_hf import convert_hf_checkpoint
 from litft.errors import UserError
+from litft.files import TOKENIZER_FILES
 
 OFFLINE_HINT = "for an offline start, convert a GGUF file with scripts/convert_gguf_checkpoint.py"
 SAFETENSORS = ["model*.safetensors", "model.safetensors.index.json"]
@@ -86,8 +87,14 @@ def hub_errors(repo_id: str) -> Iterator[None]:
 
 
 def explain(error: Exception, repo: str) -> str | None:
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, HFValidationError, LocalEntryNotFoundError,
-                                        OfflineModeIsEnabled, RepositoryNotFoundError)
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+    )
 
     if isinstance(error, HFValidationError):
         return (f"--repo_id {repo!r} is not a Hub repository id (ORG/NAME); "

@@ -18,12 +18,12 @@ from typing import Literal, Optional
 
 import torch
 
-from litft.checkpoint import atomic_write_text
 from litft.cli import run
 from litft.cpu_decoding import prepare_for_cpu_decoding, uses_cpu_layout
 from litft.data import data_dir, load_split, meta_of, prompt_style_of
 from litft.errors import UserError
 from litft.evaluate import evaluate
+from litft.files import atomic_write_text
 from litft.finetuned import load_finetuned
 from litft.generate import pick_precision
 from litft.new_tokens import tokenizer_dir

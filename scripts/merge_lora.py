@@ -16,13 +16,14 @@ import shutil
 import sys
 from pathlib import Path
 
-from litft.checkpoint import atomic_path, check_output_dir, load_lit_model, save_lit_checkpoint
+from litft.checkpoint import load_lit_model, save_lit_checkpoint
 from litft.cli import run
 from litft.config import Config
 from litft.errors import UserError
+from litft.files import atomic_path, check_output_dir, copy_tokenizer
 from litft.finetuned import check_same_base, load_lora
 from litft.lora import LoRAConfig, merge_lora
-from litft.new_tokens import copy_tokenizer, grown_tokenizer_files, write_tokenizer
+from litft.new_tokens import grown_tokenizer_files, write_tokenizer
 from litft.prompts import FILE as PROMPT_STYLE
 
 

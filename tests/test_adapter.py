@@ -18,9 +18,10 @@ from conftest import assert_user_error, run_script
 
 from litft.adapter import AdapterConfig, adapter_state_dict, add_adapter
 from litft.adapter_v2 import AdapterV2Config, ScaledLinear, adapter_v2_state_dict, add_adapter_v2
-from litft.checkpoint import save_lit_checkpoint, save_state_dict
+from litft.checkpoint import save_lit_checkpoint
 from litft.config import Config
 from litft.errors import UserError
+from litft.files import save_state_dict
 from litft.finetuned import load_finetuned
 from litft.generate import generate, greedy_without_cache
 from litft.model import Llama

@@ -101,8 +101,8 @@ QUESTIONS = [("What is LoRA?", ""), ("Summarize the text.", "Cats sleep 16 hours
 
 def byte_level_bpe(split: str, specials: list[str], nfc: bool = False):
     """A small byte-level BPE trained with `tokenizers`, with the family's pre-tokenizer and special tokens."""
-    from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, normalizers
-    from tokenizers import pre_tokenizers, trainers
+    from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as HFTokenizer
 
     tok = HFTokenizer(models.BPE())
     tok.normalizer = normalizers.NFC() if nfc else None

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, assert_user_error, run_script
+
 from litft.config import CONFIGS, Config
 from litft.model import Llama
 

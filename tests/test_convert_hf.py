@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
-
 from conftest import run_script
+from safetensors import safe_open
 
 transformers = pytest.importorskip("transformers")
 

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import assert_user_error, run_script
 
 DEFAULT_BASE = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct")

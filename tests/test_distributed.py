@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT
 from test_train import COMMON, finetune, tiny, weights  # noqa: F401  (tiny is a fixture)
 

@@ -216,7 +216,8 @@ def test_cli_wraps_the_prompt_in_the_checkpoint_prompt_style(tiny_checkpoint, tm
 
 
 def test_chatml_stops_at_im_end_as_well_as_eos(tmp_path):
-    from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers
 
     hf = HFTokenizer(models.WordLevel({"[UNK]": 0, "hello": 1, "world": 2}, unk_token="[UNK]"))
     hf.pre_tokenizer = pre_tokenizers.Whitespace()

@@ -7,12 +7,22 @@ import re
 import pytest
 import torch
 
-from litft.checkpoint import save_state_dict
 from litft.config import Config
 from litft.errors import UserError
+from litft.files import save_state_dict
 from litft.finetuned import load_lora_state_dict
-from litft.lora import (LINEAR, TARGETS, LoRAConfig, LoRAEmbedding, LoRALinear, add_lora, count_trainable,
-                        lora_state_dict, mark_only_lora_trainable, merge_lora)
+from litft.lora import (
+    LINEAR,
+    TARGETS,
+    LoRAConfig,
+    LoRAEmbedding,
+    LoRALinear,
+    add_lora,
+    count_trainable,
+    lora_state_dict,
+    mark_only_lora_trainable,
+    merge_lora,
+)
 from litft.model import Llama
 
 peft = pytest.importorskip("peft")

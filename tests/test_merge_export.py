@@ -12,10 +12,11 @@ import shutil
 import pytest
 import torch
 import yaml
-
 from conftest import assert_user_error, run_script
-from litft.checkpoint import load_lit_model, save_lit_checkpoint, save_state_dict
+
+from litft.checkpoint import load_lit_model, save_lit_checkpoint
 from litft.config import Config
+from litft.files import save_state_dict
 from litft.generate import greedy_without_cache, stop_token_ids
 from litft.lora import LINEAR, TARGETS, LoRAConfig, add_lora, lora_state_dict
 from litft.model import Llama

@@ -10,15 +10,15 @@ import json
 import shutil
 
 import torch
+from conftest import assert_user_error, run_script
+from test_train import COMMON
 from tokenizers import Tokenizer
 
-from conftest import assert_user_error, run_script
 from litft import Config, Llama
 from litft.checkpoint import save_lit_checkpoint
 from litft.finetuned import load_finetuned
 from litft.generate import generate
 from litft.tokenizer import Tokenizer as LitTokenizer
-from test_train import COMMON
 
 NEW = ["<ans>", "</ans>"]
 

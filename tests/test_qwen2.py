@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import run_script
+from safetensors.torch import load_file
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -124,7 +123,8 @@ def test_lora_on_biased_layers_matches_peft_loss_and_gradients():
 
 def lora_run(lit_dir: Path, run_dir: Path):
     """A LoRA run directory on the Qwen2 checkpoint, with random nonzero B, as finetune/lora.py leaves it."""
-    from litft.checkpoint import load_lit_model, save_state_dict
+    from litft.checkpoint import load_lit_model
+    from litft.files import save_state_dict
     from litft.lora import LoRAConfig, add_lora, lora_state_dict
 
     config = LoRAConfig(r=4, alpha=8, targets=["q", "k", "v", "o", "gate", "up", "down"])

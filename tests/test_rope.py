@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import assert_user_error, run_script
 
 transformers = pytest.importorskip("transformers")

@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import ROOT, assert_user_error, run_script
 from test_train import COMMON, finetune, tiny, weights  # noqa: F401 — `tiny` is a fixture
 

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, assert_user_error, run_script
 
 COMMON = ["--max_steps", "6", "--batch_size", "4", "--micro_batch_size", "2", "--eval_interval", "3",

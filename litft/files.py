@@ -1,0 +1,135 @@
+"""Files on disk, written safely: atomic writes, YAML settings, tensor state dicts, tokenizer files.
+
+Every file litft writes goes to a temporary file in the same directory first and is renamed into place, so a
+crash mid-write never leaves a half-written file behind. Tensors are read with `weights_only=True`: a file that
+would run code when unpickled is refused.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import tempfile
+import warnings
+import zipfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import yaml
+from torch import Tensor
+
+from litft.errors import UserError
+
+# The files that make up a tokenizer (and its chat template and stop tokens), copied along with a checkpoint.
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json", "chat_template.jinja")  # newer repos keep the chat template apart
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; on success it replaces `path` in one rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    os.chmod(tmp, 0o644)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def check_output_dir(flag: str, out: Path, **inputs: Path) -> Path:
+    """Refuse, in one line, an output directory that is a file, cannot be written, or is one of the inputs.
+
+    `inputs` name the directories a script reads (e.g. base=checkpoint_dir, run=lora_path.parent): writing into
+    them could overwrite or delete what the user asked to read.
+    """
+    out = Path(out)
+    for what, directory in inputs.items():
+        if directory is not None and out.resolve() == Path(directory).resolve():
+            raise UserError(f"{flag} {out} is the {what} directory this command reads; choose a new directory")
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"{flag} {out}: {existing} is a file, not a directory; choose another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {out}: {existing} is not writable; choose a directory you can write to")
+    return out
+
+
+def read_yaml_mapping(path: Path, missing: str) -> dict:
+    """A YAML file that holds a mapping. A missing file raises UserError(missing); a malformed one, one line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(missing)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise UserError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} should hold a mapping of settings")
+    return data
+
+
+def save_state_dict(state_dict: dict[str, Tensor], path: Path) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(state_dict, tmp)
+
+
+def load_state_dict(path: Path, mmap: bool = True) -> dict[str, Tensor]:
+    """Load tensors only. A truncated file or a pickle that would run code becomes a UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} does not exist")
+    mmap = mmap and zipfile.is_zipfile(path)  # legacy (pre-zip) pickles cannot be memory-mapped
+    try:
+        with warnings.catch_warnings():  # the unpickler warns about protocols before refusing a file
+            warnings.simplefilter("ignore")
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        reason = str(e).splitlines()[0] if "Weights only load failed" not in str(e) else "it holds objects other than tensors"
+        raise UserError(f"{path} was refused: {reason}; only plain tensor state dicts are loaded") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        reason = str(e).splitlines()[0].split(". ")[0]
+        raise UserError(f"{path} is not a readable checkpoint ({reason}); it may be truncated — re-create it") from None
+    if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
+        raise UserError(f"{path} does not hold a state dict of tensors")
+    return sd
+
+
+def copy_files(src_dir: Path, dst_dir: Path, names: tuple[str, ...] = TOKENIZER_FILES) -> list[str]:
+    """Copy those of `names` that exist in src_dir (atomically); return the names copied."""
+    src_dir, dst_dir = Path(src_dir), Path(dst_dir)
+    if src_dir.resolve() == dst_dir.resolve():
+        return [n for n in names if (src_dir / n).is_file()]
+    copied = []
+    for n in names:
+        if (src_dir / n).is_file():
+            with atomic_path(dst_dir / n) as tmp:
+                shutil.copyfile(src_dir / n, tmp)
+            copied.append(n)
+    return copied
+
+
+def copy_tokenizer(src_dir: Path, out_dir: Path) -> list[str]:
+    """Copy `src_dir`'s tokenizer files into `out_dir`, removing any other tokenizer file left there."""
+    copied = copy_files(src_dir, out_dir)
+    remove_other_tokenizer_files(out_dir, keep=copied)
+    return copied
+
+
+def remove_other_tokenizer_files(directory: Path, keep: list[str]) -> None:
+    for name in set(TOKENIZER_FILES) - set(keep):
+        (Path(directory) / name).unlink(missing_ok=True)
