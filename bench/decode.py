@@ -5,7 +5,7 @@
 Each round times every library producing `new_tokens` greedy tokens after a `prompt_tokens`-long prompt
 (prefill included), alternating litft, transformers, litgpt, litft, … so that a machine that speeds up or
 slows down during the run affects all alike. litft runs as generate/ scripts run it, with the CPU decoding
-layout (litft/cpu_decoding.py). It prints each round, the medians and their ratios to litft.
+layout (litft/fast/cpu_decoding.py). It prints each round, the medians and their ratios to litft.
 Without --checkpoint_dir it uses SmolLM2-135M's shapes with random weights (speed does not depend on the
 values, but then the two token sequences may differ where random logits nearly tie).
 """
@@ -23,7 +23,7 @@ import torch
 from litft.checkpoint import load_lit_model
 from litft.cli import run
 from litft.config import Config
-from litft.cpu_decoding import prepare_for_cpu_decoding
+from litft.fast.cpu_decoding import prepare_for_cpu_decoding
 from litft.generate import generate
 from litft.model import Llama
 

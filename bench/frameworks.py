@@ -1,6 +1,7 @@
 """One training step, written the way each library's own recipe writes it, on the same weights and batch.
 
-    litft                     Llama + add_lora; loss = litft.train.causal_lm_loss (what every litft recipe uses)
+    litft                     Llama + add_lora + litft.fast.for_training and its loss (what every litft recipe uses)
+    litft-plain               the same with --fast false: the textbook layers and loss
     transformers (+ peft)     LlamaForCausalLM (+ get_peft_model); loss = model(x, labels=x).loss
     litgpt                    litgpt.lora.GPT (or litgpt.model.GPT); loss as litgpt/finetune/lora.py computes it:
                               model(x, lm_head_chunk_size=128), then chunked_cross_entropy
@@ -13,6 +14,7 @@ imported only when asked for, so a process that runs one library holds only that
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import torch
@@ -49,21 +51,24 @@ def base_state_dict(config: Config, seed: int) -> dict[str, Tensor]:
 
 def build(framework: str, spec: StepSpec) -> tuple[torch.nn.Module, Callable[[Tensor], Tensor]]:
     """The model (LoRA or full, trainable parameters marked) and its loss function loss(x) for next-token targets x."""
-    return {"litft": build_litft, "transformers": build_transformers, "litgpt": build_litgpt}[framework](spec)
+    builders = {"litft": build_litft, "litft-plain": partial(build_litft, fast=False), "transformers": build_transformers,
+                "litgpt": build_litgpt}
+    return builders[framework](spec)
 
 
-def build_litft(spec: StepSpec):
-    from litft.lora import LoRAConfig, add_lora, mark_only_lora_trainable
+def build_litft(spec: StepSpec, fast: bool = True):
+    """As finetune/*.py builds it: the method added, then litft/fast's measures (or, fast=False, the plain path)."""
+    from litft.fast import for_training
+    from litft.lora import LoRAConfig, add_lora
     from litft.model import Llama
-    from litft.train import causal_lm_loss
 
     model = Llama(spec.config)
     model.load_state_dict(base_state_dict(spec.config, spec.seed))
     if spec.method == "lora":
         add_lora(model, LoRAConfig(r=spec.r, alpha=spec.alpha, dropout=spec.dropout))
-        mark_only_lora_trainable(model)
     model.activation_checkpointing = spec.activation_checkpointing
-    return model.train(), lambda x: causal_lm_loss(model, x, x)
+    loss_fn = for_training(model, fast)
+    return model.train(), lambda x: loss_fn(model, x, x)
 
 
 def build_transformers(spec: StepSpec):

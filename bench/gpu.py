@@ -6,7 +6,7 @@
 Part 1 trains LoRA (r 8 on all seven linear layers, dropout 0.05, AdamW) with weights and activations in
 bfloat16, timing `steps` optimizer steps after `warmup`, for each library in turn, as its own recipe runs it:
 
-    litft                 Fabric bf16-true; loss = litft.train.causal_lm_loss
+    litft                 Fabric bf16-true; litft.fast.for_training's layers and loss
     litft-compiled        the same with every block compiled (finetune/*.py --compile true); warm-up compiles
     transformers + peft   LlamaForCausalLM in bf16 (SDPA) + get_peft_model with its defaults, which keep the
                           adapter weights in float32; loss = model(x, labels=x).loss
@@ -37,9 +37,10 @@ from lightning.fabric import Fabric
 
 from litft.cli import run
 from litft.config import Config
-from litft.lora import LoRAConfig, add_lora, mark_only_lora_trainable
+from litft.fast import for_training
+from litft.lora import LoRAConfig, add_lora
 from litft.model import Llama
-from litft.train import causal_lm_loss, shard_blocks
+from litft.train import shard_blocks
 
 R, ALPHA, DROPOUT = 8, 16.0, 0.05
 Step = Callable[[torch.Tensor], None]  # one optimizer step on a batch
@@ -81,15 +82,15 @@ def litft_step(fabric: Fabric, config: Config, compile: bool = False) -> Step:
         torch.nn.init.normal_(p, std=0.02) if p.dim() == 2 else torch.nn.init.ones_(p)
     model.requires_grad_(False)
     add_lora(model, LoRAConfig(r=R, alpha=ALPHA, dropout=DROPOUT))
-    mark_only_lora_trainable(model)
+    loss_fn = for_training(model, fast=True, compile=compile)  # as finetune/*.py (--compile true)
     model = fabric.setup_module(model.train())
-    if compile:  # as finetune/*.py --compile true
-        for block in model.module.blocks:
-            block.compile()
+    model.mark_forward_method("hidden_states")
     optimizer = fabric.setup_optimizers(adamw(model))
 
     def step(x: torch.Tensor) -> None:
-        fabric.backward(causal_lm_loss(model, x, x))
+        with fabric.autocast():
+            loss = loss_fn(model, x, x)
+        fabric.backward(loss)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

@@ -30,7 +30,6 @@ import ast
 import os
 import random
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -50,17 +49,22 @@ TESTS = {
     "cli": ["test_default_commands.py", "test_generate.py"],
     "config": ["test_config.py", "test_convert_hf.py", "test_qwen2.py"],
     "convert_hf": ["test_convert_hf.py", "test_qwen2.py"],
-    "cpu_decoding": ["test_generate.py"],
     "data": ["test_data.py", "test_train.py"],
     "evaluate": ["test_evaluate.py"],
-    "finetuned": ["test_adapter.py", "test_lora.py", "test_new_tokens.py"],
+    "fast/__init__": ["test_lora.py", "test_convert_hf.py", "test_train.py"],
+    "fast/chunked_loss": ["test_loss.py", "test_lora.py", "test_convert_hf.py"],
+    "fast/cpu_decoding": ["test_generate.py"],
+    "fast/fused_lora": ["test_lora.py", "test_lora_dropout.py"],
+    "fast/lora_dropout": ["test_lora_dropout.py"],
+    "files": ["test_checkpoint_errors.py", "test_run_lifecycle.py"],
+    "load_finetuned": ["test_adapter.py", "test_lora.py", "test_new_tokens.py"],
     "generate": ["test_generate.py"],
     "gguf": ["test_gguf.py", "test_tokenizer.py"],
     "lora": ["test_lora.py", "test_merge_export.py", "test_qwen2.py"],
-    "lora_dropout": ["test_lora_dropout.py"],
-    "loss": ["test_loss.py", "test_lora.py"],
+    "loss": ["test_lora.py", "test_convert_hf.py"],
     "model": ["test_convert_hf.py", "test_generate.py", "test_rope.py", "test_qwen2.py"],
     "named_data": ["test_data.py", "test_default_commands.py"],
+    "new_rows": ["test_lora.py", "test_new_tokens.py", "test_merge_export.py"],
     "new_tokens": ["test_new_tokens.py", "test_merge_export.py"],
     "prepare": ["test_data.py", "test_data_errors.py"],
     "prompts": ["test_prompts.py", "test_chat_formats.py"],
@@ -68,7 +72,10 @@ TESTS = {
     "run_dir": ["test_run_lifecycle.py"],
     "scoring": ["test_evaluate.py"],
     "tokenizer": ["test_tokenizer.py", "test_chat_formats.py"],
-    "train": ["test_schedule.py", "test_train.py", "test_run_lifecycle.py"],
+    "schedule": ["test_schedule.py"],
+    "train": ["test_train.py", "test_run_lifecycle.py"],
+    "train_args": ["test_schedule.py", "test_run_lifecycle.py"],
+    "train_data": ["test_train.py", "test_data_errors.py"],
     "train_state": ["test_run_lifecycle.py", "test_train.py"],
 }
 
@@ -85,7 +92,7 @@ SYMBOL = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/", ast.FloorDiv:
 
 @dataclass(frozen=True)
 class Mutant:
-    module: str  # "generate" for litft/generate.py
+    module: str  # "generate" for litft/generate.py, "fast/fused_lora" for litft/fast/fused_lora.py
     index: int  # the node's position in ast.walk order of the module
     line: int
     change: str  # e.g. "/ -> *"

@@ -7,9 +7,13 @@ Defaults follow lit-llama's published run (Raschka, "Parameter-Efficient LLM Fin
 learning rate 9e-3, weight decay 0.02, prompt length 10. Everything else is litft.train.
 """
 
-from litft.adapter import AdapterConfig, add_adapter, mark_only_adapter_trainable
+from dataclasses import asdict
+from functools import partial
+
+from litft.adapter import WEIGHTS, AdapterConfig, add_adapter
 from litft.cli import run_finetune
-from litft.train import Method, TrainArgs, fit
+from litft.train import fit
+from litft.train_args import Method, TrainArgs
 
 
 def main(train: TrainArgs, prompt_length: int = 10, start_layer: int = 2) -> dict:
@@ -20,12 +24,9 @@ def main(train: TrainArgs, prompt_length: int = 10, start_layer: int = 2) -> dic
         start_layer: the first layer (0-based) that gets a prompt; the layers above it do too.
     """
     config = AdapterConfig(prompt_length=prompt_length, start_layer=start_layer)
-
-    def prepare(model):
-        add_adapter(model, config)
-        mark_only_adapter_trainable(model)
-
-    return fit(train, Method("adapter", "lit_model_adapter.pth", prepare, config.save, config.__dict__))
+    method = Method(name="adapter", weights_name=WEIGHTS, prepare=partial(add_adapter, config=config),
+                    save_config=config.save, config=asdict(config))
+    return fit(train, method)
 
 
 if __name__ == "__main__":

@@ -7,9 +7,13 @@ trainable norms (litft/adapter_v2.py).
 Same published defaults as v1: learning rate 9e-3, weight decay 0.02, prompt length 10.
 """
 
-from litft.adapter_v2 import AdapterV2Config, add_adapter_v2
+from dataclasses import asdict
+from functools import partial
+
+from litft.adapter_v2 import WEIGHTS, AdapterV2Config, add_adapter_v2
 from litft.cli import run_finetune
-from litft.train import Method, TrainArgs, fit
+from litft.train import fit
+from litft.train_args import Method, TrainArgs
 
 
 def main(train: TrainArgs, prompt_length: int = 10, start_layer: int = 2) -> dict:
@@ -20,8 +24,9 @@ def main(train: TrainArgs, prompt_length: int = 10, start_layer: int = 2) -> dic
         start_layer: the first layer (0-based) that gets a prompt.
     """
     config = AdapterV2Config(prompt_length=prompt_length, start_layer=start_layer)
-    prepare = lambda model: add_adapter_v2(model, config)  # noqa: E731 — also marks v2's parameters trainable
-    return fit(train, Method("adapter_v2", "lit_model_adapter_v2.pth", prepare, config.save, config.__dict__))
+    method = Method(name="adapter_v2", weights_name=WEIGHTS, prepare=partial(add_adapter_v2, config=config),
+                    save_config=config.save, config=asdict(config))
+    return fit(train, method)
 
 
 if __name__ == "__main__":

@@ -10,18 +10,20 @@ Needs weights, gradients and AdamW's two moments for every parameter: ~16 bytes 
 a 7B model needs FSDP across several GPUs.
 """
 
-from pathlib import Path
+from functools import partial
 
+from litft.checkpoint import WEIGHTS
 from litft.cli import run_finetune
 from litft.files import copy_files
-from litft.train import Method, TrainArgs, fit
+from litft.train import fit
+from litft.train_args import Method, TrainArgs
 
 
 def main(train: TrainArgs) -> dict:
     """Fine-tune every weight of a lit checkpoint."""
-    unfreeze = lambda model: model.requires_grad_(True)  # noqa: E731
-    copy_tokenizer = lambda out_dir: copy_files(Path(train.checkpoint_dir), Path(out_dir))  # noqa: E731
-    return fit(train, Method("full", "lit_model.pth", unfreeze, copy_tokenizer))
+    method = Method(name="full", weights_name=WEIGHTS, prepare=lambda model: model.requires_grad_(True),
+                    save_config=partial(copy_files, train.checkpoint_dir))  # with the tokenizer, a lit checkpoint
+    return fit(train, method)
 
 
 if __name__ == "__main__":

@@ -8,10 +8,14 @@ rate 2e-4 with 100 warmup steps. Everything not LoRA-specific (the loop, logging
 Data prepared with --new_tokens gets one trainable embedding and output row per new token, saved with A and B.
 """
 
+from dataclasses import asdict
+from functools import partial
+
 from litft.cli import run_finetune
 from litft.data import meta_of
-from litft.lora import LoRAConfig, add_lora, mark_only_lora_trainable
-from litft.train import Method, TrainArgs, fit
+from litft.lora import WEIGHTS, LoRAConfig, add_lora
+from litft.train import fit
+from litft.train_args import Method, TrainArgs
 
 
 def main(train: TrainArgs, lora_r: int = 8, lora_alpha: float = 16.0, lora_dropout: float = 0.05,
@@ -28,13 +32,8 @@ def main(train: TrainArgs, lora_r: int = 8, lora_alpha: float = 16.0, lora_dropo
     config = LoRAConfig(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, rslora=lora_rslora,
                         targets=[t.strip() for t in lora_targets.split(",") if t.strip()],
                         new_tokens=meta_of(train.data).get("new_tokens", []))
-
-    def prepare(model):
-        add_lora(model, config)
-        mark_only_lora_trainable(model)
-
-    method = Method(name="lora", weights_name="lit_model_lora.pth", prepare=prepare, save_config=config.save,
-                    config=config.__dict__, new_tokens=config.new_tokens)
+    method = Method(name="lora", weights_name=WEIGHTS, prepare=partial(add_lora, config=config),
+                    save_config=config.save, config=asdict(config), new_tokens=config.new_tokens)
     return fit(train, method)
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from litft.base_checkpoint import resolve_run
 from litft.cli import run
-from litft.finetuned import load_finetuned
 from litft.generate import generate_cli
+from litft.load_finetuned import load_finetuned
 
 
 def main(adapter_path: Path = Path("out/adapter/lit_model_adapter.pth"), checkpoint_dir: Path | None = None,

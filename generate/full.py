@@ -14,8 +14,8 @@ from pathlib import Path
 
 from litft.base_checkpoint import resolve_run
 from litft.cli import run
-from litft.finetuned import load_finetuned
 from litft.generate import generate_cli
+from litft.load_finetuned import load_finetuned
 
 
 def main(finetuned_path: Path = Path("out/full/lit_model.pth"), checkpoint_dir: Path | None = None, **flags) -> None:

@@ -7,7 +7,7 @@ r, alpha, the targets and the prompt style are read from the run directory (the 
 prompt_style.yaml), never repeated on the command line; so is the base model (base.yaml, checked against the
 fingerprint the base had when the run was trained) and the tokenizer when the run added new tokens.
 In fp32 (the CPU default) the LoRA is merged into the weights after loading, W' = W + (α/r)·B·A, so decoding
-costs what the base model's does; in 16-bit it stays a separate branch (see litft/finetuned.py).
+costs what the base model's does; in 16-bit, or with --fast false, it stays a separate branch (litft/fast).
 Other flags: litft.generate.generate_cli.
 """
 
@@ -16,8 +16,8 @@ from pathlib import Path
 
 from litft.base_checkpoint import resolve_run
 from litft.cli import run
-from litft.finetuned import load_finetuned
 from litft.generate import generate_cli
+from litft.load_finetuned import load_finetuned
 
 
 def main(lora_path: Path = Path("out/lora/lit_model_lora.pth"), checkpoint_dir: Path | None = None, **flags) -> None:
@@ -29,7 +29,7 @@ def main(lora_path: Path = Path("out/lora/lit_model_lora.pth"), checkpoint_dir: 
         checkpoint_dir: the base model; by default the one the run was trained on (recorded in base.yaml).
     """
     lora_path, checkpoint_dir = resolve_run("lora", lora_path, checkpoint_dir, flag="lora_path")
-    load = partial(load_finetuned, weights_path=lora_path, method="lora", merge=True)
+    load = partial(load_finetuned, weights_path=lora_path, method="lora")
     generate_cli(checkpoint_dir=checkpoint_dir, load_model=load, run_dir=lora_path.parent, **flags)
 
 

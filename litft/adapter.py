@@ -27,19 +27,21 @@ the prompts, 1,228,800; the 960 gates round away).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ClassVar
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import yaml
 from torch import Tensor
 
 from litft.errors import UserError
-from litft.files import atomic_write_text, read_yaml_mapping
+from litft.files import read_settings, write_settings
 from litft.model import Attention, Llama
+
+FILE = "adapter.yaml"  # the run's AdapterConfig
+WEIGHTS = "lit_model_adapter.pth"  # the run's trained tensors
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,7 @@ class AdapterConfig:
 
     prompt_length: int = 10
     start_layer: int = 2
-    FILE: ClassVar[str] = "adapter.yaml"
+    FILE: ClassVar[str] = FILE
 
     def __post_init__(self) -> None:
         if self.prompt_length <= 0:
@@ -61,15 +63,12 @@ class AdapterConfig:
             raise UserError(f"start_layer {self.start_layer} leaves no layer to adapt: the model has {n_layer} layers")
 
     def save(self, run_dir: Path) -> None:
-        atomic_write_text(Path(run_dir) / self.FILE, yaml.safe_dump(asdict(self), sort_keys=False))
+        write_settings(Path(run_dir) / self.FILE, self)
 
     @classmethod
     def from_dir(cls, run_dir: Path):
-        data = read_yaml_mapping(Path(run_dir) / cls.FILE, f"{run_dir} has no {cls.FILE}; pass a weights file that "
-                                 "sits in its fine-tuning run directory")
-        if set(data) - {"prompt_length", "start_layer"}:
-            raise UserError(f"{Path(run_dir) / cls.FILE} should hold prompt_length and start_layer only")
-        return cls(**data)
+        return read_settings(cls, Path(run_dir) / cls.FILE, f"{run_dir} has no {cls.FILE}; pass a weights file that "
+                             "sits in its fine-tuning run directory")
 
 
 class AdaptionPrompt(nn.Module):

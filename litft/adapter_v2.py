@@ -39,12 +39,15 @@ from torch import Tensor
 from litft.adapter import AdapterConfig, add_adapter, check_method_file, is_adapter_key, mark_only_adapter_trainable
 from litft.model import Llama
 
+FILE = "adapter_v2.yaml"  # the run's AdapterV2Config
+WEIGHTS = "lit_model_adapter_v2.pth"  # the run's trained tensors
+
 
 @dataclass(frozen=True)
 class AdapterV2Config(AdapterConfig):
     """The same fields as v1 (prompt_length, start_layer), saved as adapter_v2.yaml."""
 
-    FILE: ClassVar[str] = "adapter_v2.yaml"
+    FILE: ClassVar[str] = FILE
 
 
 class ScaledLinear(nn.Module):

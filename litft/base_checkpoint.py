@@ -28,6 +28,7 @@ import yaml
 from litft.checkpoint import WEIGHTS
 from litft.errors import UserError
 from litft.files import atomic_write_text, read_yaml_mapping
+from litft.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CHECKPOINT = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct")
@@ -101,8 +102,6 @@ def tokenizer_fingerprint(checkpoint_dir: Path) -> str:
     data_prep records it in meta.json; finetune/ compares it with the model's, so data encoded by another
     tokenizer is refused instead of training on ids that mean other words.
     """
-    from litft.tokenizer import Tokenizer
-
     checkpoint_dir, digest = Path(checkpoint_dir), hashlib.sha256()
     for name in ("tokenizer.json", "tokenizer.model"):
         if (checkpoint_dir / name).is_file():

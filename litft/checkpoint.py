@@ -57,7 +57,7 @@ def load_lit_model(checkpoint_dir: Path, device: torch.device | str = "cpu", dty
     `weights_path` replaces `checkpoint_dir/lit_model.pth`, e.g. a full fine-tune's out_dir/lit_model.pth.
     `mmap` maps the file instead of reading it: processes share its pages and nothing is copied before the
     weights move to a GPU. mmap=False gives the model memory of its own, freed tensor by tensor when a tensor
-    is replaced (litft/cpu_decoding.py); a mapped file stays resident until its last tensor is gone.
+    is replaced (litft/fast/cpu_decoding.py); a mapped file stays resident until its last tensor is gone.
     """
     checkpoint_dir = Path(checkpoint_dir)
     config = config or Config.from_checkpoint(checkpoint_dir)

@@ -10,7 +10,10 @@ import os
 import sys
 from typing import Any, Callable
 
+from litft.base_checkpoint import ensure_checkpoint
 from litft.errors import UserError
+from litft.named_data import ensure_data
+from litft.train_args import TrainArgs
 
 
 def run(fn: Callable[..., Any], args: list[str] | None = None) -> Any:
@@ -62,10 +65,6 @@ def run_finetune(recipe: Callable[..., Any], args: list[str] | None = None, **de
 
 def _finetune(recipe: Callable[..., Any], args: list[str] | None, defaults: dict) -> Any:
     from jsonargparse import ActionConfigFile, ArgumentParser
-
-    from litft.base_checkpoint import ensure_checkpoint
-    from litft.named_data import ensure_data
-    from litft.train import TrainArgs
 
     parser = ArgumentParser(description=(recipe.__doc__ or "").strip().splitlines()[0] if recipe.__doc__ else None)
     parser.add_argument("--config", action=ActionConfigFile, help="a YAML recipe (see recipes/)")

@@ -35,7 +35,7 @@ from torch import Tensor
 from litft.checkpoint import WEIGHTS, check_shapes
 from litft.config import CONFIGS, Config
 from litft.errors import UserError
-from litft.files import atomic_path, check_output_dir, load_state_dict, save_state_dict
+from litft.files import atomic_path, check_output_dir, copy_files, load_state_dict, save_state_dict
 from litft.model import Llama
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

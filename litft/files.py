@@ -14,14 +14,17 @@ import tempfile
 import warnings
 import zipfile
 from contextlib import contextmanager
+from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, TypeVar
 
 import torch
 import yaml
 from torch import Tensor
 
 from litft.errors import UserError
+
+T = TypeVar("T")
 
 # The files that make up a tokenizer (and its chat template and stop tokens), copied along with a checkpoint.
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -81,6 +84,21 @@ def read_yaml_mapping(path: Path, missing: str) -> dict:
     if not isinstance(data, dict):
         raise UserError(f"{path} should hold a mapping of settings")
     return data
+
+
+def write_settings(path: Path, settings) -> None:
+    """A dataclass's fields as a YAML mapping (lora.yaml, adapter.yaml, ...)."""
+    atomic_write_text(path, yaml.safe_dump(asdict(settings), sort_keys=False))
+
+
+def read_settings(cls: type[T], path: Path, missing: str) -> T:
+    """The dataclass `cls` from a YAML mapping of its fields; a missing file is UserError(missing), a key that is
+    not a field one line naming the fields."""
+    data = read_yaml_mapping(path, missing)
+    known = {f.name for f in fields(cls)}
+    if set(data) - known:
+        raise UserError(f"{path} has {', '.join(sorted(set(data) - known))}; it may hold {', '.join(sorted(known))}")
+    return cls(**data)
 
 
 def save_state_dict(state_dict: dict[str, Tensor], path: Path) -> None:

@@ -17,8 +17,9 @@ How the next token is picked from the logits z (vocab,):
                   sampling, Holtzman et al. 2019 — https://arxiv.org/abs/1904.09751)
     sample        draw from softmax of what is left (a seeded torch.Generator makes it reproducible)
 
-On a CPU in fp32, `generate_cli` first stores the weights in a layout that lets every thread work on each
-matrix-vector product (litft/cpu_decoding.py); the loop itself does not change.
+`generate_cli` loads the model through litft/fast (`for_generation`): on a CPU in fp32 the weights are stored
+in a layout that lets every thread work on each matrix-vector product, and an fp32 LoRA is merged first;
+`--fast false` decodes with the model as loaded. The loop itself does not change.
 
 `greedy_without_cache` is the same greedy loop with no cache at all: slow, but so simple it serves as the
 reference the cached loop is tested against. `generate_cli` is what the generate/ scripts run.
@@ -29,6 +30,7 @@ from __future__ import annotations
 import resource
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
 
@@ -36,9 +38,9 @@ import torch
 from torch import Tensor
 
 from litft.config import Config
-from litft.cpu_decoding import prepare_for_cpu_decoding, uses_cpu_layout
 from litft.errors import UserError
-from litft.new_tokens import tokenizer_dir
+from litft.fast import for_generation
+from litft.load_finetuned import tokenizer_dir
 from litft.prompts import PromptStyle, resolve_style
 from litft.tokenizer import StreamDecoder, Tokenizer
 
@@ -82,8 +84,8 @@ def next_token_logits(model: torch.nn.Module, idx: Tensor, input_pos: Tensor) ->
     Same as model(idx, input_pos)[:, -1], but only the last position goes through the output head: during the
     prefill that saves a (T × n_embd) @ (n_embd × vocab) matmul whose other T - 1 rows nobody reads.
     """
-    x = model.trunk(model.embed(idx), input_pos)  # (1, T, C); the KV cache now holds these T positions
-    return model.lm_head(model.norm(x[:, -1]))  # (1, vocab)
+    h = model.hidden_states(idx, input_pos)  # (1, T, C); the KV cache now holds these T positions
+    return model.lm_head(h[:, -1])  # (1, vocab)
 
 
 def check_fits(block_size: int, prompt_len: int, max_new_tokens: int) -> None:
@@ -170,7 +172,7 @@ def peak_memory(device: torch.device) -> str:
 
 def generate_cli(checkpoint_dir: Path, prompt: str, max_new_tokens: int = 100, temperature: float = 0.8,
                  top_k: Optional[int] = 50, top_p: float = 1.0, seed: int = 1234, precision: Optional[str] = None,
-                 prompt_style: Optional[str] = None, *,
+                 prompt_style: Optional[str] = None, fast: bool = True, *,
                  load_model: Callable[..., torch.nn.Module], run_dir: Optional[Path]) -> str:
     """Generate a completion for a prompt; the completion alone goes to stdout, streamed as it is produced.
 
@@ -186,6 +188,8 @@ def generate_cli(checkpoint_dir: Path, prompt: str, max_new_tokens: int = 100, t
         prompt_style: wrap the prompt in this style (plain, alpaca, chatml, smollm2, llama2-chat, chat-template);
             by default the style saved as prompt_style.yaml in the run or checkpoint directory, else the chat
             template in the checkpoint's tokenizer_config.json, else the prompt as given (same as plain).
+        fast: apply litft/fast's decoding measures (CPU weight layout, fp32 LoRA merged); false decodes with the
+            model exactly as loaded.
 
     The generate/ scripts differ only in `load_model(checkpoint_dir, device=, dtype=, mmap=)`, which builds the
     model (e.g. base weights plus LoRA weights), and `run_dir`, a fine-tuning run's directory searched for
@@ -206,8 +210,7 @@ def generate_cli(checkpoint_dir: Path, prompt: str, max_new_tokens: int = 100, t
     check_fits(Config.from_checkpoint(checkpoint_dir).block_size, len(ids), max_new_tokens)  # before loading
 
     t0 = time.perf_counter()
-    model = load_model(checkpoint_dir, device=device, dtype=dtype, mmap=not uses_cpu_layout(device, dtype))
-    model = prepare_for_cpu_decoding(model.eval())
+    model = for_generation(partial(load_model, checkpoint_dir), device, dtype, fast)
     print(f"loaded {checkpoint_dir} in {time.perf_counter() - t0:.2f} s ({device.type}, {precision})", file=sys.stderr)
 
     ids = ids.to(device)

@@ -25,7 +25,6 @@ import torch.utils.checkpoint
 from torch import Tensor
 
 from litft.config import Config
-from litft.loss import chunked_next_token_loss
 from litft.rope import apply_rope, rope_tables
 
 
@@ -46,17 +45,16 @@ class Llama(nn.Module):
         if self.config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
 
-    def forward(self, idx: Tensor, input_pos: Tensor | None = None, labels: Tensor | None = None) -> Tensor:
-        """idx: (B, T) token ids. input_pos: (T,) positions, given only when decoding with the KV cache.
-
-        With labels (B, T), returns the mean next-token loss instead of the logits, computed a slice of
-        positions at a time so the (B, T, vocab) logits never exist at once (litft/loss.py).
-        """
+    def forward(self, idx: Tensor, input_pos: Tensor | None = None) -> Tensor:
+        """idx: (B, T) token ids -> logits (B, T, vocab). input_pos: (T,) positions, only when decoding with
+        the KV cache (see set_kv_cache)."""
         x = self.embed(idx)  # (B, T, C)
         x = self.norm(self.trunk(x, input_pos))
-        if labels is not None:
-            return chunked_next_token_loss(self.lm_head, x, labels)
         return self.lm_head(x)  # (B, T, vocab)
+
+    def hidden_states(self, idx: Tensor, input_pos: Tensor | None = None) -> Tensor:
+        """forward without lm_head: the final normalised hidden states (B, T, C) that lm_head reads."""
+        return self.norm(self.trunk(self.embed(idx), input_pos))
 
     def trunk(self, x: Tensor, input_pos: Tensor | None = None) -> Tensor:
         """Run the blocks: (B, T, C) -> (B, T, C)."""
@@ -158,12 +156,10 @@ class MLP(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """x / sqrt(mean(x²) + eps) · weight, computed in float32 (Zhang & Sennrich 2019).
+    """x / sqrt(mean(x²) + eps) · weight (Zhang & Sennrich 2019).
 
-    F.rms_norm: one fused kernel on torch 2.8 and later (pytorch/pytorch#153666), step by step before. In fp32 it
-    equals transformers' LlamaRMSNorm bit for bit; in 16 bits the fused kernel rounds once, at the end, where
-    transformers also rounds before multiplying by the weight, so it is as close or closer to the exact value
-    (and the whole LoRA step on an H200 is 11 % faster than with the unfused form: bench/RESULTS.md).
+    In fp32, F.rms_norm equals transformers' LlamaRMSNorm bit for bit; in 16 bits it rounds once, at the end,
+    where transformers also rounds before multiplying by the weight, so it is as close or closer to the exact value.
     """
 
     def __init__(self, size: int, eps: float) -> None:

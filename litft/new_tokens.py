@@ -1,7 +1,7 @@
 """New tokens: tokenizer files whose vocabulary is grown by a few whole-string tokens.
 
 A LoRA run may add tokens (e.g. markers that structure a task's data; the Anyscale Llama-2 study grew the
-vocabulary from 32,000 to 32,004). The model side lives in litft/lora.py (`new_tokens`, trainable `new_rows`);
+vocabulary from 32,000 to 32,004). The model side lives in litft/new_rows.py (trainable `new_rows`);
 here the tokenizer side: token i of `new_tokens` gets id V + i, where V is the model's base vocabulary, and is
 matched whole in the text before anything else is tokenized, and decoded back to its own text.
 
@@ -14,7 +14,7 @@ vocabulary must end exactly at V, otherwise the new ids would not line up with t
 
 The tokens are named once, when the data is prepared (data_prep --new_tokens), and the grown files written
 next to train.pt; finetune/lora.py records the tokens in lora.yaml and copies the files into the run
-directory, where generate/ and scripts/evaluate.py read them (`tokenizer_dir`); merge and export grow the
+directory, where generate/ and scripts/evaluate.py read them (litft/load_finetuned.py's `tokenizer_dir`); merge and export grow the
 base's files again from lora.yaml's list, which gives the same files.
 """
 
@@ -54,21 +54,6 @@ def write_tokenizer(checkpoint_dir: Path, out_dir: Path, new_tokens: list[str], 
             tmp.write_bytes(data)
     remove_other_tokenizer_files(out_dir, keep=[*copied, *grown])
     return copied + [f"{name} (+{len(new_tokens)} tokens)" for name in grown]
-
-
-def tokenizer_dir(run_dir: Path | None, checkpoint_dir: Path) -> Path:
-    """The tokenizer to use with a run: its own grown one when its LoRA added tokens, else the base's."""
-    from litft.lora import FILE, LoRAConfig
-
-    if run_dir is None or not (Path(run_dir) / FILE).is_file():
-        return Path(checkpoint_dir)
-    new_tokens = LoRAConfig.from_dir(run_dir).new_tokens
-    if not new_tokens:
-        return Path(checkpoint_dir)
-    if not any((Path(run_dir) / n).is_file() for n in ("tokenizer.json", "tokenizer.model")):
-        raise UserError(f"{run_dir} adds new tokens {new_tokens} but holds no tokenizer file; copy back the "
-                        "tokenizer.json / tokenizer.model that finetune/lora.py wrote there")
-    return Path(run_dir)
 
 
 def _check(size: int, first_id: int, new_tokens: list[str], path: Path, present: list[str]) -> None:

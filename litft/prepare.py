@@ -37,10 +37,12 @@ import torch
 from tqdm import tqdm
 
 from litft.base_checkpoint import ensure_checkpoint, tokenizer_fingerprint
+from litft.config import Config
 from litft.errors import UserError
 from litft.files import atomic_path, atomic_write_text
 from litft.new_tokens import write_tokenizer
 from litft.prompts import PromptStyle
+from litft.tokenizer import Tokenizer
 
 IGNORE_INDEX = -100
 SPLITS = ("train", "test")
@@ -293,8 +295,6 @@ def prepare(train: list[dict], test: list[dict], *, task: str, source: str, dest
 
 def grown_tokenizer(checkpoint_dir: Path, new_tokens: list[str], scratch: Path):
     """The checkpoint's tokenizer, with `new_tokens` appended after the model's vocabulary when there are any."""
-    from litft.tokenizer import Tokenizer
-
     if not new_tokens:
         return Tokenizer(checkpoint_dir)
     write_tokenizer(checkpoint_dir, scratch, new_tokens, model_vocab_size(checkpoint_dir))
@@ -303,8 +303,6 @@ def grown_tokenizer(checkpoint_dir: Path, new_tokens: list[str], scratch: Path):
 
 def model_vocab_size(checkpoint_dir: Path) -> int:
     """V, the number of embedding rows of the model: new tokens get ids V, V + 1, ..."""
-    from litft.config import Config
-
     return Config.from_checkpoint(checkpoint_dir).vocab_size
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import yaml
 
+from litft.chat_template import end_of_turn, find_template, render, token_variables
 from litft.errors import UserError
 from litft.files import atomic_write_text
 
@@ -122,8 +123,6 @@ class ChatTemplateStyle(PromptStyle):
     tokens: dict[str, str] = field(default_factory=dict)
 
     def apply(self, instruction: str, input: str = "") -> str:
-        from litft.chat_template import render
-
         return render(self.template, [{"role": "user", "content": user_turn(instruction, input)}], **self.tokens)
 
     @property
@@ -134,8 +133,6 @@ class ChatTemplateStyle(PromptStyle):
 
     @property
     def end_of_turn(self) -> str | None:
-        from litft.chat_template import end_of_turn
-
         return end_of_turn(self.template, self.tokens)
 
     def save(self, directory: Path) -> None:
@@ -146,8 +143,6 @@ class ChatTemplateStyle(PromptStyle):
     @classmethod
     def from_checkpoint(cls, directory: Path) -> "ChatTemplateStyle | None":
         """The chat template in a checkpoint's tokenizer files, or None when it has none."""
-        from litft.chat_template import find_template, token_variables
-
         template = find_template(directory)
         return cls(template=template, tokens=token_variables(directory)) if template else None
 

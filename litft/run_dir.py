@@ -31,16 +31,17 @@ from pathlib import Path
 
 import yaml
 
-from litft import train_state
+from litft import adapter, adapter_v2, checkpoint, lora, train_state
 from litft.base_checkpoint import fingerprint, sample_file
 from litft.data import data_dir
 from litft.errors import UserError
 from litft.files import TOKENIZER_FILES, atomic_write_text, check_output_dir, read_yaml_mapping
 
 RECORD = "run.yaml"
-WEIGHT_FILES = ("lit_model_lora.pth", "lit_model_adapter.pth", "lit_model_adapter_v2.pth", "lit_model.pth")
+WEIGHT_FILES = (lora.WEIGHTS, adapter.WEIGHTS, adapter_v2.WEIGHTS, checkpoint.WEIGHTS)
 RUN_FILES = (*WEIGHT_FILES, RECORD, "base.yaml", "hyperparameters.yaml", "model_config.yaml", "prompt_style.yaml",
-             "lora.yaml", "adapter.yaml", "adapter_v2.yaml", *TOKENIZER_FILES, "summary.json", "loss.png")
+             lora.FILE, adapter.FILE, adapter_v2.FILE, *TOKENIZER_FILES, "summary.json",
+             "loss.png")
 SETTINGS = ("batch_size", "micro_batch_size", "max_seq_length", "seed")  # flags a resumed run may not change
 DATA_FILES = ("meta.json", "prompt_style.yaml", "train.pt", "test.pt")
 

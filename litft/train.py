@@ -1,12 +1,13 @@
 """The one training loop. Every fine-tuning recipe (LoRA, adapter, adapter v2, full) runs through `fit`.
 
 A recipe only says what makes its method different — a `Method`: how to turn the loaded base model into the
-model to train (inject LoRA, add adapter prompts, or nothing) and which config file describes it. Everything
-else lives here, once:
+model to train (inject LoRA, add adapter prompts, or nothing) and which config file describes it. Then
+litft/fast's `for_training` applies the speed measures (or, with --fast false, none) and names the loss.
+Everything else lives here, once:
 
     for each optimizer step:                              batch_size samples = accumulation × micro batches
         for each micro batch:                             (micro_batch_size, T) tokens per process
-            loss = cross_entropy(model(x)[:, :-1], y[:, 1:]) / accumulation
+            loss = next_token_loss(model(x), y) / accumulation          (litft/loss.py)
             backward (gradients sync across processes only on the last micro batch)
         clip gradients, AdamW step, learning rate: linear warmup then cosine decay
         every eval_interval: validation loss, perplexity and one generated sample
@@ -21,105 +22,34 @@ from __future__ import annotations
 import json
 import math
 import os
+import resource
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Literal
 
 import torch
 import yaml
 from lightning.fabric import Fabric
+from lightning.fabric.loggers import TensorBoardLogger
+from lightning.fabric.strategies import ModelParallelStrategy
 from tqdm import tqdm
 
 from litft import data as data_lib
-from litft import run_dir, train_state
-from litft.base_checkpoint import DEFAULT_CHECKPOINT, record_base, tokenizer_fingerprint
+from litft import fast, run_dir, train_state
+from litft.base_checkpoint import record_base
 from litft.checkpoint import load_lit_model
 from litft.errors import UserError
 from litft.files import atomic_write_text, copy_tokenizer, save_state_dict
+from litft.generate import greedy_without_cache, stop_token_ids
+from litft.loss import IGNORE_INDEX, LossFn
 from litft.model import Llama
+from litft.prompts import PromptStyle
+from litft.schedule import batch_indices, lr_factor
 from litft.tokenizer import Tokenizer
-
-IGNORE_INDEX = -100
-PRECISIONS = ("bf16-mixed", "bf16-true", "16-mixed", "16-true", "32-true")
-AT_LEAST_ONE = ("max_steps", "batch_size", "micro_batch_size", "devices", "num_nodes", "eval_interval", "eval_iters",
-                "save_interval", "log_interval")
-
-
-@dataclass
-class TrainArgs:
-    """The flags every finetune/ recipe shares. A recipe changes their defaults, not their meaning."""
-
-    data: str = "alpaca"  # alpaca, dolly, viggo, gsm8k, sql, games (prepared on first use) or a prepared directory
-    checkpoint_dir: Path = DEFAULT_CHECKPOINT  # SmolLM2-135M-Instruct, converted from the offline GGUF on first use
-    out_dir: Path = Path("out/finetune")
-    precision: str | None = None  # bf16-mixed, bf16-true, 16-mixed, 32-true; default bf16-mixed on a GPU, else 32-true
-    devices: int = 1
-    num_nodes: int = 1
-    strategy: Literal["auto", "ddp", "fsdp"] = "auto"
-    max_steps: int = 1000  # optimizer steps
-    batch_size: int = 16  # samples per optimizer step, across all processes
-    micro_batch_size: int = 4  # samples per forward/backward on one process
-    learning_rate: float = 3e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 100  # counted in optimizer steps
-    min_lr: float = 0.0  # the cosine schedule decays to this
-    grad_clip: float = 1.0  # max gradient norm; 0 disables
-    max_seq_length: int | None = None  # truncate batches to this many tokens
-    eval_interval: int = 100
-    eval_iters: int = 20  # validation micro batches per evaluation
-    save_interval: int = 100
-    log_interval: int = 1
-    sample_tokens: int = 32  # tokens generated for the sample shown at each evaluation
-    activation_checkpointing: bool = False
-    compile: bool = False  # torch.compile each block: fused kernels on a GPU; the first steps compile
-    seed: int = 1337
-    resume: bool = False  # continue the run in out_dir (it must be the same run: see litft/run_dir.py)
-    overwrite: bool = False  # replace the run in out_dir; without it a used out_dir is refused
-
-    def validate(self) -> None:
-        """Refuse, in one line naming the value and what is allowed, a flag value that cannot work — before
-        anything is converted, prepared or written."""
-        for name in AT_LEAST_ONE:
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name} {getattr(self, name)}: must be at least 1")
-        for name in ("warmup_steps", "sample_tokens", "weight_decay", "grad_clip", "min_lr"):
-            if not getattr(self, name) >= 0 or not math.isfinite(getattr(self, name)):
-                raise UserError(f"--{name} {getattr(self, name)}: must be 0 or more")
-        if not 0 < self.learning_rate < math.inf:
-            raise UserError(f"--learning_rate {self.learning_rate}: must be a positive number (e.g. 3e-4)")
-        if self.min_lr > self.learning_rate:
-            raise UserError(f"--min_lr {self.min_lr}: must not exceed --learning_rate {self.learning_rate}")
-        if self.max_seq_length is not None and self.max_seq_length < 2:
-            raise UserError(f"--max_seq_length {self.max_seq_length}: must be at least 2 (a token and EOS)")
-        if self.precision is not None and self.precision not in PRECISIONS:
-            raise UserError(f"--precision {self.precision}: choose one of {', '.join(PRECISIONS)}")
-        if torch.cuda.is_available() and self.devices > torch.cuda.device_count():
-            raise UserError(f"--devices {self.devices}: this machine has {torch.cuda.device_count()} GPUs")
-        self.micro_batches(self.devices * self.num_nodes)
-        run_dir.check_out_dir(self)
-
-    def micro_batches(self, world_size: int) -> int:
-        """The number of micro batches accumulated per optimizer step."""
-        per_step = self.micro_batch_size * world_size
-        if self.batch_size % per_step:
-            raise UserError(f"--batch_size {self.batch_size} is not a multiple of --micro_batch_size "
-                            f"{self.micro_batch_size} × {world_size} processes; pick values that divide")
-        return self.batch_size // per_step
-
-
-@dataclass
-class Method:
-    """What a fine-tuning method contributes: its name, how it prepares the model, what it saves."""
-
-    name: str  # "lora", "adapter", "adapter_v2", "full"
-    weights_name: str  # the file in out_dir with the trained weights, e.g. "lit_model_lora.pth"
-    prepare: Callable[[Llama], None]  # adds the method's modules and leaves only its parameters trainable
-    save_config: Callable[[Path], None] = lambda out_dir: None  # writes e.g. lora.yaml into out_dir
-    config: dict = field(default_factory=dict)  # recorded in hyperparameters.yaml
-    new_tokens: list[str] = field(default_factory=list)  # tokens the prepared model has new rows for (LoRA only)
+from litft.train_args import Method, TrainArgs
+from litft.train_data import check_data_tokenizer, check_token_ids, tokenizer_of
 
 
 def fit(args: TrainArgs, method: Method) -> dict:
@@ -129,7 +59,6 @@ def fit(args: TrainArgs, method: Method) -> dict:
     args.validate()
     fabric = make_fabric(args)
     fabric.launch()
-    accumulation = args.micro_batches(fabric.world_size)
     if args.compile:
         check_can_compile(fabric.device)
     fabric.seed_everything(args.seed, verbose=False)  # the same initial weights (e.g. LoRA's A) on every process
@@ -140,6 +69,7 @@ def fit(args: TrainArgs, method: Method) -> dict:
     style = data_lib.prompt_style_of(args.data)
     model = build_model(args, method, fabric)
     check_token_ids(args, model.config.vocab_size + len(method.new_tokens), train=train_data, test=val_data)
+    loss_fn = fast.for_training(model, args.fast, args.compile)  # before sharding: it may swap layers
     run_id = start_run(fabric, args, method)
     if fabric.global_rank == 0:
         write_run_files(args, method, model, style, run_id)
@@ -147,39 +77,52 @@ def fit(args: TrainArgs, method: Method) -> dict:
         fabric.print(f"note: {data_lib.data_dir(args.data)}/test.pt holds no samples, so validation is skipped",
                      file=sys.stderr)
 
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    model = fabric.setup_module(model)
-    fabric.seed_everything(args.seed + fabric.global_rank, verbose=False)  # different dropout masks per process
-    raw = model.module if hasattr(model, "module") else model
-    if args.compile:
-        for block in raw.blocks:  # in place: the state dict's names stay the same
-            block.compile()
-    optimizer = torch.optim.AdamW([p for p in raw.parameters() if p.requires_grad], lr=args.learning_rate,
-                                  weight_decay=args.weight_decay, betas=(0.9, 0.95))
-    optimizer = fabric.setup_optimizers(optimizer)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, args))
-    fabric.print(f"trainable parameters: {sum(p.numel() for p in trainable):,} "
-                 f"of {sum(p.numel() for p in raw.parameters()):,}", file=sys.stderr)
-
+    loop = setup_loop(fabric, model, args, method, loss_fn, tokenizer=tokenizer, style=style, val_data=val_data,
+                      run_id=run_id)
     state = train_state.State()
     if args.resume:
-        state = train_state.load(fabric, raw, optimizer, scheduler, args.out_dir)
+        state = train_state.load(fabric, loop.raw, loop.optimizer, loop.scheduler, args.out_dir)
         fabric.print(f"resumed from step {state.step}", file=sys.stderr)
     batches = batch_indices(len(train_data), args.micro_batch_size, fabric.world_size, fabric.global_rank,
                             args.seed, start=state.position)
-    loop = Loop(fabric, model, raw, optimizer, scheduler, args, tokenizer, style, val_data, method, run_id)
-    loop.run(state, train_data, batches, accumulation)
+    loop.run(state, train_data, batches, args.micro_batches(fabric.world_size))
     return state.metrics
 
 
+def setup_loop(fabric: Fabric, model: Llama, args: TrainArgs, method: Method, loss_fn: LossFn,
+               **rest) -> "Loop":
+    """Hand the model to Fabric (device, precision, DDP/FSDP), build the optimizer and the schedule."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    fabric.print(f"trainable parameters: {trainable:,} of {sum(p.numel() for p in model.parameters()):,}",
+                 file=sys.stderr)
+    wrapped = fabric.setup_module(model)
+    wrapped.mark_forward_method("hidden_states")  # the fast loss calls it: under DDP it must pass DDP's forward too
+    fabric.seed_everything(args.seed + fabric.global_rank, verbose=False)  # different dropout masks per process
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
+                                  weight_decay=args.weight_decay, betas=(0.9, 0.95))
+    optimizer = fabric.setup_optimizers(optimizer)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, args))
+    return Loop(fabric=fabric, model=wrapped, raw=model, optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn,
+                args=args, method=method, **rest)
+
+
+@dataclass
 class Loop:
     """The optimizer-step loop; holds what every step needs so each method below stays short."""
 
-    def __init__(self, fabric, model, raw, optimizer, scheduler, args, tokenizer, style, val_data, method, run_id):
-        self.fabric, self.model, self.raw, self.optimizer, self.scheduler = fabric, model, raw, optimizer, scheduler
-        self.args, self.tokenizer, self.style, self.val_data, self.method = args, tokenizer, style, val_data, method
-        self.run_id = run_id  # goes into every checkpoint: rotation deletes only this run's
-        self.tokens_seen = 0  # input tokens processed by all processes since this run (or resume) started
+    fabric: Fabric
+    model: torch.nn.Module  # as Fabric set it up: call it (or its hidden_states) to run through DDP/FSDP
+    raw: Llama  # the model itself: its parameters and state dict
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loss_fn: LossFn  # (model, x, y) -> mean loss: litft/loss.py, or litft/fast's chunked loss
+    args: TrainArgs
+    method: Method
+    tokenizer: Tokenizer
+    style: PromptStyle
+    val_data: list
+    run_id: str  # goes into every checkpoint: rotation deletes only this run's
+    tokens_seen: int = 0  # input tokens processed by all processes since this run (or resume) started
 
     def run(self, state: train_state.State, train_data: list, batches, accumulation: int) -> None:
         fabric, args = self.fabric, self.args
@@ -252,7 +195,9 @@ class Loop:
         return x.to(self.fabric.device), y.to(self.fabric.device)
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return causal_lm_loss(self.model, x, y)
+        with self.fabric.autocast():  # precision for the fast loss: its lm_head, and hidden_states when Fabric
+            # calls it directly (one device, FSDP) rather than through its forward wrapper (DDP)
+            return self.loss_fn(self.model, x, y)
 
     def log(self, state: train_state.State, loss: float, tokens_per_s: float) -> None:
         state.history.append({"step": state.step, "train_loss": loss})
@@ -286,8 +231,6 @@ class Loop:
 
     def sample(self) -> str:
         """Greedy completion of the first validation prompt, through the training model (all ranks take part)."""
-        from litft.generate import greedy_without_cache, stop_token_ids
-
         first = self.val_data[0]
         prompt = self.style.apply(first["instruction"], first.get("input", ""))
         ids = self.tokenizer.encode(prompt, bos=self.style.add_bos).to(self.fabric.device)
@@ -303,45 +246,11 @@ class Loop:
         self.fabric.barrier()
 
 
-def causal_lm_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over the positions whose target is not IGNORE_INDEX (-100).
-
-    The model computes it from its final hidden states a slice at a time (litft/loss.py), never holding the
-    whole (B, T, vocab) logits; going through forward() keeps DDP's and FSDP's hooks in the path."""
-    return model(x, labels=y)
-
-
-def batch_indices(n: int, micro_batch_size: int, world_size: int, rank: int, seed: int, start: int = 0):
-    """Yield this process's sample indices, one micro batch at a time, forever; resumable at `start`.
-
-    Each epoch is a fresh permutation seeded by (seed, epoch). Micro batch i of the whole job covers
-    permutation slots [i·m·W, (i+1)·m·W); process `rank` takes its m of them. So one process with micro batch m
-    sees the same samples in the same order as W processes together.
-    """
-    per_iter = micro_batch_size * world_size
-    per_epoch = n // per_iter
-    if per_epoch == 0:
-        raise UserError(f"the training split has {n} samples, fewer than one micro batch across all processes "
-                        f"({per_iter}); lower --micro_batch_size or prepare more data")
-    position, epoch, perm = start, -1, None
-    while True:
-        e, i = divmod(position, per_epoch)
-        if e != epoch:
-            epoch, perm = e, torch.randperm(n, generator=torch.Generator().manual_seed(seed + e))
-        first = i * per_iter + rank * micro_batch_size
-        yield perm[first:first + micro_batch_size].tolist()
-        position += 1
-
-
 def make_fabric(args: TrainArgs) -> Fabric:
-    from lightning.fabric.loggers import TensorBoardLogger
-
     on_gpu = torch.cuda.is_available()
     precision = args.precision or ("bf16-mixed" if on_gpu else "32-true")
     strategy = args.strategy
     if strategy == "fsdp":
-        from lightning.fabric.strategies import ModelParallelStrategy
-
         strategy = ModelParallelStrategy(parallelize_fn=shard_blocks, data_parallel_size=args.devices * args.num_nodes,
                                          tensor_parallel_size=1)
     elif strategy == "ddp" and not on_gpu:
@@ -361,12 +270,13 @@ def check_can_compile(device: torch.device) -> None:
 
 def shard_blocks(model: Llama, device_mesh) -> Llama:
     """FSDP2: shard each transformer Block, then the root (embeddings, final norm, lm_head)."""
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method  # torch ≥ 2.6
 
     mesh = device_mesh["data_parallel"]
     for block in model.blocks:
         fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    fully_shard(model, mesh=mesh, reshard_after_forward=False)  # lm_head stays gathered for the fast loss
+    register_fsdp_forward_method(model, "hidden_states")  # the fast loss calls it: gather the root's weights
     return model
 
 
@@ -396,27 +306,6 @@ def start_run(fabric: Fabric, args: TrainArgs, method: Method) -> str:
     return run_id
 
 
-def check_data_tokenizer(args: TrainArgs) -> None:
-    """Data encoded by another tokenizer is refused: its ids would mean other words to this model."""
-    meta = data_lib.meta_of(args.data)
-    if meta.get("tokenizer") and meta["tokenizer"] != (ours := tokenizer_fingerprint(args.checkpoint_dir)):
-        raise UserError(f"--data {args.data} was encoded by the tokenizer of {meta.get('checkpoint_dir')} "
-                        f"(fingerprint {meta['tokenizer']}), not by --checkpoint_dir {args.checkpoint_dir}'s ({ours}); "
-                        f"prepare the data again with --checkpoint_dir {args.checkpoint_dir}")
-
-
-def check_token_ids(args: TrainArgs, vocab_size: int, **splits: list[dict]) -> None:
-    """Every token id must be a row of the model's embedding (data prepared for a larger vocabulary is not)."""
-    for split, samples in splits.items():
-        for s in samples:
-            ids = s["input_ids"]
-            if len(ids) and not 0 <= int(ids.min()) <= int(ids.max()) < vocab_size:
-                bad = int(ids.max()) if int(ids.max()) >= vocab_size else int(ids.min())
-                raise UserError(f"{data_lib.data_dir(args.data)}/{split}.pt holds token id {bad}, outside the "
-                                f"{vocab_size} ids of {args.checkpoint_dir}; prepare the data again with "
-                                f"--checkpoint_dir {args.checkpoint_dir}")
-
-
 def write_run_files(args: TrainArgs, method: Method, model: Llama, style, run_id: str) -> None:
     """Everything needed to use the weights later without repeating flags, and run.yaml for --resume."""
     out = Path(args.out_dir)
@@ -433,27 +322,7 @@ def write_run_files(args: TrainArgs, method: Method, model: Llama, style, run_id
         copy_tokenizer(data_lib.data_dir(args.data), out)
 
 
-def tokenizer_of(args: TrainArgs, method: Method) -> Path:
-    """The base tokenizer, or the data's grown one when the data was prepared with --new_tokens."""
-    new_tokens = data_lib.meta_of(args.data).get("new_tokens", [])
-    if new_tokens and new_tokens != method.new_tokens:
-        raise UserError(f"{data_lib.data_dir(args.data)} was prepared with new tokens {new_tokens}, which "
-                        f"{method.name} cannot train; use finetune/lora.py, or prepare the data without --new_tokens")
-    return data_lib.data_dir(args.data) if new_tokens else args.checkpoint_dir
-
-
-def lr_factor(step: int, args: TrainArgs) -> float:
-    """Multiplier on learning_rate after `step` optimizer steps: linear warmup, then cosine to min_lr."""
-    if step < args.warmup_steps:
-        return (step + 1) / (args.warmup_steps + 1)
-    progress = (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps)
-    floor = args.min_lr / args.learning_rate
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
 def peak_memory_gb(fabric: Fabric) -> float:
     if fabric.device.type == "cuda":
         return torch.cuda.max_memory_allocated(fabric.device) / 1e9
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux reports KiB

@@ -142,8 +142,8 @@ def merge_and_check(model: Path, run_dir: Path, data: Path) -> dict:
     import torch
 
     from litft.data import load_split, prompt_style_of
-    from litft.finetuned import load_finetuned
     from litft.generate import generate, stop_token_ids
+    from litft.load_finetuned import load_finetuned
     from litft.tokenizer import Tokenizer
 
     step("5. merge LoRA into the base weights and compare")

@@ -13,27 +13,27 @@ from __future__ import annotations
 import json
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Literal, Optional
 
 import torch
 
 from litft.cli import run
-from litft.cpu_decoding import prepare_for_cpu_decoding, uses_cpu_layout
 from litft.data import data_dir, load_split, meta_of, prompt_style_of
 from litft.errors import UserError
 from litft.evaluate import evaluate
+from litft.fast import for_generation
 from litft.files import atomic_write_text
-from litft.finetuned import load_finetuned
 from litft.generate import pick_precision
-from litft.new_tokens import tokenizer_dir
+from litft.load_finetuned import load_finetuned, tokenizer_dir
 from litft.prompts import PromptStyle
 from litft.tokenizer import Tokenizer
 
 
 def main(checkpoint_dir: Path, data: str, weights_path: Optional[Path] = None, split: Literal["test", "train"] = "test",
          limit: Optional[int] = None, max_new_tokens: int = 128, out: Optional[Path] = None,
-         precision: Optional[str] = None, batch_size: int = 8) -> dict:
+         precision: Optional[str] = None, batch_size: int = 8, fast: bool = True) -> dict:
     """Score greedy answers by exact match and compute the validation loss.
 
     Args:
@@ -46,6 +46,8 @@ def main(checkpoint_dir: Path, data: str, weights_path: Optional[Path] = None, s
         out: where to write the JSON report (default: out/evaluate/<data>-<split>.json).
         precision: bf16-true, 16-true or 32-true (default: bf16-true on a GPU, 32-true on a CPU).
         batch_size: samples per forward pass for the validation loss.
+        fast: load the model as generate/ does (litft/fast: fp32 LoRA merged, CPU decoding layout); false
+            evaluates the model exactly as loaded.
     """
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be at least 1, got {limit}")
@@ -59,10 +61,8 @@ def main(checkpoint_dir: Path, data: str, weights_path: Optional[Path] = None, s
     check_same_tokens(samples[0], tokenizer, style, data, checkpoint_dir)
     warn_if_trained_with_another_style(weights_path, style)
 
-    # as the generate/ scripts load a model: LoRA merged (in fp32), weights in the CPU decoding layout
-    model = load_finetuned(checkpoint_dir, weights_path, device, dtype, merge=True,
-                           mmap=not uses_cpu_layout(device, dtype))
-    model = prepare_for_cpu_decoding(model)
+    load = partial(load_finetuned, checkpoint_dir, weights_path)
+    model = for_generation(load, device, dtype, fast)  # as the generate/ scripts load it
     start = time.perf_counter()
     report = evaluate(model, tokenizer, samples, style, task, limit, max_new_tokens, batch_size)
     report.update(data=str(data_dir(data)), split=split, checkpoint_dir=str(checkpoint_dir),

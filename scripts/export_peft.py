@@ -35,7 +35,7 @@ from litft.config import CONFIGS, Config
 from litft.convert_hf import lit_to_hf_name
 from litft.errors import UserError
 from litft.files import atomic_path, atomic_write_text, check_output_dir, load_state_dict, remove_other_tokenizer_files
-from litft.finetuned import check_lora_state_dict, check_same_base
+from litft.load_finetuned import check_lora_state_dict, check_same_base
 from litft.lora import LoRAConfig, add_lora
 from litft.model import Llama
 from litft.new_tokens import write_tokenizer

@@ -21,7 +21,7 @@ from litft.cli import run
 from litft.config import Config
 from litft.errors import UserError
 from litft.files import atomic_path, check_output_dir, copy_tokenizer
-from litft.finetuned import check_same_base, load_lora
+from litft.load_finetuned import check_same_base, load_lora
 from litft.lora import LoRAConfig, merge_lora
 from litft.new_tokens import grown_tokenizer_files, write_tokenizer
 from litft.prompts import FILE as PROMPT_STYLE

@@ -22,8 +22,8 @@ from litft.checkpoint import save_lit_checkpoint
 from litft.config import Config
 from litft.errors import UserError
 from litft.files import save_state_dict
-from litft.finetuned import load_finetuned
 from litft.generate import generate, greedy_without_cache
+from litft.load_finetuned import load_finetuned
 from litft.model import Llama
 from litft.prompts import PromptStyle
 from litft.tokenizer import Tokenizer

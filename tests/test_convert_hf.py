@@ -55,8 +55,12 @@ def max_logit_diff(ours: torch.nn.Module, hf: torch.nn.Module, vocab: int = 96) 
         return (ours(x) - hf(x).logits).abs().max().item()
 
 
+@pytest.mark.parametrize("fast", [False, True], ids=["plain", "fast"])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_logits_match_transformers(tmp_path, shape):
+def test_logits_match_transformers(tmp_path, shape, fast):
+    """fast: in the CPU decoding layout generation uses (litft/fast/cpu_decoding.py)."""
+    from litft.fast.cpu_decoding import prepare_for_cpu_decoding
+
     hf = tiny_hf_llama(*SHAPES[shape])
     hf.save_pretrained(tmp_path / "hf")
     ours = convert(tmp_path / "hf", tmp_path / "lit")
@@ -64,6 +68,8 @@ def test_logits_match_transformers(tmp_path, shape):
     assert ours.config.norm_eps == hf.config.rms_norm_eps
     if SHAPES[shape][2]:
         assert ours.lm_head.weight is ours.embed.weight
+    if fast:
+        prepare_for_cpu_decoding(ours, threads=2)
     assert max_logit_diff(ours, hf) <= 1e-4
 
 
@@ -188,13 +194,16 @@ def test_hf_lit_hf_round_trip(tmp_path, shape, dtype, shard, sentencepiece_model
         assert torch.equal(back(x).logits, original(x).logits)
 
 
-@pytest.mark.parametrize("chunk_tokens", [None, 8], ids=["model-forward", "many-slices"])
-def test_training_loss_and_gradients_match_transformers(tmp_path, chunk_tokens):
-    """The chunked training loss (litft/loss.py) against transformers' `labels=` loss: value and every gradient.
+@pytest.mark.parametrize("fast,chunk_tokens", [(False, None), (True, None), (True, 8)],
+                         ids=["plain", "fast", "fast-many-slices"])
+def test_training_loss_and_gradients_match_transformers(tmp_path, fast, chunk_tokens):
+    """The training loss against transformers' `labels=` loss: value and every gradient, full fine-tuning.
 
-    None: through Llama.forward(x, labels=y), as training calls it (46 positions, one slice); 8: six slices."""
+    plain: litft/loss.py on the logits; fast: the chunked loss as training calls it (46 positions, one slice);
+    fast-many-slices: six slices of 8."""
     from litft.convert_hf import hf_to_lit_name
-    from litft.loss import chunked_next_token_loss
+    from litft.fast import for_training
+    from litft.fast.chunked_loss import chunked_next_token_loss
 
     hf = tiny_hf_llama(4, 2, tied=True)
     hf.save_pretrained(tmp_path / "hf")
@@ -204,10 +213,11 @@ def test_training_loss_and_gradients_match_transformers(tmp_path, chunk_tokens):
     y[0, :9], y[1, 15:] = -100, -100  # a masked prompt, and padding
     expected = hf(x, labels=y).loss
     expected.backward()
+    loss_fn = for_training(ours, fast)
     if chunk_tokens is None:
-        loss = ours(x, labels=y)
+        loss = loss_fn(ours, x, y)
     else:
-        loss = chunked_next_token_loss(ours.lm_head, ours.norm(ours.trunk(ours.embed(x))), y, chunk_tokens=chunk_tokens)
+        loss = chunked_next_token_loss(ours.lm_head, ours.hidden_states(x), y, chunk_tokens=chunk_tokens)
     loss.backward()
     torch.testing.assert_close(loss, expected, atol=1e-5, rtol=0)
     grads = {hf_to_lit_name(n): p.grad for n, p in hf.named_parameters()}
@@ -215,17 +225,20 @@ def test_training_loss_and_gradients_match_transformers(tmp_path, chunk_tokens):
         torch.testing.assert_close(p.grad, grads[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_training_loss_under_bf16_autocast_matches_transformers(tmp_path):
-    """bf16-mixed: the chunked loss and its gradients against transformers' under the same autocast; both round
+@pytest.mark.parametrize("fast", [False, True], ids=["plain", "fast"])
+def test_training_loss_under_bf16_autocast_matches_transformers(tmp_path, fast):
+    """bf16-mixed: the training loss and its gradients against transformers' under the same autocast; both round
     to bf16, so they agree to bf16's precision, not fp32's."""
     from litft.convert_hf import hf_to_lit_name
+    from litft.fast import for_training
 
     hf = tiny_hf_llama(4, 2, tied=True)
     hf.save_pretrained(tmp_path / "hf")
     ours = convert(tmp_path / "hf", tmp_path / "lit")
     x = torch.randint(0, 96, (2, 23), generator=torch.Generator().manual_seed(3))
+    loss_fn = for_training(ours, fast)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        expected, loss = hf(x, labels=x).loss, ours(x, labels=x)
+        expected, loss = hf(x, labels=x).loss, loss_fn(ours, x, x)
     expected.backward()
     loss.backward()
     torch.testing.assert_close(loss, expected, atol=2e-2, rtol=0)

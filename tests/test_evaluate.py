@@ -16,8 +16,8 @@ from litft.checkpoint import save_lit_checkpoint
 from litft.config import Config
 from litft.data import load_split
 from litft.evaluate import evaluate
-from litft.finetuned import load_finetuned
 from litft.generate import greedy_without_cache
+from litft.load_finetuned import load_finetuned
 from litft.model import Llama
 from litft.prompts import PromptStyle
 from litft.scoring import exact_match, extract_gsm8k, normalize_mr, normalize_sql, normalize_text

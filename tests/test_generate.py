@@ -12,8 +12,8 @@ from conftest import assert_user_error, run_script
 
 from litft.checkpoint import save_lit_checkpoint
 from litft.config import Config
-from litft.cpu_decoding import SplitLinear, prepare_for_cpu_decoding
 from litft.errors import UserError
+from litft.fast.cpu_decoding import SplitLinear, prepare_for_cpu_decoding
 from litft.generate import generate, greedy_without_cache, sample, stop_token_ids, top_p_filter
 from litft.model import Llama
 from litft.prompts import PromptStyle
@@ -189,10 +189,12 @@ def tiny_checkpoint(tmp_path_factory, sentencepiece_model):
     return directory, model
 
 
-def test_cli_stdout_is_exactly_the_greedy_completion(tiny_checkpoint):
+@pytest.mark.parametrize("fast", ["true", "false"], ids=["fast", "plain"])
+def test_cli_stdout_is_exactly_the_greedy_completion(tiny_checkpoint, fast):
+    """fast: the CPU decoding layout (litft/fast); plain: the model as loaded. Both give the reference's text."""
     directory, model = tiny_checkpoint
     prompt = "The capital of France is"
-    proc = run_script("generate/base.py", "--checkpoint_dir", directory, "--prompt", prompt,
+    proc = run_script("generate/base.py", "--checkpoint_dir", directory, "--prompt", prompt, "--fast", fast,
                       "--temperature", "0", "--max_new_tokens", "24", "--precision", "32-true", check=True)
     tokenizer = Tokenizer(directory)  # sentencepiece decodes; our greedy reference picks the ids
     ids = greedy_without_cache(model, tokenizer.encode(prompt), 24, stop_ids={tokenizer.eos_id})

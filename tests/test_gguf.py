@@ -309,8 +309,11 @@ def test_unsupported_tokenizer_type_is_a_user_error():
 
 def test_smollm2_gguf_matches_transformers_gguf_loader(smollm2_gguf, tmp_path):
     """SmolLM2-135M-Instruct (F32/Q8_0/Q4_1): our conversion equals transformers' own GGUF loading, tensor for
-    tensor (so q/k are un-permuted as transformers does), and litft's Llama gives its logits and says Paris."""
+    tensor (so q/k are un-permuted as transformers does), and litft's Llama gives its logits and says Paris, as
+    loaded (plain) and in the CPU decoding layout generation uses (fast)."""
     from transformers import AutoModelForCausalLM
+
+    from litft.fast.cpu_decoding import prepare_for_cpu_decoding
 
     out = tmp_path / "SmolLM2-135M-Instruct"
     run_script(SCRIPT, "--gguf_path", smollm2_gguf, "--output_dir", out, check=True)
@@ -326,10 +329,13 @@ def test_smollm2_gguf_matches_transformers_gguf_loader(smollm2_gguf, tmp_path):
     tokenizer = Tokenizer(out)
     ids = tokenizer.encode("The capital of France is")[None]  # (1, T)
     with torch.no_grad():
-        logits, expected = ours(ids), reference(ids).logits
-    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
-    assert logits[0].argmax(-1).tolist() == expected[0].argmax(-1).tolist()
-    assert tokenizer.decode(logits[0, -1].argmax()) == " Paris"
+        expected = reference(ids).logits
+        plain = ours(ids)
+        fast = prepare_for_cpu_decoding(ours, threads=2)(ids)
+    for logits in (plain, fast):
+        torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
+        assert logits[0].argmax(-1).tolist() == expected[0].argmax(-1).tolist()
+        assert tokenizer.decode(logits[0, -1].argmax()) == " Paris"
 
 
 def lit_from_hf(name: str) -> str:

@@ -9,8 +9,12 @@ import torch
 
 from litft.config import Config
 from litft.errors import UserError
+from litft.fast import for_training
+from litft.fast.chunked_loss import chunked_next_token_loss
+from litft.fast.cpu_decoding import prepare_for_cpu_decoding
+from litft.fast.fused_lora import FusedLoRALinear
 from litft.files import save_state_dict
-from litft.finetuned import load_lora_state_dict
+from litft.load_finetuned import load_lora_state_dict
 from litft.lora import (
     LINEAR,
     TARGETS,
@@ -18,15 +22,17 @@ from litft.lora import (
     LoRAEmbedding,
     LoRALinear,
     add_lora,
-    count_trainable,
     lora_state_dict,
-    mark_only_lora_trainable,
     merge_lora,
 )
 from litft.model import Llama
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
+
+def count_trainable(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
 
 HF_TARGETS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
               "down": "down_proj", "embed": "embed_tokens", "lm_head": "lm_head"}
@@ -82,12 +88,15 @@ def test_lora_at_init_is_the_base_model_exactly(name):
         assert torch.equal(ours(x), base)
 
 
+@pytest.mark.parametrize("fast", [False, True], ids=["plain", "fast"])
 @pytest.mark.parametrize("name,targets,rslora", [
     ("tiny-mha", list(LINEAR), False),
     ("tiny-gqa", list(LINEAR), True),
     ("tiny-gqa", list(TARGETS), False),  # tied embeddings, LoRA on embed and lm_head as well
 ])
-def test_logits_match_peft(name, targets, rslora):
+def test_logits_match_peft(name, targets, rslora, fast):
+    """Plain: LoRALinear as written. Fast: the fused layers training runs (litft/fast), then the merged model in
+    the CPU decoding layout that generation runs."""
     hf, ours = tiny_pair(name)
     cfg = LoRAConfig(r=4, alpha=8, dropout=0.0, targets=targets, rslora=rslora)
     pm = peft_model(hf, cfg)
@@ -97,21 +106,25 @@ def test_logits_match_peft(name, targets, rslora):
             torch.nn.init.normal_(p, std=0.1)
     add_lora(ours, cfg)
     copy_peft_lora_into(pm, ours)
+    for_training(ours, fast)
+    assert any(isinstance(m, FusedLoRALinear) for m in ours.modules()) == fast
     x = torch.randint(0, ours.config.vocab_size, (2, 13))
     with torch.no_grad():
         expected, got, base = pm(x).logits, ours(x), pm.get_base_model()
         with pm.disable_adapter():
             plain = base(x).logits
+        decoding = prepare_for_cpu_decoding(merge_lora(ours), threads=2)(x) if fast else got
     assert (expected - plain).abs().max() > 1e-2  # the LoRA update is really there
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    torch.testing.assert_close(decoding, expected, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("targets,chunk_tokens", [(list(LINEAR), 256), (list(TARGETS), 256), (list(TARGETS), 5)],
-                         ids=["plain-lm_head", "lora-lm_head", "lora-lm_head-many-slices"])
-def test_training_loss_and_lora_gradients_match_peft(targets, chunk_tokens):
-    """The training loss (litft/loss.py, both of its paths) and every LoRA gradient against PEFT's labels= loss."""
-    from litft.loss import chunked_next_token_loss
-
+@pytest.mark.parametrize("targets,fast,chunk_tokens", [
+    (list(LINEAR), False, None), (list(LINEAR), True, None), (list(TARGETS), False, None), (list(TARGETS), True, None),
+    (list(TARGETS), True, 5)], ids=["plain", "fast", "plain-lora-lm_head", "fast-lora-lm_head", "fast-many-slices"])
+def test_training_loss_and_lora_gradients_match_peft(targets, fast, chunk_tokens):
+    """The training loss and every LoRA gradient against PEFT's labels= loss: on the plain path (litft/loss.py,
+    LoRALinear) and the fast one (litft/fast: the chunked loss, both of its branches, and the fused layers)."""
     hf, ours = tiny_pair("tiny-gqa")
     cfg = LoRAConfig(r=4, alpha=8, dropout=0.0, targets=targets)
     pm = peft_model(hf, cfg).train()
@@ -120,14 +133,17 @@ def test_training_loss_and_lora_gradients_match_peft(targets, chunk_tokens):
         if "lora_" in n:
             torch.nn.init.normal_(p, std=0.1)
     add_lora(ours, cfg)
-    mark_only_lora_trainable(ours)
     copy_peft_lora_into(pm, ours)
+    loss_fn = for_training(ours, fast)
     x = torch.randint(0, ours.config.vocab_size, (2, 13))
     y = x.clone()
     y[:, :4] = -100  # a masked prompt
     expected = pm(input_ids=x, labels=y).loss
     expected.backward()
-    loss = chunked_next_token_loss(ours.lm_head, ours.norm(ours.trunk(ours.embed(x))), y, chunk_tokens=chunk_tokens)
+    if chunk_tokens:
+        loss = chunked_next_token_loss(ours.lm_head, ours.hidden_states(x), y, chunk_tokens=chunk_tokens)
+    else:
+        loss = loss_fn(ours, x, y)
     loss.backward()
     torch.testing.assert_close(loss, expected, atol=1e-5, rtol=0)
     theirs = {}
@@ -144,7 +160,6 @@ def test_training_loss_and_lora_gradients_match_peft(targets, chunk_tokens):
 def test_only_lora_is_trainable_and_saved(tmp_path):
     _, ours = tiny_pair("tiny-mha")
     add_lora(ours, LoRAConfig(r=4, targets=list(TARGETS)))
-    mark_only_lora_trainable(ours)
     trainable = {n for n, p in ours.named_parameters() if p.requires_grad}
     sd = lora_state_dict(ours)
     assert trainable == set(sd)
@@ -171,7 +186,6 @@ def test_trainable_count_llama2_7b_matches_formula_and_peft():
             model = Llama(c)
             hf = transformers.LlamaForCausalLM(hc)
         add_lora(model, LoRAConfig(r=r, targets=targets))
-        mark_only_lora_trainable(model)
         pm = peft.get_peft_model(hf, peft.LoraConfig(r=r, lora_alpha=16, target_modules=[HF_TARGETS[t] for t in targets]))
         print(f"Llama-2-7B LoRA r={r} on {','.join(targets)}: {count_trainable(model):,} trainable parameters")
         assert count_trainable(model) == expected == pm.get_nb_trainable_parameters()[0] == printed
@@ -208,7 +222,6 @@ def test_new_tokens_match_resized_transformers_model(tmp_path):
     hf, ours = tiny_pair("tiny-gqa")
     cfg = LoRAConfig(r=4, alpha=8, dropout=0.0, targets=list(LINEAR), new_tokens=["<a>", "<b>", "<c>", "<d>"])
     add_lora(ours, cfg)
-    mark_only_lora_trainable(ours)
     sd = lora_state_dict(ours)
     assert sd["embed.new_rows"].shape == (4, ours.config.n_embd) and "lm_head.new_rows" not in sd  # tied: one copy
     assert {n for n, p in ours.named_parameters() if p.requires_grad} == set(sd)

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from litft.lora_dropout import SharedDropout, cpu_dropout
+from litft.fast.lora_dropout import SharedDropout, cpu_dropout
 
 
 @pytest.mark.parametrize("p", [0.05, 0.3, 0.5])
@@ -77,17 +77,36 @@ def test_activation_checkpointing_recomputes_the_masks_the_forward_pass_used():
     torch.testing.assert_close(results[0], results[1])
 
 
+@pytest.mark.parametrize("fast", [False, True], ids=["plain", "fast"])
 @pytest.mark.parametrize("activation_checkpointing", [False, True])
-def test_lora_model_with_dropout_trains_under_checkpointing(activation_checkpointing):
-    """The loss recomputes lm_head under checkpoint (litft/loss.py): LoRA on it must redo the same operations."""
+def test_lora_model_with_dropout_trains_under_checkpointing(activation_checkpointing, fast):
+    """The fast loss recomputes lm_head under checkpoint (litft/fast/chunked_loss.py): LoRA on it must redo the
+    same operations; and each block's recomputation must draw the forward's masks again."""
     from litft.config import Config
-    from litft.lora import LINEAR, LoRAConfig, add_lora, mark_only_lora_trainable
+    from litft.fast import for_training
+    from litft.lora import LINEAR, LoRAConfig, add_lora
     from litft.model import Llama
 
     torch.manual_seed(0)
     model = add_lora(Llama(Config.from_name("tiny-gqa")), LoRAConfig(targets=[*LINEAR, "lm_head"], dropout=0.1))
-    mark_only_lora_trainable(model)
+    loss_fn = for_training(model, fast)
     model.activation_checkpointing = activation_checkpointing
     x = torch.randint(0, model.config.vocab_size, (2, 16))
-    model(x, labels=x).backward()
+    loss_fn(model, x, x).backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_fused_layers_share_one_dropout_per_input_tensor():
+    """q, k and v read the attention input, gate and up the MLP input: one SharedDropout each; o and down their own."""
+    from litft.config import Config
+    from litft.fast.fused_lora import FusedLoRALinear, fuse_lora
+    from litft.lora import LINEAR, LoRAConfig, add_lora
+    from litft.model import Llama
+
+    model = fuse_lora(add_lora(Llama(Config.from_name("tiny-gqa")), LoRAConfig(targets=list(LINEAR), dropout=0.1)))
+    attn, mlp = model.blocks[0].attn, model.blocks[0].mlp
+    assert all(type(m) is FusedLoRALinear for m in (attn.q_proj, attn.o_proj, mlp.up_proj, mlp.down_proj))
+    assert attn.q_proj.dropout is attn.k_proj.dropout is attn.v_proj.dropout and attn.q_proj.dropout.readers == 3
+    assert mlp.gate_proj.dropout is mlp.up_proj.dropout and mlp.up_proj.dropout.readers == 2
+    assert attn.o_proj.dropout.readers == mlp.down_proj.dropout.readers == 1
+    assert attn.o_proj.dropout is not attn.q_proj.dropout and attn.q_proj.dropout.p == 0.1

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from litft.loss import chunked_next_token_loss
+from litft.fast.chunked_loss import chunked_next_token_loss
 
 
 @pytest.mark.parametrize("precision", ["bf16-true", "bf16-mixed"])

@@ -16,8 +16,8 @@ from tokenizers import Tokenizer
 
 from litft import Config, Llama
 from litft.checkpoint import save_lit_checkpoint
-from litft.finetuned import load_finetuned
 from litft.generate import generate
+from litft.load_finetuned import load_finetuned
 from litft.tokenizer import Tokenizer as LitTokenizer
 
 NEW = ["<ans>", "</ans>"]

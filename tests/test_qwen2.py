@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import pytest
@@ -47,12 +46,17 @@ def convert(hf: torch.nn.Module, tmp_path: Path) -> tuple[Path, torch.nn.Module]
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
-def test_logits_and_greedy_text_match_transformers(tmp_path, tied):
+@pytest.mark.parametrize("fast", [False, True], ids=["plain", "fast"])
+def test_logits_and_greedy_text_match_transformers(tmp_path, tied, fast):
+    """fast: in the CPU decoding layout generation uses (litft/fast/cpu_decoding.py)."""
+    from litft.fast.cpu_decoding import prepare_for_cpu_decoding
     from litft.generate import generate
 
     hf = qwen2(tied)
     _, ours = convert(hf, tmp_path)
     assert ours.config.qkv_bias and ours.blocks[0].attn.o_proj.bias is None
+    if fast:
+        prepare_for_cpu_decoding(ours, threads=2)
     x = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert (ours(x) - hf(x).logits).abs().max().item() <= 1e-4
@@ -83,10 +87,12 @@ def lit_name(peft_name: str) -> str:
     return name.replace("model.embed_tokens", "embed").replace("model.norm", "norm")
 
 
-def test_lora_on_biased_layers_matches_peft_loss_and_gradients():
+@pytest.mark.parametrize("fast", [False, True], ids=["plain", "fast"])
+def test_lora_on_biased_layers_matches_peft_loss_and_gradients(fast):
     from litft.checkpoint import check_shapes
     from litft.config import Config
-    from litft.lora import LoRAConfig, add_lora, mark_only_lora_trainable
+    from litft.fast import for_training
+    from litft.lora import LoRAConfig, add_lora
     from litft.model import Llama
 
     hf = qwen2(tied=False)
@@ -98,7 +104,7 @@ def test_lora_on_biased_layers_matches_peft_loss_and_gradients():
     pm = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=[
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"])).train()
     add_lora(ours, cfg)
-    mark_only_lora_trainable(ours)
+    loss_fn = for_training(ours, fast)
     torch.manual_seed(1)
     ours_params = dict(ours.named_parameters())
     for name, p in pm.named_parameters():
@@ -110,7 +116,7 @@ def test_lora_on_biased_layers_matches_peft_loss_and_gradients():
     y[:, :4] = -100
     expected = pm(input_ids=x, labels=y).loss
     expected.backward()
-    loss = ours(x, labels=y)
+    loss = loss_fn(ours, x, y)
     loss.backward()
     torch.testing.assert_close(loss, expected, atol=1e-5, rtol=0)
     theirs = {f"{lit_name(m.group(1))}.lora_{m.group(2)}": p.grad for name, p in pm.named_parameters()

@@ -114,14 +114,13 @@ def test_a_recipe_reaches_the_training_loop(recipe, monkeypatch, tmp_path):
     import runpy
     import sys
 
-    import litft.base_checkpoint
-    import litft.named_data
+    import litft.cli
     import litft.train
 
     received = {}
     monkeypatch.setattr(litft.train, "fit", lambda args, method: received.update(args=args, method=method))
-    monkeypatch.setattr(litft.base_checkpoint, "ensure_checkpoint", lambda *a, **k: None)
-    monkeypatch.setattr(litft.named_data, "ensure_data", lambda *a, **k: None)
+    monkeypatch.setattr(litft.cli, "ensure_checkpoint", lambda *a, **k: None)
+    monkeypatch.setattr(litft.cli, "ensure_data", lambda *a, **k: None)
     monkeypatch.chdir(tmp_path)  # the recipe's relative out_dir and data resolve here, where nothing exists yet
     monkeypatch.setattr(sys, "argv", [recipe_script(recipe), "--config", str(recipe)])
     runpy.run_path(str(ROOT / recipe_script(recipe)), run_name="__main__")

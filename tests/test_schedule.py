@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from litft.errors import UserError
-from litft.train import TrainArgs, batch_indices, lr_factor
+from litft.schedule import batch_indices, lr_factor
+from litft.train_args import TrainArgs
 
 
 def schedule(warmup_steps=10, max_steps=110, learning_rate=1e-3, min_lr=1e-4) -> TrainArgs:

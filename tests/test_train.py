@@ -181,3 +181,19 @@ def test_compile_on_a_cpu_without_a_cpp_compiler_is_one_line(tiny, tmp_path, mon
 def test_user_errors_are_one_line(tiny, tmp_path, args, fragments):
     proc = finetune(tiny, tmp_path / "run", *args, check=False)
     assert_user_error(proc, *fragments)
+
+
+@pytest.mark.parametrize("script", ["finetune/lora.py", "finetune/full.py"])
+def test_the_plain_path_trains_what_the_fast_path_trains(tiny, tmp_path, script):
+    """--fast false (litft/loss.py and LoRALinear as written) against the default fast path (litft/fast: the chunked
+    loss, fused LoRA layers): without dropout the same computation, so the same losses and weights to fp32
+    rounding. Each path is checked against transformers and PEFT in test_lora.py and test_convert_hf.py."""
+    extra = ("--lora_dropout", "0") if "lora" in script else ()
+    finetune(tiny, tmp_path / "fast", *extra, script=script)
+    finetune(tiny, tmp_path / "plain", *extra, "--fast", "false", script=script)
+    fast_losses, plain_losses = (history(tmp_path / run) for run in ("fast", "plain"))
+    assert len(fast_losses) == len(plain_losses) == 8  # 6 train losses, 2 validations
+    for a, b in zip(fast_losses, plain_losses):
+        assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-4 for k in a if k != "step"), (a, b)
+    name = "lit_model_lora.pth" if "lora" in script else "lit_model.pth"
+    assert_same(weights(tmp_path / "fast" / name), weights(tmp_path / "plain" / name), atol=1e-5)

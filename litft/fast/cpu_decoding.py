@@ -20,9 +20,9 @@ models are converted. Many-core machines (small blocks) have not been measured.
 `prepare_for_cpu_decoding(model)` swaps every plain fp32 `nn.Linear` of a CPU model for a `SplitLinear`, in
 place, freeing each original weight once its copy exists — except a tied output head's, which is still the
 embedding (SmolLM2-135M: 113 MB more). The model is then for generation only: the swapped weights are no
-longer parameters, so it can be neither trained nor saved (saving raises). A LoRA model can be merged first
-(litft/finetuned.py, `merge=True`) so that its layers are plain `nn.Linear` too; other wrapped layers (LoRA
-unmerged, LLaMA-Adapter v2's scaled layers) are left as they are.
+longer parameters, so it can be neither trained nor saved (saving raises). `for_generation` (litft/fast) merges an
+fp32 LoRA first, so that its layers are plain `nn.Linear` too; other wrapped layers (LoRA unmerged, LLaMA-Adapter
+v2's scaled layers) are left as they are.
 """
 
 from __future__ import annotations
@@ -62,8 +62,8 @@ def refuse_to_save(module: nn.Module, prefix: str, keep_vars: bool) -> None:
 def uses_cpu_layout(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether prepare_for_cpu_decoding converts weights on this device in this dtype: fp32 on a CPU.
 
-    Callers load such weights into memory instead of memory-mapping them (load_lit_model's mmap=False), so that
-    each original is freed as soon as its copy exists."""
+    for_generation loads such weights into memory instead of memory-mapping them (load_lit_model's mmap=False),
+    so that each original is freed as soon as its copy exists."""
     return torch.device(device).type == "cpu" and dtype == torch.float32
 
 

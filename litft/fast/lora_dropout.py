@@ -1,4 +1,4 @@
-"""LoRA dropout: h = W x + (α/r) · B A dropout(x), made cheap enough to leave on.
+"""LoRA's dropout, h = W x + (α/r) · B A dropout(x) (litft/lora.py), made cheap enough to leave on.
 
 Dropout zeroes each element of the LoRA branch's input with probability p and scales the rest by 1 / (1 - p),
 so the expected input is unchanged (Srivastava et al. 2014). The frozen path W x always sees x itself.
@@ -66,7 +66,3 @@ def cpu_dropout(x: Tensor, p: float) -> Tensor:
     lanes = bits.view(torch.int16)[:n].view(x.shape) & 0x7FFF  # (…x.shape): 15 uniform bits per element
     return torch.where(lanes >= k, x * (2**15 / (2**15 - k)), 0)
 
-
-def lora_dropout(p: float, readers: int = 1) -> nn.Module:
-    """Dropout for the LoRA branch of `readers` layers that read the same input tensor."""
-    return SharedDropout(p, readers) if p > 0 else nn.Identity()

@@ -13,23 +13,23 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from litft.checkpoint import WEIGHTS, load_lit_model
+from litft import adapter, adapter_v2
+from litft.checkpoint import load_lit_model
 from litft.config import Config
 from litft.errors import UserError
 from litft.files import load_state_dict
-from litft.lora import LoRAConfig, add_lora, is_lora_key, lora_state_dict, merge_lora
+from litft.lora import FILE as LORA_FILE
+from litft.lora import LoRAConfig, add_lora, is_lora_key, lora_state_dict
 from litft.model import Llama
 
 
 def load_finetuned(checkpoint_dir: Path, weights_path: Path | None = None, device: str | torch.device = "cpu",
-                   dtype: torch.dtype | None = None, method: str | None = None, merge: bool = False,
-                   mmap: bool = True) -> Llama:
+                   dtype: torch.dtype | None = None, method: str | None = None, mmap: bool = True) -> Llama:
     """The base model from `checkpoint_dir`, with the method's weights from `weights_path` applied.
 
     `method` (adapter, adapter_v2, full, ...) says what `weights_path` must be; by default the run directory
-    says it (see above). `merge` folds a LoRA into the weights when they are fp32 (exact to rounding there; in
-    16-bit, W + (α/r)·B·A would be rounded to W's precision, losing small updates), so it costs nothing more
-    than the base model to run. `mmap`: see load_lit_model.
+    says it (see above). `mmap`: see load_lit_model. The model is returned in eval mode, with the method's layers
+    as trained (litft/fast's for_generation merges a LoRA for speed).
     """
     load_base = partial(load_lit_model, device=device, dtype=dtype, mmap=mmap)
     if weights_path is None:
@@ -41,14 +41,13 @@ def load_finetuned(checkpoint_dir: Path, weights_path: Path | None = None, devic
     if method in ("adapter", "adapter_v2"):
         return load_adapter(checkpoint_dir, weights_path, load_base, v2=method == "adapter_v2").eval()
     if method == "lora":
-        model = load_lora_run(checkpoint_dir, weights_path, load_base).eval()
-        return merge_lora(model) if merge and model.embed.weight.dtype == torch.float32 else model
+        return load_lora_run(checkpoint_dir, weights_path, load_base).eval()
     raise UserError(f"unknown method {method!r}; choose lora, adapter, adapter_v2 or full")
 
 
 def detect_method(weights_path: Path) -> str:
     run_dir = weights_path if weights_path.is_dir() else weights_path.parent
-    found = [m for m, f in (("lora", "lora.yaml"), ("adapter", "adapter.yaml"), ("adapter_v2", "adapter_v2.yaml"))
+    found = [m for m, f in (("lora", LORA_FILE), ("adapter", adapter.FILE), ("adapter_v2", adapter_v2.FILE))
              if (run_dir / f).is_file()]
     return found[0] if len(found) == 1 else "full"
 
@@ -66,8 +65,6 @@ def check_same_base(run_dir: Path, base: Config, source: Path) -> None:
 
 def load_adapter(checkpoint_dir: Path, weights_path: Path, load_base: Callable[..., Llama], v2: bool) -> Llama:
     """Base model + LLaMA-Adapter (v1 or v2); prompt length and start layer come from the run directory."""
-    from litft import adapter, adapter_v2
-
     state_dict = load_state_dict(weights_path)
     config_cls, add, load = ((adapter_v2.AdapterV2Config, adapter_v2.add_adapter_v2, adapter_v2.load_adapter_v2_state_dict)
                              if v2 else (adapter.AdapterConfig, adapter.add_adapter, adapter.load_adapter_state_dict))
@@ -138,3 +135,16 @@ def load_lora(model: Llama, lora_path: Path) -> Llama:
     add_lora(model, config)
     load_lora_state_dict(model, state_dict, lora_path)
     return model
+
+
+def tokenizer_dir(run_dir: Path | None, checkpoint_dir: Path) -> Path:
+    """The tokenizer to use with a run: its own grown one when its LoRA added tokens, else the base's."""
+    if run_dir is None or not (Path(run_dir) / LORA_FILE).is_file():
+        return Path(checkpoint_dir)
+    new_tokens = LoRAConfig.from_dir(run_dir).new_tokens
+    if not new_tokens:
+        return Path(checkpoint_dir)
+    if not any((Path(run_dir) / n).is_file() for n in ("tokenizer.json", "tokenizer.model")):
+        raise UserError(f"{run_dir} adds new tokens {new_tokens} but holds no tokenizer file; copy back the "
+                        "tokenizer.json / tokenizer.model that finetune/lora.py wrote there")
+    return Path(run_dir)

@@ -1,0 +1,46 @@
+"""What each optimizer step gets: its samples (`batch_indices`) and its learning rate (`lr_factor`).
+
+Both depend only on the step's position in the run, so a resumed run continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import torch
+
+from litft.errors import UserError
+from litft.train_args import TrainArgs
+
+
+def batch_indices(n: int, micro_batch_size: int, world_size: int, rank: int, seed: int,
+                  start: int = 0) -> Iterator[list[int]]:
+    """Yield this process's sample indices, one micro batch at a time, forever; resumable at `start`.
+
+    Each epoch is a fresh permutation seeded by (seed, epoch). Micro batch i of the whole job covers
+    permutation slots [i·m·W, (i+1)·m·W); process `rank` takes its m of them. So one process with micro batch m
+    sees the same samples in the same order as W processes together.
+    """
+    per_iter = micro_batch_size * world_size
+    per_epoch = n // per_iter
+    if per_epoch == 0:
+        raise UserError(f"the training split has {n} samples, fewer than one micro batch across all processes "
+                        f"({per_iter}); lower --micro_batch_size or prepare more data")
+    position, epoch, perm = start, -1, None
+    while True:
+        e, i = divmod(position, per_epoch)
+        if e != epoch:
+            epoch, perm = e, torch.randperm(n, generator=torch.Generator().manual_seed(seed + e))
+        first = i * per_iter + rank * micro_batch_size
+        yield perm[first:first + micro_batch_size].tolist()
+        position += 1
+
+
+def lr_factor(step: int, args: TrainArgs) -> float:
+    """Multiplier on learning_rate after `step` optimizer steps: linear warmup, then cosine to min_lr."""
+    if step < args.warmup_steps:
+        return (step + 1) / (args.warmup_steps + 1)
+    progress = (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps)
+    floor = args.min_lr / args.learning_rate
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))

@@ -1,0 +1,97 @@
+"""What a fine-tuning run is told: the flags every recipe shares (TrainArgs) and what its method adds (Method).
+
+Every flag value is checked before anything is converted, prepared or written (`TrainArgs.validate`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal
+
+import torch
+
+from litft import run_dir
+from litft.base_checkpoint import DEFAULT_CHECKPOINT
+from litft.errors import UserError
+from litft.model import Llama
+
+PRECISIONS = ("bf16-mixed", "bf16-true", "16-mixed", "16-true", "32-true")
+AT_LEAST_ONE = ("max_steps", "batch_size", "micro_batch_size", "devices", "num_nodes", "eval_interval", "eval_iters",
+                "save_interval", "log_interval")
+
+
+@dataclass
+class TrainArgs:
+    """The flags every finetune/ recipe shares. A recipe changes their defaults, not their meaning."""
+
+    data: str = "alpaca"  # alpaca, dolly, viggo, gsm8k, sql, games (prepared on first use) or a prepared directory
+    checkpoint_dir: Path = DEFAULT_CHECKPOINT  # SmolLM2-135M-Instruct, converted from the offline GGUF on first use
+    out_dir: Path = Path("out/finetune")
+    precision: str | None = None  # bf16-mixed, bf16-true, 16-mixed, 32-true; default bf16-mixed on a GPU, else 32-true
+    devices: int = 1
+    num_nodes: int = 1
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto"
+    max_steps: int = 1000  # optimizer steps
+    batch_size: int = 16  # samples per optimizer step, across all processes
+    micro_batch_size: int = 4  # samples per forward/backward on one process
+    learning_rate: float = 3e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 100  # counted in optimizer steps
+    min_lr: float = 0.0  # the cosine schedule decays to this
+    grad_clip: float = 1.0  # max gradient norm; 0 disables
+    max_seq_length: int | None = None  # truncate batches to this many tokens
+    eval_interval: int = 100
+    eval_iters: int = 20  # validation micro batches per evaluation
+    save_interval: int = 100
+    log_interval: int = 1
+    sample_tokens: int = 32  # tokens generated for the sample shown at each evaluation
+    activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile each block: fused kernels on a GPU; the first steps compile
+    fast: bool = True  # litft/fast's measures (chunked loss, fused LoRA, shared dropout masks); false: the textbook path
+    seed: int = 1337
+    resume: bool = False  # continue the run in out_dir (it must be the same run: see litft/run_dir.py)
+    overwrite: bool = False  # replace the run in out_dir; without it a used out_dir is refused
+
+    def validate(self) -> None:
+        """Refuse, in one line naming the value and what is allowed, a flag value that cannot work — before
+        anything is converted, prepared or written."""
+        for name in AT_LEAST_ONE:
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name} {getattr(self, name)}: must be at least 1")
+        for name in ("warmup_steps", "sample_tokens", "weight_decay", "grad_clip", "min_lr"):
+            if not getattr(self, name) >= 0 or not math.isfinite(getattr(self, name)):
+                raise UserError(f"--{name} {getattr(self, name)}: must be 0 or more")
+        if not 0 < self.learning_rate < math.inf:
+            raise UserError(f"--learning_rate {self.learning_rate}: must be a positive number (e.g. 3e-4)")
+        if self.min_lr > self.learning_rate:
+            raise UserError(f"--min_lr {self.min_lr}: must not exceed --learning_rate {self.learning_rate}")
+        if self.max_seq_length is not None and self.max_seq_length < 2:
+            raise UserError(f"--max_seq_length {self.max_seq_length}: must be at least 2 (a token and EOS)")
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise UserError(f"--precision {self.precision}: choose one of {', '.join(PRECISIONS)}")
+        if torch.cuda.is_available() and self.devices > torch.cuda.device_count():
+            raise UserError(f"--devices {self.devices}: this machine has {torch.cuda.device_count()} GPUs")
+        self.micro_batches(self.devices * self.num_nodes)
+        run_dir.check_out_dir(self)
+
+    def micro_batches(self, world_size: int) -> int:
+        """The number of micro batches accumulated per optimizer step."""
+        per_step = self.micro_batch_size * world_size
+        if self.batch_size % per_step:
+            raise UserError(f"--batch_size {self.batch_size} is not a multiple of --micro_batch_size "
+                            f"{self.micro_batch_size} × {world_size} processes; pick values that divide")
+        return self.batch_size // per_step
+
+
+@dataclass
+class Method:
+    """What a fine-tuning method contributes: its name, how it prepares the model, what it saves."""
+
+    name: str  # "lora", "adapter", "adapter_v2", "full"
+    weights_name: str  # the file in out_dir with the trained weights, e.g. "lit_model_lora.pth"
+    prepare: Callable[[Llama], None]  # adds the method's modules and leaves only its parameters trainable
+    save_config: Callable[[Path], None] = lambda out_dir: None  # writes e.g. lora.yaml into out_dir
+    config: dict = field(default_factory=dict)  # recorded in hyperparameters.yaml
+    new_tokens: list[str] = field(default_factory=list)  # tokens the prepared model has new rows for (LoRA only)

@@ -1,0 +1,44 @@
+"""The training data, checked against the model it is about to train: the same tokenizer, ids inside its vocabulary.
+
+A run refuses, with one line saying how to prepare the data again, data that would silently train on the wrong
+token ids.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from litft import data as data_lib
+from litft.base_checkpoint import tokenizer_fingerprint
+from litft.errors import UserError
+from litft.train_args import Method, TrainArgs
+
+
+def check_data_tokenizer(args: TrainArgs) -> None:
+    """Data encoded by another tokenizer is refused: its ids would mean other words to this model."""
+    meta = data_lib.meta_of(args.data)
+    if meta.get("tokenizer") and meta["tokenizer"] != (ours := tokenizer_fingerprint(args.checkpoint_dir)):
+        raise UserError(f"--data {args.data} was encoded by the tokenizer of {meta.get('checkpoint_dir')} "
+                        f"(fingerprint {meta['tokenizer']}), not by --checkpoint_dir {args.checkpoint_dir}'s ({ours}); "
+                        f"prepare the data again with --checkpoint_dir {args.checkpoint_dir}")
+
+
+def check_token_ids(args: TrainArgs, vocab_size: int, **splits: list[dict]) -> None:
+    """Every token id must be a row of the model's embedding (data prepared for a larger vocabulary is not)."""
+    for split, samples in splits.items():
+        for s in samples:
+            ids = s["input_ids"]
+            if len(ids) and not 0 <= int(ids.min()) <= int(ids.max()) < vocab_size:
+                bad = int(ids.max()) if int(ids.max()) >= vocab_size else int(ids.min())
+                raise UserError(f"{data_lib.data_dir(args.data)}/{split}.pt holds token id {bad}, outside the "
+                                f"{vocab_size} ids of {args.checkpoint_dir}; prepare the data again with "
+                                f"--checkpoint_dir {args.checkpoint_dir}")
+
+
+def tokenizer_of(args: TrainArgs, method: Method) -> Path:
+    """The base tokenizer, or the data's grown one when the data was prepared with --new_tokens."""
+    new_tokens = data_lib.meta_of(args.data).get("new_tokens", [])
+    if new_tokens and new_tokens != method.new_tokens:
+        raise UserError(f"{data_lib.data_dir(args.data)} was prepared with new tokens {new_tokens}, which "
+                        f"{method.name} cannot train; use finetune/lora.py, or prepare the data without --new_tokens")
+    return data_lib.data_dir(args.data) if new_tokens else args.checkpoint_dir
