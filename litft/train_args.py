@@ -6,9 +6,10 @@ Every flag value is checked before anything is converted, prepared or written (`
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable, Literal, Mapping
 
 import torch
 
@@ -73,8 +74,19 @@ class TrainArgs:
             raise UserError(f"--precision {self.precision}: choose one of {', '.join(PRECISIONS)}")
         if torch.cuda.is_available() and self.devices > torch.cuda.device_count():
             raise UserError(f"--devices {self.devices}: this machine has {torch.cuda.device_count()} GPUs")
+        self.check_launcher(os.environ)
         self.micro_batches(self.devices * self.num_nodes)
         run_dir.check_out_dir(self)
+
+    def check_launcher(self, env: Mapping[str, str]) -> None:
+        """Under a launcher (torchrun, srun with torchrun's variables, Fabric's own child processes) WORLD_SIZE
+        processes run; --devices × --num_nodes must say the same, or they would wait for each other forever."""
+        world, per_node = env.get("WORLD_SIZE"), env.get("LOCAL_WORLD_SIZE")
+        if world is None or int(world) == self.devices * self.num_nodes:
+            return
+        hint = f"; pass --devices {per_node} --num_nodes {int(world) // int(per_node)}" if per_node else ""
+        raise UserError(f"--devices {self.devices} × --num_nodes {self.num_nodes} is {self.devices * self.num_nodes} "
+                        f"processes, but the launcher started {world} (WORLD_SIZE){hint}")
 
     def micro_batches(self, world_size: int) -> int:
         """The number of micro batches accumulated per optimizer step."""

@@ -248,6 +248,7 @@ FLAG_CASES = {
     "devices-0": (["--devices", "0"], ["--devices 0", "at least 1"]),
     "num_nodes-0": (["--num_nodes", "0"], ["--num_nodes 0", "at least 1"]),
     "max_seq_length-0": (["--max_seq_length", "0"], ["--max_seq_length 0", "at least 2"]),
+    "max_seq_length-1": (["--max_seq_length", "1"], ["--max_seq_length 1", "at least 2"]),
     "warmup_steps-negative": (["--warmup_steps=-5"], ["--warmup_steps -5", "0 or more"]),
     "max_steps-0": (["--max_steps", "0"], ["--max_steps 0", "at least 1"]),
     "eval_interval-0": (["--eval_interval", "0"], ["--eval_interval 0", "at least 1"]),
@@ -263,6 +264,36 @@ FLAG_CASES = {
 def test_bad_flag_values_are_one_line_and_write_nothing(tiny, tmp_path, args, fragments):
     proc = finetune(tiny, tmp_path / "run", *args, check=False)
     assert_user_error(proc, *fragments)
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_smallest_allowed_values_are_accepted(tiny, tmp_path):
+    """The other side of the boundaries above: --max_seq_length 2 (a token and EOS), --warmup_steps 0 and
+    --min_lr equal to --learning_rate pass the checks."""
+    from litft.train_args import TrainArgs
+
+    TrainArgs(data=str(tiny["data"]), checkpoint_dir=tiny["ckpt"], out_dir=tmp_path / "run", max_seq_length=2,
+              warmup_steps=0, min_lr=3e-4, learning_rate=3e-4).validate()
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_world_size_other_than_the_launchers_is_one_line(tiny, tmp_path):
+    """torchrun started 4 processes (2 per node) while the flags say 2: without the check every process would wait
+    for ranks that never come."""
+    from litft.errors import UserError
+    from litft.train_args import TrainArgs
+
+    with pytest.raises(UserError, match=r"--devices 2 × --num_nodes 1 is 2 processes, but the launcher started 4 "
+                                        r"\(WORLD_SIZE\); pass --devices 2 --num_nodes 2"):
+        TrainArgs(devices=2).check_launcher({"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2"})
+    TrainArgs(devices=2, num_nodes=2).check_launcher({"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2"})
+    TrainArgs(devices=2).check_launcher({})  # no launcher: Fabric starts the processes itself
+    env = {"WORLD_SIZE": "3", "LOCAL_WORLD_SIZE": "3", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": "29599"}
+    proc = run_script("finetune/lora.py", "--checkpoint_dir", tiny["ckpt"], "--data", tiny["data"], "--out_dir",
+                      tmp_path / "run", *COMMON, "--devices", "2", "--strategy", "ddp", env=env)
+    assert_user_error(proc, "--devices 2 × --num_nodes 1 is 2 processes", "started 3 (WORLD_SIZE)",
+                      "pass --devices 3 --num_nodes 1")
     assert not (tmp_path / "run").exists()
 
 
