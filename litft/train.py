@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import resource
 import shutil
 import sys
@@ -85,8 +86,24 @@ def fit(args: TrainArgs, method: Method) -> dict:
         fabric.print(f"resumed from step {state.step}", file=sys.stderr)
     batches = batch_indices(len(train_data), args.micro_batch_size, fabric.world_size, fabric.global_rank,
                             args.seed, start=state.position)
-    loop.run(state, train_data, batches, args.micro_batches(fabric.world_size))
+    try:
+        loop.run(state, train_data, batches, args.micro_batches(fabric.world_size))
+    except RuntimeError as e:
+        if fabric.world_size == 1 or not lost_a_process(e):
+            raise
+        reason = re.sub(r"^\[[^\]]*\] ", "", str(e).splitlines()[0]).split(". ")[0]  # gloo's source path dropped
+        raise UserError(f"another process of this run stopped ({reason}); the last complete checkpoint is "
+                        f"{train_state.latest(args.out_dir) or 'none yet'}: continue with --resume true") from None
     return state.metrics
+
+
+def lost_a_process(error: RuntimeError) -> bool:
+    """Whether a collective failed because another process is gone (gloo's and NCCL's words for it). A process that
+    dies is noticed at the next collective, within seconds; one that hangs alive, after the process group's timeout
+    (torch's default: 30 minutes)."""
+    signs = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Timed out", "timed out",
+             "NCCL communicator was aborted", "Watchdog caught collective operation timeout")
+    return isinstance(error, torch.distributed.DistError) or any(sign in str(error) for sign in signs)
 
 
 def setup_loop(fabric: Fabric, model: Llama, args: TrainArgs, method: Method, loss_fn: LossFn,

@@ -1,4 +1,5 @@
-"""More than one process: FSDP in bf16 and two nodes, each against the same run in one process.
+"""More than one process: FSDP in bf16 and two nodes, each against the same run in one process; and a process
+that dies.
 
 The outside truth is the arithmetic of data parallelism: with the same global batch and the same data order,
 N processes take the same optimizer steps as one, so the per-step training losses agree (bit for bit in fp32;
@@ -9,9 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -71,3 +75,49 @@ def test_two_nodes_train_the_same_losses_as_one_process(tiny, tmp_path):
     a, b = weights(tmp_path / "one" / "lit_model_lora.pth"), weights(tmp_path / "two" / "lit_model_lora.pth")
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=key)
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (read from /proc): the ranks Fabric started beside rank 0."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, ...
+        except OSError:  # the process ended while we looked
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_a_killed_process_ends_the_others_in_one_line_and_the_run_resumes(tiny, tmp_path, strategy):
+    """SIGKILL of rank 1 while the run writes a checkpoint after every step (so most likely in the middle of one,
+    sharded under FSDP): rank 0 stops within a minute with one line naming the last complete checkpoint, and
+    --resume true continues from exactly that step."""
+    out = tmp_path / "run"
+    flags = ("--devices", "2", "--strategy", strategy, "--save_interval", "1", "--eval_interval", "100000",
+             "--lora_dropout", "0")
+    args = [sys.executable, str(ROOT / "finetune/lora.py"), "--checkpoint_dir", str(tiny["ckpt"]), "--data",
+            str(tiny["data"]), "--out_dir", str(out), *COMMON, *flags, "--max_steps", "100000"]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        deadline = time.time() + 180
+        while not list((out / "checkpoints").glob("step-00000[6-9]*")) and time.time() < deadline:
+            time.sleep(0.1)
+        rank1 = children(proc.pid)
+        assert len(rank1) == 1, rank1
+        os.kill(rank1[0], signal.SIGKILL)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0 and "Traceback" not in stderr, stderr
+    lines = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "another process of this run stopped" in lines[0], stderr
+    last = Path(re.search(r"the last complete checkpoint is (\S+): continue with --resume true", lines[0]).group(1))
+    assert (last / "meta.json").is_file()
+    step = int(last.name.removeprefix("step-"))
+    resumed = finetune(tiny, out, *flags, "--resume", "true", "--max_steps", str(step + 2))
+    assert f"resumed from step {step}" in resumed.stderr
+    assert json.loads((out / "summary.json").read_text())["steps"] == step + 2
