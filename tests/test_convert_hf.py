@@ -225,10 +225,13 @@ def test_training_loss_and_gradients_match_transformers(tmp_path, fast, chunk_to
         torch.testing.assert_close(p.grad, grads[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("fast", [False, True], ids=["plain", "fast"])
-def test_training_loss_under_bf16_autocast_matches_transformers(tmp_path, fast):
-    """bf16-mixed: the training loss and its gradients against transformers' under the same autocast; both round
-    to bf16, so they agree to bf16's precision, not fp32's."""
+def test_training_loss_under_16_bit_autocast_matches_transformers(tmp_path, fast, dtype):
+    """bf16-mixed and 16-mixed: the training loss and its gradients against transformers' under the same autocast;
+    both round to 16 bits, so they agree to that precision, not fp32's. Under fp16 the fast loss takes its other
+    branch (lm_head recomputed per slice in backward; litft/fast/chunked_loss.py), which this covers on a CPU,
+    where Fabric runs 16-mixed as bf16."""
     from litft.convert_hf import hf_to_lit_name
     from litft.fast import for_training
 
@@ -237,7 +240,7 @@ def test_training_loss_under_bf16_autocast_matches_transformers(tmp_path, fast):
     ours = convert(tmp_path / "hf", tmp_path / "lit")
     x = torch.randint(0, 96, (2, 23), generator=torch.Generator().manual_seed(3))
     loss_fn = for_training(ours, fast)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=dtype):
         expected, loss = hf(x, labels=x).loss, loss_fn(ours, x, x)
     expected.backward()
     loss.backward()

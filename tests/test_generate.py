@@ -3,6 +3,7 @@ filters against a hand computation in numpy, and generate/base.py as a user runs
 
 from __future__ import annotations
 
+import copy
 import shutil
 
 import numpy as np
@@ -76,6 +77,43 @@ def test_greedy_equals_transformers_generate(heads, kv_heads, tied, split):
         prepare_for_cpu_decoding(ours, threads=split)
         assert {type(m) for m in ours.modules()} & {torch.nn.Linear, SplitLinear} == {SplitLinear}
     assert list(generate(ours, prompt, N_NEW, temperature=0)) == expected
+
+
+def test_bf16_decoding_with_the_kv_cache_is_as_close_to_fp32_as_transformers_bf16():
+    """bf16-true generation. transformers' greedy text in bf16 is fed token by token through litft's KV-cached
+    decoding in bf16 (teacher forcing: a near-tie cannot derail the rest). The outside truth is the same model in
+    fp32: litft's bf16 logits must be as close to it as transformers' own bf16 logits are (within 1.5×), and pick
+    transformers' token wherever that choice is clear (top two fp32 logits apart by more than the bf16 error)."""
+    transformers = pytest.importorskip("transformers")
+    from litft.generate import next_token_logits
+
+    hf_config = transformers.LlamaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, rope_theta=500.0, rms_norm_eps=1e-5,
+        tie_word_embeddings=False, initializer_range=0.3, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(2)
+    hf = transformers.LlamaForCausalLM(hf_config).eval()
+    ours = Llama(Config.from_hf_config(hf_config.to_dict()))
+    ours.load_state_dict(hf_to_litft(hf.state_dict()))
+    ours = ours.eval().to(torch.bfloat16)
+    prompt = torch.randint(3, 256, (9,))
+    with torch.no_grad():
+        fp32_hf, hf = hf, copy.deepcopy(hf).to(torch.bfloat16)
+        full = hf.generate(prompt[None], attention_mask=torch.ones(1, 9, dtype=torch.long), do_sample=False,
+                           max_new_tokens=N_NEW, min_new_tokens=N_NEW)[0]
+        exact = fp32_hf(full[None]).logits[0, 8:-1]  # (N_NEW, vocab): fp32 logits at the steps that chose tokens
+        theirs = hf(full[None]).logits[0, 8:-1].float()
+        ours.set_kv_cache(1, len(full), dtype=torch.bfloat16)
+        got = [next_token_logits(ours, prompt[None], torch.arange(9))]
+        for t in range(9, len(full) - 1):
+            got.append(next_token_logits(ours, full[None, t:t + 1], torch.tensor([t])))
+    got = torch.cat(got).float()  # (N_NEW, vocab)
+    their_error, our_error = (theirs - exact).abs().max().item(), (got - exact).abs().max().item()
+    assert 0 < our_error <= 1.5 * their_error, (our_error, their_error)
+    top2 = exact.topk(2).values
+    clear = (top2[:, 0] - top2[:, 1]) > 2 * their_error
+    assert clear.sum() >= 5  # enough clear steps for the check below to mean something
+    assert torch.equal(got.argmax(-1)[clear], full[9:][clear])
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4])
