@@ -135,6 +135,31 @@ def test_exact_match_counts_matching_answers(checkpoint, data):
     assert evaluate(model, tokenizer, rigged, PromptStyle("alpaca"), "text", limit=1, max_new_tokens=6)["samples"] == 1
 
 
+def test_answers_stop_where_the_context_ends(checkpoint, data):
+    """block_size is the KV cache's length: a prompt of P tokens leaves block_size − P for the answer, however large
+    --max_new_tokens is, and a prompt that fills the context gets an empty answer instead of an error. Reference:
+    the cache-free greedy loop given exactly that many tokens."""
+    tokenizer = Tokenizer(checkpoint)
+    samples = load_split(data, "test")
+    samples.append({**samples[0], "instruction": samples[0]["instruction"] + " Explain it in great detail, please."})
+    style = PromptStyle("alpaca")
+    lengths = [len(tokenizer.encode(style.apply(s["instruction"]), bos=style.add_bos)) for s in samples]
+    block_size = min(lengths) + 4  # room for 4 answer tokens after the shortest prompt
+    model = load_finetuned(checkpoint)
+    small = Llama(Config.from_name("tiny-gqa", vocab_size=32000, block_size=block_size)).eval()
+    small.load_state_dict(model.state_dict())
+    report = evaluate(small, tokenizer, samples, style, "text", max_new_tokens=50)
+    full_budget = 0
+    for row, n in zip(report["predictions"], lengths):
+        ids = tokenizer.encode(row["prompt"], bos=style.add_bos)
+        budget = max(block_size - n, 0)
+        expected = greedy_without_cache(small, ids, budget, stop_ids=[tokenizer.eos_id]) if budget else []
+        assert row["prediction"] == tokenizer.decode(expected)
+        full_budget += 0 < budget == len(expected)  # the context, not EOS, ended this answer
+    assert full_budget >= 1
+    assert min(lengths) < block_size <= max(lengths), lengths  # an answer cut short, and a prompt with no room
+
+
 def test_training_and_generation_use_the_same_prompt(tmp_path, checkpoint, data):
     """data_prep -> finetune/lora.py -> generate/lora.py: the run carries the data's style, and generation
     continues exactly the tokens the run was trained on."""
