@@ -46,14 +46,14 @@ def reset_peak_rss() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
-def main(framework: Literal["litft", "transformers", "litgpt"], method: Literal["lora", "full"] = "lora",
+def main(framework: Literal["litft", "litft-plain", "transformers", "litgpt"], method: Literal["lora", "full"] = "lora",
          model: str = "SmolLM2-135M", seq: int = 256, micro_batch_size: int = 4, precision: Literal["32-true", "bf16-mixed"] = "32-true",
          dropout: float = 0.05, threads: int = 0, seed: int = 0,
          activation_checkpointing: bool = False) -> None:
     """Serve timed training steps of one library over stdin/stdout.
 
     Args:
-        framework: which library builds and runs the step.
+        framework: which library builds and runs the step (litft-plain: litft with --fast false).
         method: LoRA (r 8, alpha 16, all seven linear layers of every block) or full fine-tuning.
         model: a litft config name (shapes only; the weights are random).
         seq: tokens per sample.
