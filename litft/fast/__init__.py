@@ -19,6 +19,9 @@ change bought"):
 - torch.compile of each block (`--compile true`, also on the plain path): on an H200 the Llama-2-7B LoRA
   step 557 -> 478 ms; on 2 CPU cores no gain, so off by default.
 
+Together, on that machine (bench/RESULTS.md, run 11), the plain path takes 1.42× (fp32) and 1.57× (bf16) the
+fast path's step time and 1.46× / 1.35× its peak memory.
+
 Generation (`for_generation`):
 
 - an fp32 LoRA is merged into its weights (W + (α/r)·B·A, exact to rounding): it decodes at the base
