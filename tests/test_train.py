@@ -124,13 +124,16 @@ def test_resume_never_unpickles_what_the_run_directory_holds(tiny, tmp_path):
 def test_killed_runs_resume_from_last_complete_checkpoint(tiny, tmp_path):
     out = tmp_path / "run"
     args = [sys.executable, str(ROOT / "finetune/lora.py"), "--checkpoint_dir", str(tiny["ckpt"]), "--data",
-            str(tiny["data"]), "--out_dir", str(out), *COMMON, "--max_steps", "400", "--save_interval", "2",
-            "--eval_interval", "1000"]
+            str(tiny["data"]), "--out_dir", str(out), *COMMON, "--max_steps", "1000000", "--save_interval", "2",
+            "--eval_interval", "1000000"]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
-    deadline = time.time() + 120
-    while not (out / "checkpoints" / "step-000004").is_dir() and time.time() < deadline:
-        time.sleep(0.2)
+    deadline = time.time() + 300  # however slow the machine: wait for checkpoints past step 4, then kill
+    saved = lambda: [int(d.name[5:]) for d in (out / "checkpoints").glob("step-*") if d.name[5:].isdigit()]  # noqa: E731
+    while max(saved(), default=0) < 4 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    assert list((out / "checkpoints").glob("step-*")), "no checkpoint within 5 minutes"
     proc.send_signal(signal.SIGKILL)  # killed during training, wherever it is
     proc.wait()
     # What a kill during a checkpoint write leaves behind: a partial .tmp directory and a partial weights file.
@@ -158,6 +161,8 @@ def test_two_processes_match_one(tiny, tmp_path, strategy):
 def test_compiled_blocks_train_to_the_same_weights(tiny, tmp_path, monkeypatch):
     """--compile: inductor's generated kernels (an implementation of the same ops outside litft) reach the
     weights the eager run reaches, to float rounding."""
+    if not any(shutil.which(cxx) for cxx in (os.environ.get("CXX"), "g++", "clang++") if cxx):
+        pytest.skip("no C++ compiler for inductor here; the next test checks the one-line error such a machine gets")
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
     finetune(tiny, eager, "--lora_dropout", "0")
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
