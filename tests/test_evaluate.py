@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -178,3 +179,58 @@ def test_training_and_generation_use_the_same_prompt(tmp_path, checkpoint, data)
     assert proc.stdout.rstrip("\n") == expected
     plain = tokenizer.decode(greedy_without_cache(model, tokenizer.encode(sample["instruction"]), 6, [tokenizer.eos_id]))
     assert plain != expected  # the comparison can tell prompt styles apart
+
+
+# ---- the task formats end to end: data_prep/<task>.py -> scripts/evaluate.py ----------------------------------------
+
+GSM8K = [{"question": f"Tom has {n} apples and buys {72 - n} more. How many now?",
+          "answer": f"{n} + {72 - n} = 72\n#### 72" if n != 5 else "5 + 67 = 73\n#### 73"} for n in range(2, 10)]
+SQL = [{"question": f"Who is user {n}?", "context": "CREATE TABLE users (name VARCHAR, id INTEGER)",
+        "answer": "SELECT name FROM users" if n % 2 else "SELECT id FROM users"} for n in range(8)]
+
+
+def answering_checkpoint(directory: Path, corpus: str, answer: str) -> Path:
+    """A lit checkpoint whose greedy answer to every alpaca prompt is `answer` then EOS: a byte-level BPE trained on
+    `corpus` (so each word of the answer is one token) and a chain model (tests/test_chat_formats.py)."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from test_chat_formats import chain_model
+
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer, hf.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    hf.train_from_iterator([corpus] * 50, trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>"],
+                                                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    directory.mkdir()
+    hf.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    tokenizer = Tokenizer(directory)
+    prompt_end = tokenizer.encode(PromptStyle("alpaca").apply("x"), bos=False).tolist()[-1]  # every prompt's last token
+    words = tokenizer.encode(answer, bos=False).tolist()
+    assert tokenizer.decode(words) == answer and len(set(words)) == len(words) == len(answer.split())
+    save_lit_checkpoint(chain_model(tokenizer.vocab_size, [prompt_end, *words, tokenizer.eos_id]), directory)
+    return directory
+
+
+@pytest.mark.parametrize("task,records,corpus,answer", [
+    ("gsm8k", GSM8K, "#### 72 #### 73", "#### 72"),
+    ("sql", SQL, "SELECT name FROM users SELECT id", "SELECT name FROM users"),
+], ids=["gsm8k", "sql"])
+def test_evaluation_end_to_end_on_the_task_formats(tmp_path, task, records, corpus, answer):
+    """The records in the task's own format, prepared by its data_prep script and scored by scripts/evaluate.py
+    against a model that always answers `answer`: exactly the records whose reference (GSM8K: the number after
+    "####"; SQL: the query) is that answer count as correct."""
+    checkpoint = answering_checkpoint(tmp_path / "ckpt", corpus, answer)
+    (tmp_path / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    run_script(f"data_prep/{task}.py", "--data_file", tmp_path / "records.jsonl", "--checkpoint_dir", checkpoint,
+               "--destination_path", tmp_path / "data", "--val_split_fraction", "0.5", "--seed", "1", check=True)
+    proc = run_script("scripts/evaluate.py", "--checkpoint_dir", checkpoint, "--data", tmp_path / "data",
+                      "--max_new_tokens", "8", "--out", tmp_path / "report.json", check=True)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["task"] == task and report["samples"] == len(records) // 2
+    records_of = [next(r for r in records if r["question"] in row["prompt"]) for row in report["predictions"]]
+    expected = [r["answer"].endswith("#### 72") if task == "gsm8k" else r["answer"] == answer for r in records_of]
+    assert [row["prediction"] for row in report["predictions"]] == [answer] * report["samples"]
+    assert [row["correct"] for row in report["predictions"]] == expected
+    assert 0 < sum(expected) < len(expected)  # both kinds of reference were in the test split
+    assert f"exact match {sum(expected) / len(expected):.1%}" in proc.stdout
