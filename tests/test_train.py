@@ -122,10 +122,12 @@ def test_resume_never_unpickles_what_the_run_directory_holds(tiny, tmp_path):
 
 
 def test_killed_runs_resume_from_last_complete_checkpoint(tiny, tmp_path):
-    out = tmp_path / "run"
+    """SIGKILL mid-run, plus what a kill mid-write leaves (a partial checkpoint directory and weights file): --resume
+    continues from the last complete checkpoint and ends with the weights of a run never interrupted. The schedule is
+    flat (--min_lr = --learning_rate), so that run can stop at the same step without changing its learning rates."""
+    out, flags = tmp_path / "run", ("--min_lr", "3e-2", "--save_interval", "2", "--eval_interval", "1000000")
     args = [sys.executable, str(ROOT / "finetune/lora.py"), "--checkpoint_dir", str(tiny["ckpt"]), "--data",
-            str(tiny["data"]), "--out_dir", str(out), *COMMON, "--max_steps", "1000000", "--save_interval", "2",
-            "--eval_interval", "1000000"]
+            str(tiny["data"]), "--out_dir", str(out), *COMMON, *flags, "--max_steps", "1000000"]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     deadline = time.time() + 300  # however slow the machine: wait for checkpoints past step 4, then kill
@@ -133,7 +135,7 @@ def test_killed_runs_resume_from_last_complete_checkpoint(tiny, tmp_path):
     while max(saved(), default=0) < 4 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.1)
     assert proc.poll() is None, "the run ended before it could be killed"
-    assert list((out / "checkpoints").glob("step-*")), "no checkpoint within 5 minutes"
+    assert saved(), "no checkpoint within 5 minutes"
     proc.send_signal(signal.SIGKILL)  # killed during training, wherever it is
     proc.wait()
     # What a kill during a checkpoint write leaves behind: a partial .tmp directory and a partial weights file.
@@ -141,10 +143,11 @@ def test_killed_runs_resume_from_last_complete_checkpoint(tiny, tmp_path):
     partial.mkdir()
     (partial / "meta.json").write_text('{"step": 99')
     (out / ".lit_model_lora.pth.x.tmp").write_bytes(b"PK\x03\x04 truncated")
-    complete = sorted(d.name for d in (out / "checkpoints").glob("step-*") if not d.name.endswith(".tmp"))
-    done = finetune(tiny, out, "--resume", "true", "--max_steps", str(int(complete[-1][5:]) + 2))
-    assert f"resumed from step {int(complete[-1][5:])}" in done.stderr
-    assert weights(out / "lit_model_lora.pth")
+    step = max(saved())
+    done = finetune(tiny, out, *flags, "--resume", "true", "--max_steps", str(step + 2))
+    assert f"resumed from step {step}" in done.stderr
+    finetune(tiny, tmp_path / "uninterrupted", *flags, "--max_steps", str(step + 2))
+    assert_same(weights(out / "lit_model_lora.pth"), weights(tmp_path / "uninterrupted" / "lit_model_lora.pth"))
 
 
 @pytest.mark.slow
