@@ -65,6 +65,7 @@ TESTS = {
     "model": ["test_convert_hf.py", "test_generate.py", "test_rope.py", "test_qwen2.py"],
     "named_data": ["test_data.py", "test_default_commands.py"],
     "new_rows": ["test_lora.py", "test_new_tokens.py", "test_merge_export.py"],
+    "nf4": ["test_nf4.py"],
     "new_tokens": ["test_new_tokens.py", "test_merge_export.py"],
     "prepare": ["test_data.py", "test_data_errors.py"],
     "prompts": ["test_prompts.py", "test_chat_formats.py"],
