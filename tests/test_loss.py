@@ -1,4 +1,5 @@
-"""litft/loss.py's chunked loss against torch's own cross-entropy, computed in float64 on the same inputs."""
+"""litft/fast/chunked_loss.py against torch's own cross-entropy, computed in float64 on the same inputs, and which of
+its two branches each precision takes."""
 
 from __future__ import annotations
 
@@ -37,3 +38,25 @@ def test_bf16_gradient_keeps_confident_targets(precision):
     assert abs(loss.item() - expected.item()) < 0.02 * expected.item()
     error = (hidden.grad.double() - h64.grad).norm() / h64.grad.norm()
     assert error < 0.03, float(error)
+
+
+@pytest.mark.parametrize("case,forward_gradients", [
+    ("fp32", True), ("bf16-autocast", True), ("fp16-autocast", False), ("fp16-weights", False), ("lora-head", False)])
+def test_which_branch_the_chunked_loss_takes(case, forward_gradients):
+    """Gradients formed in the forward pass (LinearCrossEntropy) for a plain output layer in fp32 or bf16; the
+    checkpointed slices where float16 is in play (loss scaling reaches gradients only in backward) or the head
+    has trainables of its own. Both give the same values, so only the autograd graph tells them apart."""
+    from litft.lora import LoRAConfig, LoRALinear
+
+    head = torch.nn.Linear(16, 50, bias=False)
+    if case == "lora-head":
+        head = LoRALinear(head, LoRAConfig(r=2, alpha=4, targets=["lm_head"], dropout=0.0))
+    hidden = torch.randn(2, 8, 16, requires_grad=True)
+    if case == "fp16-weights":
+        head, hidden = head.half(), hidden.detach().half().requires_grad_(True)
+    labels = torch.randint(0, 50, (2, 8))
+    dtype = {"bf16-autocast": torch.bfloat16, "fp16-autocast": torch.float16}.get(case)
+    with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        loss = chunked_next_token_loss(head, hidden, labels, chunk_tokens=8)
+    total = loss.grad_fn.next_functions[0][0]  # the summed loss, before the division by the label count
+    assert (type(total).__name__ == "LinearCrossEntropyBackward") == forward_gradients, type(total).__name__
