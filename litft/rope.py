@@ -26,15 +26,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
 from litft.errors import UserError
-
-if TYPE_CHECKING:
-    from litft.config import Config
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 
@@ -70,7 +67,15 @@ class RoPEScaling:
 
 # ---- the tables the model uses --------------------------------------------------------------------------
 
-def rope_tables(config: "Config", n_positions: int, device: torch.device | None = None,
+class RoPEConfig(Protocol):
+    """What the tables need from a model's Config (litft/config.py)."""
+
+    head_size: int
+    rope_base: float
+    rope_scaling: RoPEScaling | None
+
+
+def rope_tables(config: RoPEConfig, n_positions: int, device: torch.device | None = None,
                 seq_len: int | None = None) -> tuple[Tensor, Tensor]:
     """cos and sin for positions 0 .. n_positions - 1, each (n_positions, head_size), in float32.
 
@@ -90,7 +95,7 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotated * sin
 
 
-def inverse_frequencies(config: "Config", seq_len: int, device=None) -> tuple[Tensor, float]:
+def inverse_frequencies(config: RoPEConfig, seq_len: int, device=None) -> tuple[Tensor, float]:
     """θ_i for i < hs/2 (float32) and the factor that scales cos and sin, as `config.rope_scaling` defines them."""
     s, hs, base = config.rope_scaling or RoPEScaling(), config.head_size, config.rope_base
     if s.type == "dynamic" and seq_len > s.original_max_position:
