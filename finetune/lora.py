@@ -6,6 +6,7 @@
 Defaults follow the reference articles: r 8, α 16, dropout 0.05, every linear layer of the blocks, learning
 rate 2e-4 with 100 warmup steps. Everything not LoRA-specific (the loop, logging, saving, resume) is litft.train.
 Data prepared with --new_tokens gets one trainable embedding and output row per new token, saved with A and B.
+With --quantize nf4 (or nf4-dq) the frozen base is stored in 4 bits: QLoRA (litft/qlora.py, howto/qlora.md).
 """
 
 from dataclasses import asdict
@@ -31,9 +32,9 @@ def main(train: TrainArgs, lora_r: int = 8, lora_alpha: float = 16.0, lora_dropo
     """
     config = LoRAConfig(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, rslora=lora_rslora,
                         targets=[t.strip() for t in lora_targets.split(",") if t.strip()],
-                        new_tokens=meta_of(train.data).get("new_tokens", []))
+                        new_tokens=meta_of(train.data).get("new_tokens", []), quantize=train.quantize)
     method = Method(name="lora", weights_name=WEIGHTS, prepare=partial(add_lora, config=config),
-                    save_config=config.save, config=asdict(config), new_tokens=config.new_tokens)
+                    save_config=config.save, config=asdict(config), new_tokens=config.new_tokens, quantizable=True)
     return fit(train, method)
 
 

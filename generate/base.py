@@ -7,14 +7,14 @@ stdout carries the completion only, streamed as it is produced; load time, time 
 and peak memory go to stderr. The flags are those of litft.generate.generate_cli.
 """
 
-from litft.checkpoint import load_lit_model
 from litft.cli import run
 from litft.generate import generate_cli
+from litft.load_finetuned import load_finetuned
 
 
 def main(**flags) -> None:
     """Generate a completion for --prompt from the model in --checkpoint_dir (flags: litft.generate.generate_cli)."""
-    generate_cli(load_model=load_lit_model, run_dir=None, **flags)
+    generate_cli(load_model=load_finetuned, run_dir=None, **flags)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ from litft.config import Config
 from litft.errors import UserError
 from litft.fast import for_generation
 from litft.load_finetuned import tokenizer_dir
+from litft.nf4 import check_scheme
 from litft.prompts import PromptStyle, resolve_style
 from litft.tokenizer import StreamDecoder, Tokenizer
 
@@ -172,7 +173,7 @@ def peak_memory(device: torch.device) -> str:
 
 def generate_cli(checkpoint_dir: Path, prompt: str, max_new_tokens: int = 100, temperature: float = 0.8,
                  top_k: Optional[int] = 50, top_p: float = 1.0, seed: int = 1234, precision: Optional[str] = None,
-                 prompt_style: Optional[str] = None, fast: bool = True, *,
+                 prompt_style: Optional[str] = None, fast: bool = True, quantize: Optional[str] = None, *,
                  load_model: Callable[..., torch.nn.Module], run_dir: Optional[Path]) -> str:
     """Generate a completion for a prompt; the completion alone goes to stdout, streamed as it is produced.
 
@@ -190,14 +191,17 @@ def generate_cli(checkpoint_dir: Path, prompt: str, max_new_tokens: int = 100, t
             template in the checkpoint's tokenizer_config.json, else the prompt as given (same as plain).
         fast: apply litft/fast's decoding measures (CPU weight layout, fp32 LoRA merged); false decodes with the
             model exactly as loaded.
+        quantize: nf4 or nf4-dq: store the linear weights of the blocks in 4 bits (litft/qlora.py). A LoRA
+            trained with --quantize runs on its 4-bit base with it, or on that base dequantized without it.
 
-    The generate/ scripts differ only in `load_model(checkpoint_dir, device=, dtype=, mmap=)`, which builds the
-    model (e.g. base weights plus LoRA weights), and `run_dir`, a fine-tuning run's directory searched for
+    The generate/ scripts differ only in `load_model(checkpoint_dir, device=, dtype=, mmap=, quantize=)`, which
+    builds the model (e.g. base weights plus LoRA weights), and `run_dir`, a fine-tuning run's directory searched for
     prompt_style.yaml before checkpoint_dir (None for a plain checkpoint).
     """
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision, dtype = pick_precision(precision, device)
     check_sampling(temperature, top_k, top_p)
+    check_scheme(quantize)
     check_text(prompt, "--prompt")
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
@@ -210,7 +214,7 @@ def generate_cli(checkpoint_dir: Path, prompt: str, max_new_tokens: int = 100, t
     check_fits(Config.from_checkpoint(checkpoint_dir).block_size, len(ids), max_new_tokens)  # before loading
 
     t0 = time.perf_counter()
-    model = for_generation(partial(load_model, checkpoint_dir), device, dtype, fast)
+    model = for_generation(partial(load_model, checkpoint_dir, quantize=quantize), device, dtype, fast)
     print(f"loaded {checkpoint_dir} in {time.perf_counter() - t0:.2f} s ({device.type}, {precision})", file=sys.stderr)
 
     ids = ids.to(device)

@@ -21,28 +21,49 @@ from litft.files import load_state_dict
 from litft.lora import FILE as LORA_FILE
 from litft.lora import LoRAConfig, add_lora, is_lora_key, lora_state_dict
 from litft.model import Llama
+from litft.nf4 import check_scheme
+from litft.qlora import as_used
 
 
 def load_finetuned(checkpoint_dir: Path, weights_path: Path | None = None, device: str | torch.device = "cpu",
-                   dtype: torch.dtype | None = None, method: str | None = None, mmap: bool = True) -> Llama:
+                   dtype: torch.dtype | None = None, method: str | None = None, mmap: bool = True,
+                   quantize: str | None = None) -> Llama:
     """The base model from `checkpoint_dir`, with the method's weights from `weights_path` applied.
 
     `method` (adapter, adapter_v2, full, ...) says what `weights_path` must be; by default the run directory
-    says it (see above). `mmap`: see load_lit_model. The model is returned in eval mode, with the method's layers
-    as trained (litft/fast's for_generation merges a LoRA for speed).
+    says it (see above). `mmap`: see load_lit_model. `quantize` (nf4, nf4-dq) stores the frozen linear weights of
+    the blocks in NF4; a LoRA trained on an NF4 base is used on those weights either way (litft/qlora.py's
+    `as_used`). The model is returned in eval mode, with the method's layers as trained (litft/fast's
+    for_generation merges a LoRA for speed).
     """
-    load_base = partial(load_lit_model, device=device, dtype=dtype, mmap=mmap)
+    check_scheme(quantize)
+    quantizing = quantize is not None or trained_quantize(weights_path, method) is not None
+    load_base = partial(load_lit_model, device="cpu" if quantizing else device, dtype=dtype,
+                        mmap=mmap and not quantizing)  # quantized on the CPU, layer by layer, then moved
+    model = load_method(checkpoint_dir, weights_path, method, load_base)
+    return as_used(model, trained_quantize(weights_path, method), quantize).to(device).eval()
+
+
+def load_method(checkpoint_dir: Path, weights_path: Path | None, method: str | None,
+                load_base: Callable[..., Llama]) -> Llama:
     if weights_path is None:
-        return load_base(checkpoint_dir).eval()
+        return load_base(checkpoint_dir)
     weights_path = Path(weights_path)
     method = method or detect_method(weights_path)
     if method == "full":
-        return load_full(checkpoint_dir, weights_path, load_base).eval()
+        return load_full(checkpoint_dir, weights_path, load_base)
     if method in ("adapter", "adapter_v2"):
-        return load_adapter(checkpoint_dir, weights_path, load_base, v2=method == "adapter_v2").eval()
+        return load_adapter(checkpoint_dir, weights_path, load_base, v2=method == "adapter_v2")
     if method == "lora":
-        return load_lora_run(checkpoint_dir, weights_path, load_base).eval()
+        return load_lora_run(checkpoint_dir, weights_path, load_base)
     raise UserError(f"unknown method {method!r}; choose lora, adapter, adapter_v2 or full")
+
+
+def trained_quantize(weights_path: Path | None, method: str | None) -> str | None:
+    """nf4 or nf4-dq for a LoRA run trained on a quantized base (QLoRA), else None."""
+    if weights_path is None or (method or detect_method(Path(weights_path))) != "lora":
+        return None
+    return LoRAConfig.from_dir(Path(weights_path).parent).quantize
 
 
 def detect_method(weights_path: Path) -> str:

@@ -40,6 +40,7 @@ from litft.errors import UserError
 from litft.files import read_settings, write_settings
 from litft.model import Llama
 from litft.new_rows import GrownEmbedding, GrownLinear, new_token_rows
+from litft.nf4 import check_scheme
 
 FILE = "lora.yaml"  # the run's LoRAConfig
 WEIGHTS = "lit_model_lora.pth"  # the run's trained tensors: A, B (and new-token rows)
@@ -56,8 +57,10 @@ class LoRAConfig:
     targets: list[str] = field(default_factory=lambda: list(LINEAR))  # all linear layers of the blocks
     rslora: bool = False  # scale by α/√r instead of α/r
     new_tokens: list[str] = field(default_factory=list)  # special tokens appended to the vocabulary
+    quantize: str | None = None  # the base's frozen weights were stored in NF4 in training (QLoRA: litft/qlora.py)
 
     def __post_init__(self) -> None:
+        check_scheme(self.quantize, flag="quantize:")
         unknown = [t for t in self.targets if t not in TARGETS]
         if unknown:
             raise UserError(f"unknown LoRA target {', '.join(map(repr, unknown))}; choose among {', '.join(TARGETS)}")

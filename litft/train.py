@@ -38,7 +38,7 @@ from lightning.fabric.strategies import ModelParallelStrategy
 from tqdm import tqdm
 
 from litft import data as data_lib
-from litft import fast, run_dir, train_state
+from litft import fast, qlora, run_dir, train_state
 from litft.base_checkpoint import record_base
 from litft.checkpoint import load_lit_model
 from litft.errors import UserError
@@ -58,6 +58,7 @@ def fit(args: TrainArgs, method: Method) -> dict:
 
     Everything is read and checked first (flags, data, base, out_dir); only then is out_dir written to."""
     args.validate()
+    method.check_quantize(args.quantize)
     fabric = make_fabric(args)
     fabric.launch()
     if args.compile:
@@ -110,8 +111,7 @@ def setup_loop(fabric: Fabric, model: Llama, args: TrainArgs, method: Method, lo
                **rest) -> "Loop":
     """Hand the model to Fabric (device, precision, DDP/FSDP), build the optimizer and the schedule."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    fabric.print(f"trainable parameters: {trainable:,} of {sum(p.numel() for p in model.parameters()):,}",
-                 file=sys.stderr)
+    fabric.print(f"trainable parameters: {trainable:,} of {qlora.weight_count(model):,}", file=sys.stderr)
     wrapped = fabric.setup_module(model)
     wrapped.mark_forward_method("hidden_states")  # the fast loss calls it: under DDP it must pass DDP's forward too
     fabric.seed_everything(args.seed + fabric.global_rank, verbose=False)  # different dropout masks per process
@@ -299,9 +299,11 @@ def shard_blocks(model: Llama, device_mesh) -> Llama:
 
 def build_model(args: TrainArgs, method: Method, fabric: Fabric) -> Llama:
     dtype = torch.bfloat16 if fabric.strategy.precision.precision == "bf16-true" else None
-    model = load_lit_model(args.checkpoint_dir, dtype=dtype)
+    model = load_lit_model(args.checkpoint_dir, dtype=dtype, mmap=args.quantize is None)  # see below
     model.requires_grad_(False)
     method.prepare(model)
+    if args.quantize:  # each layer's W is freed once stored in NF4; a mapped file would stay resident
+        qlora.quantize(model, args.quantize)
     model.activation_checkpointing = args.activation_checkpointing
     if not any(p.requires_grad for p in model.parameters()):
         raise UserError(f"the {method.name} method left no trainable parameters")

@@ -17,6 +17,7 @@ from litft import run_dir
 from litft.base_checkpoint import DEFAULT_CHECKPOINT
 from litft.errors import UserError
 from litft.model import Llama
+from litft.nf4 import check_scheme
 
 PRECISIONS = ("bf16-mixed", "bf16-true", "16-mixed", "16-true", "32-true")
 AT_LEAST_ONE = ("max_steps", "batch_size", "micro_batch_size", "devices", "num_nodes", "eval_interval", "eval_iters",
@@ -31,6 +32,7 @@ class TrainArgs:
     checkpoint_dir: Path = DEFAULT_CHECKPOINT  # SmolLM2-135M-Instruct, converted from the offline GGUF on first use
     out_dir: Path = Path("out/finetune")
     precision: str | None = None  # bf16-mixed, bf16-true, 16-mixed, 32-true; default bf16-mixed on a GPU, else 32-true
+    quantize: str | None = None  # nf4 or nf4-dq: the frozen base in 4 bits (QLoRA, litft/qlora.py); LoRA only
     devices: int = 1
     num_nodes: int = 1
     strategy: Literal["auto", "ddp", "fsdp"] = "auto"
@@ -70,6 +72,7 @@ class TrainArgs:
             raise UserError(f"--min_lr {self.min_lr}: must not exceed --learning_rate {self.learning_rate}")
         if self.max_seq_length is not None and self.max_seq_length < 2:
             raise UserError(f"--max_seq_length {self.max_seq_length}: must be at least 2 (a token and EOS)")
+        check_scheme(self.quantize)
         if self.precision is not None and self.precision not in PRECISIONS:
             raise UserError(f"--precision {self.precision}: choose one of {', '.join(PRECISIONS)}")
         if torch.cuda.is_available() and self.devices > torch.cuda.device_count():
@@ -107,3 +110,9 @@ class Method:
     save_config: Callable[[Path], None] = lambda out_dir: None  # writes e.g. lora.yaml into out_dir
     config: dict = field(default_factory=dict)  # recorded in hyperparameters.yaml
     new_tokens: list[str] = field(default_factory=list)  # tokens the prepared model has new rows for (LoRA only)
+    quantizable: bool = False  # its frozen base may be stored in NF4 (--quantize): LoRA, which only reads W
+
+    def check_quantize(self, quantize: str | None) -> None:
+        if quantize is not None and not self.quantizable:
+            raise UserError(f"--quantize {quantize}: the {self.name} method cannot train on a 4-bit base; QLoRA is "
+                            "finetune/lora.py --quantize (drop --quantize here)")

@@ -27,13 +27,14 @@ from litft.fast import for_generation
 from litft.files import atomic_write_text
 from litft.generate import pick_precision
 from litft.load_finetuned import load_finetuned, tokenizer_dir
+from litft.nf4 import check_scheme
 from litft.prompts import PromptStyle
 from litft.tokenizer import Tokenizer
 
 
 def main(checkpoint_dir: Path, data: str, weights_path: Optional[Path] = None, split: Literal["test", "train"] = "test",
          limit: Optional[int] = None, max_new_tokens: int = 128, out: Optional[Path] = None,
-         precision: Optional[str] = None, batch_size: int = 8, fast: bool = True) -> dict:
+         precision: Optional[str] = None, batch_size: int = 8, fast: bool = True, quantize: Optional[str] = None) -> dict:
     """Score greedy answers by exact match and compute the validation loss.
 
     Args:
@@ -48,6 +49,7 @@ def main(checkpoint_dir: Path, data: str, weights_path: Optional[Path] = None, s
         batch_size: samples per forward pass for the validation loss.
         fast: load the model as generate/ does (litft/fast: fp32 LoRA merged, CPU decoding layout); false
             evaluates the model exactly as loaded.
+        quantize: nf4 or nf4-dq: the linear weights of the blocks in 4 bits, as generate/ --quantize.
     """
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be at least 1, got {limit}")
@@ -61,7 +63,8 @@ def main(checkpoint_dir: Path, data: str, weights_path: Optional[Path] = None, s
     check_same_tokens(samples[0], tokenizer, style, data, checkpoint_dir)
     warn_if_trained_with_another_style(weights_path, style)
 
-    load = partial(load_finetuned, checkpoint_dir, weights_path)
+    check_scheme(quantize)
+    load = partial(load_finetuned, checkpoint_dir, weights_path, quantize=quantize)
     model = for_generation(load, device, dtype, fast)  # as the generate/ scripts load it
     start = time.perf_counter()
     report = evaluate(model, tokenizer, samples, style, task, limit, max_new_tokens, batch_size)

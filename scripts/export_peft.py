@@ -19,6 +19,11 @@ size before loading the adapter:
 
     tokenizer = AutoTokenizer.from_pretrained("out/lora/peft")
     model.resize_token_embeddings(len(tokenizer))
+
+A QLoRA run (lora.yaml's quantize: nf4 or nf4-dq) exports the same way; its A and B learnt to correct the NF4
+base, which transformers builds with bitsandbytes (the line printed at the end names the settings):
+
+    BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=False)
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import torch
 from litft.cli import run
 from litft.config import CONFIGS, Config
 from litft.convert_hf import lit_to_hf_name
+from litft.nf4 import SCHEMES
 from litft.errors import UserError
 from litft.files import atomic_path, atomic_write_text, check_output_dir, load_state_dict, remove_other_tokenizer_files
 from litft.load_finetuned import check_lora_state_dict, check_same_base
@@ -108,6 +114,9 @@ def main(checkpoint_dir: Path, lora_path: Path, output_dir: Path) -> None:
     rows = f" and {len(lora.new_tokens)} new-token rows (+ tokenizer)" if lora.new_tokens else ""
     print(f"wrote {sum('lora_' in k for k in tensors)} LoRA tensors for {config['target_modules']}{rows} to "
           f"{output_dir}", file=sys.stderr)
+    if lora.quantize:
+        print(f"this LoRA was trained on a {lora.quantize} base: load the base with BitsAndBytesConfig(load_in_4bit="
+              f"True, bnb_4bit_quant_type='nf4', bnb_4bit_use_double_quant={SCHEMES[lora.quantize]})", file=sys.stderr)
 
 
 if __name__ == "__main__":

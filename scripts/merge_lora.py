@@ -8,6 +8,8 @@ Every adapted weight becomes W + (α/r)·B·A; r, α and the targets come from t
 has one, its prompt_style.yaml, so the merged model is prompted as it was trained. With tied embeddings and
 LoRA on embed or lm_head, the merged model has the two matrices untied (tie_embeddings: false). A run that added
 tokens (lora.yaml's new_tokens) gives a merged model with the larger vocabulary and a tokenizer that knows them.
+A QLoRA run (lora.yaml's quantize: nf4) is merged into the weights it was trained on, W' = Ŵ + (α/r)·B·A with
+Ŵ the dequantized NF4 weight (litft/qlora.py), and saved in the base's dtype.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from litft.load_finetuned import check_same_base, load_lora
 from litft.lora import LoRAConfig, merge_lora
 from litft.new_tokens import grown_tokenizer_files, write_tokenizer
 from litft.prompts import FILE as PROMPT_STYLE
+from litft.qlora import as_used
 
 
 def main(checkpoint_dir: Path, lora_path: Path, out_dir: Path) -> None:
@@ -44,8 +47,8 @@ def main(checkpoint_dir: Path, lora_path: Path, out_dir: Path) -> None:
     check_same_base(lora_path.parent, base, lora_path)  # the run's model_config.yaml names its base
     if lora.new_tokens:  # fail before anything is written if the tokenizer cannot take them
         grown_tokenizer_files(checkpoint_dir, lora.new_tokens, base.vocab_size)
-    model = load_lora(load_lit_model(checkpoint_dir), lora_path)  # every check happens before anything is written
-    merged = merge_lora(model)
+    model = load_lora(load_lit_model(checkpoint_dir, mmap=lora.quantize is None), lora_path)  # all checks before writing
+    merged = merge_lora(as_used(model, trained=lora.quantize, requested=None))  # a QLoRA run: W' = Ŵ + (α/r)·B·A
     save_lit_checkpoint(merged, out_dir)
     copied = (write_tokenizer(checkpoint_dir, out_dir, lora.new_tokens, base.vocab_size) if lora.new_tokens
               else copy_tokenizer(checkpoint_dir, out_dir))  # new tokens at ids V, V + 1, ...

@@ -1,0 +1,226 @@
+"""QLoRA (litft/qlora.py) against peft + bitsandbytes on transformers' Llama (bitsandbytes runs on a CPU), and a
+QLoRA run as a user drives it: finetune/lora.py --quantize, generate/, merge_lora.py, export_peft.py.
+
+Truth: transformers' Llama loaded with BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4") under
+peft — its loss and LoRA gradients, and its logits once it has loaded our PEFT export; for the served and merged
+forms of a run, the unmerged QLoRA model it was trained as.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+
+import pytest
+import torch
+import yaml
+from conftest import assert_user_error, run_script
+from test_lora import copy_peft_lora_into, hf_to_lit_name, peft_model, tiny_pair
+from test_distributed import losses
+from test_train import assert_same, finetune, tiny, weights  # noqa: F401  (tiny is a fixture)
+
+from litft.adapter_v2 import AdapterV2Config, add_adapter_v2
+from litft.checkpoint import load_lit_model
+from litft.errors import UserError
+from litft.fast import for_training
+from litft.load_finetuned import load_finetuned, load_lora
+from litft.lora import LoRAConfig, LoRALinear, add_lora, merge_lora
+from litft.qlora import NF4Linear, QLoRALinear, dequantize, quantize
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("bitsandbytes")
+
+
+def bnb_config(double: bool, dtype: torch.dtype = torch.float32):
+    return transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                           bnb_4bit_use_double_quant=double, bnb_4bit_compute_dtype=dtype)
+
+
+def qlora_pair(tmp_path, scheme: str, config: LoRAConfig):
+    """peft over transformers' Llama in bitsandbytes NF4, and litft's QLoRA model over the same weights and A, B."""
+    hf, ours = tiny_pair("tiny-gqa")
+    hf.save_pretrained(tmp_path)
+    q = transformers.LlamaForCausalLM.from_pretrained(tmp_path, quantization_config=bnb_config(scheme == "nf4-dq"),
+                                                      device_map="cpu", dtype=torch.float32)
+    pm = peft_model(q, config)
+    torch.manual_seed(1)
+    for name, p in pm.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)  # B = 0 would hide the update
+    quantize(add_lora(ours, config), scheme)
+    copy_peft_lora_into(pm, ours)
+    return pm, ours
+
+
+def use_bitsandbytes_absmax(pm, ours) -> float:
+    """Give litft's double-quantized layers bitsandbytes' 8-bit absmaxes, which differ in a few ties of the search
+    (tests/test_nf4.py); returns the share that differed. The 4-bit bytes must already be equal."""
+    differ, total = 0, 0
+    for name, layer in pm.named_modules():
+        if type(layer).__name__ != "Linear4bit":
+            continue
+        key = hf_to_lit_name(name.removeprefix("base_model.model.").removesuffix(".base_layer"))
+        ours_layer, state = ours.get_submodule(key), layer.weight.quant_state
+        assert torch.equal(ours_layer.nf4, layer.weight.data.flatten())
+        differ += (ours_layer.absmax != state.absmax).sum().item()
+        total += state.absmax.numel()
+        ours_layer.absmax.data.copy_(state.absmax)
+    return differ / total
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "plain"])
+@pytest.mark.parametrize("scheme", ["nf4", "nf4-dq"])
+def test_a_step_matches_peft_on_bitsandbytes(tmp_path, scheme, fast):
+    """The loss and every LoRA gradient of a training step equal peft's on a bitsandbytes 4-bit base (fp32)."""
+    config = LoRAConfig(r=4, alpha=8, dropout=0.0)
+    pm, ours = qlora_pair(tmp_path, scheme, config)
+    if scheme == "nf4-dq":
+        assert use_bitsandbytes_absmax(pm, ours) < 0.01
+    loss_fn = for_training(ours, fast)
+    torch.manual_seed(0)
+    x = torch.randint(0, ours.config.vocab_size, (2, 13))
+    pm.train(), ours.train()
+    expected = pm(input_ids=x, labels=x).loss
+    expected.backward()
+    loss = loss_fn(ours, x, x)  # labels aligned with the inputs, shifted inside, as transformers does
+    loss.backward()
+    torch.testing.assert_close(loss, expected, atol=1e-6, rtol=1e-6)
+    grads = 0
+    for name, p in pm.named_parameters():
+        if m := re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])\.default\.weight", name):
+            ours_grad = ours.get_parameter(hf_to_lit_name(m.group(1)) + f".lora_{m.group(2)}").grad
+            torch.testing.assert_close(ours_grad, p.grad, atol=1e-6, rtol=1e-5, msg=name)
+            grads += 1
+    assert grads == 2 * 7 * ours.config.n_layer
+
+
+def test_the_backward_pass_keeps_no_dequantized_weight():
+    """Autograd saves no (d_out, d_in) weight of a block for the backward pass: Ŵ is dequantized again there.
+    The same model in plain LoRA saves them (F.linear keeps W), so the check can fail."""
+    _, model = tiny_pair("tiny-gqa")
+    add_lora(model, LoRAConfig(r=4, dropout=0.0))
+    shapes = {s for m in model.blocks.modules() if isinstance(m, LoRALinear) for s in (m.weight.shape, m.weight.T.shape)}
+
+    def saved_weights(m) -> int:
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+            m(torch.randint(0, 256, (2, 11))).sum().backward()
+        return sum(torch.Size(shape) in shapes for shape in saved)
+
+    assert saved_weights(model) >= 7 * (model.config.n_layer - 1)  # block 0's q, k, v read x, which needs no grad
+    assert saved_weights(quantize(model, "nf4")) == 0
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "nf4-dq"])
+def test_the_stored_weights_survive_a_cast_to_bf16(scheme):
+    """--precision bf16-true casts the model's floating-point parameters; the absmaxes and scales, kept as int32
+    bits, come through exactly, so Ŵ in bf16 is the fp32 Ŵ rounded once."""
+    _, model = tiny_pair("tiny-gqa")
+    quantize(model, scheme)
+    before = {name: m.dequantize(torch.float32) for name, m in model.named_modules() if isinstance(m, NF4Linear)}
+    model.to(torch.bfloat16)
+    for name, m in model.named_modules():
+        if isinstance(m, NF4Linear):
+            assert torch.equal(m.dequantize(torch.bfloat16), before[name].to(torch.bfloat16)), name
+
+
+def test_dequantized_and_merged_forms_compute_what_the_qlora_model_computes():
+    """A QLoRA model, the same with Ŵ dequantized (LoRALinear over Ŵ), and that merged (Ŵ + (α/r)·B·A): the same
+    logits in fp32; the merged model is a plain Llama."""
+    _, model = tiny_pair("tiny-gqa")
+    add_lora(model, LoRAConfig(r=4, alpha=8, targets=["q", "v", "down", "lm_head"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(std=0.05)
+    quantize(model.eval(), "nf4")
+    assert sum(isinstance(m, QLoRALinear) for m in model.modules()) == 3 * model.config.n_layer
+    x = torch.randint(0, 256, (2, 9))
+    with torch.no_grad():
+        expected = model(x)
+        dequantize(model)
+        assert not any(isinstance(m, NF4Linear) for m in model.modules())
+        torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=0)
+        merge_lora(model)
+        assert not any("lora" in name for name, _ in model.named_parameters())
+        torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=0)
+
+
+def test_what_cannot_be_quantized_is_refused_in_one_line():
+    _, model = tiny_pair("tiny-gqa")
+    with pytest.raises(UserError, match=r"nf5: choose nf4 or nf4-dq"):
+        quantize(model, "nf5")
+    model.requires_grad_(False)
+    add_adapter_v2(model, AdapterV2Config(start_layer=0))
+    with pytest.raises(UserError, match=r"attn.q_proj is a ScaledLinear"):
+        quantize(model, "nf4")
+
+
+@pytest.mark.slow
+def test_a_qlora_run_trains_serves_merges_and_exports(tiny, tmp_path):
+    """finetune/lora.py --quantize nf4 trains only A and B on a 4-bit base and records it. The QLoRA model it was
+    trained as computes what it is served as: in NF4 (--quantize nf4), on Ŵ dequantized (no --quantize) and merged
+    by merge_lora.py — not what the same A and B compute on the original W. generate/ prints the same text each way."""
+    run = tmp_path / "run"
+    proc = finetune(tiny, run, "--quantize", "nf4", "--lora_dropout", "0")
+    assert "trainable parameters: 16,384 of " in proc.stderr
+    assert yaml.safe_load((run / "lora.yaml").read_text())["quantize"] == "nf4"
+    trained = torch.load(run / "lit_model_lora.pth", weights_only=True)
+    assert trained and all(k.endswith(("lora_A", "lora_B")) for k in trained)
+    merged = tmp_path / "merged"
+    run_script("scripts/merge_lora.py", "--checkpoint_dir", tiny["ckpt"], "--lora_path", run / "lit_model_lora.pth",
+               "--out_dir", merged, check=True)
+
+    qlora = load_finetuned(tiny["ckpt"], run / "lit_model_lora.pth", quantize="nf4")
+    assert sum(isinstance(m, QLoRALinear) for m in qlora.modules()) == 7 * qlora.config.n_layer
+    served = [load_finetuned(tiny["ckpt"], run / "lit_model_lora.pth"), load_lit_model(merged).eval()]
+    on_original_w = load_lora(load_lit_model(tiny["ckpt"]), run / "lit_model_lora.pth").eval()
+    x = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        expected = qlora(x)
+        for model in served:
+            torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=0)
+        assert (on_original_w(x) - expected).abs().max() > 1e-3
+
+    flags = ("--prompt", "colour 3", "--temperature", "0", "--max_new_tokens", "8", "--prompt_style", "plain")
+    texts = {run_script("generate/lora.py", "--lora_path", run / "lit_model_lora.pth", *flags, *q, check=True).stdout
+             for q in (("--quantize", "nf4"), ())}
+    texts.add(run_script("generate/base.py", "--checkpoint_dir", merged, *flags, check=True).stdout)
+    assert len(texts) == 1
+    proc = run_script("generate/lora.py", "--lora_path", run / "lit_model_lora.pth", *flags, "--quantize", "nf4-dq")
+    assert_user_error(proc, "trained on a nf4 base", "--quantize nf4")
+
+
+@pytest.mark.parametrize("args,fragments", [
+    (["--quantize", "nf5"], ["--quantize nf5: choose nf4 or nf4-dq"]),
+])
+def test_bad_quantize_flags_are_one_line(tiny, tmp_path, args, fragments):
+    assert_user_error(finetune(tiny, tmp_path / "out", *args, check=False), *fragments)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("script", ["finetune/full.py", "finetune/adapter.py", "finetune/adapter_v2.py"])
+def test_methods_that_cannot_train_on_a_4bit_base_say_so(tiny, tmp_path, script):
+    proc = finetune(tiny, tmp_path / "out", "--quantize", "nf4", script=script, check=False)
+    assert_user_error(proc, "--quantize nf4", "cannot train on a 4-bit base", "finetune/lora.py")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_fsdp_shards_the_4bit_base_and_trains_and_resumes_as_one_process(tiny, tmp_path):
+    """2 processes (gloo, FSDP2), which shard the NF4 bytes and absmaxes like any parameter, take the optimizer
+    steps of 1 process (fp32: the same losses to rounding); resumed from step 3 they end bit for bit where the
+    straight run ends."""
+    flags = ("--quantize", "nf4-dq", "--lora_dropout", "0")
+    finetune(tiny, tmp_path / "one", *flags)
+    two = tmp_path / "two"
+    finetune(tiny, two, *flags, "--devices", "2", "--strategy", "fsdp")
+    torch.testing.assert_close(torch.tensor(losses(two)), torch.tensor(losses(tmp_path / "one")), rtol=1e-5, atol=0)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(two, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-000006")
+    (resumed / "lit_model_lora.pth").unlink()
+    proc = finetune(tiny, resumed, *flags, "--devices", "2", "--strategy", "fsdp", "--resume", "true")
+    assert "resumed from step 3" in proc.stderr
+    assert_same(weights(two / "lit_model_lora.pth"), weights(resumed / "lit_model_lora.pth"))
