@@ -2,17 +2,23 @@
 
     litft                     Llama + add_lora + litft.fast.for_training and its loss (what every litft recipe uses)
     litft-plain               the same with --fast false: the textbook layers and loss
+    litft-qlora               litft with the blocks' frozen weights in NF4: add_lora, then litft.qlora.quantize(model,
+                              "nf4"), then for_training (the order of build_model in litft/train.py)
     transformers (+ peft)     LlamaForCausalLM (+ get_peft_model); loss = model(x, labels=x).loss
+    transformers-qlora        the same model saved, loaded back by from_pretrained with bitsandbytes' 4-bit NF4
+                              (BitsAndBytesConfig, on the CPU), prepare_model_for_kbit_training, get_peft_model
     litgpt                    litgpt.lora.GPT (or litgpt.model.GPT); loss as litgpt/finetune/lora.py computes it:
                               model(x, lm_head_chunk_size=128), then chunked_cross_entropy
 
-All three start from litft's randomly initialised weights (copied under each library's names), so with B = 0
-at step 0 their first losses agree: a check that the three steps compute the same thing. Each library is
+All start from litft's randomly initialised weights (copied under each library's names), so with B = 0 at
+step 0 their first losses agree: a check that the steps compute the same thing (the two QLoRA builds agree with
+each other: both round the weights to the same NF4 values, tests/test_qlora.py). Each library is
 imported only when asked for, so a process that runs one library holds only that library in memory.
 """
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable
@@ -22,7 +28,7 @@ from torch import Tensor
 
 from litft.config import Config
 
-FRAMEWORKS = ("litft", "transformers", "litgpt")
+FRAMEWORKS = ("litft", "litft-plain", "litft-qlora", "transformers", "transformers-qlora", "litgpt")
 LORA_TARGETS_HF = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -35,6 +41,7 @@ class StepSpec:
     dropout: float = 0.05
     seed: int = 0
     activation_checkpointing: bool = False  # recompute each block in backward (litft, transformers)
+    compute_dtype: torch.dtype = torch.float32  # QLoRA's matmul dtype (bitsandbytes' bnb_4bit_compute_dtype)
 
 
 def base_state_dict(config: Config, seed: int) -> dict[str, Tensor]:
@@ -51,35 +58,36 @@ def base_state_dict(config: Config, seed: int) -> dict[str, Tensor]:
 
 def build(framework: str, spec: StepSpec) -> tuple[torch.nn.Module, Callable[[Tensor], Tensor]]:
     """The model (LoRA or full, trainable parameters marked) and its loss function loss(x) for next-token targets x."""
-    builders = {"litft": build_litft, "litft-plain": partial(build_litft, fast=False), "transformers": build_transformers,
-                "litgpt": build_litgpt}
+    builders = {"litft": build_litft, "litft-plain": partial(build_litft, fast=False),
+                "litft-qlora": partial(build_litft, quantize="nf4"), "transformers": build_transformers,
+                "transformers-qlora": partial(build_transformers, quantize="nf4"), "litgpt": build_litgpt}
+    if framework.endswith("-qlora") and spec.method != "lora":
+        raise SystemExit(f"{framework} trains LoRA on a 4-bit base: --method lora only")
     return builders[framework](spec)
 
 
-def build_litft(spec: StepSpec, fast: bool = True):
-    """As finetune/*.py builds it: the method added, then litft/fast's measures (or, fast=False, the plain path)."""
+def build_litft(spec: StepSpec, fast: bool = True, quantize: str | None = None):
+    """As finetune/*.py builds it: the method added, the blocks' frozen weights stored in NF4 when `quantize`
+    (--quantize), then litft/fast's measures (or, fast=False, the plain path)."""
+    from litft import qlora
     from litft.fast import for_training
     from litft.lora import LoRAConfig, add_lora
     from litft.model import Llama
 
     model = Llama(spec.config)
-    model.load_state_dict(base_state_dict(spec.config, spec.seed))
+    model.load_state_dict(base_state_dict(spec.config, spec.seed))  # the state dict is freed on return
     if spec.method == "lora":
         add_lora(model, LoRAConfig(r=spec.r, alpha=spec.alpha, dropout=spec.dropout))
+    if quantize:  # each replaced layer's fp32 W goes with it: nothing else refers to it
+        qlora.quantize(model, quantize)
     model.activation_checkpointing = spec.activation_checkpointing
     loss_fn = for_training(model, fast)
     return model.train(), lambda x: loss_fn(model, x, x)
 
 
-def build_transformers(spec: StepSpec):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from litft.convert_hf import lit_to_hf_state_dict
-
-    model = LlamaForCausalLM(LlamaConfig(**spec.config.to_hf_config()))  # attention: SDPA (the default)
-    missing, unexpected = model.load_state_dict(lit_to_hf_state_dict(base_state_dict(spec.config, spec.seed)),
-                                                strict=False)
-    assert not unexpected and all(k == "lm_head.weight" for k in missing), (missing, unexpected)
+def build_transformers(spec: StepSpec, quantize: str | None = None):
+    """LlamaForCausalLM (+ peft), its block weights in bitsandbytes' 4 bits when `quantize` (QLoRA)."""
+    model = hf_model(spec) if quantize is None else hf_model_in_4_bits(spec, quantize)
     if spec.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if spec.method == "lora":
@@ -88,6 +96,35 @@ def build_transformers(spec: StepSpec):
         model = get_peft_model(model, LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
                                                  target_modules=LORA_TARGETS_HF))
     return model.train(), lambda x: model(input_ids=x, labels=x).loss
+
+
+def hf_model(spec: StepSpec):
+    """transformers' Llama holding the shared weights, in fp32."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from litft.convert_hf import lit_to_hf_state_dict
+
+    model = LlamaForCausalLM(LlamaConfig(**spec.config.to_hf_config()))  # attention: SDPA (the default)
+    missing, unexpected = model.load_state_dict(lit_to_hf_state_dict(base_state_dict(spec.config, spec.seed)),
+                                                strict=False)
+    assert not unexpected and all(k == "lm_head.weight" for k in missing), (missing, unexpected)
+    return model
+
+
+def hf_model_in_4_bits(spec: StepSpec, quant_type: str):
+    """hf_model(spec) as a QLoRA user gets it: saved, then loaded by from_pretrained with a BitsAndBytesConfig (the
+    one way to apply it), which stores the blocks' linear weights in 4 bits; embedding, lm_head and norms stay fp32.
+    The fp32 model is freed once saved, and the saved copy deleted once loaded."""
+    from peft import prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
+                             bnb_4bit_compute_dtype=spec.compute_dtype)
+    with tempfile.TemporaryDirectory() as saved:
+        hf_model(spec).save_pretrained(saved)
+        model = LlamaForCausalLM.from_pretrained(saved, quantization_config=bnb, device_map="cpu", dtype=torch.float32)
+    # peft's QLoRA recipe; checkpointing is left to build_transformers, as for the other builds
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
 def to_litgpt_state_dict(sd: dict[str, Tensor], config: Config) -> dict[str, Tensor]:

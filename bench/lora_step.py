@@ -2,12 +2,16 @@
 
     python bench/lora_step.py --seqs [256] --precisions [32-true]                  # one setting, ~5 min on 2 cores
     python bench/lora_step.py --method full --frameworks [litft,transformers]      # full fine-tuning
+    python bench/lora_step.py --seqs [256] --frameworks [litft,litft-qlora,transformers-qlora] \
+        --pairs [litft-qlora/litft,litft-qlora/transformers-qlora]                # QLoRA (NF4 base)
 
 For every (sequence length, precision) it starts one bench/worker.py process per library (its own memory,
 its own imports), warms each up, then alternates timed steps A B C A B C … and between rounds times this
 machine's matmul rate on the model's shapes (bench/flops.py). It prints every round to stderr and a Markdown
 table to stdout: median and best step seconds with each library's time relative to litft, tokens/s, achieved
-FLOP/s and its fraction of the measured matmul rate (from the medians), peak RSS of each process. On a machine
+FLOP/s and its fraction of the measured matmul rate (from the medians), peak RSS of each process during the
+steps and its resident memory once the model was built; then, for each `--pairs` entry a/b, a's median step,
+best step and peak RSS over b's. On a machine
 shared with other work the best step is the cleaner estimate (contention only ever adds time). Weights are
 random (speed does not depend on the values) but shared: at step 0 the LoRA product B·A is zero, so all first
 losses agree; the table prints them.
@@ -86,40 +90,66 @@ def compare(frameworks: list[str], rounds: int, warmup: int, flags: dict, config
                      "best": best, "best_vs": best / min(times[frameworks[0]]),
                      "tokens_per_s": tokens / median, "gflops": flops / median / 1e9,
                      "of_matmul": flops / median / rate, "matmul_gflops": rate / 1e9,
-                     "peak_rss_mb": summaries[f]["peak_rss_mb"], "first_loss": first_loss[f]})
+                     "peak_rss_mb": summaries[f]["peak_rss_mb"], "built_rss_mb": summaries[f]["built_rss_mb"],
+                     "first_loss": first_loss[f]})
     return rows
+
+
+def pair_ratios(rows: list[dict], pairs: list[str]) -> list[tuple[str, float, float, float]]:
+    """For each "a/b" of `pairs`: (the pair, a's median step / b's, best step / best step, peak RSS / peak RSS)."""
+    by_name = {row["framework"]: row for row in rows}
+    out = []
+    for pair in pairs:
+        a, b = (by_name[name] for name in pair.split("/"))
+        out.append((pair, a["seconds"] / b["seconds"], a["best"] / b["best"], a["peak_rss_mb"] / b["peak_rss_mb"]))
+    return out
 
 
 def main(method: str = "lora", seqs: list[int] = [256, 512], precisions: list[str] = ["32-true", "bf16-mixed"],
          frameworks: list[str] = ["litft", "transformers", "litgpt"], model: str = "SmolLM2-135M",
-         micro_batch_size: int = 4, dropout: float = 0.05, rounds: int = 3, warmup: int = 1, threads: int = 0) -> None:
+         micro_batch_size: int = 4, dropout: float = 0.05, rounds: int = 3, warmup: int = 1, threads: int = 0,
+         activation_checkpointing: bool = False, pairs: list[str] = []) -> None:
     """Time one training step (forward, backward, AdamW) of each library, alternating, and print a table.
 
     Args:
         method: lora (r 8, alpha 16, all seven linear layers) or full.
         seqs: sequence lengths to run.
         precisions: 32-true and/or bf16-mixed (torch.autocast to bfloat16).
-        frameworks: libraries to compare; the first is the reference of the ratios.
+        frameworks: libraries to compare (bench/frameworks.py); the first is the reference of the ratios.
         model: litft config name (shapes).
         micro_batch_size: samples per step.
         dropout: LoRA dropout (0.05 is litft's and litgpt's recipe default).
         rounds: timed steps per library.
         warmup: untimed steps per library first.
         threads: torch CPU threads per worker (0: torch's choice).
+        activation_checkpointing: recompute each block in the backward pass (not litgpt).
+        pairs: "a/b" ratios of two of the frameworks to print in a second table, e.g. litft-qlora/transformers-qlora.
     """
     cfg = Config.from_name(model)
+    for pair in pairs:  # checked now, not after the run
+        if pair.count("/") != 1 or not set(pair.split("/")) <= set(frameworks):
+            raise SystemExit(f"--pairs {pair}: write a/b with a and b among --frameworks {frameworks}")
     print(f"| method | seq | precision | library | median s | vs {frameworks[0]} | best s | vs {frameworks[0]} | tokens/s "
-          f"| GFLOP/s | of matmul rate | peak RSS MB | first loss |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          f"| GFLOP/s | of matmul rate | peak RSS MB | built RSS MB | first loss |\n"
+          f"|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    ratios = []
     for seq in seqs:
         for precision in precisions:
             print(f"{method}, seq {seq}, {precision}:", file=sys.stderr, flush=True)
             flags = dict(method=method, model=model, seq=seq, micro_batch_size=micro_batch_size,
-                         precision=precision, dropout=dropout, threads=threads)
-            for row in compare(frameworks, rounds, warmup, flags, cfg):
+                         precision=precision, dropout=dropout, threads=threads,
+                         activation_checkpointing=activation_checkpointing)
+            rows = compare(frameworks, rounds, warmup, flags, cfg)
+            for row in rows:
                 print(f"| {method} | {seq} | {precision} | {row['framework']} | {row['seconds']:.2f} | "
                       f"{row['vs_litft']:.2f} | {row['best']:.2f} | {row['best_vs']:.2f} | {row['tokens_per_s']:.0f} | {row['gflops']:.1f} | "
                       f"{row['of_matmul']:.0%} of {row['matmul_gflops']:.1f} | {row['peak_rss_mb']:.0f} | "
-                      f"{row['first_loss']:.4f} |", flush=True)
+                      f"{row['built_rss_mb']:.0f} | {row['first_loss']:.4f} |", flush=True)
+            ratios += [(seq, precision, *r) for r in pair_ratios(rows, pairs)]
+    if ratios:
+        print("\n| seq | precision | a / b | median step | best step | peak RSS |\n|---|---|---|---|---|---|")
+        for seq, precision, pair, median, best, rss in ratios:
+            print(f"| {seq} | {precision} | {pair} | {median:.2f} | {best:.2f} | {rss:.2f} |")
 
 
 if __name__ == "__main__":

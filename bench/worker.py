@@ -6,7 +6,8 @@ It builds the model, prints `ready`, then reads commands on stdin, one per line,
 line on stdout:
 
     step N   ->  {"seconds": [...], "loss": ...}     N timed steps (forward, backward, AdamW step, zero_grad)
-    quit     ->  {"peak_rss_mb": ..., ...}           peak resident memory during the steps, then it exits
+    quit     ->  {"peak_rss_mb": ..., ...}           peak resident memory during the steps (and resident memory
+                                                  once built: the model as its library leaves it), then it exits
 
 bench/lora_step.py starts one worker per library and alternates `step` commands between them, so the libraries
 share the machine's good and bad moments alike, while each one's memory stays in a process of its own.
@@ -30,9 +31,14 @@ from litft.config import Config
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process since the last reset_peak_rss() (Linux: VmHWM, in kB)."""
+    """Peak resident set size of this process since the last reset_peak_rss() (Linux: VmHWM)."""
+    return status_mb("VmHWM")
+
+
+def status_mb(field: str) -> float:
+    """A memory line of /proc/self/status (in kB there), in MB: VmHWM (peak resident) or VmRSS (resident now)."""
     status = Path("/proc/self/status").read_text()
-    return int(status.split("VmHWM:")[1].split()[0]) / 1024
+    return int(status.split(f"{field}:")[1].split()[0]) / 1024
 
 
 def reset_peak_rss() -> None:
@@ -46,19 +52,22 @@ def reset_peak_rss() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
-def main(framework: Literal["litft", "litft-plain", "transformers", "litgpt"], method: Literal["lora", "full"] = "lora",
+def main(framework: Literal["litft", "litft-plain", "litft-qlora", "transformers", "transformers-qlora", "litgpt"],
+         method: Literal["lora", "full"] = "lora",
          model: str = "SmolLM2-135M", seq: int = 256, micro_batch_size: int = 4, precision: Literal["32-true", "bf16-mixed"] = "32-true",
          dropout: float = 0.05, threads: int = 0, seed: int = 0,
          activation_checkpointing: bool = False) -> None:
     """Serve timed training steps of one library over stdin/stdout.
 
     Args:
-        framework: which library builds and runs the step (litft-plain: litft with --fast false).
+        framework: which library builds and runs the step (litft-plain: litft with --fast false; *-qlora: LoRA
+            on the blocks' frozen weights in 4-bit NF4, litft's own or bitsandbytes').
         method: LoRA (r 8, alpha 16, all seven linear layers of every block) or full fine-tuning.
         model: a litft config name (shapes only; the weights are random).
         seq: tokens per sample.
         micro_batch_size: samples per step.
-        precision: 32-true (fp32) or bf16-mixed (fp32 weights, torch.autocast to bfloat16).
+        precision: 32-true (fp32) or bf16-mixed (fp32 weights, torch.autocast to bfloat16); QLoRA dequantizes to
+            that dtype.
         dropout: LoRA dropout.
         threads: torch CPU threads (0: torch's choice).
         seed: weights and batch seed.
@@ -66,8 +75,9 @@ def main(framework: Literal["litft", "litft-plain", "transformers", "litgpt"], m
     """
     if threads:
         torch.set_num_threads(threads)
+    dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float32
     spec = StepSpec(Config.from_name(model), method=method, dropout=dropout, seed=seed,
-                    activation_checkpointing=activation_checkpointing)
+                    activation_checkpointing=activation_checkpointing, compute_dtype=dtype)
     net, loss_fn = build(framework, spec)
     trainable = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4, betas=(0.9, 0.95))
@@ -75,6 +85,7 @@ def main(framework: Literal["litft", "litft-plain", "transformers", "litgpt"], m
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
     build_peak_mb = peak_rss_mb()
     reset_peak_rss()
+    built_mb = status_mb("VmRSS")
 
     def step() -> float:
         with autocast:
@@ -95,7 +106,7 @@ def main(framework: Literal["litft", "litft-plain", "transformers", "litgpt"], m
                 seconds.append(time.perf_counter() - t0)
             print(json.dumps({"seconds": seconds, "loss": losses[0]}), flush=True)
         elif cmd == "quit":
-            print(json.dumps({"peak_rss_mb": peak_rss_mb(), "build_peak_rss_mb": build_peak_mb,
+            print(json.dumps({"peak_rss_mb": peak_rss_mb(), "build_peak_rss_mb": build_peak_mb, "built_rss_mb": built_mb,
                               "trainable": sum(p.numel() for p in trainable), "threads": torch.get_num_threads()}),
                   flush=True)
             return

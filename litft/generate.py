@@ -41,7 +41,6 @@ from litft.config import Config
 from litft.errors import UserError
 from litft.fast import for_generation
 from litft.load_finetuned import tokenizer_dir
-from litft.nf4 import check_scheme
 from litft.prompts import PromptStyle, resolve_style
 from litft.tokenizer import StreamDecoder, Tokenizer
 
@@ -191,17 +190,15 @@ def generate_cli(checkpoint_dir: Path, prompt: str, max_new_tokens: int = 100, t
             template in the checkpoint's tokenizer_config.json, else the prompt as given (same as plain).
         fast: apply litft/fast's decoding measures (CPU weight layout, fp32 LoRA merged); false decodes with the
             model exactly as loaded.
-        quantize: nf4 or nf4-dq: store the linear weights of the blocks in 4 bits (litft/qlora.py). A LoRA
-            trained with --quantize runs on its 4-bit base with it, or on that base dequantized without it.
+        quantize: nf4 or nf4-dq: the blocks' linear weights in 4 bits (litft/qlora.py; a QLoRA run: howto/qlora.md).
 
     The generate/ scripts differ only in `load_model(checkpoint_dir, device=, dtype=, mmap=, quantize=)`, which
-    builds the model (e.g. base weights plus LoRA weights), and `run_dir`, a fine-tuning run's directory searched for
-    prompt_style.yaml before checkpoint_dir (None for a plain checkpoint).
+    builds the model (e.g. base weights plus LoRA weights), and `run_dir`, a fine-tuning run's directory searched
+    for prompt_style.yaml before checkpoint_dir (None for a plain checkpoint).
     """
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision, dtype = pick_precision(precision, device)
     check_sampling(temperature, top_k, top_p)
-    check_scheme(quantize)
     check_text(prompt, "--prompt")
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
@@ -217,10 +214,9 @@ def generate_cli(checkpoint_dir: Path, prompt: str, max_new_tokens: int = 100, t
     model = for_generation(partial(load_model, checkpoint_dir, quantize=quantize), device, dtype, fast)
     print(f"loaded {checkpoint_dir} in {time.perf_counter() - t0:.2f} s ({device.type}, {precision})", file=sys.stderr)
 
-    ids = ids.to(device)
     generator = torch.Generator(device).manual_seed(seed)
     stops = stop_token_ids(tokenizer, style)
-    tokens = generate(model, ids, max_new_tokens, temperature, top_k, top_p, stops, generator)
+    tokens = generate(model, ids.to(device), max_new_tokens, temperature, top_k, top_p, stops, generator)
     text, timings = stream(tokens, tokenizer)
     report(timings, device)
     return text

@@ -23,6 +23,7 @@ model unchanged (tied embed and lm_head still share it); the new tensors are `lo
 
 Merging folds W' = W + (α / r) · B A (and appends new rows), leaving a plain Llama with no extra inference cost.
 A merged LoRA on tied embed or lm_head gives the two uses different weights: merging *unties* them (exact).
+QLoRA stores the frozen W in 4 bits while A and B train: litft/qlora.py.
 """
 
 from __future__ import annotations
@@ -40,7 +41,6 @@ from litft.errors import UserError
 from litft.files import read_settings, write_settings
 from litft.model import Llama
 from litft.new_rows import GrownEmbedding, GrownLinear, new_token_rows
-from litft.nf4 import check_scheme
 
 FILE = "lora.yaml"  # the run's LoRAConfig
 WEIGHTS = "lit_model_lora.pth"  # the run's trained tensors: A, B (and new-token rows)
@@ -60,7 +60,6 @@ class LoRAConfig:
     quantize: str | None = None  # the base's frozen weights were stored in NF4 in training (QLoRA: litft/qlora.py)
 
     def __post_init__(self) -> None:
-        check_scheme(self.quantize, flag="quantize:")
         unknown = [t for t in self.targets if t not in TARGETS]
         if unknown:
             raise UserError(f"unknown LoRA target {', '.join(map(repr, unknown))}; choose among {', '.join(TARGETS)}")
@@ -160,8 +159,7 @@ def add_lora(model: Llama, config: LoRAConfig) -> Llama:
         raise ValueError("the model already has LoRA layers")
     for block in model.blocks:
         for target in (t for t in LINEAR if t in config.targets):
-            parent, name = block.get_submodule(LINEAR[target].split(".")[0]), LINEAR[target].split(".")[1]
-            setattr(parent, name, LoRALinear(getattr(parent, name), config))
+            block.set_submodule(LINEAR[target], LoRALinear(block.get_submodule(LINEAR[target]), config))
     embed_rows, head_rows = new_token_rows(model, len(config.new_tokens))
     if "embed" in config.targets:
         model.embed = LoRAEmbedding(model.embed, config) if embed_rows is None else \
@@ -194,8 +192,7 @@ def merge_lora(model: Llama) -> Llama:
     adapted_io = any(isinstance(m, (LoRALinear, LoRAEmbedding)) for m in (model.embed, model.lm_head))
     for name, module in list(model.named_modules()):
         if isinstance(module, (LoRALinear, LoRAEmbedding, GrownLinear, GrownEmbedding)):
-            parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent), attr, module.merge())
+            model.set_submodule(name, module.merge())
     tied = cfg.tie_embeddings and not adapted_io  # embed and lm_head still hold the same values
     if tied:
         model.lm_head.weight = model.embed.weight  # one Parameter again (new rows appended to both alike)

@@ -133,6 +133,7 @@ def as_used(model: Llama, trained: str | None, requested: str | None) -> Llama:
     """The model as it is to be used, in place: its frozen weights in NF4 when `requested` (--quantize); else, for
     a LoRA trained on an NF4 base (`trained`), on Ŵ in full precision, the weights its A and B learnt to correct."""
     check_scheme(requested)
+    check_scheme(trained, flag="the run's lora.yaml has quantize:")  # a hand-edited file
     if trained is not None and requested not in (None, trained):
         raise UserError(f"this LoRA was trained on a {trained} base (QLoRA): use it with --quantize {trained}, or "
                         "without --quantize for the same weights dequantized to full precision")
@@ -149,8 +150,7 @@ def weight_count(model: nn.Module) -> int:
 
 
 def replace(root: nn.Module, name: str, layer: nn.Module) -> None:
-    parent, _, attr = name.rpartition(".")
-    setattr(root.get_submodule(parent), attr, layer.train(root.training))
+    root.set_submodule(name, layer.train(root.training))
 
 
 def frozen(t: Tensor) -> nn.Parameter:

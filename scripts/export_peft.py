@@ -38,13 +38,13 @@ import torch
 from litft.cli import run
 from litft.config import CONFIGS, Config
 from litft.convert_hf import lit_to_hf_name
-from litft.nf4 import SCHEMES
 from litft.errors import UserError
 from litft.files import atomic_path, atomic_write_text, check_output_dir, load_state_dict, remove_other_tokenizer_files
 from litft.load_finetuned import check_lora_state_dict, check_same_base
 from litft.lora import LoRAConfig, add_lora
 from litft.model import Llama
 from litft.new_tokens import write_tokenizer
+from litft.nf4 import SCHEMES, check_scheme
 
 HF_MODULES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
               "down": "down_proj", "embed": "embed_tokens", "lm_head": "lm_head"}
@@ -90,6 +90,7 @@ def main(checkpoint_dir: Path, lora_path: Path, output_dir: Path) -> None:
     check_output_dir("--output_dir", output_dir, base=checkpoint_dir, run=lora_path.parent)
     base = Config.from_checkpoint(checkpoint_dir)
     lora = LoRAConfig.from_dir(lora_path.parent)
+    check_scheme(lora.quantize, flag=f"{lora_path.parent}/lora.yaml has quantize:")
     check_same_base(lora_path.parent, base, lora_path)  # the run's model_config.yaml names its base
     if lora.new_tokens and {"embed", "lm_head"} & set(lora.targets):
         raise UserError(f"{lora_path} has both new tokens and LoRA on embed/lm_head, which PEFT cannot hold in one "

@@ -20,11 +20,12 @@ from test_distributed import losses
 from test_train import assert_same, finetune, tiny, weights  # noqa: F401  (tiny is a fixture)
 
 from litft.adapter_v2 import AdapterV2Config, add_adapter_v2
-from litft.checkpoint import load_lit_model
+from litft.checkpoint import load_lit_model, save_lit_checkpoint
+from litft.files import save_state_dict
 from litft.errors import UserError
 from litft.fast import for_training
 from litft.load_finetuned import load_finetuned, load_lora
-from litft.lora import LoRAConfig, LoRALinear, add_lora, merge_lora
+from litft.lora import LoRAConfig, LoRALinear, add_lora, lora_state_dict, merge_lora
 from litft.qlora import NF4Linear, QLoRALinear, dequantize, quantize
 
 peft = pytest.importorskip("peft")
@@ -190,6 +191,51 @@ def test_a_qlora_run_trains_serves_merges_and_exports(tiny, tmp_path):
     assert len(texts) == 1
     proc = run_script("generate/lora.py", "--lora_path", run / "lit_model_lora.pth", *flags, "--quantize", "nf4-dq")
     assert_user_error(proc, "trained on a nf4 base", "--quantize nf4")
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "nf4-dq"])
+def test_the_peft_export_of_a_qlora_run_loads_onto_a_bitsandbytes_base(tmp_path, scheme):
+    """export_peft.py of a QLoRA run, loaded by peft onto transformers' Llama in bitsandbytes NF4 (the settings
+    export_peft.py prints), computes what litft's QLoRA model computes with --quantize."""
+    hf, ours = tiny_pair("tiny-gqa")
+    hf.save_pretrained(tmp_path / "hf")
+    save_lit_checkpoint(ours, tmp_path / "base")
+    run = tmp_path / "run"
+    config = LoRAConfig(r=4, alpha=8, targets=["q", "k", "v", "o", "gate", "up", "down"], quantize=scheme)
+    add_lora(ours.requires_grad_(False), config)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(std=0.05)
+    save_state_dict(lora_state_dict(ours), run / "lit_model_lora.pth")
+    config.save(run)
+    ours.config.save(run)
+    proc = run_script("scripts/export_peft.py", "--checkpoint_dir", tmp_path / "base", "--lora_path",
+                      run / "lit_model_lora.pth", "--output_dir", tmp_path / "peft", check=True)
+    double = scheme == "nf4-dq"
+    assert f"bnb_4bit_quant_type='nf4', bnb_4bit_use_double_quant={double}" in proc.stderr
+    base = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf", quantization_config=bnb_config(double),
+                                                         device_map="cpu", dtype=torch.float32)
+    pm = peft.PeftModel.from_pretrained(base, tmp_path / "peft").eval()
+    qlora = load_finetuned(tmp_path / "base", run / "lit_model_lora.pth", quantize=scheme)
+    if double:
+        assert use_bitsandbytes_absmax(pm, qlora) < 0.01
+    x = torch.randint(0, 256, (2, 15))
+    with torch.no_grad():
+        expected = qlora(x)
+    torch.testing.assert_close(expected, fp32_logits(pm, x), atol=1e-5, rtol=0)
+
+
+def fp32_logits(pm, x):
+    """peft's logits through bitsandbytes' fp32 path. In eval mode without gradients bitsandbytes' CPU kernel
+    repacks the 4-bit weight and computes in bf16 (logits off by ~2e-3 in this model), so run it as in training,
+    with the dropouts off."""
+    pm.train()
+    for m in pm.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.eval()
+    return pm(x).logits.detach()
 
 
 @pytest.mark.parametrize("args,fragments", [
