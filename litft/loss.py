@@ -30,6 +30,11 @@ def shift_labels(labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
     return F.pad(labels[:, 1:], (0, 1), value=ignore_index)
 
 
+def trained_tokens(labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """How many positions of labels (B, T) have a loss: every label but the first of a row, unless ignored."""
+    return (labels[:, 1:] != ignore_index).sum()
+
+
 def next_token_loss(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX, reduction: str = "mean") -> Tensor:
     """logits (B, T, vocab) at position t predict labels[t + 1]; positions labelled ignore_index are skipped."""
     targets = shift_labels(labels, ignore_index)  # (B, T)

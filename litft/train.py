@@ -27,7 +27,8 @@ import resource
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from collections import Counter
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -44,13 +45,13 @@ from litft.checkpoint import load_lit_model
 from litft.errors import UserError
 from litft.files import atomic_write_text, copy_tokenizer, save_state_dict
 from litft.generate import greedy_without_cache, stop_token_ids
-from litft.loss import IGNORE_INDEX, LossFn
+from litft.loss import IGNORE_INDEX, LossFn, trained_tokens
 from litft.model import Llama
 from litft.prompts import PromptStyle
 from litft.schedule import batch_indices, lr_factor
 from litft.tokenizer import Tokenizer
 from litft.train_args import Method, TrainArgs
-from litft.train_data import check_data_tokenizer, check_token_ids, tokenizer_of
+from litft.train_data import check_data_tokenizer, check_token_ids, check_trained_tokens, tokenizer_of
 
 
 def fit(args: TrainArgs, method: Method) -> dict:
@@ -71,6 +72,7 @@ def fit(args: TrainArgs, method: Method) -> dict:
     style = data_lib.prompt_style_of(args.data)
     model = build_model(args, method, fabric)
     check_token_ids(args, model.config.vocab_size + len(method.new_tokens), train=train_data, test=val_data)
+    check_trained_tokens(args, train_data)
     loss_fn = fast.for_training(model, args.fast, args.compile)  # before sharding: it may swap layers
     run_id = start_run(fabric, args, method)
     if fabric.global_rank == 0:
@@ -139,7 +141,7 @@ class Loop:
     style: PromptStyle
     val_data: list
     run_id: str  # goes into every checkpoint: rotation deletes only this run's
-    tokens_seen: int = 0  # input tokens processed by all processes since this run (or resume) started
+    tokens_seen: Counter = field(default_factory=Counter)  # padded, real, trained: all processes, since (re)start
 
     def run(self, state: train_state.State, train_data: list, batches, accumulation: int) -> None:
         fabric, args = self.fabric, self.args
@@ -160,7 +162,7 @@ class Loop:
         summary = {"method": self.method.name, "steps": state.step, **state.metrics,
                    "final_train_loss": train_losses[-1] if train_losses else None,
                    "trainable_parameters": sum(p.numel() for p in self.raw.parameters() if p.requires_grad),
-                   "train_seconds": seconds, "tokens_per_s": self.tokens_seen / seconds if seconds else None,
+                   "train_seconds": seconds, **throughput(self.tokens_seen, seconds),
                    "peak_memory_gb": peak_memory_gb(self.fabric),
                    "weights_file_bytes": (self.args.out_dir / self.method.weights_name).stat().st_size}
         atomic_write_text(self.args.out_dir / "summary.json", json.dumps(summary, indent=2))
@@ -168,17 +170,10 @@ class Loop:
     def steps(self, state: train_state.State, train_data: list, batches, accumulation: int, bar: tqdm) -> None:
         fabric, args = self.fabric, self.args
         while state.step < args.max_steps:
-            t0, tokens, loss = time.perf_counter(), 0, torch.zeros((), device=fabric.device)
-            for micro in range(accumulation):
-                x, y = self.collate([train_data[i] for i in next(batches)])
-                with fabric.no_backward_sync(self.model, enabled=micro < accumulation - 1):
-                    micro_loss = self.loss(x, y)
-                    fabric.backward(micro_loss / accumulation)
-                loss += micro_loss.detach() / accumulation
-                tokens += x.numel()
-            self.tokens_seen += tokens * fabric.world_size
+            t0 = time.perf_counter()
+            samples = [[train_data[i] for i in next(batches)] for _ in range(accumulation)]
+            loss, trained = self.accumulate([self.collate(micro) for micro in samples])
             state.position += accumulation
-            loss = fabric.all_reduce(loss, reduce_op="mean")
             if not torch.isfinite(loss):
                 raise UserError(f"loss became {loss.item()} at step {state.step + 1}; last good checkpoint: "
                                 f"{train_state.latest(args.out_dir) or 'none'} — lower --learning_rate and --resume")
@@ -188,10 +183,39 @@ class Loop:
             self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()
             state.step += 1
-            self.log(state, loss.item(), tokens * fabric.world_size / (time.perf_counter() - t0))
+            self.log(state, loss.item(), self.tokens(samples, trained), time.perf_counter() - t0)
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}")
             self.evaluate_and_save(state)
+
+    def accumulate(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, int]:
+        """Forward and backward through one optimizer step's micro batches. Returns the step's loss, the mean over
+        all of its trained tokens on all processes however they fall into micro batches, and their number N.
+
+        A micro batch's mean loss is weighted by its share n_k / N of the trained tokens, times the number of
+        processes, which DDP's and FSDP's gradient average divides out again: the gradient is that of
+        Σ (token losses) / N. Weighing each micro batch's mean alike would let 3 tokens count as much as 300."""
+        fabric = self.fabric
+        counts = [trained_tokens(y) for _, y in micro_batches]
+        total = fabric.all_reduce(sum(counts), reduce_op="sum")  # N
+        loss = torch.zeros((), device=fabric.device)
+        for k, (x, y) in enumerate(micro_batches):
+            with fabric.no_backward_sync(self.model, enabled=k < len(micro_batches) - 1):
+                micro_loss = self.loss(x, y)  # the mean over its n_k trained tokens
+                fabric.backward(micro_loss * (counts[k] * fabric.world_size / total))
+            loss += micro_loss.detach() * counts[k] / total
+        return fabric.all_reduce(loss, reduce_op="sum"), int(total)
+
+    def tokens(self, samples: list[list[dict]], trained: int) -> dict[str, int]:
+        """One step's tokens on all processes: in the padded batches, in the samples themselves, with a loss."""
+        longest = self.args.max_seq_length or math.inf
+        lengths = [[min(len(s["input_ids"]), longest) for s in micro] for micro in samples]
+        padded, real = sum(max(n) * len(n) for n in lengths), sum(map(sum, lengths))
+        both = torch.tensor([padded, real], device=self.fabric.device)
+        padded, real = self.fabric.all_reduce(both, reduce_op="sum").tolist()
+        step = Counter(padded=padded, real=real, trained=trained)
+        self.tokens_seen.update(step)
+        return step
 
     def evaluate_and_save(self, state: train_state.State) -> None:
         """Evaluate and save when due. A failing evaluation (or sample) still lets the weights be saved first."""
@@ -216,11 +240,11 @@ class Loop:
             # calls it directly (one device, FSDP) rather than through its forward wrapper (DDP)
             return self.loss_fn(self.model, x, y)
 
-    def log(self, state: train_state.State, loss: float, tokens_per_s: float) -> None:
+    def log(self, state: train_state.State, loss: float, tokens: Counter, seconds: float) -> None:
         state.history.append({"step": state.step, "train_loss": loss})
         if state.step % self.args.log_interval == 0:
             self.fabric.log_dict({"train/loss": loss, "train/lr": self.scheduler.get_last_lr()[0],
-                                  "train/tokens_per_s": tokens_per_s, "train/memory_gb": peak_memory_gb(self.fabric)},
+                                  **throughput(tokens, seconds, "train/"), "train/memory_gb": peak_memory_gb(self.fabric)},
                                  step=state.step)
 
     @torch.no_grad()
@@ -339,6 +363,15 @@ def write_run_files(args: TrainArgs, method: Method, model: Llama, style, run_id
     method.save_config(out)
     if method.new_tokens:  # the data's grown tokenizer goes with the run, for generate/ and evaluate
         copy_tokenizer(data_lib.data_dir(args.data), out)
+
+
+def throughput(tokens: Counter, seconds: float, prefix: str = "") -> dict[str, float | None]:
+    """Tokens/s of the samples themselves (padding not counted) and of the tokens with a loss, and padding's share
+    of the batches; None before any step."""
+    done = seconds > 0 and tokens["padded"] > 0
+    return {f"{prefix}tokens_per_s": tokens["real"] / seconds if done else None,
+            f"{prefix}trained_tokens_per_s": tokens["trained"] / seconds if done else None,
+            f"{prefix}padding_share": 1 - tokens["real"] / tokens["padded"] if done else None}
 
 
 def peak_memory_gb(fabric: Fabric) -> float:

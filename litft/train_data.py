@@ -1,7 +1,7 @@
 """The training data, checked against the model it is about to train: the same tokenizer, ids inside its vocabulary.
 
 A run refuses, with one line saying how to prepare the data again, data that would silently train on the wrong
-token ids.
+token ids, or samples with nothing to train on.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from pathlib import Path
 from litft import data as data_lib
 from litft.base_checkpoint import tokenizer_fingerprint
 from litft.errors import UserError
+from litft.loss import IGNORE_INDEX
 from litft.train_args import Method, TrainArgs
 
 
@@ -33,6 +34,16 @@ def check_token_ids(args: TrainArgs, vocab_size: int, **splits: list[dict]) -> N
                 raise UserError(f"{data_lib.data_dir(args.data)}/{split}.pt holds token id {bad}, outside the "
                                 f"{vocab_size} ids of {args.checkpoint_dir}; prepare the data again with "
                                 f"--checkpoint_dir {args.checkpoint_dir}")
+
+
+def check_trained_tokens(args: TrainArgs, samples: list[dict]) -> None:
+    """Every training sample must keep a token with a loss (after --max_seq_length's cut): the loss of a step is
+    the mean over its trained tokens, and a sample with none would have nothing to learn from."""
+    for n, s in enumerate(samples):
+        labels = data_lib.cut(s["input_ids"], s["labels"], args.max_seq_length)[1]
+        if not bool((labels[1:] != IGNORE_INDEX).any()):
+            raise UserError(f"{data_lib.data_dir(args.data)}/train.pt sample {n} has no token to train on (every "
+                            "label is masked, or cut away by --max_seq_length); drop it or prepare the data again")
 
 
 def tokenizer_of(args: TrainArgs, method: Method) -> Path:

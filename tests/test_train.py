@@ -73,6 +73,8 @@ def test_lora_run_lowers_loss_and_writes_everything(tiny, tmp_path):
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = weights(out / "lit_model_lora.pth")
     assert saved and all(k.endswith(("lora_A", "lora_B")) for k in saved)
+    summary = json.loads((out / "summary.json").read_text())  # throughput of the samples, not of their padding
+    assert 0 < summary["padding_share"] < 1 and 0 < summary["trained_tokens_per_s"] < summary["tokens_per_s"]
 
 
 @pytest.mark.parametrize("processes", [(), pytest.param(("--devices", "2", "--strategy", "fsdp"), marks=pytest.mark.slow)],
