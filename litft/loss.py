@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 IGNORE_INDEX = -100
-LossFn = Callable[[nn.Module, Tensor, Tensor], Tensor]  # (model, inputs (B, T), labels (B, T)) -> mean loss
+LossFn = Callable[..., Tensor]  # (model, inputs (B, T), labels (B, T), packed_pos=None) -> mean loss
 
 
 def shift_labels(labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
@@ -42,6 +42,7 @@ def next_token_loss(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_I
                            reduction=reduction)
 
 
-def causal_lm_loss(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-    """The training loss of a batch: inputs x (B, T), labels y (B, T) (usually x with the prompt masked)."""
-    return next_token_loss(model(x), y)
+def causal_lm_loss(model: nn.Module, x: Tensor, y: Tensor, packed_pos: Tensor | None = None) -> Tensor:
+    """The training loss of a batch: inputs x (B, T), labels y (B, T) (usually x with the prompt masked);
+    packed_pos (B, T) for rows that pack several samples (litft/packing.py)."""
+    return next_token_loss(model(x, packed_pos=packed_pos), y)

@@ -13,7 +13,9 @@ mostly renaming (see litft/convert_hf.py). Qwen2 is the same network with a bias
 Rotary positions, and the ways Llama 3.1, YaRN and others stretch them, are litft/rope.py.
 
 For generation, `set_kv_cache` allocates a static key/value cache; `forward(idx, input_pos)` then writes the
-new keys and values at `input_pos` and attends over everything cached so far.
+new keys and values at `input_pos` and attends over everything cached so far. For training on packed rows
+(several samples in one row, litft/packing.py), `forward(idx, packed_pos=...)` gives each token its position
+within its own sample, and a token attends only to the earlier tokens of that sample.
 """
 
 from __future__ import annotations
@@ -45,21 +47,28 @@ class Llama(nn.Module):
         if self.config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
 
-    def forward(self, idx: Tensor, input_pos: Tensor | None = None) -> Tensor:
+    def forward(self, idx: Tensor, input_pos: Tensor | None = None, packed_pos: Tensor | None = None) -> Tensor:
         """idx: (B, T) token ids -> logits (B, T, vocab). input_pos: (T,) positions, only when decoding with
-        the KV cache (see set_kv_cache)."""
+        the KV cache (see set_kv_cache). packed_pos: (B, T) each token's position within its sample, for rows that
+        pack several samples (0 where a sample starts)."""
         x = self.embed(idx)  # (B, T, C)
-        x = self.norm(self.trunk(x, input_pos))
+        x = self.norm(self.trunk(x, input_pos, packed_pos))
         return self.lm_head(x)  # (B, T, vocab)
 
-    def hidden_states(self, idx: Tensor, input_pos: Tensor | None = None) -> Tensor:
+    def hidden_states(self, idx: Tensor, input_pos: Tensor | None = None, packed_pos: Tensor | None = None) -> Tensor:
         """forward without lm_head: the final normalised hidden states (B, T, C) that lm_head reads."""
-        return self.norm(self.trunk(self.embed(idx), input_pos))
+        return self.norm(self.trunk(self.embed(idx), input_pos, packed_pos))
 
-    def trunk(self, x: Tensor, input_pos: Tensor | None = None) -> Tensor:
+    def trunk(self, x: Tensor, input_pos: Tensor | None = None, packed_pos: Tensor | None = None) -> Tensor:
         """Run the blocks: (B, T, C) -> (B, T, C)."""
         T = x.size(1)
-        if input_pos is None:  # training / plain forward: positions 0..T-1, causal mask
+        if packed_pos is not None:  # packed rows: each token at its place in its own sample, seeing only that sample
+            cos, sin = self.rope(T, x.device)
+            pos, cos, sin = None, cos[packed_pos][:, None], sin[packed_pos][:, None]  # (B, 1, T, hs)
+            sample = (packed_pos == 0).cumsum(dim=1)  # (B, T): which sample of the row each token belongs to
+            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            mask = ((sample[:, :, None] == sample[:, None, :]) & causal)[:, None]  # (B, 1, T, T)
+        elif input_pos is None:  # training / plain forward: positions 0..T-1, causal mask
             cos, sin = self.rope(T, x.device)
             pos, mask, cos, sin = None, None, cos[:T], sin[:T]
         else:  # decoding: attend to every cached position <= our own
@@ -134,7 +143,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if pos is not None:
             k, v = self.kv_cache.update(pos, k, v)  # (B, nkv, end, hs): every position so far
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=pos is None,
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=pos is None and mask is None,
                                            enable_gqa=self.n_kv != self.n_head)  # (B, nh, T, hs)
         if self.prefix is not None:
             y = y + self.prefix(self, q)

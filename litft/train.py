@@ -39,7 +39,7 @@ from lightning.fabric.strategies import ModelParallelStrategy
 from tqdm import tqdm
 
 from litft import data as data_lib
-from litft import fast, qlora, run_dir, train_state
+from litft import fast, packing, qlora, run_dir, train_state
 from litft.base_checkpoint import record_base
 from litft.checkpoint import load_lit_model
 from litft.errors import UserError
@@ -52,6 +52,8 @@ from litft.schedule import batch_indices, lr_factor
 from litft.tokenizer import Tokenizer
 from litft.train_args import Method, TrainArgs
 from litft.train_data import check_data_tokenizer, check_token_ids, check_trained_tokens, tokenizer_of
+
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # inputs, labels (B, T), packed_pos (B, T) or None
 
 
 def fit(args: TrainArgs, method: Method) -> dict:
@@ -73,6 +75,8 @@ def fit(args: TrainArgs, method: Method) -> dict:
     model = build_model(args, method, fabric)
     check_token_ids(args, model.config.vocab_size + len(method.new_tokens), train=train_data, test=val_data)
     check_trained_tokens(args, train_data)
+    if args.packing:
+        train_data = pack_rows(fabric, args, train_data)
     loss_fn = fast.for_training(model, args.fast, args.compile)  # before sharding: it may swap layers
     run_id = start_run(fabric, args, method)
     if fabric.global_rank == 0:
@@ -98,6 +102,14 @@ def fit(args: TrainArgs, method: Method) -> dict:
         raise UserError(f"another process of this run stopped ({reason}); the last complete checkpoint is "
                         f"{train_state.latest(args.out_dir) or 'none yet'}: continue with --resume true") from None
     return state.metrics
+
+
+def pack_rows(fabric: Fabric, args: TrainArgs, samples: list[dict]) -> list[dict]:
+    """--packing: the samples in rows of up to --max_seq_length tokens (default: the longest sample)."""
+    length = args.max_seq_length or max(len(s["input_ids"]) for s in samples)
+    rows = packing.pack(samples, length)
+    fabric.print(f"packing: {len(samples)} samples in {len(rows)} rows of up to {length} tokens", file=sys.stderr)
+    return rows
 
 
 def lost_a_process(error: RuntimeError) -> bool:
@@ -188,7 +200,7 @@ class Loop:
             bar.set_postfix(loss=f"{loss.item():.4f}")
             self.evaluate_and_save(state)
 
-    def accumulate(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, int]:
+    def accumulate(self, micro_batches: list[Batch]) -> tuple[torch.Tensor, int]:
         """Forward and backward through one optimizer step's micro batches. Returns the step's loss, the mean over
         all of its trained tokens on all processes however they fall into micro batches, and their number N.
 
@@ -196,12 +208,12 @@ class Loop:
         processes, which DDP's and FSDP's gradient average divides out again: the gradient is that of
         Σ (token losses) / N. Weighing each micro batch's mean alike would let 3 tokens count as much as 300."""
         fabric = self.fabric
-        counts = [trained_tokens(y) for _, y in micro_batches]
+        counts = [trained_tokens(y) for _, y, _ in micro_batches]
         total = fabric.all_reduce(sum(counts), reduce_op="sum")  # N
         loss = torch.zeros((), device=fabric.device)
-        for k, (x, y) in enumerate(micro_batches):
+        for k, (x, y, packed_pos) in enumerate(micro_batches):
             with fabric.no_backward_sync(self.model, enabled=k < len(micro_batches) - 1):
-                micro_loss = self.loss(x, y)  # the mean over its n_k trained tokens
+                micro_loss = self.loss(x, y, packed_pos)  # the mean over its n_k trained tokens
                 fabric.backward(micro_loss * (counts[k] * fabric.world_size / total))
             loss += micro_loss.detach() * counts[k] / total
         return fabric.all_reduce(loss, reduce_op="sum"), int(total)
@@ -231,14 +243,17 @@ class Loop:
         if save:
             self.save(state)
 
-    def collate(self, samples: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    def collate(self, samples: list[dict]) -> Batch:
+        """(inputs, labels, packed_pos or None) on the device: packed_pos for packed rows (litft/packing.py)."""
+        if "packed_pos" in samples[0]:
+            return tuple(t.to(self.fabric.device) for t in packing.collate(samples, self.tokenizer.pad_id))
         x, y = data_lib.collate(samples, self.tokenizer.pad_id, IGNORE_INDEX, self.args.max_seq_length)
-        return x.to(self.fabric.device), y.to(self.fabric.device)
+        return x.to(self.fabric.device), y.to(self.fabric.device), None
 
-    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def loss(self, x: torch.Tensor, y: torch.Tensor, packed_pos: torch.Tensor | None = None) -> torch.Tensor:
         with self.fabric.autocast():  # precision for the fast loss: its lm_head, and hidden_states when Fabric
             # calls it directly (one device, FSDP) rather than through its forward wrapper (DDP)
-            return self.loss_fn(self.model, x, y)
+            return self.loss_fn(self.model, x, y, packed_pos=packed_pos)
 
     def log(self, state: train_state.State, loss: float, tokens: Counter, seconds: float) -> None:
         state.history.append({"step": state.step, "train_loss": loss})
@@ -257,8 +272,7 @@ class Loop:
         losses = torch.zeros(max(n, 1), device=fabric.device)
         for k in range(n):
             start = (k * fabric.world_size + fabric.global_rank) * args.micro_batch_size
-            x, y = self.collate(self.val_data[start:start + args.micro_batch_size])
-            losses[k] = self.loss(x, y)
+            losses[k] = self.loss(*self.collate(self.val_data[start:start + args.micro_batch_size]))
         val_loss = fabric.all_reduce(losses[:n].mean(), reduce_op="mean").item() if n else float("nan")
         sample = self.sample()
         self.model.train()

@@ -45,6 +45,7 @@ class TrainArgs:
     min_lr: float = 0.0  # the cosine schedule decays to this
     grad_clip: float = 1.0  # max gradient norm; 0 disables
     max_seq_length: int | None = None  # truncate batches to this many tokens
+    packing: bool = False  # samples packed into rows of max_seq_length tokens; batch sizes then count rows
     eval_interval: int = 100
     eval_iters: int = 20  # validation micro batches per evaluation
     save_interval: int = 100

@@ -26,12 +26,12 @@ from torch import Tensor, nn
 from litft.loss import IGNORE_INDEX, shift_labels
 
 
-def chunked_lm_loss(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+def chunked_lm_loss(model: nn.Module, x: Tensor, y: Tensor, packed_pos: Tensor | None = None) -> Tensor:
     """causal_lm_loss (litft/loss.py), the fast way: the model's hidden states, then the chunked loss.
 
     Under Fabric, `model` is the wrapped model with hidden_states marked as a forward method, so that DDP's
     and FSDP's hooks run around it as they would around forward."""
-    return chunked_next_token_loss(model.lm_head, model.hidden_states(x), y)
+    return chunked_next_token_loss(model.lm_head, model.hidden_states(x, packed_pos=packed_pos), y)
 
 
 def chunked_next_token_loss(lm_head: nn.Module, hidden: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX,
