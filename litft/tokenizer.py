@@ -145,6 +145,12 @@ class Tokenizer:
         id = self.sp.piece_to_id(token)
         return None if id == self.sp.unk_id() and token != self.sp.id_to_piece(id) else id
 
+    def token_text(self, id: int | None) -> str:
+        """A token's own text (its piece), e.g. </s> or <|im_end|>; "none" for a missing id."""
+        if id is None:
+            return "none"
+        return self.hf.id_to_token(id) if self.backend == "tokenizers" else self.sp.id_to_piece(id)
+
     def encode(self, text: str, bos: bool | None = None, eos: bool = False, max_length: int = -1) -> Tensor:
         """Text -> 1-D LongTensor of ids; special tokens written in the text become their ids.
 

@@ -47,6 +47,7 @@ from litft.files import atomic_write_text, copy_tokenizer, save_state_dict
 from litft.generate import greedy_without_cache, stop_token_ids
 from litft.loss import IGNORE_INDEX, LossFn, trained_tokens
 from litft.model import Llama
+from litft.preview import preview
 from litft.prompts import PromptStyle
 from litft.schedule import batch_indices, lr_factor
 from litft.tokenizer import Tokenizer
@@ -75,6 +76,8 @@ def fit(args: TrainArgs, method: Method) -> dict:
     model = build_model(args, method, fabric)
     check_token_ids(args, model.config.vocab_size + len(method.new_tokens), train=train_data, test=val_data)
     check_trained_tokens(args, train_data)
+    if args.preview and fabric.global_rank == 0:
+        print(preview(args.data, args.preview, max_seq_length=args.max_seq_length), file=sys.stderr)
     if args.packing:
         train_data = pack_rows(fabric, args, train_data)
     loss_fn = fast.for_training(model, args.fast, args.compile)  # before sharding: it may swap layers

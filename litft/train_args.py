@@ -46,6 +46,7 @@ class TrainArgs:
     grad_clip: float = 1.0  # max gradient norm; 0 disables
     max_seq_length: int | None = None  # truncate batches to this many tokens
     packing: bool = False  # samples packed into rows of max_seq_length tokens; batch sizes then count rows
+    preview: int = 0  # print this many training samples as the model sees them, and the data's checks, first
     eval_interval: int = 100
     eval_iters: int = 20  # validation micro batches per evaluation
     save_interval: int = 100

@@ -1,0 +1,30 @@
+"""Print prepared samples as the model sees them, then check them for mistakes that train silently.
+
+    python data_prep/preview.py --data data/games --n 3
+    python data_prep/preview.py --data alpaca --split test --max_seq_length 256
+
+Trained tokens appear inside «…», masked ones (the prompt) as plain text, control tokens by name, so a missing
+EOS shows; the checks are described in litft/preview.py.
+"""
+
+from pathlib import Path
+from typing import Literal, Optional
+
+from litft.cli import run
+from litft.preview import preview
+
+
+def main(data: Path, n: int = 3, split: Literal["train", "test"] = "train", max_seq_length: Optional[int] = None) -> None:
+    """Render the first --n samples of a prepared --data directory and warn about what would train badly.
+
+    Args:
+        data: a prepared data name (games -> data/games) or directory.
+        n: how many samples to render.
+        split: train or test.
+        max_seq_length: the --max_seq_length you will train with: samples longer than it count as truncated.
+    """
+    print(preview(data, n, split, max_seq_length))
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,83 @@
+"""data_prep/preview.py (litft/preview.py): samples shown as the model sees them, and the silent mistakes named.
+
+Truth: the JSON rows the data was prepared from. The trained part of a rendered sample is the row's answer
+followed by EOS; the rest is the prompt style's prompt; each warning appears exactly when its mistake is
+planted in the data, and not on clean data.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import run_script, tiny_bpe
+from test_train import finetune, tiny  # noqa: F401  (tiny is a fixture)
+
+from litft.checkpoint import save_lit_checkpoint
+from litft.config import Config
+from litft.model import Llama
+from litft.preview import TRAINED
+from litft.prompts import PromptStyle
+
+ROWS = [{"instruction": f"{kind} {i}", "input": "", "output": word}
+        for i in range(30) for kind, word in (("colour", "red"), ("animal", "cat"))]
+
+
+@pytest.fixture(scope="module")
+def chat_checkpoint(tiny, tmp_path_factory):
+    """A tiny model with room for new tokens and a tokenizer that knows <|im_start|> and <|im_end|> (EOS stays
+    </s>)."""
+    ckpt = tmp_path_factory.mktemp("chat_ckpt")
+    save_lit_checkpoint(Llama(Config.from_name("tiny-gqa", vocab_size=260)), ckpt)
+    shutil.copy(tiny["ckpt"] / "tokenizer_config.json", ckpt)
+    tiny_bpe(["<s>", "</s>", "<|im_start|>", "<|im_end|>"]).save(str(ckpt / "tokenizer.json"))
+    return ckpt
+
+
+def prepare(tmp_path, ckpt, rows=ROWS, *flags: str):
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    data = tmp_path / "data"
+    run_script("data_prep/json_data.py", "--data_file", tmp_path / "rows.json", "--destination_path", data,
+               "--checkpoint_dir", ckpt, "--val_split_fraction", "0.1", *flags, check=True)
+    return data
+
+
+def preview(data, *flags: str) -> str:
+    return run_script("data_prep/preview.py", "--data", data, *flags, check=True).stdout
+
+
+def test_a_sample_shows_its_prompt_plain_and_its_answer_and_eos_marked(tiny, tmp_path):
+    data = prepare(tmp_path, tiny["ckpt"], ROWS, "--prompt_style", "alpaca")
+    out = preview(data, "--n", "2")
+    samples = torch.load(data / "train.pt", weights_only=True)
+    style = PromptStyle.from_name("alpaca")
+    for s in samples[:2]:
+        expected = f"<s>{style.apply(s['instruction'])}{TRAINED[0]}{s['output']}</s>{TRAINED[1]}"
+        assert expected in out
+    assert out.count("--- train sample") == 2
+    assert "nothing to warn about" in out
+
+
+def test_each_planted_mistake_is_named(tiny, chat_checkpoint, tmp_path):
+    """chatml data (each answer ends with <|im_end|>) whose end marker is masked; one sample cut before it; a new
+    token no answer holds; and a --max_seq_length that truncates every sample."""
+    data = prepare(tmp_path, chat_checkpoint, ROWS, "--prompt_style", "chatml", "--new_tokens", "<unused>")
+    samples = torch.load(data / "train.pt", weights_only=True)
+    for s in samples:
+        s["labels"][-1] = -100
+    samples[4] = {**samples[4], "input_ids": samples[4]["input_ids"][:-1], "labels": samples[4]["labels"][:-1]}
+    torch.save(samples, data / "train.pt")
+    out = preview(data, "--n", "1", "--max_seq_length", "8")
+    warnings = [line for line in out.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 4, out
+    assert "1 of 54 samples do not end with </s> or <|im_end|>" in warnings[0]
+    assert "end-of-turn marker <|im_end|> of the chatml prompt style is never trained" in warnings[1]
+    assert "54 of 54 samples (100%) are truncated" in warnings[2]
+    assert "the new token <unused> is in no trained label" in warnings[3]
+
+
+def test_finetune_previews_before_it_trains(tiny, tmp_path):
+    proc = finetune(tiny, tmp_path / "out", "--preview", "1", "--max_steps", "1")
+    assert "--- train sample 0" in proc.stderr and TRAINED[0] in proc.stderr
