@@ -12,8 +12,8 @@ Anything else in out_dir (notes, a README, other folders) belongs to the user an
     fresh (default)      out_dir may not hold run files: a used out_dir is refused in one line naming them
     --overwrite true     the earlier run's files are removed first, and only those
     --resume true        the run must be the one run.yaml describes: same base (by fingerprint), method and
-                         method settings, data (by fingerprint), batch shape, sequence length, seed and number
-                         of processes. The first difference is one line, before any file is touched.
+                         method settings, data (by fingerprint), batch shape, sequence length, packing, seed and
+                         number of processes. The first difference is one line, before any file is touched.
 
 Every start that goes ahead removes what a killed save left behind: `.<name>.*.tmp` files and
 `checkpoints/*.tmp` directories. run.yaml's run_id goes into every checkpoint, and the keep-newest-two rotation
@@ -85,7 +85,8 @@ def identity(args, method) -> dict:
     """Everything --resume must find unchanged to continue the same training, as it reads back from run.yaml."""
     ident = {"method": method.name, **{f"{method.name} {k}": v for k, v in method.config.items()},
              "base": fingerprint(args.checkpoint_dir), "data": data_fingerprint(data_dir(args.data)),
-             "processes": args.devices * args.num_nodes, **{k: getattr(args, k) for k in SETTINGS}}
+             "processes": args.devices * args.num_nodes, **{k: getattr(args, k) for k in SETTINGS},
+             **({"packing": True} if args.packing else {})}  # recorded only when on: older runs match unpacked
     return yaml.safe_load(yaml.safe_dump(ident, sort_keys=False))  # tuples become lists, as when read back
 
 
@@ -134,6 +135,8 @@ def show(key: str, value, base: Path, data: Path) -> str:
         return f"{value} processes (--devices × --num_nodes)"
     if key in SETTINGS:
         return f"--{key} {value}"
+    if key == "packing":
+        return f"--packing {bool(value)}"
     return f"{key} {value}"  # "method lora", "lora r 8", "adapter prompt_length 10"
 
 
