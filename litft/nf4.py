@@ -132,7 +132,8 @@ class NF4Weight:
 
 @functools.cache
 def byte_levels(device: torch.device) -> Tensor:
-    """(256, 2) fp32: the two NF4 levels a packed byte stands for, high nibble first."""
+    """(256, 2) fp32: the two NF4 levels a packed byte stands for, high nibble first. Cached, like the codes
+    (litft/memory.py builds them before its fake-tensor probe, so that the cache holds real tensors)."""
     code = nf4_code().to(device)
     return torch.stack((code.repeat_interleave(16), code.repeat(16)), dim=1)
 

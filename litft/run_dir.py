@@ -125,6 +125,14 @@ def check_resume(args, method) -> str:
     return str(recorded.get("run_id", "unrecorded"))
 
 
+def recorded(out_dir: Path, setting: str):
+    """A setting run.yaml recorded when the run in out_dir started (--micro_batch_size auto resumes with it), or
+    None (no run.yaml: --resume then says what is missing)."""
+    if not (Path(out_dir) / RECORD).is_file():
+        return None
+    return (read_yaml_mapping(Path(out_dir) / RECORD, missing="").get("must_match") or {}).get(setting)
+
+
 def show(key: str, value, base: Path, data: Path) -> str:
     """One setting as the user knows it: `--lora_r 8` style for flags, paths with fingerprints for base and data."""
     if key == "base":

@@ -7,7 +7,7 @@ Everything else lives here, once:
 
     for each optimizer step:                              batch_size samples = accumulation × micro batches
         for each micro batch:                             (micro_batch_size, T) tokens per process
-            loss = next_token_loss(model(x), y) / accumulation          (litft/loss.py)
+            loss = next_token_loss(model(x), y) · n_k / N      (litft/loss.py; n_k of the step's N trained tokens)
             backward (gradients sync across processes only on the last micro batch)
         clip gradients, AdamW step, learning rate: linear warmup then cosine decay
         every eval_interval: validation loss, perplexity and one generated sample
@@ -39,7 +39,7 @@ from lightning.fabric.strategies import ModelParallelStrategy
 from tqdm import tqdm
 
 from litft import data as data_lib
-from litft import fast, packing, qlora, run_dir, train_state
+from litft import fast, memory, packing, qlora, run_dir, train_state
 from litft.base_checkpoint import record_base
 from litft.checkpoint import load_lit_model
 from litft.errors import UserError
@@ -69,17 +69,11 @@ def fit(args: TrainArgs, method: Method) -> dict:
         check_can_compile(fabric.device)
     fabric.seed_everything(args.seed, verbose=False)  # the same initial weights (e.g. LoRA's A) on every process
 
-    check_data_tokenizer(args)
-    train_data, val_data = data_lib.load_split(args.data, "train"), data_lib.load_split(args.data, "test")
-    tokenizer = Tokenizer(tokenizer_of(args, method))
-    style = data_lib.prompt_style_of(args.data)
+    train_data, val_data = read_data(fabric, args, method)
+    tokenizer, style = Tokenizer(tokenizer_of(args, method)), data_lib.prompt_style_of(args.data)
+    plan_memory(fabric, args, method, train_data)
     model = build_model(args, method, fabric)
     check_token_ids(args, model.config.vocab_size + len(method.new_tokens), train=train_data, test=val_data)
-    check_trained_tokens(args, train_data)
-    if args.preview and fabric.global_rank == 0:
-        print(preview(args.data, args.preview, max_seq_length=args.max_seq_length), file=sys.stderr)
-    if args.packing:
-        train_data = pack_rows(fabric, args, train_data)
     loss_fn = fast.for_training(model, args.fast, args.compile)  # before sharding: it may swap layers
     run_id = start_run(fabric, args, method)
     if fabric.global_rank == 0:
@@ -105,6 +99,36 @@ def fit(args: TrainArgs, method: Method) -> dict:
         raise UserError(f"another process of this run stopped ({reason}); the last complete checkpoint is "
                         f"{train_state.latest(args.out_dir) or 'none yet'}: continue with --resume true") from None
     return state.metrics
+
+
+def read_data(fabric: Fabric, args: TrainArgs, method: Method) -> tuple[list[dict], list[dict]]:
+    """The train and test splits, checked; with --preview, shown; with --packing, the train split in rows."""
+    check_data_tokenizer(args)
+    train_data, val_data = data_lib.load_split(args.data, "train"), data_lib.load_split(args.data, "test")
+    check_trained_tokens(args, train_data)
+    if args.preview and fabric.global_rank == 0:
+        print(preview(args.data, args.preview, max_seq_length=args.max_seq_length), file=sys.stderr)
+    return (pack_rows(fabric, args, train_data) if args.packing else train_data), val_data
+
+
+def plan_memory(fabric: Fabric, args: TrainArgs, method: Method, train_data: list[dict]) -> None:
+    """Print the run's memory plan before any weight is read; resolve --micro_batch_size auto (rank 0 decides,
+    the others follow; a resumed run keeps the size it started with); refuse a run that would not fit."""
+    seq = args.max_seq_length or max(len(s["input_ids"]) for s in train_data)
+    if args.micro_batch_size == "auto" and args.resume:
+        args.micro_batch_size = run_dir.recorded(args.out_dir, "micro_batch_size") or "auto"
+    outcome = (0, "", None)
+    if fabric.global_rank == 0:
+        try:
+            outcome = (*memory.plan_run(args, method, seq, fabric.world_size, fabric.device), None)
+        except UserError as e:
+            outcome = (0, "", str(e))
+    micro, line, error = fabric.broadcast(outcome, src=0)
+    if error:
+        raise UserError(error)
+    fabric.print(line, file=sys.stderr)
+    args.micro_batch_size = micro
+    args.micro_batches(fabric.world_size)
 
 
 def pack_rows(fabric: Fabric, args: TrainArgs, samples: list[dict]) -> list[dict]:

@@ -38,7 +38,8 @@ class TrainArgs:
     strategy: Literal["auto", "ddp", "fsdp"] = "auto"
     max_steps: int = 1000  # optimizer steps
     batch_size: int = 16  # samples per optimizer step, across all processes
-    micro_batch_size: int = 4  # samples per forward/backward on one process
+    micro_batch_size: int | Literal["auto"] = 4  # samples per forward/backward on one process; auto: the largest
+    # that divides the batch and that the memory plan (litft/memory.py) fits in the free memory
     learning_rate: float = 3e-4
     weight_decay: float = 0.0
     warmup_steps: int = 100  # counted in optimizer steps
@@ -63,7 +64,7 @@ class TrainArgs:
         """Refuse, in one line naming the value and what is allowed, a flag value that cannot work — before
         anything is converted, prepared or written."""
         for name in AT_LEAST_ONE:
-            if getattr(self, name) < 1:
+            if getattr(self, name) != "auto" and getattr(self, name) < 1:
                 raise UserError(f"--{name} {getattr(self, name)}: must be at least 1")
         for name in ("warmup_steps", "sample_tokens", "weight_decay", "grad_clip", "min_lr"):
             if not getattr(self, name) >= 0 or not math.isfinite(getattr(self, name)):
@@ -80,7 +81,8 @@ class TrainArgs:
         if torch.cuda.is_available() and self.devices > torch.cuda.device_count():
             raise UserError(f"--devices {self.devices}: this machine has {torch.cuda.device_count()} GPUs")
         self.check_launcher(os.environ)
-        self.micro_batches(self.devices * self.num_nodes)
+        if self.micro_batch_size != "auto":  # auto is resolved once the model's shape and the data are known
+            self.micro_batches(self.devices * self.num_nodes)
         run_dir.check_out_dir(self)
 
     def check_launcher(self, env: Mapping[str, str]) -> None:

@@ -43,7 +43,8 @@ def litft_step(model, samples: list[dict], micro_batch_size: int, fast: bool) ->
     loss_fn = for_training(model, fast)
     loop = Loop(fabric=fabric, model=fabric.setup_module(model), raw=model, optimizer=None, scheduler=None,
                 loss_fn=loss_fn, args=TrainArgs(), method=None, tokenizer=None, style=None, val_data=[], run_id="")
-    micro = [collate(samples[i:i + micro_batch_size], pad_id=0) for i in range(0, len(samples), micro_batch_size)]
+    micro = [(*collate(samples[i:i + micro_batch_size], pad_id=0), None)  # inputs, labels, no packing
+             for i in range(0, len(samples), micro_batch_size)]
     loss, trained = loop.accumulate(micro)
     assert trained == sum(int((s["labels"][1:] != IGNORE_INDEX).sum()) for s in samples)
     return loss.item(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}

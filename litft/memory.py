@@ -1,0 +1,185 @@
+"""The memory plan: a run's peak memory, estimated before a weight is read, and the micro batch that fits.
+
+    weights      every parameter at its stored size (an NF4 weight: half a byte, plus its scales)
+    gradients    one per trainable parameter, in its dtype
+    optimizer    AdamW's two moments per trainable parameter, in its dtype
+    activations  what autograd keeps from the forward pass for the backward pass, for one micro batch
+    backward     the backward pass's own working memory: one block's activations, recomputed (activation
+                 checkpointing) or flowing back as gradients
+    process      what the process holds before the model exists: Python, torch (on a GPU: not counted)
+
+The activations are not derived by hand: the forward pass of the run's own model (its method, precision,
+quantization and loss) runs on fake tensors (torch's FakeTensorMode: shapes and dtypes only, no memory and no
+arithmetic), for 1 and for 2 samples, and the tensors autograd saves are summed. It sees what the code saves,
+so it follows the code when the code changes; tests/test_memory.py compares it with a real step.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from litft import fast, nf4, qlora
+from litft.config import Config
+from litft.errors import UserError
+from litft.model import Llama
+from litft.train_args import Method, TrainArgs
+
+GB = 1e9
+MARGIN = 0.9  # plan to use at most this share of the free memory
+
+
+PARTS = ("weights", "gradients", "optimizer", "activations", "backward", "process")
+
+
+@dataclass
+class Plan:
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float  # what autograd saves for the backward pass
+    backward: float
+    process: float
+    samples: int = 1  # the micro batch this plan is for
+    per_sample: tuple[float, float] = (0.0, 0.0)  # what one more sample adds to (activations, backward)
+
+    @property
+    def total(self) -> float:
+        return sum(getattr(self, part) for part in PARTS)
+
+    def with_micro_batch(self, samples: int) -> "Plan":
+        """This plan for a micro batch of `samples`: only the activations and the backward pass grow."""
+        extra = samples - self.samples
+        return replace(self, activations=self.activations + extra * self.per_sample[0],
+                       backward=self.backward + extra * self.per_sample[1], samples=samples)
+
+    def describe(self, seq: int) -> str:
+        parts = ", ".join(f"{part} {getattr(self, part) / GB:.2f}" for part in PARTS)
+        return f"estimated peak {self.total / GB:.2f} GB ({parts}; micro batch {self.samples} × {seq} tokens)"
+
+
+def plan(config: Config, prepare: Callable[[Llama], None], seq: int, *, dtype: torch.dtype,
+         autocast: torch.dtype | None, quantize: str | None, activation_checkpointing: bool,
+         loss: Callable[[Llama], Callable], device: torch.device) -> Plan:
+    """The plan for one sample of `seq` tokens (`with_micro_batch` scales it) of a run whose model is
+    Llama(config) in `dtype`, prepared by `prepare` (its method), quantized by `quantize`, trained with the loss
+    `loss(model)` returns, under autocast to `autocast` (mixed precision).
+
+    The probe runs 1 and 2 samples: some saved buffers are per batch (the chunked loss's gradient of a trained
+    lm_head), the rest grows with each sample."""
+    def probe_with(samples: int, checkpointing: bool) -> dict:
+        return probe(config, prepare, seq, samples, dtype, autocast, quantize, checkpointing, loss)
+
+    one, two = probe_with(1, activation_checkpointing), probe_with(2, activation_checkpointing)
+    per_sample = two["saved"] - one["saved"]
+    if activation_checkpointing:  # the backward pass recomputes one block at a time: a block's activations
+        block = (probe_with(2, False)["saved"] - probe_with(1, False)["saved"]) / config.n_layer
+    else:  # the backward pass's gradients flowing through one block take about what the block saved
+        block = per_sample / config.n_layer
+    return Plan(weights=one["weights"], gradients=one["trainable"], optimizer=2 * one["trainable"],
+                activations=one["saved"], backward=block, process=0.0 if device.type == "cuda" else resident_bytes(),
+                per_sample=(per_sample, block))
+
+
+def probe(config: Config, prepare, seq: int, samples: int, dtype, autocast, quantize, activation_checkpointing,
+          loss) -> dict:
+    """`samples` samples of `seq` tokens through a fake copy of the model: bytes of its weights, of its trainable
+    parameters, and of what autograd saves for the backward pass (parameters excluded, each storage once)."""
+    default = torch.get_default_dtype()
+    nf4.byte_levels(torch.device("cpu")), nf4.dynamic_code()  # cached tables: build them real, not fake
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        torch.set_default_dtype(dtype)  # built in dtype: .to() cannot convert fake parameters in place
+        try:
+            model = Llama(config)
+        finally:
+            torch.set_default_dtype(default)
+        model.requires_grad_(False)
+        prepare(model)
+        if quantize:
+            qlora.quantize(model, quantize)
+        model.activation_checkpointing = activation_checkpointing
+        loss_fn = loss(model)
+        params = {p.untyped_storage()._cdata for p in model.parameters()}
+        saved: dict[int, int] = {}
+
+        def keep(t: torch.Tensor) -> torch.Tensor:
+            storage = t.untyped_storage()
+            if storage._cdata not in params:
+                saved[storage._cdata] = storage.nbytes()
+            return t
+
+        x = torch.zeros(samples, seq, dtype=torch.long)
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), \
+                torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            loss_fn(model.train(), x, x)
+        return {"weights": sum(p.numel() * p.element_size() for p in unique(model.parameters())),
+                "trainable": sum(p.numel() * p.element_size() for p in unique(model.parameters()) if p.requires_grad),
+                "saved": sum(saved.values())}
+
+
+def unique(params) -> list[torch.Tensor]:
+    return list({p.untyped_storage()._cdata: p for p in params}.values())
+
+
+def resident_bytes() -> float:
+    """This process's resident memory now (Linux), 0 where unknown."""
+    statm = Path("/proc/self/statm")
+    return int(statm.read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") if statm.is_file() else 0.0
+
+
+def free_bytes(device: torch.device) -> float:
+    """Memory a run may still take: free GPU memory, or the RAM the kernel reports available (plus what this
+    process already holds, which the plan counts as `process`)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    meminfo = Path("/proc/meminfo")
+    if not meminfo.is_file():
+        return float("inf")
+    available = int(meminfo.read_text().split("MemAvailable:")[1].split()[0]) * 1024
+    return available + resident_bytes()
+
+
+# ---- a training run's plan: printed before the weights are read; --micro_batch_size auto ---------------------
+
+
+def plan_run(args: TrainArgs, method: Method, seq: int, world_size: int, device: torch.device) -> tuple[int, str]:
+    """(the micro batch size to use, the line to print). With --micro_batch_size auto: the largest that divides
+    the batch and fits; otherwise the one asked for, refused in one line when its estimate does not fit."""
+    config = Config.from_checkpoint(args.checkpoint_dir)
+    per_step = args.batch_size // world_size
+    local = 1 if device.type == "cuda" else args.devices  # a CPU's processes share its memory
+    free = free_bytes(device)
+
+    one = plan(config, method.prepare, seq, dtype=PARAM_DTYPES.get(args.precision, torch.float32),
+               autocast=AUTOCAST.get(args.precision), quantize=args.quantize,
+               activation_checkpointing=args.activation_checkpointing,
+               loss=lambda model: fast.for_training(model, args.fast), device=device)
+    shards = world_size if args.strategy == "fsdp" else 1  # FSDP holds 1/N of the weights and of their states
+    one = replace(one, weights=one.weights / shards, gradients=one.gradients / shards, optimizer=one.optimizer / shards)
+    estimate = one.with_micro_batch
+
+    if args.micro_batch_size == "auto":
+        fitting = [m for m in range(per_step, 0, -1) if per_step % m == 0 and local * estimate(m).total <= MARGIN * free]
+        if not fitting:
+            raise UserError(f"--micro_batch_size auto: not even 1 sample of {seq} tokens fits the {free / GB:.1f} GB "
+                            f"free ({estimate(1).describe(seq)}); {ADVICE}")
+        micro = fitting[0]
+    else:
+        micro = args.micro_batch_size
+    chosen = estimate(micro)
+    line = f"memory plan: {chosen.describe(seq)} of {free / GB:.1f} GB free" + \
+        (f" ({local} processes share it)" if local > 1 else "")
+    if local * chosen.total > free:
+        raise UserError(f"{line}: it does not fit; {ADVICE}")
+    return micro, line
+
+
+ADVICE = ("lower --micro_batch_size (auto picks the largest that fits), or use --activation_checkpointing true, "
+          "--quantize nf4 (LoRA), a shorter --max_seq_length or more --devices with --strategy fsdp")
+PARAM_DTYPES = {"bf16-true": torch.bfloat16, "16-true": torch.float16}
+AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}  # 2 bytes either way

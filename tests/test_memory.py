@@ -1,0 +1,96 @@
+"""The memory plan (litft/memory.py) against what a real training step holds.
+
+Truth: autograd's own record of the tensors a real forward pass saves for the backward pass (saved-tensor
+hooks on real CPU tensors, each storage once, parameters excluded), the parameters' bytes, and AdamW's state
+after a real step. The plan probes 1- and 2-block models on fake tensors and extrapolates; these tests run 3
+blocks and 3 samples for real.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from functools import partial
+
+import pytest
+import torch
+from test_train import tiny  # noqa: F401  (tiny is a fixture)
+
+from litft import memory
+from litft.config import Config
+from litft.errors import UserError
+from litft.fast import for_training
+from litft.lora import WEIGHTS, LoRAConfig, add_lora
+from litft.model import Llama
+from litft.qlora import quantize
+from litft.train_args import Method, TrainArgs
+
+CONFIG = replace(Config.from_name("tiny-gqa"), n_layer=3)
+METHODS = {"lora": partial(add_lora, config=LoRAConfig(r=4)), "full": lambda model: model.requires_grad_(True)}
+
+
+def real_step(method: str, quantized: bool, checkpointing: bool, fast: bool, samples: int, seq: int) -> dict:
+    torch.manual_seed(0)
+    model = Llama(CONFIG).requires_grad_(False)
+    METHODS[method](model)
+    if quantized:
+        quantize(model, "nf4")
+    model.activation_checkpointing = checkpointing
+    loss_fn = for_training(model, fast)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def keep(t):
+        if t.untyped_storage().data_ptr() not in params:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    x = torch.randint(0, CONFIG.vocab_size, (samples, seq))
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        loss = loss_fn(model.train(), x, x)
+    loss.backward()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable)
+    optimizer.step()
+    state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if t.dim())
+    return {"activations": sum(saved.values()), "optimizer": state,
+            "weights": sum(p.numel() * p.element_size() for p in model.parameters()),
+            "gradients": sum(p.grad.numel() * p.grad.element_size() for p in trainable)}
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "plain"])
+@pytest.mark.parametrize("method,quantized,checkpointing", [("lora", False, False), ("lora", False, True),
+                                                            ("lora", True, False), ("full", False, False),
+                                                            ("full", False, True)],
+                         ids=["lora", "lora-checkpointing", "qlora", "full", "full-checkpointing"])
+def test_the_plan_counts_what_a_real_step_holds(method, quantized, checkpointing, fast):
+    real = real_step(method, quantized, checkpointing, fast, samples=3, seq=20)
+    plan = memory.plan(CONFIG, METHODS[method], 20, dtype=torch.float32, autocast=None,
+                       quantize="nf4" if quantized else None, activation_checkpointing=checkpointing,
+                       loss=lambda model: for_training(model, fast), device=torch.device("cpu")).with_micro_batch(3)
+    assert plan.activations == real["activations"]
+    assert (plan.weights, plan.gradients, plan.optimizer) == (real["weights"], real["gradients"], real["optimizer"])
+
+
+def lora_method() -> Method:
+    return Method(name="lora", weights_name=WEIGHTS, prepare=partial(add_lora, config=LoRAConfig()))
+
+
+def test_auto_picks_the_largest_micro_batch_that_fits(tiny, monkeypatch):
+    monkeypatch.setattr(memory, "resident_bytes", lambda: 3e8)  # the process, as it is now: held still
+    args = TrainArgs(checkpoint_dir=tiny["ckpt"], batch_size=12, micro_batch_size="auto")
+    one = memory.plan(Config.from_checkpoint(tiny["ckpt"]), lora_method().prepare, 200, dtype=torch.float32,
+                      autocast=None, quantize=None, activation_checkpointing=False,
+                      loss=lambda model: for_training(model, True), device=torch.device("cpu"))
+    fits_four = one.with_micro_batch(4).total / memory.MARGIN + 1  # 4 fits, 6 does not
+    assert one.with_micro_batch(6).total > memory.MARGIN * fits_four
+    monkeypatch.setattr(memory, "free_bytes", lambda device: fits_four)
+    micro, line = memory.plan_run(args, lora_method(), 200, world_size=1, device=torch.device("cpu"))
+    assert micro == 4 and "micro batch 4 × 200 tokens" in line
+
+
+def test_a_run_that_cannot_fit_is_refused_before_loading(tiny, monkeypatch):
+    monkeypatch.setattr(memory, "free_bytes", lambda device: 1e6)
+    for micro in (2, "auto"):
+        args = TrainArgs(checkpoint_dir=tiny["ckpt"], batch_size=4, micro_batch_size=micro)
+        with pytest.raises(UserError, match=r"lower --micro_batch_size .* --activation_checkpointing true"):
+            memory.plan_run(args, lora_method(), 64, world_size=1, device=torch.device("cpu"))
