@@ -10,20 +10,23 @@ from __future__ import annotations
 
 import re
 import shutil
+from functools import partial
 
 import pytest
 import torch
 import yaml
 from conftest import assert_user_error, run_script
-from test_lora import copy_peft_lora_into, hf_to_lit_name, peft_model, tiny_pair
 from test_distributed import losses
+from test_lora import copy_peft_lora_into, hf_to_lit_name, peft_model, tiny_pair
 from test_train import assert_same, finetune, tiny, weights  # noqa: F401  (tiny is a fixture)
 
+from litft import memory
 from litft.adapter_v2 import AdapterV2Config, add_adapter_v2
 from litft.checkpoint import load_lit_model, save_lit_checkpoint
-from litft.files import save_state_dict
+from litft.config import Config
 from litft.errors import UserError
 from litft.fast import for_training
+from litft.files import save_state_dict
 from litft.load_finetuned import load_finetuned, load_lora
 from litft.lora import LoRAConfig, LoRALinear, add_lora, lora_state_dict, merge_lora
 from litft.qlora import NF4Linear, QLoRALinear, dequantize, quantize
@@ -270,3 +273,15 @@ def test_fsdp_shards_the_4bit_base_and_trains_and_resumes_as_one_process(tiny, t
     proc = finetune(tiny, resumed, *flags, "--devices", "2", "--strategy", "fsdp", "--resume", "true")
     assert "resumed from step 3" in proc.stderr
     assert_same(weights(two / "lit_model_lora.pth"), weights(resumed / "lit_model_lora.pth"))
+
+
+def test_qlora_holds_less_than_lora_and_saves_no_more():
+    """SmolLM2-135M's shapes, micro batch 4 × 256, fp32, fast path, by the memory plan (which tests/test_memory.py
+    checks against a real step): the NF4 base takes under 40 % of the fp32 weights, and QLoRA's layers share
+    their dropout like LoRA's, so the activations are no larger."""
+    config = Config.from_name("SmolLM2-135M")
+    plans = {q: memory.plan(config, partial(add_lora, config=LoRAConfig()), 256, dtype=torch.float32, autocast=None,
+                            quantize=q, activation_checkpointing=False, loss=lambda m: for_training(m, True),
+                            device=torch.device("cpu")).with_micro_batch(4) for q in (None, "nf4")}
+    assert plans["nf4"].weights < 0.4 * plans[None].weights
+    assert plans["nf4"].activations <= plans[None].activations

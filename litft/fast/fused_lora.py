@@ -11,7 +11,8 @@ scaled copy, the sum). The result agrees with LoRALinear to float rounding. Its 
 q, k and v read the same tensor and get the same dropped copy, and so do gate and up.
 
 `fuse_lora(model)` swaps every LoRALinear of the blocks for a FusedLoRALinear holding the same Parameters, so
-state-dict keys, the optimizer's parameters and saved files do not change.
+state-dict keys, the optimizer's parameters and saved files do not change. QLoRA's layers keep their own
+forward (the frozen weight is dequantized for its matmul) and share the dropout the same way.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch import Tensor
 from litft.fast.lora_dropout import SharedDropout
 from litft.lora import LoRALinear
 from litft.model import Llama
+from litft.qlora import QLoRALinear
 
 # The layers of a block that read one tensor: the attention input (q, k, v) and the MLP input (gate, up).
 SAME_INPUT = {"attn": ("q_proj", "k_proj", "v_proj"), "mlp": ("gate_proj", "up_proj")}
@@ -47,16 +49,20 @@ class FusedLoRALinear(LoRALinear):
 
 
 def fuse_lora(model: Llama) -> Llama:
-    """Swap each block's LoRALinear layers for FusedLoRALinear, sharing dropout among layers with one input."""
+    """Swap each block's LoRALinear layers for FusedLoRALinear, sharing dropout among layers with one input. A
+    QLoRALinear (litft/qlora.py) keeps its layer, whose frozen matmul dequantizes, and gets the shared dropout."""
     for block in model.blocks:
         for part in ("attn", "mlp"):
             parent = block.get_submodule(part)
-            lora = {name: m for name, m in parent.named_children() if type(m) is LoRALinear}
-            readers = [name for name in SAME_INPUT[part] if name in lora]
-            shared = shared_dropout(lora[readers[0]].dropout, len(readers)) if readers else None
-            for name, layer in lora.items():
+            adapted = {name: m for name, m in parent.named_children() if type(m) in (LoRALinear, QLoRALinear)}
+            readers = [name for name in SAME_INPUT[part] if name in adapted]
+            shared = shared_dropout(adapted[readers[0]].dropout, len(readers)) if readers else None
+            for name, layer in adapted.items():
                 dropout = shared if name in readers else shared_dropout(layer.dropout, 1)
-                setattr(parent, name, FusedLoRALinear.from_lora(layer, dropout))
+                if type(layer) is QLoRALinear:
+                    layer.dropout = dropout
+                else:
+                    setattr(parent, name, FusedLoRALinear.from_lora(layer, dropout))
     return model
 
 
