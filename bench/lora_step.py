@@ -121,11 +121,13 @@ def main(method: str = "lora", seqs: list[int] = [256, 512], precisions: list[st
         dropout: LoRA dropout (0.05 is litft's and litgpt's recipe default).
         rounds: timed steps per library.
         warmup: untimed steps per library first.
-        threads: torch CPU threads per worker (0: torch's choice).
+        threads: torch CPU threads per worker and for the matmul rate (0: torch's choice).
         activation_checkpointing: recompute each block in the backward pass (not litgpt).
         pairs: "a/b" ratios of two of the frameworks to print in a second table, e.g. litft-qlora/transformers-qlora.
     """
     cfg = Config.from_name(model)
+    if threads:  # the matmul rate is measured in this process
+        torch.set_num_threads(threads)
     for pair in pairs:  # checked now, not after the run
         if pair.count("/") != 1 or not set(pair.split("/")) <= set(frameworks):
             raise SystemExit(f"--pairs {pair}: write a/b with a and b among --frameworks {frameworks}")

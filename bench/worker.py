@@ -106,8 +106,9 @@ def main(framework: Literal["litft", "litft-plain", "litft-qlora", "transformers
                 seconds.append(time.perf_counter() - t0)
             print(json.dumps({"seconds": seconds, "loss": losses[0]}), flush=True)
         elif cmd == "quit":
-            print(json.dumps({"peak_rss_mb": peak_rss_mb(), "build_peak_rss_mb": build_peak_mb, "built_rss_mb": built_mb,
-                              "trainable": sum(p.numel() for p in trainable), "threads": torch.get_num_threads()}),
+            print(json.dumps({"peak_rss_mb": peak_rss_mb(), "build_peak_rss_mb": build_peak_mb,
+                              "built_rss_mb": built_mb, "trainable": sum(p.numel() for p in trainable),
+                              "threads": torch.get_num_threads()}),
                   flush=True)
             return
 
