@@ -27,6 +27,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from litft import fast, nf4, qlora
 from litft.config import Config
 from litft.errors import UserError
+from litft.fast.chunked_loss import CHUNK_TOKENS
 from litft.model import Llama
 from litft.train_args import Method, TrainArgs
 
@@ -34,7 +35,7 @@ GB = 1e9
 MARGIN = 0.9  # plan to use at most this share of the free memory
 
 
-PARTS = ("weights", "gradients", "optimizer", "activations", "backward", "process")
+PARTS = ("weights", "gradients", "optimizer", "activations", "backward", "loss", "process")
 
 
 @dataclass
@@ -44,9 +45,11 @@ class Plan:
     optimizer: float
     activations: float  # what autograd saves for the backward pass
     backward: float
+    loss: float
     process: float
     samples: int = 1  # the micro batch this plan is for
-    per_sample: tuple[float, float] = (0.0, 0.0)  # what one more sample adds to (activations, backward)
+    per_sample: tuple[float, float, float] = (0.0, 0.0, 0.0)  # what one more sample adds to activations, backward,
+    # loss
 
     @property
     def total(self) -> float:
@@ -56,7 +59,8 @@ class Plan:
         """This plan for a micro batch of `samples`: only the activations and the backward pass grow."""
         extra = samples - self.samples
         return replace(self, activations=self.activations + extra * self.per_sample[0],
-                       backward=self.backward + extra * self.per_sample[1], samples=samples)
+                       backward=self.backward + extra * self.per_sample[1],
+                       loss=self.loss + extra * self.per_sample[2], samples=samples)
 
     def describe(self, seq: int) -> str:
         parts = ", ".join(f"{part} {getattr(self, part) / GB:.2f}" for part in PARTS)
@@ -65,10 +69,11 @@ class Plan:
 
 def plan(config: Config, prepare: Callable[[Llama], None], seq: int, *, dtype: torch.dtype,
          autocast: torch.dtype | None, quantize: str | None, activation_checkpointing: bool,
-         loss: Callable[[Llama], Callable], device: torch.device) -> Plan:
+         loss: Callable[[Llama], Callable], device: torch.device, loss_chunk: int | None = CHUNK_TOKENS) -> Plan:
     """The plan for one sample of `seq` tokens (`with_micro_batch` scales it) of a run whose model is
     Llama(config) in `dtype`, prepared by `prepare` (its method), quantized by `quantize`, trained with the loss
-    `loss(model)` returns, under autocast to `autocast` (mixed precision).
+    `loss(model)` returns, under autocast to `autocast` (mixed precision); `loss_chunk`: the positions whose
+    logits exist at once (the fast loss's chunk; None for the plain loss, which holds the whole micro batch's).
 
     The probe runs 1 and 2 samples: some saved buffers are per batch (the chunked loss's gradient of a trained
     lm_head), the rest grows with each sample."""
@@ -81,9 +86,15 @@ def plan(config: Config, prepare: Callable[[Llama], None], seq: int, *, dtype: t
         block = (probe_with(2, False)["saved"] - probe_with(1, False)["saved"]) / config.n_layer
     else:  # the backward pass's gradients flowing through one block take about what the block saved
         block = per_sample / config.n_layer
+    logits = 3 * config.vocab_size * 4  # bytes per position: fp32 logits, their softmax, their gradient
+    if loss_chunk:  # one chunk of positions at a time, however large the micro batch
+        loss_bytes, loss_per_sample = min(loss_chunk, seq) * logits, 0
+    else:  # the whole micro batch's logits at once
+        loss_bytes = loss_per_sample = seq * logits
     return Plan(weights=one["weights"], gradients=one["trainable"], optimizer=2 * one["trainable"],
-                activations=one["saved"], backward=block, process=0.0 if device.type == "cuda" else resident_bytes(),
-                per_sample=(per_sample, block))
+                activations=one["saved"], backward=block, loss=loss_bytes,
+                process=0.0 if device.type == "cuda" else resident_bytes(),
+                per_sample=(per_sample, block, loss_per_sample))
 
 
 def probe(config: Config, prepare, seq: int, samples: int, dtype, autocast, quantize, activation_checkpointing,
@@ -158,7 +169,8 @@ def plan_run(args: TrainArgs, method: Method, seq: int, world_size: int, device:
     one = plan(config, method.prepare, seq, dtype=PARAM_DTYPES.get(args.precision, torch.float32),
                autocast=AUTOCAST.get(args.precision), quantize=args.quantize,
                activation_checkpointing=args.activation_checkpointing,
-               loss=lambda model: fast.for_training(model, args.fast), device=device)
+               loss=lambda model: fast.for_training(model, args.fast), device=device,
+               loss_chunk=CHUNK_TOKENS if args.fast else None)
     shards = world_size if args.strategy == "fsdp" else 1  # FSDP holds 1/N of the weights and of their states
     one = replace(one, weights=one.weights / shards, gradients=one.gradients / shards, optimizer=one.optimizer / shards)
     estimate = one.with_micro_batch

@@ -135,7 +135,7 @@ def as_used(model: Llama, trained: str | None, requested: str | None) -> Llama:
     check_scheme(requested)
     check_scheme(trained, flag="the run's lora.yaml has quantize:")  # a hand-edited file
     if trained is not None and requested not in (None, trained):
-        raise UserError(f"this LoRA was trained on a {trained} base (QLoRA): use it with --quantize {trained}, or "
+        raise UserError(f"this LoRA was trained on an {trained} base (QLoRA): use it with --quantize {trained}, or "
                         "without --quantize for the same weights dequantized to full precision")
     if requested is not None:
         return quantize(model, requested)

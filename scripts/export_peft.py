@@ -116,7 +116,7 @@ def main(checkpoint_dir: Path, lora_path: Path, output_dir: Path) -> None:
     print(f"wrote {sum('lora_' in k for k in tensors)} LoRA tensors for {config['target_modules']}{rows} to "
           f"{output_dir}", file=sys.stderr)
     if lora.quantize:
-        print(f"this LoRA was trained on a {lora.quantize} base: load the base with BitsAndBytesConfig(load_in_4bit="
+        print(f"this LoRA was trained on an {lora.quantize} base: load the base with BitsAndBytesConfig(load_in_4bit="
               f"True, bnb_4bit_quant_type='nf4', bnb_4bit_use_double_quant={SCHEMES[lora.quantize]})", file=sys.stderr)
 
 

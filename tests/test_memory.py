@@ -66,7 +66,8 @@ def test_the_plan_counts_what_a_real_step_holds(method, quantized, checkpointing
     real = real_step(method, quantized, checkpointing, fast, samples=3, seq=20)
     plan = memory.plan(CONFIG, METHODS[method], 20, dtype=torch.float32, autocast=None,
                        quantize="nf4" if quantized else None, activation_checkpointing=checkpointing,
-                       loss=lambda model: for_training(model, fast), device=torch.device("cpu")).with_micro_batch(3)
+                       loss=lambda model: for_training(model, fast), device=torch.device("cpu"),
+                       loss_chunk=256 if fast else None).with_micro_batch(3)
     assert plan.activations == real["activations"]
     assert (plan.weights, plan.gradients, plan.optimizer) == (real["weights"], real["gradients"], real["optimizer"])
 

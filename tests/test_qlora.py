@@ -193,7 +193,7 @@ def test_a_qlora_run_trains_serves_merges_and_exports(tiny, tmp_path):
     texts.add(run_script("generate/base.py", "--checkpoint_dir", merged, *flags, check=True).stdout)
     assert len(texts) == 1
     proc = run_script("generate/lora.py", "--lora_path", run / "lit_model_lora.pth", *flags, "--quantize", "nf4-dq")
-    assert_user_error(proc, "trained on a nf4 base", "--quantize nf4")
+    assert_user_error(proc, "trained on an nf4 base", "--quantize nf4")
 
 
 @pytest.mark.parametrize("scheme", ["nf4", "nf4-dq"])

@@ -25,6 +25,8 @@ from torch import Tensor, nn
 
 from litft.loss import IGNORE_INDEX, shift_labels
 
+CHUNK_TOKENS = 256  # positions whose logits exist at once
+
 
 def chunked_lm_loss(model: nn.Module, x: Tensor, y: Tensor, packed_pos: Tensor | None = None) -> Tensor:
     """causal_lm_loss (litft/loss.py), the fast way: the model's hidden states, then the chunked loss.
@@ -35,7 +37,7 @@ def chunked_lm_loss(model: nn.Module, x: Tensor, y: Tensor, packed_pos: Tensor |
 
 
 def chunked_next_token_loss(lm_head: nn.Module, hidden: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX,
-                            chunk_tokens: int = 256) -> Tensor:
+                            chunk_tokens: int = CHUNK_TOKENS) -> Tensor:
     """next_token_loss(lm_head(hidden), labels), computed `chunk_tokens` positions at a time.
 
     hidden: (B, T, C), the final normalised hidden states; labels: (B, T). Same value and gradients as the
