@@ -66,6 +66,24 @@ def build(framework: str, spec: StepSpec) -> tuple[torch.nn.Module, Callable[[Te
     return builders[framework](spec)
 
 
+def litft_plan(framework: str, spec: StepSpec, micro_batch_size: int, seq: int):
+    """litft/memory.py's plan for what build_litft builds and one step of it does (None for other libraries)."""
+    from litft import memory
+    from litft.fast import for_training
+    from litft.lora import LoRAConfig, add_lora
+
+    if not framework.startswith("litft"):
+        return None
+    prepare = (partial(add_lora, config=LoRAConfig(r=spec.r, alpha=spec.alpha, dropout=spec.dropout))
+               if spec.method == "lora" else (lambda model: model.requires_grad_(True)))
+    autocast = spec.compute_dtype if spec.compute_dtype != torch.float32 else None
+    plan = memory.plan(spec.config, prepare, seq, dtype=torch.float32, autocast=autocast,
+                       quantize="nf4" if framework == "litft-qlora" else None,
+                       activation_checkpointing=spec.activation_checkpointing,
+                       loss=lambda model: for_training(model, framework != "litft-plain"), device=torch.device("cpu"))
+    return plan.with_micro_batch(micro_batch_size)
+
+
 def build_litft(spec: StepSpec, fast: bool = True, quantize: str | None = None):
     """As finetune/*.py builds it: the method added, the blocks' frozen weights stored in NF4 when `quantize`
     (--quantize), then litft/fast's measures (or, fast=False, the plain path)."""

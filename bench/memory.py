@@ -3,7 +3,8 @@
     python bench/memory.py                                   # SmolLM2-135M shapes, seq 256, micro batch 4, fp32
 
 For each method, without and with activation checkpointing, one bench/worker.py process builds the model,
-runs `steps` training steps (forward, backward, AdamW) and reports its peak resident memory. What differs
+runs `steps` training steps (forward, backward, AdamW) and reports its peak resident memory, beside the peak
+litft/memory.py planned for it before the model existed (what every finetune/ run prints) and their ratio. What differs
 between the methods is what full fine-tuning keeps for every parameter: a gradient and AdamW's two moments,
 3 × 4 bytes per parameter in fp32 (1.6 GB for 135 M parameters); LoRA keeps them for its 0.3 % of parameters
 only. What both keep is the weights, the process itself (Python, torch: a few hundred MB) and the activations
@@ -38,8 +39,8 @@ def main(model: str = "SmolLM2-135M", seq: int = 256, micro_batch_size: int = 4,
         threads: torch CPU threads per worker (0: torch's choice).
     """
     print(f"{model}, seq {seq}, micro batch {micro_batch_size}, {precision}, {steps} steps\n")
-    print("| allocator | activation checkpointing | LoRA peak RSS MB | full peak RSS MB | LoRA / full | LoRA s/step "
-          "| full s/step |\n|---|---|---|---|---|---|---|")
+    print("| allocator | activation checkpointing | LoRA peak RSS MB | planned | full peak RSS MB | planned | LoRA / full "
+          "| LoRA s/step | full s/step |\n|---|---|---|---|---|---|---|---|---|")
     for allocator, env in (("glibc default", {}), ("mmap over 64 KiB", {"MALLOC_MMAP_THRESHOLD_": "65536"})):
         for checkpointing in (False, True):
             row = {}
@@ -50,9 +51,11 @@ def main(model: str = "SmolLM2-135M", seq: int = 256, micro_batch_size: int = 4,
                            precision=precision, threads=threads, activation_checkpointing=checkpointing)
                 w.wait_ready()
                 seconds = w.ask(f"step {steps}")["seconds"]
-                row[method] = (w.close()["peak_rss_mb"], min(seconds[1:] or seconds))
-            (lora_mb, lora_s), (full_mb, full_s) = row["lora"], row["full"]
-            print(f"| {allocator} | {'on' if checkpointing else 'off'} | {lora_mb:.0f} | {full_mb:.0f} | "
+                report = w.close()
+                row[method] = (report["peak_rss_mb"], report["planned_mb"], min(seconds[1:] or seconds))
+            (lora_mb, lora_plan, lora_s), (full_mb, full_plan, full_s) = row["lora"], row["full"]
+            print(f"| {allocator} | {'on' if checkpointing else 'off'} | {lora_mb:.0f} | {lora_plan:.0f} "
+                  f"({lora_plan / lora_mb:.2f}×) | {full_mb:.0f} | {full_plan:.0f} ({full_plan / full_mb:.2f}×) | "
                   f"{lora_mb / full_mb:.2f} | {lora_s:.2f} | {full_s:.2f} |", flush=True)
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from frameworks import StepSpec, build
+from frameworks import StepSpec, build, litft_plan
 
 from litft.cli import run
 from litft.config import Config
@@ -78,6 +78,7 @@ def main(framework: Literal["litft", "litft-plain", "litft-qlora", "transformers
     dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float32
     spec = StepSpec(Config.from_name(model), method=method, dropout=dropout, seed=seed,
                     activation_checkpointing=activation_checkpointing, compute_dtype=dtype)
+    plan = litft_plan(framework, spec, micro_batch_size, seq)  # before the model exists, as finetune/ makes it
     net, loss_fn = build(framework, spec)
     trainable = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4, betas=(0.9, 0.95))
@@ -108,6 +109,7 @@ def main(framework: Literal["litft", "litft-plain", "litft-qlora", "transformers
         elif cmd == "quit":
             print(json.dumps({"peak_rss_mb": peak_rss_mb(), "build_peak_rss_mb": build_peak_mb,
                               "built_rss_mb": built_mb, "trainable": sum(p.numel() for p in trainable),
+                              "planned_mb": plan.total / 1e6 if plan else None,
                               "threads": torch.get_num_threads()}),
                   flush=True)
             return

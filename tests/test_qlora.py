@@ -21,6 +21,7 @@ from test_lora import copy_peft_lora_into, hf_to_lit_name, peft_model, tiny_pair
 from test_train import assert_same, finetune, tiny, weights  # noqa: F401  (tiny is a fixture)
 
 from litft import memory
+from litft.adapter import AdapterConfig, add_adapter
 from litft.adapter_v2 import AdapterV2Config, add_adapter_v2
 from litft.checkpoint import load_lit_model, save_lit_checkpoint
 from litft.config import Config
@@ -285,3 +286,18 @@ def test_qlora_holds_less_than_lora_and_saves_no_more():
                             device=torch.device("cpu")).with_micro_batch(4) for q in (None, "nf4")}
     assert plans["nf4"].weights < 0.4 * plans[None].weights
     assert plans["nf4"].activations <= plans[None].activations
+
+
+def test_an_adapter_v1_model_runs_on_its_4bit_base():
+    """Adapter v1 adds prompts, not linear layers: its blocks quantize, and compute what the same model computes
+    on Ŵ in full precision."""
+    _, model = tiny_pair("tiny-gqa")
+    add_adapter(model.requires_grad_(False), AdapterConfig(start_layer=0))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "gate" in name:
+                p.fill_(0.5)  # the adapter's zero-initialised gate open, so its prompts count
+    x = torch.randint(0, 256, (2, 9))
+    with torch.no_grad():
+        quantized = quantize(model.eval(), "nf4")(x)
+        torch.testing.assert_close(dequantize(model)(x), quantized, atol=1e-5, rtol=0)
