@@ -18,6 +18,7 @@ import yaml
 from conftest import assert_user_error, run_script
 from test_distributed import losses
 from test_lora import copy_peft_lora_into, hf_to_lit_name, peft_model, tiny_pair
+from test_merge_export import make_run
 from test_train import assert_same, finetune, tiny, weights  # noqa: F401  (tiny is a fixture)
 
 from litft import memory
@@ -27,9 +28,8 @@ from litft.checkpoint import load_lit_model, save_lit_checkpoint
 from litft.config import Config
 from litft.errors import UserError
 from litft.fast import for_training
-from litft.files import save_state_dict
 from litft.load_finetuned import load_finetuned, load_lora
-from litft.lora import LoRAConfig, LoRALinear, add_lora, lora_state_dict, merge_lora
+from litft.lora import LoRAConfig, LoRALinear, add_lora, merge_lora
 from litft.qlora import NF4Linear, QLoRALinear, dequantize, quantize
 
 peft = pytest.importorskip("peft")
@@ -205,16 +205,7 @@ def test_the_peft_export_of_a_qlora_run_loads_onto_a_bitsandbytes_base(tmp_path,
     hf.save_pretrained(tmp_path / "hf")
     save_lit_checkpoint(ours, tmp_path / "base")
     run = tmp_path / "run"
-    config = LoRAConfig(r=4, alpha=8, targets=["q", "k", "v", "o", "gate", "up", "down"], quantize=scheme)
-    add_lora(ours.requires_grad_(False), config)
-    torch.manual_seed(2)
-    with torch.no_grad():
-        for name, p in ours.named_parameters():
-            if name.endswith("lora_B"):
-                p.normal_(std=0.05)
-    save_state_dict(lora_state_dict(ours), run / "lit_model_lora.pth")
-    config.save(run)
-    ours.config.save(run)
+    make_run(tmp_path / "base", run, LoRAConfig(r=4, alpha=8, quantize=scheme), style=None, seed=2)
     proc = run_script("scripts/export_peft.py", "--checkpoint_dir", tmp_path / "base", "--lora_path",
                       run / "lit_model_lora.pth", "--output_dir", tmp_path / "peft", check=True)
     double = scheme == "nf4-dq"
