@@ -23,6 +23,7 @@ from litft.checkpoint import load_lit_model, save_lit_checkpoint
 from litft.config import Config
 from litft.errors import UserError
 from litft.generate import generate, generate_cli, stop_token_ids
+from litft.load_finetuned import load_finetuned
 from litft.model import Llama
 from litft.prompts import ChatTemplateStyle, PromptStyle, resolve_style
 from litft.tokenizer import Tokenizer
@@ -354,7 +355,7 @@ def test_generation_stops_at_each_stop_id(family, stop_token, request, tmp_path,
 
     # generate_cli, as generate/base.py runs it: the checkpoint's template, its stop ids, stdout the answer only
     text = generate_cli(checkpoint, "What is LoRA?", max_new_tokens=6, temperature=0, precision="32-true",
-                        load_model=load_lit_model, run_dir=None)
+                        load_model=load_finetuned, run_dir=None)
     out, err = capsys.readouterr()
     assert text == tokenizer.decode(chain[1:3]) == " fox dog"
     assert out == " fox dog\n" and "prompt style: chat-template" in err and "2 tokens" in err
