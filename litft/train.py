@@ -47,12 +47,11 @@ from litft.files import atomic_write_text, copy_tokenizer, save_state_dict
 from litft.generate import greedy_without_cache, stop_token_ids
 from litft.loss import IGNORE_INDEX, LossFn, trained_tokens
 from litft.model import Llama
-from litft.preview import preview
 from litft.prompts import PromptStyle
 from litft.schedule import batch_indices, lr_factor
 from litft.tokenizer import Tokenizer
 from litft.train_args import Method, TrainArgs
-from litft.train_data import check_data_tokenizer, check_token_ids, check_trained_tokens, tokenizer_of
+from litft.train_data import check_token_ids, longest, read_data, tokenizer_of
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # inputs, labels (B, T), packed_pos (B, T) or None
 
@@ -101,20 +100,10 @@ def fit(args: TrainArgs, method: Method) -> dict:
     return state.metrics
 
 
-def read_data(fabric: Fabric, args: TrainArgs, method: Method) -> tuple[list[dict], list[dict]]:
-    """The train and test splits, checked; with --preview, shown; with --packing, the train split in rows."""
-    check_data_tokenizer(args)
-    train_data, val_data = data_lib.load_split(args.data, "train"), data_lib.load_split(args.data, "test")
-    check_trained_tokens(args, train_data)
-    if args.preview and fabric.global_rank == 0:
-        print(preview(args.data, args.preview, max_seq_length=args.max_seq_length), file=sys.stderr)
-    return (pack_rows(fabric, args, train_data) if args.packing else train_data), val_data
-
-
 def plan_memory(fabric: Fabric, args: TrainArgs, method: Method, train_data: list[dict]) -> None:
     """Print the run's memory plan before any weight is read; resolve --micro_batch_size auto (rank 0 decides,
     the others follow; a resumed run keeps the size it started with); refuse a run that would not fit."""
-    seq = args.max_seq_length or max(len(s["input_ids"]) for s in train_data)
+    seq = args.max_seq_length or longest(train_data)
     if args.micro_batch_size == "auto" and args.resume:
         args.micro_batch_size = run_dir.recorded(args.out_dir, "micro_batch_size") or "auto"
     outcome = (0, "", None)
@@ -129,14 +118,6 @@ def plan_memory(fabric: Fabric, args: TrainArgs, method: Method, train_data: lis
     fabric.print(line, file=sys.stderr)
     args.micro_batch_size = micro
     args.micro_batches(fabric.world_size)
-
-
-def pack_rows(fabric: Fabric, args: TrainArgs, samples: list[dict]) -> list[dict]:
-    """--packing: the samples in rows of up to --max_seq_length tokens (default: the longest sample)."""
-    length = args.max_seq_length or max(len(s["input_ids"]) for s in samples)
-    rows = packing.pack(samples, length)
-    fabric.print(f"packing: {len(samples)} samples in {len(rows)} rows of up to {length} tokens", file=sys.stderr)
-    return rows
 
 
 def lost_a_process(error: RuntimeError) -> bool:

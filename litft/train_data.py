@@ -1,17 +1,23 @@
 """The training data, checked against the model it is about to train: the same tokenizer, ids inside its vocabulary.
 
 A run refuses, with one line saying how to prepare the data again, data that would silently train on the wrong
-token ids, or samples with nothing to train on.
+token ids, or samples with nothing to train on. `read_data` reads the splits for litft/train.py, checked, shown
+(--preview) and packed (--packing).
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
+from lightning.fabric import Fabric
+
 from litft import data as data_lib
+from litft import packing
 from litft.base_checkpoint import tokenizer_fingerprint
 from litft.errors import UserError
 from litft.loss import IGNORE_INDEX
+from litft.preview import preview
 from litft.train_args import Method, TrainArgs
 
 
@@ -53,3 +59,28 @@ def tokenizer_of(args: TrainArgs, method: Method) -> Path:
         raise UserError(f"{data_lib.data_dir(args.data)} was prepared with new tokens {new_tokens}, which "
                         f"{method.name} cannot train; use finetune/lora.py, or prepare the data without --new_tokens")
     return data_lib.data_dir(args.data) if new_tokens else args.checkpoint_dir
+
+
+def read_data(fabric: Fabric, args: TrainArgs, method: Method) -> tuple[list[dict], list[dict]]:
+    """The train and test splits, checked; with --preview, shown; with --packing, the train split in rows."""
+    check_data_tokenizer(args)
+    train_data, val_data = data_lib.load_split(args.data, "train"), data_lib.load_split(args.data, "test")
+    if not train_data:
+        raise UserError(f"{data_lib.data_dir(args.data)}/train.pt holds no samples; prepare the data again with "
+                        "a data_prep script")
+    check_trained_tokens(args, train_data)
+    if args.preview and fabric.global_rank == 0:
+        print(preview(args.data, args.preview, max_seq_length=args.max_seq_length), file=sys.stderr)
+    return (pack_rows(fabric, args, train_data) if args.packing else train_data), val_data
+
+
+def pack_rows(fabric: Fabric, args: TrainArgs, samples: list[dict]) -> list[dict]:
+    """--packing: the samples in rows of up to --max_seq_length tokens (default: the longest sample)."""
+    length = args.max_seq_length or longest(samples)
+    rows = packing.pack(samples, length)
+    fabric.print(f"packing: {len(samples)} samples in {len(rows)} rows of up to {length} tokens", file=sys.stderr)
+    return rows
+
+
+def longest(samples: list[dict]) -> int:
+    return max(len(s["input_ids"]) for s in samples)

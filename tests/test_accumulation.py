@@ -105,3 +105,12 @@ def test_a_sample_with_nothing_to_train_on_is_refused_in_one_line(tiny, tmp_path
     proc = finetune(tiny, tmp_path / "out", "--data", data, check=False)
     assert_user_error(proc, "train.pt sample 5 has no token to train on")
     assert not (tmp_path / "out").exists()
+
+
+def test_an_empty_training_split_is_refused_in_one_line(tiny, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny["data"], data)
+    torch.save([], data / "train.pt")
+    proc = finetune(tiny, tmp_path / "out", "--data", data, check=False)
+    assert_user_error(proc, "train.pt holds no samples")
+    assert not (tmp_path / "out").exists()
