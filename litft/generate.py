@@ -21,6 +21,9 @@ How the next token is picked from the logits z (vocab,):
 in a layout that lets every thread work on each matrix-vector product, and an fp32 LoRA is merged first;
 `--fast false` decodes with the model as loaded. The loop itself does not change.
 
+`generate_batch` decodes many prompts at once, each row at its own positions (no row sees another's padding),
+with its own sampling settings and, over one base, its own LoRA (litft/multi_lora.py); scripts/serve.py runs it.
+
 `greedy_without_cache` is the same greedy loop with no cache at all: slow, but so simple it serves as the
 reference the cached loop is tested against. `generate_cli` is what the generate/ scripts run.
 """
@@ -30,6 +33,7 @@ from __future__ import annotations
 import resource
 import sys
 import time
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
@@ -123,6 +127,87 @@ def generate(model: torch.nn.Module, prompt: Tensor, max_new_tokens: int, temper
                 logits = next_token_logits(model, token[None], torch.tensor([t], device=device))  # decode
     finally:
         model.clear_kv_cache()
+
+
+# ---- many prompts at once -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    """One prompt of a batch and how to continue it. Setting `done` stops the row at its next step (a client that
+    went away, a stop string seen in the text)."""
+
+    prompt: Tensor  # (T,) token ids
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_k: Optional[int] = None
+    top_p: float = 1.0
+    stop_ids: frozenset[int] = frozenset()
+    generator: Optional[torch.Generator] = None
+    lora: Optional[str] = None  # the LoRA this row uses (litft/multi_lora.py), None for the base model
+    done: bool = False
+
+
+@torch.inference_mode()
+def generate_batch(model: torch.nn.Module, rows: list[Row]) -> Iterator[tuple[int, Optional[int]]]:
+    """Decode many prompts together; yield (row index, token id) as tokens are produced, and (row index, None)
+    when a row meets one of its stop ids. A row also ends after max_new_tokens, or once its `done` is set.
+
+    Every row keeps its own positions, so no row sees another's padding:
+
+        prefill   prompts right-padded to (B, T), row b at positions 0..T-1; its logits read at T_b - 1
+        decode    one token per live row, (B', 1), row b at its own position T_b + n_b
+                  (the pads' cache slots past T_b are overwritten before a mask ever shows them)
+
+    A row that ends leaves the batch (its cache row is dropped), so the rest decode at the cost of their number.
+    Each row samples with its own settings and generator, as `generate` would alone.
+    """
+    from litft.multi_lora import use_loras
+
+    for row in rows:
+        check_fits(model.config.block_size, row.prompt.size(0), row.max_new_tokens)
+    device, live = rows[0].prompt.device, list(range(len(rows)))  # live: batch row j decodes rows[live[j]]
+    lengths = torch.tensor([row.prompt.size(0) for row in rows], device=device)  # (B,)
+    idx = torch.nn.utils.rnn.pad_sequence([row.prompt for row in rows], batch_first=True)  # (B, T)
+    B, T = idx.shape
+    model.set_kv_cache(batch_size=B, max_seq_length=max(int(n) + r.max_new_tokens for n, r in zip(lengths, rows)))
+    use_loras(model, [row.lora for row in rows])
+    try:
+        h = model.hidden_states(idx, torch.arange(T, device=device).expand(B, T))  # (B, T, C)
+        logits = model.lm_head(h[torch.arange(B, device=device), lengths - 1])  # (B, vocab)
+        pos, produced = lengths, [0] * len(rows)  # pos: where each live row's next token goes
+        while True:
+            tokens, keep = pick(logits, [rows[i] for i in live]), []  # (B',)
+            for j, i in enumerate(live):
+                if rows[i].done:
+                    continue
+                if int(tokens[j]) in rows[i].stop_ids:
+                    yield i, None
+                    continue
+                yield i, int(tokens[j])
+                produced[i] += 1
+                if produced[i] < rows[i].max_new_tokens and not rows[i].done:
+                    keep.append(j)
+            if not keep:
+                return
+            if len(keep) < len(live):  # rows ended: drop them from the batch
+                kept = torch.tensor(keep, device=device)
+                model.keep_kv_rows(kept)
+                tokens, pos, live = tokens[kept], pos[kept], [live[j] for j in keep]
+                use_loras(model, [rows[i].lora for i in live])
+            logits = next_token_logits(model, tokens[:, None], pos[:, None])  # decode: (B', 1) -> (B', vocab)
+            pos = pos + 1
+    finally:
+        model.clear_kv_cache()
+        use_loras(model, [])
+
+
+def pick(logits: Tensor, rows: list[Row]) -> Tensor:
+    """(B, vocab) -> (B,): the next token of each row, by the row's own sampling settings."""
+    if all(row.temperature == 0 for row in rows):
+        return logits.argmax(dim=-1)
+    return torch.cat([sample(logits[j:j + 1], row.temperature, row.top_k, row.top_p, row.generator)
+                      for j, row in enumerate(rows)])
 
 
 @torch.inference_mode()

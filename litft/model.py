@@ -13,7 +13,8 @@ mostly renaming (see litft/convert_hf.py). Qwen2 is the same network with a bias
 Rotary positions, and the ways Llama 3.1, YaRN and others stretch them, are litft/rope.py.
 
 For generation, `set_kv_cache` allocates a static key/value cache; `forward(idx, input_pos)` then writes the
-new keys and values at `input_pos` and attends over everything cached so far. For training on packed rows
+new keys and values at `input_pos` and attends over everything cached so far. With a (B, T) `input_pos` each row
+of the batch is at its own position, so prompts of different lengths decode together (litft/generate.py). For training on packed rows
 (several samples in one row, litft/packing.py), `forward(idx, packed_pos=...)` gives each token its position
 within its own sample, and a token attends only to the earlier tokens of that sample.
 """
@@ -48,8 +49,8 @@ class Llama(nn.Module):
             self.lm_head.weight = self.embed.weight
 
     def forward(self, idx: Tensor, input_pos: Tensor | None = None, packed_pos: Tensor | None = None) -> Tensor:
-        """idx: (B, T) token ids -> logits (B, T, vocab). input_pos: (T,) positions, only when decoding with
-        the KV cache (see set_kv_cache). packed_pos: (B, T) each token's position within its sample, for rows that
+        """idx: (B, T) token ids -> logits (B, T, vocab). input_pos: (T,) positions, or (B, T) a position per
+        row, only when decoding with the KV cache (see set_kv_cache). packed_pos: (B, T) each token's position within its sample, for rows that
         pack several samples (0 where a sample starts)."""
         x = self.embed(idx)  # (B, T, C)
         x = self.norm(self.trunk(x, input_pos, packed_pos))
@@ -72,10 +73,14 @@ class Llama(nn.Module):
             cos, sin = self.rope(T, x.device)
             pos, mask, cos, sin = None, None, cos[:T], sin[:T]
         else:  # decoding: attend to every cached position <= our own
-            end = int(input_pos[-1]) + 1
+            end = int(input_pos.max()) + 1
             cos, sin = self.rope(end, x.device)
             pos, cos, sin = input_pos, cos[input_pos], sin[input_pos]
-            mask = None if T == 1 else input_pos[:, None] >= torch.arange(end, device=x.device)  # (T, end)
+            seen = input_pos[..., None] >= torch.arange(end, device=x.device)  # (T, end) or (B, T, end)
+            if input_pos.dim() == 2:  # a position per row (rows of different lengths decoded together)
+                cos, sin, mask = cos[:, None], sin[:, None], seen[:, None]  # (B, 1, T, hs), (B, 1, T, end)
+            else:
+                mask = None if T == 1 else seen
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         for block in self.blocks:
             if self.activation_checkpointing and self.training:
@@ -102,6 +107,11 @@ class Llama(nn.Module):
         p = self.embed.weight
         for block in self.blocks:
             block.attn.kv_cache = KVCache(batch_size, max_seq_length, self.config, device or p.device, dtype or p.dtype)
+
+    def keep_kv_rows(self, rows: Tensor) -> None:
+        """Drop the cached keys and values of every batch row not in `rows` (B',): a smaller batch from now on."""
+        for block in self.blocks:
+            block.attn.kv_cache.keep(rows)
 
     def clear_kv_cache(self) -> None:
         for block in self.blocks:
@@ -193,7 +203,17 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
 
     def update(self, pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        self.k.index_copy_(2, pos, k.to(self.k.dtype))
-        self.v.index_copy_(2, pos, v.to(self.v.dtype))
-        end = int(pos[-1]) + 1
+        """Write k, v (B, nkv, T, hs) at positions pos, (T,) or (B, T); return the cache up to the last one."""
+        if pos.dim() == 1:
+            self.k.index_copy_(2, pos, k.to(self.k.dtype))
+            self.v.index_copy_(2, pos, v.to(self.v.dtype))
+        else:  # row b's tokens go to its own positions pos[b]
+            rows = torch.arange(pos.size(0), device=pos.device)[:, None]  # (B, 1)
+            self.k[rows, :, pos] = k.transpose(1, 2).to(self.k.dtype)  # indexed as (B, T, nkv, hs)
+            self.v[rows, :, pos] = v.transpose(1, 2).to(self.v.dtype)
+        end = int(pos.max()) + 1
         return self.k[:, :, :end], self.v[:, :, :end]
+
+    def keep(self, rows: Tensor) -> None:
+        """Keep only these rows of the batch (the others have finished)."""
+        self.k, self.v = self.k[rows], self.v[rows]

@@ -1,0 +1,160 @@
+"""Batched generation (litft/generate.py's generate_batch) with a different LoRA per row (litft/multi_lora.py).
+
+Truth: each prompt decoded alone (litft's one-prompt loop, itself tested against transformers) with its LoRA
+loaded the ordinary way (add_lora); and transformers + PEFT's `generate(..., adapter_names=...)` on the same batch,
+left-padded as transformers pads, with our LoRAs exported by scripts/export_peft.py.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_script
+from test_merge_export import base_config, bases, hf_model, hf_to_lit_name, make_run  # noqa: F401 (bases: a fixture)
+
+from litft.checkpoint import load_lit_model, save_lit_checkpoint
+from litft.errors import UserError
+from litft.generate import Row, generate, generate_batch
+from litft.load_finetuned import load_finetuned
+from litft.lora import LoRAConfig
+from litft.model import Llama
+from litft.multi_lora import add_loras, lora_names
+
+peft = pytest.importorskip("peft")
+
+PROMPTS = [[5, 900, 31, 7], [12], [400, 401, 402, 403, 404, 405, 406, 407, 408, 409, 410], [77, 78, 79]]
+LORAS = {"qv": LoRAConfig(r=4, alpha=8, targets=["q", "v"]),
+         "all": LoRAConfig(r=8, alpha=32, targets=["q", "k", "v", "o", "gate", "up", "down", "lm_head"])}
+
+
+def scaled_hf_model() -> "transformers.LlamaForCausalLM":  # noqa: F821
+    """transformers' tiny random Llama with weights large enough that greedy text varies from token to token."""
+    hf = hf_model(base_config(True)).double()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in hf.parameters():
+            if p.dim() > 1:
+                p.normal_(std=0.25)
+    return hf
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, bases) -> Path:
+    """A lit checkpoint of scaled_hf_model() (with the tiny base's tokenizer.model)."""
+    directory = tmp_path_factory.mktemp("base")
+    model = Llama(base_config(True))
+    model.load_state_dict({hf_to_lit_name(k): v for k, v in scaled_hf_model().state_dict().items()}, strict=False)
+    model.tie_weights()
+    save_lit_checkpoint(model.float(), directory)
+    shutil.copy(bases[True] / "tokenizer.model", directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def runs(base, tmp_path_factory):
+    """Two LoRA runs of different ranks and targets on that base, as finetune/lora.py leaves them."""
+    out = {}
+    for seed, (name, config) in enumerate(LORAS.items()):
+        run_dir = tmp_path_factory.mktemp(name)
+        make_run(base, run_dir, config, seed=seed + 1)
+        out[name] = run_dir / "lit_model_lora.pth"
+    return out
+
+
+def alone(model, prompt, max_new_tokens, **sampling) -> list[int]:
+    return list(generate(model, torch.tensor(prompt), max_new_tokens, **sampling))
+
+
+def batched(model, rows: list[Row]) -> list[list[int]]:
+    out = [[] for _ in rows]
+    for i, token in generate_batch(model, rows):
+        if token is not None:
+            out[i].append(token)
+    return out
+
+
+def test_rows_of_different_lengths_decode_as_each_prompt_alone(base):
+    model = load_lit_model(base).double().eval()
+    budgets = [9, 14, 3, 20]
+    rows = [Row(torch.tensor(p), n, temperature=0) for p, n in zip(PROMPTS, budgets)]
+    expected = [alone(model, p, n, temperature=0) for p, n in zip(PROMPTS, budgets)]
+    assert batched(model, rows) == expected
+    assert [len(e) for e in expected] == budgets  # no stop id: every row runs to its own budget
+    # a stop id ends its row only: the id is not yielded, the others go on
+    stop = expected[3][5]
+    rows = [Row(torch.tensor(p), n, temperature=0, stop_ids=frozenset({stop}) if i == 3 else frozenset())
+            for i, (p, n) in enumerate(zip(PROMPTS, budgets))]
+    got = batched(model, rows)
+    assert got[3] == expected[3][:expected[3].index(stop)] and got[:3] == expected[:3]
+
+
+def test_sampled_rows_draw_as_each_prompt_alone(base):
+    model = load_lit_model(base).double().eval()
+    settings = [dict(temperature=0.7, top_k=20), dict(temperature=0), dict(temperature=1.3, top_p=0.8),
+                dict(temperature=1.0)]
+    rows = [Row(torch.tensor(p), 12, generator=torch.Generator().manual_seed(i), **s)
+            for i, (p, s) in enumerate(zip(PROMPTS, settings))]
+    expected = [alone(model, p, 12, generator=torch.Generator().manual_seed(i), **s)
+                for i, (p, s) in enumerate(zip(PROMPTS, settings))]
+    assert batched(model, rows) == expected
+
+
+def test_a_row_set_done_leaves_the_batch(base):
+    model = load_lit_model(base).double().eval()
+    rows = [Row(torch.tensor(p), 10, temperature=0) for p in PROMPTS]
+    got = [[] for _ in rows]
+    for i, token in generate_batch(model, rows):
+        got[i].append(token)
+        if i == 1 and len(got[1]) == 2:
+            rows[1].done = True  # as the server does when a client disconnects
+    assert len(got[1]) == 2 and [len(g) for g in got] == [10, 2, 10, 10]
+    assert got[2] == alone(model, PROMPTS[2], 10, temperature=0)
+
+
+def test_each_row_uses_its_own_lora(base, runs):
+    """Rows naming different LoRAs (and none) in one batch give what each LoRA gives alone."""
+    model = load_lit_model(base).double().eval()
+    add_loras(model, runs)
+    assert lora_names(model) == {"qv", "all"}
+    names = ["qv", None, "all", "qv"]
+    rows = [Row(torch.tensor(p), 12, temperature=0, lora=n) for p, n in zip(PROMPTS, names)]
+    got = batched(model, rows)
+    alone_texts = {n: [alone(load_finetuned(base, runs[n] if n else None).double(), p, 12, temperature=0)
+                       for p in PROMPTS] for n in (None, *runs)}
+    assert got == [alone_texts[n][i] for i, n in enumerate(names)]
+    assert all(alone_texts[n][i] != alone_texts[None][i] for i, n in enumerate(names) if n)  # the LoRAs matter
+
+
+def test_each_row_equals_peft_generate_with_adapter_names(base, runs, tmp_path):
+    """transformers + PEFT, our LoRAs exported to PEFT's format, generate(adapter_names=...) on the same batch."""
+    for name, path in runs.items():
+        run_script("scripts/export_peft.py", "--checkpoint_dir", base, "--lora_path", path,
+                   "--output_dir", tmp_path / name, check=True)
+    pm = peft.PeftModel.from_pretrained(scaled_hf_model(), tmp_path / "qv", adapter_name="qv")
+    pm.load_adapter(tmp_path / "all", adapter_name="all")
+    pm.eval()
+    names = ["all", "qv", None, "all"]
+    width = max(map(len, PROMPTS))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in PROMPTS])  # left-padded, as transformers batches
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in PROMPTS])
+    out = pm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False, eos_token_id=None,
+                      pad_token_id=0, adapter_names=[n or "__base__" for n in names])
+    expected = out[:, width:].tolist()
+
+    model = load_lit_model(base).double().eval()
+    add_loras(model, runs)
+    rows = [Row(torch.tensor(p), 10, temperature=0, lora=n) for p, n in zip(PROMPTS, names)]
+    assert batched(model, rows) == expected
+
+
+def test_a_lora_that_cannot_share_the_batch_is_refused(base, bases, tmp_path):
+    model = load_lit_model(base).eval()
+    make_run(base, tmp_path / "embed", LoRAConfig(r=2, targets=["q", "embed"]))
+    with pytest.raises(UserError, match="embedding"):
+        add_loras(model, {"e": tmp_path / "embed" / "lit_model_lora.pth"})
+    make_run(bases[False], tmp_path / "other", LoRAConfig(r=2, targets=["k"]))  # 4 key heads there, 2 here
+    with pytest.raises(UserError, match="made for another base model: blocks.0.attn.k_proj"):
+        add_loras(model, {"o": tmp_path / "other" / "lit_model_lora.pth"})
