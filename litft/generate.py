@@ -45,6 +45,7 @@ from litft.config import Config
 from litft.errors import UserError
 from litft.fast import for_generation
 from litft.load_finetuned import tokenizer_dir
+from litft.multi_lora import use_loras
 from litft.prompts import PromptStyle, resolve_style
 from litft.tokenizer import StreamDecoder, Tokenizer
 
@@ -149,9 +150,11 @@ class Row:
 
 
 @torch.inference_mode()
-def generate_batch(model: torch.nn.Module, rows: list[Row]) -> Iterator[tuple[int, Optional[int]]]:
-    """Decode many prompts together; yield (row index, token id) as tokens are produced, and (row index, None)
-    when a row meets one of its stop ids. A row also ends after max_new_tokens, or once its `done` is set.
+def generate_batch(model: torch.nn.Module, rows: list[Row],
+                   more: Callable[[], list[Row]] = list) -> Iterator[tuple[Row, Optional[int]]]:
+    """Decode many prompts together; yield (row, token id) as tokens are produced, and (row, None) when a row
+    meets one of its stop ids. A row also ends after max_new_tokens, or once its `done` is set. `more()` is asked
+    after every step for rows that join the batch (a server's new requests); decoding ends when no row is left.
 
     Every row keeps its own positions, so no row sees another's padding:
 
@@ -159,47 +162,62 @@ def generate_batch(model: torch.nn.Module, rows: list[Row]) -> Iterator[tuple[in
         decode    one token per live row, (B', 1), row b at its own position T_b + n_b
                   (the pads' cache slots past T_b are overwritten before a mask ever shows them)
 
-    A row that ends leaves the batch (its cache row is dropped), so the rest decode at the cost of their number.
-    Each row samples with its own settings and generator, as `generate` would alone.
+    Joining rows are prefilled in a cache of their own, whose rows are then appended to the batch's. A row that
+    ends leaves the batch (its cache row is dropped), so the rest decode at the cost of their number. Each row
+    samples with its own settings and generator, as `generate` would alone.
     """
-    from litft.multi_lora import use_loras
-
-    for row in rows:
-        check_fits(model.config.block_size, row.prompt.size(0), row.max_new_tokens)
-    device, live = rows[0].prompt.device, list(range(len(rows)))  # live: batch row j decodes rows[live[j]]
-    lengths = torch.tensor([row.prompt.size(0) for row in rows], device=device)  # (B,)
-    idx = torch.nn.utils.rnn.pad_sequence([row.prompt for row in rows], batch_first=True)  # (B, T)
-    B, T = idx.shape
-    model.set_kv_cache(batch_size=B, max_seq_length=max(int(n) + r.max_new_tokens for n, r in zip(lengths, rows)))
-    use_loras(model, [row.lora for row in rows])
+    live, logits, pos = [], None, None  # the rows decoding, their next-token logits (B', vocab) and positions (B',)
+    produced, joining = {}, rows
     try:
-        h = model.hidden_states(idx, torch.arange(T, device=device).expand(B, T))  # (B, T, C)
-        logits = model.lm_head(h[torch.arange(B, device=device), lengths - 1])  # (B, vocab)
-        pos, produced = lengths, [0] * len(rows)  # pos: where each live row's next token goes
         while True:
-            tokens, keep = pick(logits, [rows[i] for i in live]), []  # (B',)
-            for j, i in enumerate(live):
-                if rows[i].done:
-                    continue
-                if int(tokens[j]) in rows[i].stop_ids:
-                    yield i, None
-                    continue
-                yield i, int(tokens[j])
-                produced[i] += 1
-                if produced[i] < rows[i].max_new_tokens and not rows[i].done:
-                    keep.append(j)
-            if not keep:
+            if joining := [row for row in joining if not row.done]:
+                earlier = model.kv_caches() if live else None
+                new_logits, new_pos = prefill(model, joining)
+                if live:
+                    model.join_kv_caches(earlier)
+                    new_logits, new_pos = torch.cat((logits, new_logits)), torch.cat((pos, new_pos))
+                live, logits, pos = live + joining, new_logits, new_pos
+                produced.update((id(row), 0) for row in joining)
+                use_loras(model, [row.lora for row in live])
+            if not live:
                 return
+            tokens, keep = pick(logits, live), []  # (B',)
+            for j, row in enumerate(live):
+                if row.done:
+                    continue
+                if int(tokens[j]) in row.stop_ids:
+                    yield row, None
+                    continue
+                yield row, int(tokens[j])
+                produced[id(row)] += 1
+                if produced[id(row)] < row.max_new_tokens and not row.done:
+                    keep.append(j)
             if len(keep) < len(live):  # rows ended: drop them from the batch
-                kept = torch.tensor(keep, device=device)
-                model.keep_kv_rows(kept)
+                kept = torch.tensor(keep, dtype=torch.long, device=pos.device)
                 tokens, pos, live = tokens[kept], pos[kept], [live[j] for j in keep]
-                use_loras(model, [rows[i].lora for i in live])
-            logits = next_token_logits(model, tokens[:, None], pos[:, None])  # decode: (B', 1) -> (B', vocab)
-            pos = pos + 1
+                model.keep_kv_rows(kept) if live else model.clear_kv_cache()
+                use_loras(model, [row.lora for row in live])
+            if live:
+                logits = next_token_logits(model, tokens[:, None], pos[:, None])  # decode: (B', 1) -> (B', vocab)
+                pos = pos + 1
+            joining = more()
     finally:
         model.clear_kv_cache()
         use_loras(model, [])
+
+
+def prefill(model: torch.nn.Module, rows: list[Row]) -> tuple[Tensor, Tensor]:
+    """Run the prompts of `rows` in a new KV cache; return their next-token logits (B, vocab) and lengths (B,)."""
+    for row in rows:
+        check_fits(model.config.block_size, row.prompt.size(0), row.max_new_tokens)
+    device = rows[0].prompt.device
+    lengths = torch.tensor([row.prompt.size(0) for row in rows], device=device)  # (B,)
+    idx = torch.nn.utils.rnn.pad_sequence([row.prompt for row in rows], batch_first=True)  # (B, T), right-padded
+    B, T = idx.shape
+    model.set_kv_cache(batch_size=B, max_seq_length=max(int(n) + r.max_new_tokens for n, r in zip(lengths, rows)))
+    use_loras(model, [row.lora for row in rows])
+    h = model.hidden_states(idx, torch.arange(T, device=device).expand(B, T))  # (B, T, C)
+    return model.lm_head(h[torch.arange(B, device=device), lengths - 1]), lengths  # (B, vocab), (B,)
 
 
 def pick(logits: Tensor, rows: list[Row]) -> Tensor:

@@ -108,6 +108,15 @@ class Llama(nn.Module):
         for block in self.blocks:
             block.attn.kv_cache = KVCache(batch_size, max_seq_length, self.config, device or p.device, dtype or p.dtype)
 
+    def kv_caches(self) -> list[KVCache | None]:
+        return [block.attn.kv_cache for block in self.blocks]
+
+    def join_kv_caches(self, earlier: list[KVCache]) -> None:
+        """The cache becomes `earlier`'s rows followed by its own (sequences joining a batch being decoded)."""
+        for block, cache in zip(self.blocks, earlier):
+            cache.extend(block.attn.kv_cache)
+            block.attn.kv_cache = cache
+
     def keep_kv_rows(self, rows: Tensor) -> None:
         """Drop the cached keys and values of every batch row not in `rows` (B',): a smaller batch from now on."""
         for block in self.blocks:
@@ -213,6 +222,12 @@ class KVCache(nn.Module):
             self.v[rows, :, pos] = v.transpose(1, 2).to(self.v.dtype)
         end = int(pos.max()) + 1
         return self.k[:, :, :end], self.v[:, :, :end]
+
+    def extend(self, other: "KVCache") -> None:
+        """Append other's rows after ours; the longer of the two lengths is kept."""
+        S = max(self.k.size(2), other.k.size(2))
+        pad = lambda t: F.pad(t, (0, 0, 0, S - t.size(2)))  # noqa: E731  (B, nkv, S', hs) -> (B, nkv, S, hs)
+        self.k, self.v = torch.cat((pad(self.k), pad(other.k))), torch.cat((pad(self.v), pad(other.v)))
 
     def keep(self, rows: Tensor) -> None:
         """Keep only these rows of the batch (the others have finished)."""

@@ -68,12 +68,23 @@ def alone(model, prompt, max_new_tokens, **sampling) -> list[int]:
     return list(generate(model, torch.tensor(prompt), max_new_tokens, **sampling))
 
 
-def batched(model, rows: list[Row]) -> list[list[int]]:
-    out = [[] for _ in rows]
-    for i, token in generate_batch(model, rows):
+def batched(model, rows: list[Row], more=list) -> list[list[int]]:
+    """Each row's tokens, in the order of `rows` (rows handed over later by `more` included)."""
+    out = {id(row): [] for row in rows}
+    for row, token in generate_batch(model, rows if more is list else rows[:1], more):
         if token is not None:
-            out[i].append(token)
-    return out
+            out[id(row)].append(token)
+    return [out[id(row)] for row in rows]
+
+
+def arriving(rows: list[Row], at_steps: list[int]):
+    """A `more` callback that hands over row i at the at_steps[i]-th call (as requests reach a server)."""
+    calls = iter(range(10 ** 6))
+
+    def more() -> list[Row]:
+        step = next(calls)
+        return [row for row, at in zip(rows, at_steps) if at == step]
+    return more
 
 
 def test_rows_of_different_lengths_decode_as_each_prompt_alone(base):
@@ -91,6 +102,15 @@ def test_rows_of_different_lengths_decode_as_each_prompt_alone(base):
     assert got[3] == expected[3][:expected[3].index(stop)] and got[:3] == expected[:3]
 
 
+def test_rows_that_join_a_running_batch_decode_as_alone(base):
+    """Rows handed over after 0, 3 and 7 decode steps (one arrives after the first row ended) join the batch."""
+    model = load_lit_model(base).double().eval()
+    budgets = [5, 9, 6, 8]
+    rows = [Row(torch.tensor(p), n, temperature=0) for p, n in zip(PROMPTS, budgets)]
+    expected = [alone(model, p, n, temperature=0) for p, n in zip(PROMPTS, budgets)]
+    assert batched(model, rows, arriving(rows[1:], [0, 3, 7])) == expected
+
+
 def test_sampled_rows_draw_as_each_prompt_alone(base):
     model = load_lit_model(base).double().eval()
     settings = [dict(temperature=0.7, top_k=20), dict(temperature=0), dict(temperature=1.3, top_p=0.8),
@@ -105,11 +125,12 @@ def test_sampled_rows_draw_as_each_prompt_alone(base):
 def test_a_row_set_done_leaves_the_batch(base):
     model = load_lit_model(base).double().eval()
     rows = [Row(torch.tensor(p), 10, temperature=0) for p in PROMPTS]
-    got = [[] for _ in rows]
-    for i, token in generate_batch(model, rows):
-        got[i].append(token)
-        if i == 1 and len(got[1]) == 2:
-            rows[1].done = True  # as the server does when a client disconnects
+    got = {id(row): [] for row in rows}
+    for row, token in generate_batch(model, rows):
+        got[id(row)].append(token)
+        if row is rows[1] and len(got[id(row)]) == 2:
+            row.done = True  # as the server does when a client disconnects
+    got = [got[id(row)] for row in rows]
     assert len(got[1]) == 2 and [len(g) for g in got] == [10, 2, 10, 10]
     assert got[2] == alone(model, PROMPTS[2], 10, temperature=0)
 
