@@ -133,6 +133,18 @@ def base_of(run_dir: Path) -> Path:
     return base
 
 
+def check_trained_on(run_dir: Path, checkpoint_dir: Path, source: str) -> None:
+    """Refuse a run whose base.yaml records a base other than checkpoint_dir (their fingerprints differ).
+    A run without base.yaml is left to the shape checks."""
+    record_file = Path(run_dir) / "base.yaml"
+    if not record_file.is_file():
+        return
+    record = read_yaml_mapping(record_file, missing="")
+    if record.get("fingerprint") != fingerprint(checkpoint_dir):
+        raise UserError(f"{source} was trained on {record.get('path')}, not on {checkpoint_dir} (their fingerprints "
+                        "differ); serve it on the base it was trained on")
+
+
 def resolve_run(method: str, weights_path: Path, checkpoint_dir: Path | None, flag: str) -> tuple[Path, Path]:
     """(weights file or run dir, base checkpoint) for generate/<method>.py; the base comes from the run's record
     unless --checkpoint_dir names one (then it is checked only against the run's model shape, as always)."""

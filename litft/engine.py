@@ -1,0 +1,103 @@
+"""One model, many clients: requests are decoded together in one batch, and join it as they arrive.
+
+A server's requests come from many connections at once; decoding them one after another leaves most of the
+hardware idle, since one decode step of a small batch costs about what one row costs (the weights are read
+once per step, whatever the number of rows). The engine runs `generate_batch` (litft/generate.py) in a thread
+of its own, the only one that touches the model:
+
+    wait for a request  ->  decode it, and at every step take in all requests that arrived meanwhile
+                            (each row with its own prompt, sampling settings and LoRA)
+                        ->  when no row is left, wait again
+
+Each request gets its tokens through an asyncio queue, on the event loop that serves its connection:
+token ids as they are produced, then "stop" (a stop token), "length" (max tokens reached) or "cancelled",
+or the exception that ended the batch. A client that goes away sets `row.done`, and its row leaves the batch
+at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+from litft.generate import Row, generate_batch
+
+
+@dataclass(eq=False)
+class Job:
+    row: Row
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    tokens: int = 0  # sent so far
+
+    def send(self, event) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+
+class Engine:
+    def __init__(self, model: torch.nn.Module, max_batch_size: int = 32) -> None:
+        self.model, self.max_batch_size = model, max_batch_size
+        self.waiting: queue.Queue[Job | None] = queue.Queue()
+        self.thread = threading.Thread(target=self.run, name="litft-engine", daemon=True)
+        self.largest_batch = 0  # the most rows decoded together so far
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.waiting.put(None)
+        self.thread.join(timeout=60)
+
+    def submit(self, row: Row) -> asyncio.Queue:
+        """Queue a row for decoding (from the event loop); returns the queue its events arrive on."""
+        job = Job(row, asyncio.get_running_loop())
+        self.waiting.put(job)
+        return job.events
+
+    def run(self) -> None:
+        while (first := self.waiting.get()) is not None:
+            self.decode([first])
+
+    def decode(self, jobs: list[Job]) -> None:
+        active: dict[int, Job] = {}  # id(row) -> job, for the rows in the batch
+
+        def more() -> list[Row]:  # asked after every step: the requests that arrived meanwhile, while there is room
+            for key in [key for key, job in active.items() if job.row.done]:  # clients that went away
+                active.pop(key).send("cancelled")
+            joining = []
+            while len(active) + len(joining) < self.max_batch_size:
+                try:
+                    job = self.waiting.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:  # stop() was called: finish this batch, then stop
+                    self.waiting.put(None)
+                    break
+                joining.append(job)
+            return admit(joining)
+
+        def admit(new: list[Job]) -> list[Row]:
+            active.update((id(job.row), job) for job in new)
+            self.largest_batch = max(self.largest_batch, len(active))
+            return [job.row for job in new]
+
+        try:
+            for row, token in generate_batch(self.model, admit(jobs), more):
+                job = active[id(row)]
+                if token is None:
+                    active.pop(id(row)).send("stop")
+                    continue
+                job.send(token)
+                job.tokens += 1
+                if job.tokens == row.max_new_tokens:
+                    active.pop(id(row)).send("length")
+        except Exception as e:  # noqa: BLE001 (each client of the batch is told, and the engine goes on)
+            for job in active.values():
+                job.send(e)
+            return
+        for job in active.values():
+            job.send("cancelled")

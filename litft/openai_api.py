@@ -1,0 +1,243 @@
+"""The OpenAI HTTP API over litft's engine, so that any OpenAI client can talk to a fine-tune.
+
+    GET  /v1/models               the base model and every LoRA, by name
+    POST /v1/chat/completions     {"model", "messages", ...}: the reply to a conversation, in the model's chat format
+    POST /v1/completions          {"model", "prompt", ...}: the continuation of a text, as given
+
+Both POSTs take `max_tokens`, `temperature` (0: greedy), `top_p`, `stop` (strings that end the text, not included),
+`seed` and `stream`. With `"stream": true` the answer comes as server-sent events, one `data: {json}` chunk per
+piece of text and `data: [DONE]` at the end; otherwise as one JSON object with `usage` (token counts). `model`
+names the base (the checkpoint folder's name) or a LoRA given to scripts/serve.py; requests naming different
+LoRAs are decoded in the same batch (litft/engine.py, litft/multi_lora.py).
+
+A bad request gets a 4xx status and OpenAI's error object, `{"error": {"message", "type", "param", "code"}}`,
+and the server goes on serving the others. A client that disconnects mid-stream takes its row out of the batch.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Iterator
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from litft.conversation import encode_conversation
+from litft.engine import Engine
+from litft.errors import UserError
+from litft.generate import Row
+from litft.prompts import PromptStyle
+from litft.tokenizer import StreamDecoder, Tokenizer
+
+
+@dataclass(frozen=True)
+class Served:
+    """A name the server answers to: the base model (lora None) or one LoRA over it."""
+
+    name: str
+    lora: str | None
+    style: PromptStyle | None  # how chat messages are laid out for it
+    stop_ids: frozenset[int]
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.param, self.code = status, param, code
+
+    def response(self) -> JSONResponse:
+        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        error = {"message": str(self), "type": kind, "param": self.param, "code": self.code}
+        return JSONResponse({"error": error}, status_code=self.status)
+
+
+def create_app(engine: Engine, tokenizer: Tokenizer, models: dict[str, Served], block_size: int,
+               default_max_tokens: int = 512) -> FastAPI:
+    app = FastAPI(title="litft")
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError) -> JSONResponse:
+        return e.response()
+
+    created = int(time.time())
+
+    @app.get("/v1/models")
+    async def list_models() -> dict:
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "litft"}
+                                           for name in models]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await read_json(request)
+        served = find_model(body, models)
+        with as_api_error("messages"):
+            ids = encode_conversation(tokenizer, served.style, body.get("messages"))
+        return await answer(body, served, ids, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await read_json(request)
+        served = find_model(body, models)
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1:
+            prompt = prompt[0]
+        if not isinstance(prompt, str) or not prompt:
+            raise APIError(400, "prompt must be a non-empty string", "prompt")
+        return await answer(body, served, tokenizer.encode(prompt), chat=False)
+
+    async def answer(body: dict, served: Served, ids: torch.Tensor, chat: bool):
+        row, stops = make_row(body, served, ids, block_size, default_max_tokens)
+        pieces = completion_text(engine.submit(row), row, tokenizer, stops)
+        reply = Reply(served.name, chat, len(ids))
+        if body.get("stream", False):
+            return StreamingResponse(reply.events(pieces), media_type="text/event-stream")
+        return await reply.whole(pieces)
+
+    return app
+
+
+async def read_json(request: Request) -> dict:
+    try:
+        body = json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the request body is not valid JSON ({e})") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    return body
+
+
+def find_model(body: dict, models: dict[str, Served]) -> Served:
+    name = body.get("model")
+    if name not in models:
+        raise APIError(404, f"the model {name!r} does not exist; choose one of {', '.join(models)} (GET /v1/models)",
+                       "model", "model_not_found")
+    return models[name]
+
+
+@contextmanager
+def as_api_error(param: str) -> Iterator[None]:
+    """A UserError raised inside the block becomes a 400 naming `param`."""
+    try:
+        yield
+    except UserError as e:
+        raise APIError(400, str(e), param) from None
+
+
+def make_row(body: dict, served: Served, ids: torch.Tensor, block_size: int,
+             default_max_tokens: int) -> tuple[Row, list[str]]:
+    """The request's sampling settings, checked, as a row for the engine; and its stop strings."""
+    temperature = number(body, "temperature", 1.0, low=0.0, high=2.0)
+    top_p = number(body, "top_p", 1.0, low=0.0, high=1.0, low_open=True)
+    if body.get("n", 1) != 1:
+        raise APIError(400, "n must be 1: litft returns one choice per request", "n")
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is None:
+        max_tokens = max(1, min(default_max_tokens, block_size - len(ids)))
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+        raise APIError(400, f"max_tokens must be a positive integer, got {max_tokens!r}", "max_tokens")
+    if len(ids) + max_tokens > block_size:
+        raise APIError(400, f"the prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) exceeds the model's "
+                       f"context ({block_size} tokens); shorten the prompt or lower max_tokens", "max_tokens")
+    seed = body.get("seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise APIError(400, f"seed must be an integer, got {seed!r}", "seed")
+    generator = torch.Generator(ids.device).manual_seed(seed if seed is not None else secrets.randbits(63))
+    row = Row(ids, max_tokens, temperature, None, top_p, served.stop_ids, generator, served.lora)
+    return row, stop_strings(body.get("stop"))
+
+
+def number(body: dict, key: str, default: float, low: float, high: float, low_open: bool = False) -> float:
+    value = body.get(key, default)
+    if value is None:
+        return default
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not (
+            (low < value if low_open else low <= value) and value <= high):
+        side = "(" if low_open else "["
+        raise APIError(400, f"{key} must be a number in {side}{low:g}, {high:g}], got {value!r}", key)
+    return float(value)
+
+
+def stop_strings(stop: Any) -> list[str]:
+    stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
+    if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(s, str) and s for s in stops):
+        raise APIError(400, "stop must be a non-empty string or a list of up to 4 of them", "stop")
+    return stops
+
+
+async def completion_text(events, row: Row, tokenizer: Tokenizer,
+                          stops: list[str]) -> AsyncIterator[tuple[str, str | None, int]]:
+    """The engine's tokens as text: yields (new text, finish reason or None, tokens so far).
+
+    Text that could be the start of a stop string is held back until it is known not to be one; at a stop
+    string the text ends before it, and the row is taken out of the batch."""
+    decoder, text, sent, finish = StreamDecoder(tokenizer), "", 0, None
+    hold = max(map(len, stops), default=1) - 1
+    try:
+        while finish is None:
+            event = await events.get()
+            if isinstance(event, Exception):
+                raise event
+            if isinstance(event, str):
+                finish, text = ("stop" if event == "stop" else "length"), text + decoder.flush()
+            else:
+                text += decoder.step(event)
+            at = min((i for i in (text.find(s, max(0, sent - hold)) for s in stops) if i >= 0), default=-1)
+            if at >= 0:
+                text, finish = text[:at], "stop"
+            end = len(text) if finish else max(sent, len(text) - hold)
+            if end > sent or finish:
+                yield text[sent:end], finish, len(decoder.ids)
+                sent = end
+    finally:
+        row.done = True  # finished, a stop string, or a client that went away: the row leaves the batch
+
+
+@dataclass
+class Reply:
+    """An answer in OpenAI's shapes: one JSON object, or a stream of chunks."""
+
+    model: str
+    chat: bool
+    prompt_tokens: int
+
+    def __post_init__(self) -> None:
+        self.id = ("chatcmpl-" if self.chat else "cmpl-") + secrets.token_hex(12)
+        self.created = int(time.time())
+
+    async def whole(self, pieces: AsyncIterator) -> JSONResponse:
+        text, finish, n = "", None, 0
+        try:
+            async for piece, finish, n in pieces:
+                text += piece
+        except Exception as e:  # noqa: BLE001 (the engine failed on this batch)
+            raise APIError(500, f"generation failed: {e}") from None
+        message = {"role": "assistant", "content": text}
+        choice = {"message": message} if self.chat else {"text": text, "logprobs": None}
+        usage = {"prompt_tokens": self.prompt_tokens, "completion_tokens": n, "total_tokens": self.prompt_tokens + n}
+        return JSONResponse({**self.head(completion=True), "choices": [{"index": 0, **choice, "finish_reason": finish}],
+                             "usage": usage})
+
+    async def events(self, pieces: AsyncIterator) -> AsyncIterator[str]:
+        if self.chat:
+            yield self.chunk({"role": "assistant", "content": ""}, None)
+        try:
+            async for piece, finish, _ in pieces:
+                if piece or finish:
+                    yield self.chunk({"content": piece} if piece else {}, finish)
+        except Exception as e:  # noqa: BLE001 (the stream has begun: the error is its last event)
+            yield f"data: {json.dumps({'error': {'message': f'generation failed: {e}', 'type': 'server_error'}})}\n\n"
+        yield "data: [DONE]\n\n"
+
+    def head(self, completion: bool) -> dict:
+        kind = ("chat.completion" if completion else "chat.completion.chunk") if self.chat else "text_completion"
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+
+    def chunk(self, delta: dict, finish: str | None) -> str:
+        choice = {"delta": delta} if self.chat else {"text": delta.get("content", ""), "logprobs": None}
+        data = {**self.head(False), "choices": [{"index": 0, **choice, "finish_reason": finish}]}
+        return f"data: {json.dumps(data)}\n\n"

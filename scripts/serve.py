@@ -1,0 +1,101 @@
+"""Serve a base model and any number of LoRA runs over it through an OpenAI-compatible HTTP API.
+
+    python scripts/serve.py --checkpoint_dir checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct \\
+        --lora games=out/lora/games/lit_model_lora.pth --lora alpaca=out/lora/alpaca/lit_model_lora.pth
+
+Then any OpenAI client talks to http://127.0.0.1:8000/v1 with `model` set to the base's folder name
+(SmolLM2-135M-Instruct) or a LoRA's name (games, alpaca). Requests that arrive together are decoded in one
+batch, whichever LoRA each names (litft/engine.py); the API is litft/openai_api.py, the how-to howto/serve.md.
+Every LoRA must have been trained on this base (its base.yaml fingerprint) and be one that rows of a batch can
+share (no new tokens, no LoRA on the embedding: merge those with scripts/merge_lora.py and serve the result).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from litft.base_checkpoint import check_trained_on, ensure_checkpoint
+from litft.cli import run
+from litft.engine import Engine
+from litft.errors import UserError
+from litft.fast import for_generation
+from litft.generate import pick_precision, stop_token_ids
+from litft.load_finetuned import load_finetuned
+from litft.multi_lora import add_loras
+from litft.openai_api import Served, create_app
+from litft.prompts import resolve_style
+from litft.tokenizer import Tokenizer
+
+
+def main(checkpoint_dir: Path = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct"), lora: list[str] = [],
+         host: str = "127.0.0.1", port: int = 8000, quantize: str | None = None, precision: str | None = None,
+         max_batch_size: int = 32, max_tokens: int = 512, prompt_style: str | None = None) -> None:
+    """Serve the base model and its LoRAs until interrupted (Ctrl-C).
+
+    Args:
+        checkpoint_dir: the base model (a lit checkpoint).
+        lora: NAME=PATH, once per LoRA: a LoRA run's lit_model_lora.pth, served under NAME.
+        host: the address to listen on; 127.0.0.1 serves this machine only.
+        port: the TCP port.
+        quantize: nf4 or nf4-dq: the base's linear weights in 4 bits (litft/qlora.py); a LoRA trained on an NF4
+            base (QLoRA) needs its scheme here.
+        precision: bf16-true, 16-true or 32-true (default: bf16-true on a GPU, 32-true on a CPU).
+        max_batch_size: the most requests decoded together; later ones wait for a row to free up.
+        max_tokens: the most tokens a reply gets when its request sets no max_tokens (and the context allows).
+        prompt_style: how chat messages are laid out for the base model (default: its prompt_style.yaml or chat
+            template); a LoRA's chat messages follow its own run's style.
+    """
+    import torch
+    import uvicorn
+
+    ensure_checkpoint(checkpoint_dir)
+    runs = parse_loras(lora, checkpoint_dir)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precision, dtype = pick_precision(precision, device)
+    load = lambda **kw: add_loras(load_finetuned(checkpoint_dir, quantize=quantize, **kw), runs, quantize)  # noqa: E731
+    model = for_generation(load, device, dtype)  # the LoRAs stay apart from W: rows of a batch use different ones
+    tokenizer = Tokenizer(checkpoint_dir)
+    base_style = resolve_style(prompt_style, checkpoint_dir)
+    models = {checkpoint_dir.name: served(checkpoint_dir.name, None, tokenizer, base_style)}
+    for name, path in runs.items():
+        models[name] = served(name, name, tokenizer, resolve_style(None, path.parent, checkpoint_dir))
+    engine = Engine(model, max_batch_size)
+    app = create_app(engine, tokenizer, models, model.config.block_size, max_tokens)
+    engine.start()
+    print(f"serving {', '.join(models)} on http://{host}:{port}/v1 ({device.type}, {precision})", file=sys.stderr,
+          flush=True)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+    finally:
+        engine.stop()
+
+
+def served(name: str, lora: str | None, tokenizer: Tokenizer, style) -> Served:
+    return Served(name, lora, style, frozenset(stop_token_ids(tokenizer, style)))
+
+
+def parse_loras(specs: list[str], checkpoint_dir: Path) -> dict[str, Path]:
+    """NAME=PATH pairs -> {NAME: PATH}, each run checked against the base before anything is loaded."""
+    runs = {}
+    for spec in specs:
+        name, _, path = spec.partition("=")
+        if not name or not path:
+            raise UserError(f"--lora {spec!r} is not NAME=PATH; e.g. --lora games=out/lora/games/lit_model_lora.pth")
+        if name in runs or name == checkpoint_dir.name:
+            raise UserError(f"--lora {name} is given twice (or is the base model's name); give each LoRA its own name")
+        runs[name] = Path(path)
+        if not runs[name].is_file():
+            raise UserError(f"--lora {name}: {path} does not exist; pass a LoRA run's lit_model_lora.pth")
+        check_trained_on(runs[name].parent, checkpoint_dir, f"--lora {name} ({path})")
+    return runs
+
+
+def repeated_lora_flags(args: list[str]) -> list[str]:
+    """`--lora A --lora B` (and `--lora=A`) as the command-line parser appends to a list: `--lora+ A --lora+ B`."""
+    return [("--lora+" if a == "--lora" else "--lora+=" + a[len("--lora="):] if a.startswith("--lora=") else a)
+            for a in args]
+
+
+if __name__ == "__main__":
+    run(main, repeated_lora_flags(sys.argv[1:]))

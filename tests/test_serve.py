@@ -1,0 +1,204 @@
+"""scripts/serve.py as a user runs it: a real server process on 127.0.0.1, spoken to with the official `openai` client.
+
+Truth: the `openai` package parses every answer (its types, its streaming); each greedy answer equals litft's
+one-prompt decoding (itself tested against transformers) of the same conversation with the same LoRA loaded the
+ordinary way; answers to requests sent together equal their one-at-a-time answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from conftest import ROOT, assert_user_error, run_script
+from test_batch_generate import LORAS, PROMPTS, base, runs  # noqa: F401 (fixtures)
+from test_merge_export import bases, make_run  # noqa: F401 (fixtures)
+
+from litft.base_checkpoint import record_base
+from litft.conversation import encode_conversation
+from litft.engine import Engine
+from litft.generate import Row, generate, stop_token_ids
+from litft.load_finetuned import load_finetuned
+from litft.lora import LoRAConfig
+from litft.multi_lora import add_loras
+from litft.prompts import resolve_style
+from litft.tokenizer import Tokenizer
+
+openai = pytest.importorskip("openai")
+
+QUESTIONS = ["Name a primary color.", "What is two plus two?", "Say hello.", "Name a fruit.", "Count to three.",
+             "Which is larger, 3 or 7?"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(base, runs):
+    """scripts/serve.py on a free local port, serving the base and both LoRAs; stopped after the module."""
+    port = free_port()
+    cmd = [sys.executable, str(ROOT / "scripts/serve.py"), "--checkpoint_dir", str(base), "--port", str(port),
+           "--max_tokens", "16", *(f"--lora={name}={path}" for name, path in runs.items())]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", timeout=60, max_retries=0)
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            client.models.list()
+            break
+        except openai.APIConnectionError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise AssertionError(f"the server did not start:\n{proc.communicate()[1][-3000:]}")
+            time.sleep(0.3)
+    yield client, port, proc
+    proc.terminate()
+    _, stderr = proc.communicate(timeout=60)
+    assert "Traceback" not in stderr, stderr  # every bad request below was answered, none crashed a handler
+
+
+def expected_reply(base, runs, model: str, question: str, max_tokens: int) -> str:
+    """litft's one-prompt greedy decoding of the same conversation, the LoRA loaded the ordinary way."""
+    run_dir = runs[model].parent if model in runs else None
+    style = resolve_style(None, *(d for d in (run_dir, base) if d is not None))
+    tokenizer = Tokenizer(base)
+    llm = load_finetuned(base, runs.get(model))
+    ids = encode_conversation(tokenizer, style, [{"role": "user", "content": question}])
+    return tokenizer.decode(list(generate(llm, ids, max_tokens, temperature=0,
+                                          stop_ids=stop_token_ids(tokenizer, style))))
+
+
+def ask(client, model: str, question: str, **kw):
+    return client.chat.completions.create(model=model, messages=[{"role": "user", "content": question}],
+                                          temperature=0, max_tokens=12, **kw)
+
+
+def test_models_and_greedy_answers_of_each_lora(server, base, runs):
+    client, _, _ = server
+    assert {m.id for m in client.models.list().data} == {base.name, *runs}
+    for model in (base.name, *runs):
+        reply = ask(client, model, QUESTIONS[0])
+        assert reply.choices[0].message.content == expected_reply(base, runs, model, QUESTIONS[0], 12), model
+        assert reply.usage.completion_tokens == 12 and reply.choices[0].finish_reason == "length"
+        streamed = ask(client, model, QUESTIONS[0], stream=True)
+        chunks = list(streamed)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == reply.choices[0].message.content
+        assert chunks[-1].choices[0].finish_reason == "length"
+    texts = {ask(client, m, QUESTIONS[0]).choices[0].message.content for m in (base.name, *runs)}
+    assert len(texts) == 3  # the LoRAs really change the answer
+
+
+def test_requests_sent_together_equal_their_one_at_a_time_answers(server, base):
+    client, _, _ = server
+    jobs = [(model, q) for q in QUESTIONS for model in ("qv", "all", base.name)]
+    alone = [ask(client, m, q).choices[0].message.content for m, q in jobs]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        together = list(pool.map(lambda job: ask(client, *job).choices[0].message.content, jobs))
+    assert together == alone
+
+
+def test_completions_stop_strings_seed_and_max_tokens(server, base):
+    client, _, _ = server
+    free = client.completions.create(model=base.name, prompt="one two three", temperature=0, max_tokens=10)
+    text = free.choices[0].text
+    assert len(text) > 4 and free.usage.completion_tokens == 10
+    stop = text[2:4]
+    cut = client.completions.create(model=base.name, prompt="one two three", temperature=0, max_tokens=10, stop=stop)
+    assert cut.choices[0].text == text[:text.index(stop)] and cut.choices[0].finish_reason == "stop"
+    streamed = client.completions.create(model=base.name, prompt="one two three", temperature=0, max_tokens=10,
+                                         stop=[stop], stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == cut.choices[0].text
+    draws = [client.completions.create(model=base.name, prompt="one", temperature=1.0, max_tokens=8, seed=s)
+             .choices[0].text for s in (7, 7, 8)]
+    assert draws[0] == draws[1] != draws[2]  # a seed makes sampling reproducible (and matters)
+    default = client.completions.create(model=base.name, prompt="one", temperature=0)
+    assert default.usage.completion_tokens == 16  # the server's --max_tokens when a request sets none
+
+
+@pytest.mark.parametrize("body, status, fragment", [
+    ({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404, "does not exist"),
+    ({"model": "qv"}, 400, "messages must be a non-empty list"),
+    ({"model": "qv", "messages": []}, 400, "messages must be a non-empty list"),
+    ({"model": "qv", "messages": [{"role": "robot", "content": "hi"}]}, 400, "role must be one of"),
+    ({"model": "qv", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10 ** 6}, 400, "exceeds"),
+    ({"model": "qv", "messages": [{"role": "user", "content": "hi"}], "temperature": -0.5}, 400, "temperature"),
+    ({"model": "qv", "messages": [{"role": "user", "content": "hi"}], "top_p": 0}, 400, "top_p"),
+    ({"model": "qv", "messages": [{"role": "user", "content": "hi"}], "stop": [1]}, 400, "stop"),
+    ({"model": "qv", "messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n must be 1"),
+    ('{"model": "qv", "messages": [', 400, "not valid JSON"),
+])
+def test_bad_requests_get_a_json_error_and_the_server_goes_on(server, body, status, fragment):
+    client, port, _ = server
+    got_status, answer = post(port, "/v1/chat/completions", body if isinstance(body, str) else json.dumps(body))
+    assert got_status == status and fragment in answer["error"]["message"], answer
+    assert ask(client, "qv", "hi").choices[0].message.content  # still serving
+
+
+def test_a_client_that_leaves_mid_stream_does_not_stop_the_others(server):
+    client, port, _ = server
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    body = {"model": "all", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20, "stream": True}
+    conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 200 and response.readline().startswith(b"data: ")
+    conn.close()  # gone mid-stream
+    assert ask(client, "all", QUESTIONS[1]).choices[0].message.content
+
+
+def post(port: int, path: str, body: str) -> tuple[int, dict]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("POST", path, body, {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        conn.close()
+
+
+def test_requests_waiting_together_are_decoded_in_one_batch(base, runs):
+    """The engine in-process: four requests queued at once are decoded as one batch of four."""
+    model = add_loras(load_finetuned(base), runs)
+    engine = Engine(model, max_batch_size=8)
+    names = ["qv", None, "all", "qv"]
+
+    async def serve_four() -> list[list[int]]:
+        queues = [engine.submit(Row(torch.tensor(p), 6, lora=n)) for p, n in zip(PROMPTS, names)]
+        engine.start()
+        out = []
+        for q in queues:
+            tokens = []
+            while isinstance(event := await asyncio.wait_for(q.get(), 60), int):
+                tokens.append(event)
+            assert event == "length"
+            out.append(tokens)
+        return out
+
+    got = asyncio.run(serve_four())
+    engine.stop()
+    assert engine.largest_batch == 4
+    for p, n, tokens in zip(PROMPTS, names, got):
+        assert tokens == list(generate(load_finetuned(base, runs[n] if n else None), torch.tensor(p), 6,
+                                       temperature=0)), n
+
+
+def test_a_lora_of_another_base_is_refused_at_start_up(base, bases, tmp_path):
+    make_run(bases[True], tmp_path / "other", LoRAConfig(r=2, targets=["q"]))  # same shapes, other weights
+    record_base(tmp_path / "other", bases[True])
+    lora = f"x={tmp_path / 'other' / 'lit_model_lora.pth'}"
+    proc = run_script("scripts/serve.py", "--checkpoint_dir", base, "--lora", lora, timeout=120)
+    assert_user_error(proc, "--lora x", "was trained on", "fingerprints differ")
+    proc = run_script("scripts/serve.py", "--checkpoint_dir", base, "--lora", "no-equals-sign", timeout=120)
+    assert_user_error(proc, "is not NAME=PATH")
