@@ -171,14 +171,8 @@ def generate_batch(model: torch.nn.Module, rows: list[Row],
     try:
         while True:
             if joining := [row for row in joining if not row.done]:
-                earlier = model.kv_caches() if live else None
-                new_logits, new_pos = prefill(model, joining)
-                if live:
-                    model.join_kv_caches(earlier)
-                    new_logits, new_pos = torch.cat((logits, new_logits)), torch.cat((pos, new_pos))
-                live, logits, pos = live + joining, new_logits, new_pos
+                live, logits, pos = join(model, live, logits, pos, joining)
                 produced.update((id(row), 0) for row in joining)
-                use_loras(model, [row.lora for row in live])
             if not live:
                 return
             tokens, keep = pick(logits, live), []  # (B',)
@@ -204,6 +198,19 @@ def generate_batch(model: torch.nn.Module, rows: list[Row],
     finally:
         model.clear_kv_cache()
         use_loras(model, [])
+
+
+def join(model: torch.nn.Module, live: list[Row], logits: Optional[Tensor], pos: Optional[Tensor],
+         joining: list[Row]) -> tuple[list[Row], Tensor, Tensor]:
+    """Prefill `joining` in a cache of its own, then append its rows to the batch's: the live rows, their logits
+    (B', vocab) and positions (B',) grow by the new rows."""
+    earlier = model.kv_caches() if live else None
+    new_logits, new_pos = prefill(model, joining)
+    if live:
+        model.join_kv_caches(earlier)
+        new_logits, new_pos = torch.cat((logits, new_logits)), torch.cat((pos, new_pos))
+    use_loras(model, [row.lora for row in live + joining])
+    return live + joining, new_logits, new_pos
 
 
 def prefill(model: torch.nn.Module, rows: list[Row]) -> tuple[Tensor, Tensor]:

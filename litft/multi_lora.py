@@ -31,6 +31,7 @@ from torch import Tensor
 from litft.config import Config
 from litft.errors import UserError
 from litft.files import load_state_dict
+from litft.load_finetuned import check_same_base
 from litft.lora import LINEAR, LoRAConfig
 
 
@@ -84,8 +85,6 @@ def add_loras(model: nn.Module, runs: dict[str, Path], quantize: str | None = No
 
 def check_run(name: str, path: Path, base: Config, quantize: str | None) -> LoRAConfig:
     """The one-line refusals: a run that is not a LoRA, was trained on another base, or cannot share a batch."""
-    from litft.load_finetuned import check_same_base
-
     if not path.is_file():
         raise UserError(f"LoRA {name!r}: {path} does not exist; pass a run's lit_model_lora.pth")
     config = LoRAConfig.from_dir(path.parent)

@@ -95,7 +95,8 @@ def create_app(engine: Engine, tokenizer: Tokenizer, models: dict[str, Served], 
         pieces = completion_text(engine.submit(row), row, tokenizer, stops)
         reply = Reply(served.name, chat, len(ids))
         if body.get("stream", False):
-            return StreamingResponse(reply.events(pieces), media_type="text/event-stream")
+            usage = bool((body.get("stream_options") or {}).get("include_usage", False))
+            return StreamingResponse(reply.events(pieces, usage), media_type="text/event-stream")
         return await reply.whole(pieces)
 
     return app
@@ -218,17 +219,23 @@ class Reply:
             raise APIError(500, f"generation failed: {e}") from None
         message = {"role": "assistant", "content": text}
         choice = {"message": message} if self.chat else {"text": text, "logprobs": None}
-        usage = {"prompt_tokens": self.prompt_tokens, "completion_tokens": n, "total_tokens": self.prompt_tokens + n}
         return JSONResponse({**self.head(completion=True), "choices": [{"index": 0, **choice, "finish_reason": finish}],
-                             "usage": usage})
+                             "usage": self.usage(n)})
 
-    async def events(self, pieces: AsyncIterator) -> AsyncIterator[str]:
+    def usage(self, completion_tokens: int) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": self.prompt_tokens + completion_tokens}
+
+    async def events(self, pieces: AsyncIterator, usage: bool) -> AsyncIterator[str]:
+        """Chunks of text; with `usage` (stream_options.include_usage), a last chunk with the token counts."""
         if self.chat:
             yield self.chunk({"role": "assistant", "content": ""}, None)
         try:
-            async for piece, finish, _ in pieces:
+            async for piece, finish, n in pieces:
                 if piece or finish:
                     yield self.chunk({"content": piece} if piece else {}, finish)
+            if usage:
+                yield f"data: {json.dumps({**self.head(False), 'choices': [], 'usage': self.usage(n)})}\n\n"
         except Exception as e:  # noqa: BLE001 (the stream has begun: the error is its last event)
             yield f"data: {json.dumps({'error': {'message': f'generation failed: {e}', 'type': 'server_error'}})}\n\n"
         yield "data: [DONE]\n\n"

@@ -93,10 +93,10 @@ def test_models_and_greedy_answers_of_each_lora(server, base, runs):
         reply = ask(client, model, QUESTIONS[0])
         assert reply.choices[0].message.content == expected_reply(base, runs, model, QUESTIONS[0], 12), model
         assert reply.usage.completion_tokens == 12 and reply.choices[0].finish_reason == "length"
-        streamed = ask(client, model, QUESTIONS[0], stream=True)
-        chunks = list(streamed)
+        streamed = ask(client, model, QUESTIONS[0], stream=True, stream_options={"include_usage": True})
+        *chunks, last = list(streamed)
         assert "".join(c.choices[0].delta.content or "" for c in chunks) == reply.choices[0].message.content
-        assert chunks[-1].choices[0].finish_reason == "length"
+        assert chunks[-1].choices[0].finish_reason == "length" and last.usage == reply.usage
     texts = {ask(client, m, QUESTIONS[0]).choices[0].message.content for m in (base.name, *runs)}
     assert len(texts) == 3  # the LoRAs really change the answer
 

@@ -1,0 +1,221 @@
+"""Serving under load: concurrent requests over several LoRAs, against one-at-a-time serving and transformers + PEFT.
+
+    python bench/serve_load.py --checkpoint_dir checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct
+
+1. Writes `loras` LoRA runs on the base (ranks 4, 8, 16, ...; different targets; random nonzero B, seeded) under
+   --out_dir, as finetune/lora.py leaves them.
+2. Starts scripts/serve.py on a free port of 127.0.0.1 and sends `requests` chat requests (request i names LoRA
+   i mod `loras`; greedy; max_tokens each), first one at a time, then all at once from as many threads. Every
+   request has a time limit, and the server is stopped at the end whatever happens.
+3. Runs the same prompts (the same token ids) through transformers + PEFT's batched
+   `generate(..., adapter_names=...)`, all rows in one batch, the LoRAs exported with scripts/export_peft.py.
+
+It prints aggregate tokens/s of each, their ratios, time to first token and per-request tokens/s, and whether
+every concurrent answer equals its one-at-a-time answer (and PEFT's).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from litft.base_checkpoint import record_base  # noqa: E402
+from litft.checkpoint import load_lit_model  # noqa: E402
+from litft.cli import run  # noqa: E402
+from litft.conversation import encode_conversation  # noqa: E402
+from litft.files import save_state_dict  # noqa: E402
+from litft.lora import LoRAConfig, add_lora, lora_state_dict  # noqa: E402
+from litft.prompts import resolve_style  # noqa: E402
+from litft.tokenizer import Tokenizer  # noqa: E402
+
+TOPICS = ["the sea", "a mountain", "coffee", "a library", "rain", "a bicycle", "the moon", "bread", "a train",
+          "winter", "a garden", "music", "a river", "chess", "a lighthouse", "autumn", "a violin", "the desert",
+          "a market", "snow", "a forest", "the city", "a bridge", "tea", "a museum", "the wind", "a harbor",
+          "spring", "a clock", "a candle", "the stars", "a meadow"]
+TARGETS = [["q", "v"], ["q", "k", "v", "o"], ["q", "k", "v", "o", "gate", "up", "down"], ["gate", "up", "down"]]
+
+
+def main(checkpoint_dir: Path = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct"), requests: int = 32,
+         loras: int = 4, max_tokens: int = 64, out_dir: Path = Path("out/bench/serve"), peft: bool = True) -> None:
+    runs = make_loras(checkpoint_dir, out_dir / "loras", loras)
+    questions = [f"Write two sentences about {TOPICS[i % len(TOPICS)]}." for i in range(requests)]
+    names = [f"lora{i % loras}" for i in range(requests)]
+    with Server(checkpoint_dir, runs) as server:
+        server.ask(names[0], questions[0], max_tokens)  # warm-up
+        t0 = time.perf_counter()
+        alone = [server.ask(n, q, max_tokens) for n, q in zip(names, questions)]
+        alone_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(requests) as pool:
+            together = list(pool.map(lambda nq: server.ask(*nq, max_tokens), zip(names, questions)))
+        together_s = time.perf_counter() - t0
+    report = {"requests": requests, "loras": loras, "max_tokens": max_tokens,
+              "one_at_a_time": summary(alone, alone_s), "concurrent": summary(together, together_s),
+              "concurrent_equal_one_at_a_time": sum(a["text"] == b["text"] for a, b in zip(alone, together))}
+    if peft:
+        texts, seconds, tokens = peft_generate(checkpoint_dir, runs, out_dir, names, questions, max_tokens)
+        report["peft_batched"] = {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds}
+        report["peft_equal_litft"] = sum(a["text"] == t for a, t in zip(alone, texts))
+    print_report(report)
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2))
+
+
+def make_loras(checkpoint_dir: Path, directory: Path, n: int) -> dict[str, Path]:
+    """n LoRA runs on the base, each with its own rank and targets and a random nonzero B."""
+    runs = {}
+    for i in range(n):
+        run_dir, config = directory / f"lora{i}", LoRAConfig(r=4 * 2 ** (i % 3), alpha=16, targets=TARGETS[i % 4])
+        runs[f"lora{i}"] = run_dir / "lit_model_lora.pth"
+        if runs[f"lora{i}"].is_file():
+            continue
+        run_dir.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(i)
+        model = add_lora(load_lit_model(checkpoint_dir), config)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("lora_B"):
+                    p.normal_(std=0.02)
+        save_state_dict(lora_state_dict(model), runs[f"lora{i}"])
+        config.save(run_dir)
+        model.config.save(run_dir)
+        record_base(run_dir, checkpoint_dir)
+    return runs
+
+
+class Server:
+    """scripts/serve.py on a free port of 127.0.0.1, stopped on exit; requests through the official openai client."""
+
+    def __init__(self, checkpoint_dir: Path, runs: dict[str, Path]) -> None:
+        import openai
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "scripts/serve.py"), "--checkpoint_dir",
+                                      str(checkpoint_dir), "--port", str(port), "--max_batch_size", "64",
+                                      *(f"--lora={n}={p}" for n, p in runs.items())],
+                                     env={**os.environ, "PYTHONPATH": str(ROOT)})
+        self.client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", timeout=300,
+                                    max_retries=0)
+        self.wait_until_ready(openai.APIConnectionError)
+
+    def wait_until_ready(self, not_yet: type, limit_s: float = 180) -> None:
+        deadline = time.monotonic() + limit_s
+        while True:
+            try:
+                self.client.models.list()
+                return
+            except not_yet:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.__exit__()
+                    raise SystemExit("the server did not start")
+                time.sleep(0.5)
+
+    def ask(self, model: str, question: str, max_tokens: int) -> dict:
+        """One streamed greedy chat request: its text, token count, time to first token and total time."""
+        start, first, text, usage = time.perf_counter(), None, "", None
+        stream = self.client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": question}], temperature=0, max_tokens=max_tokens,
+            stream=True, stream_options={"include_usage": True})
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                first = first or time.perf_counter()
+                text += chunk.choices[0].delta.content
+            usage = chunk.usage or usage
+        end = time.perf_counter()
+        return {"text": text, "tokens": usage.completion_tokens, "ttft": (first or end) - start, "seconds": end - start}
+
+    def __enter__(self) -> "Server":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def summary(answers: list[dict], seconds: float) -> dict:
+    tokens = sum(a["tokens"] for a in answers)
+    return {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
+            "ttft_median_s": statistics.median(a["ttft"] for a in answers),
+            "ttft_max_s": max(a["ttft"] for a in answers),
+            "request_tokens_per_s_median": statistics.median(a["tokens"] / a["seconds"] for a in answers)}
+
+
+def peft_generate(checkpoint_dir: Path, runs: dict[str, Path], out_dir: Path, names: list[str],
+                  questions: list[str], max_tokens: int) -> tuple[list[str], float, int]:
+    """transformers + PEFT, every request in one left-padded batch with generate(adapter_names=...)."""
+    import peft
+    import transformers
+
+    hf_dir = out_dir / "hf"
+    if not (hf_dir / "config.json").is_file():
+        script(["scripts/convert_lit_checkpoint.py", "--checkpoint_dir", checkpoint_dir, "--output_dir", hf_dir])
+    for name, path in runs.items():
+        if not (out_dir / "peft" / name / "adapter_config.json").is_file():
+            script(["scripts/export_peft.py", "--checkpoint_dir", checkpoint_dir, "--lora_path", path,
+                    "--output_dir", out_dir / "peft" / name])
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    model = peft.PeftModel.from_pretrained(model, out_dir / "peft" / "lora0", adapter_name="lora0")
+    for name in list(runs)[1:]:
+        model.load_adapter(out_dir / "peft" / name, adapter_name=name)
+    model.eval()
+    tokenizer = Tokenizer(checkpoint_dir)
+    style = resolve_style(None, checkpoint_dir)
+    prompts = [encode_conversation(tokenizer, style, [{"role": "user", "content": q}]).tolist() for q in questions]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    stops = sorted(tokenizer.stop_ids)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens, do_sample=False,
+                             eos_token_id=stops, pad_token_id=0, adapter_names=names)
+    seconds = time.perf_counter() - t0
+    texts, tokens = [], 0
+    for row in out[:, width:].tolist():
+        kept = row[:next((i for i, t in enumerate(row) if t in stops), len(row))]
+        tokens += len(kept)
+        texts.append(tokenizer.decode(kept))
+    return texts, seconds, tokens
+
+
+def script(args: list) -> None:
+    subprocess.run([sys.executable, str(ROOT / args[0]), *map(str, args[1:])], check=True, timeout=600,
+                   env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL)
+
+
+def print_report(r: dict) -> None:
+    one, many = r["one_at_a_time"], r["concurrent"]
+    print(f"{r['requests']} requests over {r['loras']} LoRAs, greedy, max_tokens {r['max_tokens']}")
+    print(f"{'':28}{'tokens':>8}{'seconds':>9}{'tokens/s':>10}{'TTFT p50':>10}{'TTFT max':>10}{'req tok/s':>11}")
+    for label, s in (("litft, one at a time", one), ("litft, all at once", many)):
+        print(f"{label:28}{s['tokens']:>8}{s['seconds']:>9.2f}{s['tokens_per_s']:>10.1f}{s['ttft_median_s']:>10.3f}"
+              f"{s['ttft_max_s']:>10.3f}{s['request_tokens_per_s_median']:>11.1f}")
+    if "peft_batched" in r:
+        p = r["peft_batched"]
+        print(f"{'transformers+peft, 1 batch':28}{p['tokens']:>8}{p['seconds']:>9.2f}{p['tokens_per_s']:>10.1f}")
+    print(f"concurrent answers equal to one-at-a-time: {r['concurrent_equal_one_at_a_time']}/{r['requests']}")
+    print(f"aggregate tokens/s, all at once / one at a time: {many['tokens_per_s'] / one['tokens_per_s']:.2f}x")
+    if "peft_batched" in r:
+        print(f"aggregate tokens/s, litft all at once / transformers+peft batched: "
+              f"{many['tokens_per_s'] / r['peft_batched']['tokens_per_s']:.2f}x")
+        print(f"litft answers equal to transformers+peft's: {r['peft_equal_litft']}/{r['requests']}")
+
+
+if __name__ == "__main__":
+    run(main)
