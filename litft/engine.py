@@ -2,8 +2,8 @@
 
 A server's requests come from many connections at once; decoding them one after another leaves most of the
 hardware idle, since one decode step of a small batch costs about what one row costs (the weights are read
-once per step, whatever the number of rows). The engine runs `generate_batch` (litft/generate.py) in a thread
-of its own, the only one that touches the model:
+once per step, whatever the number of rows). The engine's loop, `run`, is the only code that touches the model;
+it runs `generate_batch` (litft/generate.py):
 
     wait for a request  ->  decode it, and at every step take in all requests that arrived meanwhile
                             (each row with its own prompt, sampling settings and LoRA)
@@ -13,6 +13,10 @@ Each request gets its tokens through an asyncio queue, on the event loop that se
 token ids as they are produced, then "stop" (a stop token), "length" (max tokens reached) or "cancelled",
 or the exception that ended the batch. A client that goes away sets `row.done`, and its row leaves the batch
 at the next step.
+
+scripts/serve.py runs the loop on the main thread and the HTTP server on another: on a CPU, PyTorch's many small
+ops of a decode step ran 2.3x slower from a secondary thread (bench/serve_load.py, 32 requests over 4 LoRAs).
+`start` runs it on a thread of its own, for tests.
 """
 
 from __future__ import annotations
@@ -46,11 +50,14 @@ class Engine:
         self.largest_batch = 0  # the most rows decoded together so far
 
     def start(self) -> None:
+        """Run the loop on a thread of its own."""
         self.thread.start()
 
     def stop(self) -> None:
+        """End the loop once the batch being decoded is done (from any thread, or a signal handler)."""
         self.waiting.put(None)
-        self.thread.join(timeout=60)
+        if self.thread.is_alive():
+            self.thread.join(timeout=60)
 
     def submit(self, row: Row) -> asyncio.Queue:
         """Queue a row for decoding (from the event loop); returns the queue its events arrive on."""
@@ -59,6 +66,7 @@ class Engine:
         return job.events
 
     def run(self) -> None:
+        """Decode requests as they come, until `stop`."""
         while (first := self.waiting.get()) is not None:
             self.decode([first])
 

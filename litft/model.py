@@ -118,7 +118,7 @@ class Llama(nn.Module):
             block.attn.kv_cache = cache
 
     def keep_kv_rows(self, rows: Tensor) -> None:
-        """Drop the cached keys and values of every batch row not in `rows` (B',): a smaller batch from now on."""
+        """Keep the cached rows `rows` (B',), in that order: the others are dropped (their sequences ended)."""
         for block in self.blocks:
             block.attn.kv_cache.keep(rows)
 
@@ -230,5 +230,5 @@ class KVCache(nn.Module):
         self.k, self.v = torch.cat((pad(self.k), pad(other.k))), torch.cat((pad(self.v), pad(other.v)))
 
     def keep(self, rows: Tensor) -> None:
-        """Keep only these rows of the batch (the others have finished)."""
+        """Keep these rows of the batch, in this order (the others have finished)."""
         self.k, self.v = self.k[rows], self.v[rows]

@@ -44,7 +44,7 @@ class MultiLoRALinear(nn.Module):
         self.loras = nn.ParameterDict()  # "<key>_A": (r, d_in), "<key>_B": (d_out, r)
         self.keys: dict[str, str] = {}  # LoRA name -> key (a name may hold dots, a parameter name may not)
         self.scalings: dict[str, float] = {}
-        self.rows: list[tuple[str, Tensor]] = []  # (LoRA name, the batch rows using it), set by use_loras
+        self.rows: list[tuple[str, slice | Tensor]] = []  # (LoRA name, the batch rows using it), set by use_loras
 
     def add(self, name: str, A: Tensor, B: Tensor, scaling: float) -> None:
         self.keys[name] = key = f"lora{len(self.keys)}"
@@ -58,7 +58,10 @@ class MultiLoRALinear(nn.Module):
             if name in self.keys:
                 A, B = self.loras[f"{self.keys[name]}_A"], self.loras[f"{self.keys[name]}_B"]
                 update = x[rows] @ A.T @ B.T  # (n, T, d_in) -> (n, T, r) -> (n, T, d_out)
-                y = y.index_add(0, rows, update, alpha=self.scalings[name])
+                if isinstance(rows, slice):  # rows next to each other: add in place, no gather, no copy of y
+                    y[rows].add_(update, alpha=self.scalings[name])
+                else:
+                    y = y.index_add(0, rows, update, alpha=self.scalings[name])
         return y
 
 
@@ -121,13 +124,15 @@ def check_shapes(base: nn.Module, A: Tensor, B: Tensor, layer_name: str, path: P
 
 
 def use_loras(model: nn.Module, names: list[str | None]) -> None:
-    """Row b of the next batches uses LoRA names[b] (None: the base model alone)."""
+    """Row b of the next batches uses LoRA names[b] (None: the base model alone). The rows of a LoRA are
+    fastest next to each other (litft/generate.py keeps a batch sorted so): a slice of the batch, not a gather."""
     groups = {}
     for b, name in enumerate(names):
         if name is not None:
             groups.setdefault(name, []).append(b)
     device = model.embed.weight.device
-    rows = [(name, torch.tensor(bs, device=device)) for name, bs in groups.items()]
+    rows = [(name, slice(bs[0], bs[-1] + 1) if bs[-1] - bs[0] == len(bs) - 1 else torch.tensor(bs, device=device))
+            for name, bs in groups.items()]
     for module in model.modules():
         if isinstance(module, MultiLoRALinear):
             module.rows = rows

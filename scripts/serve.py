@@ -12,7 +12,11 @@ share (no new tokens, no LoRA on the embedding: merge those with scripts/merge_l
 
 from __future__ import annotations
 
+import signal
+import socket
 import sys
+import threading
+import time
 from pathlib import Path
 
 from litft.base_checkpoint import check_trained_on, ensure_checkpoint
@@ -47,8 +51,8 @@ def main(checkpoint_dir: Path = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Ins
             template); a LoRA's chat messages follow its own run's style.
     """
     import torch
-    import uvicorn
 
+    check_address(host, port)
     ensure_checkpoint(checkpoint_dir)
     runs = parse_loras(lora, checkpoint_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -62,13 +66,38 @@ def main(checkpoint_dir: Path = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Ins
         models[name] = served(name, name, tokenizer, resolve_style(None, path.parent, checkpoint_dir))
     engine = Engine(model, max_batch_size)
     app = create_app(engine, tokenizer, models, model.config.block_size, max_tokens)
-    engine.start()
-    print(f"serving {', '.join(models)} on http://{host}:{port}/v1 ({device.type}, {precision})", file=sys.stderr,
-          flush=True)
+    server, http = listen(app, host, port)
+    print(f"serving {', '.join(models)} on http://{host}:{port}/v1 ({device.type}, {precision}); Ctrl-C stops",
+          file=sys.stderr, flush=True)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: engine.stop())
+    engine.run()  # until a signal
+    server.should_exit = True
+    http.join(timeout=30)
+    print("stopped", file=sys.stderr)
+
+
+def listen(app, host: str, port: int) -> tuple["uvicorn.Server", threading.Thread]:  # noqa: F821
+    """Serve `app` over HTTP from a thread of its own (the model stays on the main thread: litft/engine.py)."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    http = threading.Thread(target=server.run, name="http", daemon=True)
+    http.start()
+    while not server.started:
+        if not http.is_alive():
+            raise UserError(f"cannot listen on {host}:{port}; pass another --port or --host")
+        time.sleep(0.05)
+    return server, http
+
+
+def check_address(host: str, port: int) -> None:
+    """Fail before loading anything when the address cannot be listened on."""
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning")
-    finally:
-        engine.stop()
+        with socket.create_server((host, port)):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot listen on {host}:{port} ({e.strerror or e}); pass another --port or --host") from None
 
 
 def served(name: str, lora: str | None, tokenizer: Tokenizer, style) -> Served:

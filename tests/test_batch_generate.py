@@ -21,7 +21,7 @@ from litft.generate import Row, generate, generate_batch
 from litft.load_finetuned import load_finetuned
 from litft.lora import LoRAConfig
 from litft.model import Llama
-from litft.multi_lora import add_loras, lora_names
+from litft.multi_lora import add_loras, lora_names, use_loras
 
 peft = pytest.importorskip("peft")
 
@@ -147,6 +147,17 @@ def test_each_row_uses_its_own_lora(base, runs):
                        for p in PROMPTS] for n in (None, *runs)}
     assert got == [alone_texts[n][i] for i, n in enumerate(names)]
     assert all(alone_texts[n][i] != alone_texts[None][i] for i, n in enumerate(names) if n)  # the LoRAs matter
+
+
+def test_rows_of_one_lora_need_not_be_next_to_each_other(base, runs):
+    """use_loras with a LoRA's rows apart (a gather, not a slice): each row's logits equal its LoRA's alone."""
+    model = add_loras(load_lit_model(base).double().eval(), runs)
+    names, x = ["qv", None, "qv", "all"], torch.tensor([PROMPTS[0]] * 4)
+    use_loras(model, names)
+    with torch.no_grad():
+        got = model(x)
+        for b, n in enumerate(names):
+            torch.testing.assert_close(got[b], load_finetuned(base, runs[n] if n else None).double()(x[b:b + 1])[0])
 
 
 def test_each_row_equals_peft_generate_with_adapter_names(base, runs, tmp_path):
