@@ -31,14 +31,14 @@ biases on q, k and v). Five things differ from a PyTorch state dict:
    pair's frequency. `llama3_from_rope_freqs` recovers the llama3 settings from it and checks that they
    reproduce every divisor (litft/rope.py computes the frequencies from the settings).
 
-Nothing is written until the whole file has been checked, and each tensor is dequantized straight into the
+The names, both row orders and the tokenizer tables live in litft/gguf_format.py, which the exporter
+(litft/gguf_export.py) writes with. Nothing is written until the whole file has been checked, and each tensor is dequantized straight into the
 output state dict, so the conversion holds one full copy of the weights (the GGUF itself is memory-mapped).
 """
 
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -49,16 +49,19 @@ from torch import Tensor
 
 from litft.config import Config
 from litft.errors import UserError
+from litft.gguf_format import (
+    ARCHITECTURES,
+    CONTROL,
+    NFC_PRE_TOKENIZERS,
+    PRE_TOKENIZERS,
+    ROPE_FREQS,
+    USER_DEFINED,
+    lit_name,
+    unpermute_qk,
+)
 from litft.model import Llama
 from litft.rope import RoPEScaling, inverse_frequencies
 
-ROPE_FREQS = "rope_freqs.weight"
-TOP_LEVEL = {"token_embd.weight": "embed.weight", "output_norm.weight": "norm.weight", "output.weight": "lm_head.weight"}
-PER_BLOCK = {
-    "attn_norm": "attn_norm", "attn_q": "attn.q_proj", "attn_k": "attn.k_proj", "attn_v": "attn.v_proj",
-    "attn_output": "attn.o_proj", "ffn_norm": "mlp_norm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
 # Storage types converted (all dequantized by gguf.quants); IQ* and the integer types are refused up front.
 SUPPORTED = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 
@@ -89,9 +92,6 @@ def metadata(reader) -> dict[str, Any]:
 def tensor_shapes(reader) -> dict[str, tuple[int, ...]]:
     """Each tensor's shape in PyTorch order (GGUF lists ggml's `ne`, fastest-varying dimension first)."""
     return {t.name: tuple(int(d) for d in reversed(t.shape)) for t in reader.tensors}
-
-
-ARCHITECTURES = ("llama", "qwen2")  # qwen2: a Llama with q, k, v biases, its q/k rows not permuted
 
 
 def config_from_gguf(meta: dict[str, Any], shapes: dict[str, tuple[int, ...]], name: str = "",
@@ -177,15 +177,6 @@ def _float32(x: float) -> float:
     return float(np.format_float_positional(np.float32(x), unique=True, trim="-"))
 
 
-def lit_name(gguf_name: str) -> str:
-    if gguf_name in TOP_LEVEL:
-        return TOP_LEVEL[gguf_name]
-    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", gguf_name)
-    if m is None or m.group(2) not in PER_BLOCK:
-        raise UserError(f"the GGUF has a tensor {gguf_name!r} that a plain Llama does not have; it cannot be converted")
-    return f"blocks.{m.group(1)}.{PER_BLOCK[m.group(2)]}.{m.group(3)}"
-
-
 def model_tensors(reader) -> list:
     """The tensors that become weights: all but rope_freqs, which config_from_gguf reads as RoPE scaling."""
     return [t for t in reader.tensors if t.name != ROPE_FREQS]
@@ -226,14 +217,6 @@ def dequantize(tensor) -> Tensor:
     return torch.from_numpy(np.array(values, dtype=np.float32, copy=True).reshape(shape))
 
 
-def unpermute_qk(w: Tensor, n_heads: int) -> Tensor:
-    """Undo llama.cpp's row order: per head, interleaved pairs (2i, 2i+1) -> halves (i, i + hs/2)."""
-    rows, cols = w.shape
-    hs = rows // n_heads
-    w = w.view(n_heads, hs // 2, 2, cols)  # GGUF row 2i + j of each head
-    return w.transpose(1, 2).reshape(rows, cols)  # HF row j·hs/2 + i
-
-
 def convert_weights(reader, config: Config, dtype: torch.dtype = torch.float32,
                     permuted_qk: bool = True) -> dict[str, Tensor]:
     """Every model tensor, dequantized; q/k rows un-permuted where llama.cpp permuted them (its llama arch)."""
@@ -249,21 +232,6 @@ def convert_weights(reader, config: Config, dtype: torch.dtype = torch.float32,
 
 
 # ---- tokenizer ----------------------------------------------------------------------------------------------
-
-CONTROL, USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values (the same numbering as sentencepiece's)
-_GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-_LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-# tokenizer.ggml.pre names how text is split before BPE; these are llama.cpp's splits for each name.
-PRE_TOKENIZERS = {
-    "default": [_GPT2_REGEX], "gpt2": [_GPT2_REGEX], "gpt-2": [_GPT2_REGEX],
-    "smollm": [r"\p{N}", _GPT2_REGEX], "starcoder": [r"\p{N}", _GPT2_REGEX], "refact": [r"\p{N}", _GPT2_REGEX],
-    "llama-bpe": [_LLAMA3_REGEX], "llama3": [_LLAMA3_REGEX], "llama-v3": [_LLAMA3_REGEX],
-    "qwen2": [_QWEN2_REGEX],  # Qwen's tokenizer.json also normalizes to NFC first
-}
-
 
 def tokenizer_files(meta: dict[str, Any]) -> dict[str, str | bytes]:
     """Rebuild the tokenizer from the metadata: {file name: contents} for the checkpoint directory."""
@@ -311,7 +279,7 @@ def byte_level_bpe(meta: dict[str, Any]) -> str:
     tokens, types = meta["tokenizer.ggml.tokens"], meta.get("tokenizer.ggml.token_type") or []
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
     tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
-    if pre == "qwen2":
+    if pre in NFC_PRE_TOKENIZERS:
         tok.normalizer = normalizers.NFC()
     splits = [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in PRE_TOKENIZERS[pre]]
     tok.pre_tokenizer = pre_tokenizers.Sequence([*splits, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
