@@ -205,23 +205,12 @@ def join(model: torch.nn.Module, live: list[Row], logits: Optional[Tensor], pos:
     """Prefill `joining` in a cache of its own, then append its rows to the batch's: the live rows, their logits
     (B', vocab) and positions (B',) grow by the new rows."""
     earlier = model.kv_caches() if live else None
-    joining = sorted(joining, key=lora_order)
     new_logits, new_pos = prefill(model, joining)
     if live:
         model.join_kv_caches(earlier)
         new_logits, new_pos = torch.cat((logits, new_logits)), torch.cat((pos, new_pos))
-    live = live + joining
-    order = sorted(range(len(live)), key=lambda b: lora_order(live[b]))  # each LoRA's rows next to each other
-    if order != sorted(order):
-        order_t = torch.tensor(order, device=new_pos.device)
-        model.keep_kv_rows(order_t)
-        live, new_logits, new_pos = [live[b] for b in order], new_logits[order_t], new_pos[order_t]
-    use_loras(model, [row.lora for row in live])
-    return live, new_logits, new_pos
-
-
-def lora_order(row: Row) -> str:
-    return row.lora or ""
+    use_loras(model, [row.lora for row in live + joining])
+    return live + joining, new_logits, new_pos
 
 
 def prefill(model: torch.nn.Module, rows: list[Row]) -> tuple[Tensor, Tensor]:

@@ -5,16 +5,21 @@ does not need several copies of W: row b of a batch, asking for LoRA a(b), gets
 
     y_b = W x_b + s_a · B_a A_a x_b          s_a = α_a / r_a  (α_a / √r_a with rsLoRA)
 
-The big matmul W x runs once for the whole batch; each LoRA then adds its update to its own rows only:
+The big matmul W x runs once for the whole batch. The LoRAs of a layer are concatenated, A's one under the
+other and the scaled B's side by side, and a 0/1 mask keeps, for each row, only the ranks of its own LoRA:
 
-    Y = X Wᵀ                                  (B, T, d_in) -> (B, T, d_out), every row
-    Y[rows_a] += s_a · X[rows_a] A_aᵀ B_aᵀ    (n_a, T, d_in) -> (n_a, T, r_a) -> (n_a, T, d_out), per LoRA
+    A_cat = [A_1; A_2; ...]                   (Σr, d_in)
+    B_cat = [s_1 B_1, s_2 B_2, ...]           (d_out, Σr)
+    Y = X Wᵀ + ((X A_catᵀ) ⊙ M) B_catᵀ        (B, T, d_in) -> (B, T, Σr) -> (B, T, d_out)
+    M[b, j] = 1 where rank j belongs to row b's LoRA, else 0 (a row with no LoRA: all 0)
 
-The LoRAs may differ in rank, scaling and targets: a layer a LoRA does not target simply adds nothing for its
-rows. This is the batching of S-LoRA (Sheng et al. 2023, https://arxiv.org/abs/2311.03285) and Punica
-(Chen et al. 2023), written with plain indexing instead of their custom kernels; PEFT's `adapter_names`
-argument does the same. Merging (W' = W + s·B·A) is what one LoRA per process does; with many it would need a
-copy of W per LoRA.
+So a batch over any mix of LoRAs costs two small matmuls per layer, whatever the number of LoRAs; each row
+computes the Σr ranks of all of them, a few percent of W's work for a handful of LoRAs of rank 8-16 (with
+hundreds, S-LoRA's gathering kernels avoid that waste). The LoRAs may differ in rank, scaling and targets: a
+layer a LoRA does not target holds none of its ranks. Batching many LoRAs over one base is S-LoRA's idea
+(Sheng et al. 2023, https://arxiv.org/abs/2311.03285; also Punica, Chen et al. 2023); PEFT's `adapter_names`
+does it with a loop over the LoRAs. Merging (W' = W + s·B·A) is what one LoRA per process does; with many it
+would need a copy of W per LoRA.
 
 `add_loras(model, {name: lora_path})` loads the runs; `use_loras(model, names)` says, before a forward pass,
 which LoRA each row of the batch uses (None: the base model).
@@ -41,28 +46,32 @@ class MultiLoRALinear(nn.Module):
     def __init__(self, base: nn.Module) -> None:
         super().__init__()
         self.base = base
-        self.loras = nn.ParameterDict()  # "<key>_A": (r, d_in), "<key>_B": (d_out, r)
-        self.keys: dict[str, str] = {}  # LoRA name -> key (a name may hold dots, a parameter name may not)
-        self.scalings: dict[str, float] = {}
-        self.rows: list[tuple[str, slice | Tensor]] = []  # (LoRA name, the batch rows using it), set by use_loras
+        self.register_buffer("A", None, persistent=False)  # (Σr, d_in): every LoRA's A, one under the other
+        self.register_buffer("B", None, persistent=False)  # (d_out, Σr): every LoRA's s·B, side by side
+        self.register_buffer("owner", None, persistent=False)  # (Σr,): which LoRA (its index in `names`) owns a rank
+        self.names: list[str] = []
+        self.mask: Tensor | None = None  # (B, Σr), set by use_loras; None: no row of the batch uses a LoRA here
 
     def add(self, name: str, A: Tensor, B: Tensor, scaling: float) -> None:
-        self.keys[name] = key = f"lora{len(self.keys)}"
-        self.loras[f"{key}_A"] = nn.Parameter(A, requires_grad=False)
-        self.loras[f"{key}_B"] = nn.Parameter(B, requires_grad=False)
-        self.scalings[name] = scaling
+        owner = torch.full((A.size(0),), len(self.names), device=A.device)
+        self.names.append(name)
+        self.A = A if self.A is None else torch.cat((self.A, A))
+        self.B = scaling * B if self.B is None else torch.cat((self.B, scaling * B), dim=1)
+        self.owner = owner if self.owner is None else torch.cat((self.owner, owner))
 
-    def forward(self, x: Tensor) -> Tensor:  # (B, T, d_in) -> (B, T, d_out)
+    def use(self, names: list[str | None]) -> None:
+        """Row b of the next batches uses LoRA names[b] (None, or one this layer has not: no update)."""
+        rows = torch.tensor([self.names.index(n) if n in self.names else -1 for n in names], device=self.owner.device)
+        mask = rows[:, None] == self.owner  # (B, Σr)
+        self.mask = mask.to(self.A.dtype) if mask.any() else None
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, T, d_in) -> (B, T, d_out); also (B, d_in) -> (B, d_out)
         y = self.base(x)  # W x (+ b) for every row at once
-        for name, rows in self.rows:
-            if name in self.keys:
-                A, B = self.loras[f"{self.keys[name]}_A"], self.loras[f"{self.keys[name]}_B"]
-                update = x[rows] @ A.T @ B.T  # (n, T, d_in) -> (n, T, r) -> (n, T, d_out)
-                if isinstance(rows, slice):  # rows next to each other: add in place, no gather, no copy of y
-                    y[rows].add_(update, alpha=self.scalings[name])
-                else:
-                    y = y.index_add(0, rows, update, alpha=self.scalings[name])
-        return y
+        if self.mask is None:
+            return y
+        mask = self.mask.view(x.size(0), *(1,) * (x.dim() - 2), -1)  # (B, 1, Σr) for (B, T, d_in)
+        ranks = (x @ self.A.T) * mask  # (B, T, Σr): each row keeps its own LoRA's ranks
+        return y + ranks @ self.B.T  # (B, T, Σr) -> (B, T, d_out)
 
 
 def add_loras(model: nn.Module, runs: dict[str, Path], quantize: str | None = None) -> nn.Module:
@@ -124,20 +133,12 @@ def check_shapes(base: nn.Module, A: Tensor, B: Tensor, layer_name: str, path: P
 
 
 def use_loras(model: nn.Module, names: list[str | None]) -> None:
-    """Row b of the next batches uses LoRA names[b] (None: the base model alone). The rows of a LoRA are
-    fastest next to each other (litft/generate.py keeps a batch sorted so): a slice of the batch, not a gather."""
-    groups = {}
-    for b, name in enumerate(names):
-        if name is not None:
-            groups.setdefault(name, []).append(b)
-    device = model.embed.weight.device
-    rows = [(name, slice(bs[0], bs[-1] + 1) if bs[-1] - bs[0] == len(bs) - 1 else torch.tensor(bs, device=device))
-            for name, bs in groups.items()]
+    """Row b of the next batches uses LoRA names[b] (None: the base model alone)."""
     for module in model.modules():
         if isinstance(module, MultiLoRALinear):
-            module.rows = rows
+            module.use(names)
 
 
 def lora_names(model: nn.Module) -> set[str]:
     """Every LoRA loaded into `model` by add_loras."""
-    return {name for m in model.modules() if isinstance(m, MultiLoRALinear) for name in m.scalings}
+    return {name for m in model.modules() if isinstance(m, MultiLoRALinear) for name in m.names}

@@ -149,8 +149,8 @@ def test_each_row_uses_its_own_lora(base, runs):
     assert all(alone_texts[n][i] != alone_texts[None][i] for i, n in enumerate(names) if n)  # the LoRAs matter
 
 
-def test_rows_of_one_lora_need_not_be_next_to_each_other(base, runs):
-    """use_loras with a LoRA's rows apart (a gather, not a slice): each row's logits equal its LoRA's alone."""
+def test_one_forward_pass_gives_each_row_its_own_lora(base, runs):
+    """The logits of each row of a mixed batch (prefill, no cache) equal its LoRA's alone, lm_head's LoRA included."""
     model = add_loras(load_lit_model(base).double().eval(), runs)
     names, x = ["qv", None, "qv", "all"], torch.tensor([PROMPTS[0]] * 4)
     use_loras(model, names)
