@@ -15,7 +15,8 @@ or the exception that ended the batch. A client that goes away sets `row.done`, 
 at the next step.
 
 scripts/serve.py runs the loop on the main thread and the HTTP server on another: on a CPU, PyTorch's many small
-ops of a decode step ran 2.3x slower from a secondary thread (bench/serve_load.py, 32 requests over 4 LoRAs).
+ops of a decode step ran 2.5x slower from a secondary thread (bench/RESULTS.md, "Serving": 25.6 s against 10.3 s
+for the same `generate_batch` call).
 `start` runs it on a thread of its own, for tests.
 """
 
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from litft.generate import Row, generate_batch
+from litft.generate import Row, check_fits, generate_batch
 
 
 @dataclass(eq=False)
@@ -45,7 +46,9 @@ class Job:
 class Engine:
     def __init__(self, model: torch.nn.Module, max_batch_size: int = 32) -> None:
         self.model, self.max_batch_size = model, max_batch_size
-        self.waiting: queue.Queue[Job | None] = queue.Queue()
+        self.device = model.embed.weight.device
+        self.waiting: queue.SimpleQueue[Job | None] = queue.SimpleQueue()  # put() is safe from a signal handler
+        self.stopping = threading.Event()
         self.thread = threading.Thread(target=self.run, name="litft-engine", daemon=True)
         self.largest_batch = 0  # the most rows decoded together so far
 
@@ -54,21 +57,33 @@ class Engine:
         self.thread.start()
 
     def stop(self) -> None:
-        """End the loop once the batch being decoded is done (from any thread, or a signal handler)."""
-        self.waiting.put(None)
-        if self.thread.is_alive():
+        """Take no more requests; the batch being decoded finishes, then the loop ends (callable from any thread
+        or a signal handler). Requests still waiting are told the server is stopping."""
+        self.stopping.set()
+        self.waiting.put(None)  # wakes the loop if it is waiting
+        if self.thread.is_alive() and threading.current_thread() is not self.thread:
             self.thread.join(timeout=60)
 
     def submit(self, row: Row) -> asyncio.Queue:
-        """Queue a row for decoding (from the event loop); returns the queue its events arrive on."""
+        """Queue a row for decoding (from the event loop); returns the queue its events arrive on.
+        Raises UserError when the row does not fit the model's context."""
+        check_fits(self.model.config.block_size, row.prompt.size(0), row.max_new_tokens)
         job = Job(row, asyncio.get_running_loop())
         self.waiting.put(job)
         return job.events
 
     def run(self) -> None:
         """Decode requests as they come, until `stop`."""
-        while (first := self.waiting.get()) is not None:
-            self.decode([first])
+        while not self.stopping.is_set():
+            if (first := self.waiting.get()) is not None:
+                self.decode([first])
+        while True:  # requests that came too late
+            try:
+                job = self.waiting.get_nowait()
+            except queue.Empty:
+                return
+            if job is not None:
+                job.send(RuntimeError("the server is stopping"))
 
     def decode(self, jobs: list[Job]) -> None:
         active: dict[int, Job] = {}  # id(row) -> job, for the rows in the batch
@@ -77,15 +92,13 @@ class Engine:
             for key in [key for key, job in active.items() if job.row.done]:  # clients that went away
                 active.pop(key).send("cancelled")
             joining = []
-            while len(active) + len(joining) < self.max_batch_size:
+            while len(active) + len(joining) < self.max_batch_size and not self.stopping.is_set():
                 try:
                     job = self.waiting.get_nowait()
                 except queue.Empty:
                     break
-                if job is None:  # stop() was called: finish this batch, then stop
-                    self.waiting.put(None)
-                    break
-                joining.append(job)
+                if job is not None:
+                    joining.append(job)
             return admit(joining)
 
         def admit(new: list[Job]) -> list[Row]:

@@ -84,13 +84,13 @@ def sample(logits: Tensor, temperature: float = 1.0, top_k: Optional[int] = None
 
 
 def next_token_logits(model: torch.nn.Module, idx: Tensor, input_pos: Tensor) -> Tensor:
-    """(1, T) ids at positions input_pos -> (1, vocab) logits for the token after the last one.
+    """(B, T) ids at positions input_pos, (T,) or (B, T) -> (B, vocab) logits for the token after each row's last.
 
     Same as model(idx, input_pos)[:, -1], but only the last position goes through the output head: during the
     prefill that saves a (T × n_embd) @ (n_embd × vocab) matmul whose other T - 1 rows nobody reads.
     """
-    h = model.hidden_states(idx, input_pos)  # (1, T, C); the KV cache now holds these T positions
-    return model.lm_head(h[:, -1])  # (1, vocab)
+    h = model.hidden_states(idx, input_pos)  # (B, T, C); the KV cache now holds these T positions
+    return model.lm_head(h[:, -1])  # (B, vocab)
 
 
 def check_fits(block_size: int, prompt_len: int, max_new_tokens: int) -> None:
@@ -162,7 +162,8 @@ def generate_batch(model: torch.nn.Module, rows: list[Row],
         decode    one token per live row, (B', 1), row b at its own position T_b + n_b
                   (the pads' cache slots past T_b are overwritten before a mask ever shows them)
 
-    Joining rows are prefilled in a cache of their own, whose rows are then appended to the batch's. A row that
+    (With dynamic NTK RoPE scaling past the original context, the tables follow the batch's longest row, so there
+    a row's output depends on the others'.) Joining rows are prefilled in a cache of their own, whose rows are then appended to the batch's. A row that
     ends leaves the batch (its cache row is dropped), so the rest decode at the cost of their number. Each row
     samples with its own settings and generator, as `generate` would alone.
     """
@@ -187,10 +188,8 @@ def generate_batch(model: torch.nn.Module, rows: list[Row],
                 if produced[id(row)] < row.max_new_tokens and not row.done:
                     keep.append(j)
             if len(keep) < len(live):  # rows ended: drop them from the batch
-                kept = torch.tensor(keep, dtype=torch.long, device=pos.device)
-                tokens, pos, live = tokens[kept], pos[kept], [live[j] for j in keep]
-                model.keep_kv_rows(kept) if live else model.clear_kv_cache()
-                use_loras(model, [row.lora for row in live])
+                live, tokens, pos = drop_rows(model, live, tokens, pos, keep)
+                produced = {id(row): produced[id(row)] for row in live}
             if live:
                 logits = next_token_logits(model, tokens[:, None], pos[:, None])  # decode: (B', 1) -> (B', vocab)
                 pos = pos + 1
@@ -198,6 +197,19 @@ def generate_batch(model: torch.nn.Module, rows: list[Row],
     finally:
         model.clear_kv_cache()
         use_loras(model, [])
+
+
+def drop_rows(model: torch.nn.Module, live: list[Row], tokens: Tensor, pos: Tensor,
+              keep: list[int]) -> tuple[list[Row], Tensor, Tensor]:
+    """Keep only the batch rows `keep` (indexes into live), in the cache too: the others have ended."""
+    kept = torch.tensor(keep, dtype=torch.long, device=pos.device)
+    live = [live[j] for j in keep]
+    if live:
+        model.keep_kv_rows(kept)
+    else:
+        model.clear_kv_cache()
+    use_loras(model, [row.lora for row in live])
+    return live, tokens[kept], pos[kept]
 
 
 def join(model: torch.nn.Module, live: list[Row], logits: Optional[Tensor], pos: Optional[Tensor],

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from contextlib import contextmanager
+from contextlib import aclosing, contextmanager
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Iterator
 
@@ -91,11 +91,11 @@ def create_app(engine: Engine, tokenizer: Tokenizer, models: dict[str, Served], 
         return await answer(body, served, tokenizer.encode(prompt), chat=False)
 
     async def answer(body: dict, served: Served, ids: torch.Tensor, chat: bool):
-        row, stops = make_row(body, served, ids, block_size, default_max_tokens)
+        row, stops = make_row(body, served, ids.to(engine.device), block_size, default_max_tokens)
+        stream, usage = streaming(body)
         pieces = completion_text(engine.submit(row), row, tokenizer, stops)
         reply = Reply(served.name, chat, len(ids))
-        if body.get("stream", False):
-            usage = bool((body.get("stream_options") or {}).get("include_usage", False))
+        if stream:
             return StreamingResponse(reply.events(pieces, usage), media_type="text/event-stream")
         return await reply.whole(pieces)
 
@@ -114,6 +114,8 @@ async def read_json(request: Request) -> dict:
 
 def find_model(body: dict, models: dict[str, Served]) -> Served:
     name = body.get("model")
+    if not isinstance(name, str):
+        raise APIError(400, f"model must be a string naming one of {', '.join(models)}", "model")
     if name not in models:
         raise APIError(404, f"the model {name!r} does not exist; choose one of {', '.join(models)} (GET /v1/models)",
                        "model", "model_not_found")
@@ -134,7 +136,7 @@ def make_row(body: dict, served: Served, ids: torch.Tensor, block_size: int,
     """The request's sampling settings, checked, as a row for the engine; and its stop strings."""
     temperature = number(body, "temperature", 1.0, low=0.0, high=2.0)
     top_p = number(body, "top_p", 1.0, low=0.0, high=1.0, low_open=True)
-    if body.get("n", 1) != 1:
+    if not (body.get("n") is None or (type(body["n"]) is int and body["n"] == 1)):
         raise APIError(400, "n must be 1: litft returns one choice per request", "n")
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     if max_tokens is None:
@@ -145,8 +147,8 @@ def make_row(body: dict, served: Served, ids: torch.Tensor, block_size: int,
         raise APIError(400, f"the prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) exceeds the model's "
                        f"context ({block_size} tokens); shorten the prompt or lower max_tokens", "max_tokens")
     seed = body.get("seed")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-        raise APIError(400, f"seed must be an integer, got {seed!r}", "seed")
+    if seed is not None and (type(seed) is not int or not -2 ** 63 <= seed < 2 ** 64):
+        raise APIError(400, f"seed must be an integer in [-2^63, 2^64), got {seed!r}", "seed")
     generator = torch.Generator(ids.device).manual_seed(seed if seed is not None else secrets.randbits(63))
     row = Row(ids, max_tokens, temperature, None, top_p, served.stop_ids, generator, served.lora)
     return row, stop_strings(body.get("stop"))
@@ -170,12 +172,26 @@ def stop_strings(stop: Any) -> list[str]:
     return stops
 
 
+def streaming(body: dict) -> tuple[bool, bool]:
+    """(stream, include_usage) from `stream` and `stream_options`."""
+    stream, options = body.get("stream", False), body.get("stream_options") or {}
+    if not isinstance(stream, bool) or not isinstance(options, dict):
+        raise APIError(400, "stream must be true or false, and stream_options an object", "stream")
+    return stream, bool(options.get("include_usage", False))
+
+
+def first_stop(text: str, stops: list[str], start: int) -> int:
+    """Where the first of `stops` begins in text[start:] (as an index into text), or -1."""
+    found = [i for i in (text.find(s, start) for s in stops) if i >= 0]
+    return min(found, default=-1)
+
+
 async def completion_text(events, row: Row, tokenizer: Tokenizer,
                           stops: list[str]) -> AsyncIterator[tuple[str, str | None, int]]:
     """The engine's tokens as text: yields (new text, finish reason or None, tokens so far).
 
-    Text that could be the start of a stop string is held back until it is known not to be one; at a stop
-    string the text ends before it, and the row is taken out of the batch."""
+    The last len(longest stop string) - 1 characters are held back until more text shows they do not begin a
+    stop string; at a stop string the text ends before it, and the row is taken out of the batch."""
     decoder, text, sent, finish = StreamDecoder(tokenizer), "", 0, None
     hold = max(map(len, stops), default=1) - 1
     try:
@@ -183,11 +199,11 @@ async def completion_text(events, row: Row, tokenizer: Tokenizer,
             event = await events.get()
             if isinstance(event, Exception):
                 raise event
-            if isinstance(event, str):
-                finish, text = ("stop" if event == "stop" else "length"), text + decoder.flush()
+            if isinstance(event, str):  # "stop" (a stop token), "length" (max_tokens) or "cancelled"
+                finish, text = {"stop": "stop", "length": "length"}.get(event, "cancelled"), text + decoder.flush()
             else:
                 text += decoder.step(event)
-            at = min((i for i in (text.find(s, max(0, sent - hold)) for s in stops) if i >= 0), default=-1)
+            at = first_stop(text, stops, max(0, sent - hold))
             if at >= 0:
                 text, finish = text[:at], "stop"
             end = len(text) if finish else max(sent, len(text) - hold)
@@ -213,13 +229,14 @@ class Reply:
     async def whole(self, pieces: AsyncIterator) -> JSONResponse:
         text, finish, n = "", None, 0
         try:
-            async for piece, finish, n in pieces:
-                text += piece
+            async with aclosing(pieces):
+                async for piece, finish, n in pieces:
+                    text += piece
         except Exception as e:  # noqa: BLE001 (the engine failed on this batch)
             raise APIError(500, f"generation failed: {e}") from None
         message = {"role": "assistant", "content": text}
         choice = {"message": message} if self.chat else {"text": text, "logprobs": None}
-        return JSONResponse({**self.head(completion=True), "choices": [{"index": 0, **choice, "finish_reason": finish}],
+        return JSONResponse({**self.head(chunk=False), "choices": [{"index": 0, **choice, "finish_reason": finish}],
                              "usage": self.usage(n)})
 
     def usage(self, completion_tokens: int) -> dict:
@@ -231,20 +248,21 @@ class Reply:
         if self.chat:
             yield self.chunk({"role": "assistant", "content": ""}, None)
         try:
-            async for piece, finish, n in pieces:
-                if piece or finish:
-                    yield self.chunk({"content": piece} if piece else {}, finish)
+            async with aclosing(pieces):  # a client that leaves closes `pieces` now, which takes its row out
+                async for piece, finish, n in pieces:
+                    if piece or finish:
+                        yield self.chunk({"content": piece} if piece else {}, finish)
             if usage:
-                yield f"data: {json.dumps({**self.head(False), 'choices': [], 'usage': self.usage(n)})}\n\n"
+                yield f"data: {json.dumps({**self.head(chunk=True), 'choices': [], 'usage': self.usage(n)})}\n\n"
         except Exception as e:  # noqa: BLE001 (the stream has begun: the error is its last event)
             yield f"data: {json.dumps({'error': {'message': f'generation failed: {e}', 'type': 'server_error'}})}\n\n"
         yield "data: [DONE]\n\n"
 
-    def head(self, completion: bool) -> dict:
-        kind = ("chat.completion" if completion else "chat.completion.chunk") if self.chat else "text_completion"
+    def head(self, chunk: bool) -> dict:
+        kind = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat else "text_completion"
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
     def chunk(self, delta: dict, finish: str | None) -> str:
         choice = {"delta": delta} if self.chat else {"text": delta.get("content", ""), "logprobs": None}
-        data = {**self.head(False), "choices": [{"index": 0, **choice, "finish_reason": finish}]}
+        data = {**self.head(chunk=True), "choices": [{"index": 0, **choice, "finish_reason": finish}]}
         return f"data: {json.dumps(data)}\n\n"

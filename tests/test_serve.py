@@ -30,6 +30,7 @@ from litft.generate import Row, generate, stop_token_ids
 from litft.load_finetuned import load_finetuned
 from litft.lora import LoRAConfig
 from litft.multi_lora import add_loras
+from litft.openai_api import completion_text
 from litft.prompts import resolve_style
 from litft.tokenizer import Tokenizer
 
@@ -139,6 +140,13 @@ def test_completions_stop_strings_seed_and_max_tokens(server, base):
     ({"model": "qv", "messages": [{"role": "user", "content": "hi"}], "stop": [1]}, 400, "stop"),
     ({"model": "qv", "messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n must be 1"),
     ('{"model": "qv", "messages": [', 400, "not valid JSON"),
+    ({"model": ["qv"], "messages": [{"role": "user", "content": "hi"}]}, 400, "model must be a string"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, 400, "model must be a string"),
+    ({"model": "qv", "messages": [{"role": "user", "content": "hi"}], "seed": 2 ** 70}, 400, "seed"),
+    ({"model": "qv", "messages": [{"role": "user", "content": "hi"}], "stream": "no"}, 400, "stream"),
+    ({"model": "qv", "messages": [{"role": "user", "content": "hi"}], "stream": True, "stream_options": 1}, 400,
+     "stream_options"),
+    ({"model": "qv", "messages": [{"role": "user", "content": "hi"}], "n": True}, 400, "n must be 1"),
 ])
 def test_bad_requests_get_a_json_error_and_the_server_goes_on(server, body, status, fragment):
     client, port, _ = server
@@ -192,6 +200,38 @@ def test_requests_waiting_together_are_decoded_in_one_batch(base, runs):
     for p, n, tokens in zip(PROMPTS, names, got):
         assert tokens == list(generate(load_finetuned(base, runs[n] if n else None), torch.tensor(p), 6,
                                        temperature=0)), n
+
+
+def test_a_client_that_leaves_takes_its_row_out_of_the_batch(base):
+    """The server's text stream closed after two pieces (as Starlette closes it when the client goes away): the
+    engine takes the row out at its next step and reports it cancelled, long before max_tokens."""
+    engine = Engine(load_finetuned(base), max_batch_size=4)
+    engine.start()
+
+    async def leave_early() -> list:
+        row = Row(torch.tensor(PROMPTS[2]), 50)
+        events = engine.submit(row)
+        pieces = completion_text(events, row, Tokenizer(base), [])
+        got = [await anext(pieces), await anext(pieces)]
+        await pieces.aclose()
+        assert row.done
+        later = []
+        while not isinstance(event := await asyncio.wait_for(events.get(), 60), str):
+            later.append(event)
+        return got, later, event
+
+    got, later, final = asyncio.run(leave_early())
+    engine.stop()
+    assert final == "cancelled" and len(later) < 48  # not "length": the row left before its 50 tokens
+
+
+def test_an_address_in_use_is_refused_in_one_line(base):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        proc = run_script("scripts/serve.py", "--checkpoint_dir", base, "--port", str(taken.getsockname()[1]),
+                          timeout=120)
+    assert_user_error(proc, "cannot listen on 127.0.0.1:", "pass another --port")
 
 
 def test_a_lora_of_another_base_is_refused_at_start_up(base, bases, tmp_path):
