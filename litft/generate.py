@@ -162,10 +162,10 @@ def generate_batch(model: torch.nn.Module, rows: list[Row],
         decode    one token per live row, (B', 1), row b at its own position T_b + n_b
                   (the pads' cache slots past T_b are overwritten before a mask ever shows them)
 
-    (With dynamic NTK RoPE scaling past the original context, the tables follow the batch's longest row, so there
-    a row's output depends on the others'.) Joining rows are prefilled in a cache of their own, whose rows are then appended to the batch's. A row that
+    Joining rows are prefilled in a cache of their own, whose rows are then appended to the batch's. A row that
     ends leaves the batch (its cache row is dropped), so the rest decode at the cost of their number. Each row
-    samples with its own settings and generator, as `generate` would alone.
+    samples with its own settings and generator, as `generate` would alone. (One exception: with dynamic NTK RoPE
+    scaling past the original context, the tables follow the batch's longest row, so a row depends on the others.)
     """
     live, logits, pos = [], None, None  # the rows decoding, their next-token logits (B', vocab) and positions (B',)
     produced, joining = {}, rows
