@@ -14,8 +14,9 @@ other and the scaled B's side by side, and a 0/1 mask keeps, for each row, only 
     M[b, j] = 1 where rank j belongs to row b's LoRA, else 0 (a row with no LoRA: all 0)
 
 So a batch over any mix of LoRAs costs two small matmuls per layer, whatever the number of LoRAs; each row
-computes the Σr ranks of all of them, a few percent of W's work for a handful of LoRAs of rank 8-16 (with
-hundreds, S-LoRA's gathering kernels avoid that waste). The LoRAs may differ in rank, scaling and targets: a
+computes the Σr ranks of all of them: Σr·(d_in + d_out) against W's d_in·d_out multiply-adds, e.g. Σr = 32 on a
+576 × 576 layer (SmolLM2-135M) is 11 % of W's work, on a 4096 × 4096 one (Llama-2-7B) 1.6 %. With hundreds of
+LoRAs, S-LoRA's gathering kernels avoid computing the ranks a row does not use. The LoRAs may differ in rank, scaling and targets: a
 layer a LoRA does not target holds none of its ranks. Batching many LoRAs over one base is S-LoRA's idea
 (Sheng et al. 2023, https://arxiv.org/abs/2311.03285; also Punica, Chen et al. 2023); PEFT's `adapter_names`
 does it with a loop over the LoRAs. Merging (W' = W + s·B·A) is what one LoRA per process does; with many it
