@@ -43,6 +43,13 @@ _ALPACA = (
     "### Instruction:\n{instruction}\n\n### Response:\n"
 )
 SMOLLM2_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+_CHATML_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
+                   "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+_TEMPLATES = {  # smollm2: SmolLM2-Instruct's default system turn unless the conversation brings its own
+    "chatml": _CHATML_TEMPLATE,
+    "smollm2": ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\n" + SMOLLM2_SYSTEM + "<|im_end|>\n"
+                "{% endif %}" + _CHATML_TEMPLATE),
+}
 
 
 @dataclass(frozen=True)
@@ -74,6 +81,13 @@ class PromptStyle:
     def end_of_turn(self) -> str | None:
         """The text that closes the assistant's turn in this template (a stop marker for generation), if any."""
         return "<|im_end|>" if self.name in ("chatml", "smollm2") else None
+
+    @property
+    def chat_template(self) -> str | None:
+        """This style as a Jinja chat template, for exports whose readers prompt with one (GGUF, Hugging Face);
+        rendered for one user message it is `apply`'s text. None where no such template is given (plain, alpaca,
+        llama2-chat)."""
+        return _TEMPLATES.get(self.name)
 
     @classmethod
     def from_name(cls, name: str, *directories: Path) -> "PromptStyle":
@@ -134,6 +148,10 @@ class ChatTemplateStyle(PromptStyle):
     @property
     def end_of_turn(self) -> str | None:
         return end_of_turn(self.template, self.tokens)
+
+    @property
+    def chat_template(self) -> str | None:
+        return self.template
 
     def save(self, directory: Path) -> None:
         data = {"name": self.name, "tokens": dict(self.tokens), "template": self.template}

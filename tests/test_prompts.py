@@ -36,6 +36,26 @@ def test_chatml_is_the_template_without_a_system_turn(smollm2_chat_template):
     assert PromptStyle("chatml").apply("Hi") == rendered[len(system_turn):]
 
 
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hi"}],
+    [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Name a colour."},
+     {"role": "assistant", "content": "Red."}, {"role": "user", "content": "Another\n\none?"}],
+]
+
+
+@pytest.mark.parametrize("messages", CONVERSATIONS, ids=["one-turn", "system-and-turns"])
+def test_named_styles_as_chat_templates(smollm2_chat_template, messages):
+    """What exports carry for chatml and smollm2 renders every conversation as litft lays it out, and smollm2's as
+    SmolLM2-Instruct's own template; the styles without such a form carry none."""
+    from litft.conversation import render_conversation
+
+    for name in ("chatml", "smollm2"):
+        style = PromptStyle(name)
+        assert render(style.chat_template, messages) == render_conversation(style, messages)
+    assert render(PromptStyle("smollm2").chat_template, messages) == render(smollm2_chat_template, messages)
+    assert [PromptStyle(n).chat_template for n in ("plain", "alpaca", "llama2-chat")] == [None, None, None]
+
+
 def test_alpaca_templates():
     with_input = PromptStyle("alpaca").apply("Add the numbers.", "2 and 3")
     assert with_input.startswith("Below is an instruction that describes a task, paired with an input")

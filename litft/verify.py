@@ -1,0 +1,139 @@
+"""Every exporter checks what it wrote: the output, loaded by the program people will load it with, must compute
+what the litft model it came from computes.
+
+    litft (the reference)                          the reader of the output (transformers, peft, a GGUF loader)
+    prompt -> greedy answer (stop ids honoured)
+    logits on prompt + answer      ── compare ──   logits on the same ids        -> max |Δlogit|
+    its greedy choice at every answer position     its greedy choice there       -> greedy text equal?
+    the prompt's ids                               its own tokenizer's ids       -> the tokenizer travelled?
+
+Teacher forcing makes one forward pass per prompt enough: if the reader's greedy choice equals litft's at every
+answer position, the reader's own greedy decoding writes the same answer, token by token, and the same stop. The
+answer is decoded by the reader's tokenizer when it has one, so its text (not only its ids) is compared.
+
+The prompts are a few instructions in the run's prompt style (without digits: transformers' reading of SmolLM2's
+GGUF tokenizer splits numbers differently from llama.cpp's `smollm` rule). A checkpoint without a tokenizer is
+checked on fixed random token ids instead. An export passes when every prompt's greedy text is equal and no
+logit differs by more than TOLERANCE; otherwise the exporter stops with one line and exit status ≠ 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from litft.errors import UserError
+from litft.generate import generate, stop_token_ids
+from litft.load_finetuned import tokenizer_dir
+from litft.model import Llama
+from litft.prompts import PromptStyle, resolve_style
+from litft.tokenizer import Tokenizer
+
+PROMPTS = ("What is the capital of France?", "Write a short poem about the sea.", "Explain why the sky is blue.",
+           "Name three colours of the rainbow.")
+NEW_TOKENS = 16
+TOLERANCE = 1e-3  # float32 on both sides: two correct implementations differ by ~1e-5
+
+Logits = Callable[[Tensor], Tensor]  # ids (T,) -> logits (T, vocab)
+Decode = Callable[[list[int]], str]
+Encode = Callable[[str, "bool | None"], list[int]]  # text, litft's `bos` flag -> ids
+
+
+@dataclass
+class Reference:
+    """What the litft model does on the verification prompts."""
+
+    texts: list[str]  # each prompt as the model sees it (prompt style applied); "" for token-id prompts
+    bos: bool | None  # Tokenizer.encode's bos flag the prompts were encoded with
+    ids: list[Tensor]  # (T,) prompt + greedy answer
+    starts: list[int]  # where each answer starts
+    logits: list[Tensor]  # (T, vocab), float32
+    stop_ids: set[int]
+    decode: Decode | None  # litft's tokenizer's decode (None: compare ids)
+
+
+@dataclass
+class Outcome:
+    max_delta: float
+    equal: int
+    total: int
+    unit: str = "text"  # "tokens" for prompts of token ids
+    first_difference: str = ""
+
+
+def prompting(checkpoint_dir: Path, run_dir: Path | None = None) -> tuple[Tokenizer | None, PromptStyle | None, set[int]]:
+    """The tokenizer, prompt style and stop ids generate/ uses for this checkpoint (and run); no tokenizer files:
+    None, and the prompts are token ids."""
+    directories = [Path(d) for d in (run_dir, checkpoint_dir) if d is not None and Path(d).is_dir()]
+    style = resolve_style(None, *directories)
+    tokens = tokenizer_dir(run_dir, checkpoint_dir)
+    if not any((tokens / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+        return None, style, set()
+    tokenizer = Tokenizer(tokens)
+    return tokenizer, style, stop_token_ids(tokenizer, style)
+
+
+@torch.no_grad()
+def reference(model: Llama, tokenizer: Tokenizer | None, style: PromptStyle | None, stop_ids: set[int]) -> Reference:
+    """Greedy answers and logits of `model` (evaluated in float32) on the verification prompts."""
+    model = model.eval()
+    block = model.config.block_size
+    texts, bos = [style.apply(p) if style else p for p in PROMPTS], style.add_bos if style else None
+    if tokenizer is None:
+        prompts = [torch.randint(model.config.vocab_size, (8,), generator=torch.Generator().manual_seed(i))
+                   for i in range(len(PROMPTS))]
+        texts = [""] * len(prompts)
+    else:
+        prompts = [tokenizer.encode(t, bos=bos)[-(block - 2):] for t in texts]  # (T,), kept within the context
+    ids, logits = [], []
+    for prompt in prompts:
+        answer = list(generate(model, prompt, min(NEW_TOKENS, block - len(prompt)), temperature=0, stop_ids=stop_ids))
+        ids.append(torch.cat([prompt, torch.tensor(answer, dtype=torch.long)]))  # (T,)
+        logits.append(model(ids[-1][None])[0].float())  # (1, T) -> (T, vocab)
+    return Reference(texts, bos, ids, [len(p) for p in prompts], logits, set(stop_ids),
+                     tokenizer.decode if tokenizer is not None else None)
+
+
+@torch.no_grad()
+def compare(ref: Reference, logits_of: Logits, decode: Decode | None = None, encode: Encode | None = None,
+            reader: str = "the reader") -> Outcome:
+    """Run the reader on the reference's ids; count the prompts on which it agrees with litft."""
+    outcome = Outcome(0.0, 0, len(ref.ids), "text" if ref.decode or decode else "tokens")
+    for i, (ids, start, ours) in enumerate(zip(ref.ids, ref.starts, ref.logits)):
+        theirs = logits_of(ids).float()  # (T, vocab'), a padded vocabulary may be wider
+        if theirs.shape[-1] < ours.shape[-1]:
+            raise UserError(f"verification failed: {reader} has {theirs.shape[-1]} output tokens, litft's model "
+                            f"{ours.shape[-1]}; do not use the output")
+        theirs = theirs[:, : ours.shape[-1]]
+        outcome.max_delta = max(outcome.max_delta, (theirs - ours).abs().max().item())
+        ours_text, their_text = answer(ref, ours[start - 1:]), answer(ref, theirs[start - 1:], decode)
+        their_prompt = encode(ref.texts[i], ref.bos) if encode is not None and ref.texts[i] else ids[:start].tolist()
+        if their_prompt != ids[:start].tolist():
+            outcome.first_difference = outcome.first_difference or f"prompt {i + 1}: its tokenizer encodes the prompt differently"
+        elif ours_text == their_text:
+            outcome.equal += 1
+        else:
+            outcome.first_difference = outcome.first_difference or f"prompt {i + 1}: litft {ours_text!r}, {reader} {their_text!r}"
+    return outcome
+
+
+def answer(ref: Reference, logits: Tensor, decode: Decode | None = None) -> str:
+    """The greedy answer these logits choose (up to the first stop id), as text (ids where there is no tokenizer)."""
+    chosen = logits.argmax(dim=-1).tolist()  # (n,): the choice after each prefix
+    cut = next((k for k, id in enumerate(chosen) if id in ref.stop_ids), len(chosen))
+    decode = decode or ref.decode
+    return decode(chosen[:cut]) if decode is not None else str(chosen[:cut]) + (" <stop>" if cut < len(chosen) else "")
+
+
+def verdict(outcome: Outcome, reader: str, what: str, tolerance: float = TOLERANCE) -> str:
+    """The `verified: ...` line, or a one-line UserError when the reader and litft disagree."""
+    summary = f"max |Δlogit| {outcome.max_delta:.1e}, greedy {outcome.unit} equal on {outcome.equal}/{outcome.total} prompts"
+    if outcome.equal == outcome.total and outcome.max_delta <= tolerance:
+        return f"verified: {summary} ({reader} vs litft)"
+    why = f" ({outcome.first_difference})" if outcome.first_difference else f" (tolerance {tolerance:g})"
+    raise UserError(f"verification failed: {reader} reads {what} differently from the litft model it came from: "
+                    f"{summary}{why}; do not use it (--verify false skips this check)")

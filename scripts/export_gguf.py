@@ -1,0 +1,111 @@
+"""Export a lit checkpoint, or a LoRA run merged into it, as one GGUF file: the format llama.cpp and Ollama run.
+
+    python scripts/export_gguf.py --checkpoint_dir checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct \\
+        --lora_path out/demo/lora60/lit_model_lora.pth --out_file out/smollm2-games.q8_0.gguf --dtype q8_0
+
+The file holds the weights (--dtype f32, f16, bf16 or q8_0; litft/gguf_export.py explains the layout and the
+storage types), the model's shape and RoPE settings, and the tokenizer with its special ids, end-of-turn token
+and chat template (litft/gguf_vocab.py). A LoRA run is merged first, W' = W + (α/r)·B·A (its new tokens
+included). A LLaMA-Adapter run cannot be exported: its gated prefix attention has no place in a plain Llama.
+
+Verification (`--verify true`, the default) reads the written file back with transformers' GGUF loader and compares
+it with litft's model holding the values the file stores (litft/verify.py); a lossy --dtype also reports how far
+storage moved litft's own logits. The file is renamed into place only after it passed.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from litft.cli import run
+from litft.config import Config
+from litft.errors import UserError
+from litft.files import atomic_path
+from litft.gguf_export import check_exportable, write_gguf
+from litft.gguf_vocab import vocab_metadata
+from litft.load_finetuned import detect_method, load_finetuned, tokenizer_dir
+from litft.lora import merge_lora
+from litft.model import Llama
+from litft.readers import gguf_file
+from litft.verify import compare, prompting, reference, verdict
+
+
+def main(checkpoint_dir: Path, out_file: Path, lora_path: Path | None = None, adapter_path: Path | None = None,
+         dtype: Literal["f32", "f16", "bf16", "q8_0"] = "f16", verify: bool = True) -> None:
+    """Write the model in --checkpoint_dir (with the LoRA run in --lora_path merged into it) to --out_file.
+
+    Args:
+        checkpoint_dir: the base lit checkpoint (lit_model.pth, model_config.yaml, tokenizer files).
+        out_file: the .gguf file to write.
+        lora_path: a LoRA run's lit_model_lora.pth, merged into the base before export.
+        adapter_path: a LLaMA-Adapter run: refused, it cannot be merged into a plain Llama.
+        dtype: storage of the matrices: f32 (exact), f16, bf16, or q8_0 (8-bit blocks of 32 weights).
+        verify: read the file back with transformers' GGUF loader and compare it with litft's model.
+    """
+    checkpoint_dir, out_file = Path(checkpoint_dir), Path(out_file)
+    run_dir = check_inputs(checkpoint_dir, out_file, lora_path, adapter_path)
+    check_exportable(Config.from_checkpoint(checkpoint_dir))
+    tokenizer, style, stops = prompting(checkpoint_dir, run_dir)
+    if tokenizer is None:
+        raise UserError(f"{checkpoint_dir} has no tokenizer files; a GGUF carries its tokenizer, copy them in first")
+    model = load_finetuned(checkpoint_dir, lora_path, dtype=torch.float32, mmap=False)  # its values are replaced below
+    lossless = dtype == "f32" and lora_path is None  # the file's values are then the checkpoint's own
+    source = reference(model, tokenizer, style, stops) if verify and not lossless else None
+    if lora_path is not None:
+        model = merge_lora(model)
+        if source is not None:  # merging must not change what the model computes
+            verdict(compare(source, logits_of(model), reader="the merged model"), "the merged model", "the LoRA run")
+    vocab = vocab_metadata(tokenizer_dir(run_dir, checkpoint_dir), model.config.vocab_size, style)
+    if style is not None and style.chat_template is None:
+        print(f"note: the prompt style {style.name!r} has no chat template form; the file carries none, so prompt "
+              "it in that style yourself", file=sys.stderr)
+    name = checkpoint_dir.name + (f"-{run_dir.name}" if run_dir is not None else "")
+    with atomic_path(out_file) as tmp:  # a file that fails verification never takes --out_file's place
+        counts = write_gguf(tmp, model, vocab, dtype, name)
+        lines = check(tmp, model, source, dtype, tokenizer, style, stops) if verify else []
+    size = out_file.stat().st_size / 2**20
+    print(f"wrote {out_file}: {sum(counts.values())} tensors ({', '.join(f'{n} {k}' for k, n in counts.items())}), "
+          f"{len(vocab['tokenizer.ggml.tokens'])} tokens, {size:.1f} MiB", file=sys.stderr)
+    for line in lines:
+        print(line)
+
+
+def check_inputs(checkpoint_dir: Path, out_file: Path, lora_path: Path | None, adapter_path: Path | None) -> Path | None:
+    """Refuse an adapter, a non-LoRA --lora_path and an --out_file that is a directory or lies in an input."""
+    if adapter_path is not None:
+        raise UserError(f"--adapter_path {adapter_path}: a LLaMA-Adapter's gated prefix attention has no place in a "
+                        "plain Llama (nor in llama.cpp's llama architecture), so it cannot be exported; a LoRA run "
+                        "(finetune/lora.py) merges into one")
+    run_dir = Path(lora_path).parent if lora_path is not None else None
+    if lora_path is not None and (not Path(lora_path).is_file() or detect_method(Path(lora_path)) != "lora"):
+        raise UserError(f"--lora_path {lora_path} is not a LoRA run's weights file (lit_model_lora.pth next to lora.yaml)")
+    if out_file.is_dir():
+        raise UserError(f"--out_file {out_file} is a directory; name the .gguf file to write")
+    for what, directory in (("base checkpoint", checkpoint_dir), ("run", run_dir)):
+        if directory is not None and out_file.parent.resolve() == directory.resolve():
+            raise UserError(f"--out_file {out_file} is inside the {what} directory this command reads; write it elsewhere")
+    return run_dir
+
+
+def check(path: Path, stored: Llama, source, dtype: str, tokenizer, style, stops) -> list[str]:
+    """The file against litft's model holding the values it stores; for a lossy dtype, how far storing moved it."""
+    lines = []
+    if dtype != "f32" and source is not None:
+        kept = compare(source, logits_of(stored), reader=f"litft with the {dtype} weights")
+        lines.append(f"storage: {dtype} moves litft's logits by max {kept.max_delta:.2g}, greedy text equal on "
+                     f"{kept.equal}/{kept.total} prompts")
+    reader = gguf_file(path)
+    outcome = compare(reference(stored, tokenizer, style, stops), reader.logits, reader.decode, reader.encode, reader.name)
+    return lines + [verdict(outcome, reader.name, "the GGUF file")]
+
+
+def logits_of(model: Llama):
+    return lambda ids: model(ids[None])[0]  # (T,) -> (1, T, vocab) -> (T, vocab)
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,243 @@
+"""scripts/export_gguf.py against outside truth.
+
+- Round trip: scripts/convert_gguf_checkpoint.py (tested against transformers' GGUF loader in test_gguf.py) reads the
+  exported file back into the same weights — bit for bit in f32, and in q8_0 exactly what `gguf`'s own Q8_0
+  quantization of each weight gives — the same Config (llama3 RoPE scaling included) and the same tokenizer.
+- transformers' GGUF loader, with its own tokenizer, chat template and `generate`, writes the same greedy text as
+  litft: on SmolLM2-135M-Instruct (q8_0) and on a Llama-3-style tiny model (byte-level BPE, llama3 RoPE scaling).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from conftest import assert_user_error, run_script
+from gguf import GGMLQuantizationType as Q
+from gguf.quants import dequantize, quantize
+from test_chat_formats import CORPUS, llama3_dir  # noqa: F401  (llama3_dir: a fixture)
+
+from litft.checkpoint import load_lit_model, save_lit_checkpoint
+from litft.config import Config
+from litft.errors import UserError
+from litft.generate import generate, stop_token_ids
+from litft.model import Llama
+from litft.prompts import resolve_style
+from litft.rope import RoPEScaling
+from litft.tokenizer import Tokenizer
+
+SCRIPT = "scripts/export_gguf.py"
+TEXTS = CORPUS[:3] + ["<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>", "  naïve café 🦙 12345\n\n x"]
+
+
+def tiny_checkpoint(out, tokenizer_dir, rope: RoPEScaling | None, tied: bool):
+    """A tiny random lit checkpoint in `out` with the tokenizer files of `tokenizer_dir`."""
+    for path in tokenizer_dir.iterdir():
+        shutil.copy(path, out / path.name)
+    config = Config(name="tiny", vocab_size=Tokenizer(out).vocab_size, n_layer=2, n_embd=64, n_head=4,
+                    n_query_groups=2, intermediate_size=128, block_size=256, rope_scaling=rope, tie_embeddings=tied)
+    torch.manual_seed(0)
+    model = Llama(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+    save_lit_checkpoint(model, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def llama3_checkpoint(llama3_dir, tmp_path_factory):  # noqa: F811
+    """Llama-3-style: byte-level BPE with Llama-3's specials and chat template, llama3 RoPE scaling, untied head."""
+    rope = RoPEScaling(type="llama3", factor=8.0, original_max_position=64, low_freq_factor=1.0, high_freq_factor=4.0)
+    return tiny_checkpoint(tmp_path_factory.mktemp("llama3_lit"), llama3_dir, rope, tied=False)
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_checkpoint(sentencepiece_model, tmp_path_factory):
+    """Llama-2-style: Mistral v0.1's 32000-piece sentencepiece model (BOS added), tied embeddings, no scaling."""
+    tokenizer = tmp_path_factory.mktemp("sp")
+    shutil.copy(sentencepiece_model, tokenizer / "tokenizer.model")
+    return tiny_checkpoint(tmp_path_factory.mktemp("sp_lit"), tokenizer, None, tied=True)
+
+
+@pytest.fixture(params=["llama3", "sentencepiece"])
+def checkpoint(request):
+    return request.getfixturevalue(f"{request.param}_checkpoint")
+
+
+def convert_back(gguf_file, out_dir):
+    """scripts/convert_gguf_checkpoint.py, in this process."""
+    from scripts.convert_gguf_checkpoint import main
+
+    main(gguf_file, out_dir)
+    return load_lit_model(out_dir)
+
+
+def export(checkpoint, out_file, dtype, *flags):
+    return run_script(SCRIPT, "--checkpoint_dir", checkpoint, "--out_file", out_file, "--dtype", dtype, *flags)
+
+
+def stored(w: torch.Tensor, qtype) -> torch.Tensor:
+    """What `gguf` stores for w in `qtype`, read back as float32."""
+    data = quantize(w.float().numpy(), qtype)
+    return torch.from_numpy(np.array(dequantize(data, qtype), dtype=np.float32).reshape(w.shape))
+
+
+@pytest.mark.parametrize("kind,dtype", [("llama3", "f32"), ("llama3", "q8_0"), ("sentencepiece", "f32")])
+def test_round_trip_weights_config_tokenizer(request, tmp_path, kind, dtype):
+    checkpoint = request.getfixturevalue(f"{kind}_checkpoint")
+    proc = export(checkpoint, tmp_path / "m.gguf", dtype)
+    assert proc.returncode == 0, proc.stderr
+    assert "verified: " in proc.stdout and "greedy text equal on 4/4 prompts" in proc.stdout, proc.stdout
+    ours, back = load_lit_model(checkpoint), convert_back(tmp_path / "m.gguf", tmp_path / "back")
+
+    original = {k: v for k, v in ours.state_dict().items()}
+    returned = back.state_dict()
+    errors = []
+    for name, w in original.items():
+        expected = w if dtype == "f32" or w.dim() == 1 else stored(w, Q.Q8_0)
+        assert torch.equal(returned[name], expected), name  # bit for bit what the file stores
+        errors.append((returned[name] - w).abs().max().item())
+    print(f"\n{dtype} round trip: max |Δweight| {max(errors):.3g}")  # q8_0: half a block's step at most
+
+    config, again = ours.config.to_dict(), back.config.to_dict()
+    assert {k: v for k, v in again.items() if k != "name"} == {k: v for k, v in config.items() if k != "name"}
+    original_tok, back_tok = Tokenizer(checkpoint), Tokenizer(tmp_path / "back")
+    for text in TEXTS:
+        assert back_tok.encode(text).tolist() == original_tok.encode(text).tolist(), text
+    assert (back_tok.bos_id, back_tok.eos_id, back_tok.add_bos) == (original_tok.bos_id, original_tok.eos_id, True)
+    config_file = checkpoint / "tokenizer_config.json"
+    template = json.loads(config_file.read_text())["chat_template"] if config_file.is_file() else None
+    assert json.loads((tmp_path / "back" / "tokenizer_config.json").read_text()).get("chat_template") == template
+
+
+def transformers_answer(gguf_file, question: str, n: int) -> str:
+    """transformers on its own: GGUF model and tokenizer, the file's chat template, greedy generate (RoPE divided
+    by the file's rope_freqs, as llama.cpp does: transformers' loader skips that tensor)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from litft.readers import llama_cpp_rope_divisors
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
+    if (divisors := llama_cpp_rope_divisors(gguf_file)) is not None:
+        model.model.rotary_emb.inv_freq /= torch.tensor(divisors)
+    if tokenizer.chat_template:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)["input_ids"]
+    else:
+        ids = tokenizer(question, return_tensors="pt")["input_ids"]
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def litft_answer(checkpoint, question: str, n: int, model=None) -> str:
+    tokenizer, style = Tokenizer(checkpoint), resolve_style(None, checkpoint)
+    model = model if model is not None else load_lit_model(checkpoint).eval()
+    ids = tokenizer.encode(style.apply(question), bos=style.add_bos) if style else tokenizer.encode(question)
+    return tokenizer.decode(list(generate(model, ids, n, temperature=0, stop_ids=stop_token_ids(tokenizer, style))))
+
+
+def test_llama3_greedy_text_equals_transformers_gguf_loader(llama3_checkpoint, tmp_path):
+    """Past L = 64 positions. llama.cpp reads the scaling from the file's rope_freqs tensor, which transformers'
+    loader skips: applied as llama.cpp applies it, the logits are litft's; left out, they are not. (The
+    sentencepiece model's text is compared with transformers' in its round trip's verification.)"""
+    from transformers import AutoModelForCausalLM
+
+    from litft.readers import gguf_file
+
+    export(llama3_checkpoint, tmp_path / "m.gguf", "f32", "--verify", "false")
+    ours = load_lit_model(llama3_checkpoint).eval()
+    question = "What is LoRA? " * 14
+    tokenizer, style = Tokenizer(llama3_checkpoint), resolve_style(None, llama3_checkpoint)
+    ids = tokenizer.encode(style.apply(question), bos=style.add_bos)
+    unscaled = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32)
+    with torch.no_grad():
+        expected = ours(ids[None])[0]
+        assert len(ids) > 64 and (gguf_file(tmp_path / "m.gguf").logits(ids) - expected).abs().max() < 1e-4
+        assert (unscaled(ids[None]).logits[0] - expected).abs().max() > 1e-2
+    answer = litft_answer(llama3_checkpoint, question, 24, ours)
+    assert answer and transformers_answer(tmp_path / "m.gguf", question, 24) == answer
+
+
+def test_llama_cpp_reads_the_export(checkpoint, tmp_path):
+    """llama.cpp itself (llama-cpp-python, when installed): the same prompt ids and the same greedy answer."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+
+    export(checkpoint, tmp_path / "m.gguf", "f32", "--verify", "false")
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), n_ctx=256, verbose=False)
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    ours, tokenizer, style = load_lit_model(checkpoint).eval(), Tokenizer(checkpoint), resolve_style(None, checkpoint)
+    for question in ("What is LoRA? " * 14, "Name a colour."):
+        text = style.apply(question) if style else question
+        ids = tokenizer.encode(text, bos=style.add_bos if style else None)
+        bos = tokenizer.add_bos if style is None or style.add_bos is None else style.add_bos
+        assert llm.tokenize(text.encode(), add_bos=bos, special=True) == ids.tolist()
+        expected = list(generate(ours, ids, 24, temperature=0, stop_ids=stop_token_ids(tokenizer, style)))
+        answer = []
+        for token in llm.generate(ids.tolist(), top_k=1, temp=0.0, reset=True):
+            if llama_cpp.llama_vocab_is_eog(vocab, token) or len(answer) == 24:
+                break
+            answer.append(token)
+        assert answer == expected
+
+
+def test_smollm2_q8_0_round_trip_and_transformers_text(smollm2_gguf, tmp_path):
+    """SmolLM2-135M-Instruct exported in q8_0: the weights come back as Q8_0 stores them, and transformers reading
+    the file (its tokenizer, the chat template it carries, its generate) answers as litft does on the file."""
+    base = tmp_path / "smollm2"
+    source = convert_back(smollm2_gguf, base).eval()
+    proc = export(base, tmp_path / "smol.gguf", "q8_0", "--verify", "false")
+    assert proc.returncode == 0, proc.stderr
+    back = convert_back(tmp_path / "smol.gguf", tmp_path / "back").eval()
+    for name, w in source.state_dict().items():
+        if name != "lm_head.weight":
+            assert torch.equal(back.state_dict()[name], w if w.dim() == 1 else stored(w, Q.Q8_0)), name
+
+    question = "What is the capital of France?"
+    answer = litft_answer(tmp_path / "back", question, 20, back)
+    assert "Paris" in answer and transformers_answer(tmp_path / "smol.gguf", question, 20) == answer
+    ids = Tokenizer(base).encode(resolve_style(None, base).apply(question), bos=False)
+    with torch.no_grad():
+        delta = (back(ids[None]) - source(ids[None])).abs().max().item()
+    print(f"\nSmolLM2 q8_0: max |Δlogit| {delta:.3f} against the f32 source")
+    assert delta < 2.0
+
+
+# ---- what is refused ------------------------------------------------------------------------------------------
+
+def test_user_errors_are_one_line_and_write_nothing(llama3_checkpoint, tmp_path):
+    yarn = tmp_path / "yarn"
+    shutil.copytree(llama3_checkpoint, yarn)
+    config = Config.from_checkpoint(yarn)
+    Config(**{**config.to_dict(), "rope_scaling": RoPEScaling(type="yarn", factor=4.0, original_max_position=64)}).save(yarn)
+    cases = [(llama3_checkpoint, tmp_path / "a.gguf", ("--adapter_path", tmp_path / "x.pth"), "cannot be exported"),
+             (llama3_checkpoint, llama3_checkpoint / "in.gguf", (), "inside the base checkpoint"),
+             (llama3_checkpoint, tmp_path, (), "is a directory"),
+             (yarn, tmp_path / "y.gguf", (), "'yarn' RoPE scaling")]
+    for checkpoint, out_file, flags, fragment in cases:
+        assert_user_error(export(checkpoint, out_file, "f16", *flags), fragment)
+        assert not out_file.is_file()
+
+
+def test_tokenizers_llama_cpp_cannot_reproduce_are_refused(tmp_path):
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers
+
+    from litft.gguf_vocab import vocab_metadata
+
+    tok = HFTokenizer(models.WordLevel({"a": 0, "b": 1, "<unk>": 2}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(UserError, match="holds a WordLevel model"):
+        vocab_metadata(tmp_path, 3, None)
+    bpe = HFTokenizer(models.BPE({"a": 0, "b": 1, "ab": 2}, [("a", "b")]))
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace()  # a sentencepiece-like BPE: no byte-level rule of llama.cpp
+    bpe.save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(UserError, match="none of llama.cpp's named pre-tokenizers"):
+        vocab_metadata(tmp_path, 3, None)
