@@ -18,7 +18,7 @@ import torch
 from conftest import assert_user_error, run_script
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize, quantize
-from test_chat_formats import CORPUS, llama3_dir  # noqa: F401  (llama3_dir: a fixture)
+from test_chat_formats import CORPUS, llama3_dir, qwen_dir  # noqa: F401  (fixtures)
 
 from litft.checkpoint import load_lit_model, save_lit_checkpoint
 from litft.config import Config
@@ -33,17 +33,17 @@ SCRIPT = "scripts/export_gguf.py"
 TEXTS = CORPUS[:3] + ["<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>", "  naïve café 🦙 12345\n\n x"]
 
 
-def tiny_checkpoint(out, tokenizer_dir, rope: RoPEScaling | None, tied: bool):
+def tiny_checkpoint(out, tokenizer_dir, rope: RoPEScaling | None, tied: bool, qkv_bias: bool = False):
     """A tiny random lit checkpoint in `out` with the tokenizer files of `tokenizer_dir`."""
     for path in tokenizer_dir.iterdir():
         shutil.copy(path, out / path.name)
     config = Config(name="tiny", vocab_size=Tokenizer(out).vocab_size, n_layer=2, n_embd=64, n_head=4,
-                    n_query_groups=2, intermediate_size=128, block_size=256, rope_scaling=rope, tie_embeddings=tied)
+                    n_query_groups=2, intermediate_size=128, block_size=256, rope_scaling=rope, tie_embeddings=tied, qkv_bias=qkv_bias)
     torch.manual_seed(0)
     model = Llama(config)
     with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
+        for name, p in model.named_parameters():
+            if p.dim() == 2 or name.endswith("bias"):
                 p.normal_(0, 0.08)
     save_lit_checkpoint(model, out)
     return out
@@ -62,6 +62,12 @@ def sentencepiece_checkpoint(sentencepiece_model, tmp_path_factory):
     tokenizer = tmp_path_factory.mktemp("sp")
     shutil.copy(sentencepiece_model, tokenizer / "tokenizer.model")
     return tiny_checkpoint(tmp_path_factory.mktemp("sp_lit"), tokenizer, None, tied=True)
+
+
+@pytest.fixture(scope="module")
+def qwen_checkpoint(qwen_dir, tmp_path_factory):  # noqa: F811
+    """Qwen2-style: q, k, v biases (llama.cpp's qwen2 architecture), NFC-normalized BPE without BOS."""
+    return tiny_checkpoint(tmp_path_factory.mktemp("qwen_lit"), qwen_dir, None, tied=True, qkv_bias=True)
 
 
 @pytest.fixture(params=["llama3", "sentencepiece"])
@@ -87,7 +93,7 @@ def stored(w: torch.Tensor, qtype) -> torch.Tensor:
     return torch.from_numpy(np.array(dequantize(data, qtype), dtype=np.float32).reshape(w.shape))
 
 
-@pytest.mark.parametrize("kind,dtype", [("llama3", "f32"), ("llama3", "q8_0"), ("sentencepiece", "f32")])
+@pytest.mark.parametrize("kind,dtype", [("llama3", "f32"), ("llama3", "q8_0"), ("sentencepiece", "f32"), ("qwen", "f16")])
 def test_round_trip_weights_config_tokenizer(request, tmp_path, kind, dtype):
     checkpoint = request.getfixturevalue(f"{kind}_checkpoint")
     proc = export(checkpoint, tmp_path / "m.gguf", dtype)
@@ -99,7 +105,7 @@ def test_round_trip_weights_config_tokenizer(request, tmp_path, kind, dtype):
     returned = back.state_dict()
     errors = []
     for name, w in original.items():
-        expected = w if dtype == "f32" or w.dim() == 1 else stored(w, Q.Q8_0)
+        expected = w if dtype == "f32" or w.dim() == 1 else stored(w, {"q8_0": Q.Q8_0, "f16": Q.F16}[dtype])
         assert torch.equal(returned[name], expected), name  # bit for bit what the file stores
         errors.append((returned[name] - w).abs().max().item())
     print(f"\n{dtype} round trip: max |Δweight| {max(errors):.3g}")  # q8_0: half a block's step at most
@@ -109,7 +115,8 @@ def test_round_trip_weights_config_tokenizer(request, tmp_path, kind, dtype):
     original_tok, back_tok = Tokenizer(checkpoint), Tokenizer(tmp_path / "back")
     for text in TEXTS:
         assert back_tok.encode(text).tolist() == original_tok.encode(text).tolist(), text
-    assert (back_tok.bos_id, back_tok.eos_id, back_tok.add_bos) == (original_tok.bos_id, original_tok.eos_id, True)
+    assert (back_tok.bos_id, back_tok.eos_id, back_tok.add_bos) == \
+        (original_tok.bos_id, original_tok.eos_id, original_tok.add_bos)
     config_file = checkpoint / "tokenizer_config.json"
     template = json.loads(config_file.read_text())["chat_template"] if config_file.is_file() else None
     assert json.loads((tmp_path / "back" / "tokenizer_config.json").read_text()).get("chat_template") == template
