@@ -27,12 +27,16 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
+from gguf import GGML_QUANT_SIZES, GGML_QUANT_VERSION, GGUFWriter, LlamaFileType, RopeScalingType
+from gguf import GGMLQuantizationType as Q
+from gguf import GGUFValueType as V
+from gguf.quants import dequantize, quantize
 from torch import Tensor
 
 from litft.checkpoint import lit_state_dict
 from litft.config import Config
 from litft.errors import UserError
-from litft.gguf_format import ROPE_FREQS, gguf_name, permute_qk, unpermute_qk
+from litft.gguf_format import ROPE_FREQS, gguf_name, permute_qk
 from litft.model import Llama
 from litft.rope import inverse_frequencies
 
@@ -41,8 +45,6 @@ DTYPES = ("f32", "f16", "bf16", "q8_0")
 
 def storage_type(dtype: str, shape: tuple[int, ...]):
     """The GGML type a tensor of `shape` is stored as under --dtype `dtype`."""
-    from gguf import GGMLQuantizationType as Q
-
     if len(shape) == 1:
         return Q.F32
     if dtype == "q8_0" and shape[-1] % 32:
@@ -63,22 +65,21 @@ def llama3_rope_freqs(config: Config) -> np.ndarray:
     return (inverse_frequencies(plain, 1)[0] / inverse_frequencies(config, 1)[0]).numpy().astype(np.float32)
 
 
-def tensors(model: Llama) -> Iterator[tuple[str, str, Tensor]]:
-    """(GGUF name, lit name, float32 tensor in the file's row order) for every weight the file holds."""
+def tensors(model: Llama) -> Iterator[tuple[str, str, Tensor, Tensor]]:
+    """(GGUF name, lit name, the float32 tensor, the same in the file's row order) for every weight the file holds."""
     c = model.config
     permuted = not c.qkv_bias  # llama.cpp's llama architecture rotates adjacent pairs; qwen2 rotates halves
     for name, w in lit_state_dict(model).items():
         w = w.detach().float()
         if permuted and name.endswith("attn.q_proj.weight"):
-            w = permute_qk(w, c.n_head)
+            yield gguf_name(name), name, w, permute_qk(w, c.n_head)
         elif permuted and name.endswith("attn.k_proj.weight"):
-            w = permute_qk(w, c.n_query_groups)
-        yield gguf_name(name), name, w
+            yield gguf_name(name), name, w, permute_qk(w, c.n_query_groups)
+        else:
+            yield gguf_name(name), name, w, w
 
 
 def header(writer, config: Config, dtype: str, name: str) -> None:
-    from gguf import GGML_QUANT_VERSION, LlamaFileType, RopeScalingType
-
     writer.add_name(name)
     writer.add_block_count(config.n_layer)
     writer.add_context_length(config.block_size)
@@ -102,21 +103,18 @@ def header(writer, config: Config, dtype: str, name: str) -> None:
 
 def add_metadata(writer, meta: dict[str, Any]) -> None:
     """Typed key/values: ids are uint32, token types int32, scores float32, as llama.cpp reads them."""
-    from gguf import GGUFValueType as V
-
     scalar = {bool: V.BOOL, int: V.UINT32, float: V.FLOAT32, str: V.STRING}
-    element = {bool: V.BOOL, int: V.INT32, float: V.FLOAT32, str: V.STRING}
+    arrays = {"tokenizer.ggml.token_type": V.INT32, "tokenizer.ggml.scores": V.FLOAT32}  # else lists of strings
     for key, value in meta.items():
         if isinstance(value, list):
-            writer.add_key_value(key, value, V.ARRAY, sub_type=element[type(value[0])])
+            writer.add_key_value(key, value, V.ARRAY, sub_type=arrays.get(key, V.STRING))
         else:
             writer.add_key_value(key, value, scalar[type(value)])
 
 
 def write_gguf(path: Path, model: Llama, vocab: dict[str, Any], dtype: str, name: str) -> dict[str, int]:
-    """Write `model` and its tokenizer metadata to `path`; returns how many tensors each storage type holds."""
-    from gguf import GGML_QUANT_SIZES, GGUFWriter
-
+    """Write `model` and its tokenizer metadata to `path`; returns how many tensors each storage type holds. The
+    model is left holding the values the file stores."""
     config = model.config
     check_exportable(config)
     extra = {ROPE_FREQS: llama3_rope_freqs(config)} if config.rope_scaling and config.rope_scaling.type == "llama3" else {}
@@ -133,36 +131,25 @@ def write_gguf(path: Path, model: Llama, vocab: dict[str, Any], dtype: str, name
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    stored = {}
-    for n, lit, w in tensors(model):
-        stored[lit] = write_tensor(writer, w.numpy(), storage_type(dtype, tuple(w.shape)))
+    params = dict(model.named_parameters())
+    for _, lit, w, in_file in tensors(model):  # one tensor at a time: converted, written, read back
+        qtype = storage_type(dtype, tuple(w.shape))
+        writer.write_tensor_data(quantize(in_file.numpy(), qtype))
+        if qtype != Q.F32:
+            with torch.no_grad():
+                params[lit].copy_(read_back(w, qtype))
     for n, a in extra.items():
-        write_tensor(writer, a, storage_type(dtype, a.shape))
+        writer.write_tensor_data(quantize(a, storage_type(dtype, a.shape)))
     writer.close()
-    hold_stored_values(model, stored)
     return count_types(plan)
 
 
-def write_tensor(writer, w: np.ndarray, qtype) -> Tensor:
-    """Convert one float32 tensor to its storage type, write it, and return the value it stores (float32)."""
-    from gguf.quants import dequantize, quantize
-
-    data = quantize(w, qtype)
-    writer.write_tensor_data(data)
+def read_back(w: Tensor, qtype) -> Tensor:
+    """The value storing `w` as `qtype` keeps, float32. Computed in litft's row order, not from the permuted rows
+    written: rounding acts within a row, so it is the same value, and the verification's reference does not rest
+    on the exporter's own permutation."""
+    data = quantize(w.numpy(), qtype)
     return torch.from_numpy(np.array(dequantize(data, qtype), dtype=np.float32).reshape(w.shape))
-
-
-def hold_stored_values(model: Llama, stored: dict[str, Tensor]) -> None:
-    """Replace every weight by the value the file stores for it (q/k rows put back into litft's order)."""
-    c = model.config
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in stored.items():
-            if not c.qkv_bias and name.endswith("attn.q_proj.weight"):
-                value = unpermute_qk(value, c.n_head)
-            elif not c.qkv_bias and name.endswith("attn.k_proj.weight"):
-                value = unpermute_qk(value, c.n_query_groups)
-            params[name].copy_(value)
 
 
 def count_types(plan: list) -> dict[str, int]:

@@ -74,6 +74,8 @@ def byte_level_vocab(path: Path) -> dict[str, Any]:
     if model.get("type") != "BPE":
         raise UserError(f"{path} holds a {model.get('type')} model; GGUF export takes byte-level BPE tokenizer.json "
                         "files or a sentencepiece tokenizer.model")
+    if not model.get("merges"):
+        raise UserError(f"{path} is a BPE without merges; llama.cpp's byte-level BPE cannot load one")
     size = 1 + max([*model["vocab"].values(), *(t["id"] for t in data.get("added_tokens", []))])
     tokens, types = [f"[PAD{i}]" for i in range(size)], [UNUSED] * size
     for token, id in model["vocab"].items():

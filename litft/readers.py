@@ -15,7 +15,6 @@ transformers' own reading.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,16 +26,9 @@ from litft.config import Config
 from litft.convert_hf import lit_to_hf_state_dict
 from litft.errors import UserError
 from litft.gguf_format import ROPE_FREQS
+from litft.lora import is_lora_key
 from litft.model import Llama
-from litft.verify import Decode, Encode, Logits
-
-
-@dataclass
-class Reader:
-    name: str  # how the verified line names it
-    logits: Logits
-    decode: Decode | None = None
-    encode: Encode | None = None
+from litft.verify import Reader
 
 
 def quiet_transformers() -> None:
@@ -60,9 +52,10 @@ def hf_directory(directory: Path) -> Reader:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     quiet_transformers()
+    has_tokenizer = any((Path(directory) / name).is_file() for name in ("tokenizer.json", "tokenizer.model"))
     try:
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(directory)
+        tokenizer = AutoTokenizer.from_pretrained(directory) if has_tokenizer else None
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"verification failed: transformers cannot load {directory} ({str(e).splitlines()[0]})") from None
     return from_model("transformers", model, tokenizer)
@@ -89,13 +82,15 @@ def lit_checkpoint(model: Llama) -> Reader:
     return from_model("transformers", hf_model(model.config, lit_state_dict(model)))
 
 
-def peft_adapter(base: Llama, adapter_dir: Path, n_new_tokens: int = 0) -> Reader:
-    """peft's LoRA on transformers' copy of `base`, grown by `n_new_tokens` rows as the export's docs say."""
+def peft_adapter(lora_model: Llama, adapter_dir: Path, n_new_tokens: int = 0) -> Reader:
+    """peft's LoRA on transformers' copy of the frozen base inside `lora_model` (for a QLoRA run: the dequantized
+    NF4 weights Ŵ its A and B were trained on), grown by `n_new_tokens` rows as export_peft.py's docs say."""
     from peft import PeftModel
 
-    model = hf_model(base.config, lit_state_dict(base))
+    base = {k: v for k, v in lit_state_dict(lora_model).items() if not is_lora_key(k)}
+    model = hf_model(lora_model.config, base)
     if n_new_tokens:
-        model.resize_token_embeddings(base.config.vocab_size + n_new_tokens)
+        model.resize_token_embeddings(lora_model.config.vocab_size + n_new_tokens)
     return from_model("peft", PeftModel.from_pretrained(model, adapter_dir))
 
 

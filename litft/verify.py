@@ -28,7 +28,7 @@ from torch import Tensor
 
 from litft.errors import UserError
 from litft.generate import generate, stop_token_ids
-from litft.load_finetuned import tokenizer_dir
+from litft.load_finetuned import load_finetuned, tokenizer_dir
 from litft.model import Llama
 from litft.prompts import PromptStyle, resolve_style
 from litft.tokenizer import Tokenizer
@@ -41,6 +41,16 @@ TOLERANCE = 1e-3  # float32 on both sides: two correct implementations differ by
 Logits = Callable[[Tensor], Tensor]  # ids (T,) -> logits (T, vocab)
 Decode = Callable[[list[int]], str]
 Encode = Callable[[str, "bool | None"], list[int]]  # text, litft's `bos` flag -> ids
+
+
+@dataclass
+class Reader:
+    """An output as an outside program reads it (litft/readers.py builds them)."""
+
+    name: str  # how the verified line names it
+    logits: Logits
+    decode: Decode | None = None  # its tokenizer, when the output carries one
+    encode: Encode | None = None
 
 
 @dataclass
@@ -65,12 +75,14 @@ class Outcome:
     first_difference: str = ""
 
 
-def prompting(checkpoint_dir: Path, run_dir: Path | None = None) -> tuple[Tokenizer | None, PromptStyle | None, set[int]]:
+def prompting(checkpoint_dir: Path, run_dir: Path | None = None,
+              tokens: Path | None = None) -> tuple[Tokenizer | None, PromptStyle | None, set[int]]:
     """The tokenizer, prompt style and stop ids generate/ uses for this checkpoint (and run); no tokenizer files:
-    None, and the prompts are token ids."""
+    None, and the prompts are token ids. `tokens`: where the tokenizer is, when not where generate/ looks (an
+    export's own copy of a run's grown tokenizer)."""
     directories = [Path(d) for d in (run_dir, checkpoint_dir) if d is not None and Path(d).is_dir()]
     style = resolve_style(None, *directories)
-    tokens = tokenizer_dir(run_dir, checkpoint_dir)
+    tokens = Path(tokens) if tokens is not None else tokenizer_dir(run_dir, checkpoint_dir)
     if not any((tokens / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
         return None, style, set()
     tokenizer = Tokenizer(tokens)
@@ -83,6 +95,8 @@ def reference(model: Llama, tokenizer: Tokenizer | None, style: PromptStyle | No
     model = model.eval()
     block = model.config.block_size
     texts, bos = [style.apply(p) if style else p for p in PROMPTS], style.add_bos if style else None
+    if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
+        tokenizer = None  # a tokenizer bigger than the model (a test's stand-in): its ids would not fit
     if tokenizer is None:
         prompts = [torch.randint(model.config.vocab_size, (8,), generator=torch.Generator().manual_seed(i))
                    for i in range(len(PROMPTS))]
@@ -94,30 +108,38 @@ def reference(model: Llama, tokenizer: Tokenizer | None, style: PromptStyle | No
         answer = list(generate(model, prompt, min(NEW_TOKENS, block - len(prompt)), temperature=0, stop_ids=stop_ids))
         ids.append(torch.cat([prompt, torch.tensor(answer, dtype=torch.long)]))  # (T,)
         logits.append(model(ids[-1][None])[0].float())  # (1, T) -> (T, vocab)
-    return Reference(texts, bos, ids, [len(p) for p in prompts], logits, set(stop_ids),
+    return Reference(texts, bos, ids, [len(p) for p in prompts], logits, set(stop_ids) if tokenizer else set(),
                      tokenizer.decode if tokenizer is not None else None)
 
 
+def litft_reference(checkpoint_dir: Path, lora_path: Path | None = None, tokens: Path | None = None) -> Reference:
+    """The reference for an export of `checkpoint_dir` (with a LoRA run): loaded as generate/ loads it, in float32."""
+    run_dir = Path(lora_path).parent if lora_path is not None else None
+    tokenizer, style, stops = prompting(checkpoint_dir, run_dir, tokens)
+    return reference(load_finetuned(checkpoint_dir, lora_path, dtype=torch.float32), tokenizer, style, stops)
+
+
 @torch.no_grad()
-def compare(ref: Reference, logits_of: Logits, decode: Decode | None = None, encode: Encode | None = None,
-            reader: str = "the reader") -> Outcome:
+def compare(ref: Reference, reader: Reader) -> Outcome:
     """Run the reader on the reference's ids; count the prompts on which it agrees with litft."""
-    outcome = Outcome(0.0, 0, len(ref.ids), "text" if ref.decode or decode else "tokens")
+    decode = (reader.decode or ref.decode) if ref.decode is not None else None  # token-id prompts: ids compared
+    outcome = Outcome(0.0, 0, len(ref.ids), "text" if decode else "tokens")
     for i, (ids, start, ours) in enumerate(zip(ref.ids, ref.starts, ref.logits)):
-        theirs = logits_of(ids).float()  # (T, vocab'), a padded vocabulary may be wider
+        theirs = reader.logits(ids).float()  # (T, vocab'), a padded vocabulary may be wider
         if theirs.shape[-1] < ours.shape[-1]:
-            raise UserError(f"verification failed: {reader} has {theirs.shape[-1]} output tokens, litft's model "
+            raise UserError(f"verification failed: {reader.name} has {theirs.shape[-1]} output tokens, litft's model "
                             f"{ours.shape[-1]}; do not use the output")
         theirs = theirs[:, : ours.shape[-1]]
         outcome.max_delta = max(outcome.max_delta, (theirs - ours).abs().max().item())
         ours_text, their_text = answer(ref, ours[start - 1:]), answer(ref, theirs[start - 1:], decode)
-        their_prompt = encode(ref.texts[i], ref.bos) if encode is not None and ref.texts[i] else ids[:start].tolist()
-        if their_prompt != ids[:start].tolist():
-            outcome.first_difference = outcome.first_difference or f"prompt {i + 1}: its tokenizer encodes the prompt differently"
+        prompt = ids[:start].tolist()
+        if reader.encode is not None and ref.texts[i] and reader.encode(ref.texts[i], ref.bos) != prompt:
+            outcome.first_difference = outcome.first_difference or f"prompt {i + 1}: its tokenizer encodes it differently"
         elif ours_text == their_text:
             outcome.equal += 1
         else:
-            outcome.first_difference = outcome.first_difference or f"prompt {i + 1}: litft {ours_text!r}, {reader} {their_text!r}"
+            outcome.first_difference = outcome.first_difference or \
+                f"prompt {i + 1}: litft {ours_text!r}, {reader.name} {their_text!r}"
     return outcome
 
 
@@ -127,6 +149,11 @@ def answer(ref: Reference, logits: Tensor, decode: Decode | None = None) -> str:
     cut = next((k for k, id in enumerate(chosen) if id in ref.stop_ids), len(chosen))
     decode = decode or ref.decode
     return decode(chosen[:cut]) if decode is not None else str(chosen[:cut]) + (" <stop>" if cut < len(chosen) else "")
+
+
+def check(ref: Reference, reader: Reader, what: str, tolerance: float = TOLERANCE) -> str:
+    """Compare and judge: the `verified: ...` line, or a one-line UserError."""
+    return verdict(compare(ref, reader), reader.name, what, tolerance)
 
 
 def verdict(outcome: Outcome, reader: str, what: str, tolerance: float = TOLERANCE) -> str:

@@ -31,7 +31,7 @@ from litft.load_finetuned import detect_method, load_finetuned, tokenizer_dir
 from litft.lora import merge_lora
 from litft.model import Llama
 from litft.readers import gguf_file
-from litft.verify import compare, prompting, reference, verdict
+from litft.verify import Reader, check, compare, prompting, reference
 
 
 def main(checkpoint_dir: Path, out_file: Path, lora_path: Path | None = None, adapter_path: Path | None = None,
@@ -58,7 +58,7 @@ def main(checkpoint_dir: Path, out_file: Path, lora_path: Path | None = None, ad
     if lora_path is not None:
         model = merge_lora(model)
         if source is not None:  # merging must not change what the model computes
-            verdict(compare(source, logits_of(model), reader="the merged model"), "the merged model", "the LoRA run")
+            check(source, Reader("the merged model", logits_of(model)), "the LoRA run")
     vocab = vocab_metadata(tokenizer_dir(run_dir, checkpoint_dir), model.config.vocab_size, style)
     if style is not None and style.chat_template is None:
         print(f"note: the prompt style {style.name!r} has no chat template form; the file carries none, so prompt "
@@ -66,7 +66,7 @@ def main(checkpoint_dir: Path, out_file: Path, lora_path: Path | None = None, ad
     name = checkpoint_dir.name + (f"-{run_dir.name}" if run_dir is not None else "")
     with atomic_path(out_file) as tmp:  # a file that fails verification never takes --out_file's place
         counts = write_gguf(tmp, model, vocab, dtype, name)
-        lines = check(tmp, model, source, dtype, tokenizer, style, stops) if verify else []
+        lines = check_file(tmp, model, source, dtype, tokenizer, style, stops) if verify else []
     size = out_file.stat().st_size / 2**20
     print(f"wrote {out_file}: {sum(counts.values())} tensors ({', '.join(f'{n} {k}' for k, n in counts.items())}), "
           f"{len(vocab['tokenizer.ggml.tokens'])} tokens, {size:.1f} MiB", file=sys.stderr)
@@ -91,16 +91,14 @@ def check_inputs(checkpoint_dir: Path, out_file: Path, lora_path: Path | None, a
     return run_dir
 
 
-def check(path: Path, stored: Llama, source, dtype: str, tokenizer, style, stops) -> list[str]:
+def check_file(path: Path, stored: Llama, source, dtype: str, tokenizer, style, stops) -> list[str]:
     """The file against litft's model holding the values it stores; for a lossy dtype, how far storing moved it."""
     lines = []
     if dtype != "f32" and source is not None:
-        kept = compare(source, logits_of(stored), reader=f"litft with the {dtype} weights")
+        kept = compare(source, Reader(f"litft with the {dtype} weights", logits_of(stored)))
         lines.append(f"storage: {dtype} moves litft's logits by max {kept.max_delta:.2g}, greedy text equal on "
                      f"{kept.equal}/{kept.total} prompts")
-    reader = gguf_file(path)
-    outcome = compare(reference(stored, tokenizer, style, stops), reader.logits, reader.decode, reader.encode, reader.name)
-    return lines + [verdict(outcome, reader.name, "the GGUF file")]
+    return lines + [check(reference(stored, tokenizer, style, stops), gguf_file(path), "the GGUF file")]
 
 
 def logits_of(model: Llama):

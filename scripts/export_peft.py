@@ -40,11 +40,13 @@ from litft.config import CONFIGS, Config
 from litft.convert_hf import lit_to_hf_name
 from litft.errors import UserError
 from litft.files import atomic_path, atomic_write_text, check_output_dir, load_state_dict, remove_other_tokenizer_files
-from litft.load_finetuned import check_lora_state_dict, check_same_base
+from litft.load_finetuned import check_lora_state_dict, check_same_base, load_finetuned
 from litft.lora import LoRAConfig, add_lora
 from litft.model import Llama
 from litft.new_tokens import write_tokenizer
 from litft.nf4 import SCHEMES, check_scheme
+from litft.readers import peft_adapter
+from litft.verify import check, prompting, reference
 
 HF_MODULES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
               "down": "down_proj", "embed": "embed_tokens", "lm_head": "lm_head"}
@@ -75,7 +77,7 @@ def adapter_config(lora: LoRAConfig, base: Config, base_path: str) -> dict:
     }
 
 
-def main(checkpoint_dir: Path, lora_path: Path, output_dir: Path) -> None:
+def main(checkpoint_dir: Path, lora_path: Path, output_dir: Path, verify: bool = True) -> None:
     """Write --lora_path as a PEFT adapter (adapter_config.json, adapter_model.safetensors) in --output_dir.
 
     Args:
@@ -83,6 +85,7 @@ def main(checkpoint_dir: Path, lora_path: Path, output_dir: Path) -> None:
             its tokenizer files too).
         lora_path: the run's lit_model_lora.pth (its folder holds lora.yaml).
         output_dir: where to write the adapter (created if needed).
+        verify: load the adapter with peft onto transformers' base and compare it with litft's LoRA model.
     """
     from safetensors.torch import save_file
 
@@ -118,6 +121,18 @@ def main(checkpoint_dir: Path, lora_path: Path, output_dir: Path) -> None:
     if lora.quantize:
         print(f"this LoRA was trained on an {lora.quantize} base: load the base with BitsAndBytesConfig(load_in_4bit="
               f"True, bnb_4bit_quant_type='nf4', bnb_4bit_use_double_quant={SCHEMES[lora.quantize]})", file=sys.stderr)
+    if verify:
+        print(verified(checkpoint_dir, lora_path, output_dir, len(lora.new_tokens)))
+
+
+def verified(checkpoint_dir: Path, lora_path: Path, output_dir: Path, n_new_tokens: int) -> str:
+    """peft's reading of the adapter, on transformers' copy of the base the run was trained on (a QLoRA run's
+    base dequantized, Ŵ), against litft's LoRA model."""
+    model = load_finetuned(checkpoint_dir, lora_path, dtype=torch.float32)
+    tokens = output_dir if n_new_tokens else checkpoint_dir  # the exported tokenizer knows the new tokens
+    tokenizer, style, stops = prompting(checkpoint_dir, lora_path.parent, tokens)
+    expected = reference(model, tokenizer, style, stops)
+    return check(expected, peft_adapter(model, output_dir, n_new_tokens), f"the adapter in {output_dir}")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,9 @@ LoRA on embed or lm_head, the merged model has the two matrices untied (tie_embe
 tokens (lora.yaml's new_tokens) gives a merged model with the larger vocabulary and a tokenizer that knows them.
 A QLoRA run (lora.yaml's quantize: nf4) is merged into the weights it was trained on, W' = Ŵ + (α/r)·B·A with
 Ŵ the dequantized NF4 weight (litft/qlora.py), and saved in the base's dtype.
+
+Verification (`--verify true`, the default): the merged checkpoint, put into transformers' own Llama, must compute
+what the unmerged LoRA run computes in litft (litft/verify.py); it prints one `verified: ...` line or stops.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from __future__ import annotations
 import shutil
 import sys
 from pathlib import Path
+
+import torch
 
 from litft.checkpoint import load_lit_model, save_lit_checkpoint
 from litft.cli import run
@@ -28,15 +33,18 @@ from litft.lora import LoRAConfig, merge_lora
 from litft.new_tokens import grown_tokenizer_files, write_tokenizer
 from litft.prompts import FILE as PROMPT_STYLE
 from litft.qlora import as_used
+from litft.readers import lit_checkpoint
+from litft.verify import TOLERANCE, check, litft_reference
 
 
-def main(checkpoint_dir: Path, lora_path: Path, out_dir: Path) -> None:
+def main(checkpoint_dir: Path, lora_path: Path, out_dir: Path, verify: bool = True) -> None:
     """Merge the LoRA weights in --lora_path into the base model in --checkpoint_dir and save it to --out_dir.
 
     Args:
         checkpoint_dir: the base lit checkpoint the LoRA run was trained on.
         lora_path: the run's lit_model_lora.pth (its folder holds lora.yaml).
         out_dir: where to write the merged lit checkpoint (created if needed).
+        verify: compare the merged checkpoint, in transformers, with the unmerged LoRA model.
     """
     checkpoint_dir, lora_path, out_dir = Path(checkpoint_dir), Path(lora_path), Path(out_dir)
     check_output_dir("--out_dir", out_dir, base=checkpoint_dir, run=lora_path.parent)
@@ -58,6 +66,22 @@ def main(checkpoint_dir: Path, lora_path: Path, out_dir: Path) -> None:
         copied.append(PROMPT_STYLE)
     print(f"merged {lora_path} into {checkpoint_dir} -> {out_dir} (lit_model.pth, model_config.yaml, "
           f"{', '.join(copied)})", file=sys.stderr)
+    if verify:
+        del model, merged
+        print(verified(checkpoint_dir, lora_path, out_dir))
+
+
+# Merged weights are rounded to the checkpoint's dtype, the LoRA model is not: a 16-bit merge moves logits a little.
+TOLERANCES = {torch.float32: TOLERANCE, torch.bfloat16: 0.25, torch.float16: 0.05}
+
+
+def verified(checkpoint_dir: Path, lora_path: Path, out_dir: Path) -> str:
+    """The merged checkpoint, renamed into transformers' Llama in memory, against the LoRA run in litft."""
+    expected = litft_reference(checkpoint_dir, lora_path, tokens=out_dir)  # the merged tokenizer: new tokens too
+    merged = load_lit_model(out_dir)
+    saved = merged.embed.weight.dtype
+    reader = lit_checkpoint(merged.float())
+    return check(expected, reader, f"the merged checkpoint in {out_dir}", TOLERANCES.get(saved, TOLERANCE))
 
 
 if __name__ == "__main__":

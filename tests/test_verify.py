@@ -1,0 +1,133 @@
+"""Every exporter verifies what it wrote (litft/verify.py), and HF exports carry their stop ids and chat template.
+
+- Each of merge_lora.py, export_peft.py, convert_lit_checkpoint.py (and export_gguf.py, in test_export_gguf.py) run
+  as a user runs it ends with a `verified: ...` line: transformers, peft or transformers' GGUF loader agrees with
+  the litft model the output came from.
+- A deliberately corrupted output — the writer monkeypatched, in this process, to swap two matrices, skip the
+  q/k permutation, double α or nudge one merged weight — makes the same command stop with one line.
+- transformers' `generate` on an HF export stops where litft's generate stops, at the chat template's end of turn
+  that the checkpoint's generation_config.json does not list, and prompts with the style generate/ uses.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import run_script
+from test_chat_formats import QWEN_TEMPLATE, chain_checkpoint, qwen_dir  # noqa: F401  (qwen_dir: a fixture)
+from test_export_gguf import llama3_checkpoint, llama3_dir  # noqa: F401  (fixtures)
+from test_merge_export import bases, make_run  # noqa: F401  (bases: a fixture)
+
+import litft.gguf_export
+from litft.checkpoint import load_lit_model
+from litft.errors import UserError
+from litft.generate import generate, stop_token_ids
+from litft.lora import LINEAR, LoRAConfig
+from litft.prompts import PromptStyle, resolve_style
+from litft.tokenizer import Tokenizer
+
+transformers = pytest.importorskip("transformers")
+
+
+def lora_run(bases, tmp_path):  # noqa: F811
+    base = bases[True]
+    make_run(base, tmp_path / "run", LoRAConfig(r=4, alpha=8, targets=list(LINEAR)))
+    return base, tmp_path / "run" / "lit_model_lora.pth"
+
+
+def verified_line(proc) -> str:
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("verified: ")]
+    assert len(lines) == 1 and "greedy text equal on 4/4 prompts" in lines[0], proc.stdout
+    return lines[0]
+
+
+def test_every_exporter_prints_its_verified_line(bases, tmp_path):  # noqa: F811
+    base, lora = lora_run(bases, tmp_path)
+    merge = run_script("scripts/merge_lora.py", "--checkpoint_dir", base, "--lora_path", lora, "--out_dir", tmp_path / "m")
+    assert "(transformers vs litft)" in verified_line(merge)
+    hf = run_script("scripts/convert_lit_checkpoint.py", "--checkpoint_dir", tmp_path / "m", "--output_dir", tmp_path / "hf")
+    assert "(transformers vs litft)" in verified_line(hf)
+    peft = run_script("scripts/export_peft.py", "--checkpoint_dir", base, "--lora_path", lora, "--output_dir", tmp_path / "p")
+    assert "(peft vs litft)" in verified_line(peft)
+    skipped = run_script("scripts/export_peft.py", "--checkpoint_dir", base, "--lora_path", lora, "--output_dir",
+                         tmp_path / "p2", "--verify", "false")
+    assert skipped.returncode == 0 and "verified" not in skipped.stdout
+
+
+def corrupt_hf_names(original):
+    """lit_to_hf_state_dict, but layer 0's gate and up matrices trade places."""
+    def corrupted(state_dict):
+        out = original(state_dict)
+        gate, up = "model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight"
+        out[gate], out[up] = out[up], out[gate]
+        return out
+    return corrupted
+
+
+def test_corrupted_outputs_fail_verification(bases, llama3_checkpoint, tmp_path, monkeypatch):  # noqa: F811
+    """Each script's writer corrupted one way, in this process: each run must end in the one-line UserError."""
+    import scripts.convert_lit_checkpoint as convert
+    import scripts.export_gguf as gguf
+    import scripts.export_peft as peft
+    import scripts.merge_lora as merge
+    from litft.lora import merge_lora
+
+    base, lora = lora_run(bases, tmp_path)
+
+    def nudged(model):  # merges, then moves one weight of layer 0
+        merged = merge_lora(model)
+        with torch.no_grad():
+            merged.blocks[0].attn.q_proj.weight[0, 0] += 5.0
+        return merged
+
+    config = peft.adapter_config
+    cases = [
+        (merge, "merge_lora", nudged, lambda: merge.main(base, lora, tmp_path / "m")),
+        (convert, "lit_to_hf_state_dict", corrupt_hf_names(convert.lit_to_hf_state_dict),
+         lambda: convert.main(base, tmp_path / "hf")),
+        (peft, "adapter_config", lambda *a: {**config(*a), "lora_alpha": 32}, lambda: peft.main(base, lora, tmp_path / "p")),
+        (litft.gguf_export, "permute_qk", lambda w, n: w, lambda: gguf.main(llama3_checkpoint, tmp_path / "m.gguf", dtype="f32")),
+    ]
+    for module, name, corrupted, call in cases:
+        with monkeypatch.context() as patch:
+            patch.setattr(module, name, corrupted)
+            with pytest.raises(UserError, match=r"^verification failed: .* differently from the litft model it came "
+                                                r"from: max \|Δlogit\| .*; do not use it"):
+                call()
+    assert not (tmp_path / "m.gguf").exists()  # a GGUF that fails never takes its name
+
+
+# ---- stopping travels with the model ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("style", [None, "chatml"], ids=["its-template", "a-run's-chatml"])
+def test_transformers_generate_stops_and_prompts_as_litft(qwen_dir, tmp_path, style):  # noqa: F811
+    """Qwen2.5-base's layout: EOS <|endoftext|>, and the only generation_config.json eos is that one, but the chat
+    template's turns end with <|im_end|>. A model that answers " fox dog" and then <|im_end|>: litft stops there;
+    so must transformers on the export. With a run's prompt_style.yaml (chatml), the export's template is chatml."""
+    checkpoint, chain = chain_checkpoint(qwen_dir, tmp_path / "qwen", "<|im_end|>")
+    if style:
+        PromptStyle.from_name(style).save(checkpoint)
+    run_script("scripts/convert_lit_checkpoint.py", "--checkpoint_dir", checkpoint, "--output_dir", tmp_path / "hf",
+               check=True)
+    tokenizer, prompt_style = Tokenizer(checkpoint), resolve_style(None, checkpoint)
+    stops = stop_token_ids(tokenizer, prompt_style)
+    question = "What is LoRA?"
+    ids = tokenizer.encode(prompt_style.apply(question), bos=prompt_style.add_bos)
+    ours = list(generate(load_lit_model(checkpoint).eval(), ids, 6, temperature=0, stop_ids=stops))
+    assert ours == chain[1:3]  # stopped at <|im_end|>
+
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert set(generation["eos_token_id"]) == stops and tokenizer.token_to_id("<|im_end|>") in stops
+    prompt = hf_tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                              tokenize=False)
+    assert prompt == prompt_style.apply(question)  # the template litft prompts with
+    assert (prompt_style.chat_template == QWEN_TEMPLATE) is (style is None)
+    x = torch.tensor([ids.tolist()])
+    out = hf.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=6)[0, x.shape[1]:]
+    assert out.tolist() == chain[1:4]  # the answer and the stop token, then nothing
+    assert hf_tokenizer.decode(out, skip_special_tokens=True) == tokenizer.decode(ours) == " fox dog"
