@@ -27,6 +27,7 @@ import pytest
 import torch
 from conftest import ROOT, assert_user_error, run_script, tiny_bpe
 from test_chat_formats import llama3_dir, qwen_dir  # noqa: F401 (fixtures: the Llama-3 and Qwen2.5 layouts)
+from test_tokenizer import smollm2_dir  # noqa: F401 (fixture: SmolLM2's tokenizer files and chat template)
 
 from litft.adapter import AdapterConfig, adapter_state_dict, add_adapter
 from litft.adapter_v2 import AdapterV2Config, adapter_v2_state_dict, add_adapter_v2
@@ -65,17 +66,6 @@ LLAMA2_TEMPLATE = (
     "'\\n<</SYS>>\\n\\n' + message['content'] %}{% else %}{% set content = message['content'] %}{% endif %}"
     "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
     "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}")
-
-
-@pytest.fixture(scope="module")
-def smollm2_dir(smollm2_gguf, tmp_path_factory) -> Path:
-    """SmolLM2-135M-Instruct's tokenizer.json and tokenizer_config.json (with its chat template), from the GGUF."""
-    from litft.gguf import metadata, open_gguf, tokenizer_files
-
-    directory = tmp_path_factory.mktemp("smollm2")
-    for name, contents in tokenizer_files(metadata(open_gguf(smollm2_gguf))).items():
-        (directory / name).write_text(contents)
-    return directory
 
 
 @pytest.fixture(scope="module")
