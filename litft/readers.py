@@ -52,13 +52,16 @@ def hf_directory(directory: Path) -> Reader:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     quiet_transformers()
-    has_tokenizer = any((Path(directory) / name).is_file() for name in ("tokenizer.json", "tokenizer.model"))
     try:
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(directory) if has_tokenizer else None
+        tokenizer = AutoTokenizer.from_pretrained(directory) if has_tokenizer(directory) else None
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"verification failed: transformers cannot load {directory} ({str(e).splitlines()[0]})") from None
     return from_model("transformers", model, tokenizer)
+
+
+def has_tokenizer(directory: Path) -> bool:
+    return any((Path(directory) / name).is_file() for name in ("tokenizer.json", "tokenizer.model"))
 
 
 def hf_model(config: Config, state_dict: dict[str, Tensor]):
@@ -86,12 +89,14 @@ def peft_adapter(lora_model: Llama, adapter_dir: Path, n_new_tokens: int = 0) ->
     """peft's LoRA on transformers' copy of the frozen base inside `lora_model` (for a QLoRA run: the dequantized
     NF4 weights Ŵ its A and B were trained on), grown by `n_new_tokens` rows as export_peft.py's docs say."""
     from peft import PeftModel
+    from transformers import AutoTokenizer
 
     base = {k: v for k, v in lit_state_dict(lora_model).items() if not is_lora_key(k)}
     model = hf_model(lora_model.config, base)
     if n_new_tokens:
         model.resize_token_embeddings(lora_model.config.vocab_size + n_new_tokens)
-    return from_model("peft", PeftModel.from_pretrained(model, adapter_dir))
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir) if has_tokenizer(adapter_dir) else None  # new tokens
+    return from_model("peft", PeftModel.from_pretrained(model, adapter_dir), tokenizer)
 
 
 def gguf_file(path: Path) -> Reader:

@@ -95,7 +95,9 @@ def reference(model: Llama, tokenizer: Tokenizer | None, style: PromptStyle | No
     model = model.eval()
     block = model.config.block_size
     texts, bos = [style.apply(p) if style else p for p in PROMPTS], style.add_bos if style else None
-    if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
+    new_rows = getattr(model.embed, "new_rows", None)  # a LoRA run's new tokens
+    rows = model.embed.num_embeddings + (len(new_rows) if new_rows is not None else 0)
+    if tokenizer is not None and tokenizer.vocab_size > rows:
         tokenizer = None  # a tokenizer bigger than the model (a test's stand-in): its ids would not fit
     if tokenizer is None:
         prompts = [torch.randint(model.config.vocab_size, (8,), generator=torch.Generator().manual_seed(i))

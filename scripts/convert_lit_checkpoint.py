@@ -5,10 +5,10 @@
 writes config.json, model.safetensors (sharded with an index above --max_shard_gb), generation_config.json
 and the tokenizer files, so that `transformers.AutoModelForCausalLM.from_pretrained(output_dir)` loads it.
 
-Prompting and stopping travel with the model, so transformers' `generate` answers as generate/ does:
-generation_config.json lists every id litft stops at as `eos_token_id` (EOS and the end-of-turn token of the
-prompt style, e.g. <|eot_id|> or <|im_end|>), and tokenizer_config.json holds the chat template of the style
-generate/ prompts with (a merged run's prompt_style.yaml wins over the base's template, as in generate/).
+Prompting and stopping travel with the model (litft/hf_prompting.py), so transformers' `generate` answers as
+generate/ does: generation_config.json lists every id litft stops at as `eos_token_id` (EOS and the end-of-turn
+token of the prompt style, e.g. <|eot_id|> or <|im_end|>), and tokenizer_config.json holds the chat template of
+the style generate/ prompts with (a merged run's prompt_style.yaml wins over the base's template).
 Everything is checked (config, readable tensors, shapes) before the first file is written.
 
 Verification (`--verify true`, the default): transformers loads the written directory — model and tokenizer — and
@@ -27,6 +27,7 @@ from litft.config import Config
 from litft.convert_hf import lit_to_hf_state_dict, save_hf_safetensors
 from litft.errors import UserError
 from litft.files import TOKENIZER_FILES, atomic_write_text, check_output_dir, copy_files, load_state_dict
+from litft.hf_prompting import generation_config, read_json, write_tokenizer_config
 from litft.model import Llama
 from litft.readers import hf_directory
 from litft.tokenizer import Tokenizer
@@ -61,11 +62,7 @@ def main(checkpoint_dir: Path, output_dir: Path, max_shard_gb: float = 5.0, veri
     hf_config = {**config.to_hf_config(), "torch_dtype": dtype, **special}
     atomic_write_text(output_dir / "config.json", json.dumps(hf_config, indent=2))
     files += ["config.json"] + copy_files(checkpoint_dir, output_dir, TOKENIZER_FILES)
-    generation = {**read_json(checkpoint_dir / "generation_config.json"), **special}
-    if stops:  # EOS first: transformers takes the first as the tokenizer's own
-        eos = [special["eos_token_id"]] if "eos_token_id" in special else []
-        ids = eos + sorted(stops - set(eos))
-        generation["eos_token_id"] = ids if len(ids) > 1 else ids[0]
+    generation = generation_config(read_json(checkpoint_dir / "generation_config.json"), special, stops)
     if generation:
         atomic_write_text(output_dir / "generation_config.json", json.dumps(generation, indent=2))
         files += [] if "generation_config.json" in files else ["generation_config.json"]
@@ -75,34 +72,6 @@ def main(checkpoint_dir: Path, output_dir: Path, max_shard_gb: float = 5.0, veri
     if verify:
         del state_dict, hf_state_dict
         print(check(litft_reference(checkpoint_dir), hf_directory(output_dir), f"the Hugging Face directory {output_dir}"))
-
-
-def write_tokenizer_config(output_dir: Path, tokenizer: Tokenizer, style) -> list[str]:
-    """tokenizer_config.json with the style's chat template and, for a bare tokenizer.model, the BOS rule litft
-    follows (transformers would add no BOS to it). A chat_template.jinja that says otherwise is removed: transformers
-    reads it first."""
-    config = read_json(output_dir / "tokenizer_config.json")
-    updates = {}
-    template = style.chat_template if style is not None else None
-    if template is not None:
-        jinja = output_dir / "chat_template.jinja"
-        if jinja.is_file() and jinja.read_text(encoding="utf-8") != template:
-            jinja.unlink()
-        updates["chat_template"] = template
-    if tokenizer.backend == "sentencepiece" and "add_bos_token" not in config:
-        updates["add_bos_token"] = tokenizer.add_bos
-        for kind, id in (("bos", tokenizer.bos_id), ("eos", tokenizer.eos_id)):
-            if id is not None and f"{kind}_token" not in config:
-                updates[f"{kind}_token"] = tokenizer.token_text(id)
-    if all(config.get(k) == v for k, v in updates.items()):
-        return []
-    atomic_write_text(output_dir / "tokenizer_config.json", json.dumps({**config, **updates}, indent=2,
-                                                                       ensure_ascii=False))
-    return [f"tokenizer_config.json ({', '.join(updates)})"]
-
-
-def read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 def remove_stale_weights(output_dir: Path, keep: list[str]) -> None:

@@ -3,18 +3,24 @@
     python scripts/export_peft.py --checkpoint_dir checkpoints/meta-llama/Llama-2-7b-hf \
         --lora_path out/lora/lit_model_lora.pth --output_dir out/lora/peft
 
-The result loads onto transformers' model of the same base, and serves with vLLM's LoRA support:
+The result loads with peft onto transformers' model of the same base (tests/test_merge_export.py,
+tests/test_verify.py; transformers' own `model.load_adapter("out/lora/peft")` reads it too):
 
     model = AutoModelForCausalLM.from_pretrained("meta-llama/Llama-2-7b-hf")
     model = PeftModel.from_pretrained(model, "out/lora/peft")
 
+No other reader of PEFT adapters (vLLM's LoRA support, ...) is tested here; for those, merge the run
+(scripts/merge_lora.py) and export the merged model (convert_lit_checkpoint.py, export_gguf.py).
+
 Only names change: litft's blocks.{i}.attn.q_proj.lora_A becomes PEFT's
 base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight (embeddings: lora_embedding_A / _B, which PEFT
-stores without `.weight`). r, α, rsLoRA and the targets come from the run's lora.yaml. The base weights are
-not needed: the model is built on the meta device only to check that the file fits the base's shapes.
+stores without `.weight`). r, α, rsLoRA and the targets come from the run's lora.yaml. Writing does not read
+the base weights (the model is built on the meta device only to check that the file fits the base's shapes);
+the verification below does.
 
 A run with new tokens exports their rows as PEFT's trainable tokens (`trainable_token_indices`: ids V, V + 1,
-...; PEFT ≥ 0.15, tested with 0.21) together with the grown tokenizer; grow the base model to the tokenizer's
+...; PEFT ≥ 0.15, tested with 0.21) together with the grown tokenizer (and, for a bare tokenizer.model, the BOS
+rule and chat template in tokenizer_config.json: litft/hf_prompting.py); grow the base model to the tokenizer's
 size before loading the adapter:
 
     tokenizer = AutoTokenizer.from_pretrained("out/lora/peft")
@@ -24,6 +30,10 @@ A QLoRA run (lora.yaml's quantize: nf4 or nf4-dq) exports the same way; its A an
 base, which transformers builds with bitsandbytes (the line printed at the end names the settings):
 
     BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=False)
+
+Verification (`--verify true`, the default): peft loads the written adapter onto transformers' copy of the base
+(for a QLoRA run, the base's NF4 weights dequantized, Ŵ) and must compute what litft's LoRA model computes
+(litft/verify.py); one `verified: ...` line, or it stops.
 """
 
 from __future__ import annotations
@@ -40,12 +50,15 @@ from litft.config import CONFIGS, Config
 from litft.convert_hf import lit_to_hf_name
 from litft.errors import UserError
 from litft.files import atomic_path, atomic_write_text, check_output_dir, load_state_dict, remove_other_tokenizer_files
+from litft.hf_prompting import write_tokenizer_config
 from litft.load_finetuned import check_lora_state_dict, check_same_base, load_finetuned
 from litft.lora import LoRAConfig, add_lora
 from litft.model import Llama
 from litft.new_tokens import write_tokenizer
 from litft.nf4 import SCHEMES, check_scheme
+from litft.prompts import resolve_style
 from litft.readers import peft_adapter
+from litft.tokenizer import Tokenizer
 from litft.verify import check, prompting, reference
 
 HF_MODULES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
@@ -113,6 +126,7 @@ def main(checkpoint_dir: Path, lora_path: Path, output_dir: Path, verify: bool =
     atomic_write_text(output_dir / "adapter_config.json", json.dumps(config, indent=2) + "\n")
     if lora.new_tokens:  # the adapter is unusable without the tokenizer that knows the new ids
         write_tokenizer(checkpoint_dir, output_dir, lora.new_tokens, base.vocab_size)
+        write_tokenizer_config(output_dir, Tokenizer(output_dir), resolve_style(None, lora_path.parent, checkpoint_dir))
     else:  # the base's own tokenizer serves; none from an earlier export may linger
         remove_other_tokenizer_files(output_dir, keep=[])
     rows = f" and {len(lora.new_tokens)} new-token rows (+ tokenizer)" if lora.new_tokens else ""

@@ -18,13 +18,15 @@ import torch
 from conftest import run_script
 from test_chat_formats import QWEN_TEMPLATE, chain_checkpoint, qwen_dir  # noqa: F401  (qwen_dir: a fixture)
 from test_export_gguf import llama3_checkpoint, llama3_dir  # noqa: F401  (fixtures)
-from test_merge_export import bases, make_run  # noqa: F401  (bases: a fixture)
+from test_merge_export import bases, hf_model, make_run  # noqa: F401  (bases: a fixture)
 
 import litft.gguf_export
 from litft.checkpoint import load_lit_model
 from litft.errors import UserError
+from litft.files import save_state_dict
 from litft.generate import generate, stop_token_ids
-from litft.lora import LINEAR, LoRAConfig
+from litft.load_finetuned import load_finetuned
+from litft.lora import LINEAR, LoRAConfig, lora_state_dict
 from litft.prompts import PromptStyle, resolve_style
 from litft.tokenizer import Tokenizer
 
@@ -98,6 +100,34 @@ def test_corrupted_outputs_fail_verification(bases, llama3_checkpoint, tmp_path,
                                                 r"from: max \|Δlogit\| .*; do not use it"):
                 call()
     assert not (tmp_path / "m.gguf").exists()  # a GGUF that fails never takes its name
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_who_reads_a_peft_export_with_new_tokens(bases, tmp_path, tied):  # noqa: F811
+    """The readers howto/export.md names for a run that added tokens, each shown here: peft onto transformers'
+    base grown to the tokenizer's size (the verified line), transformers' own `load_adapter` on that base, and
+    AutoTokenizer on the export's directory, which knows the new tokens and adds BOS as litft does."""
+    run = tmp_path / "run"
+    model = make_run(bases[tied], run, LoRAConfig(r=4, alpha=8, targets=list(LINEAR), new_tokens=["<a>", "<b>"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("new_rows"):
+                p.normal_(std=0.5)
+    save_state_dict(lora_state_dict(model), run / "lit_model_lora.pth")
+    proc = run_script("scripts/export_peft.py", "--checkpoint_dir", bases[tied], "--lora_path",
+                      run / "lit_model_lora.pth", "--output_dir", tmp_path / "peft")
+    assert "(peft vs litft)" in verified_line(proc)
+
+    text = "say <a> then <b>"
+    ours = Tokenizer(tmp_path / "peft").encode(text)  # (T,): BOS, ..., 32000, ..., 32001
+    assert {32000, 32001} <= set(ours.tolist())
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "peft")(text)["input_ids"] == ours.tolist()
+    hf = hf_model(model.config)
+    hf.resize_token_embeddings(32002)
+    hf.load_adapter(tmp_path / "peft")
+    expected = load_finetuned(bases[tied], run / "lit_model_lora.pth", dtype=torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ours[None]).logits, expected(ours[None]), atol=1e-4, rtol=0)
 
 
 # ---- stopping travels with the model ---------------------------------------------------------------------------
