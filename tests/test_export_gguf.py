@@ -19,12 +19,16 @@ from conftest import assert_user_error, run_script
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize, quantize
 from test_chat_formats import CORPUS, llama3_dir, qwen_dir  # noqa: F401  (fixtures)
+from test_merge_export import make_run
 
 from litft.checkpoint import load_lit_model, save_lit_checkpoint
 from litft.config import Config
 from litft.errors import UserError
+from litft.files import save_state_dict
 from litft.generate import generate, stop_token_ids
+from litft.lora import LoRAConfig, lora_state_dict
 from litft.model import Llama
+from litft.new_tokens import write_tokenizer
 from litft.prompts import resolve_style
 from litft.rope import RoPEScaling
 from litft.tokenizer import Tokenizer
@@ -216,6 +220,26 @@ def test_smollm2_q8_0_round_trip_and_transformers_text(smollm2_gguf, tmp_path):
     assert delta < 2.0
 
 
+def test_a_lora_run_with_new_tokens_is_merged_into_the_file(llama3_checkpoint, tmp_path):
+    """A LoRA run that added two tokens: the file holds the merged model with the grown vocabulary, verified against
+    the unmerged run, and transformers' GGUF tokenizer matches the new tokens whole, as litft's grown one does."""
+    from transformers import AutoTokenizer
+
+    run, V = tmp_path / "run", Config.from_checkpoint(llama3_checkpoint).vocab_size
+    model = make_run(llama3_checkpoint, run, LoRAConfig(r=4, alpha=8, new_tokens=["<sql>", "</sql>"]), style=None)
+    with torch.no_grad():
+        model.embed.new_rows.normal_(std=0.5)
+    save_state_dict(lora_state_dict(model), run / "lit_model_lora.pth")
+    write_tokenizer(llama3_checkpoint, run, ["<sql>", "</sql>"], V)  # as finetune/lora.py leaves the run
+    proc = export(llama3_checkpoint, tmp_path / "m.gguf", "f32", "--lora_path", run / "lit_model_lora.pth")
+    assert proc.returncode == 0 and "greedy text equal on 4/4 prompts" in proc.stdout, proc.stderr
+    text = "a <sql>SELECT 1</sql> b"
+    ids = Tokenizer(run).encode(text, bos=False).tolist()
+    assert {V, V + 1} <= set(ids)
+    reader = AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
+    assert reader(text, add_special_tokens=False)["input_ids"] == ids
+
+
 # ---- what is refused ------------------------------------------------------------------------------------------
 
 def test_user_errors_are_one_line_and_write_nothing(llama3_checkpoint, tmp_path):
@@ -223,13 +247,15 @@ def test_user_errors_are_one_line_and_write_nothing(llama3_checkpoint, tmp_path)
     shutil.copytree(llama3_checkpoint, yarn)
     config = Config.from_checkpoint(yarn)
     Config(**{**config.to_dict(), "rope_scaling": RoPEScaling(type="yarn", factor=4.0, original_max_position=64)}).save(yarn)
-    cases = [(llama3_checkpoint, tmp_path / "a.gguf", ("--adapter_path", tmp_path / "x.pth"), "cannot be exported"),
-             (llama3_checkpoint, llama3_checkpoint / "in.gguf", (), "inside the base checkpoint"),
-             (llama3_checkpoint, tmp_path, (), "is a directory"),
-             (yarn, tmp_path / "y.gguf", (), "'yarn' RoPE scaling")]
-    for checkpoint, out_file, flags, fragment in cases:
-        assert_user_error(export(checkpoint, out_file, "f16", *flags), fragment)
-        assert not out_file.is_file()
+    assert_user_error(export(llama3_checkpoint, tmp_path / "a.gguf", "f16", "--adapter_path", tmp_path / "x.pth"),
+                      "cannot be exported")
+    assert_user_error(export(yarn, tmp_path / "y.gguf", "f16"), "'yarn' RoPE scaling")
+    from scripts.export_gguf import main  # the same checks, in this process (no interpreter start)
+
+    for out_file, fragment in ((llama3_checkpoint / "in.gguf", "inside the base checkpoint"), (tmp_path, "is a directory")):
+        with pytest.raises(UserError, match=fragment):
+            main(llama3_checkpoint, out_file)
+    assert not any(p.suffix == ".gguf" for p in [*tmp_path.iterdir(), *llama3_checkpoint.iterdir()])
 
 
 def test_tokenizers_llama_cpp_cannot_reproduce_are_refused(tmp_path):
