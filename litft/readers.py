@@ -31,9 +31,14 @@ from litft.model import Llama
 from litft.verify import Reader
 
 
-def quiet_transformers() -> None:
-    import transformers
-
+def require_readers() -> None:
+    """Check that the readers are installed (one line if not) and keep their logging to errors."""
+    try:
+        import peft  # noqa: F401
+        import transformers
+    except ImportError as e:
+        raise UserError(f"verifying an export reads it with transformers and peft ({e.name} is missing): pip install "
+                        "transformers peft, or pass --verify false") from None
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
 
@@ -49,9 +54,9 @@ def from_model(name: str, model, tokenizer=None) -> Reader:
 
 def hf_directory(directory: Path) -> Reader:
     """A Hugging Face model directory, loaded as `from_pretrained(directory)`."""
+    require_readers()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    quiet_transformers()
     try:
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(directory) if has_tokenizer(directory) else None
@@ -66,10 +71,10 @@ def has_tokenizer(directory: Path) -> bool:
 
 def hf_model(config: Config, state_dict: dict[str, Tensor]):
     """transformers' own Llama (or Qwen2) for `config`, holding a litft state dict under HF names."""
+    require_readers()
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
-    quiet_transformers()
     hf_config = config.to_hf_config()
     with no_init_weights():  # the weights come next; random ones would only cost time
         model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**hf_config), dtype=torch.float32)
@@ -88,6 +93,7 @@ def lit_checkpoint(model: Llama) -> Reader:
 def peft_adapter(lora_model: Llama, adapter_dir: Path, n_new_tokens: int = 0) -> Reader:
     """peft's LoRA on transformers' copy of the frozen base inside `lora_model` (for a QLoRA run: the dequantized
     NF4 weights Ŵ its A and B were trained on), grown by `n_new_tokens` rows as export_peft.py's docs say."""
+    require_readers()
     from peft import PeftModel
     from transformers import AutoTokenizer
 
@@ -101,9 +107,9 @@ def peft_adapter(lora_model: Llama, adapter_dir: Path, n_new_tokens: int = 0) ->
 
 def gguf_file(path: Path) -> Reader:
     """A GGUF file through transformers' GGUF loader (model and tokenizer), with llama.cpp's RoPE scaling."""
+    require_readers()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    quiet_transformers()
     path = Path(path)
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)

@@ -29,7 +29,7 @@ from litft.errors import UserError
 from litft.files import TOKENIZER_FILES, atomic_write_text, check_output_dir, copy_files, load_state_dict
 from litft.hf_prompting import generation_config, read_json, write_tokenizer_config
 from litft.model import Llama
-from litft.readers import hf_directory
+from litft.readers import hf_directory, require_readers
 from litft.tokenizer import Tokenizer
 from litft.verify import check, litft_reference, prompting
 
@@ -44,6 +44,8 @@ def main(checkpoint_dir: Path, output_dir: Path, max_shard_gb: float = 5.0, veri
         verify: load the output with transformers and compare it with litft's model.
     """
     checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
+    if verify:
+        require_readers()  # before anything is written
     check_output_dir("--output_dir", output_dir, checkpoint=checkpoint_dir)
     config = Config.from_checkpoint(checkpoint_dir)
     path = checkpoint_dir / WEIGHTS

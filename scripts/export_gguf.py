@@ -30,7 +30,7 @@ from litft.gguf_vocab import vocab_metadata
 from litft.load_finetuned import detect_method, load_finetuned, tokenizer_dir
 from litft.lora import merge_lora
 from litft.model import Llama
-from litft.readers import gguf_file
+from litft.readers import gguf_file, require_readers
 from litft.verify import Reader, check, compare, prompting, reference
 
 
@@ -47,6 +47,8 @@ def main(checkpoint_dir: Path, out_file: Path, lora_path: Path | None = None, ad
         verify: read the file back with transformers' GGUF loader and compare it with litft's model.
     """
     checkpoint_dir, out_file = Path(checkpoint_dir), Path(out_file)
+    if verify:
+        require_readers()  # before anything is written
     run_dir = check_inputs(checkpoint_dir, out_file, lora_path, adapter_path)
     check_exportable(Config.from_checkpoint(checkpoint_dir))
     tokenizer, style, stops = prompting(checkpoint_dir, run_dir)

@@ -57,7 +57,7 @@ from litft.model import Llama
 from litft.new_tokens import write_tokenizer
 from litft.nf4 import SCHEMES, check_scheme
 from litft.prompts import resolve_style
-from litft.readers import peft_adapter
+from litft.readers import peft_adapter, require_readers
 from litft.tokenizer import Tokenizer
 from litft.verify import check, prompting, reference
 
@@ -103,6 +103,8 @@ def main(checkpoint_dir: Path, lora_path: Path, output_dir: Path, verify: bool =
     from safetensors.torch import save_file
 
     checkpoint_dir, lora_path, output_dir = Path(checkpoint_dir), Path(lora_path), Path(output_dir)
+    if verify:
+        require_readers()  # before anything is written
     check_output_dir("--output_dir", output_dir, base=checkpoint_dir, run=lora_path.parent)
     base = Config.from_checkpoint(checkpoint_dir)
     lora = LoRAConfig.from_dir(lora_path.parent)

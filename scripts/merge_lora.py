@@ -33,7 +33,7 @@ from litft.lora import LoRAConfig, merge_lora
 from litft.new_tokens import grown_tokenizer_files, write_tokenizer
 from litft.prompts import FILE as PROMPT_STYLE
 from litft.qlora import as_used
-from litft.readers import lit_checkpoint
+from litft.readers import lit_checkpoint, require_readers
 from litft.verify import TOLERANCE, check, litft_reference
 
 
@@ -47,6 +47,8 @@ def main(checkpoint_dir: Path, lora_path: Path, out_dir: Path, verify: bool = Tr
         verify: compare the merged checkpoint, in transformers, with the unmerged LoRA model.
     """
     checkpoint_dir, lora_path, out_dir = Path(checkpoint_dir), Path(lora_path), Path(out_dir)
+    if verify:
+        require_readers()  # before anything is written
     check_output_dir("--out_dir", out_dir, base=checkpoint_dir, run=lora_path.parent)
     if not lora_path.is_file():
         raise UserError(f"--lora_path {lora_path} does not exist; pass the run's lit_model_lora.pth")

@@ -102,6 +102,17 @@ def test_corrupted_outputs_fail_verification(bases, llama3_checkpoint, tmp_path,
     assert not (tmp_path / "m.gguf").exists()  # a GGUF that fails never takes its name
 
 
+def test_without_the_readers_verification_is_one_line_before_anything_is_written(bases, tmp_path, monkeypatch):  # noqa: F811
+    import sys
+
+    import scripts.convert_lit_checkpoint as convert
+
+    monkeypatch.setitem(sys.modules, "peft", None)  # as if peft were not installed
+    with pytest.raises(UserError, match="pip install transformers peft, or pass --verify false"):
+        convert.main(bases[True], tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
 def test_who_reads_a_peft_export_with_new_tokens(bases, tmp_path, tied):  # noqa: F811
     """The readers howto/export.md names for a run that added tokens, each shown here: peft onto transformers'
