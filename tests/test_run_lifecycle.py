@@ -348,13 +348,16 @@ def test_ctrl_c_is_one_line_and_status_130(tiny, tmp_path, moment):
     args = [sys.executable, str(ROOT / "finetune/lora.py"), "--checkpoint_dir", str(tiny["ckpt"]), "--data",
             str(tiny["data"]), "--out_dir", str(out), *COMMON, "--max_steps", "100000", "--save_interval", "1",
             "--eval_interval", "1000000"]
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
-    deadline = time.time() + 180
-    while not moment(out) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=120)
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as err:  # a file, not a pipe: a slow run's output can never fill a pipe and block it
+        proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err, text=True,
+                                env={**os.environ, "PYTHONPATH": str(ROOT)})
+        deadline = time.time() + 180
+        while not moment(out) and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+    stderr = log.read_text()
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr, stderr
     assert [line for line in stderr.splitlines() if line.startswith("error:")] == ["error: interrupted"], stderr
