@@ -77,11 +77,13 @@ def test_lora_run_lowers_loss_and_writes_everything(tiny, tmp_path):
     assert 0 < summary["padding_share"] < 1 and 0 < summary["trained_tokens_per_s"] < summary["tokens_per_s"]
 
 
-@pytest.mark.parametrize("processes", [(), pytest.param(("--devices", "2", "--strategy", "fsdp"), marks=pytest.mark.slow)],
-                         ids=["one-process", "fsdp-two-processes"])
+@pytest.mark.parametrize("processes", [(), pytest.param(("--devices", "2", "--strategy", "fsdp"), marks=pytest.mark.slow),
+                                       ("--packing", "true", "--max_seq_length", "40")],
+                         ids=["one-process", "fsdp-two-processes", "packed"])
 def test_resume_is_bit_identical(tiny, tmp_path, processes):
     """6 steps straight vs. the same run resumed from its step-3 checkpoint: identical LoRA weights (under FSDP,
-    each process restores its own shards of the parameters and AdamW moments)."""
+    each process restores its own shards of the parameters and AdamW moments; packed, the resumed run packs the
+    same rows again)."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     finetune(tiny, straight, *processes)
     shutil.copytree(straight, resumed)
