@@ -14,7 +14,7 @@ TORCH ?= torch==2.13.0
 install: .venv/installed
 
 test: install
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests -n auto --dist loadfile
 
 demo: install
 	$(PY) scripts/demo.py

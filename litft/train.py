@@ -30,12 +30,10 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import yaml
-from lightning.fabric import Fabric
-from lightning.fabric.loggers import TensorBoardLogger
-from lightning.fabric.strategies import ModelParallelStrategy
 from tqdm import tqdm
 
 from litft import data as data_lib
@@ -52,6 +50,9 @@ from litft.schedule import batch_indices, lr_factor
 from litft.tokenizer import Tokenizer
 from litft.train_args import Method, TrainArgs
 from litft.train_data import check_token_ids, longest, read_data, tokenizer_of
+
+if TYPE_CHECKING:
+    from lightning.fabric import Fabric
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # inputs, labels (B, T), packed_pos (B, T) or None
 
@@ -310,6 +311,12 @@ class Loop:
 
 
 def make_fabric(args: TrainArgs) -> Fabric:
+    # Lightning is imported when a run starts, not with this module: it takes seconds (it loads torchmetrics, and
+    # transformers where that is installed), and a command whose flags are wrong should say so at once.
+    from lightning.fabric import Fabric
+    from lightning.fabric.loggers import TensorBoardLogger
+    from lightning.fabric.strategies import ModelParallelStrategy
+
     on_gpu = torch.cuda.is_available()
     precision = args.precision or ("bf16-mixed" if on_gpu else "32-true")
     strategy = args.strategy

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-
-from lightning.fabric import Fabric
+from typing import TYPE_CHECKING
 
 from litft import data as data_lib
 from litft import packing
@@ -19,6 +18,9 @@ from litft.errors import UserError
 from litft.loss import IGNORE_INDEX
 from litft.preview import preview
 from litft.train_args import Method, TrainArgs
+
+if TYPE_CHECKING:
+    from lightning.fabric import Fabric
 
 
 def check_data_tokenizer(args: TrainArgs) -> None:

@@ -13,6 +13,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+def pytest_configure(config) -> None:
+    """`make test` runs the suite in parallel (pytest-xdist, one worker per core): each worker, and every script a
+    test starts, then uses its share of the cores; more threads than cores would slow every worker down."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     from scripts.fetch_offline_assets import fetch
