@@ -11,21 +11,23 @@ names the base (the checkpoint folder's name) or a LoRA given to scripts/serve.p
 LoRAs are decoded in the same batch (litft/engine.py, litft/multi_lora.py).
 
 A bad request gets a 4xx status and OpenAI's error object, `{"error": {"message", "type", "param", "code"}}`,
-and the server goes on serving the others. A client that disconnects mid-stream takes its row out of the batch.
+and the server goes on serving the others. A client that disconnects, streaming or not, takes its row out of the
+batch.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 import time
 from contextlib import aclosing, contextmanager
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Iterator
+from typing import Any, AsyncIterator, Awaitable, Iterator
 
 import torch
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from litft.conversation import encode_conversation
 from litft.engine import Engine
@@ -77,7 +79,7 @@ def create_app(engine: Engine, tokenizer: Tokenizer, models: dict[str, Served], 
         served = find_model(body, models)
         with as_api_error("messages"):
             ids = encode_conversation(tokenizer, served.style, body.get("messages"))
-        return await answer(body, served, ids, chat=True)
+        return await answer(request, body, served, ids, chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -88,18 +90,29 @@ def create_app(engine: Engine, tokenizer: Tokenizer, models: dict[str, Served], 
             prompt = prompt[0]
         if not isinstance(prompt, str) or not prompt:
             raise APIError(400, "prompt must be a non-empty string", "prompt")
-        return await answer(body, served, tokenizer.encode(prompt), chat=False)
+        return await answer(request, body, served, tokenizer.encode(prompt), chat=False)
 
-    async def answer(body: dict, served: Served, ids: torch.Tensor, chat: bool):
+    async def answer(request: Request, body: dict, served: Served, ids: torch.Tensor, chat: bool):
         row, stops = make_row(body, served, ids.to(engine.device), block_size, default_max_tokens)
         stream, usage = streaming(body)
         pieces = completion_text(engine.submit(row), row, tokenizer, stops)
         reply = Reply(served.name, chat, len(ids))
         if stream:
             return StreamingResponse(reply.events(pieces, usage), media_type="text/event-stream")
-        return await reply.whole(pieces)
+        return await unless_client_leaves(request, reply.whole(pieces))
 
     return app
+
+
+async def unless_client_leaves(request: Request, answer: Awaitable[JSONResponse], poll: float = 0.25) -> Response:
+    """The whole answer, or, if the client disconnects first, an empty response nobody reads: `answer` is
+    cancelled, which closes its text (completion_text) and so takes the row out of the batch at the next step."""
+    task = asyncio.ensure_future(answer)
+    while not (await asyncio.wait({task}, timeout=poll))[0]:  # (done, pending): not done yet
+        if await request.is_disconnected():
+            task.cancel()
+            return Response(status_code=499)  # nginx's "client closed request"; the client is gone
+    return task.result()
 
 
 async def read_json(request: Request) -> dict:

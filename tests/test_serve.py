@@ -30,7 +30,7 @@ from litft.generate import Row, generate, stop_token_ids
 from litft.load_finetuned import load_finetuned
 from litft.lora import LoRAConfig
 from litft.multi_lora import add_loras
-from litft.openai_api import completion_text
+from litft.openai_api import Served, completion_text, create_app
 from litft.prompts import resolve_style
 from litft.tokenizer import Tokenizer
 
@@ -223,6 +223,46 @@ def test_a_client_that_leaves_takes_its_row_out_of_the_batch(base):
     got, later, final = asyncio.run(leave_early())
     engine.stop()
     assert final == "cancelled" and len(later) < 48  # not "length": the row left before its 50 tokens
+
+
+def test_a_client_that_leaves_before_a_whole_answer_takes_its_row_out(base):
+    """Without streaming, the server watches the connection while the answer is decoded. Here the client closes it
+    right after sending the request (the http.disconnect message uvicorn gives from then on), before the engine
+    starts: the server answers nobody (499) and the row ends "cancelled" at its first step, not after max_tokens."""
+    model = load_finetuned(base)
+    engine, queues = Engine(model, max_batch_size=4), []
+    submit = engine.submit
+    engine.submit = lambda row: queues.append(submit(row)) or queues[-1]  # the test's view of the row's events
+    app = create_app(engine, Tokenizer(base), {"base": Served("base", None, None, frozenset())},
+                     model.config.block_size)
+    body = json.dumps({"model": "base", "prompt": "one two three", "max_tokens": 40}).encode()
+    received, sent = [], []
+
+    async def receive() -> dict:
+        received.append(1)
+        if len(received) == 1:
+            return {"type": "http.request", "body": body, "more_body": False}
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    async def request_then_leave() -> str:
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                 "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"",
+                 "root_path": "", "headers": [(b"content-type", b"application/json")],
+                 "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000)}
+        await asyncio.wait_for(app(scope, receive, send), 20)  # a server that does not watch waits here forever
+        engine.start()
+        tokens = 0
+        while not isinstance(event := await asyncio.wait_for(queues[0].get(), 60), str):
+            tokens += 1
+        return event, tokens
+
+    final, tokens = asyncio.run(request_then_leave())
+    engine.stop()
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 499
+    assert final == "cancelled" and tokens <= 1, (final, tokens)
 
 
 def test_an_address_in_use_is_refused_in_one_line(base):
