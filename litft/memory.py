@@ -9,9 +9,12 @@
     process      what the process holds before the model exists: Python, torch (on a GPU: not counted)
 
 The activations are not derived by hand: the forward pass of the run's own model (its method, precision,
-quantization and loss) runs on fake tensors (torch's FakeTensorMode: shapes and dtypes only, no memory and no
-arithmetic), for 1 and for 2 samples, and the tensors autograd saves are summed. It sees what the code saves,
-so it follows the code when the code changes; tests/test_memory.py compares it with a real step.
+quantization, loss and --packing) runs on fake tensors (torch's FakeTensorMode: shapes and dtypes only, no
+memory and no arithmetic), for 1 and for 2 samples, and the tensors autograd saves are summed. It sees what the
+code saves, so it follows the code when the code changes; tests/test_memory.py compares it with a real step.
+Packed rows, for instance, attend under a per-sample mask: scaled_dot_product_attention turns the (B, 1, T, T)
+boolean mask into a float one in every layer and keeps it for the backward pass, and the rotary tables are
+gathered per token, (B, 1, T, head_size) instead of a view of the shared table.
 """
 
 from __future__ import annotations
@@ -69,16 +72,19 @@ class Plan:
 
 def plan(config: Config, prepare: Callable[[Llama], None], seq: int, *, dtype: torch.dtype,
          autocast: torch.dtype | None, quantize: str | None, activation_checkpointing: bool,
-         loss: Callable[[Llama], Callable], device: torch.device, loss_chunk: int | None = CHUNK_TOKENS) -> Plan:
+         loss: Callable[[Llama], Callable], device: torch.device, loss_chunk: int | None = CHUNK_TOKENS,
+         packing: bool = False) -> Plan:
     """The plan for one sample of `seq` tokens (`with_micro_batch` scales it) of a run whose model is
     Llama(config) in `dtype`, prepared by `prepare` (its method), quantized by `quantize`, trained with the loss
     `loss(model)` returns, under autocast to `autocast` (mixed precision); `loss_chunk`: the positions whose
     logits exist at once (the fast loss's chunk; None for the plain loss, which holds the whole micro batch's).
+    `packing`: rows of packed samples (a sample is then a row), whose per-sample attention mask (B, 1, T, T)
+    and rotary tables gathered per token the forward pass makes and autograd keeps.
 
     The probe runs 1 and 2 samples: some saved buffers are per batch (the chunked loss's gradient of a trained
     lm_head), the rest grows with each sample."""
     def probe_with(samples: int, checkpointing: bool) -> dict:
-        return probe(config, prepare, seq, samples, dtype, autocast, quantize, checkpointing, loss)
+        return probe(config, prepare, seq, samples, dtype, autocast, quantize, checkpointing, loss, packing)
 
     one, two = probe_with(1, activation_checkpointing), probe_with(2, activation_checkpointing)
     per_sample = two["saved"] - one["saved"]
@@ -98,9 +104,10 @@ def plan(config: Config, prepare: Callable[[Llama], None], seq: int, *, dtype: t
 
 
 def probe(config: Config, prepare, seq: int, samples: int, dtype, autocast, quantize, activation_checkpointing,
-          loss) -> dict:
-    """`samples` samples of `seq` tokens through a fake copy of the model: bytes of its weights, of its trainable
-    parameters, and of what autograd saves for the backward pass (parameters excluded, each storage once)."""
+          loss, packing: bool = False) -> dict:
+    """`samples` samples (packed rows, with `packing`) of `seq` tokens through a fake copy of the model: bytes of
+    its weights, of its trainable parameters, and of what autograd saves for the backward pass (parameters
+    excluded, each storage once)."""
     default = torch.get_default_dtype()
     nf4.byte_levels(torch.device("cpu")), nf4.dynamic_code()  # cached tables: build them real, not fake
     with FakeTensorMode(allow_non_fake_inputs=True):
@@ -127,10 +134,17 @@ def probe(config: Config, prepare, seq: int, samples: int, dtype, autocast, quan
         x = torch.zeros(samples, seq, dtype=torch.long)
         with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), \
                 torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
-            loss_fn(model.train(), x, x)
+            loss_fn(model.train(), x, x, packed_pos=two_per_row(samples, seq) if packing else None)
         return {"weights": sum(p.numel() * p.element_size() for p in unique(model.parameters())),
                 "trainable": sum(p.numel() * p.element_size() for p in unique(model.parameters()) if p.requires_grad),
                 "saved": sum(saved.values())}
+
+
+def two_per_row(rows: int, seq: int) -> torch.Tensor:
+    """packed_pos (rows, seq) of rows that each hold two samples. What the forward pass saves depends on the
+    shapes only (the mask is (B, 1, T, T) however the samples fall), so any layout stands for all."""
+    half = seq // 2
+    return torch.cat([torch.arange(half), torch.arange(seq - half)]).expand(rows, seq)
 
 
 def unique(params) -> list[torch.Tensor]:
@@ -170,7 +184,7 @@ def plan_run(args: TrainArgs, method: Method, seq: int, world_size: int, device:
                autocast=AUTOCAST.get(args.precision), quantize=args.quantize,
                activation_checkpointing=args.activation_checkpointing,
                loss=lambda model: fast.for_training(model, args.fast), device=device,
-               loss_chunk=CHUNK_TOKENS if args.fast else None)
+               loss_chunk=CHUNK_TOKENS if args.fast else None, packing=args.packing)
     shards = world_size if args.strategy == "fsdp" else 1  # FSDP holds 1/N of the weights and of their states
     one = replace(one, weights=one.weights / shards, gradients=one.gradients / shards, optimizer=one.optimizer / shards)
     estimate = one.with_micro_batch

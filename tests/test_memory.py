@@ -21,6 +21,7 @@ from litft.errors import UserError
 from litft.fast import for_training
 from litft.lora import WEIGHTS, LoRAConfig, add_lora
 from litft.model import Llama
+from litft.packing import collate, pack
 from litft.qlora import quantize
 from litft.train_args import Method, TrainArgs
 
@@ -28,7 +29,8 @@ CONFIG = replace(Config.from_name("tiny-gqa"), n_layer=3)
 METHODS = {"lora": partial(add_lora, config=LoRAConfig(r=4)), "full": lambda model: model.requires_grad_(True)}
 
 
-def real_step(method: str, quantized: bool, checkpointing: bool, fast: bool, samples: int, seq: int) -> dict:
+def real_step(method: str, quantized: bool, checkpointing: bool, fast: bool, samples: int, seq: int,
+              packed: bool = False) -> dict:
     torch.manual_seed(0)
     model = Llama(CONFIG).requires_grad_(False)
     METHODS[method](model)
@@ -45,8 +47,9 @@ def real_step(method: str, quantized: bool, checkpointing: bool, fast: bool, sam
         return t
 
     x = torch.randint(0, CONFIG.vocab_size, (samples, seq))
+    packed_pos = packed_rows(samples, seq)[2] if packed else None
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-        loss = loss_fn(model.train(), x, x)
+        loss = loss_fn(model.train(), x, x, packed_pos=packed_pos)
     loss.backward()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable)
@@ -70,6 +73,32 @@ def test_the_plan_counts_what_a_real_step_holds(method, quantized, checkpointing
                        loss_chunk=256 if fast else None).with_micro_batch(3)
     assert plan.activations == real["activations"]
     assert (plan.weights, plan.gradients, plan.optimizer) == (real["weights"], real["gradients"], real["optimizer"])
+
+
+def packed_rows(rows: int, seq: int):
+    """(input_ids, labels, packed_pos) of `rows` rows of `seq` tokens, each packed by litft/packing.py from two
+    samples (seq - 7 and 7 tokens)."""
+    samples = [{"input_ids": torch.ones(n, dtype=torch.long), "labels": torch.ones(n, dtype=torch.long)}
+               for n in [seq - 7, 7] * rows]
+    x, y, packed_pos = collate(pack(samples, seq), pad_id=0)
+    assert x.shape == (rows, seq) and int((packed_pos == 0).sum()) == 2 * rows
+    return x, y, packed_pos
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "plain"])
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["lora", "lora-checkpointing"])
+def test_the_plan_counts_what_a_real_packed_step_holds(checkpointing, fast):
+    """--packing: the per-sample mask, which attention turns into a float (B, 1, T, T) tensor in each layer and
+    keeps, and rotary tables gathered per token. A plan of unpacked samples misses them."""
+    real = real_step("lora", False, checkpointing, fast, samples=3, seq=20, packed=True)
+
+    def planned(packing: bool) -> float:
+        return memory.plan(CONFIG, METHODS["lora"], 20, dtype=torch.float32, autocast=None, quantize=None,
+                           activation_checkpointing=checkpointing, loss=lambda model: for_training(model, fast),
+                           device=torch.device("cpu"), loss_chunk=256 if fast else None,
+                           packing=packing).with_micro_batch(3).activations
+
+    assert planned(packing=True) == real["activations"] != planned(packing=False)
 
 
 def lora_method() -> Method:
