@@ -258,6 +258,26 @@ def test_user_errors_are_one_line_and_write_nothing(llama3_checkpoint, tmp_path)
     assert not any(p.suffix == ".gguf" for p in [*tmp_path.iterdir(), *llama3_checkpoint.iterdir()])
 
 
+@pytest.mark.parametrize("change", ["unigram", "normalizer"])
+def test_sentencepiece_models_llama_cpp_cannot_reproduce_are_refused(sentencepiece_model, tmp_path, change):
+    """llama.cpp's 'llama' vocabulary is a BPE sentencepiece model without text normalization (Mistral's, the
+    asset, is one); a unigram model, or one that normalizes text (NFKC here), is refused, either way."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    from litft.gguf_vocab import sentencepiece_vocab
+
+    proto = pb.ModelProto()
+    proto.ParseFromString(sentencepiece_model.read_bytes())
+    assert sentencepiece_vocab(sentencepiece_model)["tokenizer.ggml.model"] == "llama"
+    if change == "unigram":
+        proto.trainer_spec.model_type = pb.TrainerSpec.UNIGRAM
+    else:
+        proto.normalizer_spec.name = "nmt_nfkc"
+    (tmp_path / "tokenizer.model").write_bytes(proto.SerializeToString())
+    with pytest.raises(UserError, match="is not a Llama-style sentencepiece model"):
+        sentencepiece_vocab(tmp_path / "tokenizer.model")
+
+
 def test_tokenizers_llama_cpp_cannot_reproduce_are_refused(tmp_path):
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import models, pre_tokenizers

@@ -75,6 +75,20 @@ def test_the_plan_counts_what_a_real_step_holds(method, quantized, checkpointing
     assert (plan.weights, plan.gradients, plan.optimizer) == (real["weights"], real["gradients"], real["optimizer"])
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "plain"])
+def test_a_larger_micro_batch_plans_more_of_what_grows_with_it(fast):
+    """Three samples against one: the backward pass's block of gradients triples, as the activations do (checked
+    against real steps above); the plain loss holds the logits, their softmax and their gradient of every
+    position at once (3 × fp32 × vocabulary per position), the fast loss one chunk however many samples."""
+    one = memory.plan(CONFIG, METHODS["lora"], 20, dtype=torch.float32, autocast=None, quantize=None,
+                      activation_checkpointing=False, loss=lambda model: for_training(model, fast),
+                      device=torch.device("cpu"), loss_chunk=256 if fast else None)
+    three = one.with_micro_batch(3)
+    assert three.backward == 3 * one.backward > 0
+    assert three.loss == 3 * 4 * CONFIG.vocab_size * (20 if fast else 3 * 20)
+    assert (three.weights, three.gradients, three.optimizer) == (one.weights, one.gradients, one.optimizer)
+
+
 def packed_rows(rows: int, seq: int):
     """(input_ids, labels, packed_pos) of `rows` rows of `seq` tokens, each packed by litft/packing.py from two
     samples (seq - 7 and 7 tokens)."""

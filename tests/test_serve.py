@@ -155,6 +155,25 @@ def test_bad_requests_get_a_json_error_and_the_server_goes_on(server, body, stat
     assert ask(client, "qv", "hi").choices[0].message.content  # still serving
 
 
+@pytest.mark.parametrize("path, body, fragment", [
+    ("/v1/completions", {"model": "qv", "prompt": ""}, "prompt must be a non-empty string"),
+    ("/v1/completions", {"model": "qv", "prompt": 5}, "prompt must be a non-empty string"),
+    ("/v1/completions", {"model": "qv", "prompt": ["one", "two"]}, "prompt must be a non-empty string"),
+    ("/v1/completions", {"model": "qv"}, "prompt must be a non-empty string"),
+    ("/v1/chat/completions", '["model", "qv"]', "must be a JSON object"),
+    ("/v1/completions", '"one two"', "must be a JSON object"),
+])
+def test_bad_completions_and_bodies_are_400(server, path, body, fragment):
+    """OpenAI's status for a malformed request is 400 (its client raises BadRequestError; a 401 would read as a bad
+    API key). One prompt may come as a list of one string, as OpenAI's API allows; more than one is refused."""
+    client, port, _ = server
+    got_status, answer = post(port, path, body if isinstance(body, str) else json.dumps(body))
+    assert got_status == 400 and fragment in answer["error"]["message"], answer
+    one = client.completions.create(model="qv", prompt=["one two three"], temperature=0, max_tokens=6)
+    assert one.choices[0].text == client.completions.create(model="qv", prompt="one two three", temperature=0,
+                                                            max_tokens=6).choices[0].text
+
+
 def test_a_client_that_leaves_mid_stream_does_not_stop_the_others(server):
     client, port, _ = server
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)

@@ -172,3 +172,23 @@ def test_transformers_generate_stops_and_prompts_as_litft(qwen_dir, tmp_path, st
     out = hf.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=6)[0, x.shape[1]:]
     assert out.tolist() == chain[1:4]  # the answer and the stop token, then nothing
     assert hf_tokenizer.decode(out, skip_special_tokens=True) == tokenizer.decode(ours) == " fox dog"
+
+
+def test_a_reader_with_fewer_output_tokens_than_the_model_fails_verification():
+    """An output that lost vocabulary rows (a reader whose lm_head is narrower than litft's) cannot be compared
+    token for token: verification stops, naming both widths. A wider one (a padded vocabulary) is compared on
+    litft's columns."""
+    from litft.config import Config
+    from litft.model import Llama
+    from litft.verify import Reader, compare, reference
+
+    torch.manual_seed(0)
+    model = Llama(Config.from_name("tiny-gqa")).eval()
+    ref = reference(model, None, None, set())  # token-id prompts
+    with torch.no_grad():
+        narrow = Reader("narrow", lambda ids: model(ids[None])[0][:, :-1])  # (T, 255)
+        wide = Reader("wide", lambda ids: torch.nn.functional.pad(model(ids[None])[0], (0, 3)))  # (T, 259)
+        with pytest.raises(UserError, match="narrow has 255 output tokens, litft's model 256"):
+            compare(ref, narrow)
+        outcome = compare(ref, wide)
+    assert outcome.max_delta < 1e-5 and outcome.equal == outcome.total
