@@ -12,9 +12,9 @@ The activations are not derived by hand: the forward pass of the run's own model
 quantization, loss and --packing) runs on fake tensors (torch's FakeTensorMode: shapes and dtypes only, no
 memory and no arithmetic), for 1 and for 2 samples, and the tensors autograd saves are summed. It sees what the
 code saves, so it follows the code when the code changes; tests/test_memory.py compares it with a real step.
-Packed rows, for instance, attend under a per-sample mask: scaled_dot_product_attention turns the (B, 1, T, T)
-boolean mask into a float one in every layer and keeps it for the backward pass, and the rotary tables are
-gathered per token, (B, 1, T, head_size) instead of a view of the shared table.
+Packed rows, for instance, attend under a per-sample float mask (B, 1, T, T) that every layer keeps a reference
+to for the backward pass, and their rotary tables are gathered per token, (B, 1, T, head_size) instead of a view
+of the shared table.
 """
 
 from __future__ import annotations

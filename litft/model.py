@@ -68,7 +68,7 @@ class Llama(nn.Module):
             pos, cos, sin = None, cos[packed_pos][:, None], sin[packed_pos][:, None]  # (B, 1, T, hs)
             sample = (packed_pos == 0).cumsum(dim=1)  # (B, T): which sample of the row each token belongs to
             causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-            mask = ((sample[:, :, None] == sample[:, None, :]) & causal)[:, None]  # (B, 1, T, T)
+            mask = additive_mask(((sample[:, :, None] == sample[:, None, :]) & causal)[:, None], x)  # (B, 1, T, T)
         elif input_pos is None:  # training / plain forward: positions 0..T-1, causal mask
             cos, sin = self.rope(T, x.device)
             pos, mask, cos, sin = None, None, cos[:T], sin[:T]
@@ -168,6 +168,15 @@ class Attention(nn.Module):
             y = y + self.prefix(self, q)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_size)  # (B, T, nh·hs)
         return self.o_proj(y)
+
+
+def additive_mask(allowed: Tensor, x: Tensor) -> Tensor:
+    """A boolean attention mask as the float one attention adds to its scores: 0 where allowed, -inf elsewhere,
+    in the dtype attention computes in (autocast's where it is on). Built once and shared by every layer; given
+    the boolean mask, each layer would convert it itself and keep its own copy for the backward pass."""
+    kind = x.device.type
+    dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+    return torch.zeros(allowed.shape, dtype=dtype, device=x.device).masked_fill_(~allowed, float("-inf"))
 
 
 class MLP(nn.Module):
