@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks that issues 14 (QLoRA) and 15 (the memory plan, packing) leave open, as one command for a lent
-# GPU machine: at most 8 min 30 s, each part bounded by `timeout`, every output also written to $OUT.
+# GPU machine: at most 9 minutes, each part bounded by `timeout`, every output also written to $OUT.
 #
 #   bash bench/gpu_wheels.sh                                  # here, once: .whl/ (bitsandbytes, litgpt, ...)
 #   device run, carry [.whl, data/games], command: bash bench/gpu_session.sh
@@ -27,7 +27,7 @@ part() {  # part NAME SECONDS COMMAND...: run it bounded, show and keep its outp
     timeout "$limit" "$@" 2>&1 | grep -v "Failed to load CPU gemm_4bit_forward" | tee "$out/$name.txt"
 }
 
-part machine 60 sh -c 'nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c "
+part machine 30 sh -c 'nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c "
 import importlib
 for m in (\"torch\", \"transformers\", \"peft\", \"lightning\", \"bitsandbytes\", \"litgpt\"):
     try:
