@@ -68,11 +68,12 @@ class Llama(nn.Module):
             pos, cos, sin = None, cos[packed_pos][:, None], sin[packed_pos][:, None]  # (B, 1, T, hs)
             sample = (packed_pos == 0).cumsum(dim=1)  # (B, T): which sample of the row each token belongs to
             causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-            mask = additive_mask(((sample[:, :, None] == sample[:, None, :]) & causal)[:, None], x)  # (B, 1, T, T)
+            same_sample = (sample[:, :, None] == sample[:, None, :]) & causal  # (B, T, T) bool
+            mask = additive_mask(same_sample[:, None], like=x)  # (B, 1, T, T) float, shared by every layer
         elif input_pos is None:  # training / plain forward: positions 0..T-1, causal mask
             cos, sin = self.rope(T, x.device)
             pos, mask, cos, sin = None, None, cos[:T], sin[:T]
-        else:  # decoding: attend to every cached position <= our own
+        else:  # decoding: attend to every cached position <= our own (no backward pass: a boolean mask will do)
             end = int(input_pos.max()) + 1
             cos, sin = self.rope(end, x.device)
             pos, cos, sin = input_pos, cos[input_pos], sin[input_pos]
@@ -127,6 +128,19 @@ class Llama(nn.Module):
             block.attn.kv_cache = None
 
 
+def additive_mask(allowed: Tensor, like: Tensor) -> Tensor:
+    """(B, 1, T, T) bool -> the same shape in float, as attention adds it to its scores: 0 where allowed, -inf
+    elsewhere, in the dtype attention computes in (autocast's where it is on, else `like`'s), on `like`'s device.
+    Built once and shared by every layer: given a boolean mask, each layer would convert it and keep its own copy
+    for the backward pass. Rows are allocated to a multiple of 8 entries and cut back to T: CUDA's memory-efficient
+    attention needs that alignment and would otherwise pad a copy in every layer."""
+    device_type = like.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else like.dtype
+    T = allowed.size(-1)
+    mask = torch.zeros(*allowed.shape[:-1], -(-T // 8) * 8, dtype=dtype, device=like.device)[..., :T]
+    return mask.masked_fill_(~allowed, float("-inf"))
+
+
 class Block(nn.Module):
     def __init__(self, config: Config) -> None:
         super().__init__()
@@ -168,15 +182,6 @@ class Attention(nn.Module):
             y = y + self.prefix(self, q)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_size)  # (B, T, nh·hs)
         return self.o_proj(y)
-
-
-def additive_mask(allowed: Tensor, x: Tensor) -> Tensor:
-    """A boolean attention mask as the float one attention adds to its scores: 0 where allowed, -inf elsewhere,
-    in the dtype attention computes in (autocast's where it is on). Built once and shared by every layer; given
-    the boolean mask, each layer would convert it itself and keep its own copy for the backward pass."""
-    kind = x.device.type
-    dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
-    return torch.zeros(allowed.shape, dtype=dtype, device=x.device).masked_fill_(~allowed, float("-inf"))
 
 
 class MLP(nn.Module):

@@ -123,8 +123,8 @@ def test_packed_rows_keep_one_mask_for_every_layer(autocast):
     layer in fp32, 30 × 4 MB at micro batch 4 × 512 for SmolLM2-135M."""
     def fourth_layer(packed: bool) -> int:
         def step(n_layer: int) -> int:
-            return real_step("lora", False, False, True, samples=3, seq=20, packed=packed,
-                             config=replace(CONFIG, n_layer=n_layer), autocast=autocast)["activations"]
+            return real_step("lora", quantized=False, checkpointing=False, fast=True, samples=3, seq=20,
+                             packed=packed, config=replace(CONFIG, n_layer=n_layer), autocast=autocast)["activations"]
         return step(4) - step(3)
 
     assert fourth_layer(packed=True) == fourth_layer(packed=False) > 0

@@ -22,6 +22,7 @@ from litft.data import collate as pad_collate
 from litft.data import cut
 from litft.fast.chunked_loss import chunked_lm_loss
 from litft.loss import IGNORE_INDEX, causal_lm_loss, shift_labels
+from litft.model import additive_mask
 from litft.packing import best_fit_decreasing, collate, pack
 
 transformers = pytest.importorskip("transformers")
@@ -181,6 +182,16 @@ def test_packed_rows_under_bf16_autocast_keep_each_sample_apart():
     for k, (r, start, n) in enumerate(where_each_sample_is(data, rows)):
         # bf16 moves these losses by < 2e-3; a sample that sees the one before it moves them by ~0.1
         torch.testing.assert_close(packed[r, start:start + n], unpacked[k], atol=1e-2, rtol=0)
+
+
+def test_the_shared_mask_is_the_boolean_one_with_rows_aligned_for_cuda():
+    """13 positions: the float mask is 0 where the boolean one allows and -inf elsewhere, and its rows start every
+    16 entries. CUDA's memory-efficient attention copies a mask whose strides are not multiples of 8 into a padded
+    one, in every layer (preprocess_mask in torch's attention.cpp), undoing the sharing."""
+    allowed = torch.rand(2, 1, 13, 13, generator=torch.Generator().manual_seed(0)) > 0.5
+    mask = additive_mask(allowed, like=torch.zeros(1))
+    assert mask.shape == allowed.shape and mask.stride() == (13 * 16, 13 * 16, 16, 1)  # rows of 16, cut to 13
+    assert torch.equal(mask == 0, allowed) and bool((mask[~allowed] == float("-inf")).all())
 
 
 def test_without_packed_pos_later_samples_see_earlier_ones():
