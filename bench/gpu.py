@@ -17,8 +17,10 @@ bfloat16, timing `steps` optimizer steps after `warmup`, for each library in tur
 and QLoRA, the frozen linear weights in 4-bit NF4 (block size 64), compute in bf16:
 
     litft-qlora           litft with --quantize nf4: litft.qlora.quantize after add_lora (litft/train.py's order)
-    transformers-qlora    peft's recipe: the model saved and loaded back by from_pretrained with a
-                          BitsAndBytesConfig (nf4, bf16 compute), prepare_model_for_kbit_training, get_peft_model
+    transformers-qlora    peft's QLoRA recipe: the model saved and loaded back by from_pretrained with a
+                          BitsAndBytesConfig (nf4, bf16 compute), prepare_model_for_kbit_training (which makes the
+                          embedding, norms and lm_head fp32), get_peft_model; the step under bf16 autocast, as
+                          transformers' Trainer(bf16=True) runs it (without it every activation would be fp32)
     litgpt-qlora          litgpt finetune/lora.py --quantize bnb.nf4: Fabric's BitsandbytesPrecision("nf4") swaps
                           every nn.Linear for bitsandbytes' 4-bit layer as the model is built (lm_head included)
 
@@ -92,7 +94,7 @@ def plain_step(model: torch.nn.Module, loss_fn: Callable[[torch.Tensor], torch.T
 def litft_step(fabric: Fabric, config: Config, compile: bool = False, quantize: str | None = None) -> Step:
     with torch.device("meta"):
         model = Llama(config)
-    model.to_empty(device=fabric.device).to(torch.bfloat16)
+    model.to(torch.bfloat16).to_empty(device=fabric.device)  # bf16 on the meta device: no fp32 copy on the GPU
     model.tie_weights()
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.02) if p.dim() == 2 else torch.nn.init.ones_(p)
@@ -161,7 +163,12 @@ def transformers_qlora_step(device: torch.device, config: Config) -> Step:
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)  # norms, embedding in fp32
     model = get_peft_model(model, LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=DROPOUT,
                                              target_modules=LORA_TARGETS_HF)).train()
-    return plain_step(model, lambda x: model(input_ids=x, labels=x).loss)
+
+    def loss(x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            return model(input_ids=x, labels=x).loss
+
+    return plain_step(model, loss)
 
 
 def scratch_dir(nbytes: int) -> str | None:

@@ -1,7 +1,7 @@
 """The memory plan against a GPU's measured peak: what every finetune/ run prints before loading weights, beside
 torch.cuda.max_memory_allocated of the same steps.
 
-    python bench/gpu_memory.py                                 # a GPU: 24 rows, about a minute on an H200
+    python bench/gpu_memory.py                                 # a GPU: 12 rows
     python bench/gpu_memory.py --device cpu --model tiny-gqa   # the script's logic on a CPU (no peak to compare)
 
 For each method (LoRA, QLoRA with --quantize nf4, full fine-tuning), sequence length and activation
@@ -9,7 +9,8 @@ checkpointing off and on, one row: litft/memory.py plans the step from the confi
 does, with finetune's precision mapping), then the model is built as finetune/*.py builds it (random weights:
 memory does not depend on their values), handed to Fabric with `precision` (bf16-mixed, finetune's default on a
 GPU: fp32 weights, bf16 compute), and trained for `steps` optimizer steps of micro batch × seq tokens. Printed:
-planned GB, measured GB (peak allocated since the row began) and planned / measured; issue 15 asks for
+planned GB, measured GB (the peak allocated during the steps, the model's own bytes included; building it is
+left out, since finetune/*.py builds and quantizes on the CPU) and planned / measured; issue 15 asks for
 0.75-1.25×. bench/memory.py is the same comparison on a CPU, against resident memory.
 """
 
@@ -29,17 +30,19 @@ from litft.fast import for_training
 from litft.lora import LoRAConfig, add_lora
 from litft.model import Llama
 
-METHODS: dict[str, Callable[[Llama], None]] = {
-    "lora": partial(add_lora, config=LoRAConfig(r=8, alpha=16, dropout=0.05)),  # finetune/lora.py's defaults
-    "qlora": partial(add_lora, config=LoRAConfig(r=8, alpha=16, dropout=0.05)),  # the same, on an NF4 base
-    "full": lambda model: model.requires_grad_(True),
+LORA = partial(add_lora, config=LoRAConfig(r=8, alpha=16, dropout=0.05))  # finetune/lora.py's defaults
+METHODS: dict[str, tuple[Callable[[Llama], None], str | None]] = {  # name: (prepare the model, --quantize)
+    "lora": (LORA, None),
+    "qlora": (LORA, "nf4"),
+    "full": (lambda model: model.requires_grad_(True), None),
 }
 
 
 def planned_bytes(config: Config, method: str, seq: int, micro: int, precision: str, checkpointing: bool,
                   device: torch.device) -> float:
-    plan = memory.plan(config, METHODS[method], seq, dtype=memory.PARAM_DTYPES.get(precision, torch.float32),
-                       autocast=memory.AUTOCAST.get(precision), quantize="nf4" if method == "qlora" else None,
+    prepare, quantize = METHODS[method]
+    plan = memory.plan(config, prepare, seq, dtype=memory.PARAM_DTYPES.get(precision, torch.float32),
+                       autocast=memory.AUTOCAST.get(precision), quantize=quantize,
                        activation_checkpointing=checkpointing, loss=lambda model: for_training(model, True),
                        device=device)
     return plan.with_micro_batch(micro).total
@@ -50,21 +53,22 @@ def measured_bytes(fabric: Fabric, config: Config, method: str, seq: int, micro:
     """Peak allocated bytes over `steps` real steps of the model finetune/*.py would build (on a CPU: 0)."""
     on_gpu = fabric.device.type == "cuda"
     gc.collect()
-    if on_gpu:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(fabric.device)
     with fabric.init_module():  # on the device, in the precision's parameter dtype
         model = Llama(config)
     model.requires_grad_(False)
-    METHODS[method](model)
-    if method == "qlora":
-        qlora.quantize(model, "nf4")
+    prepare, quantize = METHODS[method]
+    prepare(model)
+    if quantize:
+        qlora.quantize(model, quantize)
     model.activation_checkpointing = checkpointing
     loss_fn = for_training(model, True)
     wrapped = fabric.setup_module(model)
     wrapped.mark_forward_method("hidden_states")
     optimizer = fabric.setup_optimizers(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]))
     x = torch.randint(0, config.vocab_size, (micro, seq), device=fabric.device)
+    if on_gpu:  # from here on: what the steps hold, the model and its optimizer included
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(fabric.device)
     for _ in range(steps):
         with fabric.autocast():
             loss = loss_fn(wrapped, x, x)

@@ -24,18 +24,20 @@ part() {  # part NAME SECONDS COMMAND...: run it bounded, show and keep its outp
     local name=$1 limit=$2
     shift 2
     echo "== $name ($(date +%T), at most ${limit} s): $*"
-    timeout "$limit" "$@" 2>&1 | grep -v "Failed to load CPU gemm_4bit_forward" | tee "$out/$name.txt"
+    timeout -k 10 "$limit" "$@" 2>&1 | grep --line-buffered -v "Failed to load CPU gemm_4bit_forward" \
+        | tee "$out/$name.txt"
 }
 
-part machine 30 sh -c 'nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c "
-import importlib
+part machine 60 sh -c 'nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c "
+import importlib, importlib.metadata
 for m in (\"torch\", \"transformers\", \"peft\", \"lightning\", \"bitsandbytes\", \"litgpt\"):
     try:
-        print(m, importlib.import_module(m).__version__)
+        importlib.import_module(m)
+        print(m, importlib.metadata.version(m))
     except Exception as e:
         print(m, \"missing:\", e)"'
-part qlora 270 python3 bench/gpu.py --frameworks '[litft,litft-qlora,transformers-qlora,litgpt-qlora]' --fsdp_steps 0
+part qlora 240 python3 bench/gpu.py --frameworks '[litft,litft-qlora,litgpt-qlora,transformers-qlora]' --fsdp_steps 0
 part plan 120 python3 bench/gpu_memory.py
-part packing 120 python3 bench/packing.py --device cuda --precision bf16-true --model Llama-2-7b-hf \
+part packing 90 python3 bench/packing.py --device cuda --precision bf16-true --model Llama-2-7b-hf \
     --micro_batch_size 16 --steps 16 --warmup 2
 echo "== done $(date +%T)"
