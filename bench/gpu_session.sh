@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The GPU checks that issues 14 (QLoRA) and 15 (the memory plan, packing) leave open, as one command for a lent
-# GPU machine: at most 9 minutes, each part bounded by `timeout`, every output also written to $OUT.
+# The GPU checks that issues 14 (QLoRA) and 15 (the memory plan, packing) leave open, as one command for a GPU
+# machine: at most 9 minutes, each part bounded by `timeout`, every output also written to $OUT (default out/gpu).
 #
-#   bash bench/gpu_wheels.sh                                  # here, once: .whl/ (bitsandbytes, litgpt, ...)
-#   device run, carry [.whl, data/games], command: bash bench/gpu_session.sh
+#   bash bench/gpu_wheels.sh          # where PyPI is reachable: .whl/ (bitsandbytes, litgpt, jsonargparse)
+#   bash bench/gpu_session.sh         # on the GPU machine, in a copy of the repository with .whl/ and data/games/
 #
 # 1. QLoRA on Llama-2-7B shapes (bf16, micro batch 4 × 2048): litft --quantize nf4 beside litft LoRA, peft +
 #    bitsandbytes and litgpt --quantize bnb.nf4; step time, peak memory, and litft/memory.py's plans (bench/gpu.py).

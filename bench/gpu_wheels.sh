@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The packages bench/gpu_session.sh needs that a lent GPU machine lacks, as wheels in .whl/ (git-ignored), for the
-# device tool to carry there (its README: 64 MiB in all; these are about 45 MB). Run here, where PyPI is reachable:
+# The packages bench/gpu_session.sh needs beyond a CUDA machine's usual stack (torch, transformers, peft, lightning),
+# as wheels in .whl/ (git-ignored, about 45 MB), for a GPU machine that cannot reach PyPI: fetch them where PyPI is
+# reachable, then copy .whl/ with the repository.
 #   bash bench/gpu_wheels.sh
-# Pinned to the versions bench/RESULTS.md reports; --no-deps because torch, transformers, peft, lightning and the
-# rest are already there (/work/.library/device/KINDS.md lists them).
+# Pinned to the versions bench/RESULTS.md reports; --no-deps: the rest is expected to be there already.
 set -eu
 cd "$(dirname "$0")/.."
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
