@@ -21,7 +21,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 from frameworks import StepSpec, build, litft_plan
@@ -54,7 +54,8 @@ def reset_peak_rss() -> None:
 
 def main(framework: Literal["litft", "litft-plain", "litft-qlora", "transformers", "transformers-qlora", "litgpt"],
          method: Literal["lora", "full"] = "lora",
-         model: str = "SmolLM2-135M", seq: int = 256, micro_batch_size: int = 4, precision: Literal["32-true", "bf16-mixed"] = "32-true",
+         model: str = "SmolLM2-135M", seq: int = 256, micro_batch_size: int = 4,
+         precision: Literal["32-true", "bf16-mixed"] = "32-true",
          dropout: float = 0.05, threads: int = 0, seed: int = 0,
          activation_checkpointing: bool = False) -> None:
     """Serve timed training steps of one library over stdin/stdout.
@@ -97,6 +98,15 @@ def main(framework: Literal["litft", "litft-plain", "litft-qlora", "transformers
         return loss.item()
 
     print("ready", flush=True)
+    answer_commands(step, lambda: {"peak_rss_mb": peak_rss_mb(), "build_peak_rss_mb": build_peak_mb,
+                                   "built_rss_mb": built_mb, "trainable": sum(p.numel() for p in trainable),
+                                   "planned_mb": plan.total / 1e6 if plan else None,
+                                   "threads": torch.get_num_threads()})
+
+
+def answer_commands(step: Callable[[], float], report: Callable[[], dict]) -> None:
+    """Read commands from stdin: `step N` runs N steps and prints a JSON line of their seconds and the first loss;
+    `quit` prints report() as a JSON line and returns."""
     for line in sys.stdin:
         cmd, *arg = line.split()
         if cmd == "step":
@@ -107,11 +117,7 @@ def main(framework: Literal["litft", "litft-plain", "litft-qlora", "transformers
                 seconds.append(time.perf_counter() - t0)
             print(json.dumps({"seconds": seconds, "loss": losses[0]}), flush=True)
         elif cmd == "quit":
-            print(json.dumps({"peak_rss_mb": peak_rss_mb(), "build_peak_rss_mb": build_peak_mb,
-                              "built_rss_mb": built_mb, "trainable": sum(p.numel() for p in trainable),
-                              "planned_mb": plan.total / 1e6 if plan else None,
-                              "threads": torch.get_num_threads()}),
-                  flush=True)
+            print(json.dumps(report()), flush=True)
             return
 
 
