@@ -15,6 +15,7 @@ Anything else in out_dir (notes, a README, other folders) belongs to the user an
                          method settings, data (by fingerprint), batch shape, sequence length, packing, seed and
                          number of processes. The first difference is one line, before any file is touched.
 
+Both refusals come before the data, the base or Lightning is loaded (`check`): a wrong flag costs seconds.
 Every start that goes ahead removes what a killed save left behind: `.<name>.*.tmp` files and
 `checkpoints/*.tmp` directories. run.yaml's run_id goes into every checkpoint, and the keep-newest-two rotation
 deletes only checkpoints with this run's id (litft/train_state.py).
@@ -46,6 +47,18 @@ SETTINGS = ("batch_size", "micro_batch_size", "max_seq_length", "seed")  # flags
 DATA_FILES = ("meta.json", "prompt_style.yaml", "train.pt", "test.pt")
 
 
+def check(args, method) -> None:
+    """`start`'s refusals, read-only and before anything is loaded, so that a wrong flag costs seconds: a fresh run
+    into a used out_dir, a resume of another run. A resumed --micro_batch_size auto takes the size the run started
+    with. Any process may call it; `start` decides again on rank 0, where it also clears."""
+    if args.resume and args.micro_batch_size == "auto":
+        args.micro_batch_size = recorded(args.out_dir, "micro_batch_size") or "auto"
+    if args.resume:
+        check_resume(args, method)
+    elif not args.overwrite:
+        check_unused(Path(args.out_dir))
+
+
 def start(args, method) -> str:
     """Check out_dir for this run and clear what must go; return the run's id. Rank 0 only, before any write."""
     out = Path(args.out_dir)
@@ -53,17 +66,24 @@ def start(args, method) -> str:
         run_id = check_resume(args, method)
     else:
         found = run_files(out)
-        if found and not args.overwrite:
-            shown = ", ".join(str(p.relative_to(out)) for p in found[:3])
-            raise UserError(f"--out_dir {out} holds an earlier run ({shown}{', ...' if len(found) > 3 else ''}); "
-                            "continue it with --resume true, replace it with --overwrite true, or choose another "
-                            "--out_dir")
+        if not args.overwrite:
+            check_unused(out)
         if found:
             print(f"--overwrite: removing the earlier run's files from {out}", file=sys.stderr)
             remove(found)
         run_id = uuid.uuid4().hex[:12]
     remove(orphans(out))
     return run_id
+
+
+def check_unused(out: Path) -> None:
+    """A fresh run's out_dir may not hold another run's files."""
+    found = run_files(out)
+    if found:
+        shown = ", ".join(str(p.relative_to(out)) for p in found[:3])
+        raise UserError(f"--out_dir {out} holds an earlier run ({shown}{', ...' if len(found) > 3 else ''}); "
+                        "continue it with --resume true, replace it with --overwrite true, or choose another "
+                        "--out_dir")
 
 
 def check_out_dir(args) -> None:

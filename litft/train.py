@@ -63,6 +63,7 @@ def fit(args: TrainArgs, method: Method) -> dict:
     Everything is read and checked first (flags, data, base, out_dir); only then is out_dir written to."""
     args.validate()
     method.check_quantize(args.quantize)
+    run_dir.check(args, method)  # a used out_dir or a resume of another run: refused before anything loads
     fabric = make_fabric(args)
     fabric.launch()
     if args.compile:
@@ -103,10 +104,9 @@ def fit(args: TrainArgs, method: Method) -> dict:
 
 def plan_memory(fabric: Fabric, args: TrainArgs, method: Method, train_data: list[dict]) -> None:
     """Print the run's memory plan before any weight is read; resolve --micro_batch_size auto (rank 0 decides,
-    the others follow; a resumed run keeps the size it started with); refuse a run that would not fit."""
+    the others follow; a resumed run kept the size it started with, run_dir.check); refuse a run that would not
+    fit."""
     seq = args.max_seq_length or longest(train_data)
-    if args.micro_batch_size == "auto" and args.resume:
-        args.micro_batch_size = run_dir.recorded(args.out_dir, "micro_batch_size") or "auto"
     outcome = (0, "", None)
     if fabric.global_rank == 0:
         try:

@@ -135,8 +135,10 @@ def test_a_resume_with_another_method_is_refused_untouched(tiny, done_run, tmp_p
 
 
 def test_resume_removes_orphans_and_rotation_spares_other_runs(tiny, done_run, tmp_path):
-    """A resume on a copy of the base (another path, the same fingerprint) goes ahead; the temporary files of a
-    killed save are gone; the rotation deletes this run's step 3 but not a checkpoint another run wrote."""
+    """A resume on a copy of the base (another path, the same fingerprint) goes ahead, and with
+    --micro_batch_size auto it takes the size the run started with (2, where auto alone would pick 4 of the batch
+    of 4); the temporary files of a killed save are gone; the rotation deletes this run's step 3 but not a
+    checkpoint another run wrote."""
     out = copy_run(done_run, tmp_path)
     foreign = out / "checkpoints" / "step-000001"
     shutil.copytree(out / "checkpoints" / "step-000003", foreign)
@@ -149,7 +151,8 @@ def test_resume_removes_orphans_and_rotation_spares_other_runs(tiny, done_run, t
     base = tmp_path / "moved-base"
     shutil.copytree(tiny["ckpt"], base)
 
-    proc = finetune(tiny, out, "--resume", "true", "--max_steps", "9", "--checkpoint_dir", base)
+    proc = finetune(tiny, out, "--resume", "true", "--max_steps", "9", "--checkpoint_dir", base,
+                    "--micro_batch_size", "auto")
     assert "resumed from step 6" in proc.stderr
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000001", "step-000006", "step-000009"]
     assert not any(orphan.exists() for orphan in orphans)
