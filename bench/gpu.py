@@ -117,42 +117,59 @@ def litft_step(fabric: Fabric, config: Config, compile: bool = False, quantize: 
     return step
 
 
-def transformers_step(device: torch.device, config: Config) -> Step:
-    from peft import LoraConfig, get_peft_model
+def hf_llama(device: torch.device, config: Config) -> torch.nn.Module:
+    """transformers' LlamaForCausalLM of `config`'s shapes, built on `device` in bf16 (SDPA attention)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     with building_on(device):
-        model = LlamaForCausalLM(LlamaConfig(**config.to_hf_config(), attn_implementation="sdpa"))
-    model = get_peft_model(model, LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=DROPOUT,
-                                             target_modules=LORA_TARGETS_HF)).train()
+        return LlamaForCausalLM(LlamaConfig(**config.to_hf_config(), attn_implementation="sdpa"))
+
+
+def with_peft_lora(model: torch.nn.Module) -> torch.nn.Module:
+    """get_peft_model with this script's LoRA (r, alpha, dropout; all seven linear layers), in training mode."""
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=DROPOUT,
+                                            target_modules=LORA_TARGETS_HF)).train()
+
+
+def transformers_step(device: torch.device, config: Config) -> Step:
+    model = with_peft_lora(hf_llama(device, config))
     return plain_step(model, lambda x: model(input_ids=x, labels=x).loss)
 
 
-def litgpt_step(device: torch.device, config: Config) -> Step:
+def litgpt_lora_model(config: Config) -> torch.nn.Module:
+    """litgpt.lora.GPT of `config`'s shapes with this script's LoRA on all seven linear layers, only LoRA trainable;
+    built on the current default device and dtype."""
     from litgpt.lora import GPT, mark_only_lora_as_trainable
     from litgpt.lora import Config as LitGPTConfig
+
+    model = GPT(LitGPTConfig(**litgpt_shapes(config), lora_r=R, lora_alpha=ALPHA, lora_dropout=DROPOUT,
+                             lora_query=True, lora_key=True, lora_value=True, lora_projection=True, lora_mlp=True))
+    mark_only_lora_as_trainable(model)
+    return model
+
+
+def litgpt_loss(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """As litgpt/finetune/lora.py: lm_head in chunks of 128 positions, chunked cross-entropy on next tokens."""
     from litgpt.utils import chunked_cross_entropy
 
+    logits = model(x, lm_head_chunk_size=128)
+    logits[-1] = logits[-1][..., :-1, :]
+    return chunked_cross_entropy(logits, x[..., 1:])
+
+
+def litgpt_step(device: torch.device, config: Config) -> Step:
     with building_on(device):
-        model = GPT(LitGPTConfig(**litgpt_shapes(config), lora_r=R, lora_alpha=ALPHA, lora_dropout=DROPOUT,
-                                 lora_query=True, lora_key=True, lora_value=True, lora_projection=True,
-                                 lora_mlp=True))
-    mark_only_lora_as_trainable(model)
-
-    def loss(x: torch.Tensor) -> torch.Tensor:
-        logits = model(x, lm_head_chunk_size=128)
-        logits[-1] = logits[-1][..., :-1, :]
-        return chunked_cross_entropy(logits, x[..., 1:])
-
-    return plain_step(model.train(), loss)
+        model = litgpt_lora_model(config)
+    return plain_step(model.train(), lambda x: litgpt_loss(model, x))
 
 
 def transformers_qlora_step(device: torch.device, config: Config) -> Step:
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+    from peft import prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
 
-    with building_on(device):
-        model = LlamaForCausalLM(LlamaConfig(**config.to_hf_config(), attn_implementation="sdpa"))
+    model = hf_llama(device, config)
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
     with tempfile.TemporaryDirectory(dir=scratch_dir(2 * model.num_parameters())) as saved:
         model.save_pretrained(saved)  # from_pretrained is the one way to apply a BitsAndBytesConfig
@@ -161,8 +178,7 @@ def transformers_qlora_step(device: torch.device, config: Config) -> Step:
         model = LlamaForCausalLM.from_pretrained(saved, quantization_config=bnb, device_map={"": device},
                                                  dtype=torch.bfloat16, attn_implementation="sdpa")
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)  # norms, embedding in fp32
-    model = get_peft_model(model, LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=DROPOUT,
-                                             target_modules=LORA_TARGETS_HF)).train()
+    model = with_peft_lora(model)
 
     def loss(x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device.type, dtype=torch.bfloat16):
@@ -178,23 +194,15 @@ def scratch_dir(nbytes: int) -> str | None:
 
 def litgpt_qlora_step(config: Config) -> Step:
     from lightning.fabric.plugins import BitsandbytesPrecision
-    from litgpt.lora import GPT, mark_only_lora_as_trainable
-    from litgpt.lora import Config as LitGPTConfig
-    from litgpt.utils import chunked_cross_entropy
 
     fabric = Fabric(accelerator="cuda", devices=1, plugins=BitsandbytesPrecision("nf4", torch.bfloat16))
     with fabric.init_module(empty_init=False):  # on the GPU each linear layer is quantized as it is created
-        model = GPT(LitGPTConfig(**litgpt_shapes(config), lora_r=R, lora_alpha=ALPHA, lora_dropout=DROPOUT,
-                                 lora_query=True, lora_key=True, lora_value=True, lora_projection=True,
-                                 lora_mlp=True))
-    mark_only_lora_as_trainable(model)
+        model = litgpt_lora_model(config)
     model = fabric.setup_module(model)
     optimizer = fabric.setup_optimizers(adamw(model))
 
     def step(x: torch.Tensor) -> None:
-        logits = model(x, lm_head_chunk_size=128)
-        logits[-1] = logits[-1][..., :-1, :]
-        fabric.backward(chunked_cross_entropy(logits, x[..., 1:]))
+        fabric.backward(litgpt_loss(model, x))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
