@@ -115,24 +115,46 @@ class NF4Weight:
             return self.absmax
         return dequantize_blocks(self.absmax, self.absmax_scale, dynamic_code(), ABSMAX_BLOCK) + self.absmax_offset
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        """ŵ = code[index] · absmax, in `dtype`, with the original shape.
+    def dequantize(self, dtype: torch.dtype = torch.float32, workspace: "Workspace | None" = None) -> Tensor:
+        """ŵ = code[index] · absmax, in `dtype`, with the original shape: a new tensor, or with a workspace a view
+        of its memory, valid until the workspace's next use.
 
         One lookup per byte rather than per index: a byte holds two indices, so a table of the 256 possible
         bytes' level pairs, each pair one 64-bit entry, turns the packed weight into its levels in one gather
         (on a (1536, 576) weight, 2 CPU threads: 0.32 ms, against 0.82 ms from a (256, 2) table and 1.4 ms
         unpacking the nibbles and looking each up)."""
-        n = self.shape.numel()
-        pairs = torch.index_select(byte_levels(self.packed.device), 0, self.packed.int())  # (bytes,) int64
-        levels = pairs.view(torch.float32)  # (2·bytes,): each entry's two levels, high nibble first
+        n, device = self.shape.numel(), self.packed.device
+        space = workspace or Workspace()  # a fresh one allocates new tensors, which the caller then owns
+        index = space.tensor("index", self.packed.shape, torch.int32, device).copy_(self.packed)  # (bytes,)
+        pairs = space.tensor("levels", self.packed.shape, torch.int64, device)  # (bytes,)
+        levels = torch.index_select(byte_levels(device), 0, index, out=pairs).view(torch.float32)  # (2·bytes,)
         if levels.numel() % BLOCK:  # a last block shorter than 64
             levels = torch.nn.functional.pad(levels, (0, -levels.numel() % BLOCK))
         levels = levels.view(-1, BLOCK).mul_(self.block_absmax()[:, None])  # (n_blocks, 64)
-        return levels.flatten()[:n].view(self.shape).to(dtype)
+        weight = levels.flatten()[:n].view(self.shape)  # fp32
+        return weight if dtype == torch.float32 else space.tensor("weight", self.shape, dtype, device).copy_(weight)
 
     def nbytes(self) -> int:
         tensors = (self.packed, self.absmax, self.absmax_scale, self.absmax_offset)
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+class Workspace:
+    """Memory that the NF4 layers of one model rebuild their weights in, each in turn, reused from one matmul to
+    the next. Layers run one at a time and are done with their ŵ before the next one starts, so the model holds
+    one layer's ŵ (its largest) instead of allocating a fresh one for every matmul: on a CPU, freeing those back
+    and forth among a step's activations leaves glibc's heap fragmented and resident (see bench/RESULTS.md)."""
+
+    def __init__(self) -> None:
+        self.slots: dict[str, Tensor] = {}
+
+    def tensor(self, slot: str, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """An uninitialised tensor in `slot`'s memory, which grows to the largest shape asked for."""
+        nbytes = shape.numel() * dtype.itemsize
+        memory = self.slots.get(slot)
+        if memory is None or memory.numel() < nbytes or memory.device != device:
+            memory = self.slots[slot] = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        return memory[:nbytes].view(dtype).view(shape)
 
 
 @functools.cache

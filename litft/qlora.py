@@ -4,7 +4,7 @@ LoRA (litft/lora.py) trains A and B and only ever reads W. QLoRA therefore store
 the blocks in NF4 (litft/nf4.py: 4 bits per weight and a scale per 64) and rebuilds it, in the compute dtype,
 each time a matmul needs it:
 
-    h = Ŵ x + (α/r) · B A dropout(x)          Ŵ = dequantize(NF4(W)), never kept in full precision
+    h = Ŵ x + (α/r) · B A dropout(x)          Ŵ = dequantize(NF4(W)), one layer's at a time in full precision
 
 Gradients reach A, B and x (through Ŵᵀ in the backward pass, which dequantizes W once more) but never Ŵ, so the
 4-bit weights need neither gradients nor optimizer state. The embedding, lm_head and the norms stay in full
@@ -27,21 +27,22 @@ from torch import Tensor
 from litft.errors import UserError
 from litft.lora import LoRAConfig, LoRALinear
 from litft.model import Llama
-from litft.nf4 import SCHEMES, NF4Weight, check_scheme
+from litft.nf4 import SCHEMES, NF4Weight, Workspace, check_scheme
 
 
 class FrozenNF4Matmul(torch.autograd.Function):
     """x Ŵᵀ, with Ŵ dequantized again for the backward pass instead of saved: autograd would otherwise keep every
-    layer's full-precision Ŵ from its forward pass until its backward pass — the memory QLoRA exists to save."""
+    layer's full-precision Ŵ from its forward pass until its backward pass — the memory QLoRA exists to save.
+    Each time, Ŵ is rebuilt in the workspace all NF4 layers of the model share (litft/nf4.py Workspace)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, layer: "NF4Linear") -> Tensor:  # (..., d_in) -> (..., d_out)
         ctx.layer = layer
-        return x @ layer.dequantize(x.dtype).T
+        return x @ layer.rebuilt(x.dtype).T
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # dL/dx = dL/dh Ŵ: (..., d_out) -> (..., d_in)
-        return grad @ ctx.layer.dequantize(grad.dtype), None
+        return grad @ ctx.layer.rebuilt(grad.dtype), None
 
 
 class NF4Linear(nn.Module):
@@ -51,8 +52,9 @@ class NF4Linear(nn.Module):
     processes like the weights they replace. The fp32 ones (absmaxes, their scales) are kept as their bits in
     int32, so that converting the model to bf16 (--precision bf16-true) leaves them exact."""
 
-    def __init__(self, linear: nn.Linear, double: bool) -> None:
+    def __init__(self, linear: nn.Linear, double: bool, workspace: Workspace) -> None:
         super().__init__()
+        self.workspace = workspace  # shared by the model's NF4 layers: where Ŵ is rebuilt for each matmul
         self.in_features, self.out_features = linear.in_features, linear.out_features
         q = NF4Weight.quantize(linear.weight, double=double)
         self.nf4 = frozen(q.packed)  # uint8 (d_out · d_in / 2,)
@@ -66,8 +68,11 @@ class NF4Linear(nn.Module):
         return NF4Weight(self.nf4, torch.Size((self.out_features, self.in_features)), absmax,
                          as_fp32(self.absmax_scale), as_fp32(self.absmax_offset))
 
-    def dequantize(self, dtype: torch.dtype) -> Tensor:  # Ŵ: (d_out, d_in)
+    def dequantize(self, dtype: torch.dtype) -> Tensor:  # Ŵ: (d_out, d_in), a tensor of its own
         return self.stored().dequantize(dtype)
+
+    def rebuilt(self, dtype: torch.dtype) -> Tensor:  # Ŵ: (d_out, d_in), valid until the next layer's matmul
+        return self.stored().dequantize(dtype, self.workspace)
 
     def forward(self, x: Tensor) -> Tensor:  # (..., d_in) -> (..., d_out)
         device = x.device.type
@@ -87,8 +92,8 @@ class QLoRALinear(NF4Linear):
     """h = Ŵ x + (α/r) · B A dropout(x): a LoRALinear (litft/lora.py) whose frozen W is stored in NF4. A and B keep
     their names, so a QLoRA run saves, loads and exports its LoRA tensors as any LoRA run does."""
 
-    def __init__(self, lora: LoRALinear, double: bool) -> None:
-        super().__init__(lora, double)
+    def __init__(self, lora: LoRALinear, double: bool, workspace: Workspace) -> None:
+        super().__init__(lora, double, workspace)
         self.lora_A, self.lora_B, self.scaling, self.dropout = lora.lora_A, lora.lora_B, lora.scaling, lora.dropout
 
     def forward(self, x: Tensor) -> Tensor:  # (B, T, d_in) -> (B, T, d_out)
@@ -106,12 +111,13 @@ def quantize(model: Llama, scheme: str) -> Llama:
     """Store every linear weight of the blocks in NF4, frozen, in place: LoRALinear -> QLoRALinear, nn.Linear ->
     NF4Linear. A layer of another kind (adapter v2's ScaledLinear) is refused."""
     check_scheme(scheme)
+    workspace = Workspace()
     for block in model.blocks:
         for name, layer in list(block.named_modules()):
             if type(layer) is LoRALinear:
-                replace(block, name, QLoRALinear(layer, SCHEMES[scheme]))
+                replace(block, name, QLoRALinear(layer, SCHEMES[scheme], workspace))
             elif type(layer) is nn.Linear:
-                replace(block, name, NF4Linear(layer, SCHEMES[scheme]))
+                replace(block, name, NF4Linear(layer, SCHEMES[scheme], workspace))
             elif isinstance(getattr(layer, "weight", None), nn.Parameter) and layer.weight.dim() == 2:
                 raise UserError(f"--quantize {scheme} stores the blocks' linear layers in 4 bits, but {name} is a "
                                 f"{type(layer).__name__}; quantize a base model, a full fine-tune or a LoRA run")
