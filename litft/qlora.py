@@ -31,18 +31,22 @@ from litft.nf4 import SCHEMES, NF4Weight, Workspace, check_scheme
 
 
 class FrozenNF4Matmul(torch.autograd.Function):
-    """x Ŵᵀ, with Ŵ dequantized again for the backward pass instead of saved: autograd would otherwise keep every
-    layer's full-precision Ŵ from its forward pass until its backward pass — the memory QLoRA exists to save.
-    Each time, Ŵ is rebuilt in the workspace all NF4 layers of the model share (litft/nf4.py Workspace)."""
+    """x Ŵᵀ (+ add, summed inside the one GEMM), with Ŵ dequantized again for the backward pass instead of saved:
+    autograd would otherwise keep every layer's full-precision Ŵ from its forward pass until its backward pass —
+    the memory QLoRA exists to save. Each time, Ŵ is rebuilt in the workspace all NF4 layers of the model share
+    (litft/nf4.py Workspace)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, layer: "NF4Linear") -> Tensor:  # (..., d_in) -> (..., d_out)
+    def forward(ctx, x: Tensor, layer: "NF4Linear", add: Tensor | None) -> Tensor:  # (..., d_in) -> (..., d_out)
         ctx.layer = layer
-        return x @ layer.rebuilt(x.dtype).T
+        w = layer.rebuilt(x.dtype)  # (d_out, d_in)
+        if add is None:
+            return x @ w.T
+        return torch.addmm(add.flatten(0, -2), x.flatten(0, -2), w.T).view(add.shape)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # dL/dx = dL/dh Ŵ: (..., d_out) -> (..., d_in)
-        return grad @ ctx.layer.rebuilt(grad.dtype), None
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, Tensor | None]:  # dL/dx = dL/dh Ŵ, dL/d(add) = dL/dh
+        return grad @ ctx.layer.rebuilt(grad.dtype), None, grad if ctx.needs_input_grad[2] else None
 
 
 class NF4Linear(nn.Module):
@@ -74,10 +78,10 @@ class NF4Linear(nn.Module):
     def rebuilt(self, dtype: torch.dtype) -> Tensor:  # Ŵ: (d_out, d_in), valid until the next layer's matmul
         return self.stored().dequantize(dtype, self.workspace)
 
-    def forward(self, x: Tensor) -> Tensor:  # (..., d_in) -> (..., d_out)
+    def forward(self, x: Tensor, add: Tensor | None = None) -> Tensor:  # Ŵ x (+ add) (+ b): (..., d_in) -> (..., d_out)
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-        y = FrozenNF4Matmul.apply(x.to(dtype), self)
+        y = FrozenNF4Matmul.apply(x.to(dtype), self, None if add is None else add.to(dtype))
         return y if self.bias is None else y + self.bias.to(dtype)
 
     def dequantized(self, dtype: torch.dtype) -> nn.Linear:
@@ -97,8 +101,8 @@ class QLoRALinear(NF4Linear):
         self.lora_A, self.lora_B, self.scaling, self.dropout = lora.lora_A, lora.lora_B, lora.scaling, lora.dropout
 
     def forward(self, x: Tensor) -> Tensor:  # (B, T, d_in) -> (B, T, d_out)
-        update = self.dropout(x) @ self.lora_A.T @ self.lora_B.T  # (B, T, r) -> (B, T, d_out)
-        return super().forward(x) + self.scaling * update
+        u = self.dropout(x) @ self.lora_A.T * self.scaling  # (B, T, r): the scale on the small tensor
+        return super().forward(x, add=u @ self.lora_B.T)  # Ŵ x + (α/r) · B A dropout(x), summed in Ŵ x's GEMM
 
     def dequantized(self, dtype: torch.dtype) -> LoRALinear:
         """The LoRALinear over Ŵ with the same A, B, scaling and dropout."""
