@@ -42,6 +42,7 @@ class StepSpec:
     seed: int = 0
     activation_checkpointing: bool = False  # recompute each block in backward (litft, transformers)
     compute_dtype: torch.dtype = torch.float32  # QLoRA's matmul dtype (bitsandbytes' bnb_4bit_compute_dtype)
+    param_dtype: torch.dtype = torch.float32  # bfloat16 for --precision bf16-true
 
 
 def base_state_dict(config: Config, seed: int) -> dict[str, Tensor]:
@@ -76,8 +77,8 @@ def litft_plan(framework: str, spec: StepSpec, micro_batch_size: int, seq: int):
         return None
     prepare = (partial(add_lora, config=LoRAConfig(r=spec.r, alpha=spec.alpha, dropout=spec.dropout))
                if spec.method == "lora" else (lambda model: model.requires_grad_(True)))
-    autocast = spec.compute_dtype if spec.compute_dtype != torch.float32 else None
-    plan = memory.plan(spec.config, prepare, seq, dtype=torch.float32, autocast=autocast,
+    autocast = spec.compute_dtype if spec.compute_dtype != spec.param_dtype else None
+    plan = memory.plan(spec.config, prepare, seq, dtype=spec.param_dtype, autocast=autocast,
                        quantize="nf4" if framework == "litft-qlora" else None,
                        activation_checkpointing=spec.activation_checkpointing,
                        loss=lambda model: for_training(model, framework != "litft-plain"), device=torch.device("cpu"))

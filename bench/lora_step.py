@@ -70,7 +70,7 @@ def compare(frameworks: list[str], rounds: int, warmup: int, flags: dict, config
     first_loss = {w.name: w.ask(f"step {warmup}")["loss"] for w in workers}
     times: dict[str, list[float]] = {f: [] for f in frameworks}
     rates = []
-    dtype = torch.bfloat16 if flags["precision"] == "bf16-mixed" else torch.float32
+    dtype = torch.float32 if flags["precision"] == "32-true" else torch.bfloat16
     tokens = flags["micro_batch_size"] * flags["seq"]
     for r in range(rounds):
         for w in workers:
@@ -114,7 +114,7 @@ def main(method: str = "lora", seqs: list[int] = [256, 512], precisions: list[st
     Args:
         method: lora (r 8, alpha 16, all seven linear layers) or full.
         seqs: sequence lengths to run.
-        precisions: 32-true and/or bf16-mixed (torch.autocast to bfloat16).
+        precisions: 32-true, bf16-mixed (torch.autocast to bfloat16) and/or bf16-true (the model in bfloat16).
         frameworks: libraries to compare (bench/frameworks.py); the first is the reference of the ratios.
         model: litft config name (shapes).
         micro_batch_size: samples per step.

@@ -55,7 +55,7 @@ def reset_peak_rss() -> None:
 def main(framework: Literal["litft", "litft-plain", "litft-qlora", "transformers", "transformers-qlora", "litgpt"],
          method: Literal["lora", "full"] = "lora",
          model: str = "SmolLM2-135M", seq: int = 256, micro_batch_size: int = 4,
-         precision: Literal["32-true", "bf16-mixed"] = "32-true",
+         precision: Literal["32-true", "bf16-mixed", "bf16-true"] = "32-true",
          dropout: float = 0.05, threads: int = 0, seed: int = 0,
          activation_checkpointing: bool = False) -> None:
     """Serve timed training steps of one library over stdin/stdout.
@@ -67,8 +67,9 @@ def main(framework: Literal["litft", "litft-plain", "litft-qlora", "transformers
         model: a litft config name (shapes only; the weights are random).
         seq: tokens per sample.
         micro_batch_size: samples per step.
-        precision: 32-true (fp32) or bf16-mixed (fp32 weights, torch.autocast to bfloat16); QLoRA dequantizes to
-            that dtype.
+        precision: 32-true (fp32), bf16-mixed (fp32 weights, torch.autocast to bfloat16) or bf16-true (the model
+            converted to bfloat16, as finetune/ --precision bf16-true; peft's QLoRA recipe keeps its parameters
+            outside the 4-bit layers in fp32 whatever the precision). QLoRA dequantizes to bfloat16 in both.
         dropout: LoRA dropout.
         threads: torch CPU threads (0: torch's choice).
         seed: weights and batch seed.
@@ -76,11 +77,14 @@ def main(framework: Literal["litft", "litft-plain", "litft-qlora", "transformers
     """
     if threads:
         torch.set_num_threads(threads)
-    dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float32
+    dtype = torch.float32 if precision == "32-true" else torch.bfloat16
     spec = StepSpec(Config.from_name(model), method=method, dropout=dropout, seed=seed,
-                    activation_checkpointing=activation_checkpointing, compute_dtype=dtype)
+                    activation_checkpointing=activation_checkpointing, compute_dtype=dtype,
+                    param_dtype=torch.bfloat16 if precision == "bf16-true" else torch.float32)
     plan = litft_plan(framework, spec, micro_batch_size, seq)  # before the model exists, as finetune/ makes it
     net, loss_fn = build(framework, spec)
+    if precision == "bf16-true" and framework != "transformers-qlora":
+        net.to(torch.bfloat16)
     trainable = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4, betas=(0.9, 0.95))
     x = torch.randint(0, spec.config.vocab_size, (micro_batch_size, seq), generator=torch.Generator().manual_seed(seed))
