@@ -352,14 +352,23 @@ def test_ctrl_c_is_one_line_and_status_130(tiny, tmp_path, moment):
             str(tiny["data"]), "--out_dir", str(out), *COMMON, "--max_steps", "100000", "--save_interval", "1",
             "--eval_interval", "1000000"]
     log = tmp_path / "stderr.txt"
+    # A terminal's Ctrl-C: SIGINT at its default in the run. A shell script's `cmd &` starts its jobs with SIGINT
+    # ignored, and a child inherits that, but not a handler; so the test handles SIGINT while it starts the run.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     with open(log, "w") as err:  # a file, not a pipe: a slow run's output can never fill a pipe and block it
-        proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err, text=True,
-                                env={**os.environ, "PYTHONPATH": str(ROOT)})
-        deadline = time.time() + 180
-        while not moment(out) and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=120)
+        try:
+            proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err, text=True,
+                                    env={**os.environ, "PYTHONPATH": str(ROOT)})
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        try:
+            deadline = time.time() + 180
+            while not moment(out) and time.time() < deadline and proc.poll() is None:
+                time.sleep(0.01)
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=120)
+        finally:
+            proc.kill()  # a run that outlives a failed test would hold the cores for the rest of the suite
     stderr = log.read_text()
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr, stderr
