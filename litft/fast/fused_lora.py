@@ -12,8 +12,8 @@ q, k and v read the same tensor and get the same dropped copy, and so do gate an
 
 `fuse_lora(model)` swaps every LoRALinear of the blocks for a FusedLoRALinear holding the same Parameters, so
 state-dict keys, the optimizer's parameters and saved files do not change. QLoRA's layers keep their own
-forward (the frozen weight is dequantized for its matmul, which adds the update in its GEMM in the same way)
-and share the dropout the same way.
+forward, whose matmul dequantizes the frozen weight and adds the update in the same GEMM, and get the shared
+dropout too.
 """
 
 from __future__ import annotations
