@@ -62,6 +62,7 @@ def fit(args: TrainArgs, method: Method) -> dict:
 
     Everything is read and checked first (flags, data, base, out_dir); only then is out_dir written to."""
     args.validate()
+    args.fill_defaults(on_gpu=torch.cuda.is_available())
     method.check_quantize(args.quantize)
     run_dir.check(args, method)  # a used out_dir or a resume of another run: refused before anything loads
     fabric = make_fabric(args)
@@ -106,7 +107,7 @@ def plan_memory(fabric: Fabric, args: TrainArgs, method: Method, train_data: lis
     """Print the run's memory plan before any weight is read; resolve --micro_batch_size auto (rank 0 decides,
     the others follow; a resumed run kept the size it started with, run_dir.check); refuse a run that would not
     fit."""
-    seq = args.max_seq_length or longest(train_data)
+    seq = data_lib.batch_length(longest(train_data), args.pad_to_multiple_of, args.max_seq_length)
     outcome = (0, "", None)
     if fabric.global_rank == 0:
         try:
@@ -229,9 +230,11 @@ class Loop:
 
     def tokens(self, samples: list[list[dict]], trained: int) -> dict[str, int]:
         """One step's tokens on all processes: in the padded batches, in the samples themselves, with a loss."""
-        longest = self.args.max_seq_length or math.inf
-        lengths = [[min(len(s["input_ids"]), longest) for s in micro] for micro in samples]
-        padded, real = sum(max(n) * len(n) for n in lengths), sum(map(sum, lengths))
+        cap = self.args.max_seq_length
+        multiple_of = 1 if self.args.packing else self.args.pad_to_multiple_of  # packed rows: to the longest
+        lengths = [[min(len(s["input_ids"]), cap or math.inf) for s in micro] for micro in samples]
+        padded = sum(data_lib.batch_length(max(n), multiple_of, cap) * len(n) for n in lengths)
+        real = sum(map(sum, lengths))
         both = torch.tensor([padded, real], device=self.fabric.device)
         padded, real = self.fabric.all_reduce(both, reduce_op="sum").tolist()
         step = Counter(padded=padded, real=real, trained=trained)
@@ -256,7 +259,8 @@ class Loop:
         """(inputs, labels, packed_pos or None) on the device: packed_pos for packed rows (litft/packing.py)."""
         if "packed_pos" in samples[0]:
             return tuple(t.to(self.fabric.device) for t in packing.collate(samples, self.tokenizer.pad_id))
-        x, y = data_lib.collate(samples, self.tokenizer.pad_id, IGNORE_INDEX, self.args.max_seq_length)
+        x, y = data_lib.collate(samples, self.tokenizer.pad_id, IGNORE_INDEX, self.args.max_seq_length,
+                                self.args.pad_to_multiple_of)
         return x.to(self.fabric.device), y.to(self.fabric.device), None
 
     def loss(self, x: torch.Tensor, y: torch.Tensor, packed_pos: torch.Tensor | None = None) -> torch.Tensor:
@@ -318,7 +322,6 @@ def make_fabric(args: TrainArgs) -> Fabric:
     from lightning.fabric.strategies import ModelParallelStrategy
 
     on_gpu = torch.cuda.is_available()
-    precision = args.precision or ("bf16-mixed" if on_gpu else "32-true")
     strategy = args.strategy
     if strategy == "fsdp":
         strategy = ModelParallelStrategy(parallelize_fn=shard_blocks, data_parallel_size=args.devices * args.num_nodes,
@@ -327,7 +330,7 @@ def make_fabric(args: TrainArgs) -> Fabric:
         strategy = "ddp"
     logger = TensorBoardLogger(root_dir=str(args.out_dir), name="logs", version="")
     return Fabric(accelerator="cuda" if on_gpu else "cpu", devices=args.devices, num_nodes=args.num_nodes,
-                  strategy=strategy, precision=precision, loggers=logger)
+                  strategy=strategy, precision=args.precision, loggers=logger)
 
 
 def check_can_compile(device: torch.device) -> None:

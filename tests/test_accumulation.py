@@ -37,28 +37,32 @@ def samples_of_uneven_length() -> list[dict]:
     return out
 
 
-def litft_step(model, samples: list[dict], micro_batch_size: int, fast: bool) -> tuple[float, dict]:
-    """One step of litft's loop (forward and backward only) over `samples` in micro batches; loss and gradients."""
+def litft_step(model, samples: list[dict], micro_batch_size: int, fast: bool, multiple_of: int = 1
+               ) -> tuple[float, dict]:
+    """One step of litft's loop (forward and backward only) over `samples` in micro batches, each padded to a
+    multiple of `multiple_of` tokens (--pad_to_multiple_of); loss and gradients."""
     fabric = Fabric(accelerator="cpu", devices=1, precision="32-true")
     loss_fn = for_training(model, fast)
     loop = Loop(fabric=fabric, model=fabric.setup_module(model), raw=model, optimizer=None, scheduler=None,
                 loss_fn=loss_fn, args=TrainArgs(), method=None, tokenizer=None, style=None, val_data=[], run_id="")
-    micro = [(*collate(samples[i:i + micro_batch_size], pad_id=0), None)  # inputs, labels, no packing
+    micro = [(*collate(samples[i:i + micro_batch_size], pad_id=0, multiple_of=multiple_of), None)  # no packing
              for i in range(0, len(samples), micro_batch_size)]
     loss, trained = loop.accumulate(micro)
     assert trained == sum(int((s["labels"][1:] != IGNORE_INDEX).sum()) for s in samples)
     return loss.item(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.parametrize("multiple_of", [1, 16], ids=["to-longest", "to-16"])
 @pytest.mark.parametrize("fast", [True, False], ids=["fast", "plain"])
 @pytest.mark.parametrize("micro_batch_size", [4, 2, 1], ids=["1x4", "2x2", "4x1"])
-def test_every_trained_token_weighs_the_same_however_the_step_is_cut(micro_batch_size, fast):
+def test_every_trained_token_weighs_the_same_however_the_step_is_cut(micro_batch_size, fast, multiple_of):
+    """Also: padding a micro batch past its longest sample (to 16 or 48 tokens here) changes nothing."""
     hf, ours = tiny_pair("tiny-gqa")
     samples = samples_of_uneven_length()
     x, y = collate(samples, pad_id=0)
     expected = hf(input_ids=x, labels=y).loss  # the mean over all labelled tokens of the batch
     expected.backward()
-    loss, grads = litft_step(ours.train(), samples, micro_batch_size, fast)
+    loss, grads = litft_step(ours.train(), samples, micro_batch_size, fast, multiple_of)
     assert loss == pytest.approx(expected.item(), rel=1e-6)
     assert len(grads) == len([p for p in hf.parameters() if p.grad is not None])
     for name, p in hf.named_parameters():
@@ -81,17 +85,19 @@ def test_the_mean_of_micro_batch_means_is_not_that():
     assert differs > 1e-3
 
 
+@pytest.mark.parametrize("multiple_of", [1, 16])
 @pytest.mark.parametrize("micro_batch_size", [4, 1], ids=["1x4", "4x1"])
-def test_throughput_counts_the_samples_not_the_padding(micro_batch_size):
+def test_throughput_counts_the_samples_not_the_padding(micro_batch_size, multiple_of):
     """A step's tokens: the batches' size as collate pads them, the samples' own tokens, and the trained ones."""
     _, model = tiny_pair("tiny-gqa")
     samples = samples_of_uneven_length()
     fabric = Fabric(accelerator="cpu", devices=1, precision="32-true")
     loop = Loop(fabric=fabric, model=model, raw=model, optimizer=None, scheduler=None, loss_fn=None,
-                args=TrainArgs(), method=None, tokenizer=None, style=None, val_data=[], run_id="")
+                args=TrainArgs(pad_to_multiple_of=multiple_of), method=None, tokenizer=None, style=None,
+                val_data=[], run_id="")
     micro = [samples[i:i + micro_batch_size] for i in range(0, len(samples), micro_batch_size)]
     counted = loop.tokens(micro, trained=7)
-    assert counted["padded"] == sum(collate(m, pad_id=0)[0].numel() for m in micro)
+    assert counted["padded"] == sum(collate(m, pad_id=0, multiple_of=multiple_of)[0].numel() for m in micro)
     assert counted["real"] == 40 + 3 + 17 + 6 and counted["trained"] == 7
     assert loop.tokens_seen == counted
 

@@ -126,6 +126,11 @@ def test_collate_pads_right_without_touching_labels():
     input_ids, labels = collate([a, b], pad_id=9, ignore_index=-1, max_seq_length=4)
     assert input_ids.tolist() == [[1, 5, 6, 2], [1, 8, 2, 9]]
     assert labels.tolist() == [[-100, -100, 6, 2], [-100, 8, 2, -1]]
+    # --pad_to_multiple_of: rounded up, never past max_seq_length
+    assert collate([a, b], pad_id=0, multiple_of=4)[0].tolist() == [[1, 5, 6, 7, 2, 0, 0, 0], [1, 8, 2, 0, 0, 0, 0, 0]]
+    assert collate([b, b], pad_id=0, multiple_of=3)[0].shape == (2, 3)
+    assert collate([a, b], pad_id=0, multiple_of=16, max_seq_length=6)[1].tolist() == \
+        [[-100, -100, 6, 7, 2, -100], [-100, 8, 2, -100, -100, -100]]
 
 
 def test_dolly_maps_context_and_response(tmp_path, sp_dir):

@@ -255,6 +255,7 @@ FLAG_CASES = {
     "max_seq_length-1": (["--max_seq_length", "1"], ["--max_seq_length 1", "at least 2"]),
     "warmup_steps-negative": (["--warmup_steps=-5"], ["--warmup_steps -5", "0 or more"]),
     "max_steps-0": (["--max_steps", "0"], ["--max_steps 0", "at least 1"]),
+    "pad_to_multiple_of-0": (["--pad_to_multiple_of", "0"], ["--pad_to_multiple_of 0", "at least 1"]),
     "eval_interval-0": (["--eval_interval", "0"], ["--eval_interval 0", "at least 1"]),
     "save_interval-0": (["--save_interval", "0"], ["--save_interval 0", "at least 1"]),
     "resume-and-overwrite": (["--resume", "true", "--overwrite", "true"], ["--resume", "--overwrite", "choose one"]),

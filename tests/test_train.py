@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import ROOT, assert_user_error, run_script
 
 COMMON = ["--max_steps", "6", "--batch_size", "4", "--micro_batch_size", "2", "--eval_interval", "3",
@@ -75,6 +76,8 @@ def test_lora_run_lowers_loss_and_writes_everything(tiny, tmp_path):
     assert saved and all(k.endswith(("lora_A", "lora_B")) for k in saved)
     summary = json.loads((out / "summary.json").read_text())  # throughput of the samples, not of their padding
     assert 0 < summary["padding_share"] < 1 and 0 < summary["trained_tokens_per_s"] < summary["tokens_per_s"]
+    hyper = yaml.safe_load((out / "hyperparameters.yaml").read_text())  # the machine's defaults, made explicit
+    assert (hyper["precision"], hyper["pad_to_multiple_of"]) == ("32-true", 1)
 
 
 @pytest.mark.parametrize("processes", [(), pytest.param(("--devices", "2", "--strategy", "fsdp"), marks=pytest.mark.slow),
