@@ -86,7 +86,7 @@ def batch_length(longest: int, multiple_of: int = 1, max_seq_length: int | None 
     Why round: a run whose batches take every length between its shortest and its longest sample builds every
     kernel for every length. On a CPU, oneDNN caches a compiled bf16 matmul per shape, and glibc keeps the freed
     blocks of every size; a bf16 QLoRA run on data/games (38-97 tokens) held 1.71 GB after 20 steps at multiples
-    of 1, 1.26 GB at multiples of 16 (howto/train.md section 9). torch.compile recompiles for new shapes too.
+    of 1, 1.23 GB at multiples of 16 (howto/train.md section 9). torch.compile recompiles for new shapes too.
     """
     T = -(-longest // multiple_of) * multiple_of
     return min(T, max_seq_length) if max_seq_length else T
