@@ -47,12 +47,28 @@ TOPICS = ["the sea", "a mountain", "coffee", "a library", "rain", "a bicycle", "
 TARGETS = [["q", "v"], ["q", "k", "v", "o"], ["q", "k", "v", "o", "gate", "up", "down"], ["gate", "up", "down"]]
 
 
+DTYPES = {"32-true": torch.float32, "bf16-true": torch.bfloat16}
+
+
 def main(checkpoint_dir: Path = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct"), requests: int = 32,
-         loras: int = 4, max_tokens: int = 64, out_dir: Path = Path("out/bench/serve"), peft: bool = True) -> None:
+         loras: int = 4, max_tokens: int = 64, out_dir: Path = Path("out/bench/serve"), peft: bool = True,
+         precision: str = "32-true") -> None:
+    """Print the load test's table and write it to out_dir/report.json.
+
+    Args:
+        checkpoint_dir: the base's lit checkpoint.
+        requests: chat requests, sent one at a time, then all at once.
+        loras: LoRA runs written on the base; request i names LoRA i mod loras.
+        max_tokens: new tokens per request at most.
+        out_dir: where the LoRAs, their PEFT exports, the transformers checkpoint and the report go.
+        peft: also run transformers + PEFT's batched generate on the same prompts.
+        precision: 32-true or bf16-true, for litft's server and transformers + PEFT alike (both on the GPU when
+            there is one).
+    """
     runs = make_loras(checkpoint_dir, out_dir / "loras", loras)
     questions = [f"Write two sentences about {TOPICS[i % len(TOPICS)]}." for i in range(requests)]
     names = [f"lora{i % loras}" for i in range(requests)]
-    with Server(checkpoint_dir, runs) as server:
+    with Server(checkpoint_dir, runs, precision) as server:
         server.ask(names[0], questions[0], max_tokens)  # warm-up
         t0 = time.perf_counter()
         alone = [server.ask(n, q, max_tokens) for n, q in zip(names, questions)]
@@ -61,11 +77,12 @@ def main(checkpoint_dir: Path = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Ins
         with ThreadPoolExecutor(requests) as pool:
             together = list(pool.map(lambda nq: server.ask(*nq, max_tokens), zip(names, questions)))
         together_s = time.perf_counter() - t0
-    report = {"requests": requests, "loras": loras, "max_tokens": max_tokens,
+    report = {"requests": requests, "loras": loras, "max_tokens": max_tokens, "precision": precision,
               "one_at_a_time": summary(alone, alone_s), "concurrent": summary(together, together_s),
               "concurrent_equal_one_at_a_time": sum(a["text"] == b["text"] for a, b in zip(alone, together))}
     if peft:
-        texts, seconds, tokens = peft_generate(checkpoint_dir, runs, out_dir, names, questions, max_tokens)
+        texts, seconds, tokens = peft_generate(checkpoint_dir, runs, out_dir, names, questions, max_tokens,
+                                               DTYPES[precision])
         report["peft_batched"] = {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds}
         report["peft_equal_litft"] = sum(a["text"] == t for a, t in zip(alone, texts))
     print_report(report)
@@ -97,14 +114,14 @@ def make_loras(checkpoint_dir: Path, directory: Path, n: int) -> dict[str, Path]
 class Server:
     """scripts/serve.py on a free port of 127.0.0.1, stopped on exit; requests through the official openai client."""
 
-    def __init__(self, checkpoint_dir: Path, runs: dict[str, Path]) -> None:
+    def __init__(self, checkpoint_dir: Path, runs: dict[str, Path], precision: str) -> None:
         import openai
 
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         self.proc = subprocess.Popen([sys.executable, str(ROOT / "scripts/serve.py"), "--checkpoint_dir",
-                                      str(checkpoint_dir), "--port", str(port), "--max_batch_size", "64",
+                                      str(checkpoint_dir), "--port", str(port), "--max_batch_size", "64", "--precision", precision,
                                       *(f"--lora={n}={p}" for n, p in runs.items())],
                                      env={**os.environ, "PYTHONPATH": str(ROOT)})
         self.client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", timeout=300,
@@ -157,7 +174,7 @@ def summary(answers: list[dict], seconds: float) -> dict:
 
 
 def peft_generate(checkpoint_dir: Path, runs: dict[str, Path], out_dir: Path, names: list[str],
-                  questions: list[str], max_tokens: int) -> tuple[list[str], float, int]:
+                  questions: list[str], max_tokens: int, dtype: torch.dtype) -> tuple[list[str], float, int]:
     """transformers + PEFT, every request in one left-padded batch with generate(adapter_names=...)."""
     import peft
     import transformers
@@ -169,22 +186,25 @@ def peft_generate(checkpoint_dir: Path, runs: dict[str, Path], out_dir: Path, na
         if not (out_dir / "peft" / name / "adapter_config.json").is_file():
             script(["scripts/export_peft.py", "--checkpoint_dir", checkpoint_dir, "--lora_path", path,
                     "--output_dir", out_dir / "peft" / name])
-    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype).to(device)
     model = peft.PeftModel.from_pretrained(model, out_dir / "peft" / "lora0", adapter_name="lora0")
     for name in list(runs)[1:]:
         model.load_adapter(out_dir / "peft" / name, adapter_name=name)
-    model.eval()
+    model.to(device).eval()  # the adapters loaded after the move are moved too
     tokenizer = Tokenizer(checkpoint_dir)
     style = resolve_style(None, checkpoint_dir)
     prompts = [encode_conversation(tokenizer, style, [{"role": "user", "content": q}]).tolist() for q in questions]
     width = max(map(len, prompts))
-    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     stops = sorted(tokenizer.stop_ids)
     t0 = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens, do_sample=False,
                              eos_token_id=stops, pad_token_id=0, adapter_names=names)
+    if device == "cuda":
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     texts, tokens = [], 0
     for row in out[:, width:].tolist():
@@ -201,7 +221,7 @@ def script(args: list) -> None:
 
 def print_report(r: dict) -> None:
     one, many = r["one_at_a_time"], r["concurrent"]
-    print(f"{r['requests']} requests over {r['loras']} LoRAs, greedy, max_tokens {r['max_tokens']}")
+    print(f"{r['requests']} requests over {r['loras']} LoRAs, greedy, max_tokens {r['max_tokens']}, {r['precision']}")
     print(f"{'':28}{'tokens':>8}{'seconds':>9}{'tokens/s':>10}{'TTFT p50':>10}{'TTFT max':>10}{'req tok/s':>11}")
     for label, s in (("litft, one at a time", one), ("litft, all at once", many)):
         print(f"{label:28}{s['tokens']:>8}{s['seconds']:>9.2f}{s['tokens_per_s']:>10.1f}{s['ttft_median_s']:>10.3f}"
