@@ -123,7 +123,7 @@ class Server:
         self.proc = subprocess.Popen([sys.executable, str(ROOT / "scripts/serve.py"), "--checkpoint_dir",
                                       str(checkpoint_dir), "--port", str(port), "--max_batch_size", "64", "--precision", precision,
                                       *(f"--lora={n}={p}" for n, p in runs.items())],
-                                     env={**os.environ, "PYTHONPATH": str(ROOT)})
+                                     env=with_root_on_path())
         self.client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", timeout=300,
                                     max_retries=0)
         self.wait_until_ready(openai.APIConnectionError)
@@ -216,7 +216,13 @@ def peft_generate(checkpoint_dir: Path, runs: dict[str, Path], out_dir: Path, na
 
 def script(args: list) -> None:
     subprocess.run([sys.executable, str(ROOT / args[0]), *map(str, args[1:])], check=True, timeout=600,
-                   env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL)
+                   env=with_root_on_path(), stdout=subprocess.DEVNULL)
+
+
+def with_root_on_path() -> dict[str, str]:
+    """This process's environment with the repository first on PYTHONPATH, keeping what was there (where
+    bench/gpu_session.sh put the packages it installed)."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 
 
 def print_report(r: dict) -> None:
