@@ -121,8 +121,8 @@ class Server:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         self.proc = subprocess.Popen([sys.executable, str(ROOT / "scripts/serve.py"), "--checkpoint_dir",
-                                      str(checkpoint_dir), "--port", str(port), "--max_batch_size", "64", "--precision", precision,
-                                      *(f"--lora={n}={p}" for n, p in runs.items())],
+                                      str(checkpoint_dir), "--port", str(port), "--max_batch_size", "64", "--precision",
+                                      precision, *(f"--lora={n}={p}" for n, p in runs.items())],
                                      env=with_root_on_path())
         self.client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", timeout=300,
                                     max_retries=0)
