@@ -80,6 +80,18 @@ def test_lora_run_lowers_loss_and_writes_everything(tiny, tmp_path):
     assert (hyper["precision"], hyper["pad_to_multiple_of"]) == ("32-true", 1)
 
 
+def test_a_16_bit_run_pads_to_multiples_of_16_and_says_so(tiny, tmp_path):
+    """In 16 bits micro batches are rounded up to 16 tokens (litft/data.py batch_length): the plan counts the
+    longest batch so, and hyperparameters.yaml records the value the run used."""
+    out = tmp_path / "run"
+    proc = finetune(tiny, out, "--precision", "bf16-true", "--max_steps", "2", "--eval_interval", "2",
+                    "--save_interval", "2")
+    longest = max(len(s["input_ids"]) for s in torch.load(tiny["data"] / "train.pt", weights_only=True))
+    assert f"micro batch 2 × {-(-longest // 16) * 16} tokens" in proc.stderr
+    hyper = yaml.safe_load((out / "hyperparameters.yaml").read_text())
+    assert (hyper["precision"], hyper["pad_to_multiple_of"]) == ("bf16-true", 16)
+
+
 @pytest.mark.parametrize("processes", [(), pytest.param(("--devices", "2", "--strategy", "fsdp"), marks=pytest.mark.slow),
                                        ("--packing", "true", "--max_seq_length", "40")],
                          ids=["one-process", "fsdp-two-processes", "packed"])
