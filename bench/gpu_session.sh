@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks that issues 14 (QLoRA), 15 (the memory plan, packing) and 16 (serving) leave open, as one command
-# for a GPU machine: at most 9.5 minutes, each part bounded by `timeout`, every output also written to $OUT
-# (default out/gpu).
+# for a GPU machine: at most 9.5 minutes (the parts' bounds, 530 s, and 10 s each for `timeout` to kill one, after
+# the wheels' install), every output also written to $OUT (default out/gpu).
 #
 #   bash bench/gpu_wheels.sh          # where PyPI is reachable: .whl/ (bitsandbytes, litgpt, jsonargparse)
 #   bash bench/gpu_session.sh [PART ...]   # on the GPU machine; PARTs: qlora plan packing serve (default: all)
@@ -19,6 +19,9 @@
 #    generate (bench/serve_load.py, on random weights of SmolLM2-135M's shapes).
 set -u
 parts=${*:-qlora plan packing serve}
+for p in $parts; do
+    [[ " qlora plan packing serve " == *" $p "* ]] || { echo "unknown part $p: choose from qlora plan packing serve"; exit 2; }
+done
 smollm2=checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct
 out=${OUT:-out/gpu}
 mkdir -p "$out"
@@ -39,20 +42,20 @@ part() {  # part NAME SECONDS COMMAND...: run it bounded, show and keep its outp
 }
 
 part machine 30 sh -c 'nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c "
-import importlib, importlib.metadata
+import importlib, importlib.metadata, sys
+print(\"python\", sys.version.split()[0], \"(the wheels of .whl/serve are for 3.12)\")
 for m in (\"torch\", \"transformers\", \"peft\", \"lightning\", \"bitsandbytes\", \"litgpt\", \"fastapi\", \"openai\"):
     try:
         importlib.import_module(m)
         print(m, importlib.metadata.version(m))
     except Exception as e:
         print(m, \"missing:\", e)"'
-part qlora 200 python3 bench/gpu.py --frameworks '[litft,litft-qlora,litgpt-qlora,transformers-qlora]' --fsdp_steps 0
-part plan 100 python3 bench/gpu_memory.py
-part packing 80 python3 bench/packing.py --device cuda --precision bf16-true --model Llama-2-7b-hf \
+part qlora 190 python3 bench/gpu.py --frameworks '[litft,litft-qlora,litgpt-qlora,transformers-qlora]' --fsdp_steps 0
+part plan 95 python3 bench/gpu_memory.py
+part packing 75 python3 bench/packing.py --device cuda --precision bf16-true --model Llama-2-7b-hf \
     --micro_batch_size 16 --steps 16 --warmup 2
-if [[ " $parts " == *" serve "* ]] && compgen -G ".whl/serve/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site-serve .whl/serve/*.whl
-fi
-part serve 150 sh -c "python3 bench/random_checkpoint.py --source $smollm2 --out_dir /tmp/smollm2-random && \
-    PYTHONPATH=/tmp/site-serve:\$PYTHONPATH python3 bench/serve_load.py --checkpoint_dir /tmp/smollm2-random --out_dir /tmp/serve --precision bf16-true"
+part serve 140 sh -c "python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site-serve \
+    .whl/serve/*.whl; python3 bench/random_checkpoint.py --source $smollm2 --out_dir /tmp/smollm2-random && \
+    PYTHONPATH=\$PYTHONPATH:/tmp/site-serve python3 bench/serve_load.py --checkpoint_dir /tmp/smollm2-random \
+    --out_dir /tmp/serve --precision bf16-true"
 echo "== done $(date +%T)"

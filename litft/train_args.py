@@ -89,8 +89,8 @@ class TrainArgs:
 
     def fill_defaults(self, on_gpu: bool) -> None:
         """The defaults that depend on the machine, made explicit (hyperparameters.yaml records them): bf16-mixed
-        on a GPU, fp32 on a CPU; micro batches padded to multiples of 16 in 16 bits, where it saves memory and time
-        (litft/data.py batch_length), and to their longest sample in fp32, where it would add work."""
+        on a GPU, fp32 on a CPU; micro batches padded to multiples of 16 in 16 bits, where on a CPU it saved memory
+        (litft/data.py batch_length), and to their longest sample in fp32, where it would only add work."""
         self.precision = self.precision or ("bf16-mixed" if on_gpu else "32-true")
         if self.pad_to_multiple_of is None:
             self.pad_to_multiple_of = 1 if self.precision == "32-true" else 16
