@@ -4,6 +4,7 @@
     litft-plain               the same with --fast false: the textbook layers and loss
     litft-qlora               litft with the blocks' frozen weights in NF4: add_lora, then litft.qlora.quantize(model,
                               "nf4"), then for_training (the order of build_model in litft/train.py)
+    litft-qlora-compiled      litft-qlora with --compile: every block through torch.compile (the first steps compile)
     transformers (+ peft)     LlamaForCausalLM (+ get_peft_model); loss = model(x, labels=x).loss
     transformers-qlora        the same model saved, loaded back by from_pretrained with bitsandbytes' 4-bit NF4
                               (BitsAndBytesConfig, on the CPU), prepare_model_for_kbit_training, get_peft_model
@@ -28,7 +29,8 @@ from torch import Tensor
 
 from litft.config import Config
 
-FRAMEWORKS = ("litft", "litft-plain", "litft-qlora", "transformers", "transformers-qlora", "litgpt")
+FRAMEWORKS = ("litft", "litft-plain", "litft-qlora", "litft-qlora-compiled", "transformers", "transformers-qlora",
+              "litgpt")
 LORA_TARGETS_HF = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -60,9 +62,11 @@ def base_state_dict(config: Config, seed: int) -> dict[str, Tensor]:
 def build(framework: str, spec: StepSpec) -> tuple[torch.nn.Module, Callable[[Tensor], Tensor]]:
     """The model (LoRA or full, trainable parameters marked) and its loss function loss(x) for next-token targets x."""
     builders = {"litft": build_litft, "litft-plain": partial(build_litft, fast=False),
-                "litft-qlora": partial(build_litft, quantize="nf4"), "transformers": build_transformers,
-                "transformers-qlora": partial(build_transformers, quantize="nf4"), "litgpt": build_litgpt}
-    if framework.endswith("-qlora") and spec.method != "lora":
+                "litft-qlora": partial(build_litft, quantize="nf4"),
+                "litft-qlora-compiled": partial(build_litft, quantize="nf4", compile=True),
+                "transformers": build_transformers, "transformers-qlora": partial(build_transformers, quantize="nf4"),
+                "litgpt": build_litgpt}
+    if "qlora" in framework and spec.method != "lora":
         raise SystemExit(f"{framework} trains LoRA on a 4-bit base: --method lora only")
     return builders[framework](spec)
 
@@ -79,15 +83,15 @@ def litft_plan(framework: str, spec: StepSpec, micro_batch_size: int, seq: int):
                if spec.method == "lora" else (lambda model: model.requires_grad_(True)))
     autocast = spec.compute_dtype if spec.compute_dtype != spec.param_dtype else None
     plan = memory.plan(spec.config, prepare, seq, dtype=spec.param_dtype, autocast=autocast,
-                       quantize="nf4" if framework == "litft-qlora" else None,
+                       quantize="nf4" if "qlora" in framework else None,
                        activation_checkpointing=spec.activation_checkpointing,
                        loss=lambda model: for_training(model, framework != "litft-plain"), device=torch.device("cpu"))
     return plan.with_micro_batch(micro_batch_size)
 
 
-def build_litft(spec: StepSpec, fast: bool = True, quantize: str | None = None):
+def build_litft(spec: StepSpec, fast: bool = True, quantize: str | None = None, compile: bool = False):
     """As finetune/*.py builds it: the method added, the blocks' frozen weights stored in NF4 when `quantize`
-    (--quantize), then litft/fast's measures (or, fast=False, the plain path)."""
+    (--quantize), then litft/fast's measures (or, fast=False, the plain path), the blocks compiled when `compile`."""
     from litft import qlora
     from litft.fast import for_training
     from litft.lora import LoRAConfig, add_lora
@@ -100,7 +104,7 @@ def build_litft(spec: StepSpec, fast: bool = True, quantize: str | None = None):
     if quantize:  # each replaced layer's fp32 W goes with it: nothing else refers to it
         qlora.quantize(model, quantize)
     model.activation_checkpointing = spec.activation_checkpointing
-    loss_fn = for_training(model, fast)
+    loss_fn = for_training(model, fast, compile)
     return model.train(), lambda x: loss_fn(model, x, x)
 
 

@@ -52,7 +52,8 @@ def reset_peak_rss() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
-def main(framework: Literal["litft", "litft-plain", "litft-qlora", "transformers", "transformers-qlora", "litgpt"],
+def main(framework: Literal["litft", "litft-plain", "litft-qlora", "litft-qlora-compiled", "transformers",
+                           "transformers-qlora", "litgpt"],
          method: Literal["lora", "full"] = "lora",
          model: str = "SmolLM2-135M", seq: int = 256, micro_batch_size: int = 4,
          precision: Literal["32-true", "bf16-mixed", "bf16-true"] = "32-true",
