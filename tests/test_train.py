@@ -180,15 +180,16 @@ def test_two_processes_match_one(tiny, tmp_path, strategy):
     assert_same(weights(one / "lit_model_lora.pth"), weights(two / "lit_model_lora.pth"), atol=1e-5)
 
 
-def test_compiled_blocks_train_to_the_same_weights(tiny, tmp_path, monkeypatch):
+@pytest.mark.parametrize("base", [(), ("--quantize", "nf4")], ids=["lora", "qlora"])
+def test_compiled_blocks_train_to_the_same_weights(tiny, tmp_path, monkeypatch, base):
     """--compile: inductor's generated kernels (an implementation of the same ops outside litft) reach the
-    weights the eager run reaches, to float rounding."""
+    weights the eager run reaches, to float rounding; with an NF4 base too (whose dequantization stays eager)."""
     if not any(shutil.which(cxx) for cxx in (os.environ.get("CXX"), "g++", "clang++") if cxx):
         pytest.skip("no C++ compiler for inductor here; the next test checks the one-line error such a machine gets")
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
-    finetune(tiny, eager, "--lora_dropout", "0")
+    finetune(tiny, eager, "--lora_dropout", "0", *base)
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
-    finetune(tiny, compiled, "--lora_dropout", "0", "--compile", "true")
+    finetune(tiny, compiled, "--lora_dropout", "0", "--compile", "true", *base)
     assert any((tmp_path / "inductor").rglob("*.py")), "no kernels were generated: the blocks did not compile"
     assert_same(weights(eager / "lit_model_lora.pth"), weights(compiled / "lit_model_lora.pth"), atol=1e-4)
 
