@@ -107,8 +107,7 @@ def plan_memory(fabric: Fabric, args: TrainArgs, method: Method, train_data: lis
     """Print the run's memory plan before any weight is read; resolve --micro_batch_size auto (rank 0 decides,
     the others follow; a resumed run kept the size it started with, run_dir.check); refuse a run that would not
     fit."""
-    multiple_of = 1 if args.packing else args.pad_to_multiple_of  # packed rows are padded to the longest row
-    seq = data_lib.batch_length(longest(train_data), multiple_of, args.max_seq_length)
+    seq = data_lib.batch_length(longest(train_data), args.batch_multiple(), args.max_seq_length)
     outcome = (0, "", None)
     if fabric.global_rank == 0:
         try:
@@ -231,8 +230,7 @@ class Loop:
 
     def tokens(self, samples: list[list[dict]], trained: int) -> dict[str, int]:
         """One step's tokens on all processes: in the padded batches, in the samples themselves, with a loss."""
-        cap = self.args.max_seq_length
-        multiple_of = 1 if self.args.packing else self.args.pad_to_multiple_of
+        cap, multiple_of = self.args.max_seq_length, self.args.batch_multiple()
         lengths = [[min(len(s["input_ids"]), cap or math.inf) for s in micro] for micro in samples]
         padded = sum(data_lib.batch_length(max(n), multiple_of, cap) * len(n) for n in lengths)
         real = sum(map(sum, lengths))

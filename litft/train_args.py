@@ -95,6 +95,11 @@ class TrainArgs:
         if self.pad_to_multiple_of is None:
             self.pad_to_multiple_of = 1 if self.precision == "32-true" else 16
 
+    def batch_multiple(self) -> int:
+        """What a micro batch's length is rounded up to: --pad_to_multiple_of, or 1 for packed rows, which are padded
+        to their longest row only (litft/packing.py)."""
+        return 1 if self.packing else self.pad_to_multiple_of
+
     def check_launcher(self, env: Mapping[str, str]) -> None:
         """Under a launcher (torchrun, srun with torchrun's variables, Fabric's own child processes) WORLD_SIZE
         processes run; --devices × --num_nodes must say the same, or they would wait for each other forever."""
