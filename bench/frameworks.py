@@ -97,8 +97,10 @@ def build_litft(spec: StepSpec, fast: bool = True, quantize: str | None = None, 
     from litft.lora import LoRAConfig, add_lora
     from litft.model import Llama
 
-    model = Llama(spec.config)
-    model.load_state_dict(base_state_dict(spec.config, spec.seed))  # the state dict is freed on return
+    with torch.device("meta"):  # as litft/checkpoint.py builds it: the weights are allocated once, not twice
+        model = Llama(spec.config)
+    model.load_state_dict(base_state_dict(spec.config, spec.seed), assign=True)
+    model.tie_weights()
     if spec.method == "lora":
         add_lora(model, LoRAConfig(r=spec.r, alpha=spec.alpha, dropout=spec.dropout))
     if quantize:  # each replaced layer's fp32 W goes with it: nothing else refers to it
