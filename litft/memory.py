@@ -157,6 +157,17 @@ def resident_bytes() -> float:
     return int(statm.read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") if statm.is_file() else 0.0
 
 
+def allocator() -> str | None:
+    """The C allocator under torch's CPU tensors: a preloaded tcmalloc or jemalloc, else glibc's malloc; None
+    where /proc/self/maps does not say (not Linux)."""
+    maps = Path("/proc/self/maps")
+    if not maps.is_file():
+        return None
+    loaded = maps.read_text()
+    return next((name for name in ("tcmalloc", "jemalloc") if f"lib{name}" in loaded),
+                "glibc" if "libc.so.6" in loaded else None)
+
+
 def free_bytes(device: torch.device) -> float:
     """Memory a run may still take: free GPU memory, or the RAM the kernel reports available (plus what this
     process already holds, which the plan counts as `process`)."""
@@ -202,10 +213,14 @@ def plan_run(args: TrainArgs, method: Method, seq: int, world_size: int, device:
         (f" ({local} processes share it)" if local > 1 else "")
     if local * chosen.total > free:
         raise UserError(f"{line}: it does not fit; {ADVICE}")
+    if device.type == "cpu" and allocator() == "glibc":
+        line += f"\n{GLIBC_NOTE}"
     return micro, line
 
 
 ADVICE = ("lower --micro_batch_size (auto picks the largest that fits), or use --activation_checkpointing true, "
           "--quantize nf4 (LoRA), a shorter --max_seq_length or more --devices with --strategy fsdp")
+GLIBC_NOTE = ("memory plan: glibc's malloc keeps freed memory resident, so the peak may exceed the plan (up to 2×); "
+              "LD_PRELOAD=libtcmalloc_minimal.so.4 keeps it near the plan, and is faster (howto/train.md section 8)")
 PARAM_DTYPES = {"bf16-true": torch.bfloat16, "16-true": torch.float16}
 AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}  # 2 bytes either way

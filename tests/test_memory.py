@@ -8,6 +8,10 @@ blocks and 3 samples for real.
 
 from __future__ import annotations
 
+import ctypes.util
+import os
+import subprocess
+import sys
 from dataclasses import replace
 from functools import partial
 
@@ -153,3 +157,27 @@ def test_a_run_that_cannot_fit_is_refused_before_loading(tiny, monkeypatch):
         args = TrainArgs(checkpoint_dir=tiny["ckpt"], batch_size=4, micro_batch_size=micro)
         with pytest.raises(UserError, match=r"lower --micro_batch_size .* --activation_checkpointing true"):
             memory.plan_run(args, lora_method(), 64, world_size=1, device=torch.device("cpu"))
+
+
+@pytest.mark.parametrize("library, name", [(None, "glibc"), ("tcmalloc_minimal", "tcmalloc"), ("jemalloc", "jemalloc")])
+def test_the_allocator_is_the_one_the_dynamic_loader_preloaded(library, name):
+    """Truth: the dynamic loader, given LD_PRELOAD in a fresh process (Debian's libtcmalloc-minimal4,
+    libjemalloc2)."""
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    if library:
+        found = ctypes.util.find_library(library)
+        if found is None:
+            pytest.skip(f"lib{library} is not installed")
+        env["LD_PRELOAD"] = found
+    out = subprocess.run([sys.executable, "-c", "from litft.memory import allocator; print(allocator())"],
+                         env=env, capture_output=True, text=True, check=True).stdout.split()
+    assert out == [name]
+
+
+def test_a_cpu_plan_on_glibc_says_the_peak_may_exceed_it(tiny, monkeypatch):
+    args = TrainArgs(checkpoint_dir=tiny["ckpt"], batch_size=4, micro_batch_size=2)
+    for name, warned in (("glibc", True), ("tcmalloc", False), (None, False)):
+        monkeypatch.setattr(memory, "allocator", lambda: name)
+        line = memory.plan_run(args, lora_method(), 64, world_size=1, device=torch.device("cpu"))[1]
+        assert line.startswith("memory plan: estimated peak")
+        assert ("LD_PRELOAD=libtcmalloc_minimal.so.4" in line) == warned, name
