@@ -220,7 +220,7 @@ def plan_run(args: TrainArgs, method: Method, seq: int, world_size: int, device:
 
 ADVICE = ("lower --micro_batch_size (auto picks the largest that fits), or use --activation_checkpointing true, "
           "--quantize nf4 (LoRA), a shorter --max_seq_length or more --devices with --strategy fsdp")
-GLIBC_NOTE = ("memory plan: glibc's malloc keeps freed memory resident, so the peak may exceed the plan (up to 2×); "
-              "LD_PRELOAD=libtcmalloc_minimal.so.4 keeps it near the plan, and is faster (howto/train.md section 8)")
+GLIBC_NOTE = ("memory plan: glibc's malloc keeps freed memory resident, so the peak may reach 2.4× the plan; "
+              "LD_PRELOAD=libtcmalloc_minimal.so.4 keeps it near (howto/train.md section 8)")
 PARAM_DTYPES = {"bf16-true": torch.bfloat16, "16-true": torch.float16}
 AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}  # 2 bytes either way
