@@ -3,6 +3,7 @@
     python bench/packing.py                          # data/games and the Alpaca-like set, ~4 min on 2 cores
     python bench/packing.py --steps 16               # less noise from which micro batches are drawn, ~6 min
     python bench/packing.py --steps 2 --warmup 1     # a smoke run
+    python bench/packing.py --sets [alpaca-like] --micro_batch_size 8   # one data set, a larger micro batch
     python bench/packing.py --device cuda --precision bf16-true --model Llama-2-7b-hf --micro_batch_size 16 \
         --steps 16 --warmup 2       # one GPU, Llama-2-7B shapes in bf16
 
@@ -88,7 +89,8 @@ PRECISIONS = {"32-true": Precision(torch.float32, None, "fp32"),
 
 def main(data: Path = Path("data/games"), model: str = "SmolLM2-135M", micro_batch_size: int = 4,
          steps: int = 8, warmup: int = 1, threads: int = 0, seed: int = 0, device: str = "cpu",
-         precision: Literal["32-true", "bf16-true", "bf16-mixed"] = "32-true") -> None:
+         precision: Literal["32-true", "bf16-true", "bf16-mixed"] = "32-true",
+         sets: tuple[Literal["games", "alpaca-like"], ...] = ("games", "alpaca-like")) -> None:
     """Time LoRA steps with and without packing on two data sets; print a Markdown table.
 
     Args:
@@ -102,6 +104,7 @@ def main(data: Path = Path("data/games"), model: str = "SmolLM2-135M", micro_bat
         device: where the steps run: cpu, or cuda (cuda:1, ...) for a GPU.
         precision: 32-true (fp32), bf16-true (weights, LoRA and activations in bfloat16, as finetune/lora.py
             --precision bf16-true) or bf16-mixed (fp32 weights, the forward pass under bf16 autocast).
+        sets: the data sets to run, of games and alpaca-like.
     """
     if threads:
         torch.set_num_threads(threads)
@@ -109,14 +112,17 @@ def main(data: Path = Path("data/games"), model: str = "SmolLM2-135M", micro_bat
     if where.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {device}: torch finds no CUDA GPU here (torch.cuda.is_available() is False)")
     config = Config.from_name(model)
-    games = fit_vocab(torch.load(data / "train.pt", weights_only=True), config.vocab_size)
-    sets = [("games", games, 128),
-            ("Alpaca-like (assumed lengths)", alpaca_like_samples(seed, config.vocab_size), ALPACA_LIKE["cut"])]
+    chosen = []
+    if "games" in sets:
+        chosen.append(("games", fit_vocab(torch.load(data / "train.pt", weights_only=True), config.vocab_size), 128))
+    if "alpaca-like" in sets:
+        chosen.append(("Alpaca-like (assumed lengths)", alpaca_like_samples(seed, config.vocab_size),
+                       ALPACA_LIKE["cut"]))
     cuda = where.type == "cuda"
     print(f"{model}, LoRA r 8, {PRECISIONS[precision].label}, micro batch {micro_batch_size}, {warmup} warm-up + "
           f"{steps} timed steps each way, {machine(where)}\n")
     print(table_header(cuda))
-    for name, samples, seq in sets:
+    for name, samples, seq in chosen:
         net, loss_fn = build_lora(config, seed, where, PRECISIONS[precision].weights)
         r = compare(net, loss_fn, samples, seq, micro_batch_size, steps, warmup, seed, name, where,
                     PRECISIONS[precision].autocast)
