@@ -25,14 +25,15 @@ from __future__ import annotations
 
 import ctypes.util
 import sys
+from typing import Literal
 
 from lora_step import Worker
 
 from litft.cli import run
 
 ALLOCATORS = {  # name: (what the table calls it, its environment variables or the library to preload)
-    "glibc": ("glibc default", {}),
-    "mmap": ("mmap over 64 KiB", {"MALLOC_MMAP_THRESHOLD_": "65536"}),
+    "glibc": ("glibc default", {"LD_PRELOAD": ""}),  # not an allocator this shell may have preloaded
+    "mmap": ("mmap over 64 KiB", {"MALLOC_MMAP_THRESHOLD_": "65536", "LD_PRELOAD": ""}),
     "tcmalloc": ("tcmalloc", "tcmalloc_minimal"),
     "jemalloc": ("jemalloc", "jemalloc"),
 }
@@ -49,7 +50,8 @@ def allocator_env(name: str) -> dict[str, str] | None:
 
 def main(model: str = "SmolLM2-135M", seq: int = 256, micro_batch_size: int = 4,
          precision: str = "32-true", steps: int = 3, threads: int = 0,
-         allocators: tuple[str, ...] = ("glibc", "mmap", "tcmalloc", "jemalloc")) -> None:
+         allocators: tuple[Literal["glibc", "mmap", "tcmalloc", "jemalloc"], ...] = ("glibc", "mmap", "tcmalloc",
+                                                                                     "jemalloc")) -> None:
     """Print a Markdown table: peak RSS of LoRA and full fine-tuning, and their ratio.
 
     Args:

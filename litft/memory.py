@@ -19,7 +19,9 @@ of the shared table.
 
 from __future__ import annotations
 
+import ctypes
 import os
+import platform
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -158,14 +160,17 @@ def resident_bytes() -> float:
 
 
 def allocator() -> str | None:
-    """The C allocator under torch's CPU tensors: a preloaded tcmalloc or jemalloc, else glibc's malloc; None
-    where /proc/self/maps does not say (not Linux)."""
-    maps = Path("/proc/self/maps")
-    if not maps.is_file():
+    """The C allocator under torch's CPU tensors: tcmalloc or jemalloc when preloaded (LD_PRELOAD puts their own
+    entry points, tc_malloc and mallctl, among the process's global symbols), else glibc's malloc; None for
+    another C library."""
+    if os.name != "posix":
         return None
-    loaded = maps.read_text()
-    return next((name for name in ("tcmalloc", "jemalloc") if f"lib{name}" in loaded),
-                "glibc" if "libc.so.6" in loaded else None)
+    symbols = ctypes.CDLL(None)  # the global scope: the program, its libraries and what was preloaded
+    if hasattr(symbols, "tc_malloc"):
+        return "tcmalloc"
+    if hasattr(symbols, "mallctl"):
+        return "jemalloc"
+    return "glibc" if platform.libc_ver()[0] == "glibc" else None
 
 
 def free_bytes(device: torch.device) -> float:
@@ -220,7 +225,7 @@ def plan_run(args: TrainArgs, method: Method, seq: int, world_size: int, device:
 
 ADVICE = ("lower --micro_batch_size (auto picks the largest that fits), or use --activation_checkpointing true, "
           "--quantize nf4 (LoRA), a shorter --max_seq_length or more --devices with --strategy fsdp")
-GLIBC_NOTE = ("memory plan: glibc's malloc keeps freed memory resident, so the peak may reach 2.4× the plan; "
-              "LD_PRELOAD=libtcmalloc_minimal.so.4 keeps it near (howto/train.md section 8)")
+GLIBC_NOTE = ("memory plan: glibc's malloc keeps freed memory resident, so the peak may reach 2× the plan; "
+              "LD_PRELOAD=libtcmalloc_minimal.so.4 keeps it near the plan (howto/train.md section 8)")
 PARAM_DTYPES = {"bf16-true": torch.bfloat16, "16-true": torch.float16}
 AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}  # 2 bytes either way

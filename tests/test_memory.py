@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes.util
 import os
+import platform
 import subprocess
 import sys
 from dataclasses import replace
@@ -17,6 +18,7 @@ from functools import partial
 
 import pytest
 import torch
+from conftest import ROOT
 from test_train import tiny  # noqa: F401  (tiny is a fixture)
 
 from litft import memory
@@ -162,22 +164,25 @@ def test_a_run_that_cannot_fit_is_refused_before_loading(tiny, monkeypatch):
 @pytest.mark.parametrize("library, name", [(None, "glibc"), ("tcmalloc_minimal", "tcmalloc"), ("jemalloc", "jemalloc")])
 def test_the_allocator_is_the_one_the_dynamic_loader_preloaded(library, name):
     """Truth: the dynamic loader, given LD_PRELOAD in a fresh process (Debian's libtcmalloc-minimal4,
-    libjemalloc2)."""
+    libjemalloc2), and the C library Python reports."""
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
     if library:
         found = ctypes.util.find_library(library)
         if found is None:
             pytest.skip(f"lib{library} is not installed")
         env["LD_PRELOAD"] = found
+    if name == "glibc" and platform.libc_ver()[0] != "glibc":
+        pytest.skip("this Python does not run on glibc")
+    env["PYTHONPATH"] = str(ROOT)
     out = subprocess.run([sys.executable, "-c", "from litft.memory import allocator; print(allocator())"],
-                         env=env, capture_output=True, text=True, check=True).stdout.split()
+                         env=env, cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
     assert out == [name]
 
 
 def test_a_cpu_plan_on_glibc_says_the_peak_may_exceed_it(tiny, monkeypatch):
     args = TrainArgs(checkpoint_dir=tiny["ckpt"], batch_size=4, micro_batch_size=2)
     for name, warned in (("glibc", True), ("tcmalloc", False), (None, False)):
-        monkeypatch.setattr(memory, "allocator", lambda: name)
+        monkeypatch.setattr(memory, "allocator", lambda found=name: found)
         line = memory.plan_run(args, lora_method(), 64, world_size=1, device=torch.device("cpu"))[1]
         assert line.startswith("memory plan: estimated peak")
         assert ("LD_PRELOAD=libtcmalloc_minimal.so.4" in line) == warned, name
