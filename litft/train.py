@@ -280,12 +280,16 @@ class Loop:
         if not self.val_data:  # an empty test split (--val_split_fraction 0): said once when the run started
             return
         self.model.eval()
-        n = min(args.eval_iters, len(self.val_data) // (args.micro_batch_size * fabric.world_size))
-        losses = torch.zeros(max(n, 1), device=fabric.device)
+        micro = max(1, min(args.micro_batch_size, len(self.val_data) // fabric.world_size))  # a small split too
+        n = min(args.eval_iters, len(self.val_data) // (micro * fabric.world_size))  # batches per process
+        sums = torch.zeros(2, device=fabric.device)  # Σ token losses, trained tokens: the mean weighs every token alike
         for k in range(n):
-            start = (k * fabric.world_size + fabric.global_rank) * args.micro_batch_size
-            losses[k] = self.loss(*self.collate(self.val_data[start:start + args.micro_batch_size]))
-        val_loss = fabric.all_reduce(losses[:n].mean(), reduce_op="mean").item() if n else float("nan")
+            start = (k * fabric.world_size + fabric.global_rank) * micro
+            x, y, packed_pos = self.collate(self.val_data[start:start + micro])
+            count = trained_tokens(y)
+            sums += torch.stack((self.loss(x, y, packed_pos).float() * count, count.float()))
+        total, count = fabric.all_reduce(sums, reduce_op="sum").tolist()
+        val_loss = total / count if count else float("nan")
         sample = self.sample()
         self.model.train()
         state.history.append({"step": state.step, "val_loss": val_loss})

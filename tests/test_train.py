@@ -18,8 +18,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 from conftest import ROOT, assert_user_error, run_script
+
+from litft.checkpoint import load_lit_model
 
 COMMON = ["--max_steps", "6", "--batch_size", "4", "--micro_batch_size", "2", "--eval_interval", "3",
           "--eval_iters", "2", "--save_interval", "3", "--warmup_steps", "1", "--learning_rate", "3e-2",
@@ -90,6 +93,39 @@ def test_a_16_bit_run_pads_to_multiples_of_16_and_says_so(tiny, tmp_path):
     assert f"micro batch 2 × {-(-longest // 16) * 16} tokens" in proc.stderr
     hyper = yaml.safe_load((out / "hyperparameters.yaml").read_text())
     assert (hyper["precision"], hyper["pad_to_multiple_of"]) == ("bf16-true", 16)
+
+
+@pytest.mark.parametrize("micro", [5, 16])
+def test_val_loss_weighs_every_token_alike(tiny, tmp_path, micro):
+    """Outside truth: torch's cross-entropy over each test sample's own answer tokens, summed and divided by their
+    number. A learning rate of 1e-30 keeps the LoRA at zero effect, so the run's step-1 validation loss is the
+    base model's. Answers of 1 to 12 words give the micro batches different numbers of tokens. The 12 test samples
+    make two micro batches of 5 (the first 10 samples), or, with a micro batch of 16, larger than the split, one
+    batch of all 12."""
+    rows = [{"instruction": f"count to {i % 12 + 1}", "input": "", "output": " ".join(["one"] * (i % 12 + 1))}
+            for i in range(120)]
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    run_script("data_prep/json_data.py", "--data_file", tmp_path / "rows.json", "--destination_path",
+               tmp_path / "data", "--checkpoint_dir", tiny["ckpt"], "--max_seq_length", "48", "--prompt_style",
+               "plain", "--val_split_fraction", "0.1", check=True)
+    tiny = {**tiny, "data": tmp_path / "data"}
+    out = tmp_path / "run"
+    finetune(tiny, out, "--max_steps", "1", "--batch_size", str(micro), "--micro_batch_size", str(micro),
+             "--eval_interval", "1", "--eval_iters", "2", "--save_interval", "1", "--learning_rate", "1e-30",
+             "--warmup_steps", "0")
+    logged = [h["val_loss"] for h in history(out) if "val_loss" in h]
+    samples = torch.load(tiny["data"] / "test.pt", weights_only=True)
+    assert len(samples) == 12 and len(logged) == 1
+    samples = samples[:10] if micro == 5 else samples
+    model = load_lit_model(tiny["ckpt"]).eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for s in samples:
+            logits, targets = model(s["input_ids"][None])[0, :-1], s["labels"][1:]  # (T - 1, vocab), (T - 1,)
+            keep = targets != -100
+            total += F.cross_entropy(logits[keep], targets[keep], reduction="sum").item()
+            count += int(keep.sum())
+    assert logged[0] == pytest.approx(total / count, rel=1e-5)
 
 
 @pytest.mark.parametrize("processes", [(), pytest.param(("--devices", "2", "--strategy", "fsdp"), marks=pytest.mark.slow),
