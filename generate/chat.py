@@ -27,6 +27,7 @@ from litft.config import Config
 from litft.conversation import fit_conversation
 from litft.errors import UserError
 from litft.fast import for_generation
+from litft.files import run_dir_of
 from litft.generate import check_sampling, generate, pick_precision, stop_token_ids, stream
 from litft.load_finetuned import detect_method, load_finetuned, tokenizer_dir
 from litft.prompts import PromptStyle, resolve_style
@@ -73,7 +74,7 @@ def main(checkpoint_dir: Optional[Path] = None, lora_path: Optional[Path] = None
     if not 0 < max_new_tokens < (block_size := Config.from_checkpoint(checkpoint_dir).block_size):
         raise UserError(f"--max_new_tokens must be between 1 and the model's block_size - 1 ({block_size - 1}), "
                         f"got {max_new_tokens}")
-    run_dir = None if weights_path is None else (weights_path if weights_path.is_dir() else weights_path.parent)
+    run_dir = None if weights_path is None else run_dir_of(weights_path)
     style = resolve_style(prompt_style, *(d for d in (run_dir, checkpoint_dir) if d is not None))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision, dtype = pick_precision(precision, device)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from litft.base_checkpoint import resolve_run
 from litft.cli import run
+from litft.files import run_dir_of
 from litft.generate import generate_cli
 from litft.load_finetuned import load_finetuned
 
@@ -27,7 +28,7 @@ def main(finetuned_path: Path = Path("out/full/lit_model.pth"), checkpoint_dir: 
         checkpoint_dir: the base model; by default the one the run was trained on (recorded in base.yaml).
     """
     finetuned_path, checkpoint_dir = resolve_run("full", finetuned_path, checkpoint_dir, flag="finetuned_path")
-    run_dir = finetuned_path if finetuned_path.is_dir() else finetuned_path.parent
+    run_dir = run_dir_of(finetuned_path)
     load_model = partial(load_finetuned, weights_path=finetuned_path, method="full")
     generate_cli(checkpoint_dir=checkpoint_dir, load_model=load_model, run_dir=run_dir, **flags)
 

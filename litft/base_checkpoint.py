@@ -27,7 +27,7 @@ import yaml
 
 from litft.checkpoint import WEIGHTS
 from litft.errors import UserError
-from litft.files import atomic_write_text, read_yaml_mapping
+from litft.files import atomic_write_text, read_yaml_mapping, run_dir_of
 from litft.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -152,5 +152,4 @@ def resolve_run(method: str, weights_path: Path, checkpoint_dir: Path | None, fl
     if not weights_path.exists():
         raise UserError(f"{weights_path} does not exist; train a run first (python finetune/{method}.py) "
                         f"or pass --{flag} of a finished run")
-    run_dir = weights_path if weights_path.is_dir() else weights_path.parent
-    return weights_path, Path(checkpoint_dir) if checkpoint_dir is not None else base_of(run_dir)
+    return weights_path, Path(checkpoint_dir) if checkpoint_dir is not None else base_of(run_dir_of(weights_path))

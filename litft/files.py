@@ -31,6 +31,12 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                    "generation_config.json", "chat_template.jinja")  # newer repos keep the chat template apart
 
 
+def run_dir_of(weights_path: Path) -> Path:
+    """The run directory of a fine-tune's weights: the file's folder, or the path itself when it names the folder."""
+    weights_path = Path(weights_path)
+    return weights_path if weights_path.is_dir() else weights_path.parent
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path next to `path`; on success it replaces `path` in one rename."""

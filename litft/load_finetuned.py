@@ -17,7 +17,7 @@ from litft import adapter, adapter_v2
 from litft.checkpoint import load_lit_model
 from litft.config import Config
 from litft.errors import UserError
-from litft.files import load_state_dict
+from litft.files import load_state_dict, run_dir_of
 from litft.lora import FILE as LORA_FILE
 from litft.lora import LoRAConfig, add_lora, is_lora_key, lora_state_dict
 from litft.model import Llama
@@ -67,7 +67,7 @@ def trained_quantize(weights_path: Path | None, method: str | None) -> str | Non
 
 
 def detect_method(weights_path: Path) -> str:
-    run_dir = weights_path if weights_path.is_dir() else weights_path.parent
+    run_dir = run_dir_of(weights_path)
     found = [m for m, f in (("lora", LORA_FILE), ("adapter", adapter.FILE), ("adapter_v2", adapter_v2.FILE))
              if (run_dir / f).is_file()]
     return found[0] if len(found) == 1 else "full"

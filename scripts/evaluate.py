@@ -24,7 +24,7 @@ from litft.data import data_dir, load_split, meta_of, prompt_style_of
 from litft.errors import UserError
 from litft.evaluate import evaluate
 from litft.fast import for_generation
-from litft.files import atomic_write_text
+from litft.files import atomic_write_text, run_dir_of
 from litft.generate import pick_precision
 from litft.load_finetuned import load_finetuned, tokenizer_dir
 from litft.nf4 import check_scheme
@@ -59,7 +59,7 @@ def main(checkpoint_dir: Path, data: str, weights_path: Optional[Path] = None, s
     task = meta_of(data).get("task", "text")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision, dtype = pick_precision(precision, device)
-    tokenizer = Tokenizer(tokenizer_dir(Path(weights_path).parent if weights_path else None, checkpoint_dir))
+    tokenizer = Tokenizer(tokenizer_dir(run_dir_of(weights_path) if weights_path else None, checkpoint_dir))
     check_same_tokens(samples[0], tokenizer, style, data, checkpoint_dir)
     warn_if_trained_with_another_style(weights_path, style)
 
@@ -89,7 +89,7 @@ def check_same_tokens(sample: dict, tokenizer: Tokenizer, style: PromptStyle, da
 def warn_if_trained_with_another_style(weights_path: Optional[Path], style: PromptStyle) -> None:
     if weights_path is None:
         return
-    run_dir = Path(weights_path) if Path(weights_path).is_dir() else Path(weights_path).parent
+    run_dir = run_dir_of(weights_path)
     trained = PromptStyle.from_dir(run_dir) if run_dir.is_dir() else None
     if trained is not None and trained != style:
         print(f"warning: {run_dir} was trained with prompt style {trained.name!r}; this data uses {style.name!r}",
