@@ -5,7 +5,7 @@
 
 The prompt length and start layer come from adapter.yaml next to the weights, the prompt style from the run's
 prompt_style.yaml, the base model from its base.yaml (checked against the base's fingerprint at training time);
-nothing needs repeating. The other flags are those of litft.generate.generate_cli.
+nothing needs repeating. The other flags are those of litft.generate_cli.generate_cli.
 """
 
 from functools import partial
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from litft.base_checkpoint import resolve_run
 from litft.cli import run
-from litft.generate import generate_cli
+from litft.generate_cli import generate_cli
 from litft.load_finetuned import load_finetuned
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from litft.base_checkpoint import resolve_run
 from litft.cli import run
-from litft.generate import generate_cli
+from litft.generate_cli import generate_cli
 from litft.load_finetuned import load_finetuned
 
 

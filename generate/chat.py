@@ -28,7 +28,8 @@ from litft.conversation import fit_conversation
 from litft.errors import UserError
 from litft.fast import for_generation
 from litft.files import run_dir_of
-from litft.generate import check_sampling, generate, pick_precision, stop_token_ids, stream
+from litft.generate import generate, stop_token_ids
+from litft.generate_cli import check_sampling, pick_precision, stream
 from litft.load_finetuned import detect_method, load_finetuned, tokenizer_dir
 from litft.prompts import PromptStyle, resolve_style
 from litft.tokenizer import Tokenizer

@@ -6,7 +6,7 @@
 --finetuned_path is the lit_model.pth that finetune/full.py wrote, or its run directory (which is a lit
 checkpoint of its own, so generate/base.py serves it too). The base model (--checkpoint_dir, by default the one
 recorded in the run's base.yaml) gives the tokenizer and the model config; the run's prompt_style.yaml is used.
-Other flags: litft.generate.generate_cli.
+Other flags: litft.generate_cli.generate_cli.
 """
 
 from functools import partial
@@ -15,7 +15,7 @@ from pathlib import Path
 from litft.base_checkpoint import resolve_run
 from litft.cli import run
 from litft.files import run_dir_of
-from litft.generate import generate_cli
+from litft.generate_cli import generate_cli
 from litft.load_finetuned import load_finetuned
 
 

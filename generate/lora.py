@@ -8,7 +8,7 @@ prompt_style.yaml), never repeated on the command line; so is the base model (ba
 fingerprint the base had when the run was trained) and the tokenizer when the run added new tokens.
 In fp32 (the CPU default) the LoRA is merged into the weights after loading, W' = W + (α/r)·B·A, so decoding
 costs what the base model's does; in 16-bit, or with --fast false, it stays a separate branch (litft/fast).
-Other flags: litft.generate.generate_cli.
+Other flags: litft.generate_cli.generate_cli.
 """
 
 from functools import partial
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from litft.base_checkpoint import resolve_run
 from litft.cli import run
-from litft.generate import generate_cli
+from litft.generate_cli import generate_cli
 from litft.load_finetuned import load_finetuned
 
 

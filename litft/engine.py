@@ -3,7 +3,7 @@
 A server's requests come from many connections at once; decoding them one after another leaves most of the
 hardware idle, since one decode step of a small batch costs about what one row costs (the weights are read
 once per step, whatever the number of rows). The engine's loop, `run`, is the only code that touches the model;
-it runs `generate_batch` (litft/generate.py):
+it runs `generate_batch` (litft/batch_generate.py):
 
     wait for a request  ->  decode it, and at every step take in all requests that arrived meanwhile
                             (each row with its own prompt, sampling settings and LoRA)
@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from litft.generate import Row, check_fits, generate_batch
+from litft.batch_generate import Row, generate_batch
+from litft.generate import check_fits
 
 
 @dataclass(eq=False)

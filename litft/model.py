@@ -14,7 +14,7 @@ Rotary positions, and the ways Llama 3.1, YaRN and others stretch them, are litf
 
 For generation, `set_kv_cache` allocates a static key/value cache; `forward(idx, input_pos)` then writes the
 new keys and values at `input_pos` and attends over everything cached so far. With a (B, T) `input_pos` each row
-of the batch is at its own position, so prompts of different lengths decode together (litft/generate.py). For training on packed rows
+of the batch is at its own position, so prompts of different lengths decode together (litft/batch_generate.py). For training on packed rows
 (several samples in one row, litft/packing.py), `forward(idx, packed_pos=...)` gives each token its position
 within its own sample, and a token attends only to the earlier tokens of that sample.
 """

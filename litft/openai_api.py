@@ -29,10 +29,10 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from litft.batch_generate import Row
 from litft.conversation import encode_conversation
 from litft.engine import Engine
 from litft.errors import UserError
-from litft.generate import Row
 from litft.prompts import PromptStyle
 from litft.tokenizer import StreamDecoder, Tokenizer
 

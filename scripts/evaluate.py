@@ -25,7 +25,7 @@ from litft.errors import UserError
 from litft.evaluate import evaluate
 from litft.fast import for_generation
 from litft.files import atomic_write_text, run_dir_of
-from litft.generate import pick_precision
+from litft.generate_cli import pick_precision
 from litft.load_finetuned import load_finetuned, tokenizer_dir
 from litft.nf4 import check_scheme
 from litft.prompts import PromptStyle

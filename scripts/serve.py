@@ -24,7 +24,8 @@ from litft.cli import run
 from litft.engine import Engine
 from litft.errors import UserError
 from litft.fast import for_generation
-from litft.generate import pick_precision, stop_token_ids
+from litft.generate import stop_token_ids
+from litft.generate_cli import pick_precision
 from litft.load_finetuned import load_finetuned
 from litft.multi_lora import add_loras
 from litft.openai_api import Served, create_app

@@ -1,4 +1,4 @@
-"""Batched generation (litft/generate.py's generate_batch) with a different LoRA per row (litft/multi_lora.py).
+"""Batched generation (litft/batch_generate.py's generate_batch) with a different LoRA per row (litft/multi_lora.py).
 
 Truth: each prompt decoded alone (litft's one-prompt loop, itself tested against transformers) with its LoRA
 loaded the ordinary way (add_lora); and transformers + PEFT's `generate(..., adapter_names=...)` on the same batch,
@@ -15,9 +15,10 @@ import torch
 from conftest import run_script
 from test_merge_export import base_config, bases, hf_model, hf_to_lit_name, make_run  # noqa: F401 (bases: a fixture)
 
+from litft.batch_generate import Row, generate_batch
 from litft.checkpoint import load_lit_model, save_lit_checkpoint
 from litft.errors import UserError
-from litft.generate import Row, generate, generate_batch
+from litft.generate import generate
 from litft.load_finetuned import load_finetuned
 from litft.lora import LoRAConfig
 from litft.model import Llama

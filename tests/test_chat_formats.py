@@ -22,7 +22,8 @@ from conftest import run_script
 from litft.checkpoint import load_lit_model, save_lit_checkpoint
 from litft.config import Config
 from litft.errors import UserError
-from litft.generate import generate, generate_cli, stop_token_ids
+from litft.generate import generate, stop_token_ids
+from litft.generate_cli import generate_cli
 from litft.load_finetuned import load_finetuned
 from litft.model import Llama
 from litft.prompts import ChatTemplateStyle, PromptStyle, resolve_style

@@ -24,9 +24,10 @@ from test_batch_generate import LORAS, PROMPTS, base, runs  # noqa: F401 (fixtur
 from test_merge_export import bases, make_run  # noqa: F401 (fixtures)
 
 from litft.base_checkpoint import record_base
+from litft.batch_generate import Row
 from litft.conversation import encode_conversation
 from litft.engine import Engine
-from litft.generate import Row, generate, stop_token_ids
+from litft.generate import generate, stop_token_ids
 from litft.load_finetuned import load_finetuned
 from litft.lora import LoRAConfig
 from litft.multi_lora import add_loras

@@ -1,0 +1,135 @@
+"""Many prompts decoded together: one forward pass per step for the whole batch, each row on its own terms.
+
+One decoding step of a small model costs about the same for 1 row as for 32: the weights are read once per
+step whatever the number of rows. A server that decodes its requests together gets most of that back.
+
+Prompts have different lengths, and they end at different times. Every row keeps its own positions, so no row
+sees another's padding:
+
+    prefill   prompts right-padded to (B, T), row b at positions 0..T_b-1; its logits read at T_b - 1
+    decode    one token per live row, (B', 1), row b at its own position T_b + n_b
+              (the pads' cache slots past T_b are overwritten before a mask ever shows them)
+
+Each row samples with its own settings and generator, as litft/generate.py's `generate` would alone, and over
+one base each row may use its own LoRA (litft/multi_lora.py). scripts/serve.py runs `generate_batch` through
+litft/engine.py; rows join the batch as requests arrive and leave it as they end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
+
+import torch
+from torch import Tensor
+
+from litft.generate import check_fits, next_token_logits, sample
+from litft.multi_lora import use_loras
+
+
+@dataclass
+class Row:
+    """One prompt of a batch and how to continue it. Setting `done` stops the row at its next step (a client that
+    went away, a stop string seen in the text)."""
+
+    prompt: Tensor  # (T,) token ids
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_k: Optional[int] = None
+    top_p: float = 1.0
+    stop_ids: frozenset[int] = frozenset()
+    generator: Optional[torch.Generator] = None
+    lora: Optional[str] = None  # the LoRA this row uses (litft/multi_lora.py), None for the base model
+    done: bool = False
+
+
+@torch.inference_mode()
+def generate_batch(model: torch.nn.Module, rows: list[Row],
+                   more: Callable[[], list[Row]] = list) -> Iterator[tuple[Row, Optional[int]]]:
+    """Decode many prompts together; yield (row, token id) as tokens are produced, and (row, None) when a row
+    meets one of its stop ids. A row also ends after max_new_tokens, or once its `done` is set. `more()` is asked
+    after every step for rows that join the batch (a server's new requests); decoding ends when no row is left.
+
+    Joining rows are prefilled in a cache of their own, whose rows are then appended to the batch's. A row that
+    ends leaves the batch (its cache row is dropped), so the rest decode at the cost of their number. (With
+    dynamic NTK RoPE scaling past the original context, the tables follow the batch's longest row, so there a
+    row depends on the others.)
+    """
+    live, logits, pos = [], None, None  # the rows decoding, their next-token logits (B', vocab) and positions (B',)
+    produced, joining = {}, rows
+    try:
+        while True:
+            if joining := [row for row in joining if not row.done]:
+                live, logits, pos = join(model, live, logits, pos, joining)
+                produced.update((id(row), 0) for row in joining)
+            if not live:
+                return
+            tokens, keep = pick(logits, live), []  # (B',)
+            for j, row in enumerate(live):
+                if row.done:
+                    continue
+                if int(tokens[j]) in row.stop_ids:
+                    yield row, None
+                    continue
+                yield row, int(tokens[j])
+                produced[id(row)] += 1
+                if produced[id(row)] < row.max_new_tokens and not row.done:
+                    keep.append(j)
+            if len(keep) < len(live):  # rows ended: drop them from the batch
+                live, tokens, pos = drop_rows(model, live, tokens, pos, keep)
+                produced = {id(row): produced[id(row)] for row in live}
+            if live:
+                logits = next_token_logits(model, tokens[:, None], pos[:, None])  # decode: (B', 1) -> (B', vocab)
+                pos = pos + 1
+            joining = more()
+    finally:
+        model.clear_kv_cache()
+        use_loras(model, [])
+
+
+def drop_rows(model: torch.nn.Module, live: list[Row], tokens: Tensor, pos: Tensor,
+              keep: list[int]) -> tuple[list[Row], Tensor, Tensor]:
+    """Keep only the batch rows `keep` (indexes into live), in the cache too: the others have ended."""
+    kept = torch.tensor(keep, dtype=torch.long, device=pos.device)
+    live = [live[j] for j in keep]
+    if live:
+        model.keep_kv_rows(kept)
+    else:
+        model.clear_kv_cache()
+    use_loras(model, [row.lora for row in live])
+    return live, tokens[kept], pos[kept]
+
+
+def join(model: torch.nn.Module, live: list[Row], logits: Optional[Tensor], pos: Optional[Tensor],
+         joining: list[Row]) -> tuple[list[Row], Tensor, Tensor]:
+    """Prefill `joining` in a cache of its own, then append its rows to the batch's: the live rows, their logits
+    (B', vocab) and positions (B',) grow by the new rows."""
+    earlier = model.kv_caches() if live else None
+    new_logits, new_pos = prefill(model, joining)
+    if live:
+        model.join_kv_caches(earlier)
+        new_logits, new_pos = torch.cat((logits, new_logits)), torch.cat((pos, new_pos))
+    use_loras(model, [row.lora for row in live + joining])
+    return live + joining, new_logits, new_pos
+
+
+def prefill(model: torch.nn.Module, rows: list[Row]) -> tuple[Tensor, Tensor]:
+    """Run the prompts of `rows` in a new KV cache; return their next-token logits (B, vocab) and lengths (B,)."""
+    for row in rows:
+        check_fits(model.config.block_size, row.prompt.size(0), row.max_new_tokens)
+    device = rows[0].prompt.device
+    lengths = torch.tensor([row.prompt.size(0) for row in rows], device=device)  # (B,)
+    idx = torch.nn.utils.rnn.pad_sequence([row.prompt for row in rows], batch_first=True)  # (B, T), right-padded
+    B, T = idx.shape
+    model.set_kv_cache(batch_size=B, max_seq_length=max(int(n) + r.max_new_tokens for n, r in zip(lengths, rows)))
+    use_loras(model, [row.lora for row in rows])
+    h = model.hidden_states(idx, torch.arange(T, device=device).expand(B, T))  # (B, T, C)
+    return model.lm_head(h[torch.arange(B, device=device), lengths - 1]), lengths  # (B, vocab), (B,)
+
+
+def pick(logits: Tensor, rows: list[Row]) -> Tensor:
+    """(B, vocab) -> (B,): the next token of each row, by the row's own sampling settings."""
+    if all(row.temperature == 0 for row in rows):
+        return logits.argmax(dim=-1)
+    return torch.cat([sample(logits[j:j + 1], row.temperature, row.top_k, row.top_p, row.generator)
+                      for j, row in enumerate(rows)])
