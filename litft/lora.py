@@ -21,9 +21,9 @@ LoRALinear and LoRAEmbedding keep the frozen `weight` under its own name, so a b
 model unchanged (tied embed and lm_head still share it); the new tensors are `lora_A` and `lora_B`. New tokens
 (`new_tokens`) add trainable rows to embed and lm_head, saved next to A and B: litft/new_rows.py.
 
-Merging folds W' = W + (α / r) · B A (and appends new rows), leaving a plain Llama with no extra inference cost.
-A merged LoRA on tied embed or lm_head gives the two uses different weights: merging *unties* them (exact).
-QLoRA stores the frozen W in 4 bits while A and B train: litft/qlora.py.
+Merging folds W' = W + (α / r) · B A (and appends new rows): a plain Llama, no extra inference cost; on tied
+embed or lm_head it *unties* them (exact). QLoRA keeps W in 4 bits: litft/qlora.py. By default training runs
+litft/fast/fused_lora.py (the same value, faster) and fp32 generation merges; `--fast false` runs this code.
 """
 
 from __future__ import annotations

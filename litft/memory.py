@@ -6,6 +6,8 @@
     activations  what autograd keeps from the forward pass for the backward pass, for one micro batch
     backward     the backward pass's own working memory: one block's activations, recomputed (activation
                  checkpointing) or flowing back as gradients
+    loss         the logits the loss holds at once: one chunk of positions (the fast, chunked loss) or the
+                 whole micro batch's (B, T, vocab)
     process      what the process holds before the model exists: Python, torch (on a GPU: not counted)
 
 The activations are not derived by hand: the forward pass of the run's own model (its method, precision,
@@ -61,7 +63,7 @@ class Plan:
         return sum(getattr(self, part) for part in PARTS)
 
     def with_micro_batch(self, samples: int) -> "Plan":
-        """This plan for a micro batch of `samples`: only the activations and the backward pass grow."""
+        """This plan for a micro batch of `samples`: only the activations, the backward pass and the loss grow."""
         extra = samples - self.samples
         return replace(self, activations=self.activations + extra * self.per_sample[0],
                        backward=self.backward + extra * self.per_sample[1],

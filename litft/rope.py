@@ -89,8 +89,9 @@ def rope_tables(config: RoPEConfig, n_positions: int, device: torch.device | Non
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x: (B, heads, T, hs); cos, sin: (T, hs). Rotates each (first-half, second-half) channel pair."""
-    x1, x2 = x.chunk(2, dim=-1)
+    """x: (B, heads, T, hs); cos, sin: (T, hs), or (B, 1, T, hs) when each row has its own positions (packed rows,
+    rows decoded at different positions). Rotates each (first-half, second-half) channel pair."""
+    x1, x2 = x.chunk(2, dim=-1)  # (B, heads, T, hs/2) each
     rotated = torch.cat((-x2, x1), dim=-1)
     return x * cos + rotated * sin
 

@@ -182,7 +182,7 @@ def run_files(out: Path) -> list[Path]:
 
 
 def orphans(out: Path) -> list[Path]:
-    """What a killed write leaves: `.<name>.*.tmp` files (litft.checkpoint.atomic_path) and checkpoints/*.tmp."""
+    """What a killed write leaves: `.<name>.*.tmp` files (litft.files.atomic_path) and checkpoints/*.tmp."""
     if not out.is_dir():
         return []
     return sorted(out.glob(".*.tmp")) + sorted((out / "checkpoints").glob("*.tmp"))

@@ -41,6 +41,9 @@ class State:
     metrics: dict = field(default_factory=dict)  # the last evaluation
 
 
+META = "meta.json"  # step, schedule, history; a step-* directory (renamed from .tmp once written) that holds it is complete
+
+
 def checkpoints_dir(out_dir: Path) -> Path:
     return Path(out_dir) / "checkpoints"
 
@@ -49,13 +52,6 @@ def latest(out_dir: Path) -> Path | None:
     """The newest complete checkpoint directory, or None."""
     done = [d for d in checkpoints_dir(out_dir).glob("step-*") if not d.name.endswith(".tmp") and (d / META).is_file()]
     return max(done, key=lambda d: d.name, default=None)
-
-
-def trainable_names(model: torch.nn.Module) -> set[str]:
-    return {name for name, p in model.named_parameters() if p.requires_grad}
-
-
-META = "meta.json"
 
 
 def resumable(out_dir: Path) -> Path:

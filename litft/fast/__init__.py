@@ -2,7 +2,8 @@
 
 litft/model.py, lora.py, adapter.py and adapter_v2.py are written as their equations. Training and generation
 call one function here, `for_training` or `for_generation`, which swaps in faster layers and a faster loss with
-the same value (to float rounding). With `--fast false` (every finetune/ and generate/ script, and
+the same value (to float rounding) at LoRA dropout 0; with dropout, each element is still dropped with the same
+probability, but q/k/v and gate/up share one mask and, on a CPU, p is rounded to a multiple of 2⁻¹⁵ (lora_dropout.py). With `--fast false` (every finetune/ and generate/ script, and
 scripts/evaluate.py) the textbook path runs instead; tests/ run the parity tests on both.
 
 Training (`for_training`), SmolLM2-135M, micro batch 4, seq 256, 2 CPU cores (bench/RESULTS.md, "what each
@@ -17,7 +18,7 @@ change bought"):
   5.25 s), cast before dropping under bf16 (bf16 4.18 -> 3.73 s), and a mask costs one 64-bit draw per four
   elements (bf16 3.73 -> 3.26 s, fp32 ~5.3 -> 4.76 s).
 - torch.compile of each block (`--compile true`, also on the plain path): on an H200 the Llama-2-7B LoRA
-  step 557 -> 478 ms; on 2 CPU cores no gain, so off by default.
+  step 537 -> 468 ms (GPU run 3); on 2 CPU cores no gain, so off by default.
 
 Together, on that machine (bench/RESULTS.md, run 11), the plain path takes 1.42× (fp32) and 1.57× (bf16) the
 fast path's step time and 1.46× / 1.35× its peak memory.
