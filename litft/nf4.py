@@ -18,7 +18,8 @@ Memory, Llama-2-7B: the linear layers of the 32 blocks hold 32 · (4 · 4096² +
 In bf16 that is 12.96 GB. In NF4: 6.48 B · 4 bits = 3.24 GB, plus one fp32 absmax per 64 weights, 405 MB
 (0.5 bits per weight); double quantization makes that one byte per 64 weights plus one fp32 per 16,384: 101 MB
 + 1.6 MB (0.127 bits per weight). The embedding and lm_head (2 · 32000 · 4096) stay in bf16, 524 MB. So the
-frozen model takes ~3.9 GB instead of 13.5 GB, and LoRA's A and B come on top in full precision.
+frozen model takes ~4.2 GB in NF4 (~3.9 GB with double quantization) instead of 13.5 GB, and LoRA's A and B
+come on top in full precision.
 """
 
 from __future__ import annotations
