@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from litft.cli import run
+from litft.errors import UserError
 from litft.preview import preview
 
 
@@ -23,6 +24,8 @@ def main(data: Path, n: int = 3, split: Literal["train", "test"] = "train", max_
         split: train or test.
         max_seq_length: the --max_seq_length you will train with: samples longer than it count as truncated.
     """
+    if n < 1:
+        raise UserError(f"--n must be at least 1, got {n}")
     print(preview(data, n, split, max_seq_length))
 
 

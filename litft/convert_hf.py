@@ -195,7 +195,7 @@ def convert_hf_checkpoint(checkpoint_dir: Path, output_dir: Path | None = None, 
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
         raise UserError(f"checkpoint directory {checkpoint_dir} does not exist; download it with scripts/download.py")
-    output_dir = check_output_dir("--output_dir", output_dir) if output_dir is not None else checkpoint_dir
+    output_dir = check_output_dir("--output_dir", output_dir, "a checkpoint") if output_dir is not None else checkpoint_dir
     config = read_hf_config(checkpoint_dir)
     state_dict = hf_to_lit_state_dict(checkpoint_dir, config, parse_dtype(dtype))  # all checked before writing
 

@@ -60,8 +60,19 @@ def atomic_write_text(path: Path, text: str) -> None:
         tmp.write_text(text)
 
 
-def check_output_dir(flag: str, out: Path, **inputs: Path) -> Path:
-    """Refuse, in one line, an output directory that is a file, cannot be written, or is one of the inputs.
+# What a directory holds, told by one file in it; the first match wins (a full fine-tune's run holds lit_model.pth).
+MARKERS = (("run.yaml", "a fine-tuning run"), ("train.pt", "prepared data"), ("adapter_config.json", "a PEFT adapter"),
+           ("lit_model.pth", "a checkpoint"), ("config.json", "a checkpoint"))
+
+
+def holds(directory: Path) -> str | None:
+    """What `directory` holds ("a fine-tuning run", "prepared data", "a PEFT adapter", "a checkpoint"), or None."""
+    return next((kind for marker, kind in MARKERS if (Path(directory) / marker).is_file()), None)
+
+
+def check_output_dir(flag: str, out: Path, writes: str | None = None, **inputs: Path) -> Path:
+    """Refuse, in one line, an output directory that is a file, cannot be written, is one of the inputs, or holds
+    something else than what the command `writes` (one of MARKERS' kinds), whose files it would replace.
 
     `inputs` name the directories a script reads (e.g. base=checkpoint_dir, run=lora_path.parent): writing into
     them could overwrite or delete what the user asked to read.
@@ -70,6 +81,9 @@ def check_output_dir(flag: str, out: Path, **inputs: Path) -> Path:
     for what, directory in inputs.items():
         if directory is not None and out.resolve() == Path(directory).resolve():
             raise UserError(f"{flag} {out} is the {what} directory this command reads; choose a new directory")
+    if writes is not None and out.is_dir() and (kind := holds(out)) not in (None, writes):
+        raise UserError(f"{flag} {out} holds {kind}, which writing {writes} there would damage; choose a new "
+                        "directory")
     existing = next(p for p in (out, *out.parents) if p.exists())
     if not existing.is_dir():
         raise UserError(f"{flag} {out}: {existing} is a file, not a directory; choose another path")

@@ -39,7 +39,7 @@ from tqdm import tqdm
 from litft.base_checkpoint import ensure_checkpoint, tokenizer_fingerprint
 from litft.config import Config
 from litft.errors import UserError
-from litft.files import atomic_path, atomic_write_text
+from litft.files import atomic_path, atomic_write_text, check_output_dir
 from litft.new_tokens import write_tokenizer
 from litft.prompts import PromptStyle
 from litft.tokenizer import Tokenizer
@@ -250,6 +250,7 @@ def check_writable(directory: Path) -> None:
         raise UserError(f"cannot write to {directory}: {existing} is not a directory; choose another --destination_path")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"cannot write to {directory}: {existing} is not writable; choose another --destination_path")
+    check_output_dir("--destination_path", directory, "prepared data")
 
 
 def prepare(train: list[dict], test: list[dict], *, task: str, source: str, destination_path: Path,

@@ -89,7 +89,8 @@ def check_unused(out: Path) -> None:
 def check_out_dir(args) -> None:
     """out_dir must be a writable directory (or creatable) that is neither the base nor the data, nor holds them:
     --overwrite removes run files, and the base's lit_model.pth or tokenizer must never be among them."""
-    out = check_output_dir("--out_dir", Path(args.out_dir), base=args.checkpoint_dir, data=data_dir(args.data))
+    out = check_output_dir("--out_dir", Path(args.out_dir), "a fine-tuning run", base=args.checkpoint_dir,
+                           data=data_dir(args.data))
     for flag, path in (("--checkpoint_dir", Path(args.checkpoint_dir)), ("--data", data_dir(args.data))):
         if out.resolve() in path.resolve().parents:
             raise UserError(f"--out_dir {out} contains {flag} {path}; a run directory may not hold its inputs, "

@@ -38,7 +38,7 @@ def main(gguf_path: Path, output_dir: Path, dtype: Literal["float32", "bfloat16"
         dtype: dtype of the saved weights. float32 keeps the dequantized values exactly; bfloat16 halves the size.
     """
     start = time.perf_counter()
-    check_output_dir("--output_dir", output_dir)
+    check_output_dir("--output_dir", output_dir, "a checkpoint")
     reader = open_gguf(gguf_path)
     meta = metadata(reader)
     config = config_from_gguf(meta, tensor_shapes(reader), Path(output_dir).name, rope_freqs(reader))

@@ -44,9 +44,11 @@ def main(checkpoint_dir: Path, output_dir: Path, max_shard_gb: float = 5.0, veri
         verify: load the output with transformers and compare it with litft's model.
     """
     checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
+    if not max_shard_gb > 0:
+        raise UserError(f"--max_shard_gb must be above 0, got {max_shard_gb}")
     if verify:
         require_readers()  # before anything is written
-    check_output_dir("--output_dir", output_dir, checkpoint=checkpoint_dir)
+    check_output_dir("--output_dir", output_dir, "a checkpoint", checkpoint=checkpoint_dir)
     config = Config.from_checkpoint(checkpoint_dir)
     path = checkpoint_dir / WEIGHTS
     if not path.is_file():

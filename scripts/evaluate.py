@@ -53,6 +53,7 @@ def main(checkpoint_dir: Path, data: str, weights_path: Optional[Path] = None, s
     """
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be at least 1, got {limit}")
+    out = check_out(out or Path("out/evaluate") / f"{data_dir(data).name}-{split}.json", data)
     samples, style = load_split(data, split), prompt_style_of(data)
     if not samples:
         raise UserError(f"the {split} split of {data_dir(data)} is empty; prepare it with a --val_split_fraction above 0")
@@ -70,11 +71,22 @@ def main(checkpoint_dir: Path, data: str, weights_path: Optional[Path] = None, s
     report = evaluate(model, tokenizer, samples, style, task, limit, max_new_tokens, batch_size)
     report.update(data=str(data_dir(data)), split=split, checkpoint_dir=str(checkpoint_dir),
                   weights_path=str(weights_path) if weights_path else None, seconds=round(time.perf_counter() - start, 1))
-    out = out or Path("out/evaluate") / f"{data_dir(data).name}-{split}.json"
     atomic_write_text(out, json.dumps(report, indent=2) + "\n")
     print(f"exact match {report['exact_match']:.1%} ({report['correct']}/{report['samples']})  "
           f"val loss {report['val_loss']:.4f}  report: {out}")
     return report
+
+
+def check_out(out: Path, data: str) -> Path:
+    """The report's path: a .json file, not a directory, not inside the data it reads (checked before evaluating)."""
+    out = Path(out)
+    if out.is_dir():
+        raise UserError(f"--out {out} is a directory; name the .json file to write")
+    if out.suffix != ".json":
+        raise UserError(f"--out {out}: the report is JSON; name a .json file")
+    if out.parent.resolve() == data_dir(data).resolve():
+        raise UserError(f"--out {out} is inside the data directory this command reads; write it elsewhere")
+    return out
 
 
 def check_same_tokens(sample: dict, tokenizer: Tokenizer, style: PromptStyle, data: str, checkpoint_dir: Path) -> None:

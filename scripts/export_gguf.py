@@ -87,6 +87,8 @@ def check_inputs(checkpoint_dir: Path, out_file: Path, lora_path: Path | None, a
         raise UserError(f"--lora_path {lora_path} is not a LoRA run's weights file (lit_model_lora.pth next to lora.yaml)")
     if out_file.is_dir():
         raise UserError(f"--out_file {out_file} is a directory; name the .gguf file to write")
+    if out_file.is_file() and out_file.read_bytes()[:4] != b"GGUF":  # an earlier export may be replaced, nothing else
+        raise UserError(f"--out_file {out_file} exists and is not a GGUF file; name a new .gguf file")
     for what, directory in (("base checkpoint", checkpoint_dir), ("run", run_dir)):
         if directory is not None and out_file.parent.resolve() == directory.resolve():
             raise UserError(f"--out_file {out_file} is inside the {what} directory this command reads; write it elsewhere")

@@ -105,7 +105,7 @@ def main(checkpoint_dir: Path, lora_path: Path, output_dir: Path, verify: bool =
     checkpoint_dir, lora_path, output_dir = Path(checkpoint_dir), Path(lora_path), Path(output_dir)
     if verify:
         require_readers()  # before anything is written
-    check_output_dir("--output_dir", output_dir, base=checkpoint_dir, run=lora_path.parent)
+    check_output_dir("--output_dir", output_dir, "a PEFT adapter", base=checkpoint_dir, run=lora_path.parent)
     base = Config.from_checkpoint(checkpoint_dir)
     lora = LoRAConfig.from_dir(lora_path.parent)
     check_scheme(lora.quantize, flag=f"{lora_path.parent}/lora.yaml has quantize:")

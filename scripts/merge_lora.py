@@ -49,7 +49,7 @@ def main(checkpoint_dir: Path, lora_path: Path, out_dir: Path, verify: bool = Tr
     checkpoint_dir, lora_path, out_dir = Path(checkpoint_dir), Path(lora_path), Path(out_dir)
     if verify:
         require_readers()  # before anything is written
-    check_output_dir("--out_dir", out_dir, base=checkpoint_dir, run=lora_path.parent)
+    check_output_dir("--out_dir", out_dir, "a checkpoint", base=checkpoint_dir, run=lora_path.parent)
     if not lora_path.is_file():
         raise UserError(f"--lora_path {lora_path} does not exist; pass the run's lit_model_lora.pth")
     base = Config.from_checkpoint(checkpoint_dir)  # fail early on a bad base directory

@@ -54,6 +54,9 @@ def main(checkpoint_dir: Path = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Ins
     import torch
 
     check_address(host, port)
+    for flag, value in (("--max_batch_size", max_batch_size), ("--max_tokens", max_tokens)):
+        if value < 1:
+            raise UserError(f"{flag} must be at least 1, got {value}")
     ensure_checkpoint(checkpoint_dir)
     runs = parse_loras(lora, checkpoint_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -94,6 +97,8 @@ def listen(app, host: str, port: int) -> tuple["uvicorn.Server", threading.Threa
 
 def check_address(host: str, port: int) -> None:
     """Fail before loading anything when the address cannot be listened on."""
+    if not 0 < port < 65536:
+        raise UserError(f"--port must be between 1 and 65535, got {port}")
     try:
         with socket.create_server((host, port)):
             pass

@@ -1,0 +1,64 @@
+"""Commands never write over what they did not make: a fine-tuning run, prepared data or a checkpoint given as an
+output is refused in one line before anything is written, and its files stay byte for byte as they were. Bad
+numbers are refused the same way. The runs are real: finetune/*.py as tests/test_train.py runs them.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import assert_user_error, run_script
+from test_train import finetune, tiny  # noqa: F401 (fixture)
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def runs(tiny, tmp_path_factory):  # noqa: F811
+    """A LoRA run, a full fine-tune and a copy of the base checkpoint, each as the commands leave them."""
+    root = tmp_path_factory.mktemp("runs")
+    steps = ("--max_steps", "1", "--eval_interval", "1", "--save_interval", "1")
+    finetune(tiny, root / "lora", *steps)
+    finetune(tiny, root / "full", *steps, script="finetune/full.py")
+    shutil.copytree(tiny["ckpt"], root / "other_base")
+    return {**tiny, "lora": root / "lora", "full": root / "full", "other_base": root / "other_base"}
+
+
+def test_writing_over_another_kind_of_directory_is_refused(runs, tmp_path):
+    lora, full, other_base = runs["lora"], runs["full"], runs["other_base"]
+    before = {d: snapshot(d) for d in (lora, full, other_base, runs["data"])}
+    assert_user_error(run_script("scripts/merge_lora.py", "--checkpoint_dir", runs["ckpt"], "--lora_path",
+                                 lora / "lit_model_lora.pth", "--out_dir", full, "--verify", "false"),
+                      f"--out_dir {full} holds a fine-tuning run")
+    (tmp_path / "rows.json").write_text('[{"instruction": "colour 1", "input": "", "output": "red"}]')
+    for destination, kind in ((lora, "a fine-tuning run"), (other_base, "a checkpoint")):
+        assert_user_error(run_script("data_prep/json_data.py", "--data_file", tmp_path / "rows.json",
+                                     "--destination_path", destination, "--checkpoint_dir", runs["ckpt"]),
+                          f"holds {kind}")
+    assert_user_error(finetune(runs, other_base, check=False), f"--out_dir {other_base} holds a checkpoint")
+    assert_user_error(run_script("scripts/evaluate.py", "--checkpoint_dir", runs["ckpt"], "--data", runs["data"],
+                                 "--out", runs["data"] / "train.pt"), "name a .json file")
+    assert_user_error(run_script("scripts/evaluate.py", "--checkpoint_dir", runs["ckpt"], "--data", runs["data"],
+                                 "--out", runs["data"] / "meta.json"), "inside the data directory")
+    assert_user_error(run_script("scripts/export_gguf.py", "--checkpoint_dir", runs["ckpt"], "--lora_path",
+                                 lora / "lit_model_lora.pth", "--out_file", full / "lit_model.pth", "--verify", "false"),
+                      "is not a GGUF file")
+    assert {d: snapshot(d) for d in before} == before
+
+
+@pytest.mark.parametrize("script, flags, message", [
+    ("scripts/serve.py", ["--port", "70000"], "--port must be between 1 and 65535"),
+    ("scripts/serve.py", ["--max_batch_size", "0"], "--max_batch_size must be at least 1"),
+    ("scripts/serve.py", ["--max_tokens", "-4"], "--max_tokens must be at least 1"),
+    ("scripts/convert_lit_checkpoint.py", ["--output_dir", "{tmp}/hf", "--max_shard_gb", "-1"], "--max_shard_gb"),
+    ("data_prep/preview.py", ["--data", "{data}", "--n", "-1"], "--n must be at least 1"),
+])
+def test_bad_numbers_are_refused_before_work(runs, tmp_path, script, flags, message):
+    flags = [f.format(tmp=tmp_path, data=runs["data"]) for f in flags]
+    checkpoint = [] if script == "data_prep/preview.py" else ["--checkpoint_dir", runs["ckpt"]]
+    assert_user_error(run_script(script, *checkpoint, *flags, timeout=120), message)
+    assert not (tmp_path / "hf").exists()
