@@ -58,7 +58,7 @@ from litft.config import Config
 from litft.fast import for_training
 from litft.lora import LoRAConfig, add_lora
 from litft.model import Llama
-from litft.train import shard_blocks
+from litft.train_setup import shard_blocks
 
 R, ALPHA, DROPOUT = 8, 16.0, 0.05
 Step = Callable[[torch.Tensor], None]  # one optimizer step on a batch

@@ -92,6 +92,7 @@ TESTS = {
     "train": ["test_train.py", "test_run_lifecycle.py"],
     "train_args": ["test_schedule.py", "test_run_lifecycle.py"],
     "train_data": ["test_train.py", "test_data_errors.py"],
+    "train_setup": ["test_run_lifecycle.py", "test_train.py", "test_memory.py"],
     "train_state": ["test_run_lifecycle.py", "test_train.py"],
     "verify": ["test_verify.py"],
 }

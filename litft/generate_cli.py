@@ -10,7 +10,6 @@ decoding speed and the peak memory go to stderr.
 
 from __future__ import annotations
 
-import resource
 import sys
 import time
 from functools import partial
@@ -24,6 +23,7 @@ from litft.errors import UserError
 from litft.fast import for_generation
 from litft.generate import check_fits, generate, stop_token_ids
 from litft.load_finetuned import tokenizer_dir
+from litft.memory import peak_memory_gb
 from litft.prompts import resolve_style
 from litft.tokenizer import StreamDecoder, Tokenizer
 
@@ -40,10 +40,8 @@ def pick_precision(precision: Optional[str], device: torch.device) -> tuple[str,
 
 
 def peak_memory(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"peak memory: {torch.cuda.max_memory_allocated(device) / 1e9:.2f} GB (GPU, allocated by torch)"
-    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
-    return f"peak memory: {kib / 1e6:.2f} GB (RSS)"
+    where = "GPU, allocated by torch" if device.type == "cuda" else "RSS"
+    return f"peak memory: {peak_memory_gb(device):.2f} GB ({where})"
 
 
 def generate_cli(checkpoint_dir: Path, prompt: str, max_new_tokens: int = 100, temperature: float = 0.8,
@@ -78,7 +76,8 @@ def generate_cli(checkpoint_dir: Path, prompt: str, max_new_tokens: int = 100, t
     check_text(prompt, "--prompt")
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
-        raise UserError(f"checkpoint directory {checkpoint_dir} does not exist; download or convert a model first")
+        what = "is a file, not a directory" if checkpoint_dir.exists() else "does not exist"
+        raise UserError(f"checkpoint directory {checkpoint_dir} {what}; download or convert a model first")
     style = resolve_style(prompt_style, *(d for d in (run_dir, checkpoint_dir) if d is not None and Path(d).is_dir()))
     tokenizer = Tokenizer(tokenizer_dir(run_dir, checkpoint_dir))  # a run with new tokens has its own
     ids = tokenizer.encode(style.apply(prompt), bos=style.add_bos) if style else tokenizer.encode(prompt)  # (T,)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+import resource
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -153,6 +154,13 @@ def two_per_row(rows: int, seq: int) -> torch.Tensor:
 
 def unique(params) -> list[torch.Tensor]:
     return list({p.untyped_storage()._cdata: p for p in params}.values())
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """The process's peak so far: on a GPU what torch allocated there, on a CPU the resident set (RSS)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux reports KiB
 
 
 def resident_bytes() -> float:

@@ -14,42 +14,38 @@ Everything else lives here, once:
         every save_interval: a resumable checkpoint and the method's weights file
 
 Only trainable parameters (`requires_grad`) reach the optimizer and the weights file, so a LoRA run saves the
-LoRA tensors and a full fine-tune saves the whole model, with no method-specific saving code.
+LoRA tensors and a full fine-tune saves the whole model, with no method-specific saving code. What happens before
+the first step (the processes, the memory plan, the model, the run directory) is litft/train_setup.py.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import resource
-import shutil
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
-import yaml
 from tqdm import tqdm
 
 from litft import data as data_lib
-from litft import fast, memory, packing, qlora, run_dir, train_state
-from litft.base_checkpoint import record_base
-from litft.checkpoint import load_lit_model
+from litft import fast, packing, qlora, run_dir, train_state
 from litft.errors import UserError
-from litft.files import atomic_write_text, copy_tokenizer, save_state_dict
+from litft.files import atomic_write_text, save_state_dict
 from litft.generate import greedy_without_cache, stop_token_ids
 from litft.loss import IGNORE_INDEX, LossFn, trained_tokens
+from litft.memory import peak_memory_gb
 from litft.model import Llama
 from litft.prompts import PromptStyle
 from litft.schedule import batch_indices, lr_factor
 from litft.tokenizer import Tokenizer
 from litft.train_args import Method, TrainArgs
-from litft.train_data import check_token_ids, longest, read_data, tokenizer_of
+from litft.train_data import check_token_ids, read_data, tokenizer_of
+from litft.train_setup import build_model, check_can_compile, make_fabric, plan_memory, start_run, write_run_files
 
 if TYPE_CHECKING:
     from lightning.fabric import Fabric
@@ -103,25 +99,6 @@ def fit(args: TrainArgs, method: Method) -> dict:
     return state.metrics
 
 
-def plan_memory(fabric: Fabric, args: TrainArgs, method: Method, train_data: list[dict]) -> None:
-    """Print the run's memory plan before any weight is read; resolve --micro_batch_size auto (rank 0 decides,
-    the others follow; a resumed run kept the size it started with, run_dir.check); refuse a run that would not
-    fit."""
-    seq = data_lib.batch_length(longest(train_data), args.batch_multiple(), args.max_seq_length)
-    outcome = (0, "", None)
-    if fabric.global_rank == 0:
-        try:
-            outcome = (*memory.plan_run(args, method, seq, fabric.world_size, fabric.device), None)
-        except UserError as e:
-            outcome = (0, "", str(e))
-    micro, line, error = fabric.broadcast(outcome, src=0)
-    if error:
-        raise UserError(error)
-    fabric.print(line, file=sys.stderr)
-    args.micro_batch_size = micro
-    args.micro_batches(fabric.world_size)
-
-
 def lost_a_process(error: RuntimeError) -> bool:
     """Whether a collective failed because another process is gone (gloo's and NCCL's words for it). A process that
     dies is noticed at the next collective, within seconds; one that hangs alive, after the process group's timeout
@@ -131,8 +108,8 @@ def lost_a_process(error: RuntimeError) -> bool:
     return isinstance(error, torch.distributed.DistError) or any(sign in str(error) for sign in signs)
 
 
-def setup_loop(fabric: Fabric, model: Llama, args: TrainArgs, method: Method, loss_fn: LossFn,
-               **rest) -> "Loop":
+def setup_loop(fabric: Fabric, model: Llama, args: TrainArgs, method: Method, loss_fn: LossFn, *,
+               tokenizer: Tokenizer, style: PromptStyle, val_data: list, run_id: str) -> "Loop":
     """Hand the model to Fabric (device, precision, DDP/FSDP), build the optimizer and the schedule."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     fabric.print(f"trainable parameters: {trainable:,} of {qlora.weight_count(model):,}", file=sys.stderr)
@@ -144,7 +121,7 @@ def setup_loop(fabric: Fabric, model: Llama, args: TrainArgs, method: Method, lo
     optimizer = fabric.setup_optimizers(optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, args))
     return Loop(fabric=fabric, model=wrapped, raw=model, optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn,
-                args=args, method=method, **rest)
+                args=args, method=method, tokenizer=tokenizer, style=style, val_data=val_data, run_id=run_id)
 
 
 @dataclass
@@ -185,7 +162,7 @@ class Loop:
                    "final_train_loss": train_losses[-1] if train_losses else None,
                    "trainable_parameters": sum(p.numel() for p in self.raw.parameters() if p.requires_grad),
                    "train_seconds": seconds, **throughput(self.tokens_seen, seconds),
-                   "peak_memory_gb": peak_memory_gb(self.fabric),
+                   "peak_memory_gb": peak_memory_gb(self.fabric.device),
                    "weights_file_bytes": (self.args.out_dir / self.method.weights_name).stat().st_size}
         atomic_write_text(self.args.out_dir / "summary.json", json.dumps(summary, indent=2))
 
@@ -271,8 +248,8 @@ class Loop:
         state.history.append({"step": state.step, "train_loss": loss})
         if state.step % self.args.log_interval == 0:
             self.fabric.log_dict({"train/loss": loss, "train/lr": self.scheduler.get_last_lr()[0],
-                                  **throughput(tokens, seconds, "train/"), "train/memory_gb": peak_memory_gb(self.fabric)},
-                                 step=state.step)
+                                  **throughput(tokens, seconds, "train/"),
+                                  "train/memory_gb": peak_memory_gb(self.fabric.device)}, step=state.step)
 
     @torch.no_grad()
     def evaluate(self, state: train_state.State) -> None:
@@ -294,7 +271,7 @@ class Loop:
         self.model.train()
         state.history.append({"step": state.step, "val_loss": val_loss})
         state.metrics = {"step": state.step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50)),
-                         "peak_memory_gb": peak_memory_gb(fabric)}
+                         "peak_memory_gb": peak_memory_gb(fabric.device)}
         fabric.log_dict({"val/loss": val_loss, "val/ppl": state.metrics["val_ppl"]}, step=state.step)
         if fabric.global_rank == 0:
             tqdm.write(f"step {state.step}: val loss {val_loss:.4f}, val ppl {state.metrics['val_ppl']:.2f}, "
@@ -317,89 +294,6 @@ class Loop:
         self.fabric.barrier()
 
 
-def make_fabric(args: TrainArgs) -> Fabric:
-    # Lightning is imported when a run starts, not with this module: it takes seconds (it loads torchmetrics, and
-    # transformers where that is installed), and a command whose flags are wrong should say so at once.
-    from lightning.fabric import Fabric
-    from lightning.fabric.loggers import TensorBoardLogger
-    from lightning.fabric.strategies import ModelParallelStrategy
-
-    on_gpu = torch.cuda.is_available()
-    strategy = args.strategy
-    if strategy == "fsdp":
-        strategy = ModelParallelStrategy(parallelize_fn=shard_blocks, data_parallel_size=args.devices * args.num_nodes,
-                                         tensor_parallel_size=1)
-    elif strategy == "ddp" and not on_gpu:
-        strategy = "ddp"
-    logger = TensorBoardLogger(root_dir=str(args.out_dir), name="logs", version="")
-    return Fabric(accelerator="cuda" if on_gpu else "cpu", devices=args.devices, num_nodes=args.num_nodes,
-                  strategy=strategy, precision=args.precision, loggers=logger)
-
-
-def check_can_compile(device: torch.device) -> None:
-    """torch.compile writes C++ for a CPU (a GPU's kernels come from Triton); fail now, not at the first step."""
-    compilers = (os.environ.get("CXX"), "g++", "clang++")  # where inductor looks: $CXX, then the platform's
-    if device.type == "cpu" and not any(shutil.which(cxx) for cxx in compilers if cxx):
-        raise UserError("--compile on a CPU needs a C++ compiler (g++ or clang++) on PATH; install one or drop "
-                        "--compile (on a CPU it is no faster)")
-
-
-def shard_blocks(model: Llama, device_mesh) -> Llama:
-    """FSDP2: shard each transformer Block, then the root (embeddings, final norm, lm_head)."""
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method  # torch ≥ 2.6
-
-    mesh = device_mesh["data_parallel"]
-    for block in model.blocks:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh, reshard_after_forward=False)  # lm_head stays gathered for the fast loss
-    register_fsdp_forward_method(model, "hidden_states")  # the fast loss calls it: gather the root's weights
-    return model
-
-
-def build_model(args: TrainArgs, method: Method, fabric: Fabric) -> Llama:
-    dtype = torch.bfloat16 if fabric.strategy.precision.precision == "bf16-true" else None
-    model = load_lit_model(args.checkpoint_dir, dtype=dtype, mmap=args.quantize is None)  # see below
-    model.requires_grad_(False)
-    method.prepare(model)
-    if args.quantize:  # each layer's W is freed once stored in NF4; a mapped file would stay resident
-        qlora.quantize(model, args.quantize)
-    model.activation_checkpointing = args.activation_checkpointing
-    if not any(p.requires_grad for p in model.parameters()):
-        raise UserError(f"the {method.name} method left no trainable parameters")
-    return model
-
-
-def start_run(fabric: Fabric, args: TrainArgs, method: Method) -> str:
-    """Rank 0 checks out_dir for a fresh, resumed or overwritten run and clears what must go (litft/run_dir.py);
-    every process learns the outcome, so a refusal ends them all. Returns the run's id."""
-    outcome = ("", None)
-    if fabric.global_rank == 0:
-        try:
-            outcome = (run_dir.start(args, method), None)
-        except UserError as e:
-            outcome = ("", str(e))
-    run_id, error = fabric.broadcast(outcome, src=0)
-    if error:
-        raise UserError(error)
-    return run_id
-
-
-def write_run_files(args: TrainArgs, method: Method, model: Llama, style, run_id: str) -> None:
-    """Everything needed to use the weights later without repeating flags, and run.yaml for --resume."""
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    run_dir.record(args, method, run_id)
-    hyper = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(args).items()}
-    atomic_write_text(out / "hyperparameters.yaml", yaml.safe_dump({"method": method.name, **hyper,
-                                                                   method.name: method.config}, sort_keys=False))
-    model.config.save(out)
-    record_base(out, args.checkpoint_dir)  # base.yaml: generate/*.py finds the base again, and notices a changed one
-    style.save(out)
-    method.save_config(out)
-    if method.new_tokens:  # the data's grown tokenizer goes with the run, for generate/ and evaluate
-        copy_tokenizer(data_lib.data_dir(args.data), out)
-
-
 def throughput(tokens: Counter, seconds: float, prefix: str = "") -> dict[str, float | None]:
     """Tokens/s of the samples themselves (padding not counted) and of the tokens with a loss, and padding's share
     of the batches; None before any step."""
@@ -409,7 +303,3 @@ def throughput(tokens: Counter, seconds: float, prefix: str = "") -> dict[str, f
             f"{prefix}padding_share": 1 - tokens["real"] / tokens["padded"] if done else None}
 
 
-def peak_memory_gb(fabric: Fabric) -> float:
-    if fabric.device.type == "cuda":
-        return torch.cuda.max_memory_allocated(fabric.device) / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux reports KiB

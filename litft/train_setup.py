@@ -1,0 +1,138 @@
+"""Everything a run does before its first step: the processes (Fabric), the memory plan, the model, the run dir.
+
+`fit` (litft/train.py) calls these in order; each is one decision:
+
+    make_fabric      devices, precision, DDP or FSDP (each transformer block sharded on its own), TensorBoard
+    plan_memory      the run's peak estimated before a weight is read (litft/memory.py); `--micro_batch_size auto`
+    build_model      the base loaded (on the meta device first: no random weights), the method applied, NF4
+    start_run        out_dir checked and cleared for a fresh, resumed or overwritten run (litft/run_dir.py)
+    write_run_files  what later commands need to use the weights without repeating flags
+
+Some decisions are rank 0's alone (the plan, the run directory), and every process must follow them, a refusal
+included, or the others would wait forever at the next collective: `decided_by_rank0` runs the decision on rank 0
+and broadcasts its value or its one-line error.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+import yaml
+
+from litft import data as data_lib
+from litft import memory, qlora, run_dir
+from litft.base_checkpoint import record_base
+from litft.checkpoint import load_lit_model
+from litft.errors import UserError
+from litft.files import atomic_write_text, copy_tokenizer
+from litft.model import Llama
+from litft.train_args import Method, TrainArgs
+from litft.train_data import longest
+
+if TYPE_CHECKING:
+    from lightning.fabric import Fabric
+
+
+def decided_by_rank0(fabric: Fabric, decide: Callable[[], Any]) -> Any:
+    """`decide()` on rank 0, its value on every process; a UserError there is raised on every process."""
+    outcome = (None, None)
+    if fabric.global_rank == 0:
+        try:
+            outcome = (decide(), None)
+        except UserError as e:
+            outcome = (None, str(e))
+    value, error = fabric.broadcast(outcome, src=0)
+    if error:
+        raise UserError(error)
+    return value
+
+
+def make_fabric(args: TrainArgs) -> Fabric:
+    # Lightning is imported when a run starts, not with this module: it takes seconds (it loads torchmetrics, and
+    # transformers where that is installed), and a command whose flags are wrong should say so at once.
+    from lightning.fabric import Fabric
+    from lightning.fabric.loggers import TensorBoardLogger
+    from lightning.fabric.strategies import ModelParallelStrategy
+
+    on_gpu = torch.cuda.is_available()
+    strategy = args.strategy
+    if strategy == "fsdp":
+        strategy = ModelParallelStrategy(parallelize_fn=shard_blocks, data_parallel_size=args.devices * args.num_nodes,
+                                         tensor_parallel_size=1)
+    elif strategy == "ddp" and not on_gpu:
+        strategy = "ddp"
+    logger = TensorBoardLogger(root_dir=str(args.out_dir), name="logs", version="")
+    return Fabric(accelerator="cuda" if on_gpu else "cpu", devices=args.devices, num_nodes=args.num_nodes,
+                  strategy=strategy, precision=args.precision, loggers=logger)
+
+
+def check_can_compile(device: torch.device) -> None:
+    """torch.compile writes C++ for a CPU (a GPU's kernels come from Triton); fail now, not at the first step."""
+    compilers = (os.environ.get("CXX"), "g++", "clang++")  # where inductor looks: $CXX, then the platform's
+    if device.type == "cpu" and not any(shutil.which(cxx) for cxx in compilers if cxx):
+        raise UserError("--compile on a CPU needs a C++ compiler (g++ or clang++) on PATH; install one or drop "
+                        "--compile (on a CPU it is no faster)")
+
+
+def shard_blocks(model: Llama, device_mesh) -> Llama:
+    """FSDP2: shard each transformer Block, then the root (embeddings, final norm, lm_head)."""
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method  # torch ≥ 2.6
+
+    mesh = device_mesh["data_parallel"]
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh, reshard_after_forward=False)  # lm_head stays gathered for the fast loss
+    register_fsdp_forward_method(model, "hidden_states")  # the fast loss calls it: gather the root's weights
+    return model
+
+
+def plan_memory(fabric: Fabric, args: TrainArgs, method: Method, train_data: list[dict]) -> None:
+    """Print the run's memory plan before any weight is read; resolve --micro_batch_size auto (rank 0 decides,
+    the others follow; a resumed run kept the size it started with, run_dir.check); refuse a run that would not
+    fit."""
+    seq = data_lib.batch_length(longest(train_data), args.batch_multiple(), args.max_seq_length)
+    micro, line = decided_by_rank0(fabric, lambda: memory.plan_run(args, method, seq, fabric.world_size, fabric.device))
+    fabric.print(line, file=sys.stderr)
+    args.micro_batch_size = micro
+    args.micro_batches(fabric.world_size)  # checks that the batch splits into micro batches on every process
+
+
+def build_model(args: TrainArgs, method: Method, fabric: Fabric) -> Llama:
+    dtype = torch.bfloat16 if fabric.strategy.precision.precision == "bf16-true" else None
+    model = load_lit_model(args.checkpoint_dir, dtype=dtype, mmap=args.quantize is None)  # see below
+    model.requires_grad_(False)
+    method.prepare(model)
+    if args.quantize:  # each layer's W is freed once stored in NF4; a mapped file would stay resident
+        qlora.quantize(model, args.quantize)
+    model.activation_checkpointing = args.activation_checkpointing
+    if not any(p.requires_grad for p in model.parameters()):
+        raise UserError(f"the {method.name} method left no trainable parameters")
+    return model
+
+
+def start_run(fabric: Fabric, args: TrainArgs, method: Method) -> str:
+    """Rank 0 checks out_dir for a fresh, resumed or overwritten run and clears what must go (litft/run_dir.py);
+    every process learns the outcome, so a refusal ends them all. Returns the run's id."""
+    return decided_by_rank0(fabric, lambda: run_dir.start(args, method))
+
+
+def write_run_files(args: TrainArgs, method: Method, model: Llama, style, run_id: str) -> None:
+    """Everything needed to use the weights later without repeating flags, and run.yaml for --resume."""
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    run_dir.record(args, method, run_id)
+    hyper = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(args).items()}
+    atomic_write_text(out / "hyperparameters.yaml", yaml.safe_dump({"method": method.name, **hyper,
+                                                                   method.name: method.config}, sort_keys=False))
+    model.config.save(out)
+    record_base(out, args.checkpoint_dir)  # base.yaml: generate/*.py finds the base again, and notices a changed one
+    style.save(out)
+    method.save_config(out)
+    if method.new_tokens:  # the data's grown tokenizer goes with the run, for generate/ and evaluate
+        copy_tokenizer(data_lib.data_dir(args.data), out)
