@@ -37,7 +37,7 @@ def main(data_file: Path, val_file: Path | None = None, instruction_key: str = "
     keys = dict(instruction=instruction_key, input=input_key or None, output=output_key)
     examples = take_fields(read_records(data_file), data_file, **keys)
     if val_file is not None:
-        train, test = examples, take_fields(read_records(val_file), val_file, **keys)
+        train, test = examples, take_fields(read_records(val_file, "--val_file"), val_file, **keys)
     else:
         train, test = split_examples(examples, val_split_fraction, seed)
     prepare(train, test, task=task, source=data_file, destination_path=destination_path, checkpoint_dir=checkpoint_dir,

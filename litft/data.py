@@ -40,8 +40,10 @@ def load_split(data: str | Path, split: str) -> list[dict]:
         raise UserError(f"--data {data}: {directory} {what} (no {split}.pt); prepare it first with {hint}")
     try:
         samples = torch.load(path, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
-        raise UserError(f"{path} is not readable prepared data ({str(e).splitlines()[0]}); prepare it again") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:  # not torch's advice (weights_only=False)
+        unpickled = isinstance(e, pickle.UnpicklingError)
+        reason = "not a file of samples that torch.save wrote" if unpickled else str(e).splitlines()[0]
+        raise UserError(f"{path} is not readable prepared data ({reason}); prepare it again") from None
     if not isinstance(samples, list) or not all(isinstance(s, dict) and "input_ids" in s for s in samples):
         raise UserError(f"{path} does not hold a list of samples; prepare it again with a data_prep script")
     return samples

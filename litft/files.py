@@ -137,7 +137,8 @@ def load_state_dict(path: Path, mmap: bool = True) -> dict[str, Tensor]:
             warnings.simplefilter("ignore")
             sd = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        reason = str(e).splitlines()[0] if "Weights only load failed" not in str(e) else "it holds objects other than tensors"
+        reason = (str(e).splitlines()[0] if "Weights only load failed" not in str(e)
+                  else "it is not a file of tensors that torch.save wrote, or it holds other objects")
         raise UserError(f"{path} was refused: {reason}; only plain tensor state dicts are loaded") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
         reason = str(e).splitlines()[0].split(". ")[0]

@@ -73,6 +73,8 @@ def open_gguf(path: Path):
     from gguf import GGUFReader
 
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a directory; pass the .gguf file itself with --gguf_path")
     if not path.is_file():
         raise UserError(f"{path} does not exist; pass the .gguf file with --gguf_path")
     with open(path, "rb") as f:

@@ -73,13 +73,13 @@ def with_common_args(fn):
 # ---- reading -------------------------------------------------------------------------------------------------
 
 
-def read_records(path: Path) -> list[tuple[str, dict]]:
+def read_records(path: Path, flag: str = "--data_file") -> list[tuple[str, dict]]:
     """(where, record) pairs from a JSON array, a JSONL file or a CSV file with a header row."""
     path = Path(path)
     if path.is_dir():
-        raise UserError(f"{path} is a directory; give --data_file a JSON, JSONL or CSV file")
+        raise UserError(f"{path} is a directory; give {flag} a JSON, JSONL or CSV file")
     if not path.is_file():
-        raise UserError(f"{path} does not exist; give --data_file an existing JSON, JSONL or CSV file")
+        raise UserError(f"{path} does not exist; give {flag} an existing JSON, JSONL or CSV file")
     text = read_text(path)
     if not text.strip():
         raise UserError(f"{path} is empty; it should hold one record per example")

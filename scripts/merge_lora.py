@@ -51,7 +51,8 @@ def main(checkpoint_dir: Path, lora_path: Path, out_dir: Path, verify: bool = Tr
         require_readers()  # before anything is written
     check_output_dir("--out_dir", out_dir, "a checkpoint", base=checkpoint_dir, run=lora_path.parent)
     if not lora_path.is_file():
-        raise UserError(f"--lora_path {lora_path} does not exist; pass the run's lit_model_lora.pth")
+        what = "is a directory" if lora_path.is_dir() else "does not exist"
+        raise UserError(f"--lora_path {lora_path} {what}; pass the run's lit_model_lora.pth")
     base = Config.from_checkpoint(checkpoint_dir)  # fail early on a bad base directory
     lora = LoRAConfig.from_dir(lora_path.parent)
     check_same_base(lora_path.parent, base, lora_path)  # the run's model_config.yaml names its base

@@ -62,3 +62,33 @@ def test_bad_numbers_are_refused_before_work(runs, tmp_path, script, flags, mess
     checkpoint = [] if script == "data_prep/preview.py" else ["--checkpoint_dir", runs["ckpt"]]
     assert_user_error(run_script(script, *checkpoint, *flags, timeout=120), message)
     assert not (tmp_path / "hf").exists()
+
+
+def test_a_path_of_the_wrong_kind_is_named_as_such(runs, tmp_path):
+    """A directory where a file is expected (or the reverse), and files of random bytes, are named for what they
+    are, with the flag that takes them; torch's advice to load with weights_only=False is never passed on."""
+    lora_run, junk = runs["lora"], tmp_path / "junk.pth"
+    junk.write_bytes(bytes(range(256)) * 4)
+    (tmp_path / "rows.json").write_text('[{"instruction": "colour 1", "input": "", "output": "red"}]')
+    shutil.copytree(runs["data"], tmp_path / "data")
+    (tmp_path / "data" / "train.pt").write_bytes(junk.read_bytes())
+    shutil.copytree(lora_run, tmp_path / "junk_run")
+    (tmp_path / "junk_run" / "lit_model_lora.pth").write_bytes(junk.read_bytes())
+    cases = [
+        (("scripts/merge_lora.py", "--checkpoint_dir", runs["ckpt"], "--lora_path", lora_run, "--out_dir",
+          tmp_path / "merged", "--verify", "false"), f"--lora_path {lora_run} is a directory"),
+        (("scripts/convert_gguf_checkpoint.py", "--gguf_path", lora_run, "--output_dir", tmp_path / "c"),
+         f"{lora_run} is a directory"),
+        (("generate/base.py", "--checkpoint_dir", junk, "--prompt", "hi"), f"{junk} is a file, not a directory"),
+        (("data_prep/json_data.py", "--data_file", tmp_path / "rows.json", "--val_file", tmp_path / "absent.json",
+          "--destination_path", tmp_path / "d", "--checkpoint_dir", runs["ckpt"]), "give --val_file"),
+        (("scripts/export_peft.py", "--checkpoint_dir", runs["ckpt"], "--lora_path",
+          tmp_path / "junk_run" / "lit_model_lora.pth", "--output_dir",
+          tmp_path / "p", "--verify", "false"), "not a file of tensors that torch.save wrote"),
+        (("data_prep/preview.py", "--data", tmp_path / "data"), "not a file of samples that torch.save wrote"),
+    ]
+    for args, message in cases:
+        proc = run_script(*args, timeout=120)
+        assert_user_error(proc, message)
+        assert "weights_only" not in proc.stderr
+    assert not any((tmp_path / name).exists() for name in ("merged", "c", "d", "p"))
