@@ -35,8 +35,9 @@ from torch import Tensor
 from litft.checkpoint import WEIGHTS, check_shapes
 from litft.config import CONFIGS, Config
 from litft.errors import UserError
-from litft.files import atomic_path, check_output_dir, copy_files, load_state_dict, save_state_dict
+from litft.files import atomic_path, check_output_dir, copy_tokenizer, load_state_dict, save_state_dict
 from litft.model import Llama
+from litft.prompts import FILE as PROMPT_STYLE
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -201,7 +202,9 @@ def convert_hf_checkpoint(checkpoint_dir: Path, output_dir: Path | None = None, 
 
     save_state_dict(state_dict, output_dir / WEIGHTS)
     config.save(output_dir)
-    copied = copy_files(checkpoint_dir, output_dir)
+    copied = copy_tokenizer(checkpoint_dir, output_dir)  # and removes tokenizer files an earlier model left there
+    if output_dir.resolve() != checkpoint_dir.resolve():
+        (output_dir / PROMPT_STYLE).unlink(missing_ok=True)  # an earlier model's style would override this one's
     n_params = sum(t.numel() for t in state_dict.values())
     dtypes = "/".join(sorted({str(t.dtype).removeprefix("torch.") for t in state_dict.values()}))
     return (f"wrote {output_dir / WEIGHTS}: {len(state_dict)} tensors, {n_params:,} parameters, {dtypes}; "

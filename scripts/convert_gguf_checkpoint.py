@@ -3,7 +3,9 @@
     python scripts/convert_gguf_checkpoint.py --gguf_path checkpoints/offline/SmolLM2-135M-Instruct.Q4_1.gguf \\
         --output_dir checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct
 
-How the tensors are dequantized, un-permuted and renamed is explained in litft/gguf.py.
+How the tensors are dequantized, un-permuted and renamed is explained in litft/gguf.py. Converted into a directory
+that held another checkpoint, the old model's tokenizer files and prompt_style.yaml are removed: they would be
+read in place of this model's.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Literal
 import torch
 
 from litft.checkpoint import WEIGHTS
-from litft.files import atomic_path, atomic_write_text, check_output_dir, save_state_dict
+from litft.files import atomic_path, atomic_write_text, check_output_dir, remove_other_tokenizer_files, save_state_dict
 from litft.gguf import (
     check_tensors,
     config_from_gguf,
@@ -27,6 +29,7 @@ from litft.gguf import (
     tensor_shapes,
     tokenizer_files,
 )
+from litft.prompts import FILE as PROMPT_STYLE
 
 
 def main(gguf_path: Path, output_dir: Path, dtype: Literal["float32", "bfloat16", "float16"] = "float32") -> None:
@@ -54,6 +57,8 @@ def main(gguf_path: Path, output_dir: Path, dtype: Literal["float32", "bfloat16"
                 tmp.write_bytes(contents)
         else:
             atomic_write_text(Path(output_dir) / name, contents)
+    remove_other_tokenizer_files(output_dir, keep=list(files))  # an earlier model's files would be read instead
+    (Path(output_dir) / PROMPT_STYLE).unlink(missing_ok=True)  # the GGUF's chat template is this model's style
 
     size = (Path(output_dir) / WEIGHTS).stat().st_size / 2**20
     types = sorted({t.tensor_type.name for t in reader.tensors})

@@ -67,6 +67,8 @@ def main(checkpoint_dir: Path, lora_path: Path, out_dir: Path, verify: bool = Tr
         with atomic_path(out_dir / PROMPT_STYLE) as tmp:
             shutil.copyfile(lora_path.parent / PROMPT_STYLE, tmp)
         copied.append(PROMPT_STYLE)
+    else:  # a style left by an earlier merge into out_dir would prompt this model in another run's format
+        (out_dir / PROMPT_STYLE).unlink(missing_ok=True)
     print(f"merged {lora_path} into {checkpoint_dir} -> {out_dir} (lit_model.pth, model_config.yaml, "
           f"{', '.join(copied)})", file=sys.stderr)
     if verify:

@@ -250,3 +250,26 @@ def test_training_loss_under_16_bit_autocast_matches_transformers(tmp_path, fast
         assert p.grad.dtype == torch.float32
         error = (p.grad - grads[name]).norm() / grads[name].norm()
         assert error < 5e-2, (name, float(error))
+
+
+def test_converting_over_another_checkpoint_leaves_none_of_its_prompting(tmp_path, tiny_checkpoint,
+                                                                        sentencepiece_model):
+    """Converted into a directory that held another model: a tokenizer.json, chat template or prompt_style.yaml of
+    that model would be read before the new model's files. Truth: sentencepiece on the new model's tokenizer.model."""
+    import sentencepiece as spm
+
+    from litft.convert_hf import convert_hf_checkpoint
+    from litft.prompts import PromptStyle, resolve_style
+    from litft.tokenizer import Tokenizer
+
+    tiny_hf_llama(4, 2, False).save_pretrained(tmp_path / "hf")
+    shutil.copyfile(sentencepiece_model, tmp_path / "hf" / "tokenizer.model")
+    out = shutil.copytree(tiny_checkpoint, tmp_path / "lit")  # a byte-level BPE tokenizer.json ...
+    (out / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")  # ... its chat template, its style
+    PromptStyle("alpaca").save(out)
+
+    convert_hf_checkpoint(tmp_path / "hf", out)
+    assert resolve_style(None, out) is None  # the new model brings no style and no template
+    text = "the quick brown fox jumps over naïve cafés"
+    expected = spm.SentencePieceProcessor(model_file=str(sentencepiece_model)).encode(text)
+    assert Tokenizer(out).encode(text, bos=False).tolist() == expected

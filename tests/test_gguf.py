@@ -161,6 +161,25 @@ def test_tiny_gguf_logits_match_dequantized_transformers(tmp_path, tie, types):
     assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == CHATML
 
 
+def test_converting_over_another_checkpoint_leaves_none_of_its_prompting(tmp_path, sentencepiece_model):
+    """Converted into a directory that held another model: that model's tokenizer.model, chat_template.jinja and
+    prompt_style.yaml would be read before this GGUF's own tokenizer and template, so none of them stays."""
+    from litft.prompts import PromptStyle, resolve_style
+
+    tok, meta = trained_bpe()
+    write_tiny_gguf(tmp_path / "tiny.gguf", tiny_hf_llama(tok.get_vocab_size(), True), [Q.F32], meta)
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    (out / "tokenizer.model").write_bytes(sentencepiece_model.read_bytes())
+    (out / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
+    PromptStyle("alpaca").save(out)
+
+    run_script(SCRIPT, "--gguf_path", tmp_path / "tiny.gguf", "--output_dir", out, check=True)
+    assert resolve_style(None, out).template == CHATML  # the GGUF's tokenizer.chat_template
+    assert sorted(p.name for p in out.iterdir()) == ["lit_model.pth", "model_config.yaml", "tokenizer.json",
+                                                     "tokenizer_config.json"]
+
+
 def llama_cpp_rope_freqs(theta: float, head_size: int, factor: float, low: float, high: float, L: int) -> np.ndarray:
     """llama.cpp's converter for Llama 3.1: each pair's divisor of θ_i (1 fast, `factor` slow, blended between)."""
     out = []

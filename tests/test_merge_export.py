@@ -20,7 +20,7 @@ from litft.files import save_state_dict
 from litft.generate import greedy_without_cache, stop_token_ids
 from litft.lora import LINEAR, TARGETS, LoRAConfig, add_lora, lora_state_dict
 from litft.model import Llama
-from litft.prompts import PromptStyle
+from litft.prompts import PromptStyle, resolve_style
 from litft.tokenizer import Tokenizer
 
 peft = pytest.importorskip("peft")
@@ -86,7 +86,11 @@ def test_merged_checkpoint_equals_unmerged(bases, tmp_path, tied):
     x = torch.randint(0, 32000, (2, 17))
     with torch.no_grad():
         torch.testing.assert_close(merged(x), model(x), atol=1e-5, rtol=0)
-    if not tied:
+    if not tied:  # merged again into the same directory, from a run without a prompt style: the first's must go
+        make_run(base_dir, tmp_path / "plain-run", LoRAConfig(r=2, alpha=4), style=None)
+        run_script("scripts/merge_lora.py", "--checkpoint_dir", base_dir, "--lora_path",
+                   tmp_path / "plain-run" / "lit_model_lora.pth", "--out_dir", out, "--verify", "false", check=True)
+        assert resolve_style(None, out) is None
         return
     # generate/lora.py (which merges after loading) == greedy decoding of the unmerged LoRA model above
     prompt, style, tokenizer = "Name a primary color.", PromptStyle.from_name("alpaca"), Tokenizer(base_dir)
