@@ -136,20 +136,39 @@ def base_of(run_dir: Path) -> Path:
 def check_trained_on(run_dir: Path, checkpoint_dir: Path, source: str) -> None:
     """Refuse a run whose base.yaml records a base other than checkpoint_dir (their fingerprints differ).
     A run without base.yaml is left to the shape checks."""
+    if (recorded := other_base(run_dir, checkpoint_dir)) is not None:
+        raise UserError(f"{source} was trained on {recorded}, not on {checkpoint_dir} (their fingerprints differ); "
+                        "serve it on the base it was trained on")
+
+
+def warn_if_trained_on_another(run_dir: Path, checkpoint_dir: Path, source: Path) -> None:
+    """One warning line on stderr when a run is put on a base other than its own (say, the instruct model of a run
+    trained on the base model): their shapes agree, so it runs, but not with the weights the run learned beside."""
+    if (recorded := other_base(run_dir, checkpoint_dir)) is not None:
+        print(f"warning: {source} was trained on {recorded}, not on {checkpoint_dir} (their fingerprints differ); "
+              "using it on this base anyway", file=sys.stderr)
+
+
+def other_base(run_dir: Path, checkpoint_dir: Path) -> str | None:
+    """The base path a run's base.yaml records, when its fingerprint is not checkpoint_dir's; else None (also
+    for a run without base.yaml)."""
     record_file = Path(run_dir) / "base.yaml"
-    if not record_file.is_file():
-        return
+    if not record_file.is_file() or not (Path(checkpoint_dir) / WEIGHTS).is_file():  # the base: checked elsewhere
+        return None
     record = read_yaml_mapping(record_file, missing="")
-    if record.get("fingerprint") != fingerprint(checkpoint_dir):
-        raise UserError(f"{source} was trained on {record.get('path')}, not on {checkpoint_dir} (their fingerprints "
-                        "differ); serve it on the base it was trained on")
+    return None if record.get("fingerprint") == fingerprint(checkpoint_dir) else str(record.get("path"))
 
 
 def resolve_run(method: str, weights_path: Path, checkpoint_dir: Path | None, flag: str) -> tuple[Path, Path]:
     """(weights file or run dir, base checkpoint) for generate/<method>.py; the base comes from the run's record
-    unless --checkpoint_dir names one (then it is checked only against the run's model shape, as always)."""
+    unless --checkpoint_dir names one (then a warning says when it is not the recorded base, and the run's model
+    shape is checked against it, as always)."""
     weights_path = Path(weights_path)
     if not weights_path.exists():
         raise UserError(f"{weights_path} does not exist; train a run first (python finetune/{method}.py) "
                         f"or pass --{flag} of a finished run")
-    return weights_path, Path(checkpoint_dir) if checkpoint_dir is not None else base_of(run_dir_of(weights_path))
+    if checkpoint_dir is None:
+        return weights_path, base_of(run_dir_of(weights_path))
+    if weights_path.is_file():  # a full run's directory is a checkpoint of its own
+        warn_if_trained_on_another(run_dir_of(weights_path), checkpoint_dir, weights_path)
+    return weights_path, Path(checkpoint_dir)

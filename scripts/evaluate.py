@@ -19,6 +19,7 @@ from typing import Literal, Optional
 
 import torch
 
+from litft.base_checkpoint import warn_if_trained_on_another
 from litft.cli import run
 from litft.data import data_dir, load_split, meta_of, prompt_style_of
 from litft.errors import UserError
@@ -63,6 +64,8 @@ def main(checkpoint_dir: Path, data: str, weights_path: Optional[Path] = None, s
     tokenizer = Tokenizer(tokenizer_dir(run_dir_of(weights_path) if weights_path else None, checkpoint_dir))
     check_same_tokens(samples[0], tokenizer, style, data, checkpoint_dir)
     warn_if_trained_with_another_style(weights_path, style)
+    if weights_path is not None and Path(weights_path).is_file():  # a full run's directory is its own base
+        warn_if_trained_on_another(run_dir_of(weights_path), checkpoint_dir, weights_path)
 
     check_scheme(quantize)
     load = partial(load_finetuned, checkpoint_dir, weights_path, quantize=quantize)

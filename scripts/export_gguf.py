@@ -21,6 +21,7 @@ from typing import Literal
 
 import torch
 
+from litft.base_checkpoint import warn_if_trained_on_another
 from litft.cli import run
 from litft.config import Config
 from litft.errors import UserError
@@ -50,6 +51,8 @@ def main(checkpoint_dir: Path, out_file: Path, lora_path: Path | None = None, ad
     if verify:
         require_readers()  # before anything is written
     run_dir = check_inputs(checkpoint_dir, out_file, lora_path, adapter_path)
+    if run_dir is not None:
+        warn_if_trained_on_another(run_dir, checkpoint_dir, lora_path)
     check_exportable(Config.from_checkpoint(checkpoint_dir))
     tokenizer, style, stops = prompting(checkpoint_dir, run_dir)
     if tokenizer is None:

@@ -45,6 +45,7 @@ from pathlib import Path
 
 import torch
 
+from litft.base_checkpoint import warn_if_trained_on_another
 from litft.cli import run
 from litft.config import CONFIGS, Config
 from litft.convert_hf import lit_to_hf_name
@@ -110,6 +111,7 @@ def main(checkpoint_dir: Path, lora_path: Path, output_dir: Path, verify: bool =
     lora = LoRAConfig.from_dir(lora_path.parent)
     check_scheme(lora.quantize, flag=f"{lora_path.parent}/lora.yaml has quantize:")
     check_same_base(lora_path.parent, base, lora_path)  # the run's model_config.yaml names its base
+    warn_if_trained_on_another(lora_path.parent, checkpoint_dir, lora_path)  # same shape, another model
     if lora.new_tokens and {"embed", "lm_head"} & set(lora.targets):
         raise UserError(f"{lora_path} has both new tokens and LoRA on embed/lm_head, which PEFT cannot hold in one "
                         "layer; merge it with scripts/merge_lora.py and convert the merged checkpoint instead")

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from litft.base_checkpoint import warn_if_trained_on_another
 from litft.checkpoint import load_lit_model, save_lit_checkpoint
 from litft.cli import run
 from litft.config import Config
@@ -56,6 +57,7 @@ def main(checkpoint_dir: Path, lora_path: Path, out_dir: Path, verify: bool = Tr
     base = Config.from_checkpoint(checkpoint_dir)  # fail early on a bad base directory
     lora = LoRAConfig.from_dir(lora_path.parent)
     check_same_base(lora_path.parent, base, lora_path)  # the run's model_config.yaml names its base
+    warn_if_trained_on_another(lora_path.parent, checkpoint_dir, lora_path)  # same shape, another model
     if lora.new_tokens:  # fail before anything is written if the tokenizer cannot take them
         grown_tokenizer_files(checkpoint_dir, lora.new_tokens, base.vocab_size)
     model = load_lora(load_lit_model(checkpoint_dir, mmap=lora.quantize is None), lora_path)  # all checks before writing

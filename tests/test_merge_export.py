@@ -154,6 +154,34 @@ def test_user_errors_are_one_line_and_write_nothing(bases, tmp_path):
         assert proc.stdout == "" and not out.exists()
 
 
+def test_a_run_put_on_another_base_of_its_shape_is_warned_about(bases, tmp_path):
+    """The shapes agree, so nothing refuses it; base.yaml's fingerprint tells that the weights are not the ones the
+    run was trained beside (one changed norm weight here), and every script that takes --checkpoint_dir says so."""
+    from litft.base_checkpoint import record_base
+
+    base_dir, other = bases[False], tmp_path / "other"
+    shutil.copytree(base_dir, other)
+    model = load_lit_model(other)
+    with torch.no_grad():
+        model.norm.weight[0] += 0.5
+    save_lit_checkpoint(model, other)
+    run_dir = tmp_path / "run"
+    make_run(base_dir, run_dir, LoRAConfig(r=2, alpha=4))
+    record_base(run_dir, base_dir)
+
+    warning = f"warning: {run_dir / 'lit_model_lora.pth'} was trained on {base_dir.resolve()}, not on {other}"
+    lora = ("--lora_path", run_dir / "lit_model_lora.pth")
+    for script, *args in [("scripts/merge_lora.py", "--verify", "false", "--out_dir", tmp_path / "merged"),
+                          ("generate/lora.py", "--prompt_style", "plain", "--max_new_tokens", "2", "--prompt", "hi"),
+                          ("scripts/export_gguf.py", "--verify", "false", "--out_file", tmp_path / "run.gguf"),
+                          ("scripts/export_peft.py", "--verify", "false", "--output_dir", tmp_path / "peft")]:
+        proc = run_script(script, "--checkpoint_dir", other, *lora, *args, check=True)
+        assert warning in proc.stderr, (script, proc.stderr)
+    merged_on_its_own = run_script("scripts/merge_lora.py", "--checkpoint_dir", base_dir, *lora, "--verify", "false",
+                                   "--out_dir", tmp_path / "merged", check=True)
+    assert "warning:" not in merged_on_its_own.stderr
+
+
 def test_merge_with_new_tokens_grows_vocabulary_and_tokenizer(bases, tmp_path):
     """Vocabulary 32000 -> 32003: merged rows equal the LoRA model's, and the merged tokenizer (read by
     sentencepiece itself) maps the new tokens to ids 32000.. and back."""
