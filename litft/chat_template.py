@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -68,8 +69,7 @@ def render(template: str, messages: list[dict[str, str]], add_generation_prompt:
         raise UserError("rendering the checkpoint's chat template needs jinja2: pip install jinja2") from None
 
     try:
-        program = _environment().from_string(template)
-        return program.render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
+        return _compiled(template).render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
     except jinja2.TemplateError as e:
         raise UserError(f"the chat template could not be rendered ({e}); pass --prompt_style with a named style") from None
 
@@ -87,6 +87,12 @@ def end_of_turn(template: str, variables: dict[str, str]) -> str | None:
         return None
     after = text.rpartition(_SENTINEL)[2].split()
     return after[0] if _SENTINEL in text and after else None
+
+
+@lru_cache(maxsize=8)
+def _compiled(template: str):
+    """The template compiled once: data preparation renders it for every sample."""
+    return _environment().from_string(template)
 
 
 def _environment():

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from litft.chat_template import render
 from litft.errors import UserError
-from litft.prompts import SMOLLM2_SYSTEM, ChatTemplateStyle, PromptStyle
+from litft.prompts import ChatTemplateStyle, PromptStyle
 from litft.tokenizer import Tokenizer
 
 ROLES = ("system", "user", "assistant")
@@ -67,12 +67,9 @@ def render_conversation(style: PromptStyle | None, messages: list[dict]) -> str:
     messages = validate_messages(messages)
     if isinstance(style, ChatTemplateStyle):
         return render(style.template, messages, add_generation_prompt=True, **style.tokens)
+    if style is not None and style.chat_template is not None:  # chatml, smollm2: their templates are litft's own
+        return render(style.chat_template, messages, add_generation_prompt=True)
     name = style.name if style is not None else "plain"
-    if name == "chatml":
-        return chatml(messages)
-    if name == "smollm2":
-        has_system = messages[0]["role"] == "system"
-        return chatml(messages if has_system else [{"role": "system", "content": SMOLLM2_SYSTEM}, *messages])
     if name == "llama2-chat":
         return "</s><s>".join(llama2_exchanges(messages))  # the first <s> is the tokenizer's, as for one prompt
     *earlier, last = messages
@@ -112,11 +109,6 @@ def fit_conversation(tokenizer: Tokenizer, style: PromptStyle | None, messages: 
                             f"({reply_tokens}) exceeds the model's block_size ({block_size}); shorten the message "
                             "or lower max_new_tokens")
         turns = turns[next_user:]  # the oldest turn: its user message and everything up to the next one
-
-
-def chatml(messages: list[dict[str, str]]) -> str:
-    turns = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
-    return turns + "<|im_start|>assistant\n"
 
 
 def llama2_exchanges(messages: list[dict[str, str]]) -> list[str]:

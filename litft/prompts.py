@@ -64,10 +64,8 @@ class PromptStyle:
         if self.name == "alpaca":
             return _ALPACA_INPUT.format(instruction=instruction, input=input) if input else _ALPACA.format(instruction=instruction)
         user = user_turn(instruction, input)
-        if self.name == "chatml":  # Qwen, SmolLM2-Instruct (without its system turn) and others
-            return f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
-        if self.name == "smollm2":
-            return f"<|im_start|>system\n{SMOLLM2_SYSTEM}<|im_end|>\n" + PromptStyle("chatml").apply(instruction, input)
+        if self.name in _TEMPLATES:  # chatml (Qwen, SmolLM2-Instruct without its system turn, ...), smollm2
+            return render(_TEMPLATES[self.name], [{"role": "user", "content": user}])
         if self.name == "llama2-chat":  # the tokenizer adds BOS; no trailing space (the answer brings its own)
             return f"[INST] {user} [/INST]"
         raise UserError(f"unknown prompt style {self.name!r}; choose one of {', '.join(STYLES)}")
@@ -84,9 +82,9 @@ class PromptStyle:
 
     @property
     def chat_template(self) -> str | None:
-        """This style as a Jinja chat template, for exports whose readers prompt with one (GGUF, Hugging Face);
-        rendered for one user message it is `apply`'s text. None where no such template is given (plain, alpaca,
-        llama2-chat)."""
+        """This style as a Jinja chat template: what `apply` and a conversation (litft/conversation.py) render, and
+        what exports whose readers prompt with one (GGUF, Hugging Face) carry. None for plain, alpaca and
+        llama2-chat, which are written out in Python."""
         return _TEMPLATES.get(self.name)
 
     @classmethod
