@@ -77,7 +77,5 @@ def prepare_for_cpu_decoding(model: nn.Module, threads: int | None = None) -> nn
     names = [name for name, m in model.named_modules()
              if type(m) is nn.Linear and uses_cpu_layout(m.weight.device, m.weight.dtype)]
     for name in names:  # one at a time, so each old weight can be freed as soon as its copy exists
-        parent, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent)
-        setattr(parent, attr, SplitLinear(getattr(parent, attr), n))
+        model.set_submodule(name, SplitLinear(model.get_submodule(name), n))
     return model
