@@ -58,15 +58,19 @@ def ensure_checkpoint(checkpoint_dir: Path) -> None:
     checkpoint_dir.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(dir=checkpoint_dir.parent, prefix=f".{checkpoint_dir.name}-"))
     try:
-        run_quietly(REPO / "scripts" / "convert_gguf_checkpoint.py", "--gguf_path", OFFLINE_GGUF,
-                    "--output_dir", scratch, failure=f"converting {OFFLINE_GGUF} into {checkpoint_dir} failed")
+        from litft.gguf import convert_gguf  # reads the gguf package, which only this conversion needs
+
+        try:
+            convert_gguf(OFFLINE_GGUF, scratch)
+        except UserError as e:
+            raise UserError(f"converting {OFFLINE_GGUF} into {checkpoint_dir} failed: {e}") from None
         scratch.rename(checkpoint_dir)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
 def run_quietly(script: Path, *args, failure: str) -> None:
-    """Run one of the project's scripts; its output is kept back unless it fails, then its last line is shown."""
+    """Run a script; its output is kept back unless it fails, then its last line is shown."""
     proc = subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]

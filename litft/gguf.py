@@ -47,8 +47,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from litft.checkpoint import WEIGHTS
 from litft.config import Config
 from litft.errors import UserError
+from litft.files import atomic_path, check_output_dir, remove_other_tokenizer_files, save_state_dict
 from litft.gguf_format import (
     ARCHITECTURES,
     CONTROL,
@@ -60,6 +62,7 @@ from litft.gguf_format import (
     unpermute_qk,
 )
 from litft.model import Llama
+from litft.prompts import FILE as PROMPT_STYLE
 from litft.rope import RoPEScaling, inverse_frequencies
 
 # Storage types converted (all dequantized by gguf.quants); IQ* and the integer types are refused up front.
@@ -232,6 +235,34 @@ def convert_weights(reader, config: Config, dtype: torch.dtype = torch.float32,
         state_dict[lit_name(t.name)] = w.to(dtype)
     return state_dict
 
+
+
+def convert_gguf(gguf_path: Path, output_dir: Path, dtype: torch.dtype = torch.float32) -> str:
+    """GGUF file -> lit checkpoint directory (lit_model.pth, model_config.yaml, tokenizer files). Returns a summary.
+
+    Everything is read and checked before anything is written. Into a directory that held another checkpoint,
+    that model's tokenizer files and prompt_style.yaml are removed: they would be read in place of this one's.
+    """
+    output_dir = check_output_dir("--output_dir", Path(output_dir), "a checkpoint")
+    reader = open_gguf(gguf_path)
+    meta = metadata(reader)
+    config = config_from_gguf(meta, tensor_shapes(reader), output_dir.name, rope_freqs(reader))
+    check_tensors(reader, config)
+    files = tokenizer_files(meta)
+
+    state_dict = convert_weights(reader, config, dtype, permuted_qk=meta["general.architecture"] == "llama")
+    save_state_dict(state_dict, output_dir / WEIGHTS)
+    config.save(output_dir)
+    for name, contents in files.items():
+        with atomic_path(output_dir / name) as tmp:
+            tmp.write_bytes(contents if isinstance(contents, bytes) else contents.encode())
+    remove_other_tokenizer_files(output_dir, keep=list(files))
+    (output_dir / PROMPT_STYLE).unlink(missing_ok=True)  # the GGUF's chat template is this model's style
+
+    size = (output_dir / WEIGHTS).stat().st_size / 2**20
+    types = "/".join(sorted({t.tensor_type.name for t in reader.tensors}))
+    return (f"wrote {output_dir}: {len(state_dict)} tensors ({types} -> {str(dtype).removeprefix('torch.')}), "
+            f"{WEIGHTS} {size:.0f} MiB, {', '.join(files)}")
 
 # ---- tokenizer ----------------------------------------------------------------------------------------------
 

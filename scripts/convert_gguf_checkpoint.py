@@ -17,19 +17,7 @@ from typing import Literal
 
 import torch
 
-from litft.checkpoint import WEIGHTS
-from litft.files import atomic_path, atomic_write_text, check_output_dir, remove_other_tokenizer_files, save_state_dict
-from litft.gguf import (
-    check_tensors,
-    config_from_gguf,
-    convert_weights,
-    metadata,
-    open_gguf,
-    rope_freqs,
-    tensor_shapes,
-    tokenizer_files,
-)
-from litft.prompts import FILE as PROMPT_STYLE
+from litft.gguf import convert_gguf
 
 
 def main(gguf_path: Path, output_dir: Path, dtype: Literal["float32", "bfloat16", "float16"] = "float32") -> None:
@@ -41,29 +29,8 @@ def main(gguf_path: Path, output_dir: Path, dtype: Literal["float32", "bfloat16"
         dtype: dtype of the saved weights. float32 keeps the dequantized values exactly; bfloat16 halves the size.
     """
     start = time.perf_counter()
-    check_output_dir("--output_dir", output_dir, "a checkpoint")
-    reader = open_gguf(gguf_path)
-    meta = metadata(reader)
-    config = config_from_gguf(meta, tensor_shapes(reader), Path(output_dir).name, rope_freqs(reader))
-    check_tensors(reader, config)
-    files = tokenizer_files(meta)  # built (and checked) in memory before anything is written
-
-    state_dict = convert_weights(reader, config, getattr(torch, dtype), permuted_qk=meta["general.architecture"] == "llama")
-    save_state_dict(state_dict, Path(output_dir) / WEIGHTS)
-    config.save(output_dir)
-    for name, contents in files.items():
-        if isinstance(contents, bytes):
-            with atomic_path(Path(output_dir) / name) as tmp:
-                tmp.write_bytes(contents)
-        else:
-            atomic_write_text(Path(output_dir) / name, contents)
-    remove_other_tokenizer_files(output_dir, keep=list(files))  # an earlier model's files would be read instead
-    (Path(output_dir) / PROMPT_STYLE).unlink(missing_ok=True)  # the GGUF's chat template is this model's style
-
-    size = (Path(output_dir) / WEIGHTS).stat().st_size / 2**20
-    types = sorted({t.tensor_type.name for t in reader.tensors})
-    print(f"wrote {output_dir}: {len(state_dict)} tensors ({'/'.join(types)} -> {dtype}), {WEIGHTS} {size:.0f} MiB, "
-          f"{', '.join(files)} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    summary = convert_gguf(gguf_path, output_dir, getattr(torch, dtype))
+    print(f"{summary} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
 
 
 if __name__ == "__main__":
