@@ -52,6 +52,35 @@ def run_script(script: str, *args: str, check: bool = False, timeout: float = 60
     return proc
 
 
+def run_main(script: str, *args: str) -> subprocess.CompletedProcess:
+    """`python <script> <args>` inside this test process: the script's own `main` under litft.cli.run (the same
+    parser, checks and one-line errors), stdout and stderr captured, the exit status returned. It saves the ~5 s a
+    new Python spends importing torch, so the tests of refusals use it; run_script runs everything else."""
+    import contextlib
+    import importlib.util
+    import io
+    import traceback
+
+    from litft.cli import run
+
+    name = "script_" + script.removesuffix(".py").replace("/", "_")  # a module of its own, which jsonargparse
+    if name not in sys.modules:                                      # reads to expand a main's **flags
+        spec = importlib.util.spec_from_file_location(name, ROOT / script)
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    main = sys.modules[name].main
+    stdout, stderr, status = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            run(main, args=[str(a) for a in args])
+        except SystemExit as e:
+            status = e.code if isinstance(e.code, int) else int(e.code is not None)
+        except Exception:
+            traceback.print_exc()
+            status = 1
+    return subprocess.CompletedProcess([script, *args], status, stdout.getvalue(), stderr.getvalue())
+
+
 def assert_user_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
     """A user error is one line on stderr starting with 'error:', exit status != 0, and no traceback."""
     assert proc.returncode != 0, proc.stdout

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, assert_user_error, run_script, tiny_bpe
+from conftest import ROOT, assert_user_error, run_main, run_script, tiny_bpe
 from test_chat_formats import llama3_dir, qwen_dir  # noqa: F401 (fixtures: the Llama-3 and Qwen2.5 layouts)
 from test_tokenizer import smollm2_dir  # noqa: F401 (fixture: SmolLM2's tokenizer files and chat template)
 
@@ -343,8 +343,8 @@ def test_end_of_input_ends_the_session(chat_checkpoint):
 
 
 def test_user_errors_are_one_line(chat_checkpoint, tmp_path):
-    both = run_script("generate/chat.py", "--checkpoint_dir", chat_checkpoint, "--lora_path", tmp_path / "a.pth",
-                      "--adapter_path", tmp_path / "b.pth", timeout=60)
+    both = run_main("generate/chat.py", "--checkpoint_dir", chat_checkpoint, "--lora_path", tmp_path / "a.pth",
+                    "--adapter_path", tmp_path / "b.pth")
     assert_user_error(both, "--lora_path or --adapter_path, not both")
-    too_long = run_script("generate/chat.py", "--checkpoint_dir", chat_checkpoint, "--max_new_tokens", 512, timeout=60)
+    too_long = run_main("generate/chat.py", "--checkpoint_dir", chat_checkpoint, "--max_new_tokens", 512)
     assert_user_error(too_long, "--max_new_tokens must be between 1 and the model's block_size - 1 (511)")

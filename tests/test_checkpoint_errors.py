@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, assert_user_error, run_script
+from conftest import ROOT, assert_user_error, run_main, run_script
 
 from litft.config import CONFIGS, Config
 from litft.model import Llama
@@ -32,14 +32,14 @@ def good_checkpoint(tmp_path_factory) -> Path:
 
 
 def convert_lit(checkpoint_dir: Path, out: Path, *fragments: str) -> None:
-    proc = run_script("scripts/convert_lit_checkpoint.py", "--checkpoint_dir", checkpoint_dir, "--output_dir", out)
+    proc = run_main("scripts/convert_lit_checkpoint.py", "--checkpoint_dir", checkpoint_dir, "--output_dir", out)
     assert_user_error(proc, *fragments)
     assert not out.exists(), list(out.iterdir())
 
 
 def test_missing_checkpoint_dir(tmp_path):
     convert_lit(tmp_path / "nowhere", tmp_path / "out", "does not exist")
-    proc = run_script("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", tmp_path / "nowhere")
+    proc = run_main("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", tmp_path / "nowhere")
     assert_user_error(proc, "does not exist")
 
 
@@ -47,7 +47,7 @@ def test_dir_without_config(tmp_path, good_checkpoint):
     (tmp_path / "ckpt").mkdir()
     (tmp_path / "ckpt" / "lit_model.pth").write_bytes((good_checkpoint / "lit_model.pth").read_bytes())
     convert_lit(tmp_path / "ckpt", tmp_path / "out", "no model_config.yaml")
-    proc = run_script("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", tmp_path / "ckpt")
+    proc = run_main("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", tmp_path / "ckpt")
     assert_user_error(proc, "no config.json")
 
 

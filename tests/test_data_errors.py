@@ -8,7 +8,7 @@ import os
 import shutil
 
 import pytest
-from conftest import assert_user_error, run_script
+from conftest import assert_user_error, run_main, run_script
 
 GOOD = {"instruction": "Say hi.", "input": "", "output": "Hi."}
 
@@ -51,18 +51,18 @@ def test_bad_data_file_is_one_line_and_writes_nothing(tmp_path, sp_dir, case):
     path = tmp_path / name
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
     destination = tmp_path / "out"
-    proc = run_script("data_prep/json_data.py", "--data_file", path, "--checkpoint_dir", sp_dir,
-                      "--destination_path", destination, "--val_split_fraction", "0", *flags)
+    proc = run_main("data_prep/json_data.py", "--data_file", path, "--checkpoint_dir", sp_dir,
+                    "--destination_path", destination, "--val_split_fraction", "0", *flags)
     fragments = fragments if case == "unknown prompt style" else [str(path), *fragments]
     assert_user_error(proc, *fragments)
     assert not destination.exists()
 
 
 def test_missing_file_and_unknown_variant(tmp_path, sp_dir):
-    proc = run_script("data_prep/dolly.py", "--data_file", tmp_path / "nope.jsonl", "--checkpoint_dir", sp_dir,
-                      "--destination_path", tmp_path / "out")
+    proc = run_main("data_prep/dolly.py", "--data_file", tmp_path / "nope.jsonl", "--checkpoint_dir", sp_dir,
+                    "--destination_path", tmp_path / "out")
     assert_user_error(proc, str(tmp_path / "nope.jsonl"), "does not exist")
-    proc = run_script("data_prep/alpaca.py", "--variant", "dirty", "--destination_path", tmp_path / "out")
+    proc = run_main("data_prep/alpaca.py", "--variant", "dirty", "--destination_path", tmp_path / "out")
     assert_user_error(proc, "--variant 'dirty'", "original, cleaned")
     assert not (tmp_path / "out").exists()
 
@@ -72,27 +72,27 @@ def test_destination_that_is_not_writable(tmp_path, sp_dir):
     data.write_text(json.dumps(GOOD) + "\n")
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
-    proc = run_script("data_prep/json_data.py", "--data_file", data, "--checkpoint_dir", sp_dir,
-                      "--destination_path", blocker / "out")
+    proc = run_main("data_prep/json_data.py", "--data_file", data, "--checkpoint_dir", sp_dir,
+                    "--destination_path", blocker / "out")
     assert_user_error(proc, str(blocker / "out"), "is not a directory")
     assert blocker.read_text() == "not a directory"
     if os.geteuid() != 0:  # root may write anywhere, so permissions can only be tested as a user
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o555)
-        proc = run_script("data_prep/json_data.py", "--data_file", data, "--checkpoint_dir", sp_dir,
-                          "--destination_path", locked / "out")
+        proc = run_main("data_prep/json_data.py", "--data_file", data, "--checkpoint_dir", sp_dir,
+                        "--destination_path", locked / "out")
         assert_user_error(proc, str(locked / "out"), "not writable")
         assert not (locked / "out").exists()
 
 
 def test_unknown_data_name_in_evaluate(tmp_path):
-    proc = run_script("scripts/evaluate.py", "--checkpoint_dir", tmp_path, "--data", "no_such_data")
+    proc = run_main("scripts/evaluate.py", "--checkpoint_dir", tmp_path, "--data", "no_such_data")
     assert_user_error(proc, "--data no_such_data", "data/no_such_data does not exist")
 
 
 def test_a_directory_as_data_file_and_utf16_with_a_byte_order_mark(tmp_path, sp_dir):
-    proc = run_script("data_prep/json_data.py", "--data_file", tmp_path, "--checkpoint_dir", sp_dir,
-                      "--destination_path", tmp_path / "out")
+    proc = run_main("data_prep/json_data.py", "--data_file", tmp_path, "--checkpoint_dir", sp_dir,
+                    "--destination_path", tmp_path / "out")
     assert_user_error(proc, "is a directory")
     path = tmp_path / "d.json"
     path.write_bytes(json.dumps([GOOD, {**GOOD, "instruction": "Grüße?"}], ensure_ascii=False).encode("utf-16"))

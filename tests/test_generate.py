@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import assert_user_error, run_script
+from conftest import assert_user_error, run_main, run_script
 
 from litft.checkpoint import save_lit_checkpoint
 from litft.config import Config
@@ -272,12 +272,12 @@ def test_chatml_stops_at_im_end_as_well_as_eos(tmp_path):
 
 def test_cli_user_errors(tiny_checkpoint, tmp_path):
     directory, _ = tiny_checkpoint
-    assert_user_error(run_script("generate/base.py", "--checkpoint_dir", tmp_path / "nope", "--prompt", "hi"),
+    assert_user_error(run_main("generate/base.py", "--checkpoint_dir", tmp_path / "nope", "--prompt", "hi"),
                       "does not exist")
-    assert_user_error(run_script("generate/base.py", "--checkpoint_dir", directory, "--prompt", "hi",
-                                 "--max_new_tokens", "100"), "block_size")
-    assert_user_error(run_script("generate/base.py", "--checkpoint_dir", directory, "--prompt", "hi",
-                                 "--precision", "fp8"), "--precision")
+    assert_user_error(run_main("generate/base.py", "--checkpoint_dir", directory, "--prompt", "hi",
+                               "--max_new_tokens", "100"), "block_size")
+    assert_user_error(run_main("generate/base.py", "--checkpoint_dir", directory, "--prompt", "hi",
+                               "--precision", "fp8"), "--precision")
 
 
 def test_a_prompt_that_is_not_utf8_and_bad_sampling_flags_are_one_line(tiny_checkpoint):
@@ -293,7 +293,7 @@ def test_a_prompt_that_is_not_utf8_and_bad_sampling_flags_are_one_line(tiny_chec
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert_user_error(proc, "--prompt is not valid UTF-8")
     for flag, value in (("--temperature", "-0.5"), ("--top_k", "0"), ("--top_p", "1.5"), ("--top_p", "0")):
-        assert_user_error(run_script("generate/base.py", "--checkpoint_dir", directory, "--prompt", "hi", flag, value),
+        assert_user_error(run_main("generate/base.py", "--checkpoint_dir", directory, "--prompt", "hi", flag, value),
                           flag)
 
 

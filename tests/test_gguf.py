@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import assert_user_error, run_script
+from conftest import assert_user_error, run_main, run_script
 from gguf import GGMLQuantizationType as Q
 from gguf import GGUFWriter
 from gguf.quants import dequantize, quantize
@@ -250,7 +250,7 @@ def test_rope_freqs_that_are_not_llama3_are_refused(tmp_path):
     tok, meta = trained_bpe()
     hf = tiny_hf_llama(tok.get_vocab_size(), tie=True)
     write_tiny_gguf(tmp_path / "odd.gguf", hf, [Q.F32], meta, rope_freqs=np.linspace(1, 3, 8) ** 2)
-    proc = run_script(SCRIPT, "--gguf_path", tmp_path / "odd.gguf", "--output_dir", tmp_path / "out")
+    proc = run_main(SCRIPT, "--gguf_path", tmp_path / "odd.gguf", "--output_dir", tmp_path / "out")
     assert_user_error(proc, "rope_freqs")
     assert not (tmp_path / "out").exists()
 
@@ -292,7 +292,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, case):
         path, message = tmp_path / "f64.gguf", "blk.1.ffn_up.weight is stored as F64, which this converter does not"
         write_tiny_gguf(path, tiny_hf_llama(tok.get_vocab_size(), tie=True), [Q.Q8_0], meta, float64="blk.1.ffn_up.weight")
     out = tmp_path / "out"
-    assert_user_error(run_script(SCRIPT, "--gguf_path", path, "--output_dir", out), message)
+    assert_user_error(run_main(SCRIPT, "--gguf_path", path, "--output_dir", out), message)
     assert not out.exists()
 
 

@@ -12,7 +12,7 @@ import shutil
 import pytest
 import torch
 import yaml
-from conftest import assert_user_error, run_script
+from conftest import assert_user_error, run_main, run_script
 
 from litft.checkpoint import load_lit_model, save_lit_checkpoint
 from litft.config import Config
@@ -149,7 +149,7 @@ def test_user_errors_are_one_line_and_write_nothing(bases, tmp_path):
     for script, out_flag, run_dir, fragments in cases:
         out = tmp_path / f"out_{run_dir.name}"
         args = (out_flag, out) if out_flag else ("--prompt", "hi", "--max_new_tokens", "5")
-        proc = run_script(script, "--checkpoint_dir", base_dir, "--lora_path", run_dir / "lit_model_lora.pth", *args)
+        proc = run_main(script, "--checkpoint_dir", base_dir, "--lora_path", run_dir / "lit_model_lora.pth", *args)
         assert_user_error(proc, *fragments)
         assert proc.stdout == "" and not out.exists()
 
@@ -300,7 +300,7 @@ def test_exporters_never_write_into_their_inputs_or_over_a_file(bases, tmp_path,
             args[-1] = base_dir  # its only input
         if target == "the-run" and script.endswith("convert_lit_checkpoint.py"):
             continue  # it reads no run
-        assert_user_error(run_script(script, *args), "--o")
+        assert_user_error(run_main(script, *args), "--o")
         assert a_file.read_text() == "keep me"
         assert {d: snapshot(d) for d in (base_dir, run_dir)} == before, script
 

@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import assert_user_error, run_script
+from conftest import assert_user_error, run_main, run_script
 from test_train import finetune, tiny  # noqa: F401 (fixture)
 
 
@@ -31,21 +31,21 @@ def runs(tiny, tmp_path_factory):  # noqa: F811
 def test_writing_over_another_kind_of_directory_is_refused(runs, tmp_path):
     lora, full, other_base = runs["lora"], runs["full"], runs["other_base"]
     before = {d: snapshot(d) for d in (lora, full, other_base, runs["data"])}
-    assert_user_error(run_script("scripts/merge_lora.py", "--checkpoint_dir", runs["ckpt"], "--lora_path",
-                                 lora / "lit_model_lora.pth", "--out_dir", full, "--verify", "false"),
+    assert_user_error(run_main("scripts/merge_lora.py", "--checkpoint_dir", runs["ckpt"], "--lora_path",
+                               lora / "lit_model_lora.pth", "--out_dir", full, "--verify", "false"),
                       f"--out_dir {full} holds a fine-tuning run")
     (tmp_path / "rows.json").write_text('[{"instruction": "colour 1", "input": "", "output": "red"}]')
     for destination, kind in ((lora, "a fine-tuning run"), (other_base, "a checkpoint")):
-        assert_user_error(run_script("data_prep/json_data.py", "--data_file", tmp_path / "rows.json",
-                                     "--destination_path", destination, "--checkpoint_dir", runs["ckpt"]),
+        assert_user_error(run_main("data_prep/json_data.py", "--data_file", tmp_path / "rows.json",
+                                   "--destination_path", destination, "--checkpoint_dir", runs["ckpt"]),
                           f"holds {kind}")
     assert_user_error(finetune(runs, other_base, check=False), f"--out_dir {other_base} holds a checkpoint")
-    assert_user_error(run_script("scripts/evaluate.py", "--checkpoint_dir", runs["ckpt"], "--data", runs["data"],
-                                 "--out", runs["data"] / "train.pt"), "name a .json file")
-    assert_user_error(run_script("scripts/evaluate.py", "--checkpoint_dir", runs["ckpt"], "--data", runs["data"],
-                                 "--out", runs["data"] / "meta.json"), "inside the data directory")
-    assert_user_error(run_script("scripts/export_gguf.py", "--checkpoint_dir", runs["ckpt"], "--lora_path",
-                                 lora / "lit_model_lora.pth", "--out_file", full / "lit_model.pth", "--verify", "false"),
+    assert_user_error(run_main("scripts/evaluate.py", "--checkpoint_dir", runs["ckpt"], "--data", runs["data"],
+                               "--out", runs["data"] / "train.pt"), "name a .json file")
+    assert_user_error(run_main("scripts/evaluate.py", "--checkpoint_dir", runs["ckpt"], "--data", runs["data"],
+                               "--out", runs["data"] / "meta.json"), "inside the data directory")
+    assert_user_error(run_main("scripts/export_gguf.py", "--checkpoint_dir", runs["ckpt"], "--lora_path",
+                               lora / "lit_model_lora.pth", "--out_file", full / "lit_model.pth", "--verify", "false"),
                       "is not a GGUF file")
     assert {d: snapshot(d) for d in before} == before
 
@@ -60,7 +60,7 @@ def test_writing_over_another_kind_of_directory_is_refused(runs, tmp_path):
 def test_bad_numbers_are_refused_before_work(runs, tmp_path, script, flags, message):
     flags = [f.format(tmp=tmp_path, data=runs["data"]) for f in flags]
     checkpoint = [] if script == "data_prep/preview.py" else ["--checkpoint_dir", runs["ckpt"]]
-    assert_user_error(run_script(script, *checkpoint, *flags, timeout=120), message)
+    assert_user_error(run_main(script, *checkpoint, *flags), message)
     assert not (tmp_path / "hf").exists()
 
 
@@ -88,7 +88,7 @@ def test_a_path_of_the_wrong_kind_is_named_as_such(runs, tmp_path):
         (("data_prep/preview.py", "--data", tmp_path / "data"), "not a file of samples that torch.save wrote"),
     ]
     for args, message in cases:
-        proc = run_script(*args, timeout=120)
+        proc = run_main(*args)
         assert_user_error(proc, message)
         assert "weights_only" not in proc.stderr
     assert not any((tmp_path / name).exists() for name in ("merged", "c", "d", "p"))
