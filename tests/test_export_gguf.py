@@ -15,7 +15,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import assert_user_error, run_script
+from conftest import assert_user_error, run_main, run_script
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize, quantize
 from test_chat_formats import CORPUS, llama3_dir, qwen_dir  # noqa: F401  (fixtures)
@@ -247,9 +247,11 @@ def test_user_errors_are_one_line_and_write_nothing(llama3_checkpoint, tmp_path)
     shutil.copytree(llama3_checkpoint, yarn)
     config = Config.from_checkpoint(yarn)
     Config(**{**config.to_dict(), "rope_scaling": RoPEScaling(type="yarn", factor=4.0, original_max_position=64)}).save(yarn)
-    assert_user_error(export(llama3_checkpoint, tmp_path / "a.gguf", "f16", "--adapter_path", tmp_path / "x.pth"),
-                      "cannot be exported")
-    assert_user_error(export(yarn, tmp_path / "y.gguf", "f16"), "'yarn' RoPE scaling")
+    adapter = run_main(SCRIPT, "--checkpoint_dir", llama3_checkpoint, "--out_file", tmp_path / "a.gguf",
+                       "--adapter_path", tmp_path / "x.pth")
+    assert_user_error(adapter, "cannot be exported")
+    yarn_scaling = run_main(SCRIPT, "--checkpoint_dir", yarn, "--out_file", tmp_path / "y.gguf")
+    assert_user_error(yarn_scaling, "'yarn' RoPE scaling")
     from scripts.export_gguf import main  # the same checks, in this process (no interpreter start)
 
     for out_file, fragment in ((llama3_checkpoint / "in.gguf", "inside the base checkpoint"), (tmp_path, "is a directory")):
