@@ -53,31 +53,27 @@ def run_script(script: str, *args: str, check: bool = False, timeout: float = 60
 
 
 def run_main(script: str, *args: str) -> subprocess.CompletedProcess:
-    """`python <script> <args>` inside this test process: the script's own `main` under litft.cli.run (the same
-    parser, checks and one-line errors), stdout and stderr captured, the exit status returned. It saves the ~5 s a
-    new Python spends importing torch, so the tests of refusals use it; run_script runs everything else."""
+    """`python <script> <args>` inside this test process: the script runs as __main__ with those arguments in
+    sys.argv (the same parser, checks and one-line errors), stdout and stderr captured, the exit status returned.
+    It saves the ~5 s a new Python spends importing torch, so the tests of refusals use it; run_script runs
+    everything else."""
     import contextlib
-    import importlib.util
     import io
+    import runpy
     import traceback
 
-    from litft.cli import run
-
-    name = "script_" + script.removesuffix(".py").replace("/", "_")  # a module of its own, which jsonargparse
-    if name not in sys.modules:                                      # reads to expand a main's **flags
-        spec = importlib.util.spec_from_file_location(name, ROOT / script)
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[name])
-    main = sys.modules[name].main
     stdout, stderr, status = io.StringIO(), io.StringIO(), 0
+    argv, sys.argv = sys.argv, [str(ROOT / script), *map(str, args)]
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
         try:
-            run(main, args=[str(a) for a in args])
+            runpy.run_path(str(ROOT / script), run_name="__main__")
         except SystemExit as e:
             status = e.code if isinstance(e.code, int) else int(e.code is not None)
         except Exception:
             traceback.print_exc()
             status = 1
+        finally:
+            sys.argv = argv
     return subprocess.CompletedProcess([script, *args], status, stdout.getvalue(), stderr.getvalue())
 
 

@@ -14,7 +14,7 @@ import torch
 from conftest import assert_user_error
 from lightning.fabric import Fabric
 from test_lora import hf_to_lit_name, tiny_pair
-from test_train import finetune, tiny  # noqa: F401  (tiny is a fixture)
+from test_train import finetune, refused, tiny  # noqa: F401  (tiny is a fixture)
 
 from litft.data import collate
 from litft.fast import for_training
@@ -108,7 +108,7 @@ def test_a_sample_with_nothing_to_train_on_is_refused_in_one_line(tiny, tmp_path
     samples = torch.load(data / "train.pt", weights_only=True)
     samples[5]["labels"][:] = IGNORE_INDEX
     torch.save(samples, data / "train.pt")
-    proc = finetune(tiny, tmp_path / "out", "--data", data, check=False)
+    proc = refused(tiny, tmp_path / "out", "--data", data)
     assert_user_error(proc, "train.pt sample 5 has no token to train on")
     assert not (tmp_path / "out").exists()
 
@@ -117,6 +117,6 @@ def test_an_empty_training_split_is_refused_in_one_line(tiny, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(tiny["data"], data)
     torch.save([], data / "train.pt")
-    proc = finetune(tiny, tmp_path / "out", "--data", data, check=False)
+    proc = refused(tiny, tmp_path / "out", "--data", data)
     assert_user_error(proc, "train.pt holds no samples")
     assert not (tmp_path / "out").exists()

@@ -21,7 +21,7 @@ import pytest
 import torch
 import yaml
 from conftest import ROOT, assert_user_error, run_script
-from test_train import COMMON, finetune, tiny, weights  # noqa: F401 — `tiny` is a fixture
+from test_train import COMMON, finetune, refused, tiny, weights  # noqa: F401 — `tiny` is a fixture
 
 
 def snapshot(directory: Path) -> dict[str, tuple[int, int]]:
@@ -222,8 +222,7 @@ def data_with_an_id_beyond_the_vocabulary(tiny, tmp_path: Path, token_id: int = 
 ], ids=["other-tokenizer", "id-beyond-vocabulary", "negative-id"])
 def test_data_for_another_tokenizer_is_refused(tiny, tmp_path, make, fragments):
     data = make(tiny, tmp_path)
-    proc = run_script("finetune/lora.py", "--checkpoint_dir", tiny["ckpt"], "--data", data, "--out_dir",
-                      tmp_path / "run", *COMMON)
+    proc = refused(tiny, tmp_path / "run", "--data", data)
     assert_user_error(proc, *fragments)
     assert not (tmp_path / "run").exists()
 
@@ -324,7 +323,7 @@ def test_a_bad_out_dir_is_one_line_and_touches_nothing(tiny, tmp_path, where, fr
     (["--start_layer", "9"], ["start_layer 9", "2 layers"]),
 ], ids=["prompt_length-0", "start_layer-negative", "start_layer-beyond"])
 def test_bad_adapter_flags_are_one_line(tiny, tmp_path, args, fragments):
-    proc = finetune(tiny, tmp_path / "run", *args, script="finetune/adapter.py", check=False)
+    proc = refused(tiny, tmp_path / "run", *args, script="finetune/adapter.py")
     assert_user_error(proc, *fragments)
     assert not (tmp_path / "run").exists()
 
