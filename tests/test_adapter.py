@@ -14,7 +14,7 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_user_error, run_script
+from conftest import assert_user_error, run_main, run_script
 
 from litft.adapter import AdapterConfig, adapter_state_dict, add_adapter
 from litft.adapter_v2 import AdapterV2Config, ScaledLinear, adapter_v2_state_dict, add_adapter_v2
@@ -328,8 +328,8 @@ def test_generate_full_serves_a_weights_file_and_a_checkpoint_dir_like_base(base
 
 def test_generate_adapter_user_errors(base_dir, tmp_path):
     def adapter_cli(weights):
-        return run_script("generate/adapter.py", "--checkpoint_dir", base_dir, "--adapter_path", weights,
-                          "--prompt", "hi", "--max_new_tokens", "2")
+        return run_main("generate/adapter.py", "--checkpoint_dir", base_dir, "--adapter_path", weights,
+                        "--prompt", "hi", "--max_new_tokens", "2")
 
     # an adapter trained on another model size (the run's model_config.yaml says so)
     other = replace(Config.from_name("tiny-gqa", n_embd=32, vocab_size=32000, block_size=64), name="tiny-gqa-w32")

@@ -10,7 +10,7 @@ import json
 import shutil
 
 import torch
-from conftest import assert_user_error, run_script
+from conftest import assert_user_error, run_main, run_script
 from test_train import COMMON
 from tokenizers import Tokenizer
 
@@ -68,12 +68,12 @@ def test_new_tokens_from_data_prep_to_generation(tiny_checkpoint, tmp_path):
     merged = run_script("generate/base.py", "--checkpoint_dir", tmp_path / "merged", *ask, check=True)
     assert merged.stdout == lora.stdout
 
-    full = run_script("finetune/full.py", *flags, "--out_dir", tmp_path / "full")
+    full = run_main("finetune/full.py", *flags, "--out_dir", tmp_path / "full")
     assert_user_error(full, "prepared with new tokens", "finetune/lora.py")
     assert not (tmp_path / "full").exists()
     (run / "tokenizer.json").unlink()  # the run's ids mean nothing to the base tokenizer: refuse, do not guess
-    assert_user_error(run_script("generate/lora.py", "--checkpoint_dir", base, "--lora_path", run / "lit_model_lora.pth",
-                                 *ask), "holds no tokenizer file")
-    again = run_script("data_prep/json_data.py", "--data_file", tmp_path / "rows.json", "--destination_path", data,
-                       "--checkpoint_dir", base, "--new_tokens", "<ans>,<ans>")
+    assert_user_error(run_main("generate/lora.py", "--checkpoint_dir", base, "--lora_path", run / "lit_model_lora.pth",
+                               *ask), "holds no tokenizer file")
+    again = run_main("data_prep/json_data.py", "--data_file", tmp_path / "rows.json", "--destination_path", data,
+                     "--checkpoint_dir", base, "--new_tokens", "<ans>,<ans>")
     assert_user_error(again, "different from the others")

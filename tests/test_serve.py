@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from conftest import ROOT, assert_user_error, run_script
+from conftest import ROOT, assert_user_error, run_main, run_script
 from test_batch_generate import LORAS, PROMPTS, base, runs  # noqa: F401 (fixtures)
 from test_merge_export import bases, make_run  # noqa: F401 (fixtures)
 
@@ -298,7 +298,7 @@ def test_a_lora_of_another_base_is_refused_at_start_up(base, bases, tmp_path):
     make_run(bases[True], tmp_path / "other", LoRAConfig(r=2, targets=["q"]))  # same shapes, other weights
     record_base(tmp_path / "other", bases[True])
     lora = f"x={tmp_path / 'other' / 'lit_model_lora.pth'}"
-    proc = run_script("scripts/serve.py", "--checkpoint_dir", base, "--lora", lora, timeout=120)
+    proc = run_main("scripts/serve.py", "--checkpoint_dir", base, "--lora", lora)
     assert_user_error(proc, "--lora x", "was trained on", "fingerprints differ")
-    proc = run_script("scripts/serve.py", "--checkpoint_dir", base, "--lora", "no-equals-sign", timeout=120)
+    proc = run_main("scripts/serve.py", "--checkpoint_dir", base, "--lora", "no-equals-sign")
     assert_user_error(proc, "is not NAME=PATH")
