@@ -66,6 +66,10 @@ class NF4Linear(nn.Module):
         self.absmax_scale = frozen(as_bits(q.absmax_scale)) if double else None
         self.absmax_offset = frozen(as_bits(q.absmax_offset)) if double else None
         self.bias = linear.bias  # frozen b (Qwen2's q, k, v), or None
+        # Ŵ is rebuilt eagerly even inside a compiled block: compiled, the byte-pair gather made a CPU step 8× slower
+        # (bench run 14). Wrapped here, not by a decorator on the class, so that importing this module does not
+        # import torch._dynamo (~2 s at the start of every command, quantized or not).
+        self.eager_rebuild = torch.compiler.disable(NF4Linear.rebuild)
 
     def stored(self) -> NF4Weight:
         absmax = self.absmax if self.absmax_scale is not None else as_fp32(self.absmax)
@@ -75,9 +79,11 @@ class NF4Linear(nn.Module):
     def dequantize(self, dtype: torch.dtype) -> Tensor:  # Ŵ: (d_out, d_in), a tensor of its own
         return self.stored().dequantize(dtype)
 
-    @torch.compiler.disable  # eager: compiled, the byte-pair gather made a CPU step 8× slower (bench run 14)
-    def rebuilt(self, dtype: torch.dtype) -> Tensor:  # Ŵ: (d_out, d_in), valid until the next layer's matmul
+    def rebuild(self, dtype: torch.dtype) -> Tensor:  # Ŵ: (d_out, d_in), valid until the next layer's matmul
         return self.stored().dequantize(dtype, self.workspace)
+
+    def rebuilt(self, dtype: torch.dtype) -> Tensor:  # rebuild, never compiled
+        return self.eager_rebuild(self, dtype)
 
     def forward(self, x: Tensor, add: Tensor | None = None) -> Tensor:  # Ŵ x (+ add) (+ b): (..., d_in) -> (..., d_out)
         device = x.device.type
