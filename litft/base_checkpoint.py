@@ -6,7 +6,8 @@ as written, without flags:
 - the default base, SmolLM2-135M-Instruct at `checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct` (relative to
   where you run the script), converted on first use from the GGUF file that `make install` fetches;
 - `base.yaml` in every run directory: the base's absolute path and a fingerprint of its files;
-- finding that base again when a run is served, and refusing it with one line when its files changed since.
+- finding that base again when a run is served, and refusing it with one line when its files changed since;
+  a run put on another base of its shape (`--checkpoint_dir`) is served with one warning line.
 
 The fingerprint is a sha256 over model_config.yaml, the tokenizer files and three facts of lit_model.pth: its
 size, its first MiB and its last MiB. The last MiB of a torch.save file is its zip directory, which holds a
@@ -61,7 +62,7 @@ def ensure_checkpoint(checkpoint_dir: Path) -> None:
         from litft.gguf import convert_gguf  # reads the gguf package, which only this conversion needs
 
         try:
-            convert_gguf(OFFLINE_GGUF, scratch)
+            convert_gguf(OFFLINE_GGUF, scratch, name=checkpoint_dir.name)  # not the scratch directory's name
         except UserError as e:
             raise UserError(f"converting {OFFLINE_GGUF} into {checkpoint_dir} failed: {e}") from None
         scratch.rename(checkpoint_dir)
@@ -146,9 +147,17 @@ def check_trained_on(run_dir: Path, checkpoint_dir: Path, source: str) -> None:
 
 
 def warn_if_trained_on_another(run_dir: Path, checkpoint_dir: Path, source: Path) -> None:
-    """One warning line on stderr when a run is put on a base other than its own (say, the instruct model of a run
-    trained on the base model): their shapes agree, so it runs, but not with the weights the run learned beside."""
-    if (recorded := other_base(run_dir, checkpoint_dir)) is not None:
+    """One warning line on stderr when a run's weights are put on a base other than the one base.yaml records (say,
+    the instruct model of a run trained on the base model): their shapes agree, so it runs, but not with the weights
+    the run learned beside. A base of another shape is refused here instead; a full fine-tune, whose weights file
+    replaces every base weight, gets no warning."""
+    if (recorded := other_base(run_dir, checkpoint_dir)) is None:
+        return
+    from litft.config import Config
+    from litft.load_finetuned import check_same_base, detect_method
+
+    check_same_base(run_dir, Config.from_checkpoint(checkpoint_dir), source)
+    if detect_method(Path(source)) != "full":
         print(f"warning: {source} was trained on {recorded}, not on {checkpoint_dir} (their fingerprints differ); "
               "using it on this base anyway", file=sys.stderr)
 
@@ -160,7 +169,9 @@ def other_base(run_dir: Path, checkpoint_dir: Path) -> str | None:
     if not record_file.is_file() or not (Path(checkpoint_dir) / WEIGHTS).is_file():  # the base: checked elsewhere
         return None
     record = read_yaml_mapping(record_file, missing="")
-    return None if record.get("fingerprint") == fingerprint(checkpoint_dir) else str(record.get("path"))
+    if record.get("fingerprint") == fingerprint(checkpoint_dir):
+        return None
+    return str(record.get("path", "an unrecorded base"))
 
 
 def resolve_run(method: str, weights_path: Path, checkpoint_dir: Path | None, flag: str) -> tuple[Path, Path]:

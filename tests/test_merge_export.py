@@ -176,7 +176,13 @@ def test_a_run_put_on_another_base_of_its_shape_is_warned_about(bases, tmp_path)
                           ("scripts/export_gguf.py", "--verify", "false", "--out_file", tmp_path / "run.gguf"),
                           ("scripts/export_peft.py", "--verify", "false", "--output_dir", tmp_path / "peft")]:
         proc = run_script(script, "--checkpoint_dir", other, *lora, *args, check=True)
-        assert warning in proc.stderr, (script, proc.stderr)
+        assert warning in proc.stderr and proc.stderr.count("warning:") == 1, (script, proc.stderr)
+    narrow = tmp_path / "narrow"  # another shape: refused, not warned about
+    save_lit_checkpoint(Llama(Config.from_name("tiny-mha", vocab_size=32000, block_size=64, n_embd=32, n_head=2,
+                                               n_query_groups=2)), narrow)
+    proc = run_main("generate/lora.py", "--checkpoint_dir", narrow, *lora, "--prompt", "hi")
+    assert_user_error(proc, "width 64", "width 32")
+    assert "warning:" not in proc.stderr
     merged_on_its_own = run_script("scripts/merge_lora.py", "--checkpoint_dir", base_dir, *lora, "--verify", "false",
                                    "--out_dir", tmp_path / "merged", check=True)
     assert "warning:" not in merged_on_its_own.stderr
@@ -306,12 +312,15 @@ def test_exporters_never_write_into_their_inputs_or_over_a_file(bases, tmp_path,
 
 
 def test_convert_lit_checkpoint_removes_an_earlier_exports_weights(bases, tmp_path):
-    """A directory holding an older sharded export: transformers would load the stale shards, so they go."""
+    """A directory holding an older sharded export: transformers would load the stale shards (and tokenizer), so
+    they go."""
     out = tmp_path / "hf"
     out.mkdir()
     (out / "model-00001-of-00002.safetensors").write_bytes(b"old")
     (out / "model.safetensors.index.json").write_text("{}")
+    (out / "tokenizer.json").write_text("{}")  # and a tokenizer, which transformers would load before tokenizer.model
     run_script("scripts/convert_lit_checkpoint.py", "--checkpoint_dir", bases[False], "--output_dir", out, check=True)
     assert sorted(p.name for p in out.glob("model*")) == ["model.safetensors"]
+    assert not (out / "tokenizer.json").exists() and (out / "tokenizer.model").is_file()
     hf = transformers.AutoModelForCausalLM.from_pretrained(out)
     assert hf.config.vocab_size == 32000
