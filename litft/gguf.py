@@ -236,17 +236,18 @@ def convert_weights(reader, config: Config, dtype: torch.dtype = torch.float32,
     return state_dict
 
 
-
-def convert_gguf(gguf_path: Path, output_dir: Path, dtype: torch.dtype = torch.float32) -> str:
+def convert_gguf(gguf_path: Path, output_dir: Path, dtype: torch.dtype = torch.float32,
+                 name: str | None = None) -> str:
     """GGUF file -> lit checkpoint directory (lit_model.pth, model_config.yaml, tokenizer files). Returns a summary.
 
-    Everything is read and checked before anything is written. Into a directory that held another checkpoint,
-    that model's tokenizer files and prompt_style.yaml are removed: they would be read in place of this one's.
+    `name` is the model's name in model_config.yaml (default: the directory's). Everything is read and checked
+    before anything is written. Into a directory that held another checkpoint, that model's tokenizer files and
+    prompt_style.yaml are removed: they would be read in place of this one's.
     """
-    output_dir = check_output_dir("--output_dir", Path(output_dir), "a checkpoint")
+    output_dir = check_output_dir("--output_dir", Path(output_dir), "a checkpoint", gguf=Path(gguf_path).parent)
     reader = open_gguf(gguf_path)
     meta = metadata(reader)
-    config = config_from_gguf(meta, tensor_shapes(reader), output_dir.name, rope_freqs(reader))
+    config = config_from_gguf(meta, tensor_shapes(reader), name or output_dir.name, rope_freqs(reader))
     check_tensors(reader, config)
     files = tokenizer_files(meta)
 
@@ -263,6 +264,7 @@ def convert_gguf(gguf_path: Path, output_dir: Path, dtype: torch.dtype = torch.f
     types = "/".join(sorted({t.tensor_type.name for t in reader.tensors}))
     return (f"wrote {output_dir}: {len(state_dict)} tensors ({types} -> {str(dtype).removeprefix('torch.')}), "
             f"{WEIGHTS} {size:.0f} MiB, {', '.join(files)}")
+
 
 # ---- tokenizer ----------------------------------------------------------------------------------------------
 

@@ -132,6 +132,7 @@ def test_the_default_base_is_converted_from_the_offline_gguf(smollm2_gguf, tmp_p
     base = tmp_path / DEFAULT_BASE
     assert {"lit_model.pth", "model_config.yaml", "tokenizer.json"} <= {p.name for p in base.iterdir()}
     assert [p.name for p in base.parent.iterdir()] == [base.name]  # the scratch directory is gone
+    assert yaml_mapping(base / "model_config.yaml")["name"] == base.name  # not the scratch directory's name
     assert json.loads((tmp_path / "data" / "games" / "meta.json").read_text())["checkpoint_dir"] == str(DEFAULT_BASE)
 
 

@@ -176,6 +176,10 @@ def test_converting_over_another_checkpoint_leaves_none_of_its_prompting(tmp_pat
 
     run_script(SCRIPT, "--gguf_path", tmp_path / "tiny.gguf", "--output_dir", out, check=True)
     assert resolve_style(None, out).template == CHATML  # the GGUF's tokenizer.chat_template
+    # the GGUF's own directory may hold what came with it (a hub repo's tokenizer files): refused, left as it was
+    assert_user_error(run_main(SCRIPT, "--gguf_path", tmp_path / "tiny.gguf", "--output_dir", tmp_path),
+                      "is the gguf directory this command reads")
+    assert not (tmp_path / "lit_model.pth").exists()
     assert sorted(p.name for p in out.iterdir()) == ["lit_model.pth", "model_config.yaml", "tokenizer.json",
                                                      "tokenizer_config.json"]
 
