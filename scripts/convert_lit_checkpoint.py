@@ -26,7 +26,7 @@ from litft.checkpoint import WEIGHTS, check_shapes
 from litft.config import Config
 from litft.convert_hf import lit_to_hf_state_dict, save_hf_safetensors
 from litft.errors import UserError
-from litft.files import TOKENIZER_FILES, atomic_write_text, check_output_dir, copy_files, load_state_dict
+from litft.files import atomic_write_text, check_output_dir, copy_tokenizer, load_state_dict
 from litft.hf_prompting import generation_config, read_json, write_tokenizer_config
 from litft.model import Llama
 from litft.readers import hf_directory, require_readers
@@ -65,7 +65,7 @@ def main(checkpoint_dir: Path, output_dir: Path, max_shard_gb: float = 5.0, veri
     dtype = str(next(iter(hf_state_dict.values())).dtype).removeprefix("torch.")
     hf_config = {**config.to_hf_config(), "torch_dtype": dtype, **special}
     atomic_write_text(output_dir / "config.json", json.dumps(hf_config, indent=2))
-    files += ["config.json"] + copy_files(checkpoint_dir, output_dir, TOKENIZER_FILES)
+    files += ["config.json"] + copy_tokenizer(checkpoint_dir, output_dir)  # and removes an earlier export's
     generation = generation_config(read_json(checkpoint_dir / "generation_config.json"), special, stops)
     if generation:
         atomic_write_text(output_dir / "generation_config.json", json.dumps(generation, indent=2))
