@@ -64,8 +64,8 @@ class PromptStyle:
         if self.name == "alpaca":
             return _ALPACA_INPUT.format(instruction=instruction, input=input) if input else _ALPACA.format(instruction=instruction)
         user = user_turn(instruction, input)
-        if self.name in _TEMPLATES:  # chatml (Qwen, SmolLM2-Instruct without its system turn, ...), smollm2
-            return render(_TEMPLATES[self.name], [{"role": "user", "content": user}])
+        if self.chat_template is not None:  # chatml (Qwen, SmolLM2-Instruct without its system turn, ...), smollm2
+            return render(self.chat_template, [{"role": "user", "content": user}])
         if self.name == "llama2-chat":  # the tokenizer adds BOS; no trailing space (the answer brings its own)
             return f"[INST] {user} [/INST]"
         raise UserError(f"unknown prompt style {self.name!r}; choose one of {', '.join(STYLES)}")
