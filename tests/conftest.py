@@ -54,16 +54,24 @@ def run_script(script: str, *args: str, check: bool = False, timeout: float = 60
 
 def run_main(script: str, *args: str) -> subprocess.CompletedProcess:
     """`python <script> <args>` inside this test process: the script runs as __main__ with those arguments in
-    sys.argv (the same parser, checks and one-line errors), stdout and stderr captured, the exit status returned.
-    It saves the ~5 s a new Python spends importing torch, so the tests of refusals use it; run_script runs
-    everything else."""
+    sys.argv, from the repository root, with run_script's environment (the same parser, checks and one-line errors);
+    stdout and stderr are captured and the exit status returned. It saves the ~5 s a new Python spends importing
+    torch, so the tests of refusals use it; run_script runs everything else. What a refusal may have changed on the
+    way (the working directory, environment variables, the random generators' state) is put back."""
     import contextlib
     import io
+    import random
     import runpy
     import traceback
 
+    import numpy as np
+    import torch
+
+    saved = (sys.argv, os.getcwd(), dict(os.environ), random.getstate(), np.random.get_state(), torch.get_rng_state())
     stdout, stderr, status = io.StringIO(), io.StringIO(), 0
-    argv, sys.argv = sys.argv, [str(ROOT / script), *map(str, args)]
+    sys.argv = [str(ROOT / script), *map(str, args)]
+    os.chdir(ROOT)
+    os.environ.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
         try:
             runpy.run_path(str(ROOT / script), run_name="__main__")
@@ -73,7 +81,13 @@ def run_main(script: str, *args: str) -> subprocess.CompletedProcess:
             traceback.print_exc()
             status = 1
         finally:
-            sys.argv = argv
+            sys.argv, cwd, environ, python_rng, numpy_rng, torch_rng = saved
+            os.chdir(cwd)
+            os.environ.clear()
+            os.environ.update(environ)
+            random.setstate(python_rng)
+            np.random.set_state(numpy_rng)
+            torch.set_rng_state(torch_rng)
     return subprocess.CompletedProcess([script, *args], status, stdout.getvalue(), stderr.getvalue())
 
 

@@ -124,12 +124,14 @@ def games_train(tmp_path_factory, smollm2_gguf) -> Path:
     path = Path(__file__).resolve().parents[1] / "data" / "games" / "train.pt"
     if path.is_file():
         return path
-    from litft.gguf import convert_gguf
+    from litft.gguf import metadata, open_gguf, tokenizer_files
 
     tmp = tmp_path_factory.mktemp("games")
-    convert_gguf(smollm2_gguf, tmp / "SmolLM2-135M-Instruct")
-    run_script("data_prep/games.py", "--checkpoint_dir", tmp / "SmolLM2-135M-Instruct", "--destination_path",
-               tmp / "games", check=True)
+    (tmp / "smollm2").mkdir()  # data preparation reads only the tokenizer
+    for name, contents in tokenizer_files(metadata(open_gguf(smollm2_gguf))).items():
+        (tmp / "smollm2" / name).write_bytes(contents if isinstance(contents, bytes) else contents.encode())
+    run_script("data_prep/games.py", "--checkpoint_dir", tmp / "smollm2", "--destination_path", tmp / "games",
+               check=True)
     return tmp / "games" / "train.pt"
 
 

@@ -48,7 +48,7 @@ def finetune(tiny, out_dir: Path, *extra: str, script: str = "finetune/lora.py",
 
 
 def refused(tiny, out_dir: Path, *extra: str, script: str = "finetune/lora.py"):
-    """`finetune` for a run that must be refused before it trains: in this process (conftest.run_main)."""
+    """`finetune` for a run that must be refused before its first step: in this process (conftest.run_main)."""
     return run_main(script, "--checkpoint_dir", tiny["ckpt"], "--data", tiny["data"], "--out_dir", out_dir, *COMMON,
                     *extra)
 
