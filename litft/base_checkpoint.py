@@ -27,8 +27,11 @@ from pathlib import Path
 import yaml
 
 from litft.checkpoint import WEIGHTS
+from litft.config import Config
 from litft.errors import UserError
 from litft.files import atomic_write_text, read_yaml_mapping, run_dir_of
+from litft.gguf import convert_gguf
+from litft.load_finetuned import check_same_base, detect_method
 from litft.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,8 +62,6 @@ def ensure_checkpoint(checkpoint_dir: Path) -> None:
     checkpoint_dir.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(dir=checkpoint_dir.parent, prefix=f".{checkpoint_dir.name}-"))
     try:
-        from litft.gguf import convert_gguf  # reads the gguf package, which only this conversion needs
-
         try:
             convert_gguf(OFFLINE_GGUF, scratch, name=checkpoint_dir.name)  # not the scratch directory's name
         except UserError as e:
@@ -153,9 +154,6 @@ def warn_if_trained_on_another(run_dir: Path, checkpoint_dir: Path, source: Path
     replaces every base weight, gets no warning."""
     if (recorded := other_base(run_dir, checkpoint_dir)) is None:
         return
-    from litft.config import Config
-    from litft.load_finetuned import check_same_base, detect_method
-
     check_same_base(run_dir, Config.from_checkpoint(checkpoint_dir), source)
     if detect_method(Path(source)) != "full":
         print(f"warning: {source} was trained on {recorded}, not on {checkpoint_dir} (their fingerprints differ); "
