@@ -7,6 +7,7 @@ exit status 2) and Ctrl-C at any point (`error: interrupted`, exit status 130, t
 from __future__ import annotations
 
 import os
+import re
 import sys
 from typing import Any, Callable
 
@@ -20,19 +21,30 @@ def run(fn: Callable[..., Any], args: list[str] | None = None) -> Any:
     """Parse the command line into `fn`'s signature (`--help`, `--config`, `--print_config`) and call it."""
     from jsonargparse import auto_cli
 
-    return reported(lambda: auto_cli(fn, args=args, as_positional=False))
+    return reported(lambda: auto_cli(fn, args=args, as_positional=False, exit_on_error=False))
 
 
 def reported(call: Callable[[], Any]) -> Any:
     """Call `call`; a user error or an interrupt ends the process with its one line."""
+    from jsonargparse import ArgumentError
+
     try:
         return call()
     except UserError as e:
         fail(str(e), 2)
+    except ArgumentError as e:  # a flag the command does not take, or a value of the wrong type
+        fail(f"{flag_error(str(e))} (--help lists the flags)", 2)
     except BaseException as e:
         if interrupted(e):  # also what a Ctrl-C turns into while a file is being written: an error chained to it
             fail("interrupted", 130)
         raise
+
+
+def flag_error(message: str) -> str:
+    """jsonargparse's message on one line, a key named as its flag: 'Parser key "top_k":\n  Expected a ...' ->
+    '--top_k: Expected a ...'."""
+    message = re.sub(r'^Parser key "([^"]+)":', r"--\1:", message.strip())
+    return " ".join(line.strip() for line in message.splitlines())
 
 
 def interrupted(e: BaseException | None) -> bool:
@@ -66,7 +78,8 @@ def run_finetune(recipe: Callable[..., Any], args: list[str] | None = None, **de
 def _finetune(recipe: Callable[..., Any], args: list[str] | None, defaults: dict) -> Any:
     from jsonargparse import ActionConfigFile, ArgumentParser
 
-    parser = ArgumentParser(description=(recipe.__doc__ or "").strip().splitlines()[0] if recipe.__doc__ else None)
+    parser = ArgumentParser(description=(recipe.__doc__ or "").strip().splitlines()[0] if recipe.__doc__ else None,
+                            exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile, help="a YAML recipe (see recipes/)")
     parser.add_class_arguments(TrainArgs, nested_key=None)
     parser.add_function_arguments(recipe, nested_key=None, skip={"train"})

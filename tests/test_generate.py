@@ -272,6 +272,12 @@ def test_chatml_stops_at_im_end_as_well_as_eos(tmp_path):
 
 def test_cli_user_errors(tiny_checkpoint, tmp_path):
     directory, _ = tiny_checkpoint
+    for flags, fragment in ((["--prompt", "hi", "--max_new_tokens", "abc"], "--max_new_tokens: Expected a <class"),
+                            (["--prompt", "hi", "--bogus", "1"], "unrecognized arguments: --bogus 1"),
+                            ([], "arguments are required: prompt")):
+        proc = run_main("generate/base.py", "--checkpoint_dir", directory, *flags)
+        assert_user_error(proc, fragment, "--help")
+        assert proc.stderr.count("\n") == 1, proc.stderr  # the line alone: jsonargparse's usage block is not printed
     assert_user_error(run_main("generate/base.py", "--checkpoint_dir", tmp_path / "nope", "--prompt", "hi"),
                       "does not exist")
     assert_user_error(run_main("generate/base.py", "--checkpoint_dir", directory, "--prompt", "hi",
