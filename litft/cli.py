@@ -1,7 +1,8 @@
 """Entry point shared by every script: a jsonargparse CLI whose user errors end as one line on stderr.
 
-Two endings are not bugs, so neither prints a traceback: a UserError (`error: <what is wrong and what to do>`,
-exit status 2) and Ctrl-C at any point (`error: interrupted`, exit status 130, the shell's code for SIGINT).
+Three endings are not bugs, so none prints a traceback: a UserError (`error: <what is wrong and what to do>`,
+exit status 2), a flag the parser refuses (an unknown flag, a value of the wrong type: the same one line, status 2)
+and Ctrl-C at any point (`error: interrupted`, exit status 130, the shell's code for SIGINT).
 """
 
 from __future__ import annotations
