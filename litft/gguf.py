@@ -254,8 +254,8 @@ def convert_gguf(gguf_path: Path, output_dir: Path, dtype: torch.dtype = torch.f
     state_dict = convert_weights(reader, config, dtype, permuted_qk=meta["general.architecture"] == "llama")
     save_state_dict(state_dict, output_dir / WEIGHTS)
     config.save(output_dir)
-    for name, contents in files.items():
-        with atomic_path(output_dir / name) as tmp:
+    for file, contents in files.items():
+        with atomic_path(output_dir / file) as tmp:
             tmp.write_bytes(contents if isinstance(contents, bytes) else contents.encode())
     remove_other_tokenizer_files(output_dir, keep=list(files))
     (output_dir / PROMPT_STYLE).unlink(missing_ok=True)  # the GGUF's chat template is this model's style
