@@ -283,7 +283,10 @@ class Loop:
         prompt = self.style.apply(first["instruction"], first.get("input", ""))
         ids = self.tokenizer.encode(prompt, bos=self.style.add_bos).to(self.fabric.device)
         stops = stop_token_ids(self.tokenizer, self.style)
-        new = greedy_without_cache(self.model, ids, self.args.sample_tokens, stop_ids=stops)
+        # Eager even under --compile: one row whose length grows each token would cost compiles of its own,
+        # more time than its few small forward passes could save
+        with torch.compiler.set_stance("force_eager"):
+            new = greedy_without_cache(self.model, ids, self.args.sample_tokens, stop_ids=stops)
         return self.tokenizer.decode(new)
 
     def save(self, state: train_state.State) -> None:
