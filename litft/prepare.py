@@ -6,8 +6,8 @@
         input_ids = [BOS] prompt ids   answer ids   EOS        (BOS only when the tokenizer adds one)
         labels    = -100 ... -100      answer ids   EOS        (= input_ids when mask_inputs is off)
 
-The prompt is encoded on its own, exactly as generation encodes it, and the answer is encoded after it, so
-the tokens a model learns to continue are the tokens it is later prompted with. EOS is always the last token
+The prompt is encoded on its own, exactly as generation encodes it, so the tokens a model learns to continue
+are the tokens it is later prompted with; the answer's ids are those it has in the whole text (encode_answer). EOS is always the last token
 (or the style's end-of-turn token, <|im_end|> or <|eot_id|>, when the template closes turns with one):
 a sample longer than max_seq_length loses the end of its answer, never its EOS (counted as truncated); a
 sample whose prompt alone leaves no room for its answer is dropped (counted too). Nothing is written to the
@@ -34,6 +34,7 @@ import urllib.request
 from pathlib import Path
 
 import torch
+from torch import Tensor
 from tqdm import tqdm
 
 from litft.base_checkpoint import ensure_checkpoint, tokenizer_fingerprint
@@ -195,8 +196,9 @@ class DownloadError(UserError):
 def encode_example(example: dict, tokenizer, style: PromptStyle, max_seq_length: int, mask_inputs: bool
                    ) -> tuple[dict | None, bool]:
     """One example -> (sample, truncated). The sample is None when even the prompt does not fit."""
-    prompt = tokenizer.encode(style.apply(example["instruction"], example["input"]), bos=style.add_bos)  # (P,)
-    answer = tokenizer.encode(example["output"], bos=False)  # (A,)
+    text = style.apply(example["instruction"], example["input"])
+    prompt = tokenizer.encode(text, bos=style.add_bos)  # (P,)
+    answer = encode_answer(tokenizer, text, prompt, example["output"], style.add_bos)  # (A,)
     room = max_seq_length - len(prompt) - 1  # tokens left for the answer once its end token is reserved
     if room < min(1, len(answer)):
         return None, False
@@ -206,6 +208,21 @@ def encode_example(example: dict, tokenizer, style: PromptStyle, max_seq_length:
     if mask_inputs:
         labels[: len(prompt)] = IGNORE_INDEX
     return {"input_ids": input_ids, "labels": labels, **example}, truncated
+
+
+def encode_answer(tokenizer, prompt_text: str, prompt: Tensor, answer_text: str, bos: bool | None) -> Tensor:
+    """The answer's ids as the whole text (prompt, then answer) has them, when that text starts with the prompt's.
+
+    Encoded on its own, a sentencepiece answer gets a leading "▁" (the dummy prefix, a space): right after a
+    prompt that ends in a word ("[/INST]", plain text), wrong after one that ends in a newline (alpaca's
+    "### Response:\n"), where the text has no space. So after whitespace the answer is cut from the encoded
+    whole; elsewhere, or when the prompt's last token merges with the answer's first, it is encoded alone.
+    """
+    if prompt_text[-1:].isspace() and answer_text:
+        whole = tokenizer.encode(prompt_text + answer_text, bos=bos)  # (P + A,)
+        if len(whole) > len(prompt) and torch.equal(whole[:len(prompt)], prompt):
+            return whole[len(prompt):]
+    return tokenizer.encode(answer_text, bos=False)
 
 
 def answer_end_id(tokenizer, style: PromptStyle) -> int:

@@ -62,22 +62,29 @@ def prepare_here(tmp_path, checkpoint_dir, examples=EXAMPLES, **options):
     return load_split(tmp_path / "data", "train")
 
 
-def test_samples_equal_sentencepiece_ids_with_the_prompt_masked(tmp_path, sp_dir, sentencepiece_model):
+@pytest.mark.parametrize("style_name, between", [("alpaca", ""), ("llama2-chat", " ")])
+def test_samples_equal_sentencepiece_ids_with_the_prompt_masked(tmp_path, sp_dir, sentencepiece_model, style_name,
+                                                                 between):
+    """Truth: sentencepiece's encode of the whole text, prompt then answer, as the model reads it — alpaca's answer
+    follows "### Response:\n" directly (no "▁" of its own), Llama-2-chat's follows "[/INST]" after a space."""
     from sentencepiece import SentencePieceProcessor
 
     sp = SentencePieceProcessor(model_file=str(sentencepiece_model))
-    style = PromptStyle("alpaca")
+    style = PromptStyle(style_name)
     proc = run_script("data_prep/json_data.py", "--data_file", write_jsonl(tmp_path / "d.jsonl", EXAMPLES),
-                      "--val_split_fraction", "0", "--checkpoint_dir", sp_dir, "--destination_path", tmp_path / "out")
+                      "--val_split_fraction", "0", "--checkpoint_dir", sp_dir, "--destination_path", tmp_path / "out",
+                      "--prompt_style", style_name)
     assert proc.returncode == 0, proc.stderr
     samples = load_split(tmp_path / "out", "train")
     assert sorted(s["output"] for s in samples) == sorted(e["output"] for e in EXAMPLES)
     for s in samples:
-        prompt = [sp.bos_id()] + sp.encode(style.apply(s["instruction"], s["input"]))
-        answer = sp.encode(s["output"]) + [sp.eos_id()]
-        assert s["input_ids"].tolist() == prompt + answer
-        assert s["labels"].tolist() == [IGNORE_INDEX] * len(prompt) + answer
-        assert sp.decode(answer) == s["output"]
+        prompt_text = style.apply(s["instruction"], s["input"])
+        prompt = [sp.bos_id()] + sp.encode(prompt_text)
+        whole = [sp.bos_id()] + sp.encode(prompt_text + between + s["output"]) + [sp.eos_id()]
+        assert whole[:len(prompt)] == prompt  # the prompt is encoded as generation encodes it
+        assert s["input_ids"].tolist() == whole
+        assert s["labels"].tolist() == [IGNORE_INDEX] * len(prompt) + whole[len(prompt):]
+        assert sp.decode(whole[len(prompt):]) == s["output"]
     assert prompt_style_of(tmp_path / "out") == style
     meta = meta_of(tmp_path / "out")
     assert meta["mask_inputs"] is True and meta["counts"] == {"train": 4, "test": 0}
