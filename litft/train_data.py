@@ -45,13 +45,22 @@ def check_token_ids(args: TrainArgs, vocab_size: int, **splits: list[dict]) -> N
 
 
 def check_trained_tokens(args: TrainArgs, samples: list[dict]) -> None:
-    """Every training sample must keep a token with a loss (after --max_seq_length's cut): the loss of a step is
-    the mean over its trained tokens, and a sample with none would have nothing to learn from."""
+    """Every training sample must keep a token with a loss: the loss of a step is the mean over its trained tokens,
+    and a sample with none would have nothing to learn from. --max_seq_length cuts a longer sample to its first
+    tokens and its end token; a cut through the prompt would leave that end token alone, and the model would learn
+    to stop in the middle of a prompt, so a sample with an answer must keep one of its answer's tokens too."""
     for n, s in enumerate(samples):
         labels = data_lib.cut(s["input_ids"], s["labels"], args.max_seq_length)[1]
+        where = f"{data_lib.data_dir(args.data)}/train.pt sample {n}"
         if not bool((labels[1:] != IGNORE_INDEX).any()):
-            raise UserError(f"{data_lib.data_dir(args.data)}/train.pt sample {n} has no token to train on (every "
-                            "label is masked, or cut away by --max_seq_length); drop it or prepare the data again")
+            raise UserError(f"{where} has no token to train on (every label is masked, or cut away by "
+                            "--max_seq_length); drop it or prepare the data again")
+        answer = (s["labels"][1:-1] != IGNORE_INDEX).nonzero()  # trained tokens before the end token
+        if len(answer) and not bool((labels[1:-1] != IGNORE_INDEX).any()):
+            need = int(answer[0]) + 3  # the prompt, the answer's first token and the end token
+            raise UserError(f"{where} loses its whole answer to --max_seq_length {args.max_seq_length} (its prompt "
+                            f"alone is {need - 2} tokens); raise --max_seq_length to at least {need}, or prepare the "
+                            f"data again with --max_seq_length {args.max_seq_length} (it drops what does not fit)")
 
 
 def tokenizer_of(args: TrainArgs, method: Method) -> Path:

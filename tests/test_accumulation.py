@@ -20,6 +20,7 @@ from litft.data import collate
 from litft.fast import for_training
 from litft.loss import IGNORE_INDEX
 from litft.train import Loop
+from litft.train_data import check_trained_tokens
 from litft.train_args import TrainArgs
 
 transformers = pytest.importorskip("transformers")
@@ -111,6 +112,16 @@ def test_a_sample_with_nothing_to_train_on_is_refused_in_one_line(tiny, tmp_path
     proc = refused(tiny, tmp_path / "out", "--data", data)
     assert_user_error(proc, "train.pt sample 5 has no token to train on")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_cut_that_leaves_only_the_end_token_is_refused_with_the_length_that_keeps_an_answer(tiny, tmp_path):
+    """--max_seq_length shorter than a prompt would train the end token alone, predicted from inside the prompt."""
+    samples = torch.load(tiny["data"] / "train.pt", weights_only=True)
+    longest_prompt = max(int((s["labels"] != IGNORE_INDEX).nonzero()[0]) for s in samples)
+    proc = refused(tiny, tmp_path / "out", "--max_seq_length", str(longest_prompt))
+    assert_user_error(proc, "loses its whole answer to --max_seq_length", f"at least {longest_prompt + 2}")
+    assert not (tmp_path / "out").exists()
+    check_trained_tokens(TrainArgs(data=tiny["data"], max_seq_length=longest_prompt + 2), samples)  # enough
 
 
 def test_an_empty_training_split_is_refused_in_one_line(tiny, tmp_path):
