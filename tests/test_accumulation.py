@@ -20,8 +20,8 @@ from litft.data import collate
 from litft.fast import for_training
 from litft.loss import IGNORE_INDEX
 from litft.train import Loop
-from litft.train_data import check_trained_tokens
 from litft.train_args import TrainArgs
+from litft.train_data import check_trained_tokens
 
 transformers = pytest.importorskip("transformers")
 
