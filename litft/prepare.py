@@ -86,7 +86,7 @@ def read_records(path: Path, flag: str = "--data_file") -> list[tuple[str, dict]
         raise UserError(f"{path} is empty; it should hold one record per example")
     if path.suffix == ".csv":
         reader = csv.DictReader(io.StringIO(text))
-        items = [(f"line {reader.line_num}", row) for row in reader]
+        items = [(f"line {reader.line_num}", check_csv_row(row, reader, path)) for row in reader]
     elif path.suffix == ".jsonl":
         items = [(f"line {n}", _parse_json(line, path, n)) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     else:
@@ -113,6 +113,17 @@ def read_text(path: Path) -> str:
     except UnicodeDecodeError as e:
         raise UserError(f"{path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); save it as "
                         "UTF-8 and run again") from None
+
+
+def check_csv_row(row: dict, reader: csv.DictReader, path: Path) -> dict:
+    """A CSV row must have as many fields as the header: csv.DictReader would file extra ones under the key None
+    and fill missing ones with None, shifting an unquoted comma's text into the next column unnoticed."""
+    if None in row or None in row.values():
+        have = sum(v is not None for k, v in row.items() if k is not None) + len(row.get(None) or ())
+        fix = "quote a value that holds a comma (\"a, b\")" if None in row else "leave a field empty as a,,c"
+        raise UserError(f"{path} line {reader.line_num}: {have} fields where the header has {len(reader.fieldnames)}; "
+                        f"{fix}")
+    return row
 
 
 def _parse_json(text: str, path: Path, first_line: int):

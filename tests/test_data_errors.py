@@ -40,6 +40,10 @@ CASES = {
                       ["is not UTF-8", "byte 0xe9 at offset 20"]),
     "Latin-1 CSV": ("d.csv", "instruction,output\nGr\u00fc\u00df,Hallo\n".encode("latin-1"), [],
                     ["is not UTF-8", "byte 0xfc"]),
+    "CSV row with an unquoted comma": ("d.csv", "instruction,output\nSay hi,Hi\nGreet,Hello, world\n", [],
+                                       ["line 3", "3 fields where the header has 2", "quote a value"]),
+    "CSV row short of a field": ("d.csv", "instruction,input,output\nSay hi,,Hi\nGreet,Hello\n", [],
+                                 ["line 3", "2 fields where the header has 3", "a,,c"]),
     "lone surrogate": ("d.jsonl", '{"instruction": "a\\ud800b", "output": "c"}\n', [],
                        ["line 1", "'instruction' holds an unpaired surrogate at character 1"]),
 }
