@@ -9,6 +9,7 @@ A .jsonl file holds one object per line; any other file holds one JSON array of 
 missing in a record (it is then empty); the instruction and output keys must be present in every record.
 """
 
+import sys
 from pathlib import Path
 
 from litft.cli import run
@@ -35,7 +36,9 @@ def main(data_file: Path, val_file: Path | None = None, instruction_key: str = "
     if task != "text" and task not in EXTRACT:
         raise UserError(f"--task {task!r} is unknown; choose text or one of {', '.join(EXTRACT)}")
     keys = dict(instruction=instruction_key, input=input_key or None, output=output_key)
-    examples = take_fields(read_records(data_file), data_file, **keys)
+    records = read_records(data_file)
+    examples = take_fields(records, data_file, **keys)
+    note_missing_input_key(records, data_file, keys)
     if val_file is not None:
         train, test = examples, take_fields(read_records(val_file, "--val_file"), val_file, **keys)
     else:
@@ -43,6 +46,18 @@ def main(data_file: Path, val_file: Path | None = None, instruction_key: str = "
     prepare(train, test, task=task, source=data_file, destination_path=destination_path, checkpoint_dir=checkpoint_dir,
             max_seq_length=max_seq_length, mask_inputs=mask_inputs, prompt_style=prompt_style, seed=seed,
             val_split_fraction=val_split_fraction, new_tokens=split_tokens(new_tokens))
+
+
+def note_missing_input_key(records: list[tuple[str, dict]], path: Path, keys: dict) -> None:
+    """An input key no record has, while the records hold keys nothing reads, is most likely misnamed: every
+    input would be empty. Said on stderr; data with no inputs at all is fine."""
+    if keys["input"] is None or any(keys["input"] in record for _, record in records):
+        return
+    unread = sorted({key for _, record in records for key in record} - set(keys.values()))
+    if unread:
+        print(f"note: no record of {path} has the key {keys['input']!r}, so every input is empty; they also hold "
+              f"{', '.join(map(repr, unread))}: name the input's key with --input_key (--input_key \"\" if there "
+              "is none)", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import run_script
+from conftest import run_main, run_script
 
 from litft.data import collate, load_split, meta_of, prompt_style_of
 from litft.errors import UserError
@@ -164,6 +164,21 @@ def test_custom_keys_and_separate_validation_file(tmp_path, sp_dir):
         [(r["q"], "", r["a"]) for r in train]
     assert [s["output"] for s in load_split(tmp_path / "qa", "test")] == ["18"]
     assert meta_of(tmp_path / "qa")["task"] == "gsm8k" and prompt_style_of(tmp_path / "qa") == PromptStyle("plain")
+
+
+def test_an_input_key_no_record_has_is_noted_when_another_key_goes_unread(tmp_path, sp_dir):
+    rows = [{"question": f"What is {i} + 1?", "context": f"i is {i}", "answer": str(i + 1)} for i in range(3)]
+    flags = ["--instruction_key", "question", "--output_key", "answer", "--checkpoint_dir", sp_dir,
+             "--val_split_fraction", "0"]
+    proc = run_main("data_prep/json_data.py", "--data_file", write_jsonl(tmp_path / "d.jsonl", rows), *flags,
+                    "--destination_path", tmp_path / "a")
+    assert proc.returncode == 0 and "has the key 'input', so every input is empty" in proc.stderr
+    assert "'context'" in proc.stderr and "--input_key" in proc.stderr
+    for row in rows:  # without the unread key: data with no inputs at all, nothing to say
+        del row["context"]
+    proc = run_main("data_prep/json_data.py", "--data_file", write_jsonl(tmp_path / "e.jsonl", rows), *flags,
+                    "--destination_path", tmp_path / "b")
+    assert proc.returncode == 0 and "every input is empty" not in proc.stderr
 
 
 def test_seeded_split_is_reproducible(tmp_path):
