@@ -7,10 +7,11 @@
         labels    = -100 ... -100      answer ids   EOS        (= input_ids when mask_inputs is off)
 
 The prompt is encoded on its own, exactly as generation encodes it, so the tokens a model learns to continue
-are the tokens it is later prompted with; the answer's ids are those it has in the whole text (encode_answer). EOS is always the last token
-(or the style's end-of-turn token, <|im_end|> or <|eot_id|>, when the template closes turns with one):
-a sample longer than max_seq_length loses the end of its answer, never its EOS (counted as truncated); a
-sample whose prompt alone leaves no room for its answer is dropped (counted too). Nothing is written to the
+are the tokens it is later prompted with; the answer's ids are those it has in the whole text (encode_answer).
+EOS is always the last token (or the style's end-of-turn token, <|im_end|> or <|eot_id|>, when the template
+closes turns with one): a sample longer than max_seq_length loses the end of its answer, never its EOS (counted
+as truncated); a sample whose prompt alone leaves no room for its answer is dropped (counted too), as is one
+whose answer is empty when only answers are learned (mask_inputs). Nothing is written to the
 destination until every record has been read, checked and tokenized.
 
 The destination then holds train.pt and test.pt (lists of {input_ids, labels, instruction, input, output},
@@ -206,7 +207,10 @@ class DownloadError(UserError):
 
 def encode_example(example: dict, tokenizer, style: PromptStyle, max_seq_length: int, mask_inputs: bool
                    ) -> tuple[dict | None, bool]:
-    """One example -> (sample, truncated). The sample is None when even the prompt does not fit."""
+    """One example -> (sample, truncated). The sample is None when even the prompt does not fit, or when only
+    the answer is learned (mask_inputs) and it is empty: such a sample would teach nothing but to stop at once."""
+    if mask_inputs and not example["output"].strip():
+        return None, False
     text = style.apply(example["instruction"], example["input"])
     prompt = tokenizer.encode(text, bos=style.add_bos)  # (P,)
     answer = encode_answer(tokenizer, text, prompt, example["output"], style.add_bos)  # (A,)
@@ -299,8 +303,9 @@ def prepare(train: list[dict], test: list[dict], *, task: str, source: str, dest
     for name, examples in zip(SPLITS, (train, test)):
         samples[name], report[name] = encode_split(examples, name, tokenizer, style, max_seq_length, mask_inputs)
     if not samples["train"]:
-        raise UserError(f"every sample of {source} is longer than --max_seq_length {max_seq_length} (even the prompt "
-                        "alone); raise --max_seq_length or choose a shorter --prompt_style")
+        raise UserError(f"every sample of {source} was dropped: its prompt alone is longer than --max_seq_length "
+                        f"{max_seq_length}, or its answer is empty; raise --max_seq_length or choose a shorter "
+                        "--prompt_style")
     print_report(report)
     meta = {"task": task, "source": str(source), "checkpoint_dir": str(checkpoint_dir), "max_seq_length": max_seq_length,
             "mask_inputs": mask_inputs, "ignore_index": IGNORE_INDEX, "prompt_style": style.name, "seed": seed,

@@ -109,7 +109,7 @@ def test_truncated_samples_keep_eos_and_are_counted(tmp_path, sp_dir, sentencepi
 
     sp = SentencePieceProcessor(model_file=str(sentencepiece_model))
     style, max_len = PromptStyle("plain"), 16
-    examples = [{"instruction": f"Story {i}.", "input": "", "output": " ".join(["once upon a time"] * i)} for i in range(6)]
+    examples = [{"instruction": f"Story {i}.", "input": "", "output": " ".join(["once upon a time"] * i)} for i in range(1, 7)]
     examples.append({"instruction": "word " * 40, "input": "", "output": "too long a prompt"})
     full = [1 + len(sp.encode(style.apply(e["instruction"]))) + len(sp.encode(e["output"])) + 1 for e in examples]
     samples = prepare_here(tmp_path, sp_dir, examples, prompt_style="plain", max_seq_length=max_len)
@@ -120,6 +120,15 @@ def test_truncated_samples_keep_eos_and_are_counted(tmp_path, sp_dir, sentencepi
     report = json.loads((tmp_path / "data" / "length_report.json").read_text())["train"]
     assert report["truncated"] == sum(n > max_len for n in full[:-1]) > 0
     assert report["dropped"] == 1 and report["max"] == max_len
+
+
+def test_an_empty_answer_is_dropped_when_only_answers_are_learned(tmp_path, sp_dir):
+    """Masked, a sample with no answer would train EOS alone; unmasked (raw text in the instruction), it is text."""
+    examples = EXAMPLES + [{"instruction": "Say nothing.", "input": "", "output": " \n"}]
+    assert len(prepare_here(tmp_path / "masked", sp_dir, examples)) == len(EXAMPLES)
+    report = json.loads((tmp_path / "masked" / "data" / "length_report.json").read_text())["train"]
+    assert report["dropped"] == 1
+    assert len(prepare_here(tmp_path / "unmasked", sp_dir, examples, mask_inputs=False)) == len(examples)
 
 
 def test_collate_pads_right_without_touching_labels():
