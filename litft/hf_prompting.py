@@ -9,6 +9,8 @@ litft's generate/ does — the files people forget, and the cause of exports tha
                              rule litft follows (transformers adds no BOS to a tokenizer.model without them)
 
 A chat_template.jinja that disagrees with the style is removed: transformers would read it before the config.
+A style with no template form (plain, alpaca, llama2-chat) removes the base's: a model fine-tuned in another
+layout would otherwise be prompted in the base's by every reader of the template (apply_chat_template, vLLM).
 """
 
 from __future__ import annotations
@@ -36,23 +38,27 @@ def write_tokenizer_config(directory: Path, tokenizer: Tokenizer, style: PromptS
     """Update `directory`'s tokenizer_config.json (see above); returns what changed, for the summary line."""
     directory = Path(directory)
     config = read_json(directory / "tokenizer_config.json")
-    updates = {}
-    template = style.chat_template if style is not None else None
-    if template is not None:
+    updated = {**config}
+    if style is not None:  # the base's template goes when the run's style is another, even one with no template
         jinja = directory / "chat_template.jinja"
-        if jinja.is_file() and jinja.read_text(encoding="utf-8") != template:
+        if jinja.is_file() and jinja.read_text(encoding="utf-8") != style.chat_template:
             jinja.unlink()
-        updates["chat_template"] = template
+        if style.chat_template is None:
+            updated.pop("chat_template", None)
+        else:
+            updated["chat_template"] = style.chat_template
     if tokenizer.backend == "sentencepiece" and "add_bos_token" not in config:
-        updates["add_bos_token"] = tokenizer.add_bos
+        updated["add_bos_token"] = tokenizer.add_bos
         for kind, id in (("bos", tokenizer.bos_id), ("eos", tokenizer.eos_id)):
             if id is not None and f"{kind}_token" not in config:
-                updates[f"{kind}_token"] = tokenizer.token_text(id)
-    if all(config.get(k) == v for k, v in updates.items()):
+                updated[f"{kind}_token"] = tokenizer.token_text(id)
+    if updated == config:
         return []
-    text = json.dumps({**config, **updates}, indent=2, ensure_ascii=False)
-    atomic_write_text(directory / "tokenizer_config.json", text)
-    return [f"tokenizer_config.json ({', '.join(updates)})"]
+    atomic_write_text(directory / "tokenizer_config.json", json.dumps(updated, indent=2, ensure_ascii=False))
+    changes = [key for key, value in updated.items() if config.get(key) != value]
+    if "chat_template" in config and "chat_template" not in updated:
+        changes.append(f"chat_template removed: the {style.name} style has none, so prompt it in that style yourself")
+    return [f"tokenizer_config.json ({', '.join(changes)})"]
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -174,6 +174,18 @@ def test_transformers_generate_stops_and_prompts_as_litft(qwen_dir, tmp_path, st
     assert hf_tokenizer.decode(out, skip_special_tokens=True) == tokenizer.decode(ours) == " fox dog"
 
 
+def test_an_export_of_a_run_in_a_style_without_a_template_drops_the_bases_template(qwen_dir, tmp_path):  # noqa: F811
+    """Truth: transformers reading the export. An alpaca-style fine-tune of a chat model must not be prompted in the
+    base's ChatML by apply_chat_template; the summary line says the template went, and why."""
+    checkpoint, _ = chain_checkpoint(qwen_dir, tmp_path / "qwen", "<|im_end|>")
+    PromptStyle.from_name("alpaca").save(checkpoint)
+    proc = run_script("scripts/convert_lit_checkpoint.py", "--checkpoint_dir", checkpoint, "--output_dir",
+                      tmp_path / "hf", check=True)
+    assert "chat_template removed: the alpaca style has none" in proc.stdout
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "hf").chat_template is None
+    assert transformers.AutoTokenizer.from_pretrained(checkpoint).chat_template == QWEN_TEMPLATE  # the base's own
+
+
 def test_a_reader_with_fewer_output_tokens_than_the_model_fails_verification():
     """An output that lost vocabulary rows (a reader whose lm_head is narrower than litft's) cannot be compared
     token for token: verification stops, naming both widths. A wider one (a padded vocabulary) is compared on
