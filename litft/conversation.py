@@ -18,9 +18,11 @@ so the tokens it writes next are its reply. Per prompt style (litft/prompts.py):
                        <s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user} [/INST] {answer} </s><s>[INST] {user} [/INST]
                    Each finished exchange is its own sequence, BOS ... EOS: `encode_conversation` encodes them one
                    by one with the tokenizer's BOS and EOS ids; the rendered text writes them as <s> and </s>.
-    plain, alpaca  single-instruction styles (and no style at all, which is plain): they have no turns, so the
-                   instruction is the last user message and the earlier messages are its input, one
-                   "Role: content" line each. A single user message is exactly `style.apply(message)`.
+    alpaca         a single-instruction style: it has no turns, so the instruction is the last user message and
+                   the earlier messages are its input, one "Role: content" line each
+    plain          (and no style at all): with earlier messages, a transcript of "Role: content" lines that ends
+                   "User: {last}\nAssistant:", so the model continues as the assistant, after the question
+    A single user message, in either, is exactly `style.apply(message)`.
 
 As with a single prompt, the text is encoded with `bos=style.add_bos`: a chat template writes its own BOS.
 
@@ -74,6 +76,8 @@ def render_conversation(style: PromptStyle | None, messages: list[dict]) -> str:
         return "</s><s>".join(llama2_exchanges(messages))  # the first <s> is the tokenizer's, as for one prompt
     *earlier, last = messages
     context = "\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in earlier)
+    if name == "plain" and earlier:  # the question last: plain's own order (instruction, input) would end in history
+        return f"{context}\nUser: {last['content']}\nAssistant:"
     return (style or PromptStyle("plain")).apply(last["content"], context)
 
 

@@ -124,13 +124,16 @@ def test_llama2_chat_is_metas_layout(llama2_dir):
         render_conversation(style, [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
 
 
-def test_single_instruction_styles_take_the_earlier_turns_as_input():
+def test_alpaca_takes_the_earlier_turns_as_input_and_plain_ends_with_the_question():
+    """alpaca: the last message is the instruction, the earlier turns its input. plain has no turns and continues
+    text, so the prompt must end with the question and the assistant's cue, never in the history."""
     messages = CONVERSATIONS[2]
     context = ("System: You answer in one word.\nUser: Hi\nAssistant:  Hello! \nUser: Two\nlines\nAssistant: Yes.")
-    for style in (PromptStyle("alpaca"), PromptStyle("plain")):
-        assert render_conversation(style, messages) == style.apply("Bye", context)
-        assert render_conversation(style, CONVERSATIONS[0]) == style.apply("What is LoRA?")
+    assert render_conversation(PromptStyle("alpaca"), messages) == PromptStyle("alpaca").apply("Bye", context)
+    assert render_conversation(PromptStyle("plain"), messages) == context + "\nUser: Bye\nAssistant:"
     assert render_conversation(None, messages) == render_conversation(PromptStyle("plain"), messages)
+    for style in (PromptStyle("alpaca"), PromptStyle("plain")):
+        assert render_conversation(style, CONVERSATIONS[0]) == style.apply("What is LoRA?")
 
 
 # ---- validation: one line each ---------------------------------------------------------------------------------
