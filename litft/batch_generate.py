@@ -10,6 +10,11 @@ sees another's padding:
     decode    one token per live row, (B', 1), row b at its own position T_b + n_b
               (the pads' cache slots past T_b are overwritten before a mask ever shows them)
 
+The cache holds the batch's longest row, for every row, so it is not sized for the longest row a request *may*
+reach (its prompt and max_new_tokens): it starts at the longest prompt plus `cache_step` positions and grows by
+that much when a row reaches its end. One request for 8,000 tokens would otherwise give all 32 rows of a batch
+room for 8,000, for as long as it lasted, even if it stopped after ten.
+
 Each row samples with its own settings and generator, as litft/generate.py's `generate` would alone, and over
 one base each row may use its own LoRA (litft/multi_lora.py). scripts/serve.py runs `generate_batch` through
 litft/engine.py; rows join the batch as requests arrive and leave it as they end.
@@ -44,14 +49,15 @@ class Row:
 
 
 @torch.inference_mode()
-def generate_batch(model: torch.nn.Module, rows: list[Row],
-                   more: Callable[[], list[Row]] = list) -> Iterator[tuple[Row, Optional[int]]]:
+def generate_batch(model: torch.nn.Module, rows: list[Row], more: Callable[[], list[Row]] = list,
+                   cache_step: int = 256) -> Iterator[tuple[Row, Optional[int]]]:
     """Decode many prompts together; yield (row, token id) as tokens are produced, and (row, None) when a row
     meets one of its stop ids. A row also ends after max_new_tokens, or once its `done` is set. `more()` is asked
     after every step for rows that join the batch (a server's new requests); decoding ends when no row is left.
 
     Joining rows are prefilled in a cache of their own, whose rows are then appended to the batch's. A row that
-    ends leaves the batch (its cache row is dropped), so the rest decode at the cost of their number. (With
+    ends leaves the batch (its cache row is dropped), so the rest decode at the cost of their number. The cache
+    grows `cache_step` positions at a time (see above). (With
     dynamic NTK RoPE scaling past the original context, the tables follow the batch's longest row, so there a
     row depends on the others.)
     """
@@ -60,7 +66,7 @@ def generate_batch(model: torch.nn.Module, rows: list[Row],
     try:
         while True:
             if joining := [row for row in joining if not row.done]:
-                live, logits, pos = join(model, live, logits, pos, joining)
+                live, logits, pos = join(model, live, logits, pos, joining, cache_step)
                 produced.update((id(row), 0) for row in joining)
             if not live:
                 return
@@ -79,6 +85,8 @@ def generate_batch(model: torch.nn.Module, rows: list[Row],
                 live, tokens, pos = drop_rows(model, live, tokens, pos, keep)
                 produced = {id(row): produced[id(row)] for row in live}
             if live:
+                if int(pos.max()) >= model.kv_caches()[0].length:  # the longest row has reached the cache's end
+                    model.grow_kv_cache(min(int(pos.max()) + cache_step, model.config.block_size))
                 logits = next_token_logits(model, tokens[:, None], pos[:, None])  # decode: (B', 1) -> (B', vocab)
                 pos = pos + 1
             joining = more()
@@ -101,11 +109,11 @@ def drop_rows(model: torch.nn.Module, live: list[Row], tokens: Tensor, pos: Tens
 
 
 def join(model: torch.nn.Module, live: list[Row], logits: Optional[Tensor], pos: Optional[Tensor],
-         joining: list[Row]) -> tuple[list[Row], Tensor, Tensor]:
+         joining: list[Row], cache_step: int) -> tuple[list[Row], Tensor, Tensor]:
     """Prefill `joining` in a cache of its own, then append its rows to the batch's: the live rows, their logits
     (B', vocab) and positions (B',) grow by the new rows."""
     earlier = model.kv_caches() if live else None
-    new_logits, new_pos = prefill(model, joining)
+    new_logits, new_pos = prefill(model, joining, cache_step)
     if live:
         model.join_kv_caches(earlier)
         new_logits, new_pos = torch.cat((logits, new_logits)), torch.cat((pos, new_pos))
@@ -113,15 +121,17 @@ def join(model: torch.nn.Module, live: list[Row], logits: Optional[Tensor], pos:
     return live + joining, new_logits, new_pos
 
 
-def prefill(model: torch.nn.Module, rows: list[Row]) -> tuple[Tensor, Tensor]:
-    """Run the prompts of `rows` in a new KV cache; return their next-token logits (B, vocab) and lengths (B,)."""
+def prefill(model: torch.nn.Module, rows: list[Row], cache_step: int) -> tuple[Tensor, Tensor]:
+    """Run the prompts of `rows` in a new KV cache, with room for `cache_step` more positions (or as many as the
+    rows may reach, if fewer); return their next-token logits (B, vocab) and lengths (B,)."""
     for row in rows:
         check_fits(model.config.block_size, row.prompt.size(0), row.max_new_tokens)
     device = rows[0].prompt.device
     lengths = torch.tensor([row.prompt.size(0) for row in rows], device=device)  # (B,)
     idx = torch.nn.utils.rnn.pad_sequence([row.prompt for row in rows], batch_first=True)  # (B, T), right-padded
     B, T = idx.shape
-    model.set_kv_cache(batch_size=B, max_seq_length=max(int(n) + r.max_new_tokens for n, r in zip(lengths, rows)))
+    reach = max(int(n) + row.max_new_tokens for n, row in zip(lengths, rows))
+    model.set_kv_cache(batch_size=B, max_seq_length=min(reach, T + cache_step))
     use_loras(model, [row.lora for row in rows])
     h = model.hidden_states(idx, torch.arange(T, device=device).expand(B, T))  # (B, T, C)
     return model.lm_head(h[torch.arange(B, device=device), lengths - 1]), lengths  # (B, vocab), (B,)

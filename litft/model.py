@@ -12,7 +12,7 @@ multi-head attention. Module names follow Hugging Face's LlamaForCausalLM closel
 mostly renaming (see litft/convert_hf.py). Qwen2 is the same network with a bias on q, k and v (`qkv_bias`).
 Rotary positions, and the ways Llama 3.1, YaRN and others stretch them, are litft/rope.py.
 
-For generation, `set_kv_cache` allocates a static key/value cache; `forward(idx, input_pos)` then writes the
+For generation, `set_kv_cache` allocates a static key/value cache (litft/kv_cache.py); `forward(idx, input_pos)` then writes the
 new keys and values at `input_pos` and attends over everything cached so far. With a (B, T) `input_pos` each row
 of the batch is at its own position, so prompts of different lengths decode together (litft/batch_generate.py). For training on packed rows
 (several samples in one row, litft/packing.py), `forward(idx, packed_pos=...)` gives each token its position
@@ -28,6 +28,7 @@ import torch.utils.checkpoint
 from torch import Tensor
 
 from litft.config import Config
+from litft.kv_cache import KVCache
 from litft.rope import apply_rope, rope_tables
 
 
@@ -117,6 +118,11 @@ class Llama(nn.Module):
         for block, cache in zip(self.blocks, earlier):
             cache.extend(block.attn.kv_cache)
             block.attn.kv_cache = cache
+
+    def grow_kv_cache(self, length: int) -> None:
+        """Room for `length` positions in every layer's cache, for a sequence about to outrun it."""
+        for block in self.blocks:
+            block.attn.kv_cache.grow(length)
 
     def keep_kv_rows(self, rows: Tensor) -> None:
         """Keep the cached rows `rows` (B',), in that order: the others are dropped (their sequences ended)."""
@@ -214,35 +220,3 @@ class RMSNorm(nn.Module):
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
-
-
-class KVCache(nn.Module):
-    """Static key/value cache: (B, n_query_groups, max_seq_length, head_size) each, filled by position."""
-
-    def __init__(self, batch_size: int, max_seq_length: int, config: Config, device, dtype) -> None:
-        super().__init__()
-        shape = (batch_size, config.n_query_groups, max_seq_length, config.head_size)
-        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
-
-    def update(self, pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write k, v (B, nkv, T, hs) at positions pos, (T,) or (B, T); return the cache up to the last one."""
-        if pos.dim() == 1:
-            self.k.index_copy_(2, pos, k.to(self.k.dtype))
-            self.v.index_copy_(2, pos, v.to(self.v.dtype))
-        else:  # row b's tokens go to its own positions pos[b]
-            rows = torch.arange(pos.size(0), device=pos.device)[:, None]  # (B, 1)
-            self.k[rows, :, pos] = k.transpose(1, 2).to(self.k.dtype)  # indexed as (B, T, nkv, hs)
-            self.v[rows, :, pos] = v.transpose(1, 2).to(self.v.dtype)
-        end = int(pos.max()) + 1
-        return self.k[:, :, :end], self.v[:, :, :end]
-
-    def extend(self, other: "KVCache") -> None:
-        """Append other's rows after ours; the longer of the two lengths is kept."""
-        S = max(self.k.size(2), other.k.size(2))
-        pad = lambda t: F.pad(t, (0, 0, 0, S - t.size(2)))  # noqa: E731  (B, nkv, S', hs) -> (B, nkv, S, hs)
-        self.k, self.v = torch.cat((pad(self.k), pad(other.k))), torch.cat((pad(self.v), pad(other.v)))
-
-    def keep(self, rows: Tensor) -> None:
-        """Keep these rows of the batch, in this order (the others have finished)."""
-        self.k, self.v = self.k[rows], self.v[rows]

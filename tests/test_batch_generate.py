@@ -112,6 +112,26 @@ def test_rows_that_join_a_running_batch_decode_as_alone(base):
     assert batched(model, rows, arriving(rows[1:], [0, 3, 7])) == expected
 
 
+def test_the_cache_grows_with_the_longest_row_not_with_what_a_row_may_reach(base):
+    """A cache grown a few positions at a time (here 2) gives every row what it gives alone; a row that may reach
+    the whole context but is stopped early never makes the batch's cache that long."""
+    model = load_lit_model(base).double().eval()
+    budgets = [5, 9, 6, 8]
+    rows = [Row(torch.tensor(p), n, temperature=0) for p, n in zip(PROMPTS, budgets)]
+    expected = [alone(model, p, n, temperature=0) for p, n in zip(PROMPTS, budgets)]
+    got = {id(row): [] for row in rows}
+    for row, token in generate_batch(model, rows[:1], arriving(rows[1:], [0, 3, 7]), cache_step=2):
+        got[id(row)].append(token)
+    assert [got[id(row)] for row in rows] == expected
+
+    greedy = Row(torch.tensor(PROMPTS[0]), model.config.block_size - len(PROMPTS[0]), temperature=0)
+    lengths = []
+    for row, _ in generate_batch(model, [greedy], cache_step=2):
+        lengths.append(model.kv_caches()[0].length)
+        row.done = len(lengths) == 6
+    assert max(lengths) <= len(PROMPTS[0]) + 6 + 2 < model.config.block_size
+
+
 def test_sampled_rows_draw_as_each_prompt_alone(base):
     model = load_lit_model(base).double().eval()
     settings = [dict(temperature=0.7, top_k=20), dict(temperature=0), dict(temperature=1.3, top_p=0.8),
