@@ -33,6 +33,13 @@ from litft.batch_generate import Row, generate_batch
 from litft.generate import check_fits
 
 
+class Stopping(RuntimeError):
+    """A request that came after the server began to stop."""
+
+    def __init__(self) -> None:
+        super().__init__("the server is stopping; send the request again when it is back")
+
+
 @dataclass(eq=False)
 class Job:
     row: Row
@@ -67,7 +74,9 @@ class Engine:
 
     def submit(self, row: Row) -> asyncio.Queue:
         """Queue a row for decoding (from the event loop); returns the queue its events arrive on.
-        Raises UserError when the row does not fit the model's context."""
+        Raises UserError when the row does not fit the model's context, Stopping once `stop` was called."""
+        if self.stopping.is_set():
+            raise Stopping()
         check_fits(self.model.config.block_size, row.prompt.size(0), row.max_new_tokens)
         job = Job(row, asyncio.get_running_loop())
         self.waiting.put(job)
@@ -84,7 +93,7 @@ class Engine:
             except queue.Empty:
                 return
             if job is not None:
-                job.send(RuntimeError("the server is stopping"))
+                job.send(Stopping())
 
     def decode(self, jobs: list[Job]) -> None:
         active: dict[int, Job] = {}  # id(row) -> job, for the rows in the batch

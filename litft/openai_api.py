@@ -28,10 +28,11 @@ from typing import Any, AsyncIterator, Awaitable, Iterator
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from litft.batch_generate import Row
 from litft.conversation import encode_conversation
-from litft.engine import Engine
+from litft.engine import Engine, Stopping
 from litft.errors import UserError
 from litft.prompts import PromptStyle
 from litft.tokenizer import StreamDecoder, Tokenizer
@@ -66,6 +67,10 @@ def create_app(engine: Engine, tokenizer: Tokenizer, models: dict[str, Served], 
     async def api_error(request: Request, e: APIError) -> JSONResponse:
         return e.response()
 
+    @app.exception_handler(StarletteHTTPException)  # an unknown path or method: OpenAI's error shape too
+    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        return APIError(e.status_code, f"{request.method} {request.url.path}: {e.detail}").response()
+
     created = int(time.time())
 
     @app.get("/v1/models")
@@ -95,7 +100,9 @@ def create_app(engine: Engine, tokenizer: Tokenizer, models: dict[str, Served], 
     async def answer(request: Request, body: dict, served: Served, ids: torch.Tensor, chat: bool):
         row, stops = make_row(body, served, ids.to(engine.device), block_size, default_max_tokens)
         stream, usage = streaming(body)
-        pieces = completion_text(engine.submit(row), row, tokenizer, stops)
+        with as_api_error("messages" if chat else "prompt"):
+            events = engine.submit(row)
+        pieces = completion_text(events, row, tokenizer, stops)
         reply = Reply(served.name, chat, len(ids))
         if stream:
             return StreamingResponse(reply.events(pieces, usage), media_type="text/event-stream")
@@ -122,6 +129,11 @@ async def read_json(request: Request) -> dict:
         raise APIError(400, f"the request body is not valid JSON ({e})") from None
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
+    try:  # JSON can spell a lone surrogate ("\\ud800"), which is not text and no tokenizer can encode
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise APIError(400, f"the request holds an unpaired surrogate ({e.object[e.start]!a}), which is not "
+                       "valid Unicode text") from None
     return body
 
 
@@ -137,21 +149,41 @@ def find_model(body: dict, models: dict[str, Served]) -> Served:
 
 @contextmanager
 def as_api_error(param: str) -> Iterator[None]:
-    """A UserError raised inside the block becomes a 400 naming `param`."""
+    """A UserError raised inside the block becomes a 400 naming `param`; a server that is stopping, a 503."""
     try:
         yield
     except UserError as e:
         raise APIError(400, str(e), param) from None
+    except Stopping as e:
+        raise APIError(503, str(e)) from None
+
+
+UNSUPPORTED = {  # parameters litft does not implement, and the values that ask for nothing from it
+    "logprobs": (None, False), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
+    "suffix": (None, ""), "logit_bias": (None, {}), "frequency_penalty": (None, 0, 0.0),
+    "presence_penalty": (None, 0, 0.0), "tools": (None, []), "functions": (None, []),
+    "response_format": (None, {"type": "text"}),
+}
+
+
+def refuse_unsupported(body: dict) -> None:
+    """A request that asks for something litft does not do gets a 400 naming it, not an answer without it."""
+    for key, neutral in UNSUPPORTED.items():
+        value = body.get(key)
+        if not any(type(value) is type(n) and value == n for n in neutral):
+            raise APIError(400, f"{key} is not supported by this server; leave it out", key)
 
 
 def make_row(body: dict, served: Served, ids: torch.Tensor, block_size: int,
              default_max_tokens: int) -> tuple[Row, list[str]]:
     """The request's sampling settings, checked, as a row for the engine; and its stop strings."""
+    refuse_unsupported(body)
     temperature = number(body, "temperature", 1.0, low=0.0, high=2.0)
     top_p = number(body, "top_p", 1.0, low=0.0, high=1.0, low_open=True)
     if not (body.get("n") is None or (type(body["n"]) is int and body["n"] == 1)):
         raise APIError(400, "n must be 1: litft returns one choice per request", "n")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    max_tokens = body.get("max_completion_tokens")
+    max_tokens = body.get("max_tokens") if max_tokens is None else max_tokens
     if max_tokens is None:
         max_tokens = max(1, min(default_max_tokens, block_size - len(ids)))
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
@@ -187,7 +219,7 @@ def stop_strings(stop: Any) -> list[str]:
 
 def streaming(body: dict) -> tuple[bool, bool]:
     """(stream, include_usage) from `stream` and `stream_options`."""
-    stream, options = body.get("stream", False), body.get("stream_options") or {}
+    stream, options = body.get("stream") or False, body.get("stream_options") or {}
     if not isinstance(stream, bool) or not isinstance(options, dict):
         raise APIError(400, "stream must be true or false, and stream_options an object", "stream")
     return stream, bool(options.get("include_usage", False))
@@ -245,6 +277,8 @@ class Reply:
             async with aclosing(pieces):
                 async for piece, finish, n in pieces:
                     text += piece
+        except Stopping as e:  # it came while the server was stopping
+            raise APIError(503, str(e)) from None
         except Exception as e:  # noqa: BLE001 (the engine failed on this batch)
             raise APIError(500, f"generation failed: {e}") from None
         message = {"role": "assistant", "content": text}

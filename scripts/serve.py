@@ -74,11 +74,20 @@ def main(checkpoint_dir: Path = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Ins
     print(f"serving {', '.join(models)} on http://{host}:{port}/v1 ({device.type}, {precision}); Ctrl-C stops",
           file=sys.stderr, flush=True)
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: engine.stop())
+        signal.signal(signum, lambda *_: stop(engine))
     engine.run()  # until a signal
     server.should_exit = True
     http.join(timeout=30)
     print("stopped", file=sys.stderr)
+
+
+def stop(engine: Engine) -> None:
+    """The first Ctrl-C (or SIGTERM) lets the requests being decoded finish and refuses new ones (503); a second
+    stops at once, ending their streams where they are."""
+    if engine.stopping.is_set():
+        raise KeyboardInterrupt
+    print("stopping: the requests being answered finish first (Ctrl-C again to stop now)", file=sys.stderr, flush=True)
+    engine.stop()
 
 
 def listen(app, host: str, port: int) -> tuple["uvicorn.Server", threading.Thread]:  # noqa: F821

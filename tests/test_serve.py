@@ -148,6 +148,15 @@ def test_completions_stop_strings_seed_and_max_tokens(server, base):
     ({"model": "qv", "messages": [{"role": "user", "content": "hi"}], "stream": True, "stream_options": 1}, 400,
      "stream_options"),
     ({"model": "qv", "messages": [{"role": "user", "content": "hi"}], "n": True}, 400, "n must be 1"),
+    # asked for what litft does not do: refused by name, not answered without it
+    ({"model": "qv", "messages": [{"role": "user", "content": "hi"}], "logprobs": True}, 400, "logprobs is not"),
+    ({"model": "qv", "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, 400,
+     "tools is not"),
+    ({"model": "qv", "messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}},
+     400, "response_format is not"),
+    ({"model": "qv", "messages": [{"role": "user", "content": "hi"}], "presence_penalty": 0.5}, 400,
+     "presence_penalty is not"),
+    ('{"model": "qv", "messages": [{"role": "user", "content": "a\\ud800b"}]}', 400, "unpaired surrogate"),
 ])
 def test_bad_requests_get_a_json_error_and_the_server_goes_on(server, body, status, fragment):
     client, port, _ = server
@@ -173,6 +182,21 @@ def test_bad_completions_and_bodies_are_400(server, path, body, fragment):
     one = client.completions.create(model="qv", prompt=["one two three"], temperature=0, max_tokens=6)
     assert one.choices[0].text == client.completions.create(model="qv", prompt="one two three", temperature=0,
                                                             max_tokens=6).choices[0].text
+
+
+def test_neutral_values_of_unsupported_parameters_and_nulls_are_accepted(server):
+    """What clients send when they ask for nothing (logprobs false, penalties 0, stream null), and max_tokens beside
+    a null max_completion_tokens, answer as the plain request does; an unknown path gets OpenAI's error shape."""
+    client, port, _ = server
+    plain = {"model": "qv", "messages": [{"role": "user", "content": QUESTIONS[0]}], "max_tokens": 5, "temperature": 0}
+    status, expected = post(port, "/v1/chat/completions", json.dumps(plain))
+    neutral = {**plain, "logprobs": False, "frequency_penalty": 0, "presence_penalty": 0.0, "logit_bias": {},
+               "stream": None, "response_format": {"type": "text"}, "max_completion_tokens": None}
+    status, got = post(port, "/v1/chat/completions", json.dumps(neutral))
+    assert status == 200 and got["choices"][0]["message"] == expected["choices"][0]["message"]
+    assert got["usage"]["completion_tokens"] == expected["usage"]["completion_tokens"] == 5
+    status, missing = post(port, "/v1/embeddings", "{}")
+    assert status == 404 and "/v1/embeddings" in missing["error"]["message"]
 
 
 def test_a_client_that_leaves_mid_stream_does_not_stop_the_others(server):
@@ -283,6 +307,32 @@ def test_a_client_that_leaves_before_a_whole_answer_takes_its_row_out(base):
     engine.stop()
     assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 499
     assert final == "cancelled" and tokens <= 1, (final, tokens)
+
+
+def test_a_stopping_server_answers_503_and_a_second_signal_stops_it_at_once(base):
+    """After Ctrl-C the batch being decoded finishes; a request that comes meanwhile gets 503 at once (OpenAI's
+    clients retry those), one that was already waiting is told the same, and a second Ctrl-C ends the process."""
+    from fastapi.testclient import TestClient
+
+    from scripts.serve import stop
+
+    model = load_finetuned(base)
+    engine = Engine(model, max_batch_size=4)
+    app = create_app(engine, Tokenizer(base), {"base": Served("base", None, None, frozenset())},
+                     model.config.block_size)
+
+    async def waiting_then_stopped():
+        events = engine.submit(Row(torch.tensor(PROMPTS[0]), 5))  # queued; the loop has not taken it yet
+        stop(engine)
+        engine.run()  # ends at once: nothing was being decoded, and what waits is told
+        return await asyncio.wait_for(events.get(), 10)
+
+    told = asyncio.run(waiting_then_stopped())
+    assert "the server is stopping" in str(told)
+    answer = TestClient(app).post("/v1/completions", json={"model": "base", "prompt": "one two", "max_tokens": 3})
+    assert answer.status_code == 503 and "the server is stopping" in answer.json()["error"]["message"]
+    with pytest.raises(KeyboardInterrupt):
+        stop(engine)
 
 
 def test_an_address_in_use_is_refused_in_one_line(base):
