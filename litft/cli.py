@@ -42,10 +42,27 @@ def reported(call: Callable[[], Any]) -> Any:
 
 
 def flag_error(message: str) -> str:
-    """jsonargparse's message on one line, a key named as its flag: 'Parser key "top_k":\n  Expected a ...' ->
-    '--top_k: Expected a ...'."""
-    message = re.sub(r'^Parser key "([^"]+)":', r"--\1:", message.strip())
-    return " ".join(line.strip() for line in message.splitlines())
+    """jsonargparse's message on one line, naming the flag: 'Parser key "top_k": Does not validate against any of the
+    Union subtypes ... Given value: x' -> "--top_k: expected an integer or null, got 'x'"."""
+    match = re.match(r'Parser key "([^"]+)":\s*(.*)', message.strip(), re.S)
+    if match is None:
+        return " ".join(line.strip() for line in message.splitlines())
+    key, detail = match.groups()
+    expected = re.search(r"Subtypes: \[(.*?)\]\n", detail) or re.search(r"^Expected a (.*)\. Got value", detail, re.S)
+    given = re.search(r"(?:Given|Got) value: (.*)$", detail, re.S)
+    if expected and given:
+        return f"--{key}: expected {type_names(expected.group(1))}, got {given.group(1).strip()!r}"
+    return f"--{key}: " + " ".join(line.strip() for line in detail.splitlines())
+
+
+def type_names(types: str) -> str:
+    """"<class 'int'>, <class 'NoneType'>" -> "an integer or null"; "typing.Literal['a', 'b']" -> "one of 'a', 'b'"."""
+    if literal := re.fullmatch(r"typing\.Literal\[(.*)\]", types.strip()):
+        return f"one of {literal.group(1)}"
+    names = {"int": "an integer", "float": "a number", "bool": "true or false", "NoneType": "null", "str": "a string",
+             "list": "a list, as [a, b]"}
+    found = re.findall(r"<class '(?:[\w.]+\.)?(\w+)'>", types)
+    return " or ".join(names.get(name, name) for name in found) or types
 
 
 def interrupted(e: BaseException | None) -> bool:
