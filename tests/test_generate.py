@@ -272,10 +272,11 @@ def test_chatml_stops_at_im_end_as_well_as_eos(tmp_path):
 
 def test_cli_user_errors(tiny_checkpoint, tmp_path):
     directory, _ = tiny_checkpoint
-    for flags, fragment in ((["--prompt", "hi", "--max_new_tokens", "abc"], "--max_new_tokens: expected an integer, got 'abc'"),
-                            (["--prompt", "hi", "--top_k", "1.5"], "--top_k: expected an integer or null, got '1.5'"),
-                            (["--prompt", "hi", "--bogus", "1"], "unrecognized arguments: --bogus 1"),
-                            ([], "arguments are required: prompt")):
+    for flags, fragment in (
+            (["--prompt", "hi", "--max_new_tokens", "abc"], "--max_new_tokens: expected an integer, got 'abc'"),
+            (["--prompt", "hi", "--top_k", "1.5"], "--top_k: expected an integer or null, got '1.5'"),
+            (["--prompt", "hi", "--bogus", "1"], "unrecognized arguments: --bogus 1"),
+            ([], "arguments are required: prompt")):
         proc = run_main("generate/base.py", "--checkpoint_dir", directory, *flags)
         assert_user_error(proc, fragment, "--help")
         assert proc.stderr.count("\n") == 1, proc.stderr  # the line alone: jsonargparse's usage block is not printed
