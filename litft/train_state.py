@@ -105,8 +105,13 @@ def own_checkpoints(out_dir: Path, run_id: str, up_to: Path) -> list[Path]:
     return mine
 
 
+FROM_FLAGS = ("params", "lr", "initial_lr", "weight_decay")  # not restored: a resume may change the flags
+
+
 def load(fabric, model, optimizer, scheduler, out_dir: Path) -> State:
-    """Restore the newest complete checkpoint into model, optimizer and scheduler; return its State."""
+    """Restore the newest complete checkpoint into model, optimizer and scheduler; return its State. The learning
+    rate and weight decay stay those of this run's flags (a resume may lower --learning_rate): the schedule goes on
+    from the checkpoint's step with them."""
     path = resumable(out_dir)
     meta, rank = _read_json(path / META), fabric.global_rank
     if meta.get("world_size", 1) != fabric.world_size:
@@ -119,7 +124,11 @@ def load(fabric, model, optimizer, scheduler, out_dir: Path) -> State:
                         "checkpoint before it") from None
     rank_meta = _read_json(path / f"state-rank{rank}.json")
     _restore_local_state(model, _raw(optimizer), tensors, rank_meta["param_groups"], path)
-    scheduler.load_state_dict(meta["scheduler"])
+    scheduler.load_state_dict(meta["scheduler"])  # its step count; the learning rate is this run's --learning_rate
+    groups = _raw(optimizer).param_groups
+    scheduler.base_lrs = [group["initial_lr"] for group in groups]
+    for group, base, factor in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(scheduler.last_epoch)
     _set_rng_state(rank_meta["rng"])
     return State(meta["step"], meta["position"], meta["history"], meta["metrics"])
 
@@ -173,8 +182,8 @@ def _restore_local_state(model, optimizer, tensors: dict[str, torch.Tensor], gro
                 state[key] = t if key == "step" else _like(p, t)
         if state:
             optimizer.state[p] = state
-    for group, saved_group in zip(optimizer.param_groups, groups):
-        group.update({k: tuple(v) if k == "betas" else v for k, v in saved_group.items() if k != "params"})
+    for group, saved_group in zip(optimizer.param_groups, groups):  # what flags set comes from this run's flags
+        group.update({k: tuple(v) if k == "betas" else v for k, v in saved_group.items() if k not in FROM_FLAGS})
 
 
 def _like(param: torch.Tensor, local: torch.Tensor) -> torch.Tensor:

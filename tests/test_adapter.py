@@ -27,6 +27,7 @@ from litft.load_finetuned import load_finetuned
 from litft.model import Llama
 from litft.prompts import PromptStyle
 from litft.tokenizer import Tokenizer
+from litft.train import param_groups
 
 
 def tiny_model(name: str = "tiny-gqa", seed: int = 0, **overrides) -> Llama:
@@ -364,3 +365,23 @@ def test_load_finetuned_refuses_files_of_another_model_or_method(base_dir, tmp_p
         with pytest.raises(UserError, match=re.escape(message)):
             load_finetuned(base_dir, weights, method=method)
     assert isinstance(load_finetuned(base_dir, v2).lm_head, ScaledLinear)  # the run dir names the method
+
+
+def test_adamw_decays_the_adapter_v2_matrices_but_not_its_scales_biases_and_norms():
+    """Weight decay pulls toward zero: right for a prompt matrix, wrong for a norm weight or a scale that starts
+    at 1 (torch's AdamW applied to zero gradients shows it: a vector in the decayed group shrinks)."""
+    model = add_adapter_v2(Llama(Config.from_name("tiny-gqa")), AdapterV2Config(prompt_length=4, start_layer=0))
+    groups = param_groups(model, weight_decay=0.5)
+    decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    vector_names = [n for n, p in trainable if p.dim() < 2]
+    assert any("norm" in n for n in vector_names) and any("scale" in n for n in vector_names)
+    assert {n for n, p in trainable if id(p) in decayed} == {n for n, p in trainable if p.dim() >= 2}
+    optimizer = torch.optim.AdamW(groups, lr=0.1)
+    vectors = {n: p.detach().clone() for n, p in trainable if p.dim() < 2}
+    for _ in range(5):
+        for _, p in trainable:
+            p.grad = torch.zeros_like(p)
+        optimizer.step()
+    assert all(torch.equal(p, vectors[n]) for n, p in trainable if n in vectors)
+

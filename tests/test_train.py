@@ -85,6 +85,7 @@ def test_lora_run_lowers_loss_and_writes_everything(tiny, tmp_path):
     assert saved and all(k.endswith(("lora_A", "lora_B")) for k in saved)
     summary = json.loads((out / "summary.json").read_text())  # throughput of the samples, not of their padding
     assert 0 < summary["padding_share"] < 1 and 0 < summary["trained_tokens_per_s"] < summary["tokens_per_s"]
+    assert 0 < summary["train_seconds"] < summary["wall_seconds"]  # the steps' own time: evaluating is not training
     hyper = yaml.safe_load((out / "hyperparameters.yaml").read_text())  # the machine's defaults, made explicit
     assert (hyper["precision"], hyper["pad_to_multiple_of"]) == ("32-true", 1)
 
@@ -149,6 +150,19 @@ def test_resume_is_bit_identical(tiny, tmp_path, processes):
     proc = finetune(tiny, resumed, "--resume", "true", *processes)
     assert "resumed from step 3" in proc.stderr
     assert_same(weights(straight / "lit_model_lora.pth"), weights(resumed / "lit_model_lora.pth"))
+
+
+def test_a_resume_trains_at_its_own_learning_rate(tiny, tmp_path):
+    """The remedy a non-finite loss suggests, a lower --learning_rate and --resume, must take effect: resumed at
+    1e-12, AdamW (whose step is about lr per weight) leaves the weights where the checkpoint had them; at the
+    checkpoint's own 3e-2 they would move by about 1e-2. A warmup that outlasts the run is warned about."""
+    out = tmp_path / "run"
+    finetune(tiny, out, "--max_steps", "3")
+    before = weights(out / "lit_model_lora.pth")
+    proc = finetune(tiny, out, "--resume", "true", "--learning_rate", "1e-12", "--min_lr", "0", "--warmup_steps", "6")
+    assert "resumed from step 3" in proc.stderr and "--warmup_steps 6 is not below --max_steps 6" in proc.stderr
+    after = weights(out / "lit_model_lora.pth")
+    assert max((after[k] - before[k]).abs().max().item() for k in before) < 1e-9
 
 
 class RunsCode:
