@@ -65,7 +65,7 @@ class Llama(nn.Module):
         """Run the blocks: (B, T, C) -> (B, T, C)."""
         T = x.size(1)
         if packed_pos is not None:  # packed rows: each token at its place in its own sample, seeing only that sample
-            cos, sin = self.rope(T, x.device)
+            cos, sin = self.rope(int(packed_pos.max()) + 1, x.device)  # the longest sample's length, not the row's
             pos, cos, sin = None, cos[packed_pos][:, None], sin[packed_pos][:, None]  # (B, 1, T, hs)
             sample = (packed_pos == 0).cumsum(dim=1)  # (B, T): which sample of the row each token belongs to
             causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
@@ -102,7 +102,8 @@ class Llama(nn.Module):
             return rope_tables(self.config, seq_len, device)
         cached = self.rope_cache
         if cached is None or cached[0].device != device or cached[0].size(0) < seq_len:
-            self.rope_cache = rope_tables(self.config, max(seq_len, self.config.block_size), device, seq_len)
+            with torch.inference_mode(False):  # built while generating, the tables must still serve training
+                self.rope_cache = rope_tables(self.config, max(seq_len, self.config.block_size), device, seq_len)
         return self.rope_cache
 
     def set_kv_cache(self, batch_size: int, max_seq_length: int, device=None, dtype=None) -> None:

@@ -348,3 +348,14 @@ def test_sampling_frequencies_at_a_temperature_with_top_k_and_top_p_match_the_an
     dof = len(expected) - 1
     p_value = float(torch.special.gammaincc(torch.tensor(dof / 2), torch.tensor(chi2 / 2)))  # chi-square survival
     assert p_value > 1e-3, (chi2, counts.tolist(), expected)
+
+
+def test_a_model_that_generated_first_can_still_be_trained():
+    """generate runs under inference mode, where the RoPE tables are first built; tensors made there cannot be
+    saved for a backward pass, so tables cached then would break every later training step of the same model."""
+    torch.manual_seed(0)
+    model = Llama(Config.from_name("tiny-gqa")).eval()
+    assert len(list(generate(model, torch.tensor([1, 2, 3]), 3, temperature=0))) == 3
+    model.train()
+    model(torch.randint(0, 256, (1, 8))).logsumexp(-1).mean().backward()
+    assert model.embed.weight.grad is not None and model.embed.weight.grad.abs().sum() > 0

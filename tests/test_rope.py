@@ -82,6 +82,20 @@ def test_logits_and_greedy_text_match_transformers_past_the_original_context(tmp
     assert list(generate(ours, prompt, n_new, temperature=0)) == expected
 
 
+@pytest.mark.parametrize("variant", ["dynamic", "llama3"])
+def test_packed_samples_get_the_rope_each_gets_alone_in_transformers(tmp_path, variant):
+    """A packed row longer than L holding samples shorter than L: dynamic NTK scaling depends on the sequence's
+    length, and each sample's is its own, not the row's (transformers sees each sample alone)."""
+    hf_dir, hf = hf_model_dir(tmp_path, hub_config(*VARIANTS[variant]))
+    ours = convert(hf_dir, tmp_path / "lit")
+    a, b = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(3))  # 40 < L, 80 > L
+    pos = torch.cat([torch.arange(40), torch.arange(40)])[None]
+    with torch.no_grad():
+        packed = ours(torch.cat([a, b])[None], packed_pos=pos)[0]  # (80, vocab)
+        assert (packed[:40] - hf(a[None]).logits[0]).abs().max().item() <= 1e-4
+        assert (packed[40:] - hf(b[None]).logits[0]).abs().max().item() <= 1e-4
+
+
 @pytest.mark.parametrize("variant", ["llama3", "yarn", "dynamic"])
 def test_rope_scaling_survives_the_round_trip_to_transformers(tmp_path, variant):
     """lit -> HF: transformers reads back the same RoPE, so the exported model's logits equal ours."""
