@@ -44,7 +44,7 @@ from litft.prompts import PromptStyle
 from litft.schedule import batch_indices, lr_factor
 from litft.tokenizer import Tokenizer
 from litft.train_args import Method, TrainArgs
-from litft.train_data import check_token_ids, read_data, tokenizer_of
+from litft.train_data import check_lengths, check_token_ids, read_data, tokenizer_of
 from litft.train_setup import build_model, check_can_compile, make_fabric, plan_memory, start_run, write_run_files
 
 if TYPE_CHECKING:
@@ -72,6 +72,7 @@ def fit(args: TrainArgs, method: Method) -> dict:
     plan_memory(fabric, args, method, train_data)
     model = build_model(args, method, fabric)
     check_token_ids(args, model.config.vocab_size + len(method.new_tokens), train=train_data, test=val_data)
+    check_lengths(args, model.config.block_size, train=train_data, test=val_data)
     loss_fn = fast.for_training(model, args.fast, args.compile)  # before sharding: it may swap layers
     run_id = start_run(fabric, args, method)
     if fabric.global_rank == 0:

@@ -44,6 +44,25 @@ def check_token_ids(args: TrainArgs, vocab_size: int, **splits: list[dict]) -> N
                                 f"--checkpoint_dir {args.checkpoint_dir}")
 
 
+def check_lengths(args: TrainArgs, block_size: int, **splits: list[dict]) -> None:
+    """No sample may be longer, once --max_seq_length has cut it, than the model's context: positions past
+    block_size are ones the model never learnt (and past a sliding window, which litft caps block_size at,
+    attention would no longer be the model's)."""
+    for split, samples in splits.items():
+        longest = max((sample_length(s, args.max_seq_length) for s in samples), default=0)
+        if longest > block_size:
+            raise UserError(f"{data_lib.data_dir(args.data)}/{split}.pt holds a sample of {longest} tokens, longer than "
+                            f"the model's context ({block_size}); pass --max_seq_length {block_size} (or less), or "
+                            f"prepare the data again with --max_seq_length {block_size}")
+
+
+def sample_length(sample: dict, max_seq_length: int | None) -> int:
+    """The tokens of a sample as training sees it: cut to max_seq_length; a packed row's longest sample."""
+    if "packed_pos" in sample:
+        return int(sample["packed_pos"].max()) + 1
+    return min(len(sample["input_ids"]), max_seq_length or len(sample["input_ids"]))
+
+
 def check_trained_tokens(args: TrainArgs, samples: list[dict]) -> None:
     """Every training sample must keep a token with a loss: the loss of a step is the mean over its trained tokens,
     and a sample with none would have nothing to learn from. --max_seq_length cuts a longer sample to its first

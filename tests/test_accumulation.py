@@ -21,7 +21,7 @@ from litft.fast import for_training
 from litft.loss import IGNORE_INDEX
 from litft.train import Loop
 from litft.train_args import TrainArgs
-from litft.train_data import check_trained_tokens
+from litft.train_data import check_lengths, check_trained_tokens
 
 transformers = pytest.importorskip("transformers")
 
@@ -122,6 +122,21 @@ def test_a_cut_that_leaves_only_the_end_token_is_refused_with_the_length_that_ke
     assert_user_error(proc, "loses its whole answer to --max_seq_length", f"at least {longest_prompt + 2}")
     assert not (tmp_path / "out").exists()
     check_trained_tokens(TrainArgs(data=tiny["data"], max_seq_length=longest_prompt + 2), samples)  # enough
+
+
+def test_a_sample_longer_than_the_models_context_is_refused_with_the_length_that_fits(tiny, tmp_path):
+    """Positions past block_size are ones the model never learnt (past a sliding window, which block_size is capped
+    at, attention would not even be the model's): refused unless --max_seq_length cuts the samples to fit."""
+    short = tmp_path / "short"
+    shutil.copytree(tiny["ckpt"], short)
+    config = short / "model_config.yaml"
+    config.write_text(config.read_text().replace("block_size: 256", "block_size: 10"))
+    proc = refused(tiny, tmp_path / "out", "--checkpoint_dir", short)
+    assert_user_error(proc, "train.pt holds a sample of", "longer than the model's context (10)",
+                      "--max_seq_length 10")
+    assert not (tmp_path / "out").exists()
+    samples = torch.load(tiny["data"] / "train.pt", weights_only=True)
+    check_lengths(TrainArgs(data=tiny["data"], max_seq_length=10), 10, train=samples)  # cut to fit: accepted
 
 
 def test_an_empty_training_split_is_refused_in_one_line(tiny, tmp_path):
