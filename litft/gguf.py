@@ -58,6 +58,7 @@ from litft.gguf_format import (
     PRE_TOKENIZERS,
     ROPE_FREQS,
     USER_DEFINED,
+    WHOLE_WORDS_FIRST,
     lit_name,
     unpermute_qk,
 )
@@ -313,7 +314,8 @@ def byte_level_bpe(meta: dict[str, Any]) -> str:
         raise UserError(f"the GGUF's pre-tokenizer {pre!r} is not supported; supported: {', '.join(PRE_TOKENIZERS)}")
     tokens, types = meta["tokenizer.ggml.tokens"], meta.get("tokenizer.ggml.token_type") or []
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
-    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
+                               ignore_merges=pre in WHOLE_WORDS_FIRST))
     if pre in NFC_PRE_TOKENIZERS:
         tok.normalizer = normalizers.NFC()
     splits = [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in PRE_TOKENIZERS[pre]]

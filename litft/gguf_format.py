@@ -89,3 +89,6 @@ PRE_TOKENIZERS = {
     "qwen2": [_QWEN2_REGEX],  # Qwen's tokenizer.json also normalizes to NFC first
 }
 NFC_PRE_TOKENIZERS = ("qwen2",)  # the names whose tokenizer normalizes text to NFC before splitting it
+# The names whose words are looked up whole before any merge: llama.cpp's rule for Llama 3, whose tokenizer.json
+# says `"ignore_merges": true` (some 600 of its words, " Việt" among them, are tokens no chain of merges reaches).
+WHOLE_WORDS_FIRST = ("llama-bpe", "llama3", "llama-v3")

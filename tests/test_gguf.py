@@ -21,9 +21,11 @@ from conftest import assert_user_error, run_main, run_script
 from gguf import GGMLQuantizationType as Q
 from gguf import GGUFWriter
 from gguf.quants import dequantize, quantize
+from tokenizers import Tokenizer as HFTokenizer
 
 from litft.checkpoint import load_lit_model
 from litft.errors import UserError
+from litft.gguf import byte_level_bpe
 from litft.tokenizer import Tokenizer
 
 SCRIPT = "scripts/convert_gguf_checkpoint.py"
@@ -384,3 +386,14 @@ def test_unknown_tensors_and_a_missing_freq_base():
             "llama.block_count": 2, "llama.feed_forward_length": 128, "llama.attention.layer_norm_rms_epsilon": 1e-5}
     config = config_from_gguf(meta, {"token_embd.weight": (96, 64)})
     assert config.rope_base == LlamaConfig().rope_parameters["rope_theta"] == 10000.0
+
+
+@pytest.mark.parametrize("pre, tokens", [("llama-bpe", ["Ġabc"]), ("gpt2", ["Ġa", "bc"])])
+def test_llama3_words_are_looked_up_whole_before_merging(pre, tokens):
+    """llama.cpp's rule for the llama-bpe pre-tokenizer (Llama 3's tokenizer.json: "ignore_merges": true): a word
+    that is a token is that token, though no chain of merges reaches it (" abc" here: merges give Ġa + bc).
+    Other pre-tokenizers merge as BPE does."""
+    vocab = ["Ġ", "a", "b", "c", "Ġa", "bc", "Ġabc"]
+    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre, "tokenizer.ggml.tokens": vocab,
+            "tokenizer.ggml.token_type": [1] * len(vocab), "tokenizer.ggml.merges": ["Ġ a", "b c"]}
+    assert HFTokenizer.from_str(byte_level_bpe(meta)).encode(" abc").tokens == tokens
