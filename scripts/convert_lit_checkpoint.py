@@ -9,7 +9,9 @@ Prompting and stopping travel with the model (litft/hf_prompting.py), so transfo
 generate/ does: generation_config.json lists every id litft stops at as `eos_token_id` (EOS and the end-of-turn
 token of the prompt style, e.g. <|eot_id|> or <|im_end|>), and tokenizer_config.json holds the chat template of
 the style generate/ prompts with (a merged run's prompt_style.yaml wins over the base's template).
-Everything is checked (config, readable tensors, shapes) before the first file is written.
+Everything is checked (config, readable tensors, shapes) before the first file is written, and the files are
+written into a scratch directory inside --output_dir, put in place only once verified: a failed export leaves an
+earlier one as it was.
 
 Verification (`--verify true`, the default): transformers loads the written directory — model and tokenizer — and
 must compute what litft computes from the checkpoint (litft/verify.py); one `verified: ...` line, or it stops.
@@ -18,6 +20,8 @@ must compute what litft computes from the checkpoint (litft/verify.py); one `ver
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -26,7 +30,13 @@ from litft.checkpoint import WEIGHTS, check_shapes
 from litft.config import Config
 from litft.convert_hf import lit_to_hf_state_dict, save_hf_safetensors
 from litft.errors import UserError
-from litft.files import atomic_write_text, check_output_dir, copy_tokenizer, load_state_dict
+from litft.files import (
+    atomic_write_text,
+    check_output_dir,
+    copy_tokenizer,
+    load_state_dict,
+    remove_other_tokenizer_files,
+)
 from litft.hf_prompting import generation_config, read_json, write_tokenizer_config
 from litft.model import Llama
 from litft.readers import hf_directory, require_readers
@@ -57,25 +67,51 @@ def main(checkpoint_dir: Path, output_dir: Path, max_shard_gb: float = 5.0, veri
     with torch.device("meta"):
         check_shapes(Llama(config), state_dict, path)
     hf_state_dict = lit_to_hf_state_dict(state_dict)
+    created = not output_dir.exists()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    try:  # written beside the old export, and put in its place only once verified
+        with tempfile.TemporaryDirectory(dir=output_dir, prefix=".partial-") as scratch:
+            files = write_hf_directory(Path(scratch), checkpoint_dir, config, hf_state_dict, max_shard_gb)
+            del state_dict, hf_state_dict
+            verified = check(litft_reference(checkpoint_dir), hf_directory(Path(scratch)),
+                             f"the Hugging Face directory {output_dir}") if verify else None
+            publish(Path(scratch), output_dir)
+    except BaseException:
+        if created and not any(output_dir.iterdir()):
+            output_dir.rmdir()
+        raise
+    print(f"wrote {output_dir}: {', '.join(files)}")
+    if verified:
+        print(verified)
+
+
+def write_hf_directory(directory: Path, checkpoint_dir: Path, config: Config, hf_state_dict: dict,
+                       max_shard_gb: float) -> list[str]:
+    """The export's files in `directory`; returns what was written, for the summary line."""
     special = special_token_ids(checkpoint_dir)
     tokenizer, style, stops = prompting(checkpoint_dir)  # what generate/ prompts and stops with
-
-    files = save_hf_safetensors(hf_state_dict, output_dir, int(max_shard_gb * 2**30))
-    remove_stale_weights(output_dir, keep=files)
+    files = save_hf_safetensors(hf_state_dict, directory, int(max_shard_gb * 2**30))
     dtype = str(next(iter(hf_state_dict.values())).dtype).removeprefix("torch.")
     hf_config = {**config.to_hf_config(), "torch_dtype": dtype, **special}
-    atomic_write_text(output_dir / "config.json", json.dumps(hf_config, indent=2))
-    files += ["config.json"] + copy_tokenizer(checkpoint_dir, output_dir)  # and removes an earlier export's
+    atomic_write_text(directory / "config.json", json.dumps(hf_config, indent=2))
+    files += ["config.json"] + copy_tokenizer(checkpoint_dir, directory)
     generation = generation_config(read_json(checkpoint_dir / "generation_config.json"), special, stops)
     if generation:
-        atomic_write_text(output_dir / "generation_config.json", json.dumps(generation, indent=2))
+        atomic_write_text(directory / "generation_config.json", json.dumps(generation, indent=2))
         files += [] if "generation_config.json" in files else ["generation_config.json"]
     if tokenizer is not None:
-        files += write_tokenizer_config(output_dir, tokenizer, style)
-    print(f"wrote {output_dir}: {', '.join(files)}")
-    if verify:
-        del state_dict, hf_state_dict
-        print(check(litft_reference(checkpoint_dir), hf_directory(output_dir), f"the Hugging Face directory {output_dir}"))
+        files += write_tokenizer_config(directory, tokenizer, style)
+    return files
+
+
+def publish(scratch: Path, output_dir: Path) -> None:
+    """Move the verified files into output_dir, and remove the weight and tokenizer files an earlier export left
+    there: transformers would read those instead."""
+    names = [path.name for path in scratch.iterdir()]
+    for name in names:
+        os.replace(scratch / name, output_dir / name)
+    remove_stale_weights(output_dir, keep=names)
+    remove_other_tokenizer_files(output_dir, keep=names)
 
 
 def remove_stale_weights(output_dir: Path, keep: list[str]) -> None:

@@ -16,6 +16,7 @@ from conftest import assert_user_error, run_main, run_script
 
 from litft.checkpoint import load_lit_model, save_lit_checkpoint
 from litft.config import Config
+from litft.errors import UserError
 from litft.files import save_state_dict
 from litft.generate import greedy_without_cache, stop_token_ids
 from litft.lora import LINEAR, TARGETS, LoRAConfig, add_lora, lora_state_dict
@@ -332,3 +333,14 @@ def test_convert_lit_checkpoint_removes_an_earlier_exports_weights(bases, tmp_pa
     assert not (out / "tokenizer.json").exists() and (out / "tokenizer.model").is_file()
     hf = transformers.AutoModelForCausalLM.from_pretrained(out)
     assert hf.config.vocab_size == 32000
+
+    # an export whose verification fails leaves this one as it is, and nothing of its own
+    def fails(*args):
+        raise UserError("verification failed")
+
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("litft.verify.check", fails)
+        proc = run_main("scripts/convert_lit_checkpoint.py", "--checkpoint_dir", bases[True], "--output_dir", out)
+    assert_user_error(proc, "verification failed")
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
