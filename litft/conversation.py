@@ -52,16 +52,30 @@ def validate_messages(messages: object) -> list[dict[str, str]]:
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             raise UserError(f'messages[{i}] must be an object with "role" and "content", got {type(message).__name__}')
-        role, content = message.get("role"), message.get("content")
+        role, content = message.get("role"), text_of(message.get("content"), i)
+        role = "system" if role == "developer" else role  # OpenAI's newer name for the system message
         if role not in ROLES:
             raise UserError(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {role!r}")
-        if not isinstance(content, str):
-            raise UserError(f"messages[{i}].content must be a string, got {type(content).__name__}")
         checked.append({"role": role, "content": content})
     if checked[-1]["role"] != "user":
         raise UserError(f"the last message must be the user's (role user), got {checked[-1]['role']}; "
                         "the reply to it is what the model writes")
     return checked
+
+
+def text_of(content: object, i: int) -> str:
+    """A message's content: a string, or OpenAI's list of parts when every part is text ({"type": "text", "text"})."""
+    if isinstance(content, list) and all(isinstance(part, dict) for part in content):
+        kinds = {part.get("type") for part in content} - {"text"}
+        if kinds:
+            raise UserError(f"messages[{i}].content has parts of type {', '.join(map(repr, sorted(map(str, kinds))))}; "
+                            "only text is supported")
+        if all(isinstance(part.get("text"), str) for part in content):
+            return "".join(part["text"] for part in content)
+    if not isinstance(content, str):
+        raise UserError(f"messages[{i}].content must be a string (or a list of text parts), got "
+                        f"{type(content).__name__}")
+    return content
 
 
 def render_conversation(style: PromptStyle | None, messages: list[dict]) -> str:

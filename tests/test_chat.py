@@ -144,15 +144,25 @@ def test_alpaca_takes_the_earlier_turns_as_input_and_plain_ends_with_the_questio
     (["Hi"], "messages[0] must be an object"),
     ([{"role": "tool", "content": "x"}], "messages[0].role must be one of system, user, assistant, got 'tool'"),
     ([{"content": "x"}], "messages[0].role must be one of"),
-    ([{"role": "user", "content": 5}], "messages[0].content must be a string, got int"),
-    ([{"role": "user"}], "messages[0].content must be a string, got NoneType"),
-    ([{"role": "user", "content": [{"type": "text", "text": "x"}]}], "content must be a string, got list"),
+    ([{"role": "user", "content": 5}], "messages[0].content must be a string (or a list of text parts), got int"),
+    ([{"role": "user"}], "messages[0].content must be a string (or a list of text parts), got NoneType"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+     "messages[0].content has parts of type 'image_url'; only text is supported"),
+    ([{"role": "user", "content": [{"type": "text"}]}], "must be a string (or a list of text parts), got list"),
     ([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}], "last message must be the user's"),
 ])
 def test_invalid_messages_are_one_line_user_errors(messages, fragment):
     with pytest.raises(UserError) as error:
         validate_messages(messages)
     assert fragment in str(error.value) and "\n" not in str(error.value)
+
+
+def test_text_parts_and_the_developer_role_read_as_openai_defines_them():
+    """OpenAI's API lets content be a list of parts ({"type": "text", "text": ...}, joined) and calls the system
+    message "developer" in its newer models; both mean what the plain spelling means."""
+    parts = [{"role": "developer", "content": [{"type": "text", "text": "Be "}, {"type": "text", "text": "terse."}]},
+             {"role": "user", "content": [{"type": "text", "text": "Hi"}]}]
+    assert validate_messages(parts) == [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"}]
 
 
 # ---- dropping the oldest turns ---------------------------------------------------------------------------------
