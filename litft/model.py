@@ -65,7 +65,7 @@ class Llama(nn.Module):
         """Run the blocks: (B, T, C) -> (B, T, C)."""
         T = x.size(1)
         if packed_pos is not None:  # packed rows: each token at its place in its own sample, seeing only that sample
-            cos, sin = self.rope(int(packed_pos.max()) + 1, x.device)  # the longest sample's length, not the row's
+            cos, sin = self.rope(self.packed_length(packed_pos, T), x.device)
             pos, cos, sin = None, cos[packed_pos][:, None], sin[packed_pos][:, None]  # (B, 1, T, hs)
             sample = (packed_pos == 0).cumsum(dim=1)  # (B, T): which sample of the row each token belongs to
             causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
@@ -90,6 +90,13 @@ class Llama(nn.Module):
             else:
                 x = block(x, cos, sin, pos, mask)
         return x
+
+    def packed_length(self, packed_pos: Tensor, T: int) -> int:
+        """The sequence length RoPE tables are built for in packed rows: the row's, except where the frequencies
+        depend on it (dynamic NTK scaling), where it is the batch's longest sample's (not exact for a shorter
+        sample when another is past the original context). Reading it costs a device sync, so only then."""
+        scaling = self.config.rope_scaling
+        return int(packed_pos.max()) + 1 if scaling is not None and scaling.type == "dynamic" else T
 
     def rope(self, seq_len: int, device: torch.device) -> tuple[Tensor, Tensor]:
         """cos and sin tables for at least `seq_len` positions, (≥ seq_len, head_size), float32 (litft/rope.py).

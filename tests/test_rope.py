@@ -85,7 +85,7 @@ def test_logits_and_greedy_text_match_transformers_past_the_original_context(tmp
 @pytest.mark.parametrize("variant", ["dynamic", "llama3"])
 def test_packed_samples_get_the_rope_each_gets_alone_in_transformers(tmp_path, variant):
     """A packed row longer than L holding samples shorter than L: dynamic NTK scaling depends on the sequence's
-    length, and each sample's is its own, not the row's (transformers sees each sample alone)."""
+    length, which for these samples is theirs (under L: unscaled), not the row's (transformers sees each alone)."""
     hf_dir, hf = hf_model_dir(tmp_path, hub_config(*VARIANTS[variant]))
     ours = convert(hf_dir, tmp_path / "lit")
     a, b = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(3))  # 40 < L, 80 > L
