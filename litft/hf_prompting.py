@@ -9,8 +9,9 @@ litft's generate/ does — the files people forget, and the cause of exports tha
                              rule litft follows (transformers adds no BOS to a tokenizer.model without them)
 
 A chat_template.jinja that disagrees with the style is removed: transformers would read it before the config.
-A style with no template form (plain, alpaca, llama2-chat) removes the base's: a model fine-tuned in another
-layout would otherwise be prompted in the base's by every reader of the template (apply_chat_template, vLLM).
+A style with no template form (plain, alpaca, llama2-chat) removes the base's unless it lays a question out as
+the style does (Llama-2-chat's own template and llama2-chat): a model fine-tuned in another layout would otherwise
+be prompted in the base's by every reader of the template (apply_chat_template, vLLM).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from litft.chat_template import find_template, render, token_variables
+from litft.errors import UserError
 from litft.files import atomic_write_text
 from litft.prompts import PromptStyle
 from litft.tokenizer import Tokenizer
@@ -39,14 +42,15 @@ def write_tokenizer_config(directory: Path, tokenizer: Tokenizer, style: PromptS
     directory = Path(directory)
     config = read_json(directory / "tokenizer_config.json")
     updated = {**config}
-    if style is not None:  # the base's template goes when the run's style is another, even one with no template
+    if style is not None:  # the base's template goes when the run's style lays prompts out another way
         jinja = directory / "chat_template.jinja"
-        if jinja.is_file() and jinja.read_text(encoding="utf-8") != style.chat_template:
+        template = style.chat_template or kept_base_template(directory, style)
+        if jinja.is_file() and jinja.read_text(encoding="utf-8") != template:
             jinja.unlink()
-        if style.chat_template is None:
+        if template is None:
             updated.pop("chat_template", None)
         else:
-            updated["chat_template"] = style.chat_template
+            updated["chat_template"] = template
     if tokenizer.backend == "sentencepiece" and "add_bos_token" not in config:
         updated["add_bos_token"] = tokenizer.add_bos
         for kind, id in (("bos", tokenizer.bos_id), ("eos", tokenizer.eos_id)):
@@ -59,6 +63,20 @@ def write_tokenizer_config(directory: Path, tokenizer: Tokenizer, style: PromptS
     if "chat_template" in config and "chat_template" not in updated:
         changes.append(f"chat_template removed: the {style.name} style has none, so prompt it in that style yourself")
     return [f"tokenizer_config.json ({', '.join(changes)})"]
+
+
+def kept_base_template(directory: Path, style: PromptStyle) -> str | None:
+    """The directory's own template, when it lays a question out as `style` does (Llama-2-chat's template and the
+    llama2-chat style); None when it lays it out another way, or there is none."""
+    template = find_template(directory)
+    if template is None:
+        return None
+    tokens, question = token_variables(directory), "What is LoRA?"
+    try:
+        text = render(template, [{"role": "user", "content": question}], **tokens)
+    except UserError:
+        return None
+    return template if text.removeprefix(tokens.get("bos_token", "")) == style.apply(question) else None
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -20,6 +20,7 @@ the first step (the processes, the memory plan, the model, the run directory) is
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -303,7 +304,7 @@ class Loop:
         stops = stop_token_ids(self.tokenizer, self.style)
         # Eager even under --compile: one row whose length grows each token would cost compiles of its own,
         # more time than its few small forward passes could save
-        with torch.compiler.set_stance("force_eager"):
+        with torch.compiler.set_stance("force_eager") if self.args.compile else contextlib.nullcontext():
             new = greedy_without_cache(self.model, ids, self.args.sample_tokens, stop_ids=stops)
         return self.tokenizer.decode(new)
 

@@ -68,18 +68,20 @@ def check_trained_tokens(args: TrainArgs, samples: list[dict]) -> None:
     and a sample with none would have nothing to learn from. --max_seq_length cuts a longer sample to its first
     tokens and its end token; a cut through the prompt would leave that end token alone, and the model would learn
     to stop in the middle of a prompt, so a sample with an answer must keep one of its answer's tokens too."""
+    lost = []  # (sample number, the length that would keep its first answer token)
     for n, s in enumerate(samples):
         labels = data_lib.cut(s["input_ids"], s["labels"], args.max_seq_length)[1]
-        where = f"{data_lib.data_dir(args.data)}/train.pt sample {n}"
         if not bool((labels[1:] != IGNORE_INDEX).any()):
-            raise UserError(f"{where} has no token to train on (every label is masked, or cut away by "
-                            "--max_seq_length); drop it or prepare the data again")
+            raise UserError(f"{data_lib.data_dir(args.data)}/train.pt sample {n} has no token to train on (every "
+                            "label is masked, or cut away by --max_seq_length); drop it or prepare the data again")
         answer = (s["labels"][1:-1] != IGNORE_INDEX).nonzero()  # trained tokens before the end token
         if len(answer) and not bool((labels[1:-1] != IGNORE_INDEX).any()):
-            need = int(answer[0]) + 3  # the prompt, the answer's first token and the end token
-            raise UserError(f"{where} loses its whole answer to --max_seq_length {args.max_seq_length} (its prompt "
-                            f"alone is {need - 2} tokens); raise --max_seq_length to at least {need}, or prepare the "
-                            f"data again with --max_seq_length {args.max_seq_length} (it drops what does not fit)")
+            lost.append((n, int(answer[0]) + 3))  # the prompt, the answer's first token and the end token
+    if lost:
+        raise UserError(f"{data_lib.data_dir(args.data)}/train.pt: {len(lost)} samples (the first: sample "
+                        f"{lost[0][0]}) lose their whole answer to --max_seq_length {args.max_seq_length}; raise it "
+                        f"to at least {max(need for _, need in lost)}, or prepare the data again with "
+                        f"--max_seq_length {args.max_seq_length} (it drops what does not fit)")
 
 
 def tokenizer_of(args: TrainArgs, method: Method) -> Path:

@@ -10,8 +10,8 @@ generate/ does: generation_config.json lists every id litft stops at as `eos_tok
 token of the prompt style, e.g. <|eot_id|> or <|im_end|>), and tokenizer_config.json holds the chat template of
 the style generate/ prompts with (a merged run's prompt_style.yaml wins over the base's template).
 Everything is checked (config, readable tensors, shapes) before the first file is written, and the files are
-written into a scratch directory inside --output_dir, put in place only once verified: a failed export leaves an
-earlier one as it was.
+written into a scratch directory inside --output_dir (so the disk needs room for the old export and the new
+one), moved into place only once verified: a failed verification leaves an earlier export as it was.
 
 Verification (`--verify true`, the default): transformers loads the written directory — model and tokenizer — and
 must compute what litft computes from the checkpoint (litft/verify.py); one `verified: ...` line, or it stops.
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -69,6 +70,8 @@ def main(checkpoint_dir: Path, output_dir: Path, max_shard_gb: float = 5.0, veri
     hf_state_dict = lit_to_hf_state_dict(state_dict)
     created = not output_dir.exists()
     output_dir.mkdir(parents=True, exist_ok=True)
+    for stale in output_dir.glob(".partial-*"):  # what an export that was killed left (a full copy of the weights)
+        shutil.rmtree(stale, ignore_errors=True)
     try:  # written beside the old export, and put in its place only once verified
         with tempfile.TemporaryDirectory(dir=output_dir, prefix=".partial-") as scratch:
             files = write_hf_directory(Path(scratch), checkpoint_dir, config, hf_state_dict, max_shard_gb)

@@ -119,7 +119,7 @@ def test_a_cut_that_leaves_only_the_end_token_is_refused_with_the_length_that_ke
     samples = torch.load(tiny["data"] / "train.pt", weights_only=True)
     longest_prompt = max(int((s["labels"] != IGNORE_INDEX).nonzero()[0]) for s in samples)
     proc = refused(tiny, tmp_path / "out", "--max_seq_length", str(longest_prompt))
-    assert_user_error(proc, "loses its whole answer to --max_seq_length", f"at least {longest_prompt + 2}")
+    assert_user_error(proc, "lose their whole answer to --max_seq_length", f"at least {longest_prompt + 2}")
     assert not (tmp_path / "out").exists()
     check_trained_tokens(TrainArgs(data=tiny["data"], max_seq_length=longest_prompt + 2), samples)  # enough
 

@@ -39,6 +39,7 @@ from litft.errors import UserError
 from litft.fast import for_generation
 from litft.files import save_state_dict
 from litft.generate import generate, stop_token_ids
+from litft.hf_prompting import write_tokenizer_config
 from litft.load_finetuned import load_finetuned
 from litft.lora import LoRAConfig, add_lora, lora_state_dict
 from litft.model import Llama
@@ -361,3 +362,14 @@ def test_user_errors_are_one_line(chat_checkpoint, tmp_path):
     assert_user_error(both, "--lora_path or --adapter_path, not both")
     too_long = run_main("generate/chat.py", "--checkpoint_dir", chat_checkpoint, "--max_new_tokens", 512)
     assert_user_error(too_long, "--max_new_tokens must be between 1 and the model's block_size - 1 (511)")
+
+
+@pytest.mark.parametrize("style, kept", [("llama2-chat", True), ("alpaca", False)])
+def test_an_export_keeps_the_bases_template_only_when_it_lays_prompts_out_as_the_runs_style(llama2_dir, tmp_path,
+                                                                                             style, kept):
+    """Truth: transformers reading the export's tokenizer files. Llama-2-chat's own template renders a question as the
+    llama2-chat style does, so a llama2-chat run keeps it; an alpaca run of the same base must not be prompted so."""
+    export = tmp_path / "export"
+    shutil.copytree(llama2_dir, export)
+    write_tokenizer_config(export, Tokenizer(export), PromptStyle(style))
+    assert (transformers.AutoTokenizer.from_pretrained(export).chat_template == LLAMA2_TEMPLATE) is kept
