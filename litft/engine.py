@@ -57,6 +57,7 @@ class Engine:
         self.device = model.embed.weight.device
         self.waiting: queue.SimpleQueue[Job | None] = queue.SimpleQueue()  # put() is safe from a signal handler
         self.stopping = threading.Event()
+        self.accepting = threading.Lock()  # a request is queued, or refused, wholly before or after `stop`
         self.thread = threading.Thread(target=self.run, name="litft-engine", daemon=True)
         self.largest_batch = 0  # the most rows decoded together so far
 
@@ -67,7 +68,8 @@ class Engine:
     def stop(self) -> None:
         """Take no more requests; the batch being decoded finishes, then the loop ends (callable from any thread
         or a signal handler). Requests still waiting are told the server is stopping."""
-        self.stopping.set()
+        with self.accepting:  # from here on `submit` refuses, so the loop's last look at the queue misses nobody
+            self.stopping.set()
         self.waiting.put(None)  # wakes the loop if it is waiting
         if self.thread.is_alive() and threading.current_thread() is not self.thread:
             self.thread.join(timeout=60)
@@ -75,11 +77,12 @@ class Engine:
     def submit(self, row: Row) -> asyncio.Queue:
         """Queue a row for decoding (from the event loop); returns the queue its events arrive on.
         Raises UserError when the row does not fit the model's context, Stopping once `stop` was called."""
-        if self.stopping.is_set():
-            raise Stopping()
         check_fits(self.model.config.block_size, row.prompt.size(0), row.max_new_tokens)
         job = Job(row, asyncio.get_running_loop())
-        self.waiting.put(job)
+        with self.accepting:
+            if self.stopping.is_set():
+                raise Stopping()
+            self.waiting.put(job)
         return job.events
 
     def run(self) -> None:
@@ -126,9 +129,11 @@ class Engine:
                 job.tokens += 1
                 if job.tokens == row.max_new_tokens:
                     active.pop(id(row)).send("length")
-        except Exception as e:  # noqa: BLE001 (each client of the batch is told, and the engine goes on)
+        except BaseException as e:  # noqa: BLE001 (each client of the batch is told; an error ends only the batch)
             for job in active.values():
-                job.send(e)
+                job.send(e if isinstance(e, Exception) else Stopping())
+            if not isinstance(e, Exception):  # a second Ctrl-C: the server stops here
+                raise
             return
         for job in active.values():
             job.send("cancelled")

@@ -219,7 +219,8 @@ def stop_strings(stop: Any) -> list[str]:
 
 def streaming(body: dict) -> tuple[bool, bool]:
     """(stream, include_usage) from `stream` and `stream_options`."""
-    stream, options = body.get("stream") or False, body.get("stream_options") or {}
+    stream, options = body.get("stream"), body.get("stream_options") or {}
+    stream = False if stream is None else stream
     if not isinstance(stream, bool) or not isinstance(options, dict):
         raise APIError(400, "stream must be true or false, and stream_options an object", "stream")
     return stream, bool(options.get("include_usage", False))
