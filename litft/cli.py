@@ -57,12 +57,10 @@ def flag_error(message: str) -> str:
 
 def type_names(types: str) -> str:
     """"<class 'int'>, <class 'NoneType'>" -> "an integer or null"; "typing.Literal['a', 'b']" -> "one of 'a', 'b'"."""
-    if literal := re.fullmatch(r"typing\.Literal\[(.*)\]", types.strip()):
-        return f"one of {literal.group(1)}"
     names = {"int": "an integer", "float": "a number", "bool": "true or false", "NoneType": "null", "str": "a string",
              "list": "a list, as [a, b]"}
-    found = re.findall(r"<class '(?:[\w.]+\.)?(\w+)'>", types)
-    return " or ".join(names.get(name, name) for name in found) or types
+    found = re.findall(r"<class '(?:[\w.]+\.)?(\w+)'>|typing\.Literal\[([^\]]*)\]", types)
+    return " or ".join(names.get(name, name) if name else f"one of {choices}" for name, choices in found) or types
 
 
 def interrupted(e: BaseException | None) -> bool:

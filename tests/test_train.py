@@ -260,6 +260,7 @@ def test_compile_on_a_cpu_without_a_cpp_compiler_is_one_line(tiny, tmp_path, mon
     (["--batch_size", "5"], ["--batch_size 5", "--micro_batch_size 2"]),
     (["--resume", "true"], ["--resume", "no complete checkpoint"]),
     (["--lora_targets", "q,banana"], ["unknown LoRA target", "banana"]),
+    (["--micro_batch_size", "x"], ["--micro_batch_size: expected an integer or one of 'auto', got 'x'"]),
     (["--learning_rate", "1e30", "--grad_clip", "0"], ["at step", "last good checkpoint"]),
 ])
 def test_user_errors_are_one_line(tiny, tmp_path, args, fragments):
