@@ -40,7 +40,7 @@ METHOD_FLAGS = {
 
 def main(method: Literal["lora", "adapter", "full", "compare"] = "lora", max_steps: int = 60,
          eval_limit: int = 30, out_dir: Path = Path("out/demo"), data: Path = Path("data/games"),
-         checkpoint_dir: Path = MODEL) -> None:
+         checkpoint_dir: Path = MODEL, max_seq_length: int = 128) -> None:
     """Run the offline demo for one fine-tuning method (or compare the methods already run).
 
     Args:
@@ -50,6 +50,8 @@ def main(method: Literal["lora", "adapter", "full", "compare"] = "lora", max_ste
         out_dir: where runs, evaluations and reports go.
         data: where the generated task is prepared.
         checkpoint_dir: the base model (SmolLM2-135M-Instruct, fetched if missing; any lit checkpoint works).
+        max_seq_length: the longest sample training sees (SmolLM2 writes the task's samples in at most 97 tokens;
+            another tokenizer may need more).
     """
     out_dir = Path(out_dir)
     if method == "compare":
@@ -61,7 +63,7 @@ def main(method: Literal["lora", "adapter", "full", "compare"] = "lora", max_ste
     prepare_data(model, data)
     before = evaluate(model, out_dir / "eval-base.json", data, eval_limit)
     run_dir = out_dir / method
-    finetune(model, method, run_dir, data, max_steps)
+    finetune(model, method, run_dir, data, max_steps, max_seq_length)
     after = evaluate(model, out_dir / f"eval-{method}.json", data, eval_limit, run_dir / WEIGHTS[method])
     merged = merge_and_check(model, run_dir, data) if method == "lora" else None
     report = write_report(model, method, out_dir, run_dir, before, after, merged, time.perf_counter() - started)
@@ -118,7 +120,7 @@ def evaluate(model: Path, report: Path, data: Path, limit: int, weights: Path | 
     return result
 
 
-def finetune(model: Path, method: str, run_dir: Path, data: Path, max_steps: int) -> None:
+def finetune(model: Path, method: str, run_dir: Path, data: Path, max_steps: int, max_seq_length: int) -> None:
     step(f"4. fine-tune with {method} for {max_steps} steps on the CPU")
     summary = ROOT / run_dir / "summary.json"
     if summary.is_file() and json.loads(summary.read_text())["steps"] >= max_steps:
@@ -126,7 +128,8 @@ def finetune(model: Path, method: str, run_dir: Path, data: Path, max_steps: int
         return
     run(f"finetune/{method}.py", "--checkpoint_dir", model, "--data", data, "--out_dir", run_dir,
         "--max_steps", str(max_steps), "--batch_size", "8", "--micro_batch_size", "4", "--warmup_steps", "5",
-        "--eval_interval", str(max_steps), "--eval_iters", "4", "--save_interval", "20", "--max_seq_length", "128",
+        "--eval_interval", str(max_steps), "--eval_iters", "4", "--save_interval", "20",
+        "--max_seq_length", str(max_seq_length),
         *METHOD_FLAGS[method], *continue_or_restart(ROOT / run_dir))
 
 
