@@ -378,10 +378,14 @@ def test_adamw_decays_the_adapter_v2_matrices_but_not_its_scales_biases_and_norm
     assert any("norm" in n for n in vector_names) and any("scale" in n for n in vector_names)
     assert {n for n, p in trainable if id(p) in decayed} == {n for n, p in trainable if p.dim() >= 2}
     optimizer = torch.optim.AdamW(groups, lr=0.1)
-    vectors = {n: p.detach().clone() for n, p in trainable if p.dim() < 2}
+    start = {n: p.detach().clone() for n, p in trainable}
     for _ in range(5):
         for _, p in trainable:
             p.grad = torch.zeros_like(p)
         optimizer.step()
-    assert all(torch.equal(p, vectors[n]) for n, p in trainable if n in vectors)
+    for n, p in trainable:  # with no gradient, only decay moves a weight: the matrices shrink, the vectors stay
+        if p.dim() < 2:
+            assert torch.equal(p, start[n]), n
+        elif start[n].abs().sum() > 0:
+            assert p.abs().sum() < start[n].abs().sum(), n
 
