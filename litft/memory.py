@@ -117,8 +117,8 @@ def probe(config: Config, prepare, seq: int, samples: int, dtype, autocast, quan
     nf4.byte_levels(torch.device("cpu")), nf4.dynamic_code()  # cached tables: build them real, not fake
     with FakeTensorMode(allow_non_fake_inputs=True):
         torch.set_default_dtype(dtype)  # built in dtype: .to() cannot convert fake parameters in place
-        try:
-            model = Llama(config)
+        try:  # RoPE scaling changes the tables' values, not their size; dynamic scaling would read the positions
+            model = Llama(replace(config, rope_scaling=None))
         finally:
             torch.set_default_dtype(default)
         model.requires_grad_(False)

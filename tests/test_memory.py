@@ -29,6 +29,7 @@ from litft.lora import WEIGHTS, LoRAConfig, add_lora
 from litft.model import Llama
 from litft.packing import collate, pack
 from litft.qlora import quantize
+from litft.rope import RoPEScaling
 from litft.train_args import Method, TrainArgs
 
 CONFIG = replace(Config.from_name("tiny-gqa"), n_layer=3)
@@ -119,6 +120,17 @@ def test_the_plan_counts_what_a_real_packed_step_holds(checkpointing, fast):
                            packing=packing).with_micro_batch(3).activations
 
     assert planned(packing=True) == real["activations"] != planned(packing=False)
+
+
+def test_a_packed_plan_of_a_model_with_dynamic_rope_scaling_counts_a_real_step():
+    """Dynamic NTK scaling builds its tables for the longest sample's length, a value the plan's fake tensors do
+    not hold; past the original context (8 < 20 tokens here) the real step still saves the same."""
+    config = replace(CONFIG, rope_scaling=RoPEScaling(type="dynamic", factor=4.0, original_max_position=8))
+    real = real_step("lora", False, False, False, samples=3, seq=20, packed=True, config=config)
+    plan = memory.plan(config, METHODS["lora"], 20, dtype=torch.float32, autocast=None, quantize=None,
+                       activation_checkpointing=False, loss=lambda model: for_training(model, False),
+                       device=torch.device("cpu"), loss_chunk=None, packing=True).with_micro_batch(3)
+    assert plan.activations == real["activations"]
 
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
