@@ -19,10 +19,11 @@ A model may have several stop tokens: Llama-3.1-Instruct's generation_config.jso
 Special tokens written out in text (a rendered chat template: "<|start_header_id|>user<|end_header_id|>",
 "<s>[INST]") must become their single ids. tokenizer.json matches its added tokens itself. A sentencepiece
 model never matches its control pieces ([INST] in Mistral v0.3's tokenizer.model) in text, so for it the text is
-split at the special tokens tokenizer_config.json declares (`added_tokens_decoder`) and the pieces between are
-encoded one by one; as transformers does (unless the config says `legacy: true`), text right after a special
-token gets no extra leading "▁": "[INST] Hi" is [INST] ▁Hi, not [INST] ▁ ▁Hi. A sentencepiece model without
-that record encodes exactly as the sentencepiece library does.
+split at the special tokens a tokenizer_config.json implies (those it declares in `added_tokens_decoder` or names
+as bos/eos/unk/pad, and the control pieces) and the pieces between are encoded one by one; as transformers does
+(unless the config says `legacy: true`), text right after a special token gets no extra leading "▁": "[INST] Hi"
+is [INST] ▁Hi, not [INST] ▁ ▁Hi. A bare tokenizer.model, with no config, encodes exactly as the sentencepiece
+library does.
 
 Text produced token by token cannot be decoded token by token: sentencepiece drops the leading space of the
 first piece, and a byte-fallback character arrives as several tokens that are not valid UTF-8 on their own.
@@ -64,13 +65,14 @@ class Tokenizer:
         config = read_tokenizer_config(checkpoint_dir)
         generation = _read_json(checkpoint_dir / "generation_config.json")
         model = _read_json(checkpoint_dir / "config.json")
+        self.special_tokens: dict[str, int] = self._special_tokens(config)  # text -> id, matched whole in text
+        self.vocab_size = max([self.vocab_size, *(id + 1 for id in self.special_tokens.values())])
         self.bos_id = self._special_id("bos", config, generation, model)
         self.eos_id = self._special_id("eos", config, generation, model)
         pad_id = self._special_id("pad", config, generation, model)
         self.pad_id: int = pad_id if pad_id is not None else (self.eos_id if self.eos_id is not None else 0)
         self.add_bos: bool = self._adds_bos(config)
         self.stop_ids: set[int] = self._stop_ids(generation, model)
-        self.special_tokens: dict[str, int] = self._special_tokens(config)  # text -> id, matched whole in text
         self.legacy: bool = config.get("legacy") is True  # sentencepiece: "▁" after a special token too
 
     # ---- what the checkpoint says ----------------------------------------------------------------------
@@ -114,15 +116,28 @@ class Tokenizer:
     def _special_tokens(self, config: dict) -> dict[str, int]:
         """The special tokens' text -> id: what a rendered chat template writes out and must come back as one id.
 
-        tokenizer.json lists its own (and matches them in text itself). For sentencepiece they are the tokens a
-        Hugging Face tokenizer_config.json declares in `added_tokens_decoder`; without that record (a bare
-        tokenizer.model, one converted from GGUF) there are none and the text is the sentencepiece library's.
+        tokenizer.json lists its own (and matches them in text itself). For sentencepiece, as transformers reads
+        a tokenizer_config.json: the tokens it declares in `added_tokens_decoder` (ids may lie past the
+        tokenizer.model's pieces, e.g. a ChatML <|im_end|> at 32000), the bos/eos/unk/pad tokens it names, and the
+        model's control pieces (<s>, </s>, Mistral v0.3's [INST]), so a config without the record (one written
+        from a GGUF file) still renders its chat template as ids. A bare tokenizer.model, with no config, has none:
+        its text is the sentencepiece library's.
         """
         if self.backend == "tokenizers":
             return {t.content: id for id, t in self.hf.get_added_tokens_decoder().items() if t.special}
-        declared = (config.get("added_tokens_decoder") or {}).items()
-        return {t["content"]: int(id) for id, t in declared
-                if isinstance(t, dict) and isinstance(t.get("content"), str) and t["content"] and str(id).isdigit()}
+        if not config:
+            return {}
+        declared = {t["content"]: int(id) for id, t in (config.get("added_tokens_decoder") or {}).items()
+                    if isinstance(t, dict) and isinstance(t.get("content"), str) and t["content"] and str(id).isdigit()}
+        control = {self.sp.id_to_piece(id): id for id in range(self.sp.vocab_size()) if self.sp.is_control(id)}
+        named = {token: self.sp.piece_to_id(token) for kind in ("bos", "eos", "unk", "pad")
+                 if (token := _token_text(config.get(f"{kind}_token"))) is not None and self._is_piece(token)}
+        return {**control, **named, **declared}
+
+    def _is_piece(self, token: str) -> bool:
+        """Whether `token` is one of the sentencepiece model's own pieces (unknown text maps to <unk>'s id)."""
+        id = self.sp.piece_to_id(token)
+        return id != self.sp.unk_id() or token == self.sp.id_to_piece(id)
 
     @cached_property
     def _special_ids(self) -> frozenset[int]:
@@ -142,14 +157,19 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         if self.backend == "tokenizers":
             return self.hf.token_to_id(token)
-        id = self.sp.piece_to_id(token)
-        return None if id == self.sp.unk_id() and token != self.sp.id_to_piece(id) else id
+        if token in self.special_tokens:  # it may lie past the sentencepiece pieces
+            return self.special_tokens[token]
+        return self.sp.piece_to_id(token) if self._is_piece(token) else None
 
     def token_text(self, id: int | None) -> str:
         """A token's own text (its piece), e.g. </s> or <|im_end|>; "none" for a missing id."""
         if id is None:
             return "none"
-        return self.hf.id_to_token(id) if self.backend == "tokenizers" else self.sp.id_to_piece(id)
+        if self.backend == "tokenizers":
+            return self.hf.id_to_token(id)
+        if id >= self.sp.vocab_size():
+            return next((text for text, special in self.special_tokens.items() if special == id), f"<id {id}>")
+        return self.sp.id_to_piece(id)
 
     def encode(self, text: str, bos: bool | None = None, eos: bool = False, max_length: int = -1) -> Tensor:
         """Text -> 1-D LongTensor of ids; special tokens written in the text become their ids.
@@ -174,7 +194,8 @@ class Tokenizer:
         ids = ids.reshape(-1).tolist() if isinstance(ids, Tensor) else [ids] if isinstance(ids, int) else list(ids)
         if self.backend == "tokenizers":
             return self.hf.decode(ids, skip_special_tokens=True)
-        return self.sp.decode([id for id in ids if id not in self._special_ids])
+        pieces = self.sp.vocab_size()  # ids past them (a padded embedding's rows) are no text, as in transformers
+        return self.sp.decode([id for id in ids if id not in self._special_ids and 0 <= id < pieces])
 
     # ---- sentencepiece with special tokens in the text ---------------------------------------------------
 

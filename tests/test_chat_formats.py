@@ -200,6 +200,34 @@ def mistral_sp_dir(mistral_model, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def mistral_gguf_dir(mistral_model, tmp_path_factory) -> Path:
+    """The same tokenizer.model with the tokenizer_config.json litft/gguf.py writes for a sentencepiece GGUF file:
+    bos/eos/unk named, no added_tokens_decoder. transformers still treats the named tokens and the control pieces
+    ([INST], [/INST]) as special."""
+    directory = tmp_path_factory.mktemp("mistral_gguf")
+    (directory / "tokenizer.model").write_bytes(mistral_model.read_bytes())
+    write_json(directory / "tokenizer_config.json", {
+        "add_bos_token": True, "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "tokenizer_class": "LlamaTokenizer", "chat_template": MISTRAL_TEMPLATE})
+    return directory
+
+
+@pytest.fixture(scope="module")
+def mistral_chatml_dir(mistral_model, tmp_path_factory) -> Path:
+    """A ChatML fine-tune of a sentencepiece model: <|im_end|> and <|im_start|> added past the tokenizer.model's
+    32768 pieces, declared in added_tokens_decoder, <|im_end|> its EOS."""
+    directory = tmp_path_factory.mktemp("mistral_chatml")
+    (directory / "tokenizer.model").write_bytes(mistral_model.read_bytes())
+    added = {str(32768 + i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
+                              "single_word": False, "special": True} for i, t in enumerate(["<|im_end|>", "<|im_start|>"])}
+    write_json(directory / "tokenizer_config.json", {
+        "add_bos_token": True, "added_tokens_decoder": added, "bos_token": "<s>", "eos_token": "<|im_end|>",
+        "legacy": False, "tokenizer_class": "LlamaTokenizer", "unk_token": "<unk>",
+        "chat_template": MISTRAL_TEMPLATE})  # its turns end with eos_token, here <|im_end|>
+    return directory
+
+
+@pytest.fixture(scope="module")
 def mistral_json_dir(mistral_sp_dir, tmp_path_factory) -> Path:
     """The same tokenizer as transformers saves it: tokenizer.json, and the template in chat_template.jinja."""
     directory = tmp_path_factory.mktemp("mistral_json")
@@ -208,7 +236,7 @@ def mistral_json_dir(mistral_sp_dir, tmp_path_factory) -> Path:
     return directory
 
 
-FAMILIES = ["llama3", "qwen", "mistral_sp", "mistral_json"]
+FAMILIES = ["llama3", "qwen", "mistral_sp", "mistral_json", "mistral_gguf", "mistral_chatml"]
 
 
 @pytest.fixture(params=FAMILIES)
@@ -262,6 +290,8 @@ SAMPLES = {
                    "a</s>b <s> c"],
 }
 SAMPLES["mistral_json"] = SAMPLES["mistral_sp"] + ["  two leading spaces", "double  space"]
+SAMPLES["mistral_gguf"] = SAMPLES["mistral_sp"]
+SAMPLES["mistral_chatml"] = SAMPLES["qwen"][:2] + SAMPLES["mistral_sp"][2:]
 
 
 def test_encode_decode_and_special_ids_equal_transformers(family_dir, request):

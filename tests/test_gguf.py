@@ -283,7 +283,8 @@ def test_sentencepiece_vocabulary_round_trips(tmp_path, sentencepiece_model):
     original = spm.SentencePieceProcessor(model_file=str(sentencepiece_model))
     tok = Tokenizer(tmp_path)
     assert tok.backend == "sentencepiece" and (tok.bos_id, tok.eos_id, tok.add_bos) == (1, 2, True)
-    for text in TEXTS + ["Größe 12345\n\n  x", "𝔘𝔫𝔦𝔠𝔬𝔡𝔢 ⁂ 日本語 <s>"]:
+    # (special tokens written in text, "<s>", are ids as in transformers: test_chat_formats.py's mistral_gguf)
+    for text in TEXTS + ["Größe 12345\n\n  x", "𝔘𝔫𝔦𝔠𝔬𝔡𝔢 ⁂ 日本語"]:
         ids = original.encode(text)
         assert tok.encode(text, bos=False).tolist() == ids and tok.decode(ids) == original.decode(ids)
 
