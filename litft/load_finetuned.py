@@ -38,10 +38,12 @@ def load_finetuned(checkpoint_dir: Path, weights_path: Path | None = None, devic
     """
     check_scheme(quantize)
     quantizing = quantize is not None or trained_quantize(weights_path, method) is not None
-    load_base = partial(load_lit_model, device="cpu" if quantizing else device, dtype=dtype,
-                        mmap=mmap and not quantizing)  # quantized on the CPU, layer by layer, then moved
+    # NF4 is made from the checkpoint's own values (as training makes it, whatever the precision), on the CPU,
+    # layer by layer; then cast and moved
+    load_base = partial(load_lit_model, device="cpu" if quantizing else device, dtype=None if quantizing else dtype,
+                        mmap=mmap and not quantizing)
     model = load_method(checkpoint_dir, weights_path, method, load_base)
-    return as_used(model, trained_quantize(weights_path, method), quantize).to(device).eval()
+    return as_used(model, trained_quantize(weights_path, method), quantize).to(device, dtype).eval()
 
 
 def load_method(checkpoint_dir: Path, weights_path: Path | None, method: str | None,

@@ -105,11 +105,13 @@ def plan_memory(fabric: Fabric, args: TrainArgs, method: Method, train_data: lis
 
 def build_model(args: TrainArgs, method: Method, fabric: Fabric) -> Llama:
     dtype = torch.bfloat16 if fabric.strategy.precision.precision == "bf16-true" else None
-    model = load_lit_model(args.checkpoint_dir, dtype=dtype, mmap=args.quantize is None)  # see below
+    # a 4-bit base is quantized from the checkpoint's own values, as generate/ and merge_lora.py quantize it,
+    # then cast; each layer's W is freed once stored in NF4 (a mapped file would stay resident)
+    model = load_lit_model(args.checkpoint_dir, dtype=None if args.quantize else dtype, mmap=args.quantize is None)
     model.requires_grad_(False)
     method.prepare(model)
-    if args.quantize:  # each layer's W is freed once stored in NF4; a mapped file would stay resident
-        qlora.quantize(model, args.quantize)
+    if args.quantize:
+        qlora.quantize(model, args.quantize).to(dtype)
     model.activation_checkpointing = args.activation_checkpointing
     if not any(p.requires_grad for p in model.parameters()):
         raise UserError(f"the {method.name} method left no trainable parameters")

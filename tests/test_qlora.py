@@ -130,6 +130,32 @@ def test_the_stored_weights_survive_a_cast_to_bf16(scheme):
             assert torch.equal(m.dequantize(torch.bfloat16), before[name].to(torch.bfloat16)), name
 
 
+@pytest.mark.parametrize("precision", ["bf16-true", "32-true"])
+def test_the_4bit_base_is_quantized_from_the_checkpoints_own_values(tiny, precision):
+    """bitsandbytes' quantize_4bit of the checkpoint's stored (fp32) weights is the 4-bit base a run trains on in
+    every precision, and the one generate/ serves it on in bf16: NF4 made from a bf16 copy would be another Ŵ
+    (a third of its elements differ), not the one A and B learnt to correct."""
+    from lightning import Fabric
+
+    from litft.train_args import Method, TrainArgs
+    from litft.train_setup import build_model
+
+    bnb = pytest.importorskip("bitsandbytes.functional")
+    stored = load_lit_model(tiny["ckpt"])
+    assert stored.embed.weight.dtype == torch.float32
+    args = TrainArgs(checkpoint_dir=tiny["ckpt"], quantize="nf4", precision=precision)
+    method = Method(name="lora", weights_name="w.pth", prepare=partial(add_lora, config=LoRAConfig(r=2)))
+    trained = build_model(args, method, Fabric(accelerator="cpu", devices=1, precision=precision))
+    served = load_finetuned(tiny["ckpt"], dtype=torch.bfloat16, quantize="nf4")
+    for name, layer in stored.blocks.named_modules():
+        if isinstance(layer, torch.nn.Linear):
+            packed, state = bnb.quantize_4bit(layer.weight.data, blocksize=64, quant_type="nf4")
+            for model in (trained, served):
+                ours = model.blocks.get_submodule(name.removesuffix(".linear"))
+                assert torch.equal(ours.nf4, packed.flatten()), name
+                assert torch.equal(ours.absmax.view(torch.float32), state.absmax), name  # kept as its bits
+
+
 def test_dequantized_and_merged_forms_compute_what_the_qlora_model_computes():
     """A QLoRA model, the same with Ŵ dequantized (LoRALinear over Ŵ), and that merged (Ŵ + (α/r)·B·A): the same
     logits in fp32; the merged model is a plain Llama."""
