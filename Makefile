@@ -1,5 +1,7 @@
 # Two entry points: `make demo` runs the offline LoRA demo, `make test` runs the test suite.
-# Each creates .venv if needed and installs torch first (a CPU wheel), then litft and its test extras.
+# Each creates .venv if needed and installs torch first (TORCH; from PyPI on Linux that is the CUDA build, for the
+# CPU wheel: make install TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"), then litft
+# and its test extras.
 PY := .venv/bin/python
 TORCH ?= torch==2.13.0
 

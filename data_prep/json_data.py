@@ -27,6 +27,7 @@ def main(data_file: Path, val_file: Path | None = None, instruction_key: str = "
     """Prepare a JSON/JSONL file of instruction examples for fine-tuning.
 
     Args:
+        data_file: the JSON, JSONL or CSV file of examples.
         val_file: a separate file for the test split (same keys); then data_file is all training data.
         instruction_key: the key holding the instruction.
         input_key: the key holding the optional input ("" if the data has none).

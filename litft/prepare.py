@@ -64,11 +64,13 @@ COMMON_ARGS = """\
 
 
 def with_common_args(fn):
-    """Append the shared options' help to a data_prep script's `main` docstring (read by `--help`)."""
-    names = inspect.signature(fn).parameters
-    lines = [line for line in COMMON_ARGS.splitlines(keepends=True) if line.split(":")[0].strip() in names]
+    """Append the shared options' help to a data_prep script's `main` docstring (read by `--help`), at the
+    docstring's own `Args:` indent; an option the script documents itself keeps the script's description."""
     doc = inspect.cleandoc(fn.__doc__)
-    fn.__doc__ = doc + ("\n" if "Args:" in doc else "\n\nArgs:\n") + textwrap.indent("".join(lines), "    ")
+    names = set(inspect.signature(fn).parameters) - {line.split(":")[0].strip() for line in doc.splitlines()}
+    lines = [line for line in COMMON_ARGS.splitlines(keepends=True) if line.split(":")[0].strip() in names]
+    args = textwrap.indent(textwrap.dedent("".join(lines)), "    ")  # cleandoc leaves the items 4 under Args:
+    fn.__doc__ = doc + ("\n" if "Args:" in doc else "\n\nArgs:\n") + args
     return fn
 
 

@@ -268,3 +268,17 @@ def test_alpaca_viggo_gsm8k_sql_mappings_from_local_files(tmp_path, sp_dir):
         raw = [{k: s[k] for k in ("instruction", "input", "output")} for s in samples]
         assert all(all(check(s)) for s in raw), (task, raw[0])
     assert {s["input"] for s in load_split(tmp_path / "viggo", "train")} <= {f"Game {i} is a good game, with \"quotes\", commas." for i in range(4)}
+
+
+@pytest.mark.parametrize("script", ["alpaca", "dolly", "games", "gsm8k", "json_data", "sql", "viggo"])
+def test_help_puts_each_shared_option_under_its_own_flag(script):
+    """The options litft.prepare appends to every data_prep docstring are read as separate arguments: --seed's
+    description is printed under --seed, not run on into the first flag's paragraph."""
+    proc = run_main(f"data_prep/{script}.py", "--help")
+    assert proc.returncode == 0, proc.stderr
+    options = proc.stdout.split("\noptions:\n", 1)[1]
+    sections = {s.split()[0]: "".join(s.split()) for s in re.split(r"\n(?=  --)", options) if s.startswith("  --")}
+    seed = "".join("the seed of the train/test shuffle; the same seed gives the same split.".split())
+    assert seed in sections["--seed"], sections["--seed"]
+    assert [flag for flag, text in sections.items() if seed in text] == ["--seed"]
+    assert "destination_path:" not in options and "seed:" not in options
