@@ -60,3 +60,25 @@ def test_which_branch_the_chunked_loss_takes(case, forward_gradients):
         loss = chunked_next_token_loss(head, hidden, labels, chunk_tokens=8)
     total = loss.grad_fn.next_functions[0][0]  # the summed loss, before the division by the label count
     assert (type(total).__name__ == "LinearCrossEntropyBackward") == forward_gradients, type(total).__name__
+
+
+@pytest.mark.parametrize("trainable_head", [True, False], ids=["full", "lora"])
+def test_evaluation_computes_the_logits_and_no_gradient(trainable_head):
+    """Under torch.no_grad (validation), the chunked loss costs what the plain loss does, F.cross_entropy of the
+    logits (torch's FLOP counter), however the head trains: a full fine-tune's trainable lm_head once made every
+    validation batch also form a (V, C) weight gradient, twice the matmul work and a vocabulary-sized buffer."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    head = torch.nn.Linear(32, 500, bias=False).requires_grad_(trainable_head)
+    hidden, labels = torch.randn(2, 24, 32), torch.randint(0, 500, (2, 24))
+    plain = lambda: F.cross_entropy(head(hidden[:, :-1]).flatten(0, 1), labels[:, 1:].flatten())  # noqa: E731
+    chunked = lambda: chunked_next_token_loss(head, hidden, labels, chunk_tokens=16)  # noqa: E731
+    flops = {}
+    with torch.no_grad():
+        for name, loss_fn in (("chunked", chunked), ("plain", plain)):
+            with FlopCounterMode(display=False) as counter:
+                loss = loss_fn()
+            flops[name] = (counter.get_total_flops(), loss.item())
+    assert flops["chunked"][0] <= 2 * 32 * 500 * 2 * 24  # every position's logits, the last one's too
+    assert flops["chunked"][0] < 1.1 * flops["plain"][0]
+    assert flops["chunked"][1] == pytest.approx(flops["plain"][1], rel=1e-5)

@@ -48,7 +48,10 @@ def chunked_next_token_loss(lm_head: nn.Module, hidden: Tensor, labels: Tensor, 
     count = (targets != ignore_index).sum()
     # exactly nn.Linear, not a subclass: a LoRA lm_head, or one grown by new-token rows, has trainables of its own
     if type(lm_head) is nn.Linear and lm_head.bias is None and not _half_precision(h):
-        total = LinearCrossEntropy.apply(h, lm_head.weight, targets, ignore_index, chunk_tokens)
+        weight = lm_head.weight
+        if not torch.is_grad_enabled():  # evaluation: forward must not form gradients (a full run's W is trainable)
+            h, weight = h.detach(), weight.detach()
+        total = LinearCrossEntropy.apply(h, weight, targets, ignore_index, chunk_tokens)
     else:
         total = hidden.new_zeros((), dtype=torch.float32)
         for s in range(0, h.size(0), chunk_tokens):
