@@ -6,7 +6,8 @@ here the tokenizer side: token i of `new_tokens` gets id V + i, where V is the m
 matched whole in the text before anything else is tokenized, and decoded back to its own text.
 
 - tokenizer.json (Hugging Face tokenizers): appended as added tokens (not "special", so decoding prints them).
-- tokenizer.model (sentencepiece): appended as USER_DEFINED pieces, which sentencepiece matches whole
+- tokenizer.model (sentencepiece): appended as USER_DEFINED pieces, which sentencepiece matches whole (so no
+  token may have a space inside: sentencepiece turns spaces into ▁ before matching)
   (needs the `protobuf` package to edit the model file).
 
 A checkpoint that ships both files (most Llama-2 and Mistral repositories) gets both grown. The tokenizer's own
@@ -83,6 +84,9 @@ def _grow_sentencepiece(path: Path, new_tokens: list[str], first_id: int) -> byt
     proto.ParseFromString(path.read_bytes())
     pieces = {p.piece for p in proto.pieces}
     _check(len(proto.pieces), first_id, new_tokens, path, [t for t in new_tokens if t in pieces])
+    if spaced := [t for t in new_tokens if any(c.isspace() for c in t)]:  # text reaches the pieces as "▁", never " "
+        raise UserError(f"new tokens {spaced}: {path.name} (sentencepiece) never matches a token with a space "
+                        "inside; choose tokens without spaces")
     for token in new_tokens:
         piece = proto.pieces.add()
         piece.piece, piece.score, piece.type = token, 0.0, pb.ModelProto.SentencePiece.USER_DEFINED

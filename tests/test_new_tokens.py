@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
 import torch
 from conftest import assert_user_error, run_main, run_script
 from test_train import COMMON
@@ -77,3 +78,27 @@ def test_new_tokens_from_data_prep_to_generation(tiny_checkpoint, tmp_path):
     again = run_main("data_prep/json_data.py", "--data_file", tmp_path / "rows.json", "--destination_path", data,
                      "--checkpoint_dir", base, "--new_tokens", "<ans>,<ans>")
     assert_user_error(again, "different from the others")
+
+
+def test_a_sentencepiece_token_with_a_space_inside_is_refused(sentencepiece_model, tmp_path):
+    """The sentencepiece library turns spaces into ▁ before it matches its pieces: grown by a USER_DEFINED
+    "### Answer:", it still spells that text in ordinary pieces, so such a row would never be trained. Refused."""
+    from sentencepiece import SentencePieceProcessor
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    from litft.errors import UserError
+    from litft.new_tokens import grown_tokenizer_files
+
+    proto = pb.ModelProto()
+    proto.ParseFromString(sentencepiece_model.read_bytes())
+    new_id = len(proto.pieces)
+    for token in ("### Answer:", "<sep>"):
+        piece = proto.pieces.add()
+        piece.piece, piece.type = token, pb.ModelProto.SentencePiece.USER_DEFINED
+    sp = SentencePieceProcessor(model_proto=proto.SerializeToString())
+    assert new_id not in sp.encode("x ### Answer: y") and new_id + 1 in sp.encode("a<sep>b")
+
+    shutil.copy(sentencepiece_model, tmp_path / "tokenizer.model")
+    assert set(grown_tokenizer_files(tmp_path, ["<sep>"], new_id)) == {"tokenizer.model"}
+    with pytest.raises(UserError, match=r"\['### Answer:'\].*never matches a token with a space inside"):
+        grown_tokenizer_files(tmp_path, ["### Answer:", "<sep>"], new_id)
