@@ -22,8 +22,8 @@ def main(adapter_path: Path = Path("out/adapter/lit_model_adapter.pth"), checkpo
     """Generate a completion for --prompt with an adapter run: its weights in --adapter_path on its base model.
 
     Args:
-        adapter_path: a run's lit_model_adapter.pth (the default is where finetune/adapter.py writes it);
-            adapter.yaml, prompt_style.yaml and base.yaml sit next to it.
+        adapter_path: a run's lit_model_adapter.pth, or its run directory (the default is where
+            finetune/adapter.py writes it); adapter.yaml, prompt_style.yaml and base.yaml sit next to it.
         checkpoint_dir: the base model; by default the one the run was trained on (recorded in base.yaml).
     """
     adapter_path, checkpoint_dir = resolve_run("adapter", adapter_path, checkpoint_dir, flag="adapter_path")

@@ -22,7 +22,8 @@ def main(adapter_path: Path = Path("out/adapter_v2/lit_model_adapter_v2.pth"), c
     """Complete --prompt with the base model plus a V2 run's prompts, gates, scales, biases and norms.
 
     Args:
-        adapter_path: the V2 run's weights file (the default is where finetune/adapter_v2.py writes it).
+        adapter_path: the V2 run's weights file, or its run directory (the default is where finetune/adapter_v2.py
+            writes it).
         checkpoint_dir: the base model; by default the one the run was trained on (recorded in base.yaml).
     """
     adapter_path, checkpoint_dir = resolve_run("adapter_v2", adapter_path, checkpoint_dir, flag="adapter_path")

@@ -24,8 +24,8 @@ def main(lora_path: Path = Path("out/lora/lit_model_lora.pth"), checkpoint_dir: 
     """Generate a completion for --prompt with a LoRA run: its weights in --lora_path on its base model.
 
     Args:
-        lora_path: a LoRA run's lit_model_lora.pth (the default is where finetune/lora.py writes it); its folder
-            holds lora.yaml, prompt_style.yaml and base.yaml.
+        lora_path: a LoRA run's lit_model_lora.pth, or its run directory (the default is where finetune/lora.py
+            writes it); its folder holds lora.yaml, prompt_style.yaml and base.yaml.
         checkpoint_dir: the base model; by default the one the run was trained on (recorded in base.yaml).
     """
     lora_path, checkpoint_dir = resolve_run("lora", lora_path, checkpoint_dir, flag="lora_path")

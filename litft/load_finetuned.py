@@ -1,7 +1,8 @@
 """Load a model for inference from a base checkpoint plus, optionally, a fine-tuning run's weights file.
 
 The run directory (the folder holding the weights file) says which method produced it: `lora.yaml` for LoRA,
-`adapter.yaml` / `adapter_v2.yaml` for LLaMA-Adapter, nothing for a full fine-tune or a merged checkpoint.
+`adapter.yaml` / `adapter_v2.yaml` for LLaMA-Adapter, nothing for a full fine-tune or a merged checkpoint. The run
+directory itself may be given instead of its weights file.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from litft.config import Config
 from litft.errors import UserError
 from litft.files import load_state_dict, run_dir_of
 from litft.lora import FILE as LORA_FILE
+from litft.lora import WEIGHTS as LORA_WEIGHTS
 from litft.lora import LoRAConfig, add_lora, is_lora_key, lora_state_dict
 from litft.model import Llama
 from litft.nf4 import check_scheme
@@ -37,6 +39,7 @@ def load_finetuned(checkpoint_dir: Path, weights_path: Path | None = None, devic
     for_generation merges a LoRA for speed).
     """
     check_scheme(quantize)
+    weights_path = weights_in(weights_path)
     quantizing = quantize is not None or trained_quantize(weights_path, method) is not None
     # NF4 is made from the checkpoint's own values (as training makes it, whatever the precision), on the CPU,
     # layer by layer; then cast and moved
@@ -59,6 +62,16 @@ def load_method(checkpoint_dir: Path, weights_path: Path | None, method: str | N
     if method == "lora":
         return load_lora_run(checkpoint_dir, weights_path, load_base)
     raise UserError(f"unknown method {method!r}; choose lora, adapter, adapter_v2 or full")
+
+
+def weights_in(weights_path: Path | None) -> Path | None:
+    """A LoRA or adapter run directory given for its weights: the weights file inside it. (A full fine-tune's
+    directory is a checkpoint of its own, and stays as it is.)"""
+    if weights_path is None or not Path(weights_path).is_dir():
+        return weights_path
+    name = {"lora": LORA_WEIGHTS, "adapter": adapter.WEIGHTS, "adapter_v2": adapter_v2.WEIGHTS}.get(
+        detect_method(Path(weights_path)))
+    return Path(weights_path) / name if name else Path(weights_path)
 
 
 def trained_quantize(weights_path: Path | None, method: str | None) -> str | None:

@@ -306,10 +306,11 @@ def expected_text(model, base_dir, prompt: str, n: int) -> str:
 def test_generate_adapter_prints_the_adapted_greedy_completion(base_dir, tmp_path, v2):
     model = make_run(base_dir, tmp_path, v2)
     script, weights = ("generate/adapter_v2.py", "lit_model_adapter_v2.pth") if v2 else ("generate/adapter.py", "lit_model_adapter.pth")
-    proc = run_script(script, "--checkpoint_dir", base_dir, "--adapter_path", tmp_path / weights,
-                      "--prompt", "Name a color.", "--temperature", "0", "--max_new_tokens", "12", check=True)
+    flags = ("--checkpoint_dir", base_dir, "--prompt", "Name a color.", "--temperature", "0", "--max_new_tokens", "12")
+    via_file = run_script(script, "--adapter_path", tmp_path / weights, *flags, check=True)
+    via_dir = run_script(script, "--adapter_path", tmp_path, *flags, check=True)  # the run directory: its weights
     # the run's prompt style (alpaca) wraps the prompt; adapter.yaml gives L and start_layer
-    assert proc.stdout == expected_text(model, base_dir, PromptStyle("alpaca").apply("Name a color."), 12)
+    assert via_file.stdout == via_dir.stdout == expected_text(model, base_dir, PromptStyle("alpaca").apply("Name a color."), 12)
 
 
 def test_generate_full_serves_a_weights_file_and_a_checkpoint_dir_like_base(base_dir, tmp_path):
