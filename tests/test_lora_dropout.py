@@ -78,22 +78,30 @@ def test_activation_checkpointing_recomputes_the_masks_the_forward_pass_used():
 
 
 @pytest.mark.parametrize("fast", [False, True], ids=["plain", "fast"])
-@pytest.mark.parametrize("activation_checkpointing", [False, True])
-def test_lora_model_with_dropout_trains_under_checkpointing(activation_checkpointing, fast):
-    """The fast loss recomputes lm_head under checkpoint (litft/fast/chunked_loss.py): LoRA on it must redo the
-    same operations; and each block's recomputation must draw the forward's masks again."""
+def test_a_lora_model_with_dropout_trains_alike_with_and_without_checkpointing(fast):
+    """The same model, seed and batch without activation checkpointing is the truth: each block's recomputation
+    must draw the forward's masks again, and LoRA on lm_head, recomputed under checkpoint by the fast loss
+    (litft/fast/chunked_loss.py), must redo the same operations. Same loss, same gradient for every A and B."""
     from litft.config import Config
     from litft.fast import for_training
     from litft.lora import LINEAR, LoRAConfig, add_lora
     from litft.model import Llama
 
-    torch.manual_seed(0)
-    model = add_lora(Llama(Config.from_name("tiny-gqa")), LoRAConfig(targets=[*LINEAR, "lm_head"], dropout=0.1))
-    loss_fn = for_training(model, fast)
-    model.activation_checkpointing = activation_checkpointing
-    x = torch.randint(0, model.config.vocab_size, (2, 16))
-    loss_fn(model, x, x).backward()
-    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = add_lora(Llama(Config.from_name("tiny-gqa")), LoRAConfig(targets=[*LINEAR, "lm_head"], dropout=0.1))
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                torch.nn.init.normal_(p, std=0.05)  # B = 0 would leave A without a gradient
+        loss_fn = for_training(model, fast)
+        model.activation_checkpointing = checkpointing
+        x = torch.randint(0, model.config.vocab_size, (2, 16))
+        loss = loss_fn(model, x, x)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    assert all(g is not None and g.abs().sum() > 0 for g in results[0][1].values())
+    torch.testing.assert_close(results[1], results[0], rtol=0, atol=1e-6)
 
 
 def test_fused_layers_share_one_dropout_per_input_tensor():
