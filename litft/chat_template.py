@@ -69,7 +69,8 @@ def render(template: str, messages: list[dict[str, str]], add_generation_prompt:
         raise UserError("rendering the checkpoint's chat template needs jinja2: pip install jinja2") from None
 
     try:
-        return _compiled(template).render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
+        return _compiled(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                          tools=None, documents=None, **variables)  # defined, as in transformers
     except jinja2.TemplateError as e:
         raise UserError(f"the chat template could not be rendered ({e}); pass --prompt_style with a named style") from None
 
@@ -100,8 +101,17 @@ def _environment():
     import jinja2.ext
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+    class Generation(jinja2.ext.Extension):
+        """{% generation %}...{% endgeneration %} marks the assistant's own text (transformers builds training masks
+        from it); the text inside renders as it is."""
+        tags = {"generation"}
+
+        def parse(self, parser):
+            next(parser.stream)  # the tag's name
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                       extensions=[jinja2.ext.loopcontrols])
+                                       extensions=[jinja2.ext.loopcontrols, Generation])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda format: datetime.now().strftime(format)

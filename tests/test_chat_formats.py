@@ -12,6 +12,7 @@ so that greedy decoding walks a chosen chain of tokens into a chosen stop id.
 from __future__ import annotations
 
 import json
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from conftest import run_script
 
 from litft.checkpoint import load_lit_model, save_lit_checkpoint
 from litft.config import Config
+from litft.conversation import render_conversation
 from litft.errors import UserError
 from litft.generate import generate, stop_token_ids
 from litft.generate_cli import generate_cli
@@ -270,6 +272,25 @@ def test_rendered_text_equals_transformers_and_keeps_special_tokens_whole(llama3
                                               add_generation_prompt=True, tokenize=False)
         ids = tokenizer.encode(text, bos=style.add_bos).tolist()
         assert ids[:len(first_ids)] == [tokenizer.token_to_id(t) for t in first_ids]  # one id each, BOS once
+
+
+@pytest.mark.parametrize("template", [
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.role == 'assistant' %}{% generation %}{{ m.content }}"
+    "<|im_end|>{% endgeneration %}{% else %}{{ m.content }}<|im_end|>{% endif %}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+    "{% if tools is defined %}[tools: {{ tools }}]{% endif %}{% if documents is defined %}[documents]{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+], ids=["generation-block", "tools-defined"])
+def test_templates_with_generation_blocks_and_tool_variables_render_as_transformers(qwen_dir, tmp_path, template):
+    """Published templates mark the assistant's text with {% generation %} and test `tools is defined`:
+    transformers renders the block's text and passes tools and documents (as None)."""
+    shutil.copytree(qwen_dir, tmp_path, dirs_exist_ok=True)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    write_json(tmp_path / "tokenizer_config.json", {**config, "chat_template": template})
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}, {"role": "user", "content": "Bye"}]
+    expected = reference(tmp_path).apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert render_conversation(resolve_style(None, tmp_path), messages) == expected
 
 
 def test_template_errors_are_one_line(llama3_dir):
