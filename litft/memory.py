@@ -140,9 +140,16 @@ def probe(config: Config, prepare, seq: int, samples: int, dtype, autocast, quan
         with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), \
                 torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
             loss_fn(model.train(), x, x, packed_pos=two_per_row(samples, seq) if packing else None)
-        return {"weights": sum(p.numel() * p.element_size() for p in unique(model.parameters())),
+        return {"weights": sum(p.numel() * p.element_size() for p in unique(model.parameters())) + workspace_bytes(model),
                 "trainable": sum(p.numel() * p.element_size() for p in unique(model.parameters()) if p.requires_grad),
                 "saved": sum(saved.values())}
+
+
+def workspace_bytes(model: torch.nn.Module) -> int:
+    """What a 4-bit model keeps for rebuilding its weights (litft/nf4.py Workspace): the largest layer's Ŵ, in
+    fp32 and in the compute dtype, and its byte indices; held for the whole run, beside the NF4 weights."""
+    spaces = {id(m.workspace): m.workspace for m in model.modules() if isinstance(m, qlora.NF4Linear)}
+    return sum(t.numel() * t.element_size() for space in spaces.values() for t in space.slots.values())
 
 
 def two_per_row(rows: int, seq: int) -> torch.Tensor:

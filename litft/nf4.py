@@ -18,8 +18,9 @@ Memory, Llama-2-7B: the linear layers of the 32 blocks hold 32 · (4 · 4096² +
 In bf16 that is 12.96 GB. In NF4: 6.48 B · 4 bits = 3.24 GB, plus one fp32 absmax per 64 weights, 405 MB
 (0.5 bits per weight); double quantization makes that one byte per 64 weights plus one fp32 per 16,384: 101 MB
 + 1.6 MB (0.127 bits per weight). The embedding and lm_head (2 · 32000 · 4096) stay in bf16, 524 MB. So the
-frozen model takes ~4.2 GB in NF4 (~3.9 GB with double quantization) instead of 13.5 GB, and LoRA's A and B
-come on top in full precision.
+frozen model takes ~4.2 GB in NF4 (~3.9 GB with double quantization) instead of 13.5 GB, plus the workspace its
+largest layer is rebuilt in (below: 45 M weights · 8 bytes in bf16, 0.36 GB); LoRA's A and B come on top in full
+precision.
 """
 
 from __future__ import annotations
@@ -143,8 +144,10 @@ class NF4Weight:
 class Workspace:
     """Memory that the NF4 layers of one model rebuild their weights in, each in turn, reused from one matmul to
     the next. Layers run one at a time and are done with their ŵ before the next one starts, so the model holds
-    one layer's ŵ (its largest) instead of allocating a fresh one for every matmul: on a CPU, freeing those back
-    and forth among a step's activations leaves glibc's heap fragmented and resident (see bench/RESULTS.md)."""
+    one layer's rebuilding memory (its largest layer's: the bytes as int32 indices, the fp32 levels and, in 16
+    bits, ŵ again: 6 or 8 bytes a weight, which litft/memory.py counts with the weights) instead of allocating
+    fresh tensors for every matmul: on a CPU, freeing those back and forth among a step's activations leaves
+    glibc's heap fragmented and resident (see bench/RESULTS.md)."""
 
     def __init__(self) -> None:
         self.slots: dict[str, Tensor] = {}

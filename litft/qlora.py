@@ -131,7 +131,7 @@ def quantize(model: Llama, scheme: str) -> Llama:
                 replace(block, name, NF4Linear(layer, SCHEMES[scheme], workspace))
             elif isinstance(getattr(layer, "weight", None), nn.Parameter) and layer.weight.dim() == 2:
                 raise UserError(f"--quantize {scheme} stores the blocks' linear layers in 4 bits, but {name} is a "
-                                f"{type(layer).__name__}; quantize a base model, a full fine-tune or a LoRA run")
+                                f"{type(layer).__name__}; quantize a base model, a full fine-tune, a LoRA or an adapter v1 run")
     return model
 
 

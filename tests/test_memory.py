@@ -28,7 +28,7 @@ from litft.fast import for_training
 from litft.lora import WEIGHTS, LoRAConfig, add_lora
 from litft.model import Llama
 from litft.packing import collate, pack
-from litft.qlora import quantize
+from litft.qlora import NF4Linear, quantize
 from litft.rope import RoPEScaling
 from litft.train_args import Method, TrainArgs
 
@@ -62,8 +62,10 @@ def real_step(method: str, quantized: bool, checkpointing: bool, fast: bool, sam
     optimizer = torch.optim.AdamW(trainable)
     optimizer.step()
     state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if t.dim())
+    nf4 = {id(m.workspace): m.workspace for m in model.modules() if isinstance(m, NF4Linear)}  # Ŵ is rebuilt there
+    held = sum(t.untyped_storage().nbytes() for space in nf4.values() for t in space.slots.values())
     return {"activations": sum(saved.values()), "optimizer": state,
-            "weights": sum(p.numel() * p.element_size() for p in model.parameters()),
+            "weights": sum(p.numel() * p.element_size() for p in model.parameters()) + held,
             "gradients": sum(p.grad.numel() * p.grad.element_size() for p in trainable)}
 
 
