@@ -84,12 +84,85 @@ def check_output_dir(flag: str, out: Path, writes: str | None = None, **inputs: 
     if writes is not None and out.is_dir() and (kind := holds(out)) not in (None, writes):
         raise UserError(f"{flag} {out} holds {kind}, which writing {writes} there would damage; choose a new "
                         "directory")
-    existing = next(p for p in (out, *out.parents) if p.exists())
-    if not existing.is_dir():
-        raise UserError(f"{flag} {out}: {existing} is a file, not a directory; choose another path")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"{flag} {out}: {existing} is not writable; choose a directory you can write to")
+    check_writable(flag, out, out)
     return out
+
+
+def check_writable(flag: str, value: Path, directory: Path) -> None:
+    """Refuse, in one line naming `flag` and its `value`, a `directory` that cannot be made or written: its nearest
+    existing part is a file, or is not writable."""
+    existing = next(p for p in (Path(directory), *Path(directory).parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"{flag} {value}: {existing} is a file, not a directory; choose another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {value}: {existing} is not writable; choose a directory you can write to")
+
+
+# An exporter's output directory names, in this file, the script that wrote it and what from. A later run of that
+# script may replace such a directory; any other non-empty directory is refused unless --overwrite true (a mistyped
+# --out_dir must not replace someone's base model).
+WRITTEN_BY = "litft_export.yaml"
+SCRATCH = ".partial-"  # prefix of the scratch directory an output is written into before it is published
+
+
+def check_replaceable(flag: str, out: Path, script: str, overwrite: bool) -> None:
+    """Refuse, in one line, an output directory holding files that no earlier run of `script` wrote."""
+    out = Path(out)
+    if overwrite or not out.is_dir() or all(p.name.startswith(SCRATCH) for p in out.iterdir()):
+        return
+    if written_by(out) != script:
+        raise UserError(f"{flag} {out} already holds files that {script} did not write; choose another directory, "
+                        "or pass --overwrite true to replace them")
+
+
+def written_by(directory: Path) -> str | None:
+    """The script WRITTEN_BY names in `directory` (read 64 KiB at most), or None."""
+    try:
+        with open(Path(directory) / WRITTEN_BY, encoding="utf-8") as f:
+            data = yaml.safe_load(f.read(2**16))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    return data.get("written_by") if isinstance(data, dict) else None
+
+
+def write_written_by(directory: Path, script: str, **sources: Path | None) -> None:
+    """Record in `directory` that `script` wrote it, and from which inputs (resolved paths)."""
+    record = {"written_by": script, **{k: str(Path(v).resolve()) for k, v in sources.items() if v is not None}}
+    atomic_write_text(Path(directory) / WRITTEN_BY, yaml.safe_dump(record, sort_keys=False))
+
+
+@contextmanager
+def staged_output(output_dir: Path, stale: tuple[str, ...] = ()) -> Iterator[Path]:
+    """Yield a scratch directory inside `output_dir` to write (and verify) an output in; when the block ends
+    without error its files are published into `output_dir` (see `publish`). An error leaves `output_dir` as it
+    was: the scratch directory is removed, and `output_dir` too if this made it and it is empty. Scratch
+    directories an interrupted run left are removed first (each may hold a full copy of the weights)."""
+    output_dir = Path(output_dir)
+    created = not output_dir.exists()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for leftover in output_dir.glob(f"{SCRATCH}*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    try:
+        with tempfile.TemporaryDirectory(dir=output_dir, prefix=SCRATCH) as scratch:
+            yield Path(scratch)
+            publish(Path(scratch), output_dir, stale)
+    except BaseException:
+        if created and not any(output_dir.iterdir()):
+            output_dir.rmdir()
+        raise
+
+
+def publish(scratch: Path, output_dir: Path, stale: tuple[str, ...] = ()) -> None:
+    """Move the files in `scratch` into `output_dir` (each in one rename), then remove the files matching the glob
+    patterns `stale` that this output does not have: an earlier output's leftovers (weight shards, another
+    tokenizer, a prompt style), which a reader would pick up instead."""
+    names = [path.name for path in scratch.iterdir()]
+    for name in names:
+        os.replace(scratch / name, output_dir / name)
+    for pattern in stale:
+        for path in output_dir.glob(pattern):
+            if path.name not in names and path.is_file():
+                path.unlink()
 
 
 def read_yaml_mapping(path: Path, missing: str) -> dict:

@@ -41,6 +41,8 @@ from litft.model import Llama
 from litft.rope import inverse_frequencies
 
 DTYPES = ("f32", "f16", "bf16", "q8_0")
+EXPORTED_BY = "litft.exported_by"  # a file this writes names its writer here: only such a file is replaced unasked
+EXPORTER = "scripts/export_gguf.py"
 
 
 def storage_type(dtype: str, shape: tuple[int, ...]):
@@ -81,6 +83,7 @@ def tensors(model: Llama) -> Iterator[tuple[str, str, Tensor, Tensor]]:
 
 def header(writer, config: Config, dtype: str, name: str) -> None:
     writer.add_name(name)
+    writer.add_string(EXPORTED_BY, EXPORTER)
     writer.add_block_count(config.n_layer)
     writer.add_context_length(config.block_size)
     writer.add_embedding_length(config.n_embd)
@@ -99,6 +102,17 @@ def header(writer, config: Config, dtype: str, name: str) -> None:
     writer.add_file_type(file_types[dtype])
     if dtype == "q8_0":
         writer.add_quantization_version(GGML_QUANT_VERSION)
+
+
+def exported_by(path: Path) -> str | None:
+    """What a GGUF file's EXPORTED_BY key names (its header read through a memory map), or None."""
+    from gguf import GGUFReader
+
+    try:
+        field = GGUFReader(path).fields.get(EXPORTED_BY)
+    except Exception:  # noqa: BLE001  a file gguf cannot parse was not written here
+        return None
+    return str(field.contents()) if field is not None else None
 
 
 def add_metadata(writer, meta: dict[str, Any]) -> None:

@@ -15,6 +15,7 @@ transformers' own reading.
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import numpy as np
@@ -31,14 +32,15 @@ from litft.model import Llama
 from litft.verify import Reader
 
 
-def require_readers() -> None:
-    """Check that the readers are installed (one line if not) and keep their logging to errors."""
+def require_readers(peft: bool = False) -> None:
+    """Check that the readers are installed — transformers, and peft for a PEFT adapter — (one line if not), and keep
+    their logging to errors."""
+    names = ["transformers", "peft"] if peft else ["transformers"]
     try:
-        import peft  # noqa: F401
-        import transformers
+        transformers, *_ = [importlib.import_module(name) for name in names]
     except ImportError as e:
-        raise UserError(f"verifying an export reads it with transformers and peft ({e.name} is missing): pip install "
-                        "transformers peft, or pass --verify false") from None
+        raise UserError(f"verifying this export reads it with {' and '.join(names)} ({e.name} is missing): pip install "
+                        f"{' '.join(names)}, or pass --verify false") from None
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
 
@@ -93,7 +95,7 @@ def lit_checkpoint(model: Llama) -> Reader:
 def peft_adapter(lora_model: Llama, adapter_dir: Path, n_new_tokens: int = 0) -> Reader:
     """peft's LoRA on transformers' copy of the frozen base inside `lora_model` (for a QLoRA run: the dequantized
     NF4 weights Ŵ its A and B were trained on), grown by `n_new_tokens` rows as export_peft.py's docs say."""
-    require_readers()
+    require_readers(peft=True)
     from peft import PeftModel
     from transformers import AutoTokenizer
 

@@ -19,6 +19,7 @@ logit differs by more than TOLERANCE; otherwise the exporter stops with one line
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -132,7 +133,10 @@ def compare(ref: Reference, reader: Reader) -> Outcome:
             raise UserError(f"verification failed: {reader.name} has {theirs.shape[-1]} output tokens, litft's model "
                             f"{ours.shape[-1]}; do not use the output")
         theirs = theirs[:, : ours.shape[-1]]
-        outcome.max_delta = max(outcome.max_delta, (theirs - ours).abs().max().item())
+        delta = (theirs - ours).abs().max().item()  # nan when either side has a nan: max() must not drop it
+        if not math.isfinite(delta):
+            outcome.first_difference = outcome.first_difference or f"prompt {i + 1}: a logit is not finite ({delta})"
+        outcome.max_delta = delta if not math.isfinite(delta) else max(outcome.max_delta, delta)
         ours_text, their_text = answer(ref, ours[start - 1:]), answer(ref, theirs[start - 1:], decode)
         prompt = ids[:start].tolist()
         if reader.encode is not None and ref.texts[i] and reader.encode(ref.texts[i], ref.bos) != prompt:

@@ -11,7 +11,9 @@ token of the prompt style, e.g. <|eot_id|> or <|im_end|>), and tokenizer_config.
 the style generate/ prompts with (a merged run's prompt_style.yaml wins over the base's template).
 Everything is checked (config, readable tensors, shapes) before the first file is written, and the files are
 written into a scratch directory inside --output_dir (so the disk needs room for the old export and the new
-one), moved into place only once verified: a failed verification leaves an earlier export as it was.
+one), moved into place only once verified: a failed verification leaves an earlier export as it was. An existing
+--output_dir is replaced only when an earlier run of this script wrote it (its litft_export.yaml says so) or with
+`--overwrite true`; any other directory with files in it is refused, so a mistyped path cannot replace a model.
 
 Verification (`--verify true`, the default): transformers loads the written directory — model and tokenizer — and
 must compute what litft computes from the checkpoint (litft/verify.py); one `verified: ...` line, or it stops.
@@ -20,9 +22,6 @@ must compute what litft computes from the checkpoint (litft/verify.py); one `ver
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -32,11 +31,14 @@ from litft.config import Config
 from litft.convert_hf import lit_to_hf_state_dict, save_hf_safetensors
 from litft.errors import UserError
 from litft.files import (
+    TOKENIZER_FILES,
     atomic_write_text,
     check_output_dir,
+    check_replaceable,
     copy_tokenizer,
     load_state_dict,
-    remove_other_tokenizer_files,
+    staged_output,
+    write_written_by,
 )
 from litft.hf_prompting import generation_config, read_json, write_tokenizer_config
 from litft.model import Llama
@@ -44,8 +46,14 @@ from litft.readers import hf_directory, require_readers
 from litft.tokenizer import Tokenizer
 from litft.verify import check, litft_reference, prompting
 
+SCRIPT = "scripts/convert_lit_checkpoint.py"
+# What an earlier export into --output_dir may have left that this one does not write: transformers would read it.
+STALE = ("model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json",
+         *TOKENIZER_FILES)
 
-def main(checkpoint_dir: Path, output_dir: Path, max_shard_gb: float = 5.0, verify: bool = True) -> None:
+
+def main(checkpoint_dir: Path, output_dir: Path, max_shard_gb: float = 5.0, verify: bool = True,
+         overwrite: bool = False) -> None:
     """Write a Hugging Face LlamaForCausalLM directory from a lit checkpoint.
 
     Args:
@@ -53,6 +61,7 @@ def main(checkpoint_dir: Path, output_dir: Path, max_shard_gb: float = 5.0, veri
         output_dir: where to write the Hugging Face files.
         max_shard_gb: largest safetensors file to write; bigger models are split with an index.
         verify: load the output with transformers and compare it with litft's model.
+        overwrite: replace the files of a directory that this script did not write.
     """
     checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
     if not max_shard_gb > 0:
@@ -60,6 +69,7 @@ def main(checkpoint_dir: Path, output_dir: Path, max_shard_gb: float = 5.0, veri
     if verify:
         require_readers()  # before anything is written
     check_output_dir("--output_dir", output_dir, "a checkpoint", checkpoint=checkpoint_dir)
+    check_replaceable("--output_dir", output_dir, SCRIPT, overwrite)
     config = Config.from_checkpoint(checkpoint_dir)
     path = checkpoint_dir / WEIGHTS
     if not path.is_file():
@@ -68,21 +78,12 @@ def main(checkpoint_dir: Path, output_dir: Path, max_shard_gb: float = 5.0, veri
     with torch.device("meta"):
         check_shapes(Llama(config), state_dict, path)
     hf_state_dict = lit_to_hf_state_dict(state_dict)
-    created = not output_dir.exists()
-    output_dir.mkdir(parents=True, exist_ok=True)
-    for stale in output_dir.glob(".partial-*"):  # what an export that was killed left (a full copy of the weights)
-        shutil.rmtree(stale, ignore_errors=True)
-    try:  # written beside the old export, and put in its place only once verified
-        with tempfile.TemporaryDirectory(dir=output_dir, prefix=".partial-") as scratch:
-            files = write_hf_directory(Path(scratch), checkpoint_dir, config, hf_state_dict, max_shard_gb)
-            del state_dict, hf_state_dict
-            verified = check(litft_reference(checkpoint_dir), hf_directory(Path(scratch)),
-                             f"the Hugging Face directory {output_dir}") if verify else None
-            publish(Path(scratch), output_dir)
-    except BaseException:
-        if created and not any(output_dir.iterdir()):
-            output_dir.rmdir()
-        raise
+    with staged_output(output_dir, STALE) as scratch:  # written beside the old export, put in its place once verified
+        files = write_hf_directory(scratch, checkpoint_dir, config, hf_state_dict, max_shard_gb)
+        del state_dict, hf_state_dict
+        verified = check(litft_reference(checkpoint_dir), hf_directory(scratch),
+                         f"the Hugging Face directory {output_dir}") if verify else None
+        write_written_by(scratch, SCRIPT, checkpoint_dir=checkpoint_dir)
     print(f"wrote {output_dir}: {', '.join(files)}")
     if verified:
         print(verified)
@@ -105,25 +106,6 @@ def write_hf_directory(directory: Path, checkpoint_dir: Path, config: Config, hf
     if tokenizer is not None:
         files += write_tokenizer_config(directory, tokenizer, style)
     return files
-
-
-def publish(scratch: Path, output_dir: Path) -> None:
-    """Move the verified files into output_dir, and remove the weight and tokenizer files an earlier export left
-    there: transformers would read those instead."""
-    names = [path.name for path in scratch.iterdir()]
-    for name in names:
-        os.replace(scratch / name, output_dir / name)
-    remove_stale_weights(output_dir, keep=names)
-    remove_other_tokenizer_files(output_dir, keep=names)
-
-
-def remove_stale_weights(output_dir: Path, keep: list[str]) -> None:
-    """Delete weight files an earlier export left in output_dir: transformers would load them instead of ours."""
-    for pattern in ("model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin",
-                    "pytorch_model.bin.index.json"):
-        for stale in Path(output_dir).glob(pattern):
-            if stale.name not in keep:
-                stale.unlink()
 
 
 def special_token_ids(checkpoint_dir: Path) -> dict[str, int]:

@@ -10,7 +10,9 @@ included). A LLaMA-Adapter run cannot be exported: its gated prefix attention ha
 
 Verification (`--verify true`, the default) reads the written file back with transformers' GGUF loader and compares
 it with litft's model holding the values the file stores (litft/verify.py); a lossy --dtype also reports how far
-storage moved litft's own logits. The file is renamed into place only after it passed.
+storage moved litft's own logits. The file is renamed into place only after it passed. An existing --out_file is
+replaced only when it is an earlier export of this script (its `litft.exported_by` key says so) or with
+`--overwrite true`; a file that is not GGUF at all is never replaced.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ from litft.base_checkpoint import warn_if_trained_on_another
 from litft.cli import run
 from litft.config import Config
 from litft.errors import UserError
-from litft.files import atomic_path
-from litft.gguf_export import check_exportable, write_gguf
+from litft.files import atomic_path, check_writable
+from litft.gguf_export import EXPORTER, check_exportable, exported_by, write_gguf
 from litft.gguf_vocab import vocab_metadata
 from litft.load_finetuned import detect_method, load_finetuned, tokenizer_dir
 from litft.lora import merge_lora
@@ -36,7 +38,7 @@ from litft.verify import Reader, check, compare, prompting, reference
 
 
 def main(checkpoint_dir: Path, out_file: Path, lora_path: Path | None = None, adapter_path: Path | None = None,
-         dtype: Literal["f32", "f16", "bf16", "q8_0"] = "f16", verify: bool = True) -> None:
+         dtype: Literal["f32", "f16", "bf16", "q8_0"] = "f16", verify: bool = True, overwrite: bool = False) -> None:
     """Write the model in --checkpoint_dir (with the LoRA run in --lora_path merged into it) to --out_file.
 
     Args:
@@ -46,11 +48,13 @@ def main(checkpoint_dir: Path, out_file: Path, lora_path: Path | None = None, ad
         adapter_path: a LLaMA-Adapter run: refused, it cannot be merged into a plain Llama.
         dtype: storage of the matrices: f32 (exact), f16, bf16, or q8_0 (8-bit blocks of 32 weights).
         verify: read the file back with transformers' GGUF loader and compare it with litft's model.
+        overwrite: replace a GGUF file at --out_file that this script did not write.
     """
     checkpoint_dir, out_file = Path(checkpoint_dir), Path(out_file)
     if verify:
         require_readers()  # before anything is written
     run_dir = check_inputs(checkpoint_dir, out_file, lora_path, adapter_path)
+    check_out_file(out_file, overwrite)
     if run_dir is not None:
         warn_if_trained_on_another(run_dir, checkpoint_dir, lora_path)
     check_exportable(Config.from_checkpoint(checkpoint_dir))
@@ -90,12 +94,24 @@ def check_inputs(checkpoint_dir: Path, out_file: Path, lora_path: Path | None, a
         raise UserError(f"--lora_path {lora_path} is not a LoRA run's weights file (lit_model_lora.pth next to lora.yaml)")
     if out_file.is_dir():
         raise UserError(f"--out_file {out_file} is a directory; name the .gguf file to write")
-    if out_file.is_file() and out_file.read_bytes()[:4] != b"GGUF":  # an earlier export may be replaced, nothing else
-        raise UserError(f"--out_file {out_file} exists and is not a GGUF file; name a new .gguf file")
     for what, directory in (("base checkpoint", checkpoint_dir), ("run", run_dir)):
         if directory is not None and out_file.parent.resolve() == directory.resolve():
             raise UserError(f"--out_file {out_file} is inside the {what} directory this command reads; write it elsewhere")
     return run_dir
+
+
+def check_out_file(out_file: Path, overwrite: bool) -> None:
+    """Refuse an --out_file whose folder cannot be written, or that exists and is not an earlier export of this
+    script (a file that is not GGUF at all even with --overwrite true)."""
+    check_writable("--out_file", out_file, out_file.parent)
+    if not out_file.is_file():
+        return
+    with open(out_file, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise UserError(f"--out_file {out_file} exists and is not a GGUF file; name a new .gguf file")
+    if not overwrite and exported_by(out_file) != EXPORTER:
+        raise UserError(f"--out_file {out_file} is a GGUF file that {EXPORTER} did not write; name a new .gguf file, "
+                        "or pass --overwrite true to replace it")
 
 
 def check_file(path: Path, stored: Llama, source, dtype: str, tokenizer, style, stops) -> list[str]:

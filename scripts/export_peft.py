@@ -34,6 +34,11 @@ base, which transformers builds with bitsandbytes (the line printed at the end n
 Verification (`--verify true`, the default): peft loads the written adapter onto transformers' copy of the base
 (for a QLoRA run, the base's NF4 weights dequantized, Ŵ) and must compute what litft's LoRA model computes
 (litft/verify.py); one `verified: ...` line, or it stops.
+
+Everything is checked (shapes, targets, that the base's tokenizer can take the new tokens) before the first file is
+written; the files are written into a scratch directory inside --output_dir and moved into place only once
+verified, so a failed or interrupted export leaves an earlier one as it was. An existing --output_dir is replaced
+only when an earlier run of this script wrote it (its litft_export.yaml says so) or with `--overwrite true`.
 """
 
 from __future__ import annotations
@@ -50,18 +55,28 @@ from litft.cli import run
 from litft.config import CONFIGS, Config
 from litft.convert_hf import lit_to_hf_name
 from litft.errors import UserError
-from litft.files import atomic_path, atomic_write_text, check_output_dir, load_state_dict, remove_other_tokenizer_files
+from litft.files import (
+    TOKENIZER_FILES,
+    atomic_path,
+    atomic_write_text,
+    check_output_dir,
+    check_replaceable,
+    load_state_dict,
+    staged_output,
+    write_written_by,
+)
 from litft.hf_prompting import write_tokenizer_config
 from litft.load_finetuned import check_lora_state_dict, check_same_base, load_finetuned
 from litft.lora import LoRAConfig, add_lora
 from litft.model import Llama
-from litft.new_tokens import write_tokenizer
+from litft.new_tokens import grown_tokenizer_files, write_tokenizer
 from litft.nf4 import SCHEMES, check_scheme
 from litft.prompts import resolve_style
 from litft.readers import peft_adapter, require_readers
 from litft.tokenizer import Tokenizer
 from litft.verify import check, prompting, reference
 
+SCRIPT = "scripts/export_peft.py"
 HF_MODULES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
               "down": "down_proj", "embed": "embed_tokens", "lm_head": "lm_head"}
 
@@ -91,7 +106,7 @@ def adapter_config(lora: LoRAConfig, base: Config, base_path: str) -> dict:
     }
 
 
-def main(checkpoint_dir: Path, lora_path: Path, output_dir: Path, verify: bool = True) -> None:
+def main(checkpoint_dir: Path, lora_path: Path, output_dir: Path, verify: bool = True, overwrite: bool = False) -> None:
     """Write --lora_path as a PEFT adapter (adapter_config.json, adapter_model.safetensors) in --output_dir.
 
     Args:
@@ -100,13 +115,30 @@ def main(checkpoint_dir: Path, lora_path: Path, output_dir: Path, verify: bool =
         lora_path: the run's lit_model_lora.pth (its folder holds lora.yaml).
         output_dir: where to write the adapter (created if needed).
         verify: load the adapter with peft onto transformers' base and compare it with litft's LoRA model.
+        overwrite: replace the files of a directory that this script did not write.
     """
-    from safetensors.torch import save_file
-
     checkpoint_dir, lora_path, output_dir = Path(checkpoint_dir), Path(lora_path), Path(output_dir)
     if verify:
-        require_readers()  # before anything is written
+        require_readers(peft=True)  # before anything is written
     check_output_dir("--output_dir", output_dir, "a PEFT adapter", base=checkpoint_dir, run=lora_path.parent)
+    check_replaceable("--output_dir", output_dir, SCRIPT, overwrite)
+    base, lora, state_dict = check_inputs(checkpoint_dir, lora_path)
+    with staged_output(output_dir, TOKENIZER_FILES) as scratch:  # moved into output_dir only once verified
+        config, tensors = write_adapter(scratch, checkpoint_dir, lora_path, base, lora, state_dict)
+        line = verified(checkpoint_dir, lora_path, scratch, output_dir, len(lora.new_tokens)) if verify else None
+        write_written_by(scratch, SCRIPT, checkpoint_dir=checkpoint_dir, lora_path=lora_path)
+    rows = f" and {len(lora.new_tokens)} new-token rows (+ tokenizer)" if lora.new_tokens else ""
+    print(f"wrote {sum('lora_' in k for k in tensors)} LoRA tensors for {config['target_modules']}{rows} to "
+          f"{output_dir}", file=sys.stderr)
+    if lora.quantize:
+        print(f"this LoRA was trained on an {lora.quantize} base: load the base with BitsAndBytesConfig(load_in_4bit="
+              f"True, bnb_4bit_quant_type='nf4', bnb_4bit_use_double_quant={SCHEMES[lora.quantize]})", file=sys.stderr)
+    if line:
+        print(line)
+
+
+def check_inputs(checkpoint_dir: Path, lora_path: Path) -> tuple[Config, LoRAConfig, dict]:
+    """The base's config, the run's LoRA settings and its tensors, once all of them are checked."""
     base = Config.from_checkpoint(checkpoint_dir)
     lora = LoRAConfig.from_dir(lora_path.parent)
     check_scheme(lora.quantize, flag=f"{lora_path.parent}/lora.yaml has quantize:")
@@ -115,42 +147,42 @@ def main(checkpoint_dir: Path, lora_path: Path, output_dir: Path, verify: bool =
     if lora.new_tokens and {"embed", "lm_head"} & set(lora.targets):
         raise UserError(f"{lora_path} has both new tokens and LoRA on embed/lm_head, which PEFT cannot hold in one "
                         "layer; merge it with scripts/merge_lora.py and convert the merged checkpoint instead")
+    if lora.new_tokens:  # the adapter is unusable without a tokenizer that knows the new ids
+        grown_tokenizer_files(checkpoint_dir, lora.new_tokens, base.vocab_size)
     state_dict = load_state_dict(lora_path, mmap=False)
     with torch.device("meta"):
         model = add_lora(Llama(base), lora)
     check_lora_state_dict(model, state_dict, lora_path)
+    return base, lora, state_dict
+
+
+def write_adapter(directory: Path, checkpoint_dir: Path, lora_path: Path, base: Config, lora: LoRAConfig,
+                  state_dict: dict) -> tuple[dict, dict]:
+    """The adapter's files in `directory`; returns its adapter_config.json and its tensors under PEFT's names."""
+    from safetensors.torch import save_file
 
     tensors = {peft_name(k): v.contiguous() for k, v in state_dict.items()}
-    with atomic_path(output_dir / "adapter_model.safetensors") as tmp:
+    with atomic_path(directory / "adapter_model.safetensors") as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
         os.chmod(tmp, 0o644)  # save_file re-creates the file with owner-only permissions
     named = CONFIGS.get(base.name)  # a checkpoint converted from GGUF may not record its hub repo
     hub_repo = base.hf_repo or (named.hf_repo if named else "")
     config = adapter_config(lora, base, hub_repo or str(checkpoint_dir.resolve()))
-    atomic_write_text(output_dir / "adapter_config.json", json.dumps(config, indent=2) + "\n")
-    if lora.new_tokens:  # the adapter is unusable without the tokenizer that knows the new ids
-        write_tokenizer(checkpoint_dir, output_dir, lora.new_tokens, base.vocab_size)
-        write_tokenizer_config(output_dir, Tokenizer(output_dir), resolve_style(None, lora_path.parent, checkpoint_dir))
-    else:  # the base's own tokenizer serves; none from an earlier export may linger
-        remove_other_tokenizer_files(output_dir, keep=[])
-    rows = f" and {len(lora.new_tokens)} new-token rows (+ tokenizer)" if lora.new_tokens else ""
-    print(f"wrote {sum('lora_' in k for k in tensors)} LoRA tensors for {config['target_modules']}{rows} to "
-          f"{output_dir}", file=sys.stderr)
-    if lora.quantize:
-        print(f"this LoRA was trained on an {lora.quantize} base: load the base with BitsAndBytesConfig(load_in_4bit="
-              f"True, bnb_4bit_quant_type='nf4', bnb_4bit_use_double_quant={SCHEMES[lora.quantize]})", file=sys.stderr)
-    if verify:
-        print(verified(checkpoint_dir, lora_path, output_dir, len(lora.new_tokens)))
+    atomic_write_text(directory / "adapter_config.json", json.dumps(config, indent=2) + "\n")
+    if lora.new_tokens:  # the grown tokenizer travels with the adapter; otherwise the base's own serves
+        write_tokenizer(checkpoint_dir, directory, lora.new_tokens, base.vocab_size)
+        write_tokenizer_config(directory, Tokenizer(directory), resolve_style(None, lora_path.parent, checkpoint_dir))
+    return config, tensors
 
 
-def verified(checkpoint_dir: Path, lora_path: Path, output_dir: Path, n_new_tokens: int) -> str:
-    """peft's reading of the adapter, on transformers' copy of the base the run was trained on (a QLoRA run's
-    base dequantized, Ŵ), against litft's LoRA model."""
+def verified(checkpoint_dir: Path, lora_path: Path, written: Path, output_dir: Path, n_new_tokens: int) -> str:
+    """peft's reading of the adapter written in `written` (for `output_dir`), on transformers' copy of the base the
+    run was trained on (a QLoRA run's base dequantized, Ŵ), against litft's LoRA model."""
     model = load_finetuned(checkpoint_dir, lora_path, dtype=torch.float32)
-    tokens = output_dir if n_new_tokens else checkpoint_dir  # the exported tokenizer knows the new tokens
+    tokens = written if n_new_tokens else checkpoint_dir  # the exported tokenizer knows the new tokens
     tokenizer, style, stops = prompting(checkpoint_dir, lora_path.parent, tokens)
     expected = reference(model, tokenizer, style, stops)
-    return check(expected, peft_adapter(model, output_dir, n_new_tokens), f"the adapter in {output_dir}")
+    return check(expected, peft_adapter(model, written, n_new_tokens), f"the adapter in {output_dir}")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,11 @@ A QLoRA run (lora.yaml's quantize: nf4) is merged into the weights it was traine
 
 Verification (`--verify true`, the default): the merged checkpoint, put into transformers' own Llama, must compute
 what the unmerged LoRA run computes in litft (litft/verify.py); it prints one `verified: ...` line or stops.
+
+The files are written into a scratch directory inside --out_dir and moved into place only once verified: a failed
+or interrupted merge leaves an earlier merge there as it was. An existing --out_dir is replaced only when an earlier
+run of this script wrote it (its litft_export.yaml says so) or with `--overwrite true`; any other directory with
+files in it (a base model, say) is refused.
 """
 
 from __future__ import annotations
@@ -28,7 +33,15 @@ from litft.checkpoint import load_lit_model, save_lit_checkpoint
 from litft.cli import run
 from litft.config import Config
 from litft.errors import UserError
-from litft.files import atomic_path, check_output_dir, copy_tokenizer
+from litft.files import (
+    TOKENIZER_FILES,
+    atomic_path,
+    check_output_dir,
+    check_replaceable,
+    copy_tokenizer,
+    staged_output,
+    write_written_by,
+)
 from litft.load_finetuned import check_same_base, load_lora
 from litft.lora import LoRAConfig, merge_lora
 from litft.new_tokens import grown_tokenizer_files, write_tokenizer
@@ -37,8 +50,11 @@ from litft.qlora import as_used
 from litft.readers import lit_checkpoint, require_readers
 from litft.verify import TOLERANCE, check, litft_reference
 
+SCRIPT = "scripts/merge_lora.py"
+STALE = (*TOKENIZER_FILES, PROMPT_STYLE)  # what an earlier merge into --out_dir may have left that this one does not
 
-def main(checkpoint_dir: Path, lora_path: Path, out_dir: Path, verify: bool = True) -> None:
+
+def main(checkpoint_dir: Path, lora_path: Path, out_dir: Path, verify: bool = True, overwrite: bool = False) -> None:
     """Merge the LoRA weights in --lora_path into the base model in --checkpoint_dir and save it to --out_dir.
 
     Args:
@@ -46,11 +62,29 @@ def main(checkpoint_dir: Path, lora_path: Path, out_dir: Path, verify: bool = Tr
         lora_path: the run's lit_model_lora.pth (its folder holds lora.yaml).
         out_dir: where to write the merged lit checkpoint (created if needed).
         verify: compare the merged checkpoint, in transformers, with the unmerged LoRA model.
+        overwrite: replace the files of a directory that this script did not write.
     """
     checkpoint_dir, lora_path, out_dir = Path(checkpoint_dir), Path(lora_path), Path(out_dir)
     if verify:
         require_readers()  # before anything is written
     check_output_dir("--out_dir", out_dir, "a checkpoint", base=checkpoint_dir, run=lora_path.parent)
+    check_replaceable("--out_dir", out_dir, SCRIPT, overwrite)
+    base, lora = check_inputs(checkpoint_dir, lora_path)
+    model = load_lora(load_lit_model(checkpoint_dir, mmap=lora.quantize is None), lora_path)  # all checks before writing
+    merged = merge_lora(as_used(model, trained=lora.quantize, requested=None))  # a QLoRA run: W' = Ŵ + (α/r)·B·A
+    with staged_output(out_dir, STALE) as scratch:  # moved into out_dir only once verified
+        copied = write_merged(scratch, merged, checkpoint_dir, lora_path, lora, base)
+        del model, merged
+        line = verified(checkpoint_dir, lora_path, scratch, out_dir) if verify else None
+        write_written_by(scratch, SCRIPT, checkpoint_dir=checkpoint_dir, lora_path=lora_path)
+    print(f"merged {lora_path} into {checkpoint_dir} -> {out_dir} (lit_model.pth, model_config.yaml, "
+          f"{', '.join(copied)})", file=sys.stderr)
+    if line:
+        print(line)
+
+
+def check_inputs(checkpoint_dir: Path, lora_path: Path) -> tuple[Config, LoRAConfig]:
+    """The base's config and the run's LoRA settings, once everything that can be checked before loading is."""
     if not lora_path.is_file():
         what = "is a directory" if lora_path.is_dir() else "does not exist"
         raise UserError(f"--lora_path {lora_path} {what}; pass the run's lit_model_lora.pth")
@@ -60,32 +94,31 @@ def main(checkpoint_dir: Path, lora_path: Path, out_dir: Path, verify: bool = Tr
     warn_if_trained_on_another(lora_path.parent, checkpoint_dir, lora_path)  # same shape, another model
     if lora.new_tokens:  # fail before anything is written if the tokenizer cannot take them
         grown_tokenizer_files(checkpoint_dir, lora.new_tokens, base.vocab_size)
-    model = load_lora(load_lit_model(checkpoint_dir, mmap=lora.quantize is None), lora_path)  # all checks before writing
-    merged = merge_lora(as_used(model, trained=lora.quantize, requested=None))  # a QLoRA run: W' = Ŵ + (α/r)·B·A
-    save_lit_checkpoint(merged, out_dir)
-    copied = (write_tokenizer(checkpoint_dir, out_dir, lora.new_tokens, base.vocab_size) if lora.new_tokens
-              else copy_tokenizer(checkpoint_dir, out_dir))  # new tokens at ids V, V + 1, ...
-    if (lora_path.parent / PROMPT_STYLE).is_file():
-        with atomic_path(out_dir / PROMPT_STYLE) as tmp:
+    return base, lora
+
+
+def write_merged(directory: Path, merged, checkpoint_dir: Path, lora_path: Path, lora: LoRAConfig,
+                 base: Config) -> list[str]:
+    """The merged checkpoint's files in `directory`; returns the names copied besides the weights and config."""
+    save_lit_checkpoint(merged, directory)
+    copied = (write_tokenizer(checkpoint_dir, directory, lora.new_tokens, base.vocab_size) if lora.new_tokens
+              else copy_tokenizer(checkpoint_dir, directory))  # new tokens at ids V, V + 1, ...
+    if (lora_path.parent / PROMPT_STYLE).is_file():  # prompted as it was trained
+        with atomic_path(directory / PROMPT_STYLE) as tmp:
             shutil.copyfile(lora_path.parent / PROMPT_STYLE, tmp)
         copied.append(PROMPT_STYLE)
-    else:  # a style left by an earlier merge into out_dir would prompt this model in another run's format
-        (out_dir / PROMPT_STYLE).unlink(missing_ok=True)
-    print(f"merged {lora_path} into {checkpoint_dir} -> {out_dir} (lit_model.pth, model_config.yaml, "
-          f"{', '.join(copied)})", file=sys.stderr)
-    if verify:
-        del model, merged
-        print(verified(checkpoint_dir, lora_path, out_dir))
+    return copied
 
 
 # Merged weights are rounded to the checkpoint's dtype, the LoRA model is not: a 16-bit merge moves logits a little.
 TOLERANCES = {torch.float32: TOLERANCE, torch.bfloat16: 0.25, torch.float16: 0.05}
 
 
-def verified(checkpoint_dir: Path, lora_path: Path, out_dir: Path) -> str:
-    """The merged checkpoint, renamed into transformers' Llama in memory, against the LoRA run in litft."""
-    expected = litft_reference(checkpoint_dir, lora_path, tokens=out_dir)  # the merged tokenizer: new tokens too
-    merged = load_lit_model(out_dir)
+def verified(checkpoint_dir: Path, lora_path: Path, written: Path, out_dir: Path) -> str:
+    """The merged checkpoint written in `written` (for `out_dir`), renamed into transformers' Llama in memory,
+    against the LoRA run in litft."""
+    expected = litft_reference(checkpoint_dir, lora_path, tokens=written)  # the merged tokenizer: new tokens too
+    merged = load_lit_model(written)
     saved = merged.embed.weight.dtype
     reader = lit_checkpoint(merged.float())
     return check(expected, reader, f"the merged checkpoint in {out_dir}", TOLERANCES.get(saved, TOLERANCE))

@@ -260,6 +260,44 @@ def test_user_errors_are_one_line_and_write_nothing(llama3_checkpoint, tmp_path)
     assert not any(p.suffix == ".gguf" for p in [*tmp_path.iterdir(), *llama3_checkpoint.iterdir()])
 
 
+def someone_elses_gguf(path):
+    """A GGUF file that litft did not write (as a downloaded one, e.g. the offline SmolLM2 asset)."""
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(path, "llama")
+    writer.add_name("someone else's model")
+    writer.add_tensor("token_embd.weight", np.ones((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_out_file_is_checked_before_work_and_only_an_earlier_export_is_replaced(llama3_checkpoint, tmp_path):
+    """--out_file under a file, or naming a GGUF file litft did not write, is refused in one line before any work,
+    the file left byte for byte; an earlier export is replaced, and with --overwrite true any GGUF file. Of an
+    existing file only the first bytes are read: a 1 TiB (sparse) non-GGUF file is refused at once."""
+    from gguf import GGUFReader
+
+    notes, foreign, ours = tmp_path / "notes.txt", someone_elses_gguf(tmp_path / "foreign.gguf"), tmp_path / "ours.gguf"
+    notes.write_text("keep me")
+    before = foreign.read_bytes()
+    export = ("--checkpoint_dir", llama3_checkpoint, "--dtype", "f32", "--verify", "false", "--out_file")
+    assert_user_error(run_main(SCRIPT, *export, notes / "x.gguf"), f"--out_file {notes / 'x.gguf'}: {notes} is a file")
+    assert_user_error(run_main(SCRIPT, *export, foreign), f"--out_file {foreign} is a GGUF file that "
+                      "scripts/export_gguf.py did not write; name a new .gguf file, or pass --overwrite true")
+    assert notes.read_text() == "keep me" and foreign.read_bytes() == before
+    for _ in range(2):
+        assert run_main(SCRIPT, *export, ours).returncode == 0
+    assert run_main(SCRIPT, *export, foreign, "--overwrite", "true").returncode == 0
+    assert GGUFReader(foreign).fields["general.name"].contents() == llama3_checkpoint.name
+    huge = tmp_path / "huge.gguf"
+    with open(huge, "wb") as f:
+        f.truncate(2**40)  # reading it whole would need 1 TiB of memory
+    assert_user_error(run_main(SCRIPT, *export, huge), "exists and is not a GGUF file")
+
+
 @pytest.mark.parametrize("change", ["unigram", "normalizer"])
 def test_sentencepiece_models_llama_cpp_cannot_reproduce_are_refused(sentencepiece_model, tmp_path, change):
     """llama.cpp's 'llama' vocabulary is a BPE sentencepiece model without text normalization (Mistral's, the

@@ -328,7 +328,12 @@ def test_convert_lit_checkpoint_removes_an_earlier_exports_weights(bases, tmp_pa
     (out / "model-00001-of-00002.safetensors").write_bytes(b"old")
     (out / "model.safetensors.index.json").write_text("{}")
     (out / "tokenizer.json").write_text("{}")  # and a tokenizer, which transformers would load before tokenizer.model
-    run_script("scripts/convert_lit_checkpoint.py", "--checkpoint_dir", bases[False], "--output_dir", out, check=True)
+    written_before_markers = snapshot(out)  # no litft_export.yaml: replaced only when asked to
+    assert_user_error(run_main("scripts/convert_lit_checkpoint.py", "--checkpoint_dir", bases[False], "--output_dir",
+                               out), "did not write", "--overwrite true")
+    assert snapshot(out) == written_before_markers
+    run_script("scripts/convert_lit_checkpoint.py", "--checkpoint_dir", bases[False], "--output_dir", out,
+               "--overwrite", "true", check=True)
     assert sorted(p.name for p in out.glob("model*")) == ["model.safetensors"]
     assert not (out / "tokenizer.json").exists() and (out / "tokenizer.model").is_file()
     hf = transformers.AutoModelForCausalLM.from_pretrained(out)
@@ -344,3 +349,67 @@ def test_convert_lit_checkpoint_removes_an_earlier_exports_weights(bases, tmp_pa
         proc = run_main("scripts/convert_lit_checkpoint.py", "--checkpoint_dir", bases[True], "--output_dir", out)
     assert_user_error(proc, "verification failed")
     assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+
+
+def foreign_checkpoint(bases, directory):
+    """A directory holding someone's model that no exporter wrote: a copy of a base checkpoint."""
+    shutil.copytree(bases[True], directory)
+    return directory
+
+
+def test_an_output_directory_is_replaced_only_when_the_same_script_wrote_it(bases, tmp_path):
+    """A mistyped output path naming another model's directory is refused in one line and left byte for byte; an
+    earlier output of the same script is replaced; --overwrite true replaces the other model's files."""
+    base_dir, run_dir = bases[True], tmp_path / "run"
+    make_run(base_dir, run_dir, LoRAConfig(r=4))
+    lora = ("--checkpoint_dir", base_dir, "--lora_path", run_dir / "lit_model_lora.pth")
+    adapter = tmp_path / "someones-adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    (adapter / "adapter_model.safetensors").write_bytes(b"theirs")
+    commands = [("scripts/merge_lora.py", *lora, "--out_dir", foreign_checkpoint(bases, tmp_path / "a")),
+                ("scripts/convert_lit_checkpoint.py", "--checkpoint_dir", base_dir, "--output_dir",
+                 foreign_checkpoint(bases, tmp_path / "b")),
+                ("scripts/export_peft.py", *lora, "--output_dir", adapter)]
+    for script, *args in commands:
+        out = args[-1]
+        before = snapshot(out)
+        assert_user_error(run_main(script, *args, "--verify", "false"), f"{out} already holds files that {script} "
+                          "did not write; choose another directory, or pass --overwrite true")
+        assert snapshot(out) == before
+        fresh = tmp_path / f"fresh-{out.name}"
+        for _ in range(2):  # a new directory, then the same again: an earlier output of this script is replaced
+            assert run_main(script, *args[:-1], fresh, "--verify", "false").returncode == 0
+        assert yaml.safe_load((fresh / "litft_export.yaml").read_text())["written_by"] == script
+        assert run_main(script, *args, "--verify", "false", "--overwrite", "true").returncode == 0
+        assert snapshot(out) != before and (out / "litft_export.yaml").is_file()
+
+
+def fail_verification(*args):
+    raise UserError("verification failed: made to fail by the test")
+
+
+@pytest.mark.parametrize("script", ["scripts/merge_lora.py", "scripts/export_peft.py"])
+def test_a_failed_export_leaves_the_earlier_one_as_it_was(bases, tmp_path, script):
+    """The output is written beside the earlier one and moved into place only once verified: a failed verification,
+    or a tokenizer that cannot take the run's new tokens, leaves the earlier output byte for byte, and no scratch
+    files."""
+    base_dir, out = bases[False], tmp_path / "out"
+    for name, lora in (("run", LoRAConfig(r=4)), ("other", LoRAConfig(r=2, alpha=4)),
+                       ("new-tokens", LoRAConfig(r=2, targets=["q", "v"], new_tokens=["<x>"]))):
+        make_run(base_dir, tmp_path / name, lora, seed=len(name))
+    no_tokenizer = tmp_path / "no-tokenizer"
+    shutil.copytree(base_dir, no_tokenizer, ignore=shutil.ignore_patterns("tokenizer*"))
+    flag = "--out_dir" if script.endswith("merge_lora.py") else "--output_dir"
+    run_script(script, "--checkpoint_dir", base_dir, "--lora_path", tmp_path / "run" / "lit_model_lora.pth", flag, out,
+               check=True)
+    before = snapshot(out)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("litft.verify.check", fail_verification)
+        failed = run_main(script, "--checkpoint_dir", base_dir, "--lora_path", tmp_path / "other" / "lit_model_lora.pth",
+                          flag, out)
+    assert_user_error(failed, "made to fail by the test")
+    cannot_grow = run_main(script, "--checkpoint_dir", no_tokenizer, "--lora_path",
+                           tmp_path / "new-tokens" / "lit_model_lora.pth", flag, out, "--verify", "false")
+    assert_user_error(cannot_grow, "neither tokenizer.json nor tokenizer.model")
+    assert snapshot(out) == before and sorted(p.name for p in out.iterdir()) == sorted(before)

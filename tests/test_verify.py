@@ -103,12 +103,23 @@ def test_corrupted_outputs_fail_verification(bases, llama3_checkpoint, tmp_path,
 
 
 def test_without_the_readers_verification_is_one_line_before_anything_is_written(bases, tmp_path, monkeypatch):  # noqa: F811
+    """Without peft, export_peft.py stops in one line before writing; merge_lora.py (and the other exporters, which
+    read their output with transformers alone) still verify. Without transformers, every one stops."""
     import sys
 
     import scripts.convert_lit_checkpoint as convert
+    import scripts.export_peft as export_peft
+    import scripts.merge_lora as merge
 
+    base, lora = lora_run(bases, tmp_path)
     monkeypatch.setitem(sys.modules, "peft", None)  # as if peft were not installed
     with pytest.raises(UserError, match="pip install transformers peft, or pass --verify false"):
+        export_peft.main(base, lora, tmp_path / "p")
+    assert not (tmp_path / "p").exists()
+    merge.main(base, lora, tmp_path / "m")  # its verification needs no peft
+    assert (tmp_path / "m" / "lit_model.pth").is_file()
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    with pytest.raises(UserError, match="pip install transformers, or pass --verify false"):
         convert.main(bases[True], tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
 
@@ -204,3 +215,29 @@ def test_a_reader_with_fewer_output_tokens_than_the_model_fails_verification():
             compare(ref, narrow)
         outcome = compare(ref, wide)
     assert outcome.max_delta < 1e-5 and outcome.equal == outcome.total
+
+
+def test_a_reader_whose_logits_are_not_finite_fails_verification():
+    """A NaN (or inf) logit makes |Δ| NaN, which Python's max() would drop: the check must fail, even when the greedy
+    answers (read from the answer positions, which are finite here) agree."""
+    from litft.config import Config
+    from litft.model import Llama
+    from litft.verify import Reader, check, reference
+
+    torch.manual_seed(0)
+    model = Llama(Config.from_name("tiny-gqa")).eval()
+    ref = reference(model, None, None, set())  # token-id prompts of 8 ids, then the answer
+
+    def at_prompt(value):  # litft's logits, `value` at every prompt position before the last
+        def logits(ids):
+            out = model(ids[None])[0].clone()
+            out[:7] = value
+            return out
+        return logits
+
+    with torch.no_grad():
+        assert check(ref, Reader("exact", lambda ids: model(ids[None])[0]), "it").startswith("verified: ")
+        for value in (float("nan"), float("inf")):
+            with pytest.raises(UserError, match=r"verification failed: .* max \|Δlogit\| (nan|inf), greedy tokens equal "
+                                                r"on 4/4 prompts \(prompt 1: a logit is not finite"):
+                check(ref, Reader("broken", at_prompt(value)), "it")
