@@ -27,9 +27,11 @@ size before loading the adapter:
     model.resize_token_embeddings(len(tokenizer))
 
 A QLoRA run (lora.yaml's quantize: nf4 or nf4-dq) exports the same way; its A and B learnt to correct the NF4
-base, which transformers builds with bitsandbytes (the line printed at the end names the settings):
+base, which transformers builds with bitsandbytes (the line printed at the end names the settings), from the
+weights in the dtype it loads them in, which must be the checkpoint's own, as litft quantized them:
 
-    BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=False)
+    dtype=torch.float32, quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                                bnb_4bit_use_double_quant=False)
 
 Verification (`--verify true`, the default): peft loads the written adapter onto transformers' copy of the base
 (for a QLoRA run, the base's NF4 weights dequantized, Ŵ) and must compute what litft's LoRA model computes
@@ -51,6 +53,7 @@ from pathlib import Path
 import torch
 
 from litft.base_checkpoint import warn_if_trained_on_another
+from litft.checkpoint import WEIGHTS
 from litft.cli import run
 from litft.config import CONFIGS, Config
 from litft.convert_hf import lit_to_hf_name
@@ -131,10 +134,18 @@ def main(checkpoint_dir: Path, lora_path: Path, output_dir: Path, verify: bool =
     print(f"wrote {sum('lora_' in k for k in tensors)} LoRA tensors for {config['target_modules']}{rows} to "
           f"{output_dir}", file=sys.stderr)
     if lora.quantize:
-        print(f"this LoRA was trained on an {lora.quantize} base: load the base with BitsAndBytesConfig(load_in_4bit="
-              f"True, bnb_4bit_quant_type='nf4', bnb_4bit_use_double_quant={SCHEMES[lora.quantize]})", file=sys.stderr)
+        dtype = stored_dtype(checkpoint_dir)  # bitsandbytes quantizes the weights as transformers loads them
+        print(f"this LoRA was trained on an {lora.quantize} base quantized from the checkpoint's {dtype} weights: load "
+              f"the base with dtype={dtype} and BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4', "
+              f"bnb_4bit_use_double_quant={SCHEMES[lora.quantize]})", file=sys.stderr)
     if line:
         print(line)
+
+
+def stored_dtype(checkpoint_dir: Path) -> torch.dtype:
+    """The dtype the base checkpoint stores its weights in (the file is mapped, not read)."""
+    weights = load_state_dict(Path(checkpoint_dir) / WEIGHTS)
+    return next(t.dtype for t in weights.values() if t.is_floating_point())
 
 
 def check_inputs(checkpoint_dir: Path, lora_path: Path) -> tuple[Config, LoRAConfig, dict]:

@@ -236,6 +236,7 @@ def test_the_peft_export_of_a_qlora_run_loads_onto_a_bitsandbytes_base(tmp_path,
                       run / "lit_model_lora.pth", "--output_dir", tmp_path / "peft", check=True)
     double = scheme == "nf4-dq"
     assert f"bnb_4bit_quant_type='nf4', bnb_4bit_use_double_quant={double}" in proc.stderr
+    assert "load the base with dtype=torch.float32 " in proc.stderr  # bitsandbytes quantizes what it loads
     base = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf", quantization_config=bnb_config(double),
                                                          device_map="cpu", dtype=torch.float32)
     pm = peft.PeftModel.from_pretrained(base, tmp_path / "peft").eval()
