@@ -72,6 +72,11 @@ def _grow_hf(path: Path, new_tokens: list[str], first_id: int) -> bytes:
            [t for t in new_tokens if tok.token_to_id(t) is not None])
     tok.add_tokens([AddedToken(t, normalized=False, single_word=False) for t in new_tokens])
     assert [tok.token_to_id(t) for t in new_tokens] == list(range(first_id, first_id + len(new_tokens)))
+    # a byte-level decoder reads é (U+00E9) in an added token as the lone byte 0xE9: "café" would print "caf\ufffd"
+    garbled = [t for t in new_tokens if tok.decode([tok.token_to_id(t)], skip_special_tokens=False) != t]
+    if garbled:
+        raise UserError(f"new tokens {garbled} would not decode back to their own text with {path.name} (a byte-level "
+                        "tokenizer garbles the characters U+00A1-U+0143 in added tokens); choose other characters")
     return tok.to_str().encode()
 
 

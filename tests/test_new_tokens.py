@@ -102,3 +102,21 @@ def test_a_sentencepiece_token_with_a_space_inside_is_refused(sentencepiece_mode
     assert set(grown_tokenizer_files(tmp_path, ["<sep>"], new_id)) == {"tokenizer.model"}
     with pytest.raises(UserError, match=r"\['### Answer:'\].*never matches a token with a space inside"):
         grown_tokenizer_files(tmp_path, ["### Answer:", "<sep>"], new_id)
+
+
+def test_a_token_that_would_not_decode_to_its_own_text_is_refused(tiny_checkpoint, tmp_path):
+    """The tokenizers library, grown by "café" on a byte-level tokenizer (SmolLM2's), decodes its id as "caf\ufffd"
+    (é is read as the lone byte 0xE9); such a token is refused, tokens that come back as written are kept."""
+    from tokenizers import AddedToken
+
+    from litft.errors import UserError
+    from litft.new_tokens import grown_tokenizer_files
+
+    library = Tokenizer.from_file(str(tiny_checkpoint / "tokenizer.json"))
+    vocab = library.get_vocab_size(with_added_tokens=True)
+    library.add_tokens([AddedToken("café", normalized=False)])
+    assert library.decode([vocab], skip_special_tokens=False) == "caf\ufffd"
+    shutil.copy(tiny_checkpoint / "tokenizer.json", tmp_path / "tokenizer.json")
+    assert set(grown_tokenizer_files(tmp_path, ["<ans>", "日本"], vocab)) == {"tokenizer.json"}
+    with pytest.raises(UserError, match=r"\['café'\] would not decode back to their own text"):
+        grown_tokenizer_files(tmp_path, ["<ans>", "café"], vocab)
