@@ -166,7 +166,12 @@ def show(key: str, value, base: Path, data: Path) -> str:
         return f"--{key} {value}"
     if key == "packing":
         return f"--packing {bool(value)}"
-    return f"{key} {value}"  # "method lora", "lora r 8", "adapter prompt_length 10"
+    method, _, name = key.partition(" ")
+    if name in ("r", "alpha", "dropout", "targets", "rslora") and method == "lora":  # the flag --lora_r sets r
+        return f"--lora_{name} {','.join(value) if isinstance(value, list) else value}"
+    if name in ("quantize", "prompt_length", "start_layer"):
+        return f"--{name} {value}"
+    return f"{key} {value}"  # "method lora", "lora new_tokens [...]"
 
 
 # ---- files --------------------------------------------------------------------------------------------------------

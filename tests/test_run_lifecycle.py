@@ -109,15 +109,16 @@ def other_data(tiny, tmp_path: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("change, named", [
-    (lambda tiny, tmp: ["--lora_r", "16"], "lora r 8, this run has lora r 16"),
-    (lambda tiny, tmp: ["--lora_targets", "q,v"], "lora targets"),
-    (lambda tiny, tmp: ["--lora_alpha", "4"], "lora alpha 16.0, this run has lora alpha 4.0"),
+    (lambda tiny, tmp: ["--lora_r", "16"], "--lora_r 8, this run has --lora_r 16"),
+    (lambda tiny, tmp: ["--lora_targets", "q,v"], "this run has --lora_targets q,v;"),
+    (lambda tiny, tmp: ["--lora_alpha", "4"], "--lora_alpha 16.0, this run has --lora_alpha 4.0"),
+    (lambda tiny, tmp: ["--quantize", "nf4"], "--quantize None, this run has --quantize nf4"),
     (lambda tiny, tmp: ["--micro_batch_size", "1"], "--micro_batch_size 2, this run has --micro_batch_size 1"),
     (lambda tiny, tmp: ["--seed", "7"], "--seed 1337"),
     (lambda tiny, tmp: ["--packing", "true"], "--packing False, this run has --packing True"),
     (other_base, "this run has base"),
     (other_data, "this run has data"),
-], ids=["lora_r", "lora_targets", "lora_alpha", "micro_batch_size", "seed", "packing", "other-base", "other-data"])
+], ids=["lora_r", "lora_targets", "lora_alpha", "quantize", "micro_batch_size", "seed", "packing", "other-base", "other-data"])
 def test_a_resume_that_asks_for_another_run_is_refused_untouched(tiny, done_run, tmp_path, change, named):
     out = copy_run(done_run, tmp_path)
     before = snapshot(out)
