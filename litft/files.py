@@ -116,7 +116,7 @@ def check_replaceable(flag: str, out: Path, script: str, overwrite: bool) -> Non
 
 
 def written_by(directory: Path) -> str | None:
-    """The script WRITTEN_BY names in `directory` (read 64 KiB at most), or None."""
+    """The script WRITTEN_BY names in `directory` (its first 65,536 characters at most), or None."""
     try:
         with open(Path(directory) / WRITTEN_BY, encoding="utf-8") as f:
             data = yaml.safe_load(f.read(2**16))
