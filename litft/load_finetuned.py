@@ -26,6 +26,10 @@ from litft.model import Llama
 from litft.nf4 import check_scheme
 from litft.qlora import as_used
 
+# A run directory's method, by the config file it holds: (config file, weights file)
+RUN_FILES = {"lora": (LORA_FILE, LORA_WEIGHTS), "adapter": (adapter.FILE, adapter.WEIGHTS),
+             "adapter_v2": (adapter_v2.FILE, adapter_v2.WEIGHTS)}
+
 
 def load_finetuned(checkpoint_dir: Path, weights_path: Path | None = None, device: str | torch.device = "cpu",
                    dtype: torch.dtype | None = None, method: str | None = None, mmap: bool = True,
@@ -69,9 +73,8 @@ def weights_in(weights_path: Path | None) -> Path | None:
     directory is a checkpoint of its own, and stays as it is.)"""
     if weights_path is None or not Path(weights_path).is_dir():
         return weights_path
-    name = {"lora": LORA_WEIGHTS, "adapter": adapter.WEIGHTS, "adapter_v2": adapter_v2.WEIGHTS}.get(
-        detect_method(Path(weights_path)))
-    return Path(weights_path) / name if name else Path(weights_path)
+    method = detect_method(Path(weights_path))
+    return Path(weights_path) / RUN_FILES[method][1] if method in RUN_FILES else Path(weights_path)
 
 
 def trained_quantize(weights_path: Path | None, method: str | None) -> str | None:
@@ -83,8 +86,7 @@ def trained_quantize(weights_path: Path | None, method: str | None) -> str | Non
 
 def detect_method(weights_path: Path) -> str:
     run_dir = run_dir_of(weights_path)
-    found = [m for m, f in (("lora", LORA_FILE), ("adapter", adapter.FILE), ("adapter_v2", adapter_v2.FILE))
-             if (run_dir / f).is_file()]
+    found = [method for method, (config_file, _) in RUN_FILES.items() if (run_dir / config_file).is_file()]
     return found[0] if len(found) == 1 else "full"
 
 

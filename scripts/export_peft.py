@@ -69,7 +69,7 @@ from litft.files import (
     write_written_by,
 )
 from litft.hf_prompting import write_tokenizer_config
-from litft.load_finetuned import check_lora_state_dict, check_same_base, load_finetuned
+from litft.load_finetuned import check_lora_state_dict, check_same_base, load_finetuned, weights_in
 from litft.lora import LoRAConfig, add_lora
 from litft.model import Llama
 from litft.new_tokens import grown_tokenizer_files, write_tokenizer
@@ -115,12 +115,13 @@ def main(checkpoint_dir: Path, lora_path: Path, output_dir: Path, verify: bool =
     Args:
         checkpoint_dir: the base lit checkpoint the LoRA run was trained on (model_config.yaml; with new tokens,
             its tokenizer files too).
-        lora_path: the run's lit_model_lora.pth (its folder holds lora.yaml).
+        lora_path: the run's lit_model_lora.pth (its folder holds lora.yaml), or that run directory.
         output_dir: where to write the adapter (created if needed).
         verify: load the adapter with peft onto transformers' base and compare it with litft's LoRA model.
         overwrite: replace the files of a directory that this script did not write.
     """
-    checkpoint_dir, lora_path, output_dir = Path(checkpoint_dir), Path(lora_path), Path(output_dir)
+    checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
+    lora_path = weights_in(Path(lora_path))  # a run directory: its lit_model_lora.pth
     if verify:
         require_readers(peft=True)  # before anything is written
     check_output_dir("--output_dir", output_dir, "a PEFT adapter", base=checkpoint_dir, run=lora_path.parent)

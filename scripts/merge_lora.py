@@ -42,7 +42,7 @@ from litft.files import (
     staged_output,
     write_written_by,
 )
-from litft.load_finetuned import check_same_base, load_lora
+from litft.load_finetuned import check_same_base, load_lora, weights_in
 from litft.lora import LoRAConfig, merge_lora
 from litft.new_tokens import grown_tokenizer_files, write_tokenizer
 from litft.prompts import FILE as PROMPT_STYLE
@@ -59,12 +59,13 @@ def main(checkpoint_dir: Path, lora_path: Path, out_dir: Path, verify: bool = Tr
 
     Args:
         checkpoint_dir: the base lit checkpoint the LoRA run was trained on.
-        lora_path: the run's lit_model_lora.pth (its folder holds lora.yaml).
+        lora_path: the run's lit_model_lora.pth (its folder holds lora.yaml), or that run directory.
         out_dir: where to write the merged lit checkpoint (created if needed).
         verify: compare the merged checkpoint, in transformers, with the unmerged LoRA model.
         overwrite: replace the files of a directory that this script did not write.
     """
-    checkpoint_dir, lora_path, out_dir = Path(checkpoint_dir), Path(lora_path), Path(out_dir)
+    checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
+    lora_path = weights_in(Path(lora_path))  # a run directory: its lit_model_lora.pth
     if verify:
         require_readers()  # before anything is written
     check_output_dir("--out_dir", out_dir, "a checkpoint", base=checkpoint_dir, run=lora_path.parent)
@@ -87,7 +88,7 @@ def check_inputs(checkpoint_dir: Path, lora_path: Path) -> tuple[Config, LoRACon
     """The base's config and the run's LoRA settings, once everything that can be checked before loading is."""
     if not lora_path.is_file():
         what = "is a directory" if lora_path.is_dir() else "does not exist"
-        raise UserError(f"--lora_path {lora_path} {what}; pass the run's lit_model_lora.pth")
+        raise UserError(f"--lora_path {lora_path} {what}; pass a LoRA run's directory or its lit_model_lora.pth")
     base = Config.from_checkpoint(checkpoint_dir)  # fail early on a bad base directory
     lora = LoRAConfig.from_dir(lora_path.parent)
     check_same_base(lora_path.parent, base, lora_path)  # the run's model_config.yaml names its base

@@ -89,10 +89,12 @@ def test_merged_checkpoint_equals_unmerged(bases, tmp_path, tied):
     with torch.no_grad():
         torch.testing.assert_close(merged(x), model(x), atol=1e-5, rtol=0)
     if not tied:  # merged again into the same directory, from a run without a prompt style: the first's must go
-        make_run(base_dir, tmp_path / "plain-run", LoRAConfig(r=2, alpha=4), style=None)
-        run_script("scripts/merge_lora.py", "--checkpoint_dir", base_dir, "--lora_path",
-                   tmp_path / "plain-run" / "lit_model_lora.pth", "--out_dir", out, "--verify", "false", check=True)
+        plain = make_run(base_dir, tmp_path / "plain-run", LoRAConfig(r=2, alpha=4), style=None)
+        run_script("scripts/merge_lora.py", "--checkpoint_dir", base_dir, "--lora_path", tmp_path / "plain-run",
+                   "--out_dir", out, "--verify", "false", check=True)  # the run directory stands for its weights
         assert resolve_style(None, out) is None
+        with torch.no_grad():
+            torch.testing.assert_close(load_lit_model(out).eval()(x), plain(x), atol=1e-5, rtol=0)
         return
     # generate/lora.py (which merges after loading) == greedy decoding of the unmerged LoRA model above
     prompt, style, tokenizer = "Name a primary color.", PromptStyle.from_name("alpaca"), Tokenizer(base_dir)
@@ -111,8 +113,9 @@ def test_export_loads_in_peft_and_matches(bases, tmp_path, tied, targets, rslora
     base_dir = bases[tied]
     run_dir, out = tmp_path / "run", tmp_path / "peft"
     model = make_run(base_dir, run_dir, LoRAConfig(r=4, alpha=8, targets=targets, rslora=rslora))
-    run_script("scripts/export_peft.py", "--checkpoint_dir", base_dir, "--lora_path", run_dir / "lit_model_lora.pth",
-               "--output_dir", out, check=True)
+    lora_path = run_dir if rslora else run_dir / "lit_model_lora.pth"  # the run directory or its weights file
+    run_script("scripts/export_peft.py", "--checkpoint_dir", base_dir, "--lora_path", lora_path, "--output_dir", out,
+               check=True)
     config = json.loads((out / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"], config["use_rslora"], config["task_type"]) == (4, 8, rslora, "CAUSAL_LM")
     hf = hf_model(model.config)
