@@ -13,7 +13,7 @@ A prediction matches when its *extracted* form equals the reference's:
 from __future__ import annotations
 
 import re
-from decimal import Decimal, InvalidOperation
+from decimal import Context, Decimal, InvalidOperation
 
 _NUMBER = re.compile(r"[-−]?\s*\$?\s*(?:\d[\d,]*(?:\.\d*)?|\.\d+)")
 
@@ -44,8 +44,9 @@ def extract_gsm8k(text: str) -> str | None:
         value = Decimal(number)
     except InvalidOperation:
         return None
-    value = value.quantize(Decimal(1)) if value == value.to_integral_value() else value.normalize()
-    return str(value if value != 0 else abs(value))  # "-0" is 0
+    if value == value.to_integral_value():
+        return str(int(value))  # exact at any length; "-0" is 0
+    return str(value.normalize(Context(prec=len(number))))  # "3.50" is 3.5, every digit kept
 
 
 EXTRACT = {"gsm8k": extract_gsm8k, "sql": normalize_sql, "viggo": normalize_mr, "games": normalize_mr}

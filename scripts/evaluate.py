@@ -94,7 +94,7 @@ def check_out(out: Path, data: str) -> Path:
 
 def check_same_tokens(sample: dict, tokenizer: Tokenizer, style: PromptStyle, data: str, checkpoint_dir: Path) -> None:
     """The data's prompt tokens must be what this checkpoint's tokenizer makes of the prompt."""
-    prompt = tokenizer.encode(style.apply(sample["instruction"], sample["input"]))
+    prompt = tokenizer.encode(style.apply(sample["instruction"], sample["input"]), bos=style.add_bos)  # as data_prep
     if not torch.equal(sample["input_ids"][: len(prompt)], prompt):
         prepared_with = meta_of(data).get("checkpoint_dir", "another tokenizer")
         raise UserError(f"{data_dir(data)} was prepared with the tokenizer of {prepared_with}, not {checkpoint_dir}; "

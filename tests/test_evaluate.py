@@ -39,6 +39,9 @@ from litft.tokenizer import Tokenizer
     ("#### $1,000.", "1000"),          # a currency sign and a sentence's full stop
     ("#### 42 dollars", "42"),
     ("#### 1 #### 2", "2"),            # the last marker wins
+    ("#### " + "9" * 40, "9" * 40),    # past decimal's default 28 digits: still exact, not an error
+    ("#### 0." + "1" * 40, "0." + "1" * 40),
+    ("#### -0", "0"),
     ("The answer is 42.", None),       # no marker: no answer
     ("#### ", None),
     ("#### many", None),
@@ -234,3 +237,27 @@ def test_evaluation_end_to_end_on_the_task_formats(tmp_path, task, records, corp
     assert [row["correct"] for row in report["predictions"]] == expected
     assert 0 < sum(expected) < len(expected)  # both kinds of reference were in the test split
     assert f"exact match {sum(expected) / len(expected):.1%}" in proc.stdout
+
+
+# TinyLlama-1.1B-Chat-v1.0's template (zephyr): no BOS in the template, while its tokenizer adds one by default
+ZEPHYR = ("{% for message in messages %}{% if message['role'] == 'user' %}{{ '<|user|>\n' + message['content'] + "
+          "eos_token }}{% elif message['role'] == 'assistant' %}{{ '<|assistant|>\n' + message['content'] + eos_token }}"
+          "{% endif %}{% if loop.last and add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}{% endfor %}")
+
+
+def test_a_chat_template_prompt_is_checked_without_the_tokenizers_own_bos(tmp_path, checkpoint):
+    """A chat template writes its own BOS (here none): data_prep encodes without the tokenizer's default BOS, and
+    evaluate's check that the data matches this tokenizer must encode the same way."""
+    chat = tmp_path / "chat"
+    shutil.copytree(checkpoint, chat)
+    (chat / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": True, "bos_token": "<s>",
+                                                            "eos_token": "</s>", "chat_template": ZEPHYR}))
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(e) + "\n" for e in EXAMPLES))
+    run_script("data_prep/json_data.py", "--data_file", tmp_path / "d.jsonl", "--checkpoint_dir", chat,
+               "--destination_path", tmp_path / "prepared", "--val_split_fraction", "0.5",
+               "--prompt_style", "chat-template", check=True)
+    assert Tokenizer(chat).bos_id not in load_split(tmp_path / "prepared", "test")[0]["input_ids"].tolist()
+    proc = run_script("scripts/evaluate.py", "--checkpoint_dir", chat, "--data", tmp_path / "prepared",
+                      "--max_new_tokens", "2", "--limit", "1", "--out", tmp_path / "report.json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "report.json").read_text())["samples"] == 1
