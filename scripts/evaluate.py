@@ -72,7 +72,7 @@ def main(checkpoint_dir: Path, data: str, weights_path: Optional[Path] = None, s
     model = for_generation(load, device, dtype, fast)  # as the generate/ scripts load it
     start = time.perf_counter()
     report = evaluate(model, tokenizer, samples, style, task, limit, max_new_tokens, batch_size)
-    report.update(data=str(data_dir(data)), split=split, checkpoint_dir=str(checkpoint_dir),
+    report.update(data=str(data_dir(data)), split=split, limit=limit, checkpoint_dir=str(checkpoint_dir),
                   weights_path=str(weights_path) if weights_path else None, seconds=round(time.perf_counter() - start, 1))
     atomic_write_text(out, json.dumps(report, indent=2) + "\n")
     print(f"exact match {report['exact_match']:.1%} ({report['correct']}/{report['samples']})  "

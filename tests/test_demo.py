@@ -22,6 +22,15 @@ def test_demo_pipeline_end_to_end(tiny_checkpoint, tmp_path):
 
     again = run_script("scripts/demo.py", *args, check=True)  # a re-run reuses every step's output
     assert again.stderr.count("using ") >= 3 and "finetune/lora.py" not in again.stderr
+    assert "scripts/evaluate.py" not in again.stderr and "merge_lora.py" not in again.stderr
+
+    # trained further and scored on more samples: nothing made from the older weights or sample count is reused
+    further = run_script("scripts/demo.py", *args[:-6], "--max_steps", "3", "--eval_limit", "3", "--max_seq_length",
+                         "256", check=True)
+    assert further.stderr.count("$ python scripts/evaluate.py") == 2 and "merge_lora.py" in further.stderr
+    reports = [json.loads((out / name).read_text()) for name in ("eval-base.json", "eval-lora.json")]
+    assert [r["samples"] for r in reports] == [3, 3] and "token for token: **yes**" in further.stdout
+    assert json.loads((out / "lora" / "summary.json").read_text())["steps"] == 3
 
     table = run_script("scripts/demo.py", "--method", "compare", "--out_dir", out, check=True).stdout
     assert table.splitlines()[2].startswith("| lora |") and "base (no training)" in table
