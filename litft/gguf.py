@@ -100,6 +100,11 @@ def tensor_shapes(reader) -> dict[str, tuple[int, ...]]:
     return {t.name: tuple(int(d) for d in reversed(t.shape)) for t in reader.tensors}
 
 
+# The header keys (after "<arch>.") that a model's shape is read from
+REQUIRED = ("embedding_length", "attention.head_count", "block_count", "feed_forward_length",
+            "attention.layer_norm_rms_epsilon")
+
+
 def config_from_gguf(meta: dict[str, Any], shapes: dict[str, tuple[int, ...]], name: str = "",
                      rope_freqs: np.ndarray | None = None) -> Config:
     """The model's Config from the header; `rope_freqs` is the file's rope_freqs.weight tensor, if it has one."""
@@ -107,6 +112,9 @@ def config_from_gguf(meta: dict[str, Any], shapes: dict[str, tuple[int, ...]], n
     if arch not in ARCHITECTURES:
         raise UserError(f"this GGUF holds a {arch!r} model; the architectures that convert to litft are "
                         f"{', '.join(ARCHITECTURES)} (Llama, Mistral, SmolLM2, TinyLlama, Qwen2)")
+    missing = [f"{arch}.{key}" for key in REQUIRED if f"{arch}.{key}" not in meta]
+    if missing:
+        raise UserError(f"the GGUF header lacks {', '.join(missing)}; it does not describe a complete {arch} model")
     n_embd, n_head = meta[f"{arch}.embedding_length"], meta[f"{arch}.attention.head_count"]
     head_size = n_embd // n_head
     for key in (f"{arch}.rope.dimension_count", f"{arch}.attention.key_length", f"{arch}.attention.value_length"):
@@ -204,6 +212,9 @@ def check_tensors(reader, config: Config) -> None:
         if t.tensor_type.name not in SUPPORTED:
             raise UserError(f"tensor {t.name} is stored as {t.tensor_type.name}, which this converter does not "
                             f"dequantize; supported: {', '.join(SUPPORTED)}")
+        if name not in expected:  # e.g. a block past the header's block_count, or q/k/v biases on a llama model
+            raise UserError(f"the GGUF holds {t.name}, which the {config.n_layer}-layer model its header describes "
+                            f"does not have; litft converts the plain {'Qwen2' if config.qkv_bias else 'Llama'} layout")
         if shapes[t.name] != expected[name]:
             raise UserError(f"tensor {t.name} has shape {shapes[t.name]} but the file's metadata implies "
                             f"{expected[name]}; the GGUF is inconsistent")

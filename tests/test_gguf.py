@@ -322,6 +322,15 @@ def test_not_gguf_not_llama_and_inconsistent_are_user_errors(tmp_path):
     config = config_from_gguf(metadata(reader), tensor_shapes(reader))
     with pytest.raises(UserError, match=r"blk.0.ffn_gate.weight has shape \(128, 64\) but the file's metadata implies \(96, 64\)"):
         check_tensors(reader, config)
+    hf = tiny_hf_llama(tok.get_vocab_size(), tie=False)
+    hf.config.num_hidden_layers = 1  # the header now says one block; the file holds two
+    write_tiny_gguf(tmp_path / "extra.gguf", hf, [Q.F32], meta)
+    reader = open_gguf(tmp_path / "extra.gguf")
+    with pytest.raises(UserError, match="the GGUF holds blk.1.attn_q.weight, which the 1-layer model its header"):
+        check_tensors(reader, config_from_gguf(metadata(reader), tensor_shapes(reader)))
+    header = {"general.architecture": "llama", "llama.embedding_length": 64, "llama.block_count": 2}
+    with pytest.raises(UserError, match="the GGUF header lacks llama.attention.head_count, llama.feed_forward_length"):
+        config_from_gguf(header, {"token_embd.weight": (96, 64)})
 
 
 def test_unsupported_tokenizer_type_is_a_user_error():
