@@ -33,6 +33,9 @@ def load_split(data: str | Path, split: str) -> list[dict]:
     """The samples of `split` ("train" or "test") in a prepared directory."""
     directory = data_dir(data)
     path = directory / f"{split}.pt"
+    if directory.is_file():
+        raise UserError(f"--data {data} is a file; --data names the directory that holds train.pt and test.pt "
+                        f"(here: --data {directory.parent})")
     if not path.is_file():
         script = Path(__file__).resolve().parents[1] / "data_prep" / f"{directory.name}.py"
         hint = f"python data_prep/{directory.name}.py" if script.is_file() else "a data_prep script (e.g. data_prep/json_data.py)"
@@ -59,8 +62,22 @@ def prompt_style_of(data: str | Path) -> PromptStyle:
 
 def meta_of(data: str | Path) -> dict:
     """meta.json of a prepared directory: task, tokenizer checkpoint_dir, max_seq_length, mask_inputs, counts."""
-    path = data_dir(data) / "meta.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return read_json(data_dir(data) / "meta.json")
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object that data preparation wrote (meta.json, length_report.json); {} when the file is missing."""
+    if not path.is_file():
+        return {}
+    try:
+        value = json.loads(path.read_bytes())
+    except ValueError as e:  # JSONDecodeError, or bytes that are no Unicode text
+        reason = e.msg if isinstance(e, json.JSONDecodeError) else "not UTF-8 text"
+        raise UserError(f"{path} is damaged ({reason}); prepare the data again with a data_prep script") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path} holds a JSON {type(value).__name__}, not an object; prepare the data again with a "
+                        "data_prep script")
+    return value
 
 
 def collate(samples: list[dict], pad_id: int, ignore_index: int = -100, max_seq_length: int | None = None,

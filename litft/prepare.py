@@ -15,7 +15,9 @@ whose answer is empty when only answers are learned (mask_inputs). Nothing is wr
 destination until every record has been read, checked and tokenized.
 
 The destination then holds train.pt and test.pt (lists of {input_ids, labels, instruction, input, output},
-readable with torch.load(weights_only=True)), prompt_style.yaml, meta.json and length_report.json. With
+readable with torch.load(weights_only=True)), prompt_style.yaml, meta.json and length_report.json. The old
+train.pt is removed first and the new one written last, so a train.pt there means the whole set comes from one
+preparation (litft/named_data.py prepares a named data set again when it is missing). With
 new tokens (markers that structure the data, e.g. "<sql>"), the tokenizer is grown first so each marker is one
 new id V, V + 1, ... (litft/new_tokens.py), and the grown tokenizer files are written next to the data.
 """
@@ -23,6 +25,7 @@ new id V, V + 1, ... (litft/new_tokens.py), and the grown tokenizer files are wr
 from __future__ import annotations
 
 import csv
+import http.client
 import inspect
 import io
 import json
@@ -57,7 +60,7 @@ COMMON_ARGS = """\
     max_seq_length: the longest sample in tokens; longer answers are shortened, EOS is always kept.
     mask_inputs: give the prompt tokens the label -100, so the loss covers only the answer and EOS.
     prompt_style: the template around instruction and input (plain, alpaca, chatml, smollm2, llama2-chat).
-    val_split_fraction: the share of examples held out as the test split (when no test split is given).
+    val_split_fraction: the share of examples held out as the test split when none is given (never all of them).
     seed: the seed of the train/test shuffle; the same seed gives the same split.
     new_tokens: comma-separated tokens to add to the vocabulary (e.g. "<q>,</q>"); only finetune/lora.py trains them.
 """
@@ -87,11 +90,13 @@ def read_records(path: Path, flag: str = "--data_file") -> list[tuple[str, dict]
     text = read_text(path)
     if not text.strip():
         raise UserError(f"{path} is empty; it should hold one record per example")
-    if path.suffix == ".csv":
+    suffix = path.suffix.lower()  # data.JSONL and data.CSV too
+    if suffix == ".csv":
         reader = csv.DictReader(io.StringIO(text))
         items = [(f"line {reader.line_num}", check_csv_row(row, reader, path)) for row in reader]
-    elif path.suffix == ".jsonl":
-        items = [(f"line {n}", _parse_json(line, path, n)) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    elif suffix == ".jsonl":
+        lines = enumerate(jsonl_lines(text), 1)
+        items = [(f"line {n}", _parse_json(line, path, n)) for n, line in lines if line.strip()]
     else:
         data = _parse_json(text, path, 1)
         if not isinstance(data, list):
@@ -103,6 +108,12 @@ def read_records(path: Path, flag: str = "--data_file") -> list[tuple[str, dict]
         if not isinstance(item, dict):
             raise UserError(f"{path} {where}: expected a JSON object, got {type(item).__name__}")
     return items
+
+
+def jsonl_lines(text: str) -> list[str]:
+    """The lines of a JSON Lines file: records end at "\n" (or "\r\n") only. str.splitlines would also split at
+    U+2028, U+2029, U+0085 and other characters that JSON strings may hold unescaped (RFC 8259)."""
+    return [line.removesuffix("\r") for line in text.split("\n")]
 
 
 def read_text(path: Path) -> str:
@@ -133,7 +144,10 @@ def _parse_json(text: str, path: Path, first_line: int):
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise UserError(f"{path}:{first_line + e.lineno - 1}:{e.colno}: invalid JSON ({e.msg})") from None
+        # a second value at the start of a line: one object per line, i.e. JSON Lines read as one JSON document
+        hint = "; a file of one object per line is JSON Lines and must end in .jsonl" if (
+            e.msg == "Extra data" and e.colno == 1 and e.lineno > 1) else ""
+        raise UserError(f"{path}:{first_line + e.lineno - 1}:{e.colno}: invalid JSON ({e.msg}){hint}") from None
 
 
 def take_fields(records: list[tuple[str, dict]], path: Path, instruction: str | None = "instruction",
@@ -166,7 +180,8 @@ def take_fields(records: list[tuple[str, dict]], path: Path, instruction: str | 
 
 
 def split_examples(examples: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Shuffle with `seed` and hold out `fraction` of the examples as the test split."""
+    """Shuffle with `seed` and hold out `fraction` of the examples as the test split (at least one when the
+    fraction is above 0). A fraction that would hold out every example, leaving none to train on, is refused."""
     if not 0 <= fraction < 1:
         raise UserError(f"--val_split_fraction must be in [0, 1), got {fraction}")
     order = list(range(len(examples)))
@@ -174,6 +189,9 @@ def split_examples(examples: list[dict], fraction: float, seed: int) -> tuple[li
     n_test = round(len(examples) * fraction)
     if fraction > 0 and len(examples) > 1:
         n_test = max(n_test, 1)
+    if examples and n_test >= len(examples):
+        raise UserError(f"--val_split_fraction {fraction} holds out all {len(examples)} examples as the test split, "
+                        "leaving no training examples; give a smaller fraction (0 for no test split) or more data")
     return [examples[i] for i in order[n_test:]], [examples[i] for i in order[:n_test]]
 
 
@@ -185,15 +203,34 @@ def download(url: str, path: Path) -> Path:
     check_writable(path.parent)
     print(f"downloading {url}", file=sys.stderr)
     try:
-        with urllib.request.urlopen(url, timeout=60) as response, atomic_path(path) as tmp, open(tmp, "wb") as f:
-            bar = tqdm(total=int(response.headers.get("Content-Length") or 0) or None, unit="B", unit_scale=True)
-            while chunk := response.read(1 << 20):
-                f.write(chunk)
-                bar.update(len(chunk))
-            bar.close()
-    except OSError as e:
-        raise DownloadError(url, str(e)) from None
+        with urllib.request.urlopen(url, timeout=60) as response, atomic_path(path) as tmp:
+            expected = content_length(response)
+            received = save_body(response, tmp, expected)
+            # A connection closed early ends the body without an error; the file would be taken as complete
+            # (urllib.request.urlretrieve's ContentTooShortError makes the same check). Raised inside
+            # atomic_path, nothing is left at `path`.
+            if expected is not None and received < expected:
+                raise DownloadError(url, f"the connection closed after {received} of {expected} bytes; run again")
+    except (OSError, http.client.HTTPException) as e:
+        raise DownloadError(url, str(e) or type(e).__name__) from None
     return path
+
+
+def content_length(response) -> int | None:
+    """The body's size the server announced, or None when it gave none (or none that is a number)."""
+    value = (response.headers.get("Content-Length") or "").strip()
+    return int(value) if value.isdigit() else None
+
+
+def save_body(response, path: Path, expected: int | None) -> int:
+    """Write the response's body to `path`, with a progress bar; return the number of bytes received."""
+    received = 0
+    with open(path, "wb") as f, tqdm(total=expected or None, unit="B", unit_scale=True) as bar:
+        while chunk := response.read(1 << 20):
+            f.write(chunk)
+            received += len(chunk)
+            bar.update(len(chunk))
+    return received
 
 
 class DownloadError(UserError):
@@ -297,6 +334,9 @@ def prepare(train: list[dict], test: list[dict], *, task: str, source: str, dest
     check_writable(destination_path)
     if max_seq_length < 2:
         raise UserError(f"--max_seq_length must be at least 2 (one answer token and EOS), got {max_seq_length}")
+    if not train:
+        raise UserError(f"{source} leaves no training examples; give it more records (or a smaller "
+                        "--val_split_fraction)")
     with tempfile.TemporaryDirectory() as grown_dir:
         tokenizer = grown_tokenizer(checkpoint_dir, list(new_tokens), Path(grown_dir))
     if tokenizer.eos_id is None:
@@ -315,18 +355,28 @@ def prepare(train: list[dict], test: list[dict], *, task: str, source: str, dest
             "new_tokens": list(new_tokens),
             "tokenizer": tokenizer_fingerprint(checkpoint_dir)}  # finetune/ refuses data another tokenizer encoded
     try:
-        if new_tokens:
-            write_tokenizer(checkpoint_dir, destination_path, list(new_tokens), model_vocab_size(checkpoint_dir))
-        for name in SPLITS:
-            with atomic_path(destination_path / f"{name}.pt") as tmp:
-                torch.save(samples[name], tmp)
-        style.save(destination_path)
-        atomic_write_text(destination_path / "length_report.json", json.dumps(report, indent=2) + "\n")
-        atomic_write_text(destination_path / "meta.json", json.dumps(meta, indent=2) + "\n")
+        write_prepared(destination_path, samples, style, report, meta, checkpoint_dir, list(new_tokens))
     except OSError as e:
         raise UserError(f"cannot write to {destination_path} ({e.strerror}); choose another --destination_path") from None
     print(f"wrote {meta['counts']['train']} train and {meta['counts']['test']} test samples to {destination_path}")
     return meta
+
+
+def write_prepared(destination_path: Path, samples: dict, style: PromptStyle, report: dict, meta: dict,
+                   checkpoint_dir: Path, new_tokens: list[str]) -> None:
+    """Write the prepared set. A train.pt marks a prepared directory (litft/named_data.py, litft/files.py), so the
+    old one goes first and the new one comes last: interrupted in between, the directory holds no train.pt and is
+    prepared again, never read as a new train.pt beside the old test.pt and meta.json (and its tokenizer)."""
+    (destination_path / "train.pt").unlink(missing_ok=True)
+    if new_tokens:
+        write_tokenizer(checkpoint_dir, destination_path, new_tokens, model_vocab_size(checkpoint_dir))
+    with atomic_path(destination_path / "test.pt") as tmp:
+        torch.save(samples["test"], tmp)
+    style.save(destination_path)
+    atomic_write_text(destination_path / "length_report.json", json.dumps(report, indent=2) + "\n")
+    atomic_write_text(destination_path / "meta.json", json.dumps(meta, indent=2) + "\n")
+    with atomic_path(destination_path / "train.pt") as tmp:
+        torch.save(samples["train"], tmp)
 
 
 def grown_tokenizer(checkpoint_dir: Path, new_tokens: list[str], scratch: Path):

@@ -10,13 +10,13 @@ work:
 - samples that do not end with EOS or the style's end-of-turn marker (the model never learns to stop);
 - a prompt style whose end-of-turn marker (<|im_end|>, <|eot_id|>) is never trained (it never learns to close
   its turn);
-- more than 5 % of the samples truncated (by data preparation, or by --max_seq_length);
+- more than 5 % of the samples truncated: shortened at preparation (the answer lost its end, EOS kept), or
+  longer than --max_seq_length (training reads their first max_seq_length - 1 tokens and their end token);
 - a new token (data prepared with --new_tokens) that no trained label holds (its output row never learns).
 """
 
 from __future__ import annotations
 
-import json
 from itertools import groupby
 from pathlib import Path
 
@@ -65,16 +65,42 @@ def checks(samples: list[dict], tokenizer: Tokenizer, style: PromptStyle | None,
     if len(end_ids) == 1 and not (trained == end_ids[0]).any():
         warnings.append(f"the end-of-turn marker {end} of the {style.name} prompt style is never trained: the model "
                         "will not learn to close its turn; prepare the data again with a data_prep script")
-    truncated = truncated_before + sum(max_seq_length is not None and len(s["input_ids"]) > max_seq_length
-                                       for s in samples)
-    if truncated > TRUNCATED_SHARE * n:
-        warnings.append(f"{truncated} of {n} samples ({truncated / n:.0%}) are truncated: their answers lose their "
-                        "middle; raise --max_seq_length")
+    if truncated := truncation_warning(samples, max_seq_length, truncated_before):
+        warnings.append(truncated)
     for token in new_tokens:
         if not (trained == tokenizer.token_to_id(token)).any():
             warnings.append(f"the new token {token} is in no trained label: its output row never learns; use it in "
                             "the answers, or drop it from --new_tokens")
     return warnings
+
+
+def truncation_warning(samples: list[dict], max_seq_length: int | None, truncated_before: int) -> str | None:
+    """The warning when more than TRUNCATED_SHARE of the samples are truncated, saying how for each cause."""
+    n = len(samples)
+    longer = sum(max_seq_length is not None and len(s["input_ids"]) > max_seq_length for s in samples)
+    # A sample shortened at preparation is exactly as long as the preparation's max_seq_length, so a shorter
+    # --max_seq_length cuts every one of them again: the truncated samples are the larger count, not the sum.
+    truncated = max(truncated_before, longer)
+    if not n or truncated <= TRUNCATED_SHARE * n:
+        return None
+    causes = []
+    if truncated_before:
+        causes.append(f"{truncated_before} lost the end of their answer at preparation (EOS kept); prepare the data "
+                      "again with a larger --max_seq_length")
+    if longer:
+        causes.append(f"{longer} are longer than --max_seq_length {max_seq_length}, so training reads only their "
+                      f"first {max_seq_length - 1} tokens and their end token (the rest of the answer is lost); raise "
+                      "--max_seq_length")
+    return f"{truncated} of {n} samples ({truncated / n:.0%}) are truncated: {'; '.join(causes)}"
+
+
+def show(i: int, split: str, sample: dict, tokenizer: Tokenizer, max_seq_length: int | None) -> str:
+    """Sample i rendered as training reads it: cut to --max_seq_length like litft/data.py's collate."""
+    ids, labels = cut(sample["input_ids"], sample["labels"], max_seq_length)
+    length = f"{len(ids)} tokens"
+    if len(ids) < len(sample["input_ids"]):
+        length += f", cut from {len(sample['input_ids'])} by --max_seq_length"
+    return f"--- {split} sample {i} ({length}) ---\n{render({'input_ids': ids, 'labels': labels}, tokenizer)}"
 
 
 def preview(data: str | Path, n: int, split: str = "train", max_seq_length: int | None = None) -> str:
@@ -84,10 +110,8 @@ def preview(data: str | Path, n: int, split: str = "train", max_seq_length: int 
     new_tokens = meta.get("new_tokens", [])
     tokenizer = Tokenizer(directory if new_tokens else Path(meta.get("checkpoint_dir", directory)))
     style = PromptStyle.from_dir(directory)
-    report = directory / "length_report.json"
-    before = json.loads(report.read_text()).get(split, {}).get("truncated", 0) if report.is_file() else 0
-    shown = [f"--- {split} sample {i} ({len(s['input_ids'])} tokens) ---\n{render(s, tokenizer)}"
-             for i, s in enumerate(samples[:n])]
+    before = data_lib.read_json(directory / "length_report.json").get(split, {}).get("truncated", 0)
+    shown = [show(i, split, s, tokenizer, max_seq_length) for i, s in enumerate(samples[:n])]
     found = checks(samples, tokenizer, style, new_tokens, max_seq_length, before)
     summary = [f"warning: {w}" for w in found] or [f"checked {len(samples)} {split} samples: nothing to warn about"]
     return "\n".join([*shown, *summary])

@@ -6,7 +6,9 @@ The completion the model should learn follows the prompt directly; the tokenizer
 Encode a prompt with `tokenizer.encode(style.apply(...), bos=style.add_bos)`: a chat template writes its own BOS.
 
     plain         instruction (newline, input)                 no template: for base models and raw text
-    alpaca        "Below is an instruction ... ### Response:\n"  Stanford Alpaca's template, with/without input
+    alpaca        "Below is an instruction ... ### Response:\n"  Stanford Alpaca's template (with/without input)
+                                                              plus a newline after "### Response:", as alpaca-lora
+                                                              and LitGPT use it
     chatml        <|im_start|>user ... <|im_end|> <|im_start|>assistant\n      ChatML without a system turn
     smollm2       chatml with SmolLM2-Instruct's default system turn, as its own chat template renders it
     llama2-chat   [INST] ... [/INST]                          Llama-2-chat; the answer is encoded on its own,

@@ -4,6 +4,8 @@ sample (truncated ones too), right padding, the Dolly and custom-key mappings, a
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import re
 import shutil
@@ -231,6 +233,78 @@ def test_missing_data_names_the_script_to_run(tmp_path, monkeypatch):
         load_split(tmp_path / "empty", "train")
     with pytest.raises(UserError, match="no prompt_style.yaml"):
         prompt_style_of(tmp_path / "empty")
+
+
+def test_a_file_as_data_and_damaged_json_files_are_user_errors(tmp_path, sp_dir):
+    prepare_here(tmp_path, sp_dir)
+    data = tmp_path / "data"
+    with pytest.raises(UserError, match=rf"--data {data}/train.pt is a file; --data names the directory .*"
+                                        rf"\(here: --data {data}\)"):
+        load_split(data / "train.pt", "train")
+    for content, reason in [(b'{"task": "text", "coun', "Unterminated string"), (b"\xff\xfe\x00", "not UTF-8"),
+                            (b"[1, 2]", "holds a JSON list, not an object")]:
+        (data / "meta.json").write_bytes(content)
+        with pytest.raises(UserError, match=rf"{data}/meta.json .*{reason}.*prepare the data again"):
+            meta_of(data)
+
+
+def test_jsonl_records_hold_unicode_line_separators(tmp_path):
+    """Truth: RFC 8259 lets a JSON string hold U+2028, U+2029 and U+0085 unescaped, and JSON Lines ends a record at
+    "\n" only (jsonlines.org), so each line is one record exactly as json.loads reads it."""
+    records = [{"instruction": "Line\u2028sep", "input": "para\u2029graph", "output": "next\x85line\x0cfeed"},
+               {"instruction": "Plain.", "output": "Yes."}]
+    lines = [json.dumps(r, ensure_ascii=False) for r in records]
+    path = tmp_path / "u.jsonl"
+    path.write_text("\r\n".join(lines) + "\r\n", encoding="utf-8")
+    assert read_records(path) == [(f"line {n}", json.loads(line)) for n, line in enumerate(lines, 1)]
+
+
+def test_suffixes_are_read_in_any_case(tmp_path):
+    """Truth: the json and csv modules reading the same text as JSON Lines and as CSV."""
+    lines = [json.dumps({"instruction": f"Q{i}", "output": f"A{i}"}) for i in range(2)]
+    (tmp_path / "two.JSONL").write_text("\n".join(lines) + "\n")
+    assert [r for _, r in read_records(tmp_path / "two.JSONL")] == [json.loads(line) for line in lines]
+    text = "instruction,output\nSay hi,Hi\n"
+    (tmp_path / "t.CSV").write_text(text)
+    assert [r for _, r in read_records(tmp_path / "t.CSV")] == list(csv.DictReader(io.StringIO(text)))
+
+
+def test_a_fraction_that_leaves_no_training_examples_is_refused(tmp_path):
+    two = [{"instruction": str(i), "input": "", "output": str(i)} for i in range(2)]
+    for examples, fraction in [(two, 0.9), (two, 0.75), (two[:1], 0.6)]:  # 1.8, 1.5 and 0.6 round up to all
+        with pytest.raises(UserError, match=rf"--val_split_fraction {fraction} holds out all {len(examples)} "
+                                            "examples as the test split, leaving no training examples"):
+            split_examples(examples, fraction, seed=0)
+    assert [len(part) for part in split_examples(two, 0.5, seed=0)] == [1, 1]
+
+
+def test_an_interrupted_prepare_never_leaves_a_new_train_split_beside_old_files(tmp_path, sp_dir, monkeypatch):
+    """train.pt marks a prepared directory (litft/named_data.py uses it as such): cut short while writing test.pt, a
+    preparation must not leave the new train.pt beside the old test.pt and meta.json."""
+    import litft.prepare
+
+    old_train = prepare_here(tmp_path, sp_dir, prompt_style="plain", max_seq_length=256)
+    save = torch.save
+
+    def save_but_fail_on_test(obj, f, *args, **kwargs):
+        if ".test.pt." in str(f):  # atomic_path's temporary name for test.pt
+            raise KeyboardInterrupt
+        return save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(litft.prepare.torch, "save", save_but_fail_on_test)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_here(tmp_path, sp_dir, prompt_style="plain", max_seq_length=12)
+    data = tmp_path / "data"
+    if (data / "train.pt").exists():  # only the whole old set may still be there
+        kept = load_split(data, "train")
+        assert [s["input_ids"].tolist() for s in kept] == [s["input_ids"].tolist() for s in old_train]
+        assert meta_of(data)["max_seq_length"] == 256
+    else:  # or none: not prepared, so a named data set is prepared again on its next use
+        with pytest.raises(UserError, match="is not prepared data"):
+            load_split(data, "train")
+    monkeypatch.undo()
+    new_train = prepare_here(tmp_path, sp_dir, prompt_style="plain", max_seq_length=12)
+    assert max(len(s["input_ids"]) for s in new_train) == meta_of(data)["max_seq_length"] == 12
 
 
 def test_alpaca_viggo_gsm8k_sql_mappings_from_local_files(tmp_path, sp_dir):

@@ -3,12 +3,16 @@ column for broken JSON), exit status != 0, and nothing written to the destinatio
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import shutil
+import threading
 
 import pytest
 from conftest import assert_user_error, run_main, run_script
+
+from litft.prepare import DownloadError, download
 
 GOOD = {"instruction": "Say hi.", "input": "", "output": "Hi."}
 
@@ -46,7 +50,12 @@ CASES = {
                                  ["line 3", "2 fields where the header has 3", "a,,c"]),
     "lone surrogate": ("d.jsonl", '{"instruction": "a\\ud800b", "output": "c"}\n', [],
                        ["line 1", "'instruction' holds an unpaired surrogate at character 1"]),
+    "JSON Lines named .json": ("d.json", json.dumps(GOOD) + "\n" + json.dumps(GOOD) + "\n", [],
+                               [":2:1:", "invalid JSON (Extra data)", "must end in .jsonl"]),
+    "a test split of every example": ("d.jsonl", (json.dumps(GOOD) + "\n") * 2, ["--val_split_fraction", "0.9"],
+                                      ["--val_split_fraction 0.9 holds out all 2 examples", "no training examples"]),
 }
+NOT_ABOUT_THE_FILE = ("unknown prompt style", "a test split of every example")  # their line names a flag instead
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -57,7 +66,7 @@ def test_bad_data_file_is_one_line_and_writes_nothing(tmp_path, sp_dir, case):
     destination = tmp_path / "out"
     proc = run_main("data_prep/json_data.py", "--data_file", path, "--checkpoint_dir", sp_dir,
                     "--destination_path", destination, "--val_split_fraction", "0", *flags)
-    fragments = fragments if case == "unknown prompt style" else [str(path), *fragments]
+    fragments = fragments if case in NOT_ABOUT_THE_FILE else [str(path), *fragments]
     assert_user_error(proc, *fragments)
     assert not destination.exists()
 
@@ -103,3 +112,49 @@ def test_a_directory_as_data_file_and_utf16_with_a_byte_order_mark(tmp_path, sp_
     run_script("data_prep/json_data.py", "--data_file", path, "--checkpoint_dir", sp_dir, "--destination_path",
                tmp_path / "out", "--val_split_fraction", "0", check=True)
     assert (tmp_path / "out" / "train.pt").is_file()
+
+
+class ShortBody(http.server.BaseHTTPRequestHandler):
+    """Announces a body of `length` bytes and sends `body`, then closes: a download cut short, as a dropped
+    connection leaves it (no error on the reading side, only fewer bytes than Content-Length)."""
+
+    body, length = b'[{"instruction": "a"', 100_000
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", str(self.length))
+        self.end_headers()
+        self.wfile.write(self.body)
+        self.close_connection = True
+
+    def log_message(self, *args):  # keep the test's output clean
+        pass
+
+
+@pytest.fixture
+def serve():
+    """serve(handler) -> the URL of a local HTTP server answering with `handler`; stopped after the test."""
+    servers = []
+
+    def start(handler) -> str:
+        server = http.server.HTTPServer(("127.0.0.1", 0), handler)
+        server.timeout = 10
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_port}/alpaca_data.json"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_download_shorter_than_its_content_length_is_refused_and_not_kept(tmp_path, serve):
+    """Truth: the HTTP Content-Length header (RFC 9110 8.6), which urllib.request.urlretrieve also checks."""
+    url, path = serve(ShortBody), tmp_path / "alpaca_data.json"
+    for _ in range(2):  # nothing is kept, so the second try downloads again rather than reusing a stub
+        with pytest.raises(DownloadError, match="the connection closed after 20 of 100000 bytes"):
+            download(url, path)
+        assert list(tmp_path.iterdir()) == []
+    complete = type("Complete", (ShortBody,), {"length": len(ShortBody.body)})
+    assert download(serve(complete), path).read_bytes() == ShortBody.body

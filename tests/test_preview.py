@@ -17,8 +17,10 @@ from test_train import finetune, tiny  # noqa: F401  (tiny is a fixture)
 
 from litft.checkpoint import save_lit_checkpoint
 from litft.config import Config
+from litft.errors import UserError
 from litft.model import Llama
 from litft.preview import TRAINED
+from litft.preview import preview as preview_text
 from litft.prompts import PromptStyle
 
 ROWS = [{"instruction": f"{kind} {i}", "input": "", "output": word}
@@ -81,3 +83,44 @@ def test_each_planted_mistake_is_named(tiny, chat_checkpoint, tmp_path):
 def test_finetune_previews_before_it_trains(tiny, tmp_path):
     proc = finetune(tiny, tmp_path / "out", "--preview", "1", "--max_steps", "1")
     assert "--- train sample 0" in proc.stderr and TRAINED[0] in proc.stderr
+
+
+LONG = [{"instruction": f"colour {i}", "input": "", "output": "red green blue cat dog one two three"} for i in range(20)]
+
+
+@pytest.fixture(scope="module")
+def long_data(tiny, tmp_path_factory):
+    """Plain-style data prepared with --max_seq_length 30: every answer (36 tokens) loses its end there."""
+    return prepare(tmp_path_factory.mktemp("long"), tiny["ckpt"], LONG, "--prompt_style", "plain",
+                   "--max_seq_length", "30")
+
+
+def test_truncation_is_counted_once_and_samples_are_shown_cut_as_training_reads_them(tiny, long_data):
+    """Truth: the `tokenizers` ids of the prompt and of the answer (plain style encodes them apart); training
+    reads the first L - 1 tokens and the end token. Samples shortened at preparation and cut again by a shorter
+    --max_seq_length are each one truncated sample, not two."""
+    from tokenizers import Tokenizer
+
+    hf, L = Tokenizer.from_file(str(tiny["ckpt"] / "tokenizer.json")), 20
+    first = torch.load(long_data / "train.pt", weights_only=True)[0]
+    prompt, answer = (hf.encode(first[k], add_special_tokens=False).ids for k in ("instruction", "output"))
+    kept = hf.decode(answer[:L - 2 - len(prompt)])  # BOS, the prompt, the answer's first tokens, EOS
+    out = preview_text(long_data, 1, max_seq_length=L)
+    assert f"--- train sample 0 ({L} tokens, cut from 30 by --max_seq_length) ---" in out
+    assert f"<s>{first['instruction']}{TRAINED[0]}{kept}</s>{TRAINED[1]}\n" in out
+    warning = next(line for line in out.splitlines() if "truncated" in line)
+    assert warning.startswith("warning: 18 of 18 samples (100%) are truncated: 18 lost the end of their answer at "
+                              "preparation (EOS kept)"), warning
+    assert "18 are longer than --max_seq_length 20, so training reads only their first 19 tokens and their end " \
+           "token" in warning
+    uncut = preview_text(long_data, 1)  # no --max_seq_length: only what preparation did
+    assert "(30 tokens) ---" in uncut and "18 of 18 samples (100%) are truncated" in uncut
+    assert "longer than --max_seq_length" not in uncut
+
+
+def test_a_damaged_length_report_is_a_user_error(long_data, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(long_data, data)
+    (data / "length_report.json").write_text('{"train": {"truncated": 1')
+    with pytest.raises(UserError, match=rf"{data}/length_report.json is damaged \(.*\); prepare the data again"):
+        preview_text(data, 1)

@@ -1,5 +1,6 @@
 """Prompt styles against outside truth: SmolLM2-Instruct's own chat template (the Jinja template shipped in its
-GGUF file, rendered with jinja2 as transformers does) and Stanford Alpaca's published template layout."""
+GGUF file, rendered with jinja2 as transformers does) and Stanford Alpaca's published templates (PROMPT_DICT in
+tatsu-lab/stanford_alpaca's train.py, typed out below)."""
 
 from __future__ import annotations
 
@@ -56,12 +57,29 @@ def test_named_styles_as_chat_templates(smollm2_chat_template, messages):
     assert [PromptStyle(n).chat_template for n in ("plain", "alpaca", "llama2-chat")] == [None, None, None]
 
 
-def test_alpaca_templates():
-    with_input = PromptStyle("alpaca").apply("Add the numbers.", "2 and 3")
-    assert with_input.startswith("Below is an instruction that describes a task, paired with an input")
-    assert with_input.endswith("### Instruction:\nAdd the numbers.\n\n### Input:\n2 and 3\n\n### Response:\n")
-    without = PromptStyle("alpaca").apply("Say hi.")
-    assert "### Input:" not in without and without.endswith("### Instruction:\nSay hi.\n\n### Response:\n")
+# Stanford Alpaca's PROMPT_DICT (https://github.com/tatsu-lab/stanford_alpaca/blob/main/train.py), as published.
+STANFORD_ALPACA = {
+    "prompt_input": (
+        "Below is an instruction that describes a task, paired with an input that provides further context. "
+        "Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
+    ),
+    "prompt_no_input": (
+        "Below is an instruction that describes a task. "
+        "Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\n{instruction}\n\n### Response:"
+    ),
+}
+# The one difference: litft's alpaca style ends with a newline after "### Response:", as alpaca-lora's
+# templates/alpaca.json and LitGPT's Alpaca style do (Stanford's ends at the colon).
+AFTER_RESPONSE = "\n"
+
+
+def test_alpaca_is_stanfords_template_with_a_newline_after_response():
+    style = PromptStyle("alpaca")
+    assert style.apply("Add the numbers.", "2 and 3") == STANFORD_ALPACA["prompt_input"].format(
+        instruction="Add the numbers.", input="2 and 3") + AFTER_RESPONSE
+    assert style.apply("Say hi.") == STANFORD_ALPACA["prompt_no_input"].format(instruction="Say hi.") + AFTER_RESPONSE
 
 
 def test_llama2_chat_and_plain():
