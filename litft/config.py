@@ -105,6 +105,7 @@ class Config:
         """Read config.json of a Llama, Mistral or Qwen2 checkpoint; any setting litft does not model is refused."""
         hf = path_or_dict if isinstance(path_or_dict, dict) else json.loads(Path(path_or_dict).read_text())
         check_hf_fields(hf)
+        hf = {**HF_DEFAULTS[hf.get("model_type", "llama")], **hf}  # what transformers assumes for a missing field
         n_head = hf["num_attention_heads"]
         rope_base, rope_scaling = rope_from_hf(hf)
         block_size = hf.get("max_position_embeddings", 4096)
@@ -163,8 +164,25 @@ class Config:
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
+# transformers' values for fields a config.json leaves out (LlamaConfig, MistralConfig, Qwen2Config)
+HF_DEFAULTS = {
+    "llama": {"rms_norm_eps": 1e-6, "max_position_embeddings": 2048},
+    "mistral": {"rms_norm_eps": 1e-6, "max_position_embeddings": 131072, "sliding_window": 4096},
+    "qwen2": {"rms_norm_eps": 1e-6, "max_position_embeddings": 32768},
+}
+SIZES = ("vocab_size", "num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size")
+OPTIONAL_SIZES = ("num_key_value_heads", "max_position_embeddings", "head_dim")  # null: the default
+
+
 def check_hf_fields(hf: dict[str, Any]) -> None:
     """Refuse, by name, every config.json setting that would make litft's model differ from the checkpoint's."""
+    if not isinstance(hf, dict):
+        raise UserError(f"config.json holds a JSON {type(hf).__name__}, not an object of settings")
+    for field in SIZES + OPTIONAL_SIZES:  # a missing required one is named where it is read
+        if field not in hf or (hf[field] is None and field in OPTIONAL_SIZES):
+            continue
+        if type(hf[field]) is not int or hf[field] < 1:
+            raise UserError(f"config.json field {field} = {hf[field]!r} should be a positive integer")
     model_type = hf.get("model_type", "llama")
     if model_type not in MODEL_TYPES:
         raise UserError(f"config.json model_type {model_type!r} is not supported; litft runs {', '.join(MODEL_TYPES)}")

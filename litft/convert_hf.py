@@ -148,6 +148,8 @@ def read_hf_config(checkpoint_dir: Path, name: str = "") -> Config:
         raise UserError(f"{path} lacks the field {e}; is it a Llama-architecture config?") from None
     except ValueError as e:
         raise UserError(f"{path}: {e}") from None
+    except (TypeError, AttributeError) as e:  # e.g. rope_scaling as a list, a factor as a string
+        raise UserError(f"{path}: a setting has a value of the wrong type ({e})") from None
     known = CONFIGS.get(config.name)
     return Config(**{**config.to_dict(), "hf_repo": known.hf_repo}) if known else config
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import yaml
@@ -77,3 +79,36 @@ def test_rope_scaling_round_trips_through_model_config_yaml(tmp_path):
     (tmp_path / "model_config.yaml").write_text(yaml.safe_dump(bad))
     with pytest.raises(UserError, match="rope_scaling.factor"):
         Config.from_checkpoint(tmp_path)
+
+
+SHAPE = {"vocab_size": 128, "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 1,
+         "intermediate_size": 128}
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])
+def test_fields_config_json_leaves_out_mean_what_transformers_assumes(model_type):
+    from transformers import AutoConfig
+
+    hf = AutoConfig.for_model(model_type, **SHAPE)
+    config = Config.from_hf_config({"model_type": model_type, **SHAPE})
+    window = getattr(hf, "sliding_window", None) if getattr(hf, "use_sliding_window", True) else None  # Qwen2: off unless asked
+    assert config.norm_eps == hf.rms_norm_eps
+    assert config.block_size == min(hf.max_position_embeddings, window or hf.max_position_embeddings)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"num_attention_heads": None}, "num_attention_heads = None should be a positive integer"),
+    ({"num_attention_heads": 0}, "num_attention_heads = 0 should be a positive integer"),
+    ({"vocab_size": "128"}, "vocab_size = '128' should be a positive integer"),
+    ({"rope_scaling": [1]}, "a setting has a value of the wrong type"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": "2"}}, "a setting has a value of the wrong type"),
+])
+def test_a_malformed_config_json_is_one_line(tmp_path, change, message):
+    from litft.convert_hf import read_hf_config
+
+    (tmp_path / "config.json").write_text(json.dumps({**SHAPE, **change}))
+    with pytest.raises(UserError, match=message):
+        read_hf_config(tmp_path)
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(UserError, match="holds a JSON list, not an object"):
+        read_hf_config(tmp_path)
