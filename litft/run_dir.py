@@ -13,7 +13,9 @@ Anything else in out_dir (notes, a README, other folders) belongs to the user an
     --overwrite true     the earlier run's files are removed first, and only those
     --resume true        the run must be the one run.yaml describes: same base (by fingerprint), method and
                          method settings, data (by fingerprint), batch shape, sequence length, packing, seed and
-                         number of processes. The first difference is one line, before any file is touched.
+                         number of processes; and its newest checkpoint must lie below --max_steps and hold
+                         what --strategy loads (FSDP's shards or whole tensors). The first difference is one line,
+                         before any file is touched.
 
 Both refusals come before the data, the base or Lightning is loaded (`check`): a wrong flag costs seconds.
 Every start that goes ahead removes what a killed save left behind: `.<name>.*.tmp` files and
@@ -130,9 +132,10 @@ def record(args, method, run_id: str) -> None:
 
 
 def check_resume(args, method) -> str:
-    """The recorded run's id, when it is the run asked for; otherwise one line naming the first difference."""
+    """The recorded run's id, when it is the run asked for and its newest checkpoint can go on to --max_steps under
+    --strategy; otherwise one line naming the first difference."""
     out = Path(args.out_dir)
-    train_state.resumable(out)  # a checkpoint to resume from
+    train_state.resumable(out)  # a checkpoint to resume from (whose run's, run.yaml says below)
     recorded = read_yaml_mapping(out / RECORD, missing=(
         f"--resume: {out} has no {RECORD} (started before litft recorded runs), so it cannot be checked; start "
         "it again with --overwrite true"))
@@ -143,7 +146,9 @@ def check_resume(args, method) -> str:
                 show(key, now.get(key), Path(args.checkpoint_dir), data_dir(args.data))
             raise UserError(f"--resume: {out} was started with {was}, this run has {asked}; resume with the "
                             f"settings in {out / RECORD}, or start anew with --overwrite true or another --out_dir")
-    return str(recorded.get("run_id", "unrecorded"))
+    run_id = str(recorded.get("run_id", "unrecorded"))
+    train_state.check_continues(train_state.resumable(out, run_id), args.max_steps, sharded=args.strategy == "fsdp")
+    return run_id
 
 
 def recorded(out_dir: Path, setting: str):

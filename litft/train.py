@@ -9,9 +9,9 @@ Everything else lives here, once:
         for each micro batch:                             (micro_batch_size, T) tokens per process
             loss = next_token_loss(model(x), y) · n_k / N      (litft/loss.py; n_k of the step's N trained tokens)
             backward (gradients sync across processes only on the last micro batch)
-        clip gradients, AdamW step, learning rate: linear warmup then cosine decay
+        clip gradients (a non-finite norm stops the run), AdamW step, learning rate: linear warmup then cosine decay
         every eval_interval: validation loss, perplexity and one generated sample
-        every save_interval: a resumable checkpoint and the method's weights file
+        every save_interval: the method's weights file, then a resumable checkpoint
 
 Only trainable parameters (`requires_grad`) reach the optimizer and the weights file, so a LoRA run saves the
 LoRA tensors and a full fine-tune saves the whole model, with no method-specific saving code. What happens before
@@ -28,9 +28,10 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import torch
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from litft import data as data_lib
@@ -76,8 +77,6 @@ def fit(args: TrainArgs, method: Method) -> dict:
     check_lengths(args, model.config.block_size, train=train_data, test=val_data)
     loss_fn = fast.for_training(model, args.fast, args.compile)  # before sharding: it may swap layers
     run_id = start_run(fabric, args, method)
-    if fabric.global_rank == 0:
-        write_run_files(args, method, model, style, run_id)
     if not val_data:
         fabric.print(f"note: {data_lib.data_dir(args.data)}/test.pt holds no samples, so validation is skipped",
                      file=sys.stderr)
@@ -88,10 +87,9 @@ def fit(args: TrainArgs, method: Method) -> dict:
 
     loop = setup_loop(fabric, model, args, method, loss_fn, tokenizer=tokenizer, style=style, val_data=val_data,
                       run_id=run_id)
-    state = train_state.State()
-    if args.resume:
-        state = train_state.load(fabric, loop.raw, loop.optimizer, loop.scheduler, args.out_dir)
-        fabric.print(f"resumed from step {state.step}", file=sys.stderr)
+    state = restore(loop)
+    if fabric.global_rank == 0:  # only now: a resume refused or failing to load leaves the run's record as it was
+        write_run_files(args, method, model, style, run_id)
     batches = batch_indices(len(train_data), args.micro_batch_size, fabric.world_size, fabric.global_rank,
                             args.seed, start=state.position)
     try:
@@ -100,9 +98,20 @@ def fit(args: TrainArgs, method: Method) -> dict:
         if fabric.world_size == 1 or not lost_a_process(e):
             raise
         reason = re.sub(r"^\[[^\]]*\] ", "", str(e).splitlines()[0]).split(". ")[0]  # gloo's source path dropped
-        raise UserError(f"another process of this run stopped ({reason}); the last complete checkpoint is "
-                        f"{train_state.latest(args.out_dir) or 'none yet'}: continue with --resume true") from None
+        last = train_state.latest(args.out_dir, run_id) or "none yet"
+        raise UserError(f"another process of this run stopped ({reason}); the last complete checkpoint is {last}: "
+                        "continue with --resume true") from None
     return state.metrics
+
+
+def restore(loop: Loop) -> train_state.State:
+    """A fresh State, or with --resume the one of this run's newest checkpoint, restored into the model, AdamW and
+    the schedule (run_dir.check_resume checked that it is this run's and that --max_steps lies beyond it)."""
+    if not loop.args.resume:
+        return train_state.State()
+    state = train_state.load(loop.fabric, loop.raw, loop.optimizer, loop.scheduler, loop.args.out_dir, loop.run_id)
+    loop.fabric.print(f"resumed from step {state.step}", file=sys.stderr)
+    return state
 
 
 def lost_a_process(error: RuntimeError) -> bool:
@@ -181,20 +190,20 @@ class Loop:
                    **throughput(self.tokens_seen, self.step_seconds),
                    "peak_memory_gb": peak_memory_gb(self.fabric.device),
                    "weights_file_bytes": (self.args.out_dir / self.method.weights_name).stat().st_size}
+        summary = {k: v if not isinstance(v, float) or math.isfinite(v) else None  # JSON has no NaN
+                   for k, v in summary.items()}
         atomic_write_text(self.args.out_dir / "summary.json", json.dumps(summary, indent=2))
 
     def steps(self, state: train_state.State, train_data: list, batches, accumulation: int, bar: tqdm) -> None:
-        fabric, args = self.fabric, self.args
+        args = self.args
         while state.step < args.max_steps:
             t0 = time.perf_counter()
             samples = [[train_data[i] for i in next(batches)] for _ in range(accumulation)]
             loss, trained = self.accumulate([self.collate(micro) for micro in samples])
             state.position += accumulation
             if not torch.isfinite(loss):
-                raise UserError(f"loss became {loss.item()} at step {state.step + 1}; last good checkpoint: "
-                                f"{train_state.latest(args.out_dir) or 'none'} — lower --learning_rate and --resume")
-            if args.grad_clip > 0:
-                fabric.clip_gradients(self.model, self.optimizer, max_norm=args.grad_clip)
+                self.stop(f"loss became {loss.item()}", state.step + 1)
+            self.clip_gradients(state)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             lr = self.optimizer.param_groups[0]["lr"]  # the rate this step used; the next one's is set below
@@ -205,6 +214,23 @@ class Loop:
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}")
             self.evaluate_and_save(state)
+
+    def clip_gradients(self, state: train_state.State) -> None:
+        """Clip the gradients' norm to --grad_clip (0: leave them as they are), and stop before AdamW steps on a
+        non-finite one: its update would make the weights NaN, and the next checkpoint would hold them. Under
+        16-mixed the GradScaler skips such a step itself, and lowers its scale."""
+        norm = self.fabric.clip_gradients(self.model, self.optimizer, max_norm=self.args.grad_clip or math.inf,
+                                          error_if_nonfinite=False)
+        norm = norm.full_tensor() if isinstance(norm, DTensor) else norm  # FSDP: the norm over every shard
+        if not torch.isfinite(norm) and getattr(self.fabric.strategy.precision, "scaler", None) is None:
+            self.stop(f"the gradient norm became {norm.item()}", state.step + 1)
+
+    def stop(self, what: str, step: int) -> NoReturn:
+        """One line for a step gone non-finite, naming this run's last checkpoint: every one was checked finite."""
+        last = train_state.latest(self.args.out_dir, self.run_id)
+        then = "--resume true" if last else "start again with --overwrite true"
+        raise UserError(f"{what} at step {step}; last good checkpoint: {last or 'none'} — lower --learning_rate (or "
+                        f"choose another --precision) and {then}")
 
     def accumulate(self, micro_batches: list[Batch]) -> tuple[torch.Tensor, int]:
         """Forward and backward through one optimizer step's micro batches. Returns the step's loss, the mean over
@@ -272,29 +298,38 @@ class Loop:
 
     @torch.no_grad()
     def evaluate(self, state: train_state.State) -> None:
-        fabric, args = self.fabric, self.args
+        fabric = self.fabric
         if not self.val_data:  # an empty test split (--val_split_fraction 0): said once when the run started
             return
         self.model.eval()
-        micro = max(1, min(args.micro_batch_size, len(self.val_data) // fabric.world_size))  # a small split too
-        n = min(args.eval_iters, len(self.val_data) // (micro * fabric.world_size))  # batches per process
-        sums = torch.zeros(2, device=fabric.device)  # Σ token losses, trained tokens: the mean weighs every token alike
-        for k in range(n):
-            start = (k * fabric.world_size + fabric.global_rank) * micro
-            x, y, packed_pos = self.collate(self.val_data[start:start + micro])
-            count = trained_tokens(y)
-            sums += torch.stack((self.loss(x, y, packed_pos).float() * count, count.float()))
-        total, count = fabric.all_reduce(sums, reduce_op="sum").tolist()
-        val_loss = total / count if count else float("nan")
-        sample = self.sample()
+        val_loss = self.val_loss()
+        sample = f", sample: {self.sample()!r}" if self.args.sample_tokens else ""  # 0: no sample
         self.model.train()
         state.history.append({"step": state.step, "val_loss": val_loss})
         state.metrics = {"step": state.step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50)),
                          "peak_memory_gb": peak_memory_gb(fabric.device)}
         fabric.log_dict({"val/loss": val_loss, "val/ppl": state.metrics["val_ppl"]}, step=state.step)
         if fabric.global_rank == 0:
-            tqdm.write(f"step {state.step}: val loss {val_loss:.4f}, val ppl {state.metrics['val_ppl']:.2f}, "
-                       f"sample: {sample!r}", file=sys.stderr)
+            tqdm.write(f"step {state.step}: val loss {val_loss:.4f}, val ppl {state.metrics['val_ppl']:.2f}{sample}",
+                       file=sys.stderr)
+
+    def val_loss(self) -> float:
+        """The mean loss over the trained tokens of the first eval_iters batches of the test split (all of it when
+        shorter, even when it holds fewer samples than there are processes). Every process runs as many batches,
+        since under FSDP each forward gathers weights from all: one past the split's end runs its first sample and
+        counts none of its tokens."""
+        fabric, args = self.fabric, self.args
+        micro = max(1, min(args.micro_batch_size, len(self.val_data) // fabric.world_size))  # a small split too
+        n = min(args.eval_iters, -(-len(self.val_data) // (micro * fabric.world_size)))  # batches per process
+        sums = torch.zeros(2, device=fabric.device)  # Σ token losses, trained tokens: the mean weighs every token alike
+        for k in range(n):
+            start = (k * fabric.world_size + fabric.global_rank) * micro
+            batch = self.val_data[start:start + micro]
+            x, y, packed_pos = self.collate(batch or self.val_data[:1])
+            count = trained_tokens(y) * bool(batch)
+            sums += torch.stack((self.loss(x, y, packed_pos).float() * count, count.float()))
+        total, count = fabric.all_reduce(sums, reduce_op="sum").tolist()
+        return total / count if count else math.nan  # no trained token at all: null in summary.json
 
     def sample(self) -> str:
         """Greedy completion of the first validation prompt, through the training model (all ranks take part)."""
@@ -309,11 +344,17 @@ class Loop:
         return self.tokenizer.decode(new)
 
     def save(self, state: train_state.State) -> None:
-        train_state.save(self.fabric, self.raw, self.optimizer, self.scheduler, state, self.args.out_dir, self.run_id)
+        """The weights file first, then the checkpoint: the newest checkpoint is never of a later step than the
+        weights file, so a run killed in between resumes from the checkpoint before and writes both again. Weights
+        gone non-finite are written as neither: the checkpoint the error names stays a good one."""
+        nonfinite = torch.tensor(train_state.nonfinite_weights(self.raw), device=self.fabric.device)
+        if self.fabric.all_reduce(nonfinite, reduce_op="sum") > 0:
+            self.stop("the weights became non-finite", state.step)
         weights = train_state.gather_trainable(self.raw, to_rank0=self.fabric.global_rank == 0)
         if self.fabric.global_rank == 0:
             save_state_dict(weights, self.args.out_dir / self.method.weights_name)
         self.fabric.barrier()
+        train_state.save(self.fabric, self.raw, self.optimizer, self.scheduler, state, self.args.out_dir, self.run_id)
 
 
 def throughput(tokens: Counter, seconds: float, prefix: str = "") -> dict[str, float | None]:

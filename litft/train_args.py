@@ -54,7 +54,7 @@ class TrainArgs:
     eval_iters: int = 20  # validation micro batches per evaluation
     save_interval: int = 100
     log_interval: int = 1
-    sample_tokens: int = 32  # tokens generated for the sample shown at each evaluation
+    sample_tokens: int = 32  # tokens generated for the sample shown at each evaluation; 0 turns the sample off
     activation_checkpointing: bool = False
     compile: bool = False  # torch.compile each block: fused kernels on a GPU; the first steps compile
     fast: bool = True  # litft/fast's measures (chunked loss, fused LoRA, shared dropout masks); false: the textbook path

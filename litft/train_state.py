@@ -10,9 +10,11 @@ checkpoint directory someone else wrote cannot run code (torch's distributed che
 replaced, reads its `.metadata` with pickle).
 It is written under a `.tmp` name and renamed into place only when complete, so a run killed mid-write leaves a
 `.tmp` directory that is never loaded (and is removed when the next run starts, litft/run_dir.py). meta.json
-names the run that wrote it (run.yaml's run_id): keeping the newest two deletes only that run's older ones. Resuming restores all of it, so on a CPU
-a run resumed at step 5 reaches step 10 with bit-identical weights to a run that never stopped. Shards are
-per process: a checkpoint resumes with the number of processes that wrote it.
+names the run that wrote it (run.yaml's run_id): keeping the newest two deletes only that run's older ones, and
+--resume continues from that run's newest only. Resuming restores all of it, so on a CPU a run resumed at step 5
+reaches step 10 with bit-identical weights to a run that never stopped. Shards are per process: a checkpoint
+resumes with the number of processes and the strategy (FSDP's shards or whole tensors) that wrote it
+(litft/run_dir.py checks both before anything loads).
 """
 
 from __future__ import annotations
@@ -48,20 +50,25 @@ def checkpoints_dir(out_dir: Path) -> Path:
     return Path(out_dir) / "checkpoints"
 
 
-def latest(out_dir: Path) -> Path | None:
-    """The newest complete checkpoint directory, or None."""
+def latest(out_dir: Path, run_id: str | None = None) -> Path | None:
+    """The newest complete checkpoint directory that run `run_id` wrote (any run's, without one), or None. A
+    checkpoint of another run left in checkpoints/ is never this run's to resume from, whatever its step."""
+    if run_id is not None:
+        return (own_checkpoints(out_dir, run_id) or [None])[-1]
     done = [d for d in checkpoints_dir(out_dir).glob("step-*") if not d.name.endswith(".tmp") and (d / META).is_file()]
     return max(done, key=lambda d: d.name, default=None)
 
 
-def resumable(out_dir: Path) -> Path:
-    """The checkpoint --resume continues from, or one line saying why there is none."""
-    path = latest(out_dir)
+def resumable(out_dir: Path, run_id: str | None = None) -> Path:
+    """The checkpoint --resume continues from (run `run_id`'s newest), or one line saying why there is none."""
+    path = latest(out_dir, run_id)
     if path is None:
         old = [d for d in checkpoints_dir(out_dir).glob("step-*") if (d / ".metadata").exists()]
+        whose = f" of run {run_id} (the run_id in run.yaml)" if run_id is not None else ""
         raise UserError(f"--resume: {old[-1]} is in torch's distributed checkpoint format, which is not loaded "
                         "because reading it unpickles; start the run again without --resume" if old else
-                        f"--resume: no complete checkpoint in {checkpoints_dir(out_dir)}; run without --resume to start")
+                        f"--resume: no complete checkpoint{whose} in {checkpoints_dir(out_dir)}; run without --resume "
+                        "to start")
     return path
 
 
@@ -81,7 +88,8 @@ def save(fabric, model, optimizer, scheduler, state: State, out_dir: Path, run_i
     (tmp / f"state-rank{rank}.json").write_text(json.dumps({"rng": _rng_state(), "param_groups": groups}))
     if rank == 0:
         meta = {"step": state.step, "position": state.position, "scheduler": scheduler.state_dict(),
-                "history": state.history, "metrics": state.metrics, "world_size": fabric.world_size, "run_id": run_id}
+                "history": state.history, "metrics": state.metrics, "world_size": fabric.world_size, "run_id": run_id,
+                "sharded": any(isinstance(p, DTensor) for p in model.parameters())}
         (tmp / META).write_text(json.dumps(meta))
     fabric.barrier()
     if rank == 0:
@@ -92,11 +100,11 @@ def save(fabric, model, optimizer, scheduler, state: State, out_dir: Path, run_i
     return final
 
 
-def own_checkpoints(out_dir: Path, run_id: str, up_to: Path) -> list[Path]:
-    """Complete checkpoints up to `up_to` that run `run_id` wrote, oldest first."""
+def own_checkpoints(out_dir: Path, run_id: str, up_to: Path | None = None) -> list[Path]:
+    """Complete checkpoints (up to `up_to`, when given) that run `run_id` wrote, oldest first."""
     mine = []
     for d in sorted(checkpoints_dir(out_dir).glob("step-*")):
-        if not d.name.endswith(".tmp") and d.name <= up_to.name and (d / META).is_file():
+        if not d.name.endswith(".tmp") and (up_to is None or d.name <= up_to.name) and (d / META).is_file():
             try:
                 if json.loads((d / META).read_text()).get("run_id") == run_id:
                     mine.append(d)
@@ -105,14 +113,27 @@ def own_checkpoints(out_dir: Path, run_id: str, up_to: Path) -> list[Path]:
     return mine
 
 
+def check_continues(path: Path, max_steps: int, sharded: bool) -> None:
+    """Refuse, in one line, to resume from `path` a run that has no step left to take, or with the other kind of
+    tensors: FSDP's per-process shards (`sharded`) or whole ones (DDP, one process)."""
+    meta = _read_json(path / META)
+    if max_steps <= meta["step"]:
+        raise UserError(f"--resume: {path.parent.parent} is at step {meta['step']} already ({path.name}), and "
+                        f"--max_steps {max_steps} asks for no more; pass a larger --max_steps to train on")
+    if meta.get("sharded", sharded) != sharded:  # checkpoints written before it was recorded are not checked
+        held, asked = ("FSDP's shards", "auto or ddp") if meta["sharded"] else ("whole tensors", "fsdp")
+        raise UserError(f"--resume: {path} holds {held}, which --strategy {asked} cannot load; resume with the "
+                        "--strategy the run started with (hyperparameters.yaml records it)")
+
+
 FROM_FLAGS = ("params", "lr", "initial_lr", "weight_decay")  # not restored: a resume may change the flags
 
 
-def load(fabric, model, optimizer, scheduler, out_dir: Path) -> State:
-    """Restore the newest complete checkpoint into model, optimizer and scheduler; return its State. The learning
-    rate and weight decay stay those of this run's flags (a resume may lower --learning_rate): the schedule goes on
-    from the checkpoint's step with them."""
-    path = resumable(out_dir)
+def load(fabric, model, optimizer, scheduler, out_dir: Path, run_id: str) -> State:
+    """Restore run `run_id`'s newest complete checkpoint into model, optimizer and scheduler; return its State. The
+    learning rate and weight decay stay those of this run's flags (a resume may lower --learning_rate): the schedule
+    goes on from the checkpoint's step with them. So may the precision: AdamW's moments take the parameters' dtype."""
+    path = resumable(out_dir, run_id)
     meta, rank = _read_json(path / META), fabric.global_rank
     if meta.get("world_size", 1) != fabric.world_size:
         raise UserError(f"--resume: {path} was written by {meta['world_size']} processes, this run has "
@@ -187,8 +208,9 @@ def _restore_local_state(model, optimizer, tensors: dict[str, torch.Tensor], gro
 
 
 def _like(param: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
-    """`local` on the parameter's device, as a DTensor sharded like it when it is one."""
-    local = local.to(_local(param).device)
+    """`local` on the parameter's device and in its dtype (a run resumed in another --precision), as a DTensor
+    sharded like it when it is one."""
+    local = local.to(device=_local(param).device, dtype=_local(param).dtype)
     if isinstance(param, DTensor):
         return DTensor.from_local(local, param.device_mesh, param.placements, run_check=False,
                                   shape=param.shape, stride=param.stride())
@@ -215,6 +237,11 @@ def gather_trainable(model: torch.nn.Module, to_rank0: bool) -> dict[str, torch.
             if to_rank0:
                 out[name] = full.detach().to("cpu", copy=True)
     return out
+
+
+def nonfinite_weights(model: torch.nn.Module) -> int:
+    """How many of this process's trainable weights (its shards under FSDP) are NaN or infinite."""
+    return sum(int((~torch.isfinite(_local(p))).sum()) for p in model.parameters() if p.requires_grad)
 
 
 def _raw(optimizer):

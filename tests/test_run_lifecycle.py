@@ -1,9 +1,11 @@
 """A run directory's lifecycle, run as a user runs finetune/*.py (subprocesses on the tiny model).
 
 What is checked is what a user sees and keeps: a used out_dir is refused unless --overwrite (which removes the old
-run's files and nothing else), a --resume that asks for another run is refused before any file changes, the
-rotation of checkpoints spares other runs', weights are saved without validation data, data from another
-tokenizer is refused, every bad flag value is one line, and Ctrl-C is `error: interrupted` with exit 130.
+run's files and nothing else), a --resume that asks for another run (or another strategy, or no step more) is
+refused before any file changes, the rotation of checkpoints spares other runs' and a resume never continues
+theirs, a run killed in its last save resumes to its last step's weights, weights are saved without validation
+data, data from another tokenizer is refused, every bad flag value is one line, and Ctrl-C is
+`error: interrupted` with exit 130.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import pytest
 import torch
 import yaml
 from conftest import ROOT, assert_user_error, run_script
-from test_train import COMMON, finetune, refused, tiny, weights  # noqa: F401 — `tiny` is a fixture
+from test_train import COMMON, assert_same, finetune, refused, tiny, weights  # noqa: F401 — `tiny` is a fixture
 
 
 def snapshot(directory: Path) -> dict[str, tuple[int, int]]:
@@ -138,13 +140,13 @@ def test_a_resume_with_another_method_is_refused_untouched(tiny, done_run, tmp_p
 def test_resume_removes_orphans_and_rotation_spares_other_runs(tiny, done_run, tmp_path):
     """A resume on a copy of the base (another path, the same fingerprint) goes ahead, and with
     --micro_batch_size auto it takes the size the run started with (2, where auto alone would pick 4 of the batch
-    of 4); the temporary files of a killed save are gone; the rotation deletes this run's step 3 but not a
-    checkpoint another run wrote."""
+    of 4); the temporary files of a killed save are gone; it continues from this run's step 6, not from the later
+    step 8 another run wrote, and the rotation deletes this run's step 3 but not that other run's checkpoint."""
     out = copy_run(done_run, tmp_path)
-    foreign = out / "checkpoints" / "step-000001"
-    shutil.copytree(out / "checkpoints" / "step-000003", foreign)
+    foreign = out / "checkpoints" / "step-000008"
+    shutil.copytree(out / "checkpoints" / "step-000006", foreign)
     meta = json.loads((foreign / "meta.json").read_text())
-    (foreign / "meta.json").write_text(json.dumps({**meta, "run_id": "another-run"}))
+    (foreign / "meta.json").write_text(json.dumps({**meta, "step": 8, "run_id": "another-run"}))
     orphans = [out / ".lit_model_lora.pth.a1b2.tmp", out / ".summary.json.c3d4.tmp"]
     for orphan in orphans:
         orphan.write_bytes(b"partial")
@@ -155,8 +157,79 @@ def test_resume_removes_orphans_and_rotation_spares_other_runs(tiny, done_run, t
     proc = finetune(tiny, out, "--resume", "true", "--max_steps", "9", "--checkpoint_dir", base,
                     "--micro_batch_size", "auto")
     assert "resumed from step 6" in proc.stderr
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000001", "step-000006", "step-000009"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000006", "step-000008", "step-000009"]
     assert not any(orphan.exists() for orphan in orphans)
+
+
+def test_a_resume_with_no_step_left_is_refused_untouched(tiny, done_run, tmp_path):
+    """A finished 6-step run resumed with --max_steps 6 (or fewer) has nothing to train: one line saying where the
+    run is and what to pass, and hyperparameters.yaml keeps the flags the run was trained with."""
+    out = copy_run(done_run, tmp_path)
+    before = snapshot(out)
+    for max_steps in ("6", "4"):
+        proc = refused(tiny, out, "--resume", "true", "--max_steps", max_steps)
+        assert_user_error(proc, f"--resume: {out} is at step 6 already (step-000006)",
+                          f"--max_steps {max_steps} asks for no more", "pass a larger --max_steps")
+    assert snapshot(out) == before
+
+
+def test_a_resume_that_fails_to_load_leaves_the_run_as_it_was(tiny, done_run, tmp_path):
+    """A damaged checkpoint shows only when it loads, after the model: refused in one line, and the run's record
+    (hyperparameters.yaml, run.yaml, ...) still says what the run was trained with, not the refused flags."""
+    out = copy_run(done_run, tmp_path)
+    state = out / "checkpoints" / "step-000006" / "state-rank0.safetensors"
+    state.write_bytes(state.read_bytes()[:100])
+    before = snapshot(out)
+    proc = refused(tiny, out, "--resume", "true", "--max_steps", "9", "--learning_rate", "1e-3")
+    assert_user_error(proc, "step-000006 is damaged", "remove it")
+    assert snapshot(out) == before
+
+
+def test_a_resume_with_another_strategy_is_refused_untouched(tiny, done_run, tmp_path):
+    """A checkpoint holds whole tensors (one process, DDP) or each process's FSDP shards, and one strategy cannot
+    load the other's: refused in one line before anything loads (the way back from FSDP:
+    tests/test_train.py::test_resume_is_bit_identical[fsdp-two-processes])."""
+    out = copy_run(done_run, tmp_path)
+    before = snapshot(out)
+    proc = refused(tiny, out, "--resume", "true", "--max_steps", "9", "--strategy", "fsdp")
+    assert_user_error(proc, "step-000006 holds whole tensors, which --strategy fsdp cannot load",
+                      "the --strategy the run started with")
+    assert snapshot(out) == before
+
+
+KILLED = """
+import os, runpy, sys
+from litft import train, train_state
+
+module, name = {where}
+real, calls = getattr(module, name), []
+
+def killed(*args, **kwargs):
+    calls.append(None)
+    if len(calls) == 2:  # the save at step 6 of 6 (one every 3 steps)
+        os._exit(137)  # as SIGKILL: nothing after this point runs
+    return real(*args, **kwargs)
+
+setattr(module, name, killed)
+sys.argv[0] = {script!r}
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("writing", ["weights-file", "checkpoint"])
+def test_a_run_killed_in_its_last_save_resumes_to_its_last_steps_weights(tiny, done_run, tmp_path, writing):
+    """Killed as the final save (step 6) begins writing the weights file, or the checkpoint: the newest checkpoint is
+    never of a later step than the weights file, so --resume goes on from step 3 and ends with the weights of the
+    run never killed (done_run), not with step 3's left in place."""
+    where = "train, 'save_state_dict'" if writing == "weights-file" else "train_state, 'save'"
+    (tmp_path / "killed.py").write_text(KILLED.format(where=where, script=str(ROOT / "finetune/lora.py")))
+    out = tmp_path / "run"
+    proc = run_script(tmp_path / "killed.py", "--checkpoint_dir", tiny["ckpt"], "--data", tiny["data"], "--out_dir",
+                      out, *COMMON)
+    assert proc.returncode == 137, proc.stderr[-3000:]
+    resumed = finetune(tiny, out, "--resume", "true")
+    assert "resumed from step 3" in resumed.stderr
+    assert_same(weights(out / "lit_model_lora.pth"), weights(done_run / "lit_model_lora.pth"))
 
 
 # ---- class 4: no validation data ----------------------------------------------------------------------------------
@@ -280,6 +353,12 @@ def test_the_smallest_allowed_values_are_accepted(tiny, tmp_path):
     TrainArgs(data=str(tiny["data"]), checkpoint_dir=tiny["ckpt"], out_dir=tmp_path / "run", max_seq_length=2,
               warmup_steps=0, min_lr=3e-4, learning_rate=3e-4).validate()
     assert not (tmp_path / "run").exists()
+
+
+def test_sample_tokens_0_turns_the_sample_off(tiny, tmp_path):
+    proc = finetune(tiny, tmp_path / "run", "--sample_tokens", "0", "--max_steps", "1")
+    evaluations = [line for line in proc.stderr.splitlines() if "val loss" in line]
+    assert len(evaluations) == 1 and "sample" not in evaluations[0], proc.stderr
 
 
 def test_a_world_size_other_than_the_launchers_is_one_line(tiny, tmp_path):

@@ -8,7 +8,9 @@ and user mistakes end in one line.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -21,6 +23,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from conftest import ROOT, assert_user_error, run_main, run_script
+from safetensors.torch import load_file
 
 from litft.checkpoint import load_lit_model
 
@@ -123,8 +126,12 @@ def test_val_loss_weighs_every_token_alike(tiny, tmp_path, micro):
     logged = [h["val_loss"] for h in history(out) if "val_loss" in h]
     samples = torch.load(tiny["data"] / "test.pt", weights_only=True)
     assert len(samples) == 12 and len(logged) == 1
-    samples = samples[:10] if micro == 5 else samples
-    model = load_lit_model(tiny["ckpt"]).eval()
+    assert logged[0] == pytest.approx(base_loss(tiny["ckpt"], samples[:10] if micro == 5 else samples), rel=1e-5)
+
+
+def base_loss(checkpoint_dir: Path, samples: list[dict]) -> float:
+    """torch's cross-entropy of the base model over the samples' answer tokens, summed and divided by their number."""
+    model = load_lit_model(checkpoint_dir).eval()
     total, count = 0.0, 0
     with torch.no_grad():
         for s in samples:
@@ -132,7 +139,26 @@ def test_val_loss_weighs_every_token_alike(tiny, tmp_path, micro):
             keep = targets != -100
             total += F.cross_entropy(logits[keep], targets[keep], reduction="sum").item()
             count += int(keep.sum())
-    assert logged[0] == pytest.approx(total / count, rel=1e-5)
+    return total / count
+
+
+@pytest.mark.slow
+def test_a_test_split_smaller_than_the_processes_is_evaluated(tiny, tmp_path):
+    """One test sample, two processes (DDP): one process evaluates it, the other runs it too (every process runs the
+    same forwards) without counting it. The validation loss is the base model's on that sample (lr 1e-30 keeps the
+    LoRA at zero effect), not NaN, and summary.json is standard JSON."""
+    rows = [{"instruction": f"colour {i}", "input": "", "output": "red"} for i in range(24)]
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    run_script("data_prep/json_data.py", "--data_file", tmp_path / "rows.json", "--destination_path",
+               tmp_path / "data", "--checkpoint_dir", tiny["ckpt"], "--max_seq_length", "48", "--prompt_style",
+               "plain", "--val_split_fraction", "0.04", check=True)
+    samples = torch.load(tmp_path / "data" / "test.pt", weights_only=True)
+    assert len(samples) == 1
+    out = tmp_path / "run"
+    finetune({**tiny, "data": tmp_path / "data"}, out, "--devices", "2", "--strategy", "ddp", "--max_steps", "1",
+             "--eval_interval", "1", "--save_interval", "1", "--learning_rate", "1e-30", "--warmup_steps", "0")
+    summary = json.loads((out / "summary.json").read_text(), parse_constant=lambda name: pytest.fail(name))
+    assert summary["val_loss"] == pytest.approx(base_loss(tiny["ckpt"], samples), rel=1e-5)
 
 
 @pytest.mark.parametrize("processes", [(), pytest.param(("--devices", "2", "--strategy", "fsdp"), marks=pytest.mark.slow),
@@ -147,9 +173,24 @@ def test_resume_is_bit_identical(tiny, tmp_path, processes):
     shutil.copytree(straight, resumed)
     shutil.rmtree(resumed / "checkpoints" / "step-000006")
     (resumed / "lit_model_lora.pth").unlink()
+    if "fsdp" in processes:  # its checkpoints hold each process's shards, which DDP cannot load: one line
+        assert_user_error(refused(tiny, resumed, "--resume", "true", "--devices", "2", "--strategy", "ddp"),
+                          "holds FSDP's shards, which --strategy auto or ddp cannot load")
     proc = finetune(tiny, resumed, "--resume", "true", *processes)
     assert "resumed from step 3" in proc.stderr
     assert_same(weights(straight / "lit_model_lora.pth"), weights(resumed / "lit_model_lora.pth"))
+
+
+def test_a_resume_may_change_the_precision(tiny, tmp_path):
+    """A run started in bf16-true (weights and AdamW's moments in bf16) resumed in 32-true: the moments restored
+    take the fp32 parameters' dtype, as AdamW requires, and the next checkpoint holds them in fp32."""
+    out = tmp_path / "run"
+    finetune(tiny, out, "--precision", "bf16-true", "--max_steps", "1")
+    proc = finetune(tiny, out, "--resume", "true", "--precision", "32-true", "--max_steps", "2")
+    assert "resumed from step 1" in proc.stderr
+    state = load_file(out / "checkpoints" / "step-000002" / "state-rank0.safetensors")
+    moments = {k: v for k, v in state.items() if k.endswith(("exp_avg", "exp_avg_sq"))}
+    assert moments and all(v.dtype == torch.float32 and v.isfinite().all() for v in moments.values())
 
 
 def test_a_resume_trains_at_its_own_learning_rate(tiny, tmp_path):
@@ -261,12 +302,58 @@ def test_compile_on_a_cpu_without_a_cpp_compiler_is_one_line(tiny, tmp_path, mon
     (["--resume", "true"], ["--resume", "no complete checkpoint"]),
     (["--lora_targets", "q,banana"], ["unknown LoRA target", "banana"]),
     (["--micro_batch_size", "x"], ["--micro_batch_size: expected an integer or one of 'auto', got 'x'"]),
-    (["--learning_rate", "1e30", "--grad_clip", "0"], ["at step", "last good checkpoint"]),
 ])
 def test_user_errors_are_one_line(tiny, tmp_path, args, fragments):
-    trains = "--learning_rate" in args  # refused only when the loss turns non-finite: a real run, in its own process
-    proc = finetune(tiny, tmp_path / "run", *args, check=False) if trains else refused(tiny, tmp_path / "run", *args)
-    assert_user_error(proc, *fragments)
+    assert_user_error(refused(tiny, tmp_path / "run", *args), *fragments)
+
+
+@pytest.mark.parametrize("args, what", [
+    (["--learning_rate", "1e30", "--grad_clip", "0"], "loss became nan at step 2"),
+    (["--precision", "16-true"], "the weights became non-finite at step 1"),
+], ids=["huge-learning-rate", "fp16-adamw"])
+def test_a_run_gone_non_finite_names_a_finite_checkpoint(tiny, tmp_path, args, what):
+    """A step that goes non-finite ends the run in one line naming the last good checkpoint, and it is good: every
+    weight in it is finite. At lr 1e30 step 1 leaves huge but finite weights, and step 2's loss is NaN. In 16-true
+    step 1's update itself is NaN (AdamW's eps underflows to 0 in fp16, and LoRA's A starts with a zero gradient
+    since B is zero, so 0 / 0) while its loss and gradients are finite: nothing may be saved."""
+    out = tmp_path / "run"
+    proc = finetune(tiny, out, *args, "--save_interval", "1", check=False)
+    assert_user_error(proc, what, "last good checkpoint")
+    named = re.search(r"last good checkpoint: (\S+)", proc.stderr).group(1)
+    saved = sorted((out / "checkpoints").glob("step-*"))
+    assert [str(d) for d in saved[-1:]] == ([named] if named != "none" else [])
+    for checkpoint in saved:
+        state = load_file(checkpoint / "state-rank0.safetensors")
+        assert all(v.isfinite().all() for k, v in state.items() if k.startswith("param:")), checkpoint.name
+    if named == "none":
+        assert not (out / "lit_model_lora.pth").exists()
+
+
+@pytest.mark.parametrize("grad_clip", [0.0, 1.0])
+def test_a_non_finite_gradient_stops_before_adamw_steps(tmp_path, grad_clip):
+    """The gradient norm is checked before AdamW's step (with --grad_clip 0 too, whose gradients stay exactly as
+    they are): an infinite gradient would make the weights NaN, and the next checkpoint would hold them."""
+    from lightning.fabric import Fabric
+
+    from litft.errors import UserError
+    from litft.train import Loop
+    from litft.train_args import TrainArgs
+    from litft.train_state import State
+
+    fabric = Fabric(accelerator="cpu", devices=1, precision="32-true")
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    loop = Loop(fabric=fabric, model=model, raw=model, optimizer=optimizer, scheduler=None, loss_fn=None,
+                args=TrainArgs(out_dir=tmp_path, grad_clip=grad_clip), method=None, tokenizer=None, style=None,
+                val_data=[], run_id="r")
+    model.weight.grad, model.bias.grad = torch.full((2, 3), 1e-3), torch.tensor([2e-3, -1e-3])
+    grads = [p.grad.clone() for p in model.parameters()]
+    loop.clip_gradients(State(step=4))
+    if not grad_clip:
+        assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+    model.bias.grad[0] = math.inf
+    with pytest.raises(UserError, match="the gradient norm became inf at step 5; last good checkpoint: none"):
+        loop.clip_gradients(State(step=4))
 
 
 @pytest.mark.parametrize("script", ["finetune/lora.py", "finetune/full.py"])
