@@ -7,13 +7,16 @@
 Every turn the whole conversation is laid out in the prompt style (litft/conversation.py: the checkpoint's chat
 template, or the run's prompt_style.yaml, or --prompt_style) and the reply is streamed to stdout as it is
 produced; the `>>> ` prompt and notices go to stderr. `/reset` starts a new conversation, `/exit` or Ctrl-D
-ends the session. When the conversation no longer fits the model's context with --max_new_tokens to spare,
-the oldest turns are dropped (the --system message stays) and a notice on stderr says how many.
+ends the session. Ctrl-C during a reply stops it and returns to the prompt, the unfinished exchange (the message
+and the partial reply) left out of the conversation; Ctrl-C at the prompt ends the session. When the conversation
+no longer fits the model's context with --max_new_tokens to spare, the oldest turns are dropped (the --system
+message stays) and a notice on stderr says how many.
 """
 
 from __future__ import annotations
 
 import sys
+from contextlib import closing
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -134,19 +137,31 @@ def read_line() -> Optional[str]:
 
 
 def reply(chat: Chat, messages: list[dict]) -> Optional[list[dict]]:
-    """Stream the model's answer to the conversation; return the conversation with it (None: a user error)."""
+    """Stream the model's answer to the conversation; return the conversation with it (None: a user error, or
+    Ctrl-C during the reply, which stops it: the session goes on without this message)."""
     try:
-        kept, ids = fit_conversation(chat.tokenizer, chat.style, messages, chat.model.config.block_size,
-                                     chat.max_new_tokens)
-    except UserError as e:  # this message cannot be answered; the session goes on without it
+        return answer(chat, messages)
+    except UserError as e:  # this message cannot be answered
         print(f"error: {e}", file=sys.stderr)
-        return None
+    except KeyboardInterrupt:
+        print(flush=True)  # end the partial reply's line on stdout
+        print("(reply interrupted; this message and the partial reply are left out of the conversation)",
+              file=sys.stderr)
+    return None
+
+
+def answer(chat: Chat, messages: list[dict]) -> list[dict]:
+    """The conversation (its oldest turns dropped if it must fit) with the reply, streamed as it comes, at its end."""
+    kept, ids = fit_conversation(chat.tokenizer, chat.style, messages, chat.model.config.block_size,
+                                 chat.max_new_tokens)
     if dropped := len(messages) - len(kept):
         print(f"(dropped the {dropped} oldest messages to fit the context of {chat.model.config.block_size} tokens)",
               file=sys.stderr)
     stops = stop_token_ids(chat.tokenizer, chat.style)
-    tokens = generate(chat.model, ids.to(chat.device), chat.max_new_tokens, stop_ids=stops, **chat.sampling)
-    text, _ = stream(tokens, chat.tokenizer)
+    # closed at once even when interrupted, so the KV cache is freed before the next reply allocates its own
+    with closing(generate(chat.model, ids.to(chat.device), chat.max_new_tokens, stop_ids=stops,
+                          **chat.sampling)) as tokens:
+        text, _ = stream(tokens, chat.tokenizer)
     return kept + [{"role": "assistant", "content": text}]
 
 

@@ -1,6 +1,7 @@
 """The OpenAI HTTP API over litft's engine, so that any OpenAI client can talk to a fine-tune.
 
     GET  /v1/models               the base model and every LoRA, by name
+    GET  /v1/models/{model}       one of them (404 for another name)
     POST /v1/chat/completions     {"model", "messages", ...}: the reply to a conversation, in the model's chat format
     POST /v1/completions          {"model", "prompt", ...}: the continuation of a text, as given
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import sys
 import time
 from contextlib import aclosing, contextmanager
 from dataclasses import dataclass
@@ -75,8 +77,11 @@ def create_app(engine: Engine, tokenizer: Tokenizer, models: dict[str, Served], 
 
     @app.get("/v1/models")
     async def list_models() -> dict:
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "litft"}
-                                           for name in models]}
+        return {"object": "list", "data": [model_card(name, created) for name in models]}
+
+    @app.get("/v1/models/{name:path}")  # a LoRA's name may hold a slash
+    async def retrieve_model(name: str) -> dict:
+        return model_card(find_model({"model": name}, models).name, created)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -90,17 +95,13 @@ def create_app(engine: Engine, tokenizer: Tokenizer, models: dict[str, Served], 
     async def completions(request: Request):
         body = await read_json(request)
         served = find_model(body, models)
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1:
-            prompt = prompt[0]
-        if not isinstance(prompt, str) or not prompt:
-            raise APIError(400, "prompt must be a non-empty string", "prompt")
-        return await answer(request, body, served, tokenizer.encode(prompt), chat=False)
+        return await answer(request, body, served, tokenizer.encode(text_prompt(body)), chat=False)
 
     async def answer(request: Request, body: dict, served: Served, ids: torch.Tensor, chat: bool):
-        row, stops = make_row(body, served, ids.to(engine.device), block_size, default_max_tokens)
+        param = "messages" if chat else "prompt"  # the field an error about the prompt names
+        row, stops = make_row(body, served, ids.to(engine.device), block_size, default_max_tokens, param)
         stream, usage = streaming(body)
-        with as_api_error("messages" if chat else "prompt"):
+        with as_api_error(param):
             events = engine.submit(row)
         pieces = completion_text(events, row, tokenizer, stops)
         reply = Reply(served.name, chat, len(ids))
@@ -122,11 +123,21 @@ async def unless_client_leaves(request: Request, answer: Awaitable[JSONResponse]
     return task.result()
 
 
+def model_card(name: str, created: int) -> dict:
+    """A model object as OpenAI's "List models" and "Retrieve model" give it."""
+    return {"id": name, "object": "model", "created": created, "owned_by": "litft"}
+
+
 async def read_json(request: Request) -> dict:
     try:
         body = json.loads(await request.body())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise APIError(400, f"the request body is not valid JSON ({e})") from None
+    except RecursionError:  # deeper than Python's stack: json.loads recurses once per level
+        raise APIError(400, "the request body is not valid JSON this server can read (nested too deeply)") from None
+    except ValueError:  # an integer of more digits than Python converts (sys.get_int_max_str_digits)
+        raise APIError(400, "the request body is not valid JSON this server can read (an integer of more than "
+                       f"{sys.get_int_max_str_digits()} digits)") from None
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
     try:  # JSON can spell a lone surrogate ("\\ud800"), which is not text and no tokenizer can encode
@@ -135,6 +146,16 @@ async def read_json(request: Request) -> dict:
         raise APIError(400, f"the request holds an unpaired surrogate ({e.object[e.start]!a}), which is not "
                        "valid Unicode text") from None
     return body
+
+
+def text_prompt(body: dict) -> str:
+    """A completion's prompt: a string, or a list of one string (OpenAI's API takes a list; litft answers one)."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if not isinstance(prompt, str) or not prompt:
+        raise APIError(400, "prompt must be a non-empty string", "prompt")
+    return prompt
 
 
 def find_model(body: dict, models: dict[str, Served]) -> Served:
@@ -163,6 +184,11 @@ UNSUPPORTED = {  # parameters litft does not implement, and the values that ask 
     "suffix": (None, ""), "logit_bias": (None, {}), "frequency_penalty": (None, 0, 0.0),
     "presence_penalty": (None, 0, 0.0), "tools": (None, []), "functions": (None, []),
     "response_format": (None, {"type": "text"}),
+    # with no tools (refused above), "none" and "auto" both mean a plain message, and parallel calls mean nothing
+    "tool_choice": (None, "none", "auto"), "function_call": (None, "none", "auto"),
+    "parallel_tool_calls": (None, True, False),
+    "modalities": (None, ["text"]), "audio": (None,), "web_search_options": (None,), "moderation": (None,),
+    "verbosity": (None, "medium"), "reasoning_effort": (None, "none"),
 }
 
 
@@ -174,29 +200,39 @@ def refuse_unsupported(body: dict) -> None:
             raise APIError(400, f"{key} is not supported by this server; leave it out", key)
 
 
-def make_row(body: dict, served: Served, ids: torch.Tensor, block_size: int,
-             default_max_tokens: int) -> tuple[Row, list[str]]:
+def make_row(body: dict, served: Served, ids: torch.Tensor, block_size: int, default_max_tokens: int,
+             prompt_param: str) -> tuple[Row, list[str]]:
     """The request's sampling settings, checked, as a row for the engine; and its stop strings."""
     refuse_unsupported(body)
     temperature = number(body, "temperature", 1.0, low=0.0, high=2.0)
     top_p = number(body, "top_p", 1.0, low=0.0, high=1.0, low_open=True)
     if not (body.get("n") is None or (type(body["n"]) is int and body["n"] == 1)):
         raise APIError(400, "n must be 1: litft returns one choice per request", "n")
-    max_tokens = body.get("max_completion_tokens")
-    max_tokens = body.get("max_tokens") if max_tokens is None else max_tokens
-    if max_tokens is None:
-        max_tokens = max(1, min(default_max_tokens, block_size - len(ids)))
-    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-        raise APIError(400, f"max_tokens must be a positive integer, got {max_tokens!r}", "max_tokens")
-    if len(ids) + max_tokens > block_size:
-        raise APIError(400, f"the prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) exceeds the model's "
-                       f"context ({block_size} tokens); shorten the prompt or lower max_tokens", "max_tokens")
+    max_tokens = reply_length(body, len(ids), block_size, default_max_tokens, prompt_param)
     seed = body.get("seed")
     if seed is not None and (type(seed) is not int or not -2 ** 63 <= seed < 2 ** 64):
         raise APIError(400, f"seed must be an integer in [-2^63, 2^64), got {seed!r}", "seed")
     generator = torch.Generator(ids.device).manual_seed(seed if seed is not None else secrets.randbits(63))
     row = Row(ids, max_tokens, temperature, None, top_p, served.stop_ids, generator, served.lora)
     return row, stop_strings(body.get("stop"))
+
+
+def reply_length(body: dict, prompt_tokens: int, block_size: int, default: int, prompt_param: str) -> int:
+    """The most tokens the reply may have: max_completion_tokens, else max_tokens (its older name), else as many as
+    the context leaves, up to `default`."""
+    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = body.get(key)
+    if max_tokens is None:
+        if prompt_tokens >= block_size:
+            raise APIError(400, f"the prompt ({prompt_tokens} tokens) leaves no room for a reply in the model's "
+                           f"context ({block_size} tokens); shorten it", prompt_param, "context_length_exceeded")
+        return min(default, block_size - prompt_tokens)
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+        raise APIError(400, f"{key} must be a positive integer, got {max_tokens!r}", key)
+    if prompt_tokens + max_tokens > block_size:
+        raise APIError(400, f"the prompt ({prompt_tokens} tokens) plus {key} ({max_tokens}) exceeds the model's "
+                       f"context ({block_size} tokens); shorten the prompt or lower {key}", key)
+    return max_tokens
 
 
 def number(body: dict, key: str, default: float, low: float, high: float, low_open: bool = False) -> float:

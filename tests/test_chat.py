@@ -15,6 +15,7 @@ import os
 import pty
 import select
 import shutil
+import signal
 import subprocess
 import sys
 import termios
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, assert_user_error, run_main, run_script, tiny_bpe
+from conftest import ROOT, assert_user_error, run_main, tiny_bpe
 from test_chat_formats import llama3_dir, qwen_dir  # noqa: F401 (fixtures: the Llama-3 and Qwen2.5 layouts)
 from test_tokenizer import smollm2_dir  # noqa: F401 (fixture: SmolLM2's tokenizer files and chat template)
 
@@ -229,16 +230,20 @@ class Terminal:
 
     def wait_for(self, text: str, count: int, timeout: float = 60) -> str:
         """Read until `text` has appeared `count` times in the whole output; return the output."""
+        return self.wait_until(lambda out: out.count(text) >= count, f"{text!r} #{count}", timeout)
+
+    def wait_until(self, done, what: str, timeout: float = 60) -> str:
+        """Read until done(the whole output so far) is true; return the output."""
         deadline = time.monotonic() + timeout
-        while self.output.decode(errors="replace").count(text) < count:
+        while not done(self.output.decode(errors="replace")):
             if not select.select([self.fd], [], [], max(deadline - time.monotonic(), 0))[0]:
-                raise AssertionError(f"no {text!r} #{count} within {timeout} s; output:\n{self.output.decode()}")
+                raise AssertionError(f"no {what} within {timeout} s; output:\n{self.output.decode()}")
             try:
                 chunk = os.read(self.fd, 4096)
             except OSError:  # EIO: the program closed the terminal
                 chunk = b""
             if not chunk:
-                raise AssertionError(f"the program ended before {text!r} #{count}; output:\n{self.output.decode()}")
+                raise AssertionError(f"the program ended before {what}; output:\n{self.output.decode()}")
             self.output += chunk
         return self.output.decode(errors="replace")
 
@@ -302,6 +307,50 @@ def test_chat_in_a_terminal_answers_as_generate_does(chat_checkpoint, tmp_path):
     dropped = f"(dropped the 2 oldest messages to fit the context of {block_size} tokens)\n"
     assert session == (f">>> {a1}\n>>> {a2}\n>>> {dropped}{a3}\n>>> (new conversation)\n"
                        f">>> error: {error.value}\n>>> {a4}\n>>> ")
+
+
+INTERRUPTED = "(reply interrupted; this message and the partial reply are left out of the conversation)\n"
+
+
+def test_ctrl_c_stops_a_reply_and_the_session_goes_on(chat_checkpoint):
+    """SIGINT (what Ctrl-C sends) while a reply streams: the reply stops, a notice says so, and the next message
+    gets what `generate` gives greedily for that message alone (the interrupted exchange is not in the
+    conversation); /exit then ends the session with status 0. The tiny model never emits a stop token, so each
+    reply is n tokens long: the signal comes after the first 10 characters, with hundreds of tokens to go."""
+    n = 200
+    model = for_generation(partial(load_finetuned, chat_checkpoint), "cpu", torch.float32)
+    tokenizer, style = Tokenizer(chat_checkpoint), resolve_style(None, chat_checkpoint)
+    expected = greedy_reply(model, tokenizer, style, [{"role": "user", "content": "two dog"}], n)
+
+    term = Terminal("generate/chat.py", "--checkpoint_dir", str(chat_checkpoint), "--temperature", "0",
+                    "--max_new_tokens", str(n))
+    try:
+        term.wait_for(">>> ", 1)
+        term.type("one cat")
+        term.wait_until(lambda out: len(out.rpartition(">>> ")[2]) >= 10, "10 characters of the reply")
+        term.proc.send_signal(signal.SIGINT)
+        term.wait_for(">>> ", 2)
+        term.type("two dog")
+        term.wait_for(">>> ", 3, timeout=120)
+        term.type("/exit")
+    finally:
+        status = term.close()
+    transcript = term.output.decode()
+    assert status == 0, transcript
+    partial_reply, _, rest = transcript.partition("\n>>> ")[2].partition("\n")
+    assert len(partial_reply) >= 10 and rest == f"{INTERRUPTED}>>> {expected}\n>>> ", transcript
+
+
+def test_ctrl_c_at_the_prompt_ends_the_session(chat_checkpoint):
+    """At the prompt, Ctrl-C ends the session as it ends every litft script: one line, the shell's status 130."""
+    term = Terminal("generate/chat.py", "--checkpoint_dir", str(chat_checkpoint), "--temperature", "0")
+    try:
+        term.wait_for(">>> ", 1)
+        term.proc.send_signal(signal.SIGINT)
+        term.wait_for("error: interrupted\n", 1)
+    finally:
+        status = term.close()
+    assert status == 130 and term.output.decode().endswith("\n>>> error: interrupted\n"), term.output.decode()
 
 
 RUNS = {  # method: (its config, how it is added to a model, what a run saves, the weights file, the flag)

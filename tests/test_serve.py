@@ -157,6 +157,10 @@ def test_completions_stop_strings_seed_and_max_tokens(server, base):
     ({"model": "qv", "messages": [{"role": "user", "content": "hi"}], "presence_penalty": 0.5}, 400,
      "presence_penalty is not"),
     ('{"model": "qv", "messages": [{"role": "user", "content": "a\\ud800b"}]}', 400, "unpaired surrogate"),
+    # JSON that Python's parser gives up on: deeper than its stack, an integer longer than it converts
+    ("[" * 100000 + "]" * 100000, 400, "nested too deeply"),
+    ('{"model": "qv", "messages": [{"role": "user", "content": "hi"}], "max_tokens": ' + "9" * 5000 + "}", 400,
+     "an integer of more than 4300 digits"),
 ])
 def test_bad_requests_get_a_json_error_and_the_server_goes_on(server, body, status, fragment):
     client, port, _ = server
@@ -197,6 +201,63 @@ def test_neutral_values_of_unsupported_parameters_and_nulls_are_accepted(server)
     assert got["usage"]["completion_tokens"] == expected["usage"]["completion_tokens"] == 5
     status, missing = post(port, "/v1/embeddings", "{}")
     assert status == 404 and "/v1/embeddings" in missing["error"]["message"]
+
+
+@pytest.mark.parametrize("param, value", [
+    ("tool_choice", "required"), ("tool_choice", {"type": "function", "function": {"name": "f"}}),
+    ("function_call", {"name": "f"}), ("modalities", ["text", "audio"]), ("audio", {"voice": "alloy", "format": "wav"}),
+    ("web_search_options", {}), ("verbosity", "low"), ("reasoning_effort", "high"),
+    ("moderation", {"model": "omni-moderation-latest"}), ("logit_bias", {"5": 100}), ("top_logprobs", 2),
+    ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}),
+])
+def test_what_litft_cannot_honour_is_refused_by_name_to_the_openai_client(server, param, value):
+    """Parameters of OpenAI's chat completions that would change the answer, set to ask for something: the official
+    client raises BadRequestError (400) naming the parameter, rather than getting an answer made without it."""
+    client, _, _ = server
+    with pytest.raises(openai.BadRequestError) as refused:
+        ask(client, "qv", "hi", **{param: value})
+    assert refused.value.param == param and f"{param} is not supported" in refused.value.message
+
+
+def test_tool_choice_without_tools_and_other_neutral_values_answer_as_the_plain_request(server):
+    """OpenAI's spec: with no tools, tool_choice "none" (the default then) and "auto" both give a message, and
+    parallel_tool_calls has no tool calls to apply to; modalities ["text"] and verbosity "medium" are the defaults;
+    a prediction (Predicted Outputs) makes an answer faster, not different."""
+    client, _, _ = server
+    plain = ask(client, "qv", QUESTIONS[1]).choices[0].message.content
+    for neutral in ({"tool_choice": "none", "parallel_tool_calls": False},
+                    {"tool_choice": "auto", "parallel_tool_calls": True, "modalities": ["text"], "verbosity": "medium"},
+                    {"prediction": {"type": "content", "content": plain}}):
+        assert ask(client, "qv", QUESTIONS[1], **neutral).choices[0].message.content == plain, neutral
+
+
+def test_retrieve_model_as_the_openai_client_does(server, base, runs):
+    client, _, _ = server
+    listed = {m.id: m for m in client.models.list().data}
+    for name in (base.name, *runs):
+        assert client.models.retrieve(name) == listed[name]
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.models.retrieve("nope")
+    assert missing.value.code == "model_not_found" and "'nope' does not exist" in missing.value.message
+
+
+def test_token_limit_errors_name_what_the_request_sent(server, base):
+    """The field named is the one the request used (max_completion_tokens, or its older name max_tokens); a prompt
+    that fills the context alone says so, with OpenAI's code for it, and names no max_tokens the request did not
+    send."""
+    client, _, _ = server
+    with pytest.raises(openai.BadRequestError) as zero:
+        client.chat.completions.create(model="qv", messages=[{"role": "user", "content": "hi"}],
+                                       max_completion_tokens=0)
+    assert zero.value.param == "max_completion_tokens" and "max_completion_tokens must be" in zero.value.message
+    long = "word " * 80  # more tokens than the test model's context of 64
+    with pytest.raises(openai.BadRequestError) as chat:
+        client.chat.completions.create(model="qv", messages=[{"role": "user", "content": long}])
+    with pytest.raises(openai.BadRequestError) as text:
+        client.completions.create(model=base.name, prompt=long)
+    for error, param in ((chat, "messages"), (text, "prompt")):
+        assert (error.value.param, error.value.code) == (param, "context_length_exceeded")
+        assert "leaves no room for a reply" in error.value.message and "max_tokens" not in error.value.message
 
 
 def test_a_client_that_leaves_mid_stream_does_not_stop_the_others(server):
