@@ -12,8 +12,9 @@
                               model(x, lm_head_chunk_size=128), then chunked_cross_entropy
 
 All start from litft's randomly initialised weights (copied under each library's names), so with B = 0 at
-step 0 their first losses agree: a check that the steps compute the same thing (the two QLoRA builds agree with
-each other: both round the weights to the same NF4 values, tests/test_qlora.py). Each library is
+step 0 their first losses agree: a check of the frozen forward pass and the loss, not of the LoRA branch, its
+dropout or the backward pass (tests/test_lora.py compares those with peft at B ≠ 0). The two QLoRA builds agree
+with each other: both round the weights to the same NF4 values, tests/test_qlora.py. Each library is
 imported only when asked for, so a process that runs one library holds only that library in memory.
 """
 

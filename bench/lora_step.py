@@ -14,7 +14,7 @@ steps and its resident memory once the model was built; then, for each `--pairs`
 best step and peak RSS over b's. On a machine
 shared with other work the best step is the cleaner estimate (contention only ever adds time). Weights are
 random (speed does not depend on the values) but shared: at step 0 the LoRA product B·A is zero, so all first
-losses agree; the table prints them.
+losses agree (which checks the frozen forward pass and the loss only); the table prints them.
 """
 
 from __future__ import annotations

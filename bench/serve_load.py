@@ -8,7 +8,8 @@
    i mod `loras`; greedy; max_tokens each), first one at a time, then all at once from as many threads. Every
    request has a time limit, and the server is stopped at the end whatever happens.
 3. Runs the same prompts (the same token ids) through transformers + PEFT's batched
-   `generate(..., adapter_names=...)`, all rows in one batch, the LoRAs exported with scripts/export_peft.py.
+   `generate(..., adapter_names=...)`, all rows in one batch, the LoRAs exported with scripts/export_peft.py
+   (`--verify false`). Like litft's server, PEFT first answers the first request alone, untimed.
 
 It prints aggregate tokens/s of each, their ratios, time to first token and per-request tokens/s, and whether
 every concurrent answer equals its one-at-a-time answer (and PEFT's).
@@ -179,13 +180,16 @@ def peft_generate(checkpoint_dir: Path, runs: dict[str, Path], out_dir: Path, na
     import peft
     import transformers
 
+    # The exporters' own verification (tests/test_verify.py covers it) is skipped: it would load each model once
+    # more, and this comparison checks the exports anyway, as PEFT's answers against litft's.
     hf_dir = out_dir / "hf"
     if not (hf_dir / "config.json").is_file():
-        script(["scripts/convert_lit_checkpoint.py", "--checkpoint_dir", checkpoint_dir, "--output_dir", hf_dir])
+        script(["scripts/convert_lit_checkpoint.py", "--checkpoint_dir", checkpoint_dir, "--output_dir", hf_dir,
+                "--verify", "false"])
     for name, path in runs.items():
         if not (out_dir / "peft" / name / "adapter_config.json").is_file():
             script(["scripts/export_peft.py", "--checkpoint_dir", checkpoint_dir, "--lora_path", path,
-                    "--output_dir", out_dir / "peft" / name])
+                    "--output_dir", out_dir / "peft" / name, "--verify", "false"])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype).to(device)
     model = peft.PeftModel.from_pretrained(model, out_dir / "peft" / "lora0", adapter_name="lora0")
@@ -199,6 +203,12 @@ def peft_generate(checkpoint_dir: Path, runs: dict[str, Path], out_dir: Path, na
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     stops = sorted(tokenizer.stop_ids)
+    with torch.inference_mode():  # warm-up, untimed, as litft's server gets one: the first request alone
+        first = torch.tensor([prompts[0]], device=device)
+        model.generate(input_ids=first, attention_mask=torch.ones_like(first), max_new_tokens=max_tokens,
+                       do_sample=False, eos_token_id=stops, pad_token_id=0, adapter_names=names[:1])
+    if device == "cuda":
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens, do_sample=False,
