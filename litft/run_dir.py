@@ -146,7 +146,10 @@ def check_resume(args, method) -> str:
                 show(key, now.get(key), Path(args.checkpoint_dir), data_dir(args.data))
             raise UserError(f"--resume: {out} was started with {was}, this run has {asked}; resume with the "
                             f"settings in {out / RECORD}, or start anew with --overwrite true or another --out_dir")
-    run_id = str(recorded.get("run_id", "unrecorded"))
+    if "run_id" not in recorded:
+        raise UserError(f"--resume: {out / RECORD} records no run_id, so its checkpoints cannot be told from another "
+                        "run's; start the run again with --overwrite true")
+    run_id = str(recorded["run_id"])
     train_state.check_continues(train_state.resumable(out, run_id), args.max_steps, sharded=args.strategy == "fsdp")
     return run_id
 

@@ -111,6 +111,9 @@ def restore(loop: Loop) -> train_state.State:
         return train_state.State()
     state = train_state.load(loop.fabric, loop.raw, loop.optimizer, loop.scheduler, loop.args.out_dir, loop.run_id)
     loop.fabric.print(f"resumed from step {state.step}", file=sys.stderr)
+    if state.step == loop.args.max_steps:  # killed after its last checkpoint: only the summary is left to write
+        loop.fabric.print(f"step {state.step} is --max_steps: nothing left to train; writing the run's summary",
+                          file=sys.stderr)
     return state
 
 
@@ -320,13 +323,13 @@ class Loop:
         counts none of its tokens."""
         fabric, args = self.fabric, self.args
         micro = max(1, min(args.micro_batch_size, len(self.val_data) // fabric.world_size))  # a small split too
-        n = min(args.eval_iters, -(-len(self.val_data) // (micro * fabric.world_size)))  # batches per process
+        n = min(args.eval_iters, math.ceil(len(self.val_data) / (micro * fabric.world_size)))  # batches per process
         sums = torch.zeros(2, device=fabric.device)  # Σ token losses, trained tokens: the mean weighs every token alike
         for k in range(n):
             start = (k * fabric.world_size + fabric.global_rank) * micro
             batch = self.val_data[start:start + micro]
             x, y, packed_pos = self.collate(batch or self.val_data[:1])
-            count = trained_tokens(y) * bool(batch)
+            count = trained_tokens(y) if batch else torch.zeros_like(trained_tokens(y))  # past the end: not counted
             sums += torch.stack((self.loss(x, y, packed_pos).float() * count, count.float()))
         total, count = fabric.all_reduce(sums, reduce_op="sum").tolist()
         return total / count if count else math.nan  # no trained token at all: null in summary.json

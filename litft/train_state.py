@@ -114,12 +114,13 @@ def own_checkpoints(out_dir: Path, run_id: str, up_to: Path | None = None) -> li
 
 
 def check_continues(path: Path, max_steps: int, sharded: bool) -> None:
-    """Refuse, in one line, to resume from `path` a run that has no step left to take, or with the other kind of
-    tensors: FSDP's per-process shards (`sharded`) or whole ones (DDP, one process)."""
+    """Refuse, in one line, to resume from `path` a run that is past --max_steps, or with the other kind of tensors:
+    FSDP's per-process shards (`sharded`) or whole ones (DDP, one process). A run at --max_steps exactly may resume:
+    killed after its last checkpoint, it still writes its summary."""
     meta = _read_json(path / META)
-    if max_steps <= meta["step"]:
-        raise UserError(f"--resume: {path.parent.parent} is at step {meta['step']} already ({path.name}), and "
-                        f"--max_steps {max_steps} asks for no more; pass a larger --max_steps to train on")
+    if max_steps < meta["step"]:
+        raise UserError(f"--resume: {path.parent.parent} is at step {meta['step']} already ({path.name}), past "
+                        f"--max_steps {max_steps}; pass a larger --max_steps to train on")
     if meta.get("sharded", sharded) != sharded:  # checkpoints written before it was recorded are not checked
         held, asked = ("FSDP's shards", "auto or ddp") if meta["sharded"] else ("whole tensors", "fsdp")
         raise UserError(f"--resume: {path} holds {held}, which --strategy {asked} cannot load; resume with the "

@@ -190,7 +190,7 @@ def write_report(model: Path, method: str, out_dir: Path, run_dir: Path, before:
              f"{base_bytes / 1e6:.1f} MB ({summary['weights_file_bytes'] / base_bytes:.1%}) |",
              f"| trainable parameters | {summary['trainable_parameters']:,} |",
              f"| training | {summary['steps']} steps, {summary['train_seconds']:.0f} s, "
-             f"{summary['tokens_per_s']:.0f} tokens/s |",
+             f"{summary['tokens_per_s'] or 0:.0f} tokens/s |",  # 0: the run's last session trained no step
              f"| peak memory (training process) | {summary['peak_memory_gb']:.2f} GB |",
              f"| demo wall time | {seconds / 60:.1f} min |"]
     if merged:

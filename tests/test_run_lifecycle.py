@@ -161,16 +161,30 @@ def test_resume_removes_orphans_and_rotation_spares_other_runs(tiny, done_run, t
     assert not any(orphan.exists() for orphan in orphans)
 
 
-def test_a_resume_with_no_step_left_is_refused_untouched(tiny, done_run, tmp_path):
-    """A finished 6-step run resumed with --max_steps 6 (or fewer) has nothing to train: one line saying where the
-    run is and what to pass, and hyperparameters.yaml keeps the flags the run was trained with."""
+def test_a_resume_past_max_steps_is_refused_and_one_at_it_writes_the_summary(tiny, done_run, tmp_path):
+    """A finished 6-step run resumed with --max_steps 4 is past it: one line saying where the run is, and nothing
+    touched. Resumed with --max_steps 6, as a run killed after its last checkpoint but before its summary is: no
+    step is trained, the weights file stays the last step's, and summary.json is written."""
     out = copy_run(done_run, tmp_path)
     before = snapshot(out)
-    for max_steps in ("6", "4"):
-        proc = refused(tiny, out, "--resume", "true", "--max_steps", max_steps)
-        assert_user_error(proc, f"--resume: {out} is at step 6 already (step-000006)",
-                          f"--max_steps {max_steps} asks for no more", "pass a larger --max_steps")
+    proc = refused(tiny, out, "--resume", "true", "--max_steps", "4")
+    assert_user_error(proc, f"--resume: {out} is at step 6 already (step-000006), past --max_steps 4",
+                      "pass a larger --max_steps")
     assert snapshot(out) == before
+    (out / "summary.json").unlink()
+    proc = finetune(tiny, out, "--resume", "true", "--max_steps", "6")
+    assert "nothing left to train" in proc.stderr
+    assert json.loads((out / "summary.json").read_text())["steps"] == 6
+    assert_same(weights(done_run / "lit_model_lora.pth"), weights(out / "lit_model_lora.pth"))
+
+
+def test_a_run_yaml_without_a_run_id_is_refused_in_one_line(tiny, done_run, tmp_path):
+    out = copy_run(done_run, tmp_path)
+    record = yaml.safe_load((out / "run.yaml").read_text())
+    del record["run_id"]
+    (out / "run.yaml").write_text(yaml.safe_dump(record))
+    assert_user_error(refused(tiny, out, "--resume", "true", "--max_steps", "9"), "records no run_id",
+                      "--overwrite true")
 
 
 def test_a_resume_that_fails_to_load_leaves_the_run_as_it_was(tiny, done_run, tmp_path):
