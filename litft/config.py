@@ -108,7 +108,7 @@ class Config:
         hf = {**HF_DEFAULTS[hf.get("model_type", "llama")], **hf}  # what transformers assumes for a missing field
         n_head = hf["num_attention_heads"]
         rope_base, rope_scaling = rope_from_hf(hf)
-        block_size = hf.get("max_position_embeddings", 4096)
+        block_size = hf["max_position_embeddings"]
         if rope_scaling is not None:
             block_size = rope_scaling.context_length(block_size)
         if window := sliding_window(hf):  # attention is exact as long as no sequence is longer than the window
@@ -124,7 +124,7 @@ class Config:
             block_size=block_size,
             rope_base=rope_base,
             rope_scaling=rope_scaling,
-            norm_eps=hf.get("rms_norm_eps", 1e-5),
+            norm_eps=hf["rms_norm_eps"],
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
             qkv_bias=hf.get("model_type") == "qwen2",
         )
@@ -167,11 +167,15 @@ MODEL_TYPES = ("llama", "mistral", "qwen2")
 # transformers' values for fields a config.json leaves out (LlamaConfig, MistralConfig, Qwen2Config)
 HF_DEFAULTS = {
     "llama": {"rms_norm_eps": 1e-6, "max_position_embeddings": 2048},
-    "mistral": {"rms_norm_eps": 1e-6, "max_position_embeddings": 131072, "sliding_window": 4096},
-    "qwen2": {"rms_norm_eps": 1e-6, "max_position_embeddings": 32768},
+    "mistral": {"rms_norm_eps": 1e-6, "max_position_embeddings": 131072, "sliding_window": 4096,
+                "num_key_value_heads": 8},
+    # Qwen2's window (4096 by default) applies only with use_sliding_window: true
+    "qwen2": {"rms_norm_eps": 1e-6, "max_position_embeddings": 32768, "sliding_window": 4096,
+              "num_key_value_heads": 32},
 }
-SIZES = ("vocab_size", "num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size")
-OPTIONAL_SIZES = ("num_key_value_heads", "max_position_embeddings", "head_dim")  # null: the default
+SIZES = ("vocab_size", "num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size",
+         "max_position_embeddings")
+OPTIONAL_SIZES = ("num_key_value_heads", "head_dim")  # null: as many key/value heads as heads, width / heads
 
 
 def check_hf_fields(hf: dict[str, Any]) -> None:

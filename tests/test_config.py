@@ -81,24 +81,27 @@ def test_rope_scaling_round_trips_through_model_config_yaml(tmp_path):
         Config.from_checkpoint(tmp_path)
 
 
-SHAPE = {"vocab_size": 128, "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 1,
+SHAPE = {"vocab_size": 128, "hidden_size": 256, "num_attention_heads": 32, "num_hidden_layers": 1,
          "intermediate_size": 128}
 
 
-@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])
-def test_fields_config_json_leaves_out_mean_what_transformers_assumes(model_type):
+@pytest.mark.parametrize("model_type,given", [("llama", {}), ("mistral", {}), ("qwen2", {}),
+                                              ("qwen2", {"use_sliding_window": True, "max_window_layers": 0})])
+def test_fields_config_json_leaves_out_mean_what_transformers_assumes(model_type, given):
     from transformers import AutoConfig
 
-    hf = AutoConfig.for_model(model_type, **SHAPE)
-    config = Config.from_hf_config({"model_type": model_type, **SHAPE})
-    window = getattr(hf, "sliding_window", None) if getattr(hf, "use_sliding_window", True) else None  # Qwen2: off unless asked
+    hf = AutoConfig.for_model(model_type, **SHAPE, **given)
+    config = Config.from_hf_config({"model_type": model_type, **SHAPE, **given})
+    window = hf.sliding_window if getattr(hf, "sliding_window", None) else hf.max_position_embeddings
     assert config.norm_eps == hf.rms_norm_eps
-    assert config.block_size == min(hf.max_position_embeddings, window or hf.max_position_embeddings)
+    assert config.n_query_groups == hf.num_key_value_heads
+    assert config.block_size == min(hf.max_position_embeddings, window)  # exact while no sequence is longer
 
 
 @pytest.mark.parametrize("change,message", [
     ({"num_attention_heads": None}, "num_attention_heads = None should be a positive integer"),
     ({"num_attention_heads": 0}, "num_attention_heads = 0 should be a positive integer"),
+    ({"max_position_embeddings": None}, "max_position_embeddings = None should be a positive integer"),
     ({"vocab_size": "128"}, "vocab_size = '128' should be a positive integer"),
     ({"rope_scaling": [1]}, "a setting has a value of the wrong type"),
     ({"rope_scaling": {"rope_type": "linear", "factor": "2"}}, "a setting has a value of the wrong type"),
