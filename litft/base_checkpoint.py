@@ -66,6 +66,7 @@ def ensure_checkpoint(checkpoint_dir: Path) -> None:
             convert_gguf(OFFLINE_GGUF, scratch, name=checkpoint_dir.name)  # not the scratch directory's name
         except UserError as e:
             raise UserError(f"converting {OFFLINE_GGUF} into {checkpoint_dir} failed: {e}") from None
+        scratch.chmod(0o755)  # mkdtemp makes a directory only its owner can read; a checkpoint is for everyone
         scratch.rename(checkpoint_dir)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -183,6 +184,8 @@ def resolve_run(method: str, weights_path: Path, checkpoint_dir: Path | None, fl
     weights_path = weights_in(weights_path)  # a LoRA or adapter run's directory: its weights file
     if checkpoint_dir is None:
         return weights_path, base_of(run_dir_of(weights_path))
-    if weights_path.is_file():  # a full run's directory is a checkpoint of its own
-        warn_if_trained_on_another(run_dir_of(weights_path), checkpoint_dir, weights_path)
+    # the run's model_config.yaml names its model (a full run's directory is a checkpoint of its own): another shape
+    # is refused, another model of the same shape is warned about
+    check_same_base(run_dir_of(weights_path), Config.from_checkpoint(checkpoint_dir), weights_path)
+    warn_if_trained_on_another(run_dir_of(weights_path), checkpoint_dir, weights_path)
     return weights_path, Path(checkpoint_dir)

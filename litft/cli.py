@@ -35,6 +35,9 @@ def reported(call: Callable[[], Any]) -> Any:
         fail(str(e), 2)
     except ArgumentError as e:  # a flag the command does not take, or a value of the wrong type
         fail(f"{flag_error(str(e))} (--help lists the flags)", 2)
+    except BrokenPipeError:  # stdout's reader left (`| head`): nothing more to say to it (Python's "Note on SIGPIPE")
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
     except BaseException as e:
         if interrupted(e):  # also what a Ctrl-C turns into while a file is being written: an error chained to it
             fail("interrupted", 130)

@@ -213,6 +213,9 @@ def load_state_dict(path: Path, mmap: bool = True) -> dict[str, Tensor]:
         reason = (str(e).splitlines()[0] if "Weights only load failed" not in str(e)
                   else "it is not a file of tensors that torch.save wrote, or it holds other objects")
         raise UserError(f"{path} was refused: {reason}; only plain tensor state dicts are loaded") from None
+    except (IndexError, KeyError, ValueError, TypeError):  # the unpickler, reading a file torch.save did not write
+        raise UserError(f"{path} is not a checkpoint (not a file torch.save wrote); pass the run's weights file, "
+                        "e.g. lit_model_lora.pth") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
         reason = str(e).splitlines()[0].split(". ")[0]
         raise UserError(f"{path} is not a readable checkpoint ({reason}); it may be truncated — re-create it") from None

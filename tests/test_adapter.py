@@ -326,6 +326,12 @@ def test_generate_full_serves_a_weights_file_and_a_checkpoint_dir_like_base(base
                          *flags, check=True)
     via_base = run_script("generate/base.py", "--checkpoint_dir", tmp_path / "ckpt", *flags, check=True)
     assert via_file.stdout == via_dir.stdout == via_base.stdout == expected
+    # a base of another shape is refused for the run directory as for its weights file, not fed to the model
+    save_lit_checkpoint(tiny_model("tiny-gqa", n_layer=1, vocab_size=32000, block_size=64), tmp_path / "other")
+    shutil.copy(base_dir / "tokenizer.model", tmp_path / "other")
+    for finetuned in (tmp_path / "ckpt", tmp_path / "ckpt" / "lit_model.pth"):
+        assert_user_error(run_main("generate/full.py", "--checkpoint_dir", tmp_path / "other", "--finetuned_path",
+                                   finetuned, *flags), "was trained on", "pass the --checkpoint_dir it was trained on")
 
 
 def test_generate_adapter_user_errors(base_dir, tmp_path):

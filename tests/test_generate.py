@@ -286,6 +286,30 @@ def test_cli_user_errors(tiny_checkpoint, tmp_path):
                                "--max_new_tokens", "100"), "block_size")
     assert_user_error(run_main("generate/base.py", "--checkpoint_dir", directory, "--prompt", "hi",
                                "--precision", "fp8"), "--precision")
+    (tmp_path / "lora.yaml").write_text("r: 2\nalpha: 4\n")
+    for text in ("r: 2\nalpha: 4\n", "hello world\n"):  # files torch.save did not write: torch's unpickler raises
+        (tmp_path / "notes.txt").write_text(text)       # IndexError and KeyError on these two
+        assert_user_error(run_main("generate/lora.py", "--checkpoint_dir", directory, "--lora_path",
+                                   tmp_path / "notes.txt", "--prompt", "hi", "--max_new_tokens", "4"),
+                          "is not a checkpoint (not a file torch.save wrote)")
+
+
+def test_a_reader_that_stops_early_ends_the_program_quietly(tiny_checkpoint):
+    """`generate/base.py ... | head -c 3`: the pipe closes under the answer; no traceback (Python's "Note on
+    SIGPIPE": stdout is pointed at devnull and the program exits with status 1)."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    directory, _ = tiny_checkpoint
+    generate = subprocess.Popen([sys.executable, str(ROOT / "generate/base.py"), "--checkpoint_dir", str(directory),
+                                 "--prompt", "red green", "--max_new_tokens", "60", "--temperature", "1"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    generate.stdout.read(3)
+    generate.stdout.close()  # as head does once it has its bytes
+    stderr = generate.stderr.read().decode()
+    assert generate.wait(timeout=120) == 1 and "Traceback" not in stderr, stderr
 
 
 def test_a_prompt_that_is_not_utf8_and_bad_sampling_flags_are_one_line(tiny_checkpoint):
