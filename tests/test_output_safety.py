@@ -75,8 +75,8 @@ def test_a_path_of_the_wrong_kind_is_named_as_such(runs, tmp_path):
     shutil.copytree(lora_run, tmp_path / "junk_run")
     (tmp_path / "junk_run" / "lit_model_lora.pth").write_bytes(junk.read_bytes())
     cases = [
-        (("scripts/merge_lora.py", "--checkpoint_dir", runs["ckpt"], "--lora_path", lora_run, "--out_dir",
-          tmp_path / "merged", "--verify", "false"), f"--lora_path {lora_run} is a directory"),
+        (("scripts/merge_lora.py", "--checkpoint_dir", runs["ckpt"], "--lora_path", tmp_path / "data", "--out_dir",
+          tmp_path / "merged", "--verify", "false"), f"--lora_path {tmp_path / 'data'} is a directory"),  # no run's
         (("scripts/convert_gguf_checkpoint.py", "--gguf_path", lora_run, "--output_dir", tmp_path / "c"),
          f"{lora_run} is a directory"),
         (("generate/base.py", "--checkpoint_dir", junk, "--prompt", "hi"), f"{junk} is a file, not a directory"),
