@@ -121,6 +121,11 @@ def main(checkpoint_dir: Optional[Path] = None, prompt_tokens: int = 128, new_to
     libraries = {"litft": run_litft, "transformers": run_hf}
     if litgpt is not None:
         libraries["litgpt"] = run_litgpt
+    compare(libraries, rounds, new_tokens)
+
+
+def compare(libraries: dict, rounds: int, new_tokens: int) -> None:
+    """Warm each library up, time `rounds` alternating rounds, and print median tokens/s against litft's."""
     ids = {name: fn() for name, fn in libraries.items()}  # warm-up, and the tokens to compare
     speeds: dict[str, list[float]] = {name: [] for name in libraries}
     for r in range(rounds):
