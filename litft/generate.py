@@ -54,7 +54,8 @@ def sample(logits: Tensor, temperature: float = 1.0, top_k: Optional[int] = None
     """logits: (B, vocab) -> (B,) token ids. Temperature 0 is greedy; then top-k, then top-p, then a draw."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    # Shift the best logit to 0 first: z / τ then never overflows to inf (inf - inf is NaN) for a tiny τ.
+    logits = (logits.float() - logits.float().amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None and top_k < logits.size(-1):
         kth_best = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth_best, float("-inf"))

@@ -10,6 +10,7 @@ decoding speed and the peak memory go to stderr.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from functools import partial
@@ -110,8 +111,8 @@ def check_text(text: str, flag: str) -> None:
 
 
 def check_sampling(temperature: float, top_k: Optional[int], top_p: float) -> None:
-    if temperature < 0:
-        raise UserError(f"--temperature must be >= 0 (0 is greedy), got {temperature}")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise UserError(f"--temperature must be a number >= 0 (0 is greedy), got {temperature}")
     if top_k is not None and top_k < 1:
         raise UserError(f"--top_k must be >= 1 (or null for no limit), got {top_k}")
     if not 0 < top_p <= 1:

@@ -186,6 +186,14 @@ def test_sampling_draws_only_from_the_filtered_set():
     assert set(draws.tolist()) == {1, 3}
 
 
+def test_a_vanishing_temperature_draws_the_argmax():
+    # z / τ → the argmax as τ → 0 (the limit that defines temperature 0); 1e-45 overflowed z / τ to inf before
+    logits = torch.randn(64, 300, generator=torch.Generator().manual_seed(0)) * 10
+    for temperature in (1e-45, 1e-30):
+        draws = sample(logits, temperature=temperature, top_p=0.9, generator=torch.Generator().manual_seed(1))
+        assert torch.equal(draws, logits.argmax(dim=-1))
+
+
 def test_seeded_sampling_is_reproducible():
     model = tiny_model("tiny-mha")
     prompt = torch.randint(0, 256, (5,))
@@ -324,7 +332,8 @@ def test_a_prompt_that_is_not_utf8_and_bad_sampling_flags_are_one_line(tiny_chec
             b"caf\xe9 in Latin-1"]  # bytes as a shell passes them: Python sees lone surrogates
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert_user_error(proc, "--prompt is not valid UTF-8")
-    for flag, value in (("--temperature", "-0.5"), ("--top_k", "0"), ("--top_p", "1.5"), ("--top_p", "0")):
+    for flag, value in (("--temperature", "-0.5"), ("--temperature", "nan"), ("--top_k", "0"), ("--top_p", "1.5"),
+                        ("--top_p", "0")):
         assert_user_error(run_main("generate/base.py", "--checkpoint_dir", directory, "--prompt", "hi", flag, value),
                           flag)
 
