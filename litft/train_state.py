@@ -4,7 +4,8 @@ A checkpoint is a directory `out_dir/checkpoints/step-000100/` holding
     state-rank<r>.safetensors   each process's trainable parameters and AdamW moments (its own shards under
                                 FSDP: DTensor local pieces), named `param:<name>` and `optim:<name>:<key>`
     state-rank<r>.json          that process's random number generator state, and its optimizer's settings
-    meta.json                   step, data position, scheduler state, loss history, the number of processes
+    meta.json                   step, data position, scheduler state, loss history, the number of processes,
+                                and under 16-mixed the GradScaler's loss scale
 Nothing in it is unpickled when it is loaded: tensors come from safetensors, everything else from JSON, so a
 checkpoint directory someone else wrote cannot run code (torch's distributed checkpoint format, which this
 replaced, reads its `.metadata` with pickle).
@@ -89,6 +90,7 @@ def save(fabric, model, optimizer, scheduler, state: State, out_dir: Path, run_i
     if rank == 0:
         meta = {"step": state.step, "position": state.position, "scheduler": scheduler.state_dict(),
                 "history": state.history, "metrics": state.metrics, "world_size": fabric.world_size, "run_id": run_id,
+                "grad_scaler": fabric.strategy.precision.state_dict(),  # {} but under 16-mixed
                 "sharded": any(isinstance(p, DTensor) for p in model.parameters())}
         (tmp / META).write_text(json.dumps(meta))
     fabric.barrier()
@@ -152,6 +154,8 @@ def load(fabric, model, optimizer, scheduler, out_dir: Path, run_id: str) -> Sta
     for group, base, factor in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas):
         group["lr"] = base * factor(scheduler.last_epoch)
     _set_rng_state(rank_meta["rng"])
+    if meta.get("grad_scaler") and getattr(fabric.strategy.precision, "scaler", None) is not None:
+        fabric.strategy.precision.load_state_dict(meta["grad_scaler"])  # a fresh one would skip steps again
     return State(meta["step"], meta["position"], meta["history"], meta["metrics"])
 
 

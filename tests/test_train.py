@@ -356,6 +356,34 @@ def test_a_non_finite_gradient_stops_before_adamw_steps(tmp_path, grad_clip):
         loop.clip_gradients(State(step=4))
 
 
+def test_a_resumed_16_mixed_run_keeps_its_loss_scale(tmp_path):
+    """Under 16-mixed torch's GradScaler halves the loss scale at each step whose gradients overflow (and skips it),
+    and doubles it only after 2000 good steps: a resume that started again from 65536 would skip those steps again.
+    torch's GradScaler for the CPU stands in for the GPU's (Fabric itself runs 16-mixed as bf16 on a CPU)."""
+    from lightning.fabric import Fabric
+    from lightning.fabric.plugins.precision import MixedPrecision
+
+    from litft.train_state import State, load, save
+
+    def fresh_run():
+        scaler = MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))
+        fabric = Fabric(accelerator="cpu", devices=1, plugins=[scaler])
+        linear = torch.nn.Linear(3, 2)
+        model, optimizer = fabric.setup(linear, torch.optim.AdamW(linear.parameters()))
+        return fabric, model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+    fabric, model, optimizer, scheduler = fresh_run()
+    for _ in range(2):  # two overflowing steps
+        fabric.backward(model(torch.ones(1, 3)).sum() * math.inf)
+        optimizer.step()
+        optimizer.zero_grad()
+    assert fabric.strategy.precision.scaler.get_scale() == 65536 / 4
+    save(fabric, model, optimizer, scheduler, State(step=2), tmp_path, run_id="r")
+    fabric, model, optimizer, scheduler = fresh_run()
+    load(fabric, model, optimizer, scheduler, tmp_path, run_id="r")
+    assert fabric.strategy.precision.scaler.get_scale() == 65536 / 4
+
+
 @pytest.mark.parametrize("script", ["finetune/lora.py", "finetune/full.py"])
 def test_the_plain_path_trains_what_the_fast_path_trains(tiny, tmp_path, script):
     """--fast false (litft/loss.py and LoRALinear as written) against the default fast path (litft/fast: the chunked
