@@ -36,9 +36,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from litft.chat_template import render
 from litft.errors import UserError
-from litft.prompts import ChatTemplateStyle, PromptStyle
+from litft.prompts import PromptStyle
 from litft.tokenizer import Tokenizer
 
 ROLES = ("system", "user", "assistant")
@@ -81,10 +80,8 @@ def text_of(content: object, i: int) -> str:
 def render_conversation(style: PromptStyle | None, messages: list[dict]) -> str:
     """The prompt text for `messages` in `style` (None: plain), ending where the assistant's reply begins."""
     messages = validate_messages(messages)
-    if isinstance(style, ChatTemplateStyle):
-        return render(style.template, messages, add_generation_prompt=True, **style.tokens)
-    if style is not None and style.chat_template is not None:  # chatml, smollm2: their templates are litft's own
-        return render(style.chat_template, messages, add_generation_prompt=True)
+    if style is not None and style.chat_template is not None:  # chatml, smollm2, the checkpoint's own template
+        return style.render_turns(messages)
     name = style.name if style is not None else "plain"
     if name == "llama2-chat":
         return "</s><s>".join(llama2_exchanges(messages))  # the first <s> is the tokenizer's, as for one prompt

@@ -252,7 +252,7 @@ def encode_example(example: dict, tokenizer, style: PromptStyle, max_seq_length:
         return None, False
     text = style.apply(example["instruction"], example["input"])
     prompt = tokenizer.encode(text, bos=style.add_bos)  # (P,)
-    answer = encode_answer(tokenizer, text, prompt, example["output"], style.add_bos)  # (A,)
+    answer = encode_answer(tokenizer, style, example, text, prompt)  # (A,)
     room = max_seq_length - len(prompt) - 1  # tokens left for the answer once its end token is reserved
     if room < min(1, len(answer)):
         return None, False
@@ -264,16 +264,26 @@ def encode_example(example: dict, tokenizer, style: PromptStyle, max_seq_length:
     return {"input_ids": input_ids, "labels": labels, **example}, truncated
 
 
-def encode_answer(tokenizer, prompt_text: str, prompt: Tensor, answer_text: str, bos: bool | None) -> Tensor:
+def encode_answer(tokenizer, style: PromptStyle, example: dict, prompt_text: str, prompt: Tensor) -> Tensor:
     """The answer's ids as the whole text (prompt, then answer) has them, when that text starts with the prompt's.
 
-    Encoded on its own, a sentencepiece answer gets a leading "▁" (the dummy prefix, a space): right after a
+    A chat template writes the answer its own way (Llama 3's trims it, so "Paris.\n" is learned as "Paris.", as
+    the model later sees its turns in a chat's history): the answer is then cut from the whole exchange as the
+    template renders it, the ids transformers' apply_chat_template gives, up to the end-of-turn token.
+    Other styles put the output right after the prompt. Encoded on its own, a sentencepiece answer gets a leading "▁" (the dummy prefix, a space): right after a
     prompt that ends in a word ("[/INST]", plain text), wrong after one that ends in a newline (alpaca's
     "### Response:\n"), where the text has no space. So after whitespace the answer is cut from the encoded
     whole; elsewhere, or when the prompt's last token merges with the answer's first, it is encoded alone.
     """
+    exchange = style.exchange(example["instruction"], example["input"], example["output"])
+    if exchange is not None:
+        tail = tokenizer.encode(exchange, bos=style.add_bos)[len(prompt):].tolist()  # answer, end, maybe more
+        end = answer_end_id(tokenizer, style)
+        if exchange.startswith(prompt_text) and end in tail:
+            return torch.tensor(tail[:len(tail) - 1 - tail[::-1].index(end)], dtype=torch.long)  # (A,)
+    answer_text = example["output"]
     if prompt_text[-1:].isspace() and answer_text:
-        whole = tokenizer.encode(prompt_text + answer_text, bos=bos)  # (P + A,)
+        whole = tokenizer.encode(prompt_text + answer_text, bos=style.add_bos)  # (P + A,)
         if len(whole) > len(prompt) and torch.equal(whole[:len(prompt)], prompt):
             return whole[len(prompt):]
     return tokenizer.encode(answer_text, bos=False)

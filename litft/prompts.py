@@ -66,11 +66,24 @@ class PromptStyle:
         if self.name == "alpaca":
             return _ALPACA_INPUT.format(instruction=instruction, input=input) if input else _ALPACA.format(instruction=instruction)
         user = user_turn(instruction, input)
-        if self.chat_template is not None:  # chatml (Qwen, SmolLM2-Instruct without its system turn, ...), smollm2
-            return render(self.chat_template, [{"role": "user", "content": user}])
+        if self.chat_template is not None:  # chatml, smollm2, the checkpoint's own template
+            return self.render_turns([{"role": "user", "content": user}])
         if self.name == "llama2-chat":  # the tokenizer adds BOS; no trailing space (the answer brings its own)
             return f"[INST] {user} [/INST]"
         raise UserError(f"unknown prompt style {self.name!r}; choose one of {', '.join(STYLES)}")
+
+    def render_turns(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """`messages` as this style's chat template writes them (a style whose chat_template is not None)."""
+        return render(self.chat_template, messages, add_generation_prompt=add_generation_prompt)
+
+    def exchange(self, instruction: str, input: str, output: str) -> str | None:
+        """A question and its answer as this style's chat template writes them; None for the styles written out in
+        Python, whose answer follows the prompt as it is. Data preparation learns the answer as the template writes
+        it (Llama 3's trims it)."""
+        if self.chat_template is None:
+            return None
+        turns = [{"role": "user", "content": user_turn(instruction, input)}, {"role": "assistant", "content": output}]
+        return self.render_turns(turns, add_generation_prompt=False)
 
     @property
     def add_bos(self) -> bool | None:
@@ -136,8 +149,8 @@ class ChatTemplateStyle(PromptStyle):
     template: str = ""
     tokens: dict[str, str] = field(default_factory=dict)
 
-    def apply(self, instruction: str, input: str = "") -> str:
-        return render(self.template, [{"role": "user", "content": user_turn(instruction, input)}], **self.tokens)
+    def render_turns(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        return render(self.template, messages, add_generation_prompt=add_generation_prompt, **self.tokens)
 
     @property
     def add_bos(self) -> bool:

@@ -28,6 +28,7 @@ from litft.generate import generate, stop_token_ids
 from litft.generate_cli import generate_cli
 from litft.load_finetuned import load_finetuned
 from litft.model import Llama
+from litft.prepare import answer_end_id, encode_example
 from litft.prompts import ChatTemplateStyle, PromptStyle, resolve_style
 from litft.tokenizer import Tokenizer
 
@@ -261,6 +262,20 @@ def test_chat_template_ids_equal_transformers(family_dir, instruction, input):
     expected = reference(family_dir).apply_chat_template([{"role": "user", "content": content}],
                                                          add_generation_prompt=True, tokenize=True, return_dict=False)
     assert Tokenizer(family_dir).encode(style.apply(instruction, input), bos=style.add_bos).tolist() == expected
+
+
+@pytest.mark.parametrize("output", ["Paris.", "Paris.\n", " Paris.", "a\n\nb  "])
+def test_a_training_sample_is_the_exchange_transformers_renders(family_dir, output):
+    """A training sample's ids are apply_chat_template's for the question and its answer, up to the end of the
+    turn: Llama 3's and Mistral's templates trim the answer, so "Paris.\n" is learned as "Paris."."""
+    style, tokenizer = resolve_style(None, family_dir), Tokenizer(family_dir)
+    sample, _ = encode_example({"instruction": "Capital of France?", "input": "", "output": output}, tokenizer, style,
+                               max_seq_length=512, mask_inputs=True)
+    conversation = [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": output}]
+    expected = reference(family_dir).apply_chat_template(conversation, tokenize=True, return_dict=False)
+    ids = sample["input_ids"].tolist()
+    assert expected[:len(ids)] == ids and ids[-1] == answer_end_id(tokenizer, style)
+    assert tokenizer.decode(expected[len(ids):]).strip() == ""  # what follows the end of turn: "\n" or nothing
 
 
 def test_rendered_text_equals_transformers_and_keeps_special_tokens_whole(llama3_dir, qwen_dir, mistral_sp_dir):
