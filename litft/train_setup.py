@@ -103,8 +103,13 @@ def plan_memory(fabric: Fabric, args: TrainArgs, method: Method, train_data: lis
     args.micro_batches(fabric.world_size)  # checks that the batch splits into micro batches on every process
 
 
+TRUE_DTYPES = {"bf16-true": torch.bfloat16, "16-true": torch.float16, "32-true": torch.float32}
+
+
 def build_model(args: TrainArgs, method: Method, fabric: Fabric) -> Llama:
-    dtype = torch.bfloat16 if fabric.strategy.precision.precision == "bf16-true" else None
+    """The base in --precision's dtype under *-true; under *-mixed, its frozen weights as the checkpoint stores
+    them (autocast computes in 16 bits) and the weights it trains in fp32 (train_in_fp32)."""
+    dtype = TRUE_DTYPES.get(fabric.strategy.precision.precision)
     # a 4-bit base is quantized from the checkpoint's own values, as generate/ and merge_lora.py quantize it,
     # then cast; each layer's W is freed once stored in NF4 (a mapped file would stay resident)
     model = load_lit_model(args.checkpoint_dir, dtype=None if args.quantize else dtype, mmap=args.quantize is None)
@@ -112,10 +117,21 @@ def build_model(args: TrainArgs, method: Method, fabric: Fabric) -> Llama:
     method.prepare(model)
     if args.quantize:
         qlora.quantize(model, args.quantize).to(dtype)
+    if dtype is None:
+        train_in_fp32(model)
     model.activation_checkpointing = args.activation_checkpointing
     if not any(p.requires_grad for p in model.parameters()):
         raise UserError(f"the {method.name} method left no trainable parameters")
     return model
+
+
+def train_in_fp32(model: Llama) -> None:
+    """Mixed precision: the trained weights, and so AdamW's moments, in fp32 whatever the checkpoint's dtype, as
+    peft keeps adapters over a 16-bit base. In fp16 AdamW's eps (1e-8) is 0: LoRA's A, whose first gradient is 0
+    (B starts at 0), would step by 0 / 0."""
+    for p in model.parameters():
+        if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16):
+            p.data = p.data.float()  # the same Parameter (ties and names unchanged), now fp32
 
 
 def start_run(fabric: Fabric, args: TrainArgs, method: Method) -> str:

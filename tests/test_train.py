@@ -356,6 +356,20 @@ def test_a_non_finite_gradient_stops_before_adamw_steps(tmp_path, grad_clip):
         loop.clip_gradients(State(step=4))
 
 
+@pytest.mark.parametrize("precision", ["bf16-mixed", "32-true"])
+def test_lora_trains_over_a_float16_checkpoint(tiny, tmp_path, precision):
+    """Llama 2's checkpoints are stored in fp16. LoRA weights made in the base's dtype stepped to NaN at once: B
+    starts at 0, so A's first gradient is 0, and AdamW's eps (1e-8) is 0 in fp16, so its update was 0 / 0. As peft
+    keeps adapters over a 16-bit base in fp32 (autocast_adapter_dtype), a run trains them in fp32."""
+    ckpt = tmp_path / "fp16"
+    shutil.copytree(tiny["ckpt"], ckpt)
+    torch.save({k: v.half() for k, v in weights(ckpt / "lit_model.pth").items()}, ckpt / "lit_model.pth")
+    finetune({**tiny, "ckpt": ckpt}, tmp_path / "out", "--precision", precision, "--max_steps", "3")
+    losses = [value for h in history(tmp_path / "out") for key, value in h.items() if key != "step"]
+    assert len(losses) == 4 and all(math.isfinite(loss) for loss in losses)  # 3 steps, 1 validation
+    assert {v.dtype for v in weights(tmp_path / "out" / "lit_model_lora.pth").values()} == {torch.float32}
+
+
 def test_a_resumed_16_mixed_run_keeps_its_loss_scale(tmp_path):
     """Under 16-mixed torch's GradScaler halves the loss scale at each step whose gradients overflow (and skips it),
     and doubles it only after 2000 good steps: a resume that started again from 65536 would skip those steps again.
