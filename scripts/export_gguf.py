@@ -30,7 +30,7 @@ from litft.errors import UserError
 from litft.files import atomic_path, check_writable
 from litft.gguf_export import EXPORTER, check_exportable, exported_by, write_gguf
 from litft.gguf_vocab import vocab_metadata
-from litft.load_finetuned import detect_method, load_finetuned, tokenizer_dir
+from litft.load_finetuned import detect_method, load_finetuned, tokenizer_dir, weights_in
 from litft.lora import merge_lora
 from litft.model import Llama
 from litft.readers import gguf_file, require_readers
@@ -44,13 +44,14 @@ def main(checkpoint_dir: Path, out_file: Path, lora_path: Path | None = None, ad
     Args:
         checkpoint_dir: the base lit checkpoint (lit_model.pth, model_config.yaml, tokenizer files).
         out_file: the .gguf file to write.
-        lora_path: a LoRA run's lit_model_lora.pth, merged into the base before export.
+        lora_path: a LoRA run's lit_model_lora.pth (or that run directory), merged into the base before export.
         adapter_path: a LLaMA-Adapter run: refused, it cannot be merged into a plain Llama.
         dtype: storage of the matrices: f32 (exact), f16, bf16, or q8_0 (8-bit blocks of 32 weights).
         verify: read the file back with transformers' GGUF loader and compare it with litft's model.
         overwrite: replace a GGUF file at --out_file that this script did not write.
     """
     checkpoint_dir, out_file = Path(checkpoint_dir), Path(out_file)
+    lora_path = weights_in(lora_path)  # a run directory: its lit_model_lora.pth
     if verify:
         require_readers()  # before anything is written
     run_dir = check_inputs(checkpoint_dir, out_file, lora_path, adapter_path)

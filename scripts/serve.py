@@ -26,7 +26,7 @@ from litft.errors import UserError
 from litft.fast import for_generation
 from litft.generate import stop_token_ids
 from litft.generate_cli import pick_precision
-from litft.load_finetuned import load_finetuned
+from litft.load_finetuned import load_finetuned, weights_in
 from litft.multi_lora import add_loras
 from litft.openai_api import Served, create_app
 from litft.prompts import resolve_style
@@ -128,9 +128,10 @@ def parse_loras(specs: list[str], checkpoint_dir: Path) -> dict[str, Path]:
             raise UserError(f"--lora {spec!r} is not NAME=PATH; e.g. --lora games=out/lora/games/lit_model_lora.pth")
         if name in runs or name == checkpoint_dir.name:
             raise UserError(f"--lora {name} is given twice (or is the base model's name); give each LoRA its own name")
-        runs[name] = Path(path)
+        runs[name] = weights_in(Path(path))  # a run directory: its lit_model_lora.pth
         if not runs[name].is_file():
-            raise UserError(f"--lora {name}: {path} does not exist; pass a LoRA run's lit_model_lora.pth")
+            raise UserError(f"--lora {name}: {path} is no LoRA run's weights file; pass the run's directory or its "
+                            "lit_model_lora.pth")
         check_trained_on(runs[name].parent, checkpoint_dir, f"--lora {name} ({path})")
     return runs
 

@@ -231,7 +231,7 @@ def test_a_lora_run_with_new_tokens_is_merged_into_the_file(llama3_checkpoint, t
         model.embed.new_rows.normal_(std=0.5)
     save_state_dict(lora_state_dict(model), run / "lit_model_lora.pth")
     write_tokenizer(llama3_checkpoint, run, ["<sql>", "</sql>"], V)  # as finetune/lora.py leaves the run
-    proc = export(llama3_checkpoint, tmp_path / "m.gguf", "f32", "--lora_path", run / "lit_model_lora.pth")
+    proc = export(llama3_checkpoint, tmp_path / "m.gguf", "f32", "--lora_path", run)  # the run's directory will do
     assert proc.returncode == 0 and "greedy text equal on 4/4 prompts" in proc.stdout, proc.stderr
     text = "a <sql>SELECT 1</sql> b"
     ids = Tokenizer(run).encode(text, bos=False).tolist()

@@ -408,7 +408,7 @@ def test_an_address_in_use_is_refused_in_one_line(base):
 def test_a_lora_of_another_base_is_refused_at_start_up(base, bases, tmp_path):
     make_run(bases[True], tmp_path / "other", LoRAConfig(r=2, targets=["q"]))  # same shapes, other weights
     record_base(tmp_path / "other", bases[True])
-    lora = f"x={tmp_path / 'other' / 'lit_model_lora.pth'}"
+    lora = f"x={tmp_path / 'other'}"  # the run's directory: its lit_model_lora.pth
     proc = run_main("scripts/serve.py", "--checkpoint_dir", base, "--lora", lora)
     assert_user_error(proc, "--lora x", "was trained on", "fingerprints differ")
     proc = run_main("scripts/serve.py", "--checkpoint_dir", base, "--lora", "no-equals-sign")
