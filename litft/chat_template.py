@@ -73,6 +73,9 @@ def render(template: str, messages: list[dict[str, str]], add_generation_prompt:
                                           tools=None, documents=None, **variables)  # defined, as in transformers
     except jinja2.TemplateError as e:
         raise UserError(f"the chat template could not be rendered ({e}); pass --prompt_style with a named style") from None
+    except (TypeError, AttributeError, KeyError, IndexError, ValueError, ArithmeticError) as e:  # e.g. `for t in tools`
+        raise UserError(f"the chat template failed ({type(e).__name__}: {e}); pass --prompt_style with a named style"
+                        ) from None
 
 
 def end_of_turn(template: str, variables: dict[str, str]) -> str | None:

@@ -70,10 +70,15 @@ def text_of(content: object, i: int) -> str:
             raise UserError(f"messages[{i}].content has parts of type {', '.join(map(repr, sorted(map(str, kinds))))}; "
                             "only text is supported")
         if all(isinstance(part.get("text"), str) for part in content):
-            return "".join(part["text"] for part in content)
+            content = "".join(part["text"] for part in content)
     if not isinstance(content, str):
         raise UserError(f"messages[{i}].content must be a string (or a list of text parts), got "
                         f"{type(content).__name__}")
+    try:
+        content.encode("utf-8")  # a terminal's Latin-1 bytes reach Python as lone surrogates: no tokenizer takes them
+    except UnicodeEncodeError as e:
+        raise UserError(f"messages[{i}].content is not valid UTF-8 (at character {e.start}); send the text in UTF-8"
+                        ) from None
     return content
 
 

@@ -313,6 +313,12 @@ def test_template_errors_are_one_line(llama3_dir):
     bad = ChatTemplateStyle(template=style.template.replace("['user', 'assistant']", "['nobody']"), tokens=style.tokens)
     with pytest.raises(UserError, match="only user and assistant turns"):
         bad.apply("Hi")
+    loops_over_tools = ChatTemplateStyle(template="{% for t in tools %}{{ t }}{% endfor %}", tokens=style.tokens)
+    with pytest.raises(UserError, match="the chat template failed .TypeError"):  # tools is None, as in transformers
+        loops_over_tools.apply("Hi")
+    assert loops_over_tools.end_of_turn is None
+    with pytest.raises(UserError, match=r"messages\[1\].content is not valid UTF-8 \(at character 3\)"):
+        render_conversation(style, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "caf\udce9"}])
 
 
 # ---- encode / decode / bos / eos against transformers ------------------------------------------------------
