@@ -119,6 +119,19 @@ def test_logits_match_peft(name, targets, rslora, fast):
     torch.testing.assert_close(decoding, expected, atol=1e-4, rtol=0)
 
 
+def test_the_fused_layer_with_a_bias_returns_autocasts_dtype():
+    """Qwen2's q, k and v have biases. Under bf16 autocast torch's F.linear (what LoRALinear calls) returns bf16; the
+    fused layer added its fp32 bias after the bf16 GEMM and returned fp32, twice the activations' memory."""
+    lora = LoRALinear(torch.nn.Linear(16, 8, bias=True), LoRAConfig(r=2, dropout=0.0))
+    torch.nn.init.normal_(lora.lora_B)
+    fused = FusedLoRALinear.from_lora(lora, torch.nn.Identity())
+    x = torch.randn(2, 3, 16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, got = lora(x), fused(x)
+    assert got.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(got, expected, atol=0.02, rtol=1e-2)  # bf16 rounds differently in the two orders
+
+
 @pytest.mark.parametrize("targets,fast,chunk_tokens", [
     (list(LINEAR), False, None), (list(LINEAR), True, None), (list(TARGETS), False, None), (list(TARGETS), True, None),
     (list(TARGETS), True, 5)], ids=["plain", "fast", "plain-lora-lm_head", "fast-lora-lm_head", "fast-many-slices"])

@@ -46,7 +46,7 @@ class FusedLoRALinear(LoRALinear):
         u = self.dropout(x) @ self.lora_A.T * self.scaling  # (B, T, r)
         update = u @ self.lora_B.T  # (B, T, d_out)
         out = torch.addmm(update.flatten(0, -2), x.flatten(0, -2), self.weight.T).view(update.shape)
-        return out if self.bias is None else out + self.bias
+        return out if self.bias is None else out + self.bias.to(out.dtype)  # autocast's dtype, as F.linear gives
 
 
 def fuse_lora(model: Llama) -> Llama:
