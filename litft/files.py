@@ -16,7 +16,8 @@ import zipfile
 from contextlib import contextmanager
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Iterator, TypeVar
+from types import UnionType
+from typing import Iterator, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import torch
 import yaml
@@ -191,7 +192,34 @@ def read_settings(cls: type[T], path: Path, missing: str) -> T:
     known = {f.name for f in fields(cls)}
     if set(data) - known:
         raise UserError(f"{path} has {', '.join(sorted(set(data) - known))}; it may hold {', '.join(sorted(known))}")
+    hints = get_type_hints(cls)
+    for key, value in data.items():
+        if not has_type(value, hints[key]):
+            raise UserError(f"{path}: {key} is {value!r}, which is not {type_name(hints[key])}; fix the file (it was "
+                            "written with the run's settings)")
     return cls(**data)
+
+
+def has_type(value, hint) -> bool:
+    """Whether a YAML value fits a field annotated `hint` (int, float, bool, str, list[...], X | None)."""
+    if get_origin(hint) in (Union, UnionType):
+        return any(has_type(value, option) for option in get_args(hint))
+    if get_origin(hint) is list:
+        return isinstance(value, list) and all(has_type(v, get_args(hint)[0]) for v in value)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint) if hint in (bool, str, type(None)) else True
+
+
+def type_name(hint) -> str:
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null"}
+    if get_origin(hint) in (Union, UnionType):
+        return " or ".join(type_name(option) for option in get_args(hint))
+    if get_origin(hint) is list:
+        return f"a list of {type_name(get_args(hint)[0]).split(' ', 1)[-1]}s"
+    return names.get(hint, str(hint))
 
 
 def save_state_dict(state_dict: dict[str, Tensor], path: Path) -> None:

@@ -143,6 +143,9 @@ def test_user_errors_are_one_line_and_write_nothing(bases, tmp_path):
     (rank / "lora.yaml").write_text(yaml.safe_dump({**yaml.safe_load((rank / "lora.yaml").read_text()), "r": 8}))
     make_run(base_dir, unknown, LoRAConfig(r=4))
     (unknown / "lora.yaml").write_text(yaml.safe_dump({"r": 4, "targets": ["q", "query"]}))
+    quoted = tmp_path / "quoted"  # a hand-edited yaml: "false" is a string, which Python takes as true
+    make_run(base_dir, quoted, LoRAConfig(r=4))
+    (quoted / "lora.yaml").write_text(yaml.safe_dump({"r": 4, "rslora": "false"}))
     adapter_file = tmp_path / "adapter_run"
     make_run(base_dir, adapter_file, LoRAConfig(r=4))
     save_state_dict({"blocks.0.attn.prefix.prompt": torch.zeros(3, config.n_embd)}, adapter_file / "lit_model_lora.pth")
@@ -150,7 +153,8 @@ def test_user_errors_are_one_line_and_write_nothing(bases, tmp_path):
     cases = [("scripts/merge_lora.py", "--out_dir", foreign, ["another base model", "width 64"]),
              ("generate/lora.py", None, rank, ["rank-4", "r=8"]),
              ("scripts/export_peft.py", "--output_dir", unknown, ["unknown LoRA target 'query'", "embed, lm_head"]),
-             ("scripts/merge_lora.py", "--out_dir", adapter_file, ["holds no LoRA tensors"])]
+             ("scripts/merge_lora.py", "--out_dir", adapter_file, ["holds no LoRA tensors"]),
+             ("generate/lora.py", None, quoted, ["rslora is 'false', which is not true or false"])]
     for script, out_flag, run_dir, fragments in cases:
         out = tmp_path / f"out_{run_dir.name}"
         args = (out_flag, out) if out_flag else ("--prompt", "hi", "--max_new_tokens", "5")
