@@ -230,6 +230,9 @@ def save_state_dict(state_dict: dict[str, Tensor], path: Path) -> None:
 def load_state_dict(path: Path, mmap: bool = True) -> dict[str, Tensor]:
     """Load tensors only. A truncated file or a pickle that would run code becomes a UserError."""
     path = Path(path)
+    if path.is_dir():  # e.g. a full fine-tune's directory given to generate/adapter.py
+        raise UserError(f"{path} is a directory, not a weights file (nor a run directory of the kind this command "
+                        "takes); pass the weights file (.pth)")
     if not path.is_file():
         raise UserError(f"{path} does not exist")
     mmap = mmap and zipfile.is_zipfile(path)  # legacy (pre-zip) pickles cannot be memory-mapped

@@ -290,6 +290,10 @@ def test_cli_user_errors(tiny_checkpoint, tmp_path):
         assert proc.stderr.count("\n") == 1, proc.stderr  # the line alone: jsonargparse's usage block is not printed
     assert_user_error(run_main("generate/base.py", "--checkpoint_dir", tmp_path / "nope", "--prompt", "hi"),
                       "does not exist")
+    (tmp_path / "empty").mkdir()  # no run of any kind: it exists, but holds no weights
+    assert_user_error(run_main("generate/adapter.py", "--checkpoint_dir", directory, "--adapter_path",
+                               tmp_path / "empty", "--prompt", "hi", "--max_new_tokens", "5"),
+                      "empty is a directory, not a weights file")
     assert_user_error(run_main("generate/base.py", "--checkpoint_dir", directory, "--prompt", "hi",
                                "--max_new_tokens", "100"), "block_size")
     assert_user_error(run_main("generate/base.py", "--checkpoint_dir", directory, "--prompt", "hi",
