@@ -90,6 +90,15 @@ def detect_method(weights_path: Path) -> str:
     return found[0] if len(found) == 1 else "full"
 
 
+def lora_settings(lora_path: Path) -> LoRAConfig:
+    """The LoRA settings (lora.yaml) of the run whose weights are `lora_path`; another method's run is named."""
+    method = detect_method(lora_path)
+    if method != "lora" and method in RUN_FILES:
+        raise UserError(f"{lora_path} is from an {method} run, not a LoRA run: only LoRA's update B A can be merged "
+                        "into the base's weights or read by peft")
+    return LoRAConfig.from_dir(Path(lora_path).parent)
+
+
 def check_same_base(run_dir: Path, base: Config, source: Path) -> None:
     """A run directory's model_config.yaml names the model it was trained on; refuse another base model."""
     if not (Path(run_dir) / "model_config.yaml").is_file():

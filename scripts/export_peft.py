@@ -69,7 +69,13 @@ from litft.files import (
     write_written_by,
 )
 from litft.hf_prompting import write_tokenizer_config
-from litft.load_finetuned import check_lora_state_dict, check_same_base, load_finetuned, weights_in
+from litft.load_finetuned import (
+    check_lora_state_dict,
+    check_same_base,
+    load_finetuned,
+    lora_settings,
+    weights_in,
+)
 from litft.lora import LoRAConfig, add_lora
 from litft.model import Llama
 from litft.new_tokens import grown_tokenizer_files, write_tokenizer
@@ -152,7 +158,7 @@ def stored_dtype(checkpoint_dir: Path) -> torch.dtype:
 def check_inputs(checkpoint_dir: Path, lora_path: Path) -> tuple[Config, LoRAConfig, dict]:
     """The base's config, the run's LoRA settings and its tensors, once all of them are checked."""
     base = Config.from_checkpoint(checkpoint_dir)
-    lora = LoRAConfig.from_dir(lora_path.parent)
+    lora = lora_settings(lora_path)
     check_scheme(lora.quantize, flag=f"{lora_path.parent}/lora.yaml has quantize:")
     check_same_base(lora_path.parent, base, lora_path)  # the run's model_config.yaml names its base
     warn_if_trained_on_another(lora_path.parent, checkpoint_dir, lora_path)  # same shape, another model

@@ -42,7 +42,7 @@ from litft.files import (
     staged_output,
     write_written_by,
 )
-from litft.load_finetuned import check_same_base, load_lora, weights_in
+from litft.load_finetuned import check_same_base, load_lora, lora_settings, weights_in
 from litft.lora import LoRAConfig, merge_lora
 from litft.new_tokens import grown_tokenizer_files, write_tokenizer
 from litft.prompts import FILE as PROMPT_STYLE
@@ -90,7 +90,7 @@ def check_inputs(checkpoint_dir: Path, lora_path: Path) -> tuple[Config, LoRACon
         what = "is a directory" if lora_path.is_dir() else "does not exist"
         raise UserError(f"--lora_path {lora_path} {what}; pass a LoRA run's directory or its lit_model_lora.pth")
     base = Config.from_checkpoint(checkpoint_dir)  # fail early on a bad base directory
-    lora = LoRAConfig.from_dir(lora_path.parent)
+    lora = lora_settings(lora_path)
     check_same_base(lora_path.parent, base, lora_path)  # the run's model_config.yaml names its base
     warn_if_trained_on_another(lora_path.parent, checkpoint_dir, lora_path)  # same shape, another model
     if lora.new_tokens:  # fail before anything is written if the tokenizer cannot take them

@@ -14,6 +14,7 @@ import torch
 import yaml
 from conftest import assert_user_error, run_main, run_script
 
+from litft.adapter import AdapterConfig
 from litft.checkpoint import load_lit_model, save_lit_checkpoint
 from litft.config import Config
 from litft.errors import UserError
@@ -161,6 +162,13 @@ def test_user_errors_are_one_line_and_write_nothing(bases, tmp_path):
         proc = run_main(script, "--checkpoint_dir", base_dir, "--lora_path", run_dir / "lit_model_lora.pth", *args)
         assert_user_error(proc, *fragments)
         assert proc.stdout == "" and not out.exists()
+    adapter_run = tmp_path / "adapter_v1_run"  # a LLaMA-Adapter run, given for its directory
+    adapter_run.mkdir()
+    AdapterConfig(prompt_length=2, start_layer=0).save(adapter_run)
+    save_state_dict({"blocks.0.attn.prefix.prompt": torch.zeros(2, config.n_embd)}, adapter_run / "lit_model_adapter.pth")
+    for script, out_flag in (("scripts/merge_lora.py", "--out_dir"), ("scripts/export_peft.py", "--output_dir")):
+        proc = run_main(script, "--checkpoint_dir", base_dir, "--lora_path", adapter_run, out_flag, tmp_path / "out_a")
+        assert_user_error(proc, "lit_model_adapter.pth is from an adapter run, not a LoRA run")
 
 
 def test_a_run_put_on_another_base_of_its_shape_is_warned_about(bases, tmp_path):
