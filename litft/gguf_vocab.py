@@ -85,9 +85,18 @@ def byte_level_vocab(path: Path) -> dict[str, Any]:
     meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre_tokenizer_name(HFTokenizer.from_file(str(path)), path),
             "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types,
             "tokenizer.ggml.merges": [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]}
-    if model.get("unk_token") in model["vocab"]:
-        meta["tokenizer.ggml.unknown_token_id"] = model["vocab"][model["unk_token"]]
+    unk = model.get("unk_token") or configured_unk(path.parent)  # SmolLM2 names it in tokenizer_config.json only
+    ids = {**model["vocab"], **{added["content"]: added["id"] for added in data.get("added_tokens", [])}}
+    if unk in ids:
+        meta["tokenizer.ggml.unknown_token_id"] = ids[unk]
     return meta
+
+
+def configured_unk(directory: Path) -> str | None:
+    """tokenizer_config.json's unk_token (a string, or {"content": ...}), where llama.cpp's converter reads it."""
+    path = directory / "tokenizer_config.json"
+    token = json.loads(path.read_text(encoding="utf-8")).get("unk_token") if path.is_file() else None
+    return token.get("content") if isinstance(token, dict) else token
 
 
 def pre_tokenizer_name(tokenizer, path: Path) -> str:

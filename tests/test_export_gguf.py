@@ -26,6 +26,7 @@ from litft.config import Config
 from litft.errors import UserError
 from litft.files import save_state_dict
 from litft.generate import generate, stop_token_ids
+from litft.gguf import metadata, open_gguf
 from litft.lora import LoRAConfig, lora_state_dict
 from litft.model import Llama
 from litft.new_tokens import write_tokenizer
@@ -205,6 +206,9 @@ def test_smollm2_q8_0_round_trip_and_transformers_text(smollm2_gguf, tmp_path):
     source = convert_back(smollm2_gguf, base).eval()
     proc = export(base, tmp_path / "smol.gguf", "q8_0", "--verify", "false")
     assert proc.returncode == 0, proc.stderr
+    ours, llama_cpps = (metadata(open_gguf(path)) for path in (tmp_path / "smol.gguf", smollm2_gguf))
+    for key in ("bos_token_id", "eos_token_id", "unknown_token_id", "padding_token_id", "add_bos_token"):
+        assert ours.get(f"tokenizer.ggml.{key}") == llama_cpps.get(f"tokenizer.ggml.{key}"), key
     back = convert_back(tmp_path / "smol.gguf", tmp_path / "back").eval()
     for name, w in source.state_dict().items():
         if name != "lm_head.weight":
