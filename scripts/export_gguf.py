@@ -74,9 +74,13 @@ def main(checkpoint_dir: Path, out_file: Path, lora_path: Path | None = None, ad
         print(f"note: the prompt style {style.name!r} has no chat template form; the file carries none, so prompt "
               "it in that style yourself", file=sys.stderr)
     name = checkpoint_dir.name + (f"-{run_dir.name}" if run_dir is not None else "")
+    lines = []
     with atomic_path(out_file) as tmp:  # a file that fails verification never takes --out_file's place
         counts = write_gguf(tmp, model, vocab, dtype, name)
-        lines = check_file(tmp, model, source, dtype, tokenizer, style, stops) if verify else []
+        if verify:
+            lines, expected = storage_lines(model, source, dtype), reference(model, tokenizer, style, stops)
+            del model  # transformers reads the file into a model of its own: one fp32 copy at a time, not two
+            lines.append(check(expected, gguf_file(tmp), "the GGUF file"))
     size = out_file.stat().st_size / 2**20
     print(f"wrote {out_file}: {sum(counts.values())} tensors ({', '.join(f'{n} {k}' for k, n in counts.items())}), "
           f"{len(vocab['tokenizer.ggml.tokens'])} tokens, {size:.1f} MiB", file=sys.stderr)
@@ -115,14 +119,13 @@ def check_out_file(out_file: Path, overwrite: bool) -> None:
                         "or pass --overwrite true to replace it")
 
 
-def check_file(path: Path, stored: Llama, source, dtype: str, tokenizer, style, stops) -> list[str]:
-    """The file against litft's model holding the values it stores; for a lossy dtype, how far storing moved it."""
-    lines = []
-    if dtype != "f32" and source is not None:
-        kept = compare(source, Reader(f"litft with the {dtype} weights", logits_of(stored)))
-        lines.append(f"storage: {dtype} moves litft's logits by max {kept.max_delta:.2g}, greedy text equal on "
-                     f"{kept.equal}/{kept.total} prompts")
-    return lines + [check(reference(stored, tokenizer, style, stops), gguf_file(path), "the GGUF file")]
+def storage_lines(stored: Llama, source, dtype: str) -> list[str]:
+    """For a lossy dtype, how far storing moved litft's model (now holding the values the file stores)."""
+    if dtype == "f32" or source is None:
+        return []
+    kept = compare(source, Reader(f"litft with the {dtype} weights", logits_of(stored)))
+    return [f"storage: {dtype} moves litft's logits by max {kept.max_delta:.2g}, greedy text equal on "
+            f"{kept.equal}/{kept.total} prompts"]
 
 
 def logits_of(model: Llama):
