@@ -73,6 +73,9 @@ class TrainArgs:
                 raise UserError(f"--{name} {getattr(self, name)}: must be 0 or more")
         if not 0 < self.learning_rate < math.inf:
             raise UserError(f"--learning_rate {self.learning_rate}: must be a positive number (e.g. 3e-4)")
+        if self.learning_rate > 1e36:  # AdamW's first step, lr / (1 - β₁) = 10 lr, must be a float32 (< 3.4e38)
+            raise UserError(f"--learning_rate {self.learning_rate}: too large for AdamW, whose step size overflows "
+                            "float32 past about 3e37 (e.g. 3e-4)")
         if self.min_lr > self.learning_rate:
             raise UserError(f"--min_lr {self.min_lr}: must not exceed --learning_rate {self.learning_rate}")
         if self.max_seq_length is not None and self.max_seq_length < 2:

@@ -335,6 +335,7 @@ FLAG_CASES = {
     "learning_rate-0": (["--learning_rate", "0"], ["--learning_rate 0", "positive"]),
     "learning_rate-negative": (["--learning_rate=-1e-3"], ["--learning_rate -0.001", "positive"]),
     "learning_rate-nan": (["--learning_rate", "nan"], ["learning_rate"]),  # jsonargparse's own refusal
+    "learning_rate-overflowing": (["--learning_rate", "1e38"], ["--learning_rate 1e+38", "overflows float32"]),
     "precision": (["--precision", "bogus"], ["--precision bogus", "bf16-mixed"]),
     "devices-0": (["--devices", "0"], ["--devices 0", "at least 1"]),
     "num_nodes-0": (["--num_nodes", "0"], ["--num_nodes 0", "at least 1"]),
