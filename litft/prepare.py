@@ -269,24 +269,41 @@ def encode_answer(tokenizer, style: PromptStyle, example: dict, prompt_text: str
 
     A chat template writes the answer its own way (Llama 3's trims it, so "Paris.\n" is learned as "Paris.", as
     the model later sees its turns in a chat's history): the answer is then cut from the whole exchange as the
-    template renders it, the ids transformers' apply_chat_template gives, up to the end-of-turn token.
-    Other styles put the output right after the prompt. Encoded on its own, a sentencepiece answer gets a leading "▁" (the dummy prefix, a space): right after a
-    prompt that ends in a word ("[/INST]", plain text), wrong after one that ends in a newline (alpaca's
-    "### Response:\n"), where the text has no space. So after whitespace the answer is cut from the encoded
-    whole; elsewhere, or when the prompt's last token merges with the answer's first, it is encoded alone.
+    template renders it (answer_in_exchange). Other styles put the output right after the prompt. Encoded on its
+    own, a sentencepiece answer gets a leading "▁" (the dummy prefix, a space): right after a prompt that ends in a
+    word ("[/INST]", plain text), wrong after one that ends in a newline (alpaca's "### Response:\n"), where the
+    text has no space. So after whitespace the answer is cut from the encoded whole; elsewhere, or when the
+    prompt's last token merges with the answer's first, it is encoded alone.
     """
-    exchange = style.exchange(example["instruction"], example["input"], example["output"])
-    if exchange is not None:
-        tail = tokenizer.encode(exchange, bos=style.add_bos)[len(prompt):].tolist()  # answer, end, maybe more
-        end = answer_end_id(tokenizer, style)
-        if exchange.startswith(prompt_text) and end in tail:
-            return torch.tensor(tail[:len(tail) - 1 - tail[::-1].index(end)], dtype=torch.long)  # (A,)
+    from_template = answer_in_exchange(tokenizer, style, example, prompt_text, prompt)
+    if from_template is not None:
+        return from_template
     answer_text = example["output"]
     if prompt_text[-1:].isspace() and answer_text:
         whole = tokenizer.encode(prompt_text + answer_text, bos=style.add_bos)  # (P + A,)
         if len(whole) > len(prompt) and torch.equal(whole[:len(prompt)], prompt):
             return whole[len(prompt):]
     return tokenizer.encode(answer_text, bos=False)
+
+
+def answer_in_exchange(tokenizer, style: PromptStyle, example: dict, prompt_text: str, prompt: Tensor
+                       ) -> Tensor | None:
+    """The answer's ids in the question-and-answer exchange the style's chat template renders, as transformers'
+    apply_chat_template gives them, up to the end-of-turn token. None for a style without a template, a template
+    that will not render the exchange, or an exchange whose ids do not begin with the prompt's: a prompt ending in
+    "\n" whose newline merges with the answer's leading whitespace (SmolLM2's "\n" + "    return x"), where the
+    answer is then encoded on its own, as it follows the prompt in generation."""
+    try:
+        exchange = style.exchange(example["instruction"], example["input"], example["output"])
+    except UserError:
+        return None
+    if exchange is None or not exchange.startswith(prompt_text):
+        return None
+    whole = tokenizer.encode(exchange, bos=style.add_bos)  # (P + A + 1 + ...,)
+    tail, end = whole[len(prompt):].tolist(), answer_end_id(tokenizer, style)  # answer, end, maybe more
+    if not torch.equal(whole[:len(prompt)], prompt) or end not in tail:
+        return None
+    return torch.tensor(tail[:len(tail) - 1 - tail[::-1].index(end)], dtype=torch.long)  # (A,)
 
 
 def answer_end_id(tokenizer, style: PromptStyle) -> int:

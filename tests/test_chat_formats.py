@@ -25,6 +25,7 @@ from litft.config import Config
 from litft.conversation import render_conversation
 from litft.errors import UserError
 from litft.generate import generate, stop_token_ids
+from litft.gguf import metadata, open_gguf, tokenizer_files
 from litft.generate_cli import generate_cli
 from litft.load_finetuned import load_finetuned
 from litft.model import Llama
@@ -276,6 +277,28 @@ def test_a_training_sample_is_the_exchange_transformers_renders(family_dir, outp
     ids = sample["input_ids"].tolist()
     assert expected[:len(ids)] == ids and ids[-1] == answer_end_id(tokenizer, style)
     assert tokenizer.decode(expected[len(ids):]).strip() == ""  # what follows the end of turn: "\n" or nothing
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer_dir(smollm2_gguf, tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct's tokenizer and chat template, as llama.cpp's GGUF file of it carries them."""
+    directory = tmp_path_factory.mktemp("smollm2")
+    for name, content in tokenizer_files(metadata(open_gguf(smollm2_gguf))).items():
+        (directory / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    return directory
+
+
+@pytest.mark.parametrize("output", ["    return x", "\n\nParis.", "  - one\n  - two"])
+@pytest.mark.parametrize("style_name", [None, "chatml"])
+def test_an_answers_leading_whitespace_is_learned_whole(smollm2_tokenizer_dir, style_name, output):
+    """SmolLM2's prompt ends in "\n", which its BPE merges with the whitespace an answer starts with ("\n    " is
+    one token): an answer cut from the encoded exchange lost that whitespace to the prompt. What a sample teaches
+    is the data's output as written."""
+    tokenizer, style = Tokenizer(smollm2_tokenizer_dir), resolve_style(style_name, smollm2_tokenizer_dir)
+    sample, _ = encode_example({"instruction": "Write it.", "input": "", "output": output}, tokenizer, style,
+                               max_seq_length=512, mask_inputs=True)
+    learned = sample["input_ids"][sample["labels"] != -100][:-1]  # the answer, without its end-of-turn token
+    assert tokenizer.decode(learned) == output
 
 
 def test_rendered_text_equals_transformers_and_keeps_special_tokens_whole(llama3_dir, qwen_dir, mistral_sp_dir):
