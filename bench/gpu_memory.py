@@ -29,6 +29,7 @@ from litft.config import Config
 from litft.fast import for_training
 from litft.lora import LoRAConfig, add_lora
 from litft.model import Llama
+from litft.precision import AUTOCAST, TRUE_DTYPES
 
 LORA = partial(add_lora, config=LoRAConfig(r=8, alpha=16, dropout=0.05))  # finetune/lora.py's defaults
 METHODS: dict[str, tuple[Callable[[Llama], None], str | None]] = {  # name: (prepare the model, --quantize)
@@ -41,8 +42,8 @@ METHODS: dict[str, tuple[Callable[[Llama], None], str | None]] = {  # name: (pre
 def planned_bytes(config: Config, method: str, seq: int, micro: int, precision: str, checkpointing: bool,
                   device: torch.device) -> float:
     prepare, quantize = METHODS[method]
-    plan = memory.plan(config, prepare, seq, dtype=memory.PARAM_DTYPES.get(precision, torch.float32),
-                       autocast=memory.AUTOCAST.get(precision), quantize=quantize,
+    plan = memory.plan(config, prepare, seq, dtype=TRUE_DTYPES.get(precision, torch.float32),  # a random fp32 base
+                       autocast=AUTOCAST.get(precision), quantize=quantize,
                        activation_checkpointing=checkpointing, loss=lambda model: for_training(model, True),
                        device=device)
     return plan.with_micro_batch(micro).total

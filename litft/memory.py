@@ -37,6 +37,7 @@ from litft.config import Config
 from litft.errors import UserError
 from litft.fast.chunked_loss import CHUNK_TOKENS
 from litft.model import Llama
+from litft.precision import AUTOCAST, base_dtype, train_in_fp32
 from litft.train_args import Method, TrainArgs
 
 GB = 1e9
@@ -213,9 +214,9 @@ def plan_run(args: TrainArgs, method: Method, seq: int, world_size: int, device:
     local = 1 if device.type == "cuda" else args.devices  # a CPU's processes share its memory
     free = free_bytes(device)
 
-    one = plan(config, method.prepare, seq, dtype=PARAM_DTYPES.get(args.precision, torch.float32),
-               autocast=AUTOCAST.get(args.precision), quantize=args.quantize,
-               activation_checkpointing=args.activation_checkpointing,
+    one = plan(config, prepared_as_trained(method, args.precision), seq,
+               dtype=base_dtype(args.precision, args.checkpoint_dir), autocast=AUTOCAST.get(args.precision),
+               quantize=args.quantize, activation_checkpointing=args.activation_checkpointing,
                loss=lambda model: fast.for_training(model, args.fast), device=device,
                loss_chunk=CHUNK_TOKENS if args.fast else None, packing=args.packing)
     shards = world_size if args.strategy == "fsdp" else 1  # FSDP holds 1/N of the weights and of their states
@@ -240,9 +241,17 @@ def plan_run(args: TrainArgs, method: Method, seq: int, world_size: int, device:
     return micro, line
 
 
+def prepared_as_trained(method: Method, precision: str) -> Callable[[Llama], None]:
+    """The method's `prepare`, then what litft/train_setup.py does next: under *-mixed, the trained weights in fp32
+    (litft/precision.py)."""
+    def prepare(model: Llama) -> None:
+        method.prepare(model)
+        if precision in AUTOCAST:
+            train_in_fp32(model)
+    return prepare
+
+
 ADVICE = ("lower --micro_batch_size (auto picks the largest that fits), or use --activation_checkpointing true, "
           "--quantize nf4 (LoRA), a shorter --max_seq_length or more --devices with --strategy fsdp")
 GLIBC_NOTE = ("memory plan: glibc's malloc keeps freed memory resident, so the peak may reach 2× the plan; "
               "LD_PRELOAD=libtcmalloc_minimal.so.4 keeps it near the plan (howto/train.md section 8)")
-PARAM_DTYPES = {"bf16-true": torch.bfloat16, "16-true": torch.float16}
-AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}  # 2 bytes either way

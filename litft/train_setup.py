@@ -32,6 +32,7 @@ from litft.checkpoint import load_lit_model
 from litft.errors import UserError
 from litft.files import atomic_write_text, copy_tokenizer
 from litft.model import Llama
+from litft.precision import TRUE_DTYPES, train_in_fp32
 from litft.train_args import Method, TrainArgs
 from litft.train_data import longest
 
@@ -103,12 +104,9 @@ def plan_memory(fabric: Fabric, args: TrainArgs, method: Method, train_data: lis
     args.micro_batches(fabric.world_size)  # checks that the batch splits into micro batches on every process
 
 
-TRUE_DTYPES = {"bf16-true": torch.bfloat16, "16-true": torch.float16, "32-true": torch.float32}
-
-
 def build_model(args: TrainArgs, method: Method, fabric: Fabric) -> Llama:
     """The base in --precision's dtype under *-true; under *-mixed, its frozen weights as the checkpoint stores
-    them (autocast computes in 16 bits) and the weights it trains in fp32 (train_in_fp32)."""
+    them and the weights it trains in fp32 (litft/precision.py)."""
     dtype = TRUE_DTYPES.get(fabric.strategy.precision.precision)
     # a 4-bit base is quantized from the checkpoint's own values, as generate/ and merge_lora.py quantize it,
     # then cast; each layer's W is freed once stored in NF4 (a mapped file would stay resident)
@@ -123,15 +121,6 @@ def build_model(args: TrainArgs, method: Method, fabric: Fabric) -> Llama:
     if not any(p.requires_grad for p in model.parameters()):
         raise UserError(f"the {method.name} method left no trainable parameters")
     return model
-
-
-def train_in_fp32(model: Llama) -> None:
-    """Mixed precision: the trained weights, and so AdamW's moments, in fp32 whatever the checkpoint's dtype, as
-    peft keeps adapters over a 16-bit base. In fp16 AdamW's eps (1e-8) is 0: LoRA's A, whose first gradient is 0
-    (B starts at 0), would step by 0 / 0."""
-    for p in model.parameters():
-        if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16):
-            p.data = p.data.float()  # the same Parameter (ties and names unchanged), now fp32
 
 
 def start_run(fabric: Fabric, args: TrainArgs, method: Method) -> str:

@@ -22,12 +22,14 @@ from conftest import ROOT
 from test_train import tiny  # noqa: F401  (tiny is a fixture)
 
 from litft import memory
+from litft.checkpoint import save_lit_checkpoint
 from litft.config import Config
 from litft.errors import UserError
 from litft.fast import for_training
 from litft.lora import WEIGHTS, LoRAConfig, add_lora
 from litft.model import Llama
 from litft.packing import collate, pack
+from litft.precision import base_dtype, train_in_fp32
 from litft.qlora import NF4Linear, quantize
 from litft.rope import RoPEScaling
 from litft.train_args import Method, TrainArgs
@@ -37,10 +39,13 @@ METHODS = {"lora": partial(add_lora, config=LoRAConfig(r=4)), "full": lambda mod
 
 
 def real_step(method: str, quantized: bool, checkpointing: bool, fast: bool, samples: int, seq: int,
-              packed: bool = False, config: Config = CONFIG, autocast: bool = False) -> dict:
+              packed: bool = False, config: Config = CONFIG, autocast: bool = False,
+              dtype: torch.dtype = torch.float32) -> dict:
+    """dtype: the checkpoint's; a 16-bit one under autocast is built as bf16-mixed builds it (litft/precision.py)."""
     torch.manual_seed(0)
-    model = Llama(config).requires_grad_(False)
+    model = Llama(config).to(dtype).requires_grad_(False)
     METHODS[method](model)
+    train_in_fp32(model)
     if quantized:
         quantize(model, "nf4")
     model.activation_checkpointing = checkpointing
@@ -67,6 +72,22 @@ def real_step(method: str, quantized: bool, checkpointing: bool, fast: bool, sam
     return {"activations": sum(saved.values()), "optimizer": state,
             "weights": sum(p.numel() * p.element_size() for p in model.parameters()) + held,
             "gradients": sum(p.grad.numel() * p.grad.element_size() for p in trainable)}
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_the_plan_of_a_bf16_checkpoint_under_bf16_mixed_counts_a_real_step(method, tmp_path):
+    """Llama 3's checkpoints are stored in bf16. Under bf16-mixed the frozen base stays bf16 and the trained weights
+    and AdamW's moments are fp32; autocast computes in bf16. The plan priced the whole base in fp32, which doubled
+    its weights and made the residual stream fp32."""
+    real = real_step(method, False, False, True, samples=3, seq=20, autocast=True, dtype=torch.bfloat16)
+    save_lit_checkpoint(Llama(CONFIG).to(torch.bfloat16), tmp_path)
+    prepare = memory.prepared_as_trained(Method(name=method, weights_name="w.pth", prepare=METHODS[method]),
+                                         "bf16-mixed")
+    plan = memory.plan(CONFIG, prepare, 20, dtype=base_dtype("bf16-mixed", tmp_path), autocast=torch.bfloat16,
+                       quantize=None, activation_checkpointing=False, loss=lambda model: for_training(model, True),
+                       device=torch.device("cpu")).with_micro_batch(3)
+    assert plan.activations == real["activations"]
+    assert (plan.weights, plan.gradients, plan.optimizer) == (real["weights"], real["gradients"], real["optimizer"])
 
 
 @pytest.mark.parametrize("fast", [True, False], ids=["fast", "plain"])
