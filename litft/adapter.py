@@ -91,7 +91,7 @@ class AdaptionPrompt(nn.Module):
         k, v = k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)
         # Every query sees every prompt row (no mask), in a softmax separate from the ordinary attention.
         y = F.scaled_dot_product_attention(q, k, v, enable_gqa=attn.n_kv != attn.n_head)  # (B, nh, T, hs)
-        return self.gate.view(1, -1, 1, 1) * y
+        return (self.gate.view(1, -1, 1, 1) * y).to(y.dtype)  # the gate may be an fp32 master weight (mixed precision)
 
 
 def add_adapter(model: Llama, config: AdapterConfig) -> Llama:

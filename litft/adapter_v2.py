@@ -64,7 +64,8 @@ class ScaledLinear(nn.Module):
         self.adapter_scale = nn.Parameter(torch.ones(self.out_features, device=w.device, dtype=w.dtype))
 
     def forward(self, x: Tensor) -> Tensor:  # (..., d_in) -> (..., d_out)
-        return self.adapter_scale * (F.linear(x, self.weight, self.bias) + self.adapter_bias)
+        y = F.linear(x, self.weight, self.bias)  # W x (+ b₀), in autocast's dtype under mixed precision
+        return (self.adapter_scale * (y + self.adapter_bias)).to(y.dtype)  # s and b may be fp32 master weights
 
     def reset_parameters(self) -> None:  # for the adapter's own parameters only; W comes from the checkpoint
         nn.init.zeros_(self.adapter_bias)

@@ -224,7 +224,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+        return F.rms_norm(x, (x.size(-1),), self.weight.to(x.dtype), self.eps)  # an fp32 weight trained over 16 bits
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)

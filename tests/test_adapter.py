@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import re
 import shutil
+import warnings
 from dataclasses import replace
 
 import pytest
@@ -396,3 +397,27 @@ def test_adamw_decays_the_adapter_v2_matrices_but_not_its_scales_biases_and_norm
         elif start[n].abs().sum() > 0:
             assert p.abs().sum() < start[n].abs().sum(), n
 
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+def test_fp32_adapter_weights_over_a_bf16_base_compute_in_bf16_under_autocast(v2):
+    """bf16-mixed over a bf16 checkpoint keeps the adapter's weights (and v2's norms) in fp32 (litft/precision.py).
+    torch's autocast must still carry the residual stream in bf16, as over the all-bf16 model: v2's s ⊙ (W x + b)
+    with an fp32 s made it fp32 (twice the activations), and an fp32 norm weight took F.rms_norm off its fused
+    kernel (torch warns "Mismatch dtype between input and weight")."""
+    from litft.precision import train_in_fp32
+
+    def built(master_weights_in_fp32: bool) -> Llama:
+        torch.manual_seed(0)
+        model = Llama(Config.from_name("tiny-gqa")).to(torch.bfloat16).requires_grad_(False)
+        (add_adapter_v2 if v2 else add_adapter)(model, (AdapterV2Config if v2 else AdapterConfig)(3, start_layer=0))
+        return train_in_fp32(model) if master_weights_in_fp32 else model
+
+    x = torch.randint(0, 256, (2, 9))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = built(False).hidden_states(x)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            got = built(True).hidden_states(x)
+    assert got.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(got, expected, atol=0.05, rtol=0.02)  # bf16 rounds the two a little apart
