@@ -94,8 +94,8 @@ def lora_settings(lora_path: Path) -> LoRAConfig:
     """The LoRA settings (lora.yaml) of the run whose weights are `lora_path`; another method's run is named."""
     method = detect_method(lora_path)
     if method != "lora" and method in RUN_FILES:
-        raise UserError(f"{lora_path} is from an {method} run, not a LoRA run: only LoRA's update B A can be merged "
-                        "into the base's weights or read by peft")
+        raise UserError(f"{lora_path} is from an {method} run, not a LoRA run; this command takes a LoRA run "
+                        "(lit_model_lora.pth beside lora.yaml)")
     return LoRAConfig.from_dir(Path(lora_path).parent)
 
 

@@ -26,7 +26,7 @@ from litft.errors import UserError
 from litft.fast import for_generation
 from litft.generate import stop_token_ids
 from litft.generate_cli import pick_precision
-from litft.load_finetuned import load_finetuned, weights_in
+from litft.load_finetuned import load_finetuned, lora_settings, weights_in
 from litft.multi_lora import add_loras
 from litft.openai_api import Served, create_app
 from litft.prompts import resolve_style
@@ -132,6 +132,7 @@ def parse_loras(specs: list[str], checkpoint_dir: Path) -> dict[str, Path]:
         if not runs[name].is_file():
             raise UserError(f"--lora {name}: {path} is no LoRA run's weights file; pass the run's directory or its "
                             "lit_model_lora.pth")
+        lora_settings(runs[name])  # an adapter run is named as such
         check_trained_on(runs[name].parent, checkpoint_dir, f"--lora {name} ({path})")
     return runs
 

@@ -23,6 +23,7 @@ from conftest import ROOT, assert_user_error, run_main, run_script
 from test_batch_generate import LORAS, PROMPTS, base, runs  # noqa: F401 (fixtures)
 from test_merge_export import bases, make_run  # noqa: F401 (fixtures)
 
+from litft.adapter import AdapterConfig
 from litft.base_checkpoint import record_base
 from litft.batch_generate import Row
 from litft.conversation import encode_conversation
@@ -413,3 +414,7 @@ def test_a_lora_of_another_base_is_refused_at_start_up(base, bases, tmp_path):
     assert_user_error(proc, "--lora x", "was trained on", "fingerprints differ")
     proc = run_main("scripts/serve.py", "--checkpoint_dir", base, "--lora", "no-equals-sign")
     assert_user_error(proc, "is not NAME=PATH")
+    AdapterConfig().save(tmp_path / "adapter_run")
+    (tmp_path / "adapter_run" / "lit_model_adapter.pth").touch()
+    proc = run_main("scripts/serve.py", "--checkpoint_dir", base, "--lora", f"a={tmp_path / 'adapter_run'}")
+    assert_user_error(proc, "lit_model_adapter.pth is from an adapter run, not a LoRA run")
