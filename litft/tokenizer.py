@@ -268,7 +268,11 @@ class StreamDecoder:
 def read_tokenizer_config(directory: Path) -> dict[str, Any]:
     """tokenizer_config.json over special_tokens_map.json (older checkpoints name bos/eos only in the latter)."""
     directory = Path(directory)
-    return {**_read_json(directory / "special_tokens_map.json"), **_read_json(directory / "tokenizer_config.json")}
+    config = {**_read_json(directory / "special_tokens_map.json"), **_read_json(directory / "tokenizer_config.json")}
+    if not isinstance(config.get("added_tokens_decoder") or {}, dict):
+        raise UserError(f"{directory / 'tokenizer_config.json'}: added_tokens_decoder must map ids to tokens "
+                        '({"32000": {"content": ...}}); restore the file')
+    return config
 
 
 def _token_text(token: Any) -> str | None:

@@ -103,6 +103,13 @@ def test_missing_or_damaged_tokenizer_is_a_user_error(tmp_path):
         (tmp_path / name).unlink()
 
 
+def test_a_tokenizer_config_whose_added_tokens_are_a_list_is_a_user_error(sentencepiece_model, tmp_path):
+    shutil.copy(sentencepiece_model, tmp_path / "tokenizer.model")
+    (tmp_path / "tokenizer_config.json").write_text('{"added_tokens_decoder": ["<|im_end|>"]}')
+    with pytest.raises(UserError, match="added_tokens_decoder must map ids to tokens"):
+        Tokenizer(tmp_path)
+
+
 # ---- tokenizer.json -----------------------------------------------------------------------------------------
 
 def test_smollm2_tokenizer_json_matches_library(smollm2_dir):
