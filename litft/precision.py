@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from litft.checkpoint import WEIGHTS
+from litft.errors import UserError
 from litft.files import load_state_dict
 from litft.model import Llama
 
@@ -28,8 +29,12 @@ def base_dtype(precision: str, checkpoint_dir: Path) -> torch.dtype:
     """The dtype the base is loaded in: --precision's under *-true, the checkpoint's own under *-mixed."""
     if precision in TRUE_DTYPES:
         return TRUE_DTYPES[precision]
-    state_dict = load_state_dict(Path(checkpoint_dir) / WEIGHTS, mmap=True)  # mapped: nothing is read
-    return next((t.dtype for t in state_dict.values() if t.is_floating_point()), torch.float32)
+    path = Path(checkpoint_dir) / WEIGHTS
+    if not path.is_file():
+        raise UserError(f"{checkpoint_dir} has no {WEIGHTS}; convert the model first "
+                        "(scripts/convert_hf_checkpoint.py)")
+    dtypes = {t.dtype for t in load_state_dict(path, mmap=True).values() if t.is_floating_point()}  # mapped: not read
+    return max(dtypes, key=lambda dtype: torch.finfo(dtype).bits, default=torch.float32)  # mixed: the widest
 
 
 def train_in_fp32(model: Llama) -> Llama:

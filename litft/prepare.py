@@ -289,14 +289,11 @@ def encode_answer(tokenizer, style: PromptStyle, example: dict, prompt_text: str
 def answer_in_exchange(tokenizer, style: PromptStyle, example: dict, prompt_text: str, prompt: Tensor
                        ) -> Tensor | None:
     """The answer's ids in the question-and-answer exchange the style's chat template renders, as transformers'
-    apply_chat_template gives them, up to the end-of-turn token. None for a style without a template, a template
-    that will not render the exchange, or an exchange whose ids do not begin with the prompt's: a prompt ending in
-    "\n" whose newline merges with the answer's leading whitespace (SmolLM2's "\n" + "    return x"), where the
-    answer is then encoded on its own, as it follows the prompt in generation."""
-    try:
-        exchange = style.exchange(example["instruction"], example["input"], example["output"])
-    except UserError:
-        return None
+    apply_chat_template gives them, up to the end-of-turn token. None for a style without a template, or an
+    exchange whose ids do not begin with the prompt's: a prompt ending in "\n" whose newline merges with the
+    answer's leading whitespace (SmolLM2's "\n" + "    return x"), where the answer is then encoded on its own, as
+    it follows the prompt in generation."""
+    exchange = style.exchange(example["instruction"], example["input"], example["output"])  # a refusal: one line
     if exchange is None or not exchange.startswith(prompt_text):
         return None
     whole = tokenizer.encode(exchange, bos=style.add_bos)  # (P + A + 1 + ...,)

@@ -90,6 +90,15 @@ def test_the_plan_of_a_bf16_checkpoint_under_bf16_mixed_counts_a_real_step(metho
     assert (plan.weights, plan.gradients, plan.optimizer) == (real["weights"], real["gradients"], real["optimizer"])
 
 
+def test_a_checkpoint_of_mixed_dtypes_is_planned_at_its_widest_and_a_missing_one_is_one_line(tmp_path):
+    model = Llama(CONFIG).to(torch.bfloat16)
+    model.norm.float()  # a bf16 checkpoint with an fp32 norm: planned in fp32, never under the real bytes
+    save_lit_checkpoint(model, tmp_path)
+    assert (base_dtype("bf16-mixed", tmp_path), base_dtype("bf16-true", tmp_path)) == (torch.float32, torch.bfloat16)
+    with pytest.raises(UserError, match="nowhere has no lit_model.pth; convert the model first"):
+        base_dtype("bf16-mixed", tmp_path / "nowhere")
+
+
 @pytest.mark.parametrize("fast", [True, False], ids=["fast", "plain"])
 @pytest.mark.parametrize("method,quantized,checkpointing", [("lora", False, False), ("lora", False, True),
                                                             ("lora", True, False), ("full", False, False),
