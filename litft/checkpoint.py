@@ -50,6 +50,14 @@ def save_lit_checkpoint(model: Llama, checkpoint_dir: Path) -> None:
     model.config.save(checkpoint_dir)
 
 
+def base_weights(checkpoint_dir: Path) -> Path:
+    """checkpoint_dir/lit_model.pth, or one line saying to convert the model first."""
+    path = Path(checkpoint_dir) / WEIGHTS
+    if not path.is_file():
+        raise UserError(f"{checkpoint_dir} has no {WEIGHTS}; convert the model first (scripts/convert_hf_checkpoint.py)")
+    return path
+
+
 def load_lit_model(checkpoint_dir: Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
                    config: Config | None = None, weights_path: Path | None = None, mmap: bool = True) -> Llama:
     """Build the model from `checkpoint_dir` without first allocating random weights (meta device).
@@ -61,9 +69,7 @@ def load_lit_model(checkpoint_dir: Path, device: torch.device | str = "cpu", dty
     """
     checkpoint_dir = Path(checkpoint_dir)
     config = config or Config.from_checkpoint(checkpoint_dir)
-    path = Path(weights_path) if weights_path is not None else checkpoint_dir / WEIGHTS
-    if weights_path is None and not path.is_file():
-        raise UserError(f"{checkpoint_dir} has no {WEIGHTS}; convert the model first (scripts/convert_hf_checkpoint.py)")
+    path = Path(weights_path) if weights_path is not None else base_weights(checkpoint_dir)
     state_dict = load_state_dict(path, mmap=mmap)
     with torch.device("meta"):
         model = Llama(config)

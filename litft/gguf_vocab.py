@@ -24,7 +24,7 @@ from typing import Any
 from litft.errors import UserError
 from litft.gguf_format import CONTROL, NFC_PRE_TOKENIZERS, NORMAL, PRE_TOKENIZERS, UNUSED, USER_DEFINED
 from litft.prompts import PromptStyle
-from litft.tokenizer import Tokenizer
+from litft.tokenizer import Tokenizer, read_tokenizer_config, token_text
 
 # Texts whose splitting tells the rules apart: digits (one, up to three, any run), contractions in either case,
 # punctuation runs, newlines, runs of spaces, letters outside ASCII, a decomposed é (NFC or not).
@@ -94,9 +94,7 @@ def byte_level_vocab(path: Path) -> dict[str, Any]:
 
 def configured_unk(directory: Path) -> str | None:
     """tokenizer_config.json's unk_token (a string, or {"content": ...}), where llama.cpp's converter reads it."""
-    path = directory / "tokenizer_config.json"
-    token = json.loads(path.read_text(encoding="utf-8")).get("unk_token") if path.is_file() else None
-    return token.get("content") if isinstance(token, dict) else token
+    return token_text(read_tokenizer_config(directory).get("unk_token"))
 
 
 def pre_tokenizer_name(tokenizer, path: Path) -> str:

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import torch
 
-from litft.checkpoint import WEIGHTS
-from litft.errors import UserError
+from litft.checkpoint import base_weights
 from litft.files import load_state_dict
 from litft.model import Llama
 
@@ -29,11 +28,8 @@ def base_dtype(precision: str, checkpoint_dir: Path) -> torch.dtype:
     """The dtype the base is loaded in: --precision's under *-true, the checkpoint's own under *-mixed."""
     if precision in TRUE_DTYPES:
         return TRUE_DTYPES[precision]
-    path = Path(checkpoint_dir) / WEIGHTS
-    if not path.is_file():
-        raise UserError(f"{checkpoint_dir} has no {WEIGHTS}; convert the model first "
-                        "(scripts/convert_hf_checkpoint.py)")
-    dtypes = {t.dtype for t in load_state_dict(path, mmap=True).values() if t.is_floating_point()}  # mapped: not read
+    weights = load_state_dict(base_weights(checkpoint_dir), mmap=True)  # mapped: no tensor is read
+    dtypes = {t.dtype for t in weights.values() if t.is_floating_point()}
     return max(dtypes, key=lambda dtype: torch.finfo(dtype).bits, default=torch.float32)  # mixed: the widest
 
 

@@ -85,7 +85,7 @@ class Tokenizer:
         """
         if kind == "bos" and "bos_token" in config and config["bos_token"] is None:
             return None
-        token = _token_text(config.get(f"{kind}_token"))
+        token = token_text(config.get(f"{kind}_token"))
         if token is not None and (id := self.token_to_id(token)) is not None:
             return id
         for source in (generation, model):
@@ -131,7 +131,7 @@ class Tokenizer:
                     if isinstance(t, dict) and isinstance(t.get("content"), str) and t["content"] and str(id).isdigit()}
         control = {self.sp.id_to_piece(id): id for id in range(self.sp.vocab_size()) if self.sp.is_control(id)}
         named = {token: self.sp.piece_to_id(token) for kind in ("bos", "eos", "unk", "pad")
-                 if (token := _token_text(config.get(f"{kind}_token"))) is not None and self._is_piece(token)}
+                 if (token := token_text(config.get(f"{kind}_token"))) is not None and self._is_piece(token)}
         return {**control, **named, **declared}
 
     def _is_piece(self, token: str) -> bool:
@@ -275,7 +275,7 @@ def read_tokenizer_config(directory: Path) -> dict[str, Any]:
     return config
 
 
-def _token_text(token: Any) -> str | None:
+def token_text(token: Any) -> str | None:
     """A special token as the config files write it: "</s>" or {"content": "</s>", "lstrip": false, ...}."""
     if isinstance(token, dict):
         token = token.get("content")
