@@ -6,7 +6,7 @@
 
 Mixed precision keeps fp32 master weights because an update far below a 16-bit weight's resolution rounds away, and
 in fp16 AdamW's eps (1e-8) is 0: LoRA's A, whose first gradient is 0 (B starts at 0), would step by 0 / 0. peft
-keeps adapters over a 16-bit base in fp32 the same way. training (litft/train_setup.py) and the memory plan
+keeps adapters over a 16-bit base in fp32 the same way. Training (litft/train_setup.py) and the memory plan
 (litft/memory.py) both build the model by these rules.
 """
 
