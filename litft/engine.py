@@ -57,7 +57,9 @@ class Engine:
         self.device = model.embed.weight.device
         self.waiting: queue.SimpleQueue[Job | None] = queue.SimpleQueue()  # put() is safe from a signal handler
         self.stopping = threading.Event()
-        self.accepting = threading.Lock()  # a request is queued, or refused, wholly before or after `stop`
+        # a request is queued, or refused, wholly before or after `stop`; re-entrant, as a second Ctrl-C may come
+        # while the first one's `stop` holds it
+        self.accepting = threading.RLock()
         self.thread = threading.Thread(target=self.run, name="litft-engine", daemon=True)
         self.largest_batch = 0  # the most rows decoded together so far
 

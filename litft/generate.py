@@ -40,11 +40,13 @@ from litft.tokenizer import Tokenizer
 
 
 def top_p_filter(logits: Tensor, top_p: float) -> Tensor:
-    """Set to -inf every logit outside the smallest most-likely set whose probability mass is >= top_p."""
+    """Set to -inf every logit outside the smallest most-likely set whose probability mass is >= top_p; the most
+    likely token always stays (top_p 0 is greedy)."""
     sorted_logits, order = logits.sort(dim=-1, descending=True)  # (..., vocab), most likely first
     probs = sorted_logits.softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs  # mass of the tokens strictly ahead of each one
     drop_sorted = mass_before >= top_p  # the set had already reached top_p without this token
+    drop_sorted[..., 0] = False
     drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
     return logits.masked_fill(drop, float("-inf"))
 

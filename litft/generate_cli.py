@@ -115,8 +115,8 @@ def check_sampling(temperature: float, top_k: Optional[int], top_p: float) -> No
         raise UserError(f"--temperature must be a number >= 0 (0 is greedy), got {temperature}")
     if top_k is not None and top_k < 1:
         raise UserError(f"--top_k must be >= 1 (or null for no limit), got {top_k}")
-    if not 0 < top_p <= 1:
-        raise UserError(f"--top_p must be in (0, 1], got {top_p}")
+    if not 0 <= top_p <= 1:
+        raise UserError(f"--top_p must be in [0, 1], got {top_p}")
 
 
 def stream(tokens: Iterator[int], tokenizer: Tokenizer) -> tuple[str, dict[str, float]]:

@@ -153,6 +153,9 @@ def text_prompt(body: dict) -> str:
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1:
         prompt = prompt[0]
+    if isinstance(prompt, list) and prompt:
+        raise APIError(400, "prompt must be one string: several prompts, or token ids, are not supported; send one "
+                       "request per prompt", "prompt")
     if not isinstance(prompt, str) or not prompt:
         raise APIError(400, "prompt must be a non-empty string", "prompt")
     return prompt
@@ -205,7 +208,7 @@ def make_row(body: dict, served: Served, ids: torch.Tensor, block_size: int, def
     """The request's sampling settings, checked, as a row for the engine; and its stop strings."""
     refuse_unsupported(body)
     temperature = number(body, "temperature", 1.0, low=0.0, high=2.0)
-    top_p = number(body, "top_p", 1.0, low=0.0, high=1.0, low_open=True)
+    top_p = number(body, "top_p", 1.0, low=0.0, high=1.0)
     if not (body.get("n") is None or (type(body["n"]) is int and body["n"] == 1)):
         raise APIError(400, "n must be 1: litft returns one choice per request", "n")
     max_tokens = reply_length(body, len(ids), block_size, default_max_tokens, prompt_param)
@@ -235,14 +238,12 @@ def reply_length(body: dict, prompt_tokens: int, block_size: int, default: int, 
     return max_tokens
 
 
-def number(body: dict, key: str, default: float, low: float, high: float, low_open: bool = False) -> float:
+def number(body: dict, key: str, default: float, low: float, high: float) -> float:
     value = body.get(key, default)
     if value is None:
         return default
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not (
-            (low < value if low_open else low <= value) and value <= high):
-        side = "(" if low_open else "["
-        raise APIError(400, f"{key} must be a number in {side}{low:g}, {high:g}], got {value!r}", key)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= value <= high:
+        raise APIError(400, f"{key} must be a number in [{low:g}, {high:g}], got {value!r}", key)
     return float(value)
 
 
@@ -259,6 +260,8 @@ def streaming(body: dict) -> tuple[bool, bool]:
     stream = False if stream is None else stream
     if not isinstance(stream, bool) or not isinstance(options, dict):
         raise APIError(400, "stream must be true or false, and stream_options an object", "stream")
+    if options and not stream:
+        raise APIError(400, "stream_options is only allowed when stream is true", "stream_options")
     return stream, bool(options.get("include_usage", False))
 
 
@@ -329,10 +332,10 @@ class Reply:
 
     async def events(self, pieces: AsyncIterator, usage: bool) -> AsyncIterator[str]:
         """Chunks of text; with `usage` (stream_options.include_usage), a last chunk with the token counts."""
-        if self.chat:
-            yield self.chunk({"role": "assistant", "content": ""}, None)
         try:
             async with aclosing(pieces):  # a client that leaves closes `pieces` now, which takes its row out
+                if self.chat:
+                    yield self.chunk({"role": "assistant", "content": ""}, None)
                 async for piece, finish, n in pieces:
                     if piece or finish:
                         yield self.chunk({"content": piece} if piece else {}, finish)

@@ -21,13 +21,14 @@ from pathlib import Path
 
 from litft.base_checkpoint import check_trained_on, ensure_checkpoint
 from litft.cli import run
+from litft.config import Config
 from litft.engine import Engine
 from litft.errors import UserError
 from litft.fast import for_generation
 from litft.generate import stop_token_ids
 from litft.generate_cli import pick_precision
 from litft.load_finetuned import load_finetuned, lora_settings, weights_in
-from litft.multi_lora import add_loras
+from litft.multi_lora import add_loras, check_run
 from litft.openai_api import Served, create_app
 from litft.prompts import resolve_style
 from litft.tokenizer import Tokenizer
@@ -58,7 +59,7 @@ def main(checkpoint_dir: Path = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Ins
         if value < 1:
             raise UserError(f"{flag} must be at least 1, got {value}")
     ensure_checkpoint(checkpoint_dir)
-    runs = parse_loras(lora, checkpoint_dir)
+    runs = parse_loras(lora, checkpoint_dir, quantize)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision, dtype = pick_precision(precision, device)
     load = lambda **kw: add_loras(load_finetuned(checkpoint_dir, quantize=quantize, **kw), runs, quantize)  # noqa: E731
@@ -109,7 +110,8 @@ def check_address(host: str, port: int) -> None:
     if not 0 < port < 65536:
         raise UserError(f"--port must be between 1 and 65535, got {port}")
     try:
-        with socket.create_server((host, port)):
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]  # ::1 is IPv6
+        with socket.create_server((host, port), family=family):
             pass
     except OSError as e:
         raise UserError(f"cannot listen on {host}:{port} ({e.strerror or e}); pass another --port or --host") from None
@@ -119,9 +121,9 @@ def served(name: str, lora: str | None, tokenizer: Tokenizer, style) -> Served:
     return Served(name, lora, style, frozenset(stop_token_ids(tokenizer, style)))
 
 
-def parse_loras(specs: list[str], checkpoint_dir: Path) -> dict[str, Path]:
+def parse_loras(specs: list[str], checkpoint_dir: Path, quantize: str | None = None) -> dict[str, Path]:
     """NAME=PATH pairs -> {NAME: PATH}, each run checked against the base before anything is loaded."""
-    runs = {}
+    runs, base = {}, Config.from_checkpoint(checkpoint_dir)
     for spec in specs:
         name, _, path = spec.partition("=")
         if not name or not path:
@@ -134,6 +136,7 @@ def parse_loras(specs: list[str], checkpoint_dir: Path) -> dict[str, Path]:
                             "lit_model_lora.pth")
         lora_settings(runs[name])  # an adapter run is named as such
         check_trained_on(runs[name].parent, checkpoint_dir, f"--lora {name} ({path})")
+        check_run(name, runs[name], base, quantize)  # one that cannot share a batch, or needs --quantize
     return runs
 
 

@@ -174,6 +174,19 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
         assert set(kept.nonzero().flatten().tolist()) == numpy_nucleus(probs, top_p)
 
 
+@pytest.mark.parametrize("top_p", [0.0, 1e-9])
+def test_top_p_near_0_keeps_the_most_likely_token_as_transformers_does(top_p):
+    """OpenAI's API takes top_p in [0, 1]; transformers' TopPLogitsWarper keeps at least the best token."""
+    from transformers import TopPLogitsWarper
+
+    logits = torch.randn(8, 50, generator=torch.Generator().manual_seed(0))
+    hf_kept = torch.isfinite(TopPLogitsWarper(top_p)(None, logits.clone()))
+    assert torch.equal(torch.isfinite(top_p_filter(logits, top_p)), hf_kept)
+    assert torch.equal(hf_kept.sum(-1), torch.ones(8, dtype=torch.long))
+    draws = sample(logits, temperature=1.0, top_p=top_p, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(draws, logits.argmax(-1))
+
+
 def test_sampling_draws_only_from_the_filtered_set():
     probs = np.array([0.05, 0.4, 0.1, 0.25, 0.2])
     logits = torch.tensor(np.log(probs), dtype=torch.float32).expand(4000, 5)

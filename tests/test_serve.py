@@ -14,6 +14,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -54,7 +55,8 @@ def server(base, runs):
     port = free_port()
     cmd = [sys.executable, str(ROOT / "scripts/serve.py"), "--checkpoint_dir", str(base), "--port", str(port),
            "--max_tokens", "16", *(f"--lora={name}={path}" for name, path in runs.items())]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    log = tempfile.TemporaryFile("w+")  # not a pipe: one nobody reads until the end could fill and block the server
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log, text=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", timeout=60, max_retries=0)
     deadline = time.monotonic() + 120
@@ -65,12 +67,24 @@ def server(base, runs):
         except openai.APIConnectionError:
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
-                raise AssertionError(f"the server did not start:\n{proc.communicate()[1][-3000:]}")
+                proc.wait()
+                raise AssertionError(f"the server did not start:\n{read(log)[-3000:]}")
             time.sleep(0.3)
     yield client, port, proc
     proc.terminate()
-    _, stderr = proc.communicate(timeout=60)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise AssertionError(f"the server did not stop within 60 s of SIGTERM:\n{read(log)[-3000:]}") from None
+    stderr = read(log)
     assert "Traceback" not in stderr, stderr  # every bad request below was answered, none crashed a handler
+
+
+def read(log) -> str:
+    log.seek(0)
+    return log.read()
 
 
 def expected_reply(base, runs, model: str, question: str, max_tokens: int) -> str:
@@ -129,6 +143,8 @@ def test_completions_stop_strings_seed_and_max_tokens(server, base):
     assert draws[0] == draws[1] != draws[2]  # a seed makes sampling reproducible (and matters)
     default = client.completions.create(model=base.name, prompt="one", temperature=0)
     assert default.usage.completion_tokens == 16  # the server's --max_tokens when a request sets none
+    nucleus_of_one = client.completions.create(model=base.name, prompt="one", temperature=1.0, top_p=0)
+    assert nucleus_of_one.choices[0].text == default.choices[0].text  # OpenAI's top_p 0: the most likely token
 
 
 @pytest.mark.parametrize("body, status, fragment", [
@@ -138,7 +154,7 @@ def test_completions_stop_strings_seed_and_max_tokens(server, base):
     ({"model": "qv", "messages": [{"role": "robot", "content": "hi"}]}, 400, "role must be one of"),
     ({"model": "qv", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10 ** 6}, 400, "exceeds"),
     ({"model": "qv", "messages": [{"role": "user", "content": "hi"}], "temperature": -0.5}, 400, "temperature"),
-    ({"model": "qv", "messages": [{"role": "user", "content": "hi"}], "top_p": 0}, 400, "top_p"),
+    ({"model": "qv", "messages": [{"role": "user", "content": "hi"}], "top_p": 1.5}, 400, "top_p"),
     ({"model": "qv", "messages": [{"role": "user", "content": "hi"}], "stop": [1]}, 400, "stop"),
     ({"model": "qv", "messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n must be 1"),
     ('{"model": "qv", "messages": [', 400, "not valid JSON"),
@@ -148,6 +164,8 @@ def test_completions_stop_strings_seed_and_max_tokens(server, base):
     ({"model": "qv", "messages": [{"role": "user", "content": "hi"}], "stream": "no"}, 400, "stream"),
     ({"model": "qv", "messages": [{"role": "user", "content": "hi"}], "stream": True, "stream_options": 1}, 400,
      "stream_options"),
+    ({"model": "qv", "messages": [{"role": "user", "content": "hi"}], "stream_options": {"include_usage": True}},
+     400, "stream_options is only allowed when stream is true"),
     ({"model": "qv", "messages": [{"role": "user", "content": "hi"}], "n": True}, 400, "n must be 1"),
     # asked for what litft does not do: refused by name, not answered without it
     ({"model": "qv", "messages": [{"role": "user", "content": "hi"}], "logprobs": True}, 400, "logprobs is not"),
@@ -173,7 +191,8 @@ def test_bad_requests_get_a_json_error_and_the_server_goes_on(server, body, stat
 @pytest.mark.parametrize("path, body, fragment", [
     ("/v1/completions", {"model": "qv", "prompt": ""}, "prompt must be a non-empty string"),
     ("/v1/completions", {"model": "qv", "prompt": 5}, "prompt must be a non-empty string"),
-    ("/v1/completions", {"model": "qv", "prompt": ["one", "two"]}, "prompt must be a non-empty string"),
+    ("/v1/completions", {"model": "qv", "prompt": ["one", "two"]}, "several prompts, or token ids, are not"),
+    ("/v1/completions", {"model": "qv", "prompt": [15, 16]}, "several prompts, or token ids, are not"),
     ("/v1/completions", {"model": "qv"}, "prompt must be a non-empty string"),
     ("/v1/chat/completions", '["model", "qv"]', "must be a JSON object"),
     ("/v1/completions", '"one two"', "must be a JSON object"),
@@ -404,6 +423,37 @@ def test_an_address_in_use_is_refused_in_one_line(base):
         proc = run_script("scripts/serve.py", "--checkpoint_dir", base, "--port", str(taken.getsockname()[1]),
                           timeout=120)
     assert_user_error(proc, "cannot listen on 127.0.0.1:", "pass another --port")
+
+
+def test_an_ipv6_host_is_checked_as_ipv6():
+    from scripts.serve import check_address
+
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+            port = probe.getsockname()[1]
+    except OSError:
+        pytest.skip("this machine has no IPv6 loopback")
+    check_address("::1", port)  # an IPv4 socket was tried before: "Address family for hostname not supported"
+
+
+@pytest.mark.parametrize("lora, quantize, fragment", [
+    (LoRAConfig(r=2, targets=["q", "embed"]), [], "adapts the embedding or adds tokens"),
+    (LoRAConfig(r=2, targets=["q"], quantize="nf4"), [], "serve the base with --quantize nf4"),
+    (LoRAConfig(r=2, targets=["q"], quantize="nf4"), ["--quantize", "nf4-dq"], "serve the base with --quantize nf4"),
+])
+def test_a_lora_that_cannot_be_served_is_refused_before_the_base_loads(base, tmp_path, monkeypatch, lora, quantize,
+                                                                       fragment):
+    """howto/serve.md: at start-up, before the model is loaded (minutes for a 7B base), one line."""
+    import litft.load_finetuned
+
+    def load_finetuned(*args, **kwargs):
+        raise AssertionError("the base was loaded before the LoRAs were checked")
+
+    monkeypatch.setattr(litft.load_finetuned, "load_finetuned", load_finetuned)
+    make_run(base, tmp_path / "run", lora)
+    proc = run_main("scripts/serve.py", "--checkpoint_dir", base, "--lora", f"x={tmp_path / 'run'}", *quantize)
+    assert_user_error(proc, "LoRA 'x'", fragment)
 
 
 def test_a_lora_of_another_base_is_refused_at_start_up(base, bases, tmp_path):
