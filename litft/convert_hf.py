@@ -35,7 +35,16 @@ from torch import Tensor
 from litft.checkpoint import WEIGHTS, check_shapes
 from litft.config import CONFIGS, Config
 from litft.errors import UserError
-from litft.files import atomic_path, check_output_dir, copy_tokenizer, load_state_dict, save_state_dict
+from litft.files import (
+    TOKENIZER_FILES,
+    atomic_path,
+    check_not_hf_model,
+    check_output_dir,
+    copy_files,
+    load_state_dict,
+    save_state_dict,
+    staged_output,
+)
 from litft.model import Llama
 from litft.prompts import FILE as PROMPT_STYLE
 
@@ -199,14 +208,18 @@ def convert_hf_checkpoint(checkpoint_dir: Path, output_dir: Path | None = None, 
     if not checkpoint_dir.is_dir():
         raise UserError(f"checkpoint directory {checkpoint_dir} does not exist; download it with scripts/download.py")
     output_dir = check_output_dir("--output_dir", output_dir, "a checkpoint") if output_dir is not None else checkpoint_dir
+    in_place = output_dir.resolve() == checkpoint_dir.resolve()
+    if not in_place:
+        check_not_hf_model("--output_dir", output_dir)
     config = read_hf_config(checkpoint_dir)
     state_dict = hf_to_lit_state_dict(checkpoint_dir, config, parse_dtype(dtype))  # all checked before writing
 
-    save_state_dict(state_dict, output_dir / WEIGHTS)
-    config.save(output_dir)
-    copied = copy_tokenizer(checkpoint_dir, output_dir)  # and removes tokenizer files an earlier model left there
-    if output_dir.resolve() != checkpoint_dir.resolve():
-        (output_dir / PROMPT_STYLE).unlink(missing_ok=True)  # an earlier model's style would override this one's
+    # An earlier model's tokenizer files (and, elsewhere than in place, its prompt style) would be read instead of
+    # this one's: published, the output removes them. Until then the directory holds what it held.
+    with staged_output(output_dir, TOKENIZER_FILES + (() if in_place else (PROMPT_STYLE,))) as scratch:
+        save_state_dict(state_dict, scratch / WEIGHTS)
+        config.save(scratch)
+        copied = copy_files(checkpoint_dir, scratch)
     n_params = sum(t.numel() for t in state_dict.values())
     dtypes = "/".join(sorted({str(t.dtype).removeprefix("torch.") for t in state_dict.values()}))
     return (f"wrote {output_dir / WEIGHTS}: {len(state_dict)} tensors, {n_params:,} parameters, {dtypes}; "

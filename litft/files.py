@@ -89,6 +89,19 @@ def check_output_dir(flag: str, out: Path, writes: str | None = None, **inputs: 
     return out
 
 
+def check_not_hf_model(flag: str, out: Path) -> None:
+    """Refuse an output directory holding a Hugging Face model (a download, an export): a checkpoint written there
+    would replace its tokenizer files and generation_config.json."""
+    out = Path(out)
+    found = [p.name for pattern in HF_MODEL_FILES for p in sorted(out.glob(pattern))] if out.is_dir() else []
+    if found:
+        raise UserError(f"{flag} {out} holds a Hugging Face model ({found[0]}), whose tokenizer files a checkpoint "
+                        "written there would replace; choose a new directory")
+
+
+HF_MODEL_FILES = ("config.json", "*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json")
+
+
 def check_writable(flag: str, value: Path, directory: Path) -> None:
     """Refuse, in one line naming `flag` and its `value`, a `directory` that cannot be made or written: its nearest
     existing part is a file, or is not writable."""

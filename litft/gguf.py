@@ -50,7 +50,14 @@ from torch import Tensor
 from litft.checkpoint import WEIGHTS
 from litft.config import Config
 from litft.errors import UserError
-from litft.files import atomic_path, check_output_dir, remove_other_tokenizer_files, save_state_dict
+from litft.files import (
+    TOKENIZER_FILES,
+    atomic_path,
+    check_not_hf_model,
+    check_output_dir,
+    save_state_dict,
+    staged_output,
+)
 from litft.gguf_format import (
     ARCHITECTURES,
     CONTROL,
@@ -257,6 +264,7 @@ def convert_gguf(gguf_path: Path, output_dir: Path, dtype: torch.dtype = torch.f
     prompt_style.yaml are removed: they would be read in place of this one's.
     """
     output_dir = check_output_dir("--output_dir", Path(output_dir), "a checkpoint", gguf=Path(gguf_path).parent)
+    check_not_hf_model("--output_dir", output_dir)
     reader = open_gguf(gguf_path)
     meta = metadata(reader)
     config = config_from_gguf(meta, tensor_shapes(reader), name or output_dir.name, rope_freqs(reader))
@@ -264,13 +272,14 @@ def convert_gguf(gguf_path: Path, output_dir: Path, dtype: torch.dtype = torch.f
     files = tokenizer_files(meta)
 
     state_dict = convert_weights(reader, config, dtype, permuted_qk=meta["general.architecture"] == "llama")
-    save_state_dict(state_dict, output_dir / WEIGHTS)
-    config.save(output_dir)
-    for file, contents in files.items():
-        with atomic_path(output_dir / file) as tmp:
-            tmp.write_bytes(contents if isinstance(contents, bytes) else contents.encode())
-    remove_other_tokenizer_files(output_dir, keep=list(files))
-    (output_dir / PROMPT_STYLE).unlink(missing_ok=True)  # the GGUF's chat template is this model's style
+    # published together; an earlier model's other tokenizer files and prompt style go (the GGUF's chat template
+    # is this model's style)
+    with staged_output(output_dir, TOKENIZER_FILES + (PROMPT_STYLE,)) as scratch:
+        save_state_dict(state_dict, scratch / WEIGHTS)
+        config.save(scratch)
+        for file, contents in files.items():
+            with atomic_path(scratch / file) as tmp:
+                tmp.write_bytes(contents if isinstance(contents, bytes) else contents.encode())
 
     size = (output_dir / WEIGHTS).stat().st_size / 2**20
     types = "/".join(sorted({t.tensor_type.name for t in reader.tensors}))

@@ -273,3 +273,57 @@ def test_converting_over_another_checkpoint_leaves_none_of_its_prompting(tmp_pat
     text = "the quick brown fox jumps over naïve cafés"
     expected = spm.SentencePieceProcessor(model_file=str(sentencepiece_model)).encode(text)
     assert Tokenizer(out).encode(text, bos=False).tolist() == expected
+
+
+@pytest.mark.parametrize("script", ["convert_hf_checkpoint", "convert_gguf_checkpoint"])
+def test_converting_into_a_hugging_face_model_directory_is_refused_and_leaves_it_as_it_was(tmp_path, script,
+                                                                                         smollm2_gguf):
+    """A mistyped --output_dir that names a download must not lose its tokenizer or generation_config.json."""
+    from conftest import assert_user_error, run_main
+
+    hf = tiny_hf_llama(4, 2, False)
+    hf.save_pretrained(tmp_path / "hf")
+    hf.save_pretrained(tmp_path / "download")  # another model, as scripts/download.py left it
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "download" / name).write_text("{}")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "download").iterdir()}
+    source = ["--checkpoint_dir", tmp_path / "hf"] if script == "convert_hf_checkpoint" else ["--gguf_path",
+                                                                                               smollm2_gguf]
+    proc = run_main(f"scripts/{script}.py", *source, "--output_dir", tmp_path / "download")
+    assert_user_error(proc, "holds a Hugging Face model (config.json)", "choose a new directory")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "download").iterdir()} == before
+
+
+def test_a_killed_conversion_leaves_the_earlier_checkpoint_whole_and_the_next_one_no_leftovers(tmp_path,
+                                                                                           smollm2_gguf):
+    """SIGKILL (as the out-of-memory killer sends it) while the weights are being written: the directory still
+    holds the earlier checkpoint, its weights whole, and the next conversion removes the partial file (a 7B's
+    would be 13 GB hidden on disk)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    from litft.checkpoint import load_lit_model
+
+    out = tmp_path / "ckpt"
+    cmd = [sys.executable, str(ROOT / "scripts/convert_gguf_checkpoint.py"), "--gguf_path", str(smollm2_gguf),
+           "--output_dir", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    subprocess.run(cmd, check=True, capture_output=True, env=env)
+    earlier = (out / "lit_model.pth").read_bytes()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.monotonic() + 120
+    while not any(p.stat().st_size > 2**20 for p in out.rglob(".lit_model.pth.*.tmp")):
+        assert proc.poll() is None and time.monotonic() < deadline, "the conversion ended before it could be killed"
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (out / "lit_model.pth").read_bytes() == earlier
+    load_lit_model(out)
+    subprocess.run(cmd, check=True, capture_output=True, env=env)
+    assert sorted(p.name for p in out.iterdir()) == ["lit_model.pth", "model_config.yaml", "tokenizer.json",
+                                                     "tokenizer_config.json"]
