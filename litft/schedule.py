@@ -22,11 +22,9 @@ def batch_indices(n: int, micro_batch_size: int, world_size: int, rank: int, see
     permutation slots [i·m·W, (i+1)·m·W); process `rank` takes its m of them. So one process with micro batch m
     sees the same samples in the same order as W processes together.
     """
+    check_fills_a_micro_batch(n, micro_batch_size, world_size)
     per_iter = micro_batch_size * world_size
     per_epoch = n // per_iter
-    if per_epoch == 0:
-        raise UserError(f"the training split has {n} samples, fewer than one micro batch across all processes "
-                        f"({per_iter}); lower --micro_batch_size or prepare more data")
     position, epoch, perm = start, -1, None
     while True:
         e, i = divmod(position, per_epoch)
@@ -35,6 +33,16 @@ def batch_indices(n: int, micro_batch_size: int, world_size: int, rank: int, see
         first = i * per_iter + rank * micro_batch_size
         yield perm[first:first + micro_batch_size].tolist()
         position += 1
+
+
+def check_fills_a_micro_batch(n: int, micro_batch_size: int, world_size: int, rows_of: int | None = None) -> None:
+    """Refuse a training split of fewer rows than one micro batch on every process; `rows_of`: the samples that
+    --packing put in those n rows."""
+    if n < micro_batch_size * world_size:
+        what = (f"--packing put the {rows_of} training samples in {n} rows" if rows_of
+                else f"the training split has {n} samples")
+        raise UserError(f"{what}, fewer than one micro batch across all processes ({micro_batch_size * world_size}); "
+                        "lower --micro_batch_size or prepare more data")
 
 
 def lr_factor(step: int, args: TrainArgs) -> float:

@@ -17,6 +17,7 @@ from litft.base_checkpoint import tokenizer_fingerprint
 from litft.errors import UserError
 from litft.loss import IGNORE_INDEX
 from litft.preview import preview
+from litft.schedule import check_fills_a_micro_batch
 from litft.train_args import Method, TrainArgs
 
 if TYPE_CHECKING:
@@ -103,7 +104,11 @@ def read_data(fabric: Fabric, args: TrainArgs, method: Method) -> tuple[list[dic
     check_trained_tokens(args, train_data)
     if args.preview and fabric.global_rank == 0:
         print(preview(args.data, args.preview, max_seq_length=args.max_seq_length), file=sys.stderr)
-    return (pack_rows(fabric, args, train_data) if args.packing else train_data), val_data
+    rows = pack_rows(fabric, args, train_data) if args.packing else train_data
+    # checked now, before the run directory is written (the training loop draws its first batch much later)
+    check_fills_a_micro_batch(len(rows), args.micro_batch_size, fabric.world_size, len(train_data) if args.packing
+                              else None)
+    return rows, val_data
 
 
 def pack_rows(fabric: Fabric, args: TrainArgs, samples: list[dict]) -> list[dict]:

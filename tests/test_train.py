@@ -181,6 +181,20 @@ def test_resume_is_bit_identical(tiny, tmp_path, processes):
     assert_same(weights(straight / "lit_model_lora.pth"), weights(resumed / "lit_model_lora.pth"))
 
 
+@pytest.mark.parametrize("extra, message", [
+    (("--micro_batch_size", "128", "--batch_size", "128"), "the training split has 108 samples"),
+    (("--micro_batch_size", "64", "--batch_size", "64", "--packing", "true", "--max_seq_length", "48"),
+     "--packing put the 108 training samples in"),
+])
+def test_a_split_smaller_than_one_micro_batch_is_refused_before_the_run_directory_is_written(tiny, tmp_path, extra,
+                                                                                             message):
+    """Found at the first batch, the refusal had left a run.yaml that a rerun refused ("holds an earlier run") and
+    --resume refused too ("no complete checkpoint")."""
+    out = tmp_path / "run"
+    assert_user_error(refused(tiny, out, *extra), message, "fewer than one micro batch", "lower --micro_batch_size")
+    assert not out.exists()
+
+
 def test_a_resume_may_change_the_precision(tiny, tmp_path):
     """A run started in bf16-true (weights and AdamW's moments in bf16) resumed in 32-true: the moments restored
     take the fp32 parameters' dtype, as AdamW requires, and the next checkpoint holds them in fp32."""
