@@ -2,9 +2,9 @@
 
 A prediction matches when its *extracted* form equals the reference's:
 
-    gsm8k          the number after the last "####": commas, "$" and a trailing "." dropped, "-" or "−" kept,
+    gsm8k          the number after the first "####" (as lm-evaluation-harness's strict match takes it): commas, "$" and a trailing "." dropped, "-" or "−" kept,
                    decimals compared as numbers (3.50 == 3.5, 7.0 == 7); no "####" or no number -> no answer
-    sql            case-insensitive; runs of whitespace -> one space; no spaces around ( ) , = < >;
+    sql            case-insensitive; runs of whitespace -> one space; no spaces around ( ) , = < > !;
                    double quotes -> single quotes; a trailing ";" dropped
     viggo, games   case-insensitive; runs of whitespace -> one space; no spaces around ( ) [ ] ,
     anything else  case-insensitive; runs of whitespace -> one space; surrounding whitespace dropped
@@ -29,14 +29,14 @@ def normalize_mr(text: str) -> str:
 
 def normalize_sql(text: str) -> str:
     text = normalize_text(text).replace('"', "'").rstrip(";").strip()
-    return re.sub(r"\s*([(),=<>])\s*", r"\1", text)
+    return re.sub(r"\s*([(),=<>!])\s*", r"\1", text)
 
 
 def extract_gsm8k(text: str) -> str | None:
     """The final answer of a GSM8K solution ("... #### 1,234") as a canonical number string, or None."""
     if "####" not in text:
         return None
-    match = _NUMBER.search(text.rsplit("####", 1)[1])
+    match = _NUMBER.search(text.split("####", 2)[1])  # what a model rambles on with after it does not count
     if match is None:
         return None
     number = re.sub(r"[\s$,]", "", match.group()).replace("−", "-")

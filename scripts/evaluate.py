@@ -26,8 +26,8 @@ from litft.errors import UserError
 from litft.evaluate import evaluate
 from litft.fast import for_generation
 from litft.files import atomic_write_text, run_dir_of
-from litft.generate_cli import pick_precision
-from litft.load_finetuned import load_finetuned, tokenizer_dir
+from litft.generate_cli import check_checkpoint_dir, pick_precision
+from litft.load_finetuned import load_finetuned, tokenizer_dir, weights_in
 from litft.nf4 import check_scheme
 from litft.prompts import PromptStyle
 from litft.tokenizer import Tokenizer
@@ -52,8 +52,11 @@ def main(checkpoint_dir: Path, data: str, weights_path: Optional[Path] = None, s
             evaluates the model exactly as loaded.
         quantize: nf4 or nf4-dq: the linear weights of the blocks in 4 bits, as generate/ --quantize.
     """
-    if limit is not None and limit < 1:
-        raise UserError(f"--limit must be at least 1, got {limit}")
+    for flag, value in (("--limit", limit), ("--max_new_tokens", max_new_tokens), ("--batch_size", batch_size)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be at least 1, got {value}")
+    check_checkpoint_dir(Path(checkpoint_dir))
+    weights_path = weights_in(weights_path)  # a LoRA or adapter run's directory: its weights file
     out = check_out(out or Path("out/evaluate") / f"{data_dir(data).name}-{split}.json", data)
     samples, style = load_split(data, split), prompt_style_of(data)
     if not samples:

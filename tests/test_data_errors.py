@@ -103,6 +103,17 @@ def test_unknown_data_name_in_evaluate(tmp_path):
     assert_user_error(proc, "--data no_such_data", "data/no_such_data does not exist")
 
 
+@pytest.mark.parametrize("flags, message", [
+    (("--max_new_tokens", "0"), "--max_new_tokens must be at least 1, got 0"),  # had scored every answer empty
+    (("--batch_size", "0"), "--batch_size must be at least 1, got 0"),  # had failed after generating every answer
+    (("--batch_size", "-1"), "--batch_size must be at least 1, got -1"),  # had written a val_loss of NaN
+    (("--checkpoint_dir", "no/such/model"), "checkpoint directory no/such/model does not exist"),
+])
+def test_evaluate_refuses_bad_flags_before_generating(tmp_path, flags, message):
+    proc = run_main("scripts/evaluate.py", "--checkpoint_dir", tmp_path, "--data", "no_such_data", *flags)
+    assert_user_error(proc, message)
+
+
 def test_a_directory_as_data_file_and_utf16_with_a_byte_order_mark(tmp_path, sp_dir):
     proc = run_main("data_prep/json_data.py", "--data_file", tmp_path, "--checkpoint_dir", sp_dir,
                     "--destination_path", tmp_path / "out")

@@ -38,7 +38,8 @@ from litft.tokenizer import Tokenizer
     ("#### .25", "0.25"),
     ("#### $1,000.", "1000"),          # a currency sign and a sentence's full stop
     ("#### 42 dollars", "42"),
-    ("#### 1 #### 2", "2"),            # the last marker wins
+    ("#### 1 #### 2", "1"),            # the first marker wins, as in lm-evaluation-harness's strict match
+    ("#### 5\n\nQuestion: and twice that?\n#### 10", "5"),
     ("#### " + "9" * 40, "9" * 40),    # past decimal's default 28 digits: still exact, not an error
     ("#### 0." + "1" * 40, "0." + "1" * 40),
     ("#### -0", "0"),
@@ -63,6 +64,8 @@ def test_normalization_rules():
     assert normalize_mr("inform(name[Iron Echo])") != normalize_mr("inform(name[Iron Echoes])")
     assert normalize_sql('SELECT COUNT ( * ) FROM t WHERE a = "B";') == normalize_sql("select count(*) from t where a='b'")
     assert normalize_sql("SELECT a FROM t") != normalize_sql("SELECT b FROM t")
+    for spaced, tight in (("b != 3", "b!=3"), ("b <> 3", "b<>3"), ("b >= 3", "b>=3")):
+        assert normalize_sql(spaced) == normalize_sql(tight)
     assert exact_match("games", "confirm(name[X],genres[puzzle])", "confirm(name[X], genres[puzzle])")
     assert not exact_match("games", "confirm(genres[puzzle], name[X])", "confirm(name[X], genres[puzzle])")
     assert exact_match("alpaca", "Paris ", "paris") and not exact_match("alpaca", "Paris.", "Paris")

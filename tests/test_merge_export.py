@@ -197,10 +197,11 @@ def test_a_run_put_on_another_base_of_its_shape_is_warned_about(bases, tmp_path)
     rows = [{"instruction": "Say hi.", "input": "", "output": "Hi."}] * 2
     prepare(rows, rows, task="text", source="test", destination_path=tmp_path / "data", checkpoint_dir=base_dir,
             max_seq_length=64, mask_inputs=True, prompt_style="alpaca", seed=0, val_split_fraction=0.5)
-    proc = run_script("scripts/evaluate.py", "--checkpoint_dir", other, "--weights_path", lora[1], "--data",
-                      tmp_path / "data", "--limit", "1", "--max_new_tokens", "2", "--out", tmp_path / "eval.json",
-                      check=True)
-    assert warning in proc.stderr and proc.stderr.count("warning:") == 1, proc.stderr
+    for weights in (lora[1], run_dir):  # the run's directory stands for its weights file
+        proc = run_script("scripts/evaluate.py", "--checkpoint_dir", other, "--weights_path", weights, "--data",
+                          tmp_path / "data", "--limit", "1", "--max_new_tokens", "2", "--out", tmp_path / "eval.json",
+                          check=True)
+        assert warning in proc.stderr and proc.stderr.count("warning:") == 1, proc.stderr
     narrow = tmp_path / "narrow"  # another shape: refused, not warned about
     save_lit_checkpoint(Llama(Config.from_name("tiny-mha", vocab_size=32000, block_size=64, n_embd=32, n_head=2,
                                                n_query_groups=2)), narrow)
