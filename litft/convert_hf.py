@@ -214,8 +214,8 @@ def convert_hf_checkpoint(checkpoint_dir: Path, output_dir: Path | None = None, 
     config = read_hf_config(checkpoint_dir)
     state_dict = hf_to_lit_state_dict(checkpoint_dir, config, parse_dtype(dtype))  # all checked before writing
 
-    # An earlier model's tokenizer files (and, elsewhere than in place, its prompt style) would be read instead of
-    # this one's: published, the output removes them. Until then the directory holds what it held.
+    # Everything is written into a scratch folder, then moved into place. Only then are an earlier model's other
+    # tokenizer files (and, when not in place, its prompt_style.yaml) removed: they would be read instead of these.
     with staged_output(output_dir, TOKENIZER_FILES + (() if in_place else (PROMPT_STYLE,))) as scratch:
         save_state_dict(state_dict, scratch / WEIGHTS)
         config.save(scratch)

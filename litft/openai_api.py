@@ -30,6 +30,7 @@ from typing import Any, AsyncIterator, Awaitable, Iterator
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from litft.batch_generate import Row
@@ -105,8 +106,9 @@ def create_app(engine: Engine, tokenizer: Tokenizer, models: dict[str, Served], 
             events = engine.submit(row)
         pieces = completion_text(events, row, tokenizer, stops)
         reply = Reply(served.name, chat, len(ids))
-        if stream:
-            return StreamingResponse(reply.events(pieces, usage), media_type="text/event-stream")
+        if stream:  # the row leaves the batch after the stream, even one cancelled before its first chunk
+            return StreamingResponse(reply.events(pieces, usage), media_type="text/event-stream",
+                                     background=BackgroundTask(setattr, row, "done", True))
         return await unless_client_leaves(request, reply.whole(pieces))
 
     return app
@@ -151,7 +153,7 @@ async def read_json(request: Request) -> dict:
 def text_prompt(body: dict) -> str:
     """A completion's prompt: a string, or a list of one string (OpenAI's API takes a list; litft answers one)."""
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1:
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
     if isinstance(prompt, list) and prompt:
         raise APIError(400, "prompt must be one string: several prompts, or token ids, are not supported; send one "
@@ -260,7 +262,7 @@ def streaming(body: dict) -> tuple[bool, bool]:
     stream = False if stream is None else stream
     if not isinstance(stream, bool) or not isinstance(options, dict):
         raise APIError(400, "stream must be true or false, and stream_options an object", "stream")
-    if options and not stream:
+    if body.get("stream_options") is not None and not stream:
         raise APIError(400, "stream_options is only allowed when stream is true", "stream_options")
     return stream, bool(options.get("include_usage", False))
 

@@ -2,8 +2,9 @@
 
 A prediction matches when its *extracted* form equals the reference's:
 
-    gsm8k          the number after the first "####" (as lm-evaluation-harness's strict match takes it): commas, "$" and a trailing "." dropped, "-" or "−" kept,
-                   decimals compared as numbers (3.50 == 3.5, 7.0 == 7); no "####" or no number -> no answer
+    gsm8k          the number after the first "####" (lm-evaluation-harness's strict match): commas, "$"
+                   and a trailing "." dropped, "-" or "−" kept, decimals compared as numbers (3.50 == 3.5,
+                   7.0 == 7); no "####" or no number -> no answer
     sql            case-insensitive; runs of whitespace -> one space; no spaces around ( ) , = < > !;
                    double quotes -> single quotes; a trailing ";" dropped
     viggo, games   case-insensitive; runs of whitespace -> one space; no spaces around ( ) [ ] ,

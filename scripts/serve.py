@@ -72,7 +72,7 @@ def main(checkpoint_dir: Path = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Ins
     engine = Engine(model, max_batch_size)
     app = create_app(engine, tokenizer, models, model.config.block_size, max_tokens)
     server, http = listen(app, host, port)
-    print(f"serving {', '.join(models)} on http://{host}:{port}/v1 ({device.type}, {precision}); Ctrl-C stops",
+    print(f"serving {', '.join(models)} on http://{address(host, port)}/v1 ({device.type}, {precision}); Ctrl-C stops",
           file=sys.stderr, flush=True)
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop(engine))
@@ -100,7 +100,7 @@ def listen(app, host: str, port: int) -> tuple["uvicorn.Server", threading.Threa
     http.start()
     while not server.started:
         if not http.is_alive():
-            raise UserError(f"cannot listen on {host}:{port}; pass another --port or --host")
+            raise UserError(f"cannot listen on {address(host, port)}; pass another --port or --host")
         time.sleep(0.05)
     return server, http
 
@@ -110,11 +110,17 @@ def check_address(host: str, port: int) -> None:
     if not 0 < port < 65536:
         raise UserError(f"--port must be between 1 and 65535, got {port}")
     try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]  # ::1 is IPv6
+        # ::1 is IPv6; "" (every interface) is 0.0.0.0, as uvicorn takes it
+        family = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
         with socket.create_server((host, port), family=family):
             pass
     except OSError as e:
-        raise UserError(f"cannot listen on {host}:{port} ({e.strerror or e}); pass another --port or --host") from None
+        raise UserError(f"cannot listen on {address(host, port)} ({e.strerror or e}); pass another --port or "
+                        "--host") from None
+
+
+def address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # an IPv6 address in brackets, as in a URL
 
 
 def served(name: str, lora: str | None, tokenizer: Tokenizer, style) -> Served:

@@ -294,6 +294,27 @@ def test_converting_into_a_hugging_face_model_directory_is_refused_and_leaves_it
     assert {p.name: p.read_bytes() for p in (tmp_path / "download").iterdir()} == before
 
 
+def test_a_conversion_failing_after_the_weights_leaves_the_earlier_checkpoint_as_it_was(tmp_path, monkeypatch):
+    """Weights and model_config.yaml are published together: a failure between them (here in writing the config)
+    leaves the earlier pair, never new weights beside the old config."""
+    from litft.config import Config
+    from litft.convert_hf import convert_hf_checkpoint
+
+    tiny_hf_llama(4, 2, False, seed=1).save_pretrained(tmp_path / "earlier")
+    tiny_hf_llama(4, 4, False, seed=2).save_pretrained(tmp_path / "new")
+    out = tmp_path / "lit"
+    convert_hf_checkpoint(tmp_path / "earlier", out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def fail(self, directory):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Config, "save", fail)
+    with pytest.raises(OSError, match="disk full"):
+        convert_hf_checkpoint(tmp_path / "new", out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
 def test_a_killed_conversion_leaves_the_earlier_checkpoint_whole_and_the_next_one_no_leftovers(tmp_path,
                                                                                            smollm2_gguf):
     """SIGKILL (as the out-of-memory killer sends it) while the weights are being written: the directory still

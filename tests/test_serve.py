@@ -166,6 +166,8 @@ def test_completions_stop_strings_seed_and_max_tokens(server, base):
      "stream_options"),
     ({"model": "qv", "messages": [{"role": "user", "content": "hi"}], "stream_options": {"include_usage": True}},
      400, "stream_options is only allowed when stream is true"),
+    ({"model": "qv", "messages": [{"role": "user", "content": "hi"}], "stream_options": {}, "stream": False},
+     400, "stream_options is only allowed when stream is true"),
     ({"model": "qv", "messages": [{"role": "user", "content": "hi"}], "n": True}, 400, "n must be 1"),
     # asked for what litft does not do: refused by name, not answered without it
     ({"model": "qv", "messages": [{"role": "user", "content": "hi"}], "logprobs": True}, 400, "logprobs is not"),
@@ -193,6 +195,7 @@ def test_bad_requests_get_a_json_error_and_the_server_goes_on(server, body, stat
     ("/v1/completions", {"model": "qv", "prompt": 5}, "prompt must be a non-empty string"),
     ("/v1/completions", {"model": "qv", "prompt": ["one", "two"]}, "several prompts, or token ids, are not"),
     ("/v1/completions", {"model": "qv", "prompt": [15, 16]}, "several prompts, or token ids, are not"),
+    ("/v1/completions", {"model": "qv", "prompt": [15]}, "several prompts, or token ids, are not"),
     ("/v1/completions", {"model": "qv"}, "prompt must be a non-empty string"),
     ("/v1/chat/completions", '["model", "qv"]', "must be a JSON object"),
     ("/v1/completions", '"one two"', "must be a JSON object"),
@@ -390,6 +393,45 @@ def test_a_client_that_leaves_before_a_whole_answer_takes_its_row_out(base):
     assert final == "cancelled" and tokens <= 1, (final, tokens)
 
 
+def test_a_stream_whose_client_leaves_before_its_first_chunk_takes_its_row_out(base):
+    """Starlette cancels a stream when the client disconnects, here before its first chunk: its text generator never
+    started, so nothing inside it can free the row; the response's background task does, and the row ends
+    "cancelled" at its first step, not after max_tokens."""
+    model = load_finetuned(base)
+    engine, queues = Engine(model, max_batch_size=4), []
+    submit = engine.submit
+    engine.submit = lambda row: queues.append(submit(row)) or queues[-1]
+    app = create_app(engine, Tokenizer(base), {"base": Served("base", None, None, frozenset())},
+                     model.config.block_size)
+    body = json.dumps({"model": "base", "prompt": "one two three", "max_tokens": 40, "stream": True}).encode()
+    received = []
+
+    async def receive() -> dict:
+        received.append(1)
+        if len(received) == 1:
+            return {"type": "http.request", "body": body, "more_body": False}
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        await asyncio.sleep(0.05)  # the disconnect is heard while the response starts
+
+    async def stream_then_leave() -> tuple[str, int]:
+        scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+                 "method": "POST", "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions",
+                 "query_string": b"", "root_path": "", "headers": [(b"content-type", b"application/json")],
+                 "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000)}
+        await asyncio.wait_for(app(scope, receive, send), 20)
+        engine.start()
+        tokens = 0
+        while not isinstance(event := await asyncio.wait_for(queues[0].get(), 60), str):
+            tokens += 1
+        return event, tokens
+
+    final, tokens = asyncio.run(stream_then_leave())
+    engine.stop()
+    assert final == "cancelled" and tokens <= 1, (final, tokens)
+
+
 def test_a_stopping_server_answers_503_and_a_second_signal_stops_it_at_once(base):
     """After Ctrl-C the batch being decoded finishes; a request that comes meanwhile gets 503 at once (OpenAI's
     clients retry those), one that was already waiting is told the same, and a second Ctrl-C ends the process."""
@@ -435,6 +477,7 @@ def test_an_ipv6_host_is_checked_as_ipv6():
     except OSError:
         pytest.skip("this machine has no IPv6 loopback")
     check_address("::1", port)  # an IPv4 socket was tried before: "Address family for hostname not supported"
+    check_address("", port)  # every interface, as uvicorn takes ""
 
 
 @pytest.mark.parametrize("lora, quantize, fragment", [
