@@ -22,7 +22,8 @@ def main(data_file: Path | None = None, destination_path: Path = Path("data/sql"
          mask_inputs: bool = True, prompt_style: str = "alpaca", val_split_fraction: float = 0.05, seed: int = 42) -> None:
     """Prepare text-to-SQL data for fine-tuning (question + table schema -> SQL query)."""
     path = data_file or download(URL, destination_path / URL.rsplit("/", 1)[1])
-    examples = take_fields(read_records(path), path, instruction="question", input="context", output="answer")
+    examples = take_fields(read_records(path), path, instruction="question", input="context", output="answer",
+                           input_required=True)
     train, test = split_examples(examples, val_split_fraction, seed)
     prepare(train, test, task="sql", source=path, destination_path=destination_path, checkpoint_dir=checkpoint_dir,
             max_seq_length=max_seq_length, mask_inputs=mask_inputs, prompt_style=prompt_style, seed=seed,

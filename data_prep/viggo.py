@@ -4,7 +4,8 @@
     python data_prep/viggo.py --checkpoint_dir checkpoints/meta-llama/Llama-2-7b-hf
     python data_prep/viggo.py --data_file viggo_train.csv    # offline: a local copy (CSV, JSON or JSONL)
 
-Each record has a "target" sentence and its "meaning_representation", e.g.
+Each record has a sentence and its meaning representation ("ref" and "mr" in GEM's CSV files, "target" and
+"meaning_representation" in the datasets library's features), e.g.
 `inform(name[Some Game], release_year[2014], genres[puzzle, platformer])`. The model reads the
 sentence and writes the meaning representation; evaluation compares it as a normalized string.
 Downloaded, the official test split is used.
@@ -25,8 +26,10 @@ INSTRUCTION = (
 
 def load(path: Path) -> list[dict]:
     records = read_records(path)
-    return take_fields(records, path, instruction=None, input="target", output="meaning_representation",
-                       fixed_instruction=INSTRUCTION)
+    csv_names = bool(records) and "mr" in records[0][1]
+    sentence, mr = ("ref", "mr") if csv_names else ("target", "meaning_representation")
+    return take_fields(records, path, instruction=None, input=sentence, output=mr, fixed_instruction=INSTRUCTION,
+                       input_required=True)
 
 
 @with_common_args

@@ -59,7 +59,8 @@ COMMON_ARGS = """\
     checkpoint_dir: the model whose tokenizer encodes the data; the default is converted from the offline GGUF if missing.
     max_seq_length: the longest sample in tokens; longer answers are shortened, EOS is always kept.
     mask_inputs: give the prompt tokens the label -100, so the loss covers only the answer and EOS.
-    prompt_style: the template around instruction and input (plain, alpaca, chatml, smollm2, llama2-chat).
+    prompt_style: the template around instruction and input (plain, alpaca, chatml, smollm2, llama2-chat, or
+        chat-template: the checkpoint's own chat template).
     val_split_fraction: the share of examples held out as the test split when none is given (never all of them).
     seed: the seed of the train/test shuffle; the same seed gives the same split.
     new_tokens: comma-separated tokens to add to the vocabulary (e.g. "<q>,</q>"); only finetune/lora.py trains them.
@@ -151,10 +152,12 @@ def _parse_json(text: str, path: Path, first_line: int):
 
 
 def take_fields(records: list[tuple[str, dict]], path: Path, instruction: str | None = "instruction",
-                input: str | None = "input", output: str = "output", fixed_instruction: str = "") -> list[dict]:
+                input: str | None = "input", output: str = "output", fixed_instruction: str = "",
+                input_required: bool = False) -> list[dict]:
     """Map records to {instruction, input, output} by key names; a key given as None yields a fixed text.
 
-    The input key may be absent (or null) in a record; the other keys must be present and hold strings.
+    The input key may be absent (or null) in a record unless `input_required` (a task whose input is the
+    question itself); the other keys must be present and hold strings.
     """
     keys = {"instruction": instruction, "input": input, "output": output}
     examples = []
@@ -162,7 +165,7 @@ def take_fields(records: list[tuple[str, dict]], path: Path, instruction: str | 
         example = {}
         for field, key in keys.items():
             value = record.get(key) if key is not None else (fixed_instruction if field == "instruction" else "")
-            if key is not None and key not in record and field != "input":
+            if key is not None and key not in record and (field != "input" or input_required):
                 found = ", ".join(map(repr, record)) or "none"
                 raise UserError(f"{path} {where}: missing key {key!r} (for {field}); keys found: {found}")
             if value is None and field == "input":

@@ -12,7 +12,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import run_main, run_script
+from conftest import assert_user_error, run_main, run_script
 
 from litft.data import collate, load_split, meta_of, prompt_style_of
 from litft.errors import UserError
@@ -309,12 +309,12 @@ def test_alpaca_viggo_gsm8k_sql_mappings_from_local_files(tmp_path, sp_dir):
 
     from data_prep import alpaca, gsm8k, sql, viggo
 
-    with open(tmp_path / "viggo.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, ["gem_id", "meaning_representation", "target", "references"])
+    with open(tmp_path / "viggo.csv", "w", newline="") as f:  # GEM/viggo's train.csv header: gem_id,mr,ref
+        writer = csv.DictWriter(f, ["gem_id", "mr", "ref"])
         writer.writeheader()
         for i in range(4):
-            writer.writerow({"gem_id": f"viggo-{i}", "meaning_representation": f"inform(name[Game {i}], rating[good])",
-                             "target": f"Game {i} is a good game, with \"quotes\", commas.", "references": "[]"})
+            writer.writerow({"gem_id": f"GEM-viggo-train-{i}", "mr": f"inform(name[Game {i}], rating[good])",
+                             "ref": f"Game {i} is a good game, with \"quotes\", commas."})
     math = [{"question": f"What is {i} times 2?", "answer": f"{i} * 2 = {2 * i}\n#### {2 * i}"} for i in range(4)]
     tables = [{"question": f"How many rows have id {i}?", "context": "CREATE TABLE t (id VARCHAR)",
                "answer": f"SELECT COUNT(*) FROM t WHERE id = {i}"} for i in range(4)]
@@ -338,6 +338,23 @@ def test_alpaca_viggo_gsm8k_sql_mappings_from_local_files(tmp_path, sp_dir):
         raw = [{k: s[k] for k in ("instruction", "input", "output")} for s in samples]
         assert all(all(check(s)) for s in raw), (task, raw[0])
     assert {s["input"] for s in load_split(tmp_path / "viggo", "train")} <= {f"Game {i} is a good game, with \"quotes\", commas." for i in range(4)}
+    features = [{"meaning_representation": "inform(name[X])", "target": "X."}]  # the datasets library's names
+    (tmp_path / "features.json").write_text(json.dumps(features))
+    assert viggo.load(tmp_path / "features.json")[0] == {"instruction": viggo.INSTRUCTION, "input": "X.",
+                                                         "output": "inform(name[X])"}
+
+
+@pytest.mark.parametrize("script, record, key", [
+    ("viggo", {"mr": "inform(name[X])", "target": "X."}, "'ref' (for input)"),
+    ("sql", {"question": "How many?", "answer": "SELECT 1"}, "'context' (for input)"),
+])
+def test_a_task_whose_input_is_missing_is_refused(tmp_path, sp_dir, script, record, key):
+    """The sentence (ViGGO) or the table (SQL) is what the answer is made from: without it every input was empty."""
+    (tmp_path / "records.json").write_text(json.dumps([record] * 4))
+    proc = run_main(f"data_prep/{script}.py", "--data_file", tmp_path / "records.json", "--checkpoint_dir", sp_dir,
+                    "--destination_path", tmp_path / "out")
+    assert_user_error(proc, "missing key " + key)
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("script", ["alpaca", "dolly", "games", "gsm8k", "json_data", "sql", "viggo"])
