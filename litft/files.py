@@ -146,7 +146,7 @@ def write_written_by(directory: Path, script: str, **sources: Path | None) -> No
 
 
 @contextmanager
-def staged_output(output_dir: Path, stale: tuple[str, ...] = ()) -> Iterator[Path]:
+def staged_output(output_dir: Path, stale: tuple[str, ...] = (), marker: str | None = None) -> Iterator[Path]:
     """Yield a scratch directory inside `output_dir` to write (and verify) an output in; when the block ends
     without error its files are published into `output_dir` (see `publish`). An error leaves `output_dir` as it
     was: the scratch directory is removed, and `output_dir` too if this made it and it is empty. Scratch
@@ -159,18 +159,21 @@ def staged_output(output_dir: Path, stale: tuple[str, ...] = ()) -> Iterator[Pat
     try:
         with tempfile.TemporaryDirectory(dir=output_dir, prefix=SCRATCH) as scratch:
             yield Path(scratch)
-            publish(Path(scratch), output_dir, stale)
+            publish(Path(scratch), output_dir, stale, marker)
     except BaseException:
         if created and not any(output_dir.iterdir()):
             output_dir.rmdir()
         raise
 
 
-def publish(scratch: Path, output_dir: Path, stale: tuple[str, ...] = ()) -> None:
+def publish(scratch: Path, output_dir: Path, stale: tuple[str, ...] = (), marker: str | None = None) -> None:
     """Move the files in `scratch` into `output_dir` (each in one rename), then remove the files matching the glob
     patterns `stale` that this output does not have: an earlier output's leftovers (weight shards, another
-    tokenizer, a prompt style), which a reader would pick up instead."""
-    names = [path.name for path in scratch.iterdir()]
+    tokenizer, a prompt style), which a reader would pick up instead. `marker`, a file whose presence says the
+    directory is complete (prepared data's train.pt), is removed first and moved in last."""
+    names = sorted((path.name for path in scratch.iterdir()), key=lambda name: name == marker)
+    if marker is not None:
+        (output_dir / marker).unlink(missing_ok=True)
     for name in names:
         os.replace(scratch / name, output_dir / name)
     for pattern in stale:

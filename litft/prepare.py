@@ -44,7 +44,7 @@ from tqdm import tqdm
 from litft.base_checkpoint import ensure_checkpoint, tokenizer_fingerprint
 from litft.config import Config
 from litft.errors import UserError
-from litft.files import atomic_path, atomic_write_text, check_output_dir
+from litft.files import TOKENIZER_FILES, atomic_path, atomic_write_text, check_output_dir, staged_output
 from litft.new_tokens import write_tokenizer
 from litft.prompts import PromptStyle
 from litft.tokenizer import Tokenizer
@@ -391,19 +391,20 @@ def prepare(train: list[dict], test: list[dict], *, task: str, source: str, dest
 
 def write_prepared(destination_path: Path, samples: dict, style: PromptStyle, report: dict, meta: dict,
                    checkpoint_dir: Path, new_tokens: list[str]) -> None:
-    """Write the prepared set. A train.pt marks a prepared directory (litft/named_data.py, litft/files.py), so the
-    old one goes first and the new one comes last: interrupted in between, the directory holds no train.pt and is
-    prepared again, never read as a new train.pt beside the old test.pt and meta.json (and its tokenizer)."""
-    (destination_path / "train.pt").unlink(missing_ok=True)
-    if new_tokens:
-        write_tokenizer(checkpoint_dir, destination_path, new_tokens, model_vocab_size(checkpoint_dir))
-    with atomic_path(destination_path / "test.pt") as tmp:
-        torch.save(samples["test"], tmp)
-    style.save(destination_path)
-    atomic_write_text(destination_path / "length_report.json", json.dumps(report, indent=2) + "\n")
-    atomic_write_text(destination_path / "meta.json", json.dumps(meta, indent=2) + "\n")
-    with atomic_path(destination_path / "train.pt") as tmp:
-        torch.save(samples["train"], tmp)
+    """Write the prepared set: into a scratch folder first, so a failure (a full disk) leaves an earlier set as it
+    was. A train.pt marks a prepared directory (litft/named_data.py, litft/files.py): when the set is moved into
+    place the old one goes first and the new one comes last, so a directory is never read as a new train.pt
+    beside the old test.pt and meta.json. An earlier set's grown tokenizer goes when this one has no new tokens."""
+    with staged_output(destination_path, TOKENIZER_FILES, marker="train.pt") as scratch:
+        if new_tokens:
+            write_tokenizer(checkpoint_dir, scratch, new_tokens, model_vocab_size(checkpoint_dir))
+        with atomic_path(scratch / "test.pt") as tmp:
+            torch.save(samples["test"], tmp)
+        style.save(scratch)
+        atomic_write_text(scratch / "length_report.json", json.dumps(report, indent=2) + "\n")
+        atomic_write_text(scratch / "meta.json", json.dumps(meta, indent=2) + "\n")
+        with atomic_path(scratch / "train.pt") as tmp:
+            torch.save(samples["train"], tmp)
 
 
 def grown_tokenizer(checkpoint_dir: Path, new_tokens: list[str], scratch: Path):

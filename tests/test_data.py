@@ -278,9 +278,9 @@ def test_a_fraction_that_leaves_no_training_examples_is_refused(tmp_path):
     assert [len(part) for part in split_examples(two, 0.5, seed=0)] == [1, 1]
 
 
-def test_an_interrupted_prepare_never_leaves_a_new_train_split_beside_old_files(tmp_path, sp_dir, monkeypatch):
+def test_an_interrupted_prepare_leaves_the_earlier_set_whole(tmp_path, sp_dir, monkeypatch):
     """train.pt marks a prepared directory (litft/named_data.py uses it as such): cut short while writing test.pt, a
-    preparation must not leave the new train.pt beside the old test.pt and meta.json."""
+    preparation leaves the earlier train.pt, test.pt and meta.json as they were, never a mix of old and new."""
     import litft.prepare
 
     old_train = prepare_here(tmp_path, sp_dir, prompt_style="plain", max_seq_length=256)
@@ -295,12 +295,18 @@ def test_an_interrupted_prepare_never_leaves_a_new_train_split_beside_old_files(
     with pytest.raises(KeyboardInterrupt):
         prepare_here(tmp_path, sp_dir, prompt_style="plain", max_seq_length=12)
     data = tmp_path / "data"
-    assert old_train  # there was a train split, and now there is none: the directory is not prepared data, so a
-    with pytest.raises(UserError, match="is not prepared data"):  # named data set is prepared again on next use
-        load_split(data, "train")
+    assert_same_samples(load_split(data, "train"), old_train)
+    assert meta_of(data)["max_seq_length"] == 256 and not list(data.glob(".partial-*"))
     monkeypatch.undo()
     new_train = prepare_here(tmp_path, sp_dir, prompt_style="plain", max_seq_length=12)
     assert max(len(s["input_ids"]) for s in new_train) == meta_of(data)["max_seq_length"] == 12
+
+
+def assert_same_samples(got: list[dict], expected: list[dict]) -> None:
+    assert len(got) == len(expected) > 0
+    for a, b in zip(got, expected):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k]
+                                            for k in a)
 
 
 def test_alpaca_viggo_gsm8k_sql_mappings_from_local_files(tmp_path, sp_dir):

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import threading
+from pathlib import Path
 
 import pytest
 from conftest import assert_user_error, run_main, run_script
@@ -96,6 +97,32 @@ def test_destination_that_is_not_writable(tmp_path, sp_dir):
                         "--destination_path", locked / "out")
         assert_user_error(proc, str(locked / "out"), "not writable")
         assert not (locked / "out").exists()
+
+
+def test_a_rerun_that_fails_writing_leaves_the_earlier_set_as_it_was(tmp_path, sp_dir, monkeypatch):
+    """A full disk while train.pt is written (the last and largest file): the earlier train.pt, test.pt and
+    meta.json all stay; they had been deleted or replaced one by one before."""
+    import torch
+
+    data = tmp_path / "d.jsonl"
+    data.write_text((json.dumps(GOOD) + "\n") * 4)
+    destination = tmp_path / "out"
+    first = run_main("data_prep/json_data.py", "--data_file", data, "--checkpoint_dir", sp_dir, "--destination_path",
+                     destination, "--val_split_fraction", "0.25")
+    assert first.returncode == 0, first.stderr
+    before = {p.name: p.read_bytes() for p in destination.iterdir()}
+    save = torch.save
+
+    def disk_full_at_train_pt(obj, f, *args, **kwargs):
+        if Path(f).name.startswith(".train.pt."):
+            raise OSError(28, "No space left on device")
+        return save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", disk_full_at_train_pt)
+    proc = run_main("data_prep/json_data.py", "--data_file", data, "--checkpoint_dir", sp_dir, "--destination_path",
+                    destination, "--val_split_fraction", "0.5", "--max_seq_length", "64")
+    assert_user_error(proc, "No space left on device")
+    assert {p.name: p.read_bytes() for p in destination.iterdir()} == before
 
 
 def test_unknown_data_name_in_evaluate(tmp_path):
