@@ -150,14 +150,16 @@ def staged_output(output_dir: Path, stale: tuple[str, ...] = (), marker: str | N
     """Yield a scratch directory inside `output_dir` to write (and verify) an output in; when the block ends
     without error its files are published into `output_dir` (see `publish`). An error leaves `output_dir` as it
     was: the scratch directory is removed, and `output_dir` too if this made it and it is empty. Scratch
-    directories an interrupted run left are removed first (each may hold a full copy of the weights)."""
+    directories a killed run left are removed first (each may hold a full copy of the weights); one whose process
+    still runs is another run's, writing now, and stays."""
     output_dir = Path(output_dir)
     created = not output_dir.exists()
     output_dir.mkdir(parents=True, exist_ok=True)
     for leftover in output_dir.glob(f"{SCRATCH}*"):
-        shutil.rmtree(leftover, ignore_errors=True)
+        if not process_runs(leftover.name[len(SCRATCH):].split("-", 1)[0]):
+            shutil.rmtree(leftover, ignore_errors=True)
     try:
-        with tempfile.TemporaryDirectory(dir=output_dir, prefix=SCRATCH) as scratch:
+        with tempfile.TemporaryDirectory(dir=output_dir, prefix=f"{SCRATCH}{os.getpid()}-") as scratch:
             yield Path(scratch)
             publish(Path(scratch), output_dir, stale, marker)
     except BaseException:
@@ -166,20 +168,36 @@ def staged_output(output_dir: Path, stale: tuple[str, ...] = (), marker: str | N
         raise
 
 
+def process_runs(pid: str) -> bool:
+    """Whether the process `pid` (digits from a scratch directory's name) is running on this machine."""
+    if not pid.isdigit() or os.name != "posix":  # (on Windows, signal 0 would be a Ctrl-C)
+        return False
+    try:
+        os.kill(int(pid), 0)  # signal 0 sends nothing: it only asks whether the process exists
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def publish(scratch: Path, output_dir: Path, stale: tuple[str, ...] = (), marker: str | None = None) -> None:
-    """Move the files in `scratch` into `output_dir` (each in one rename), then remove the files matching the glob
+    """Move the files in `scratch` into `output_dir` (each in one rename) and remove the files matching the glob
     patterns `stale` that this output does not have: an earlier output's leftovers (weight shards, another
     tokenizer, a prompt style), which a reader would pick up instead. `marker`, a file whose presence says the
-    directory is complete (prepared data's train.pt), is removed first and moved in last."""
-    names = sorted((path.name for path in scratch.iterdir()), key=lambda name: name == marker)
+    directory is complete (prepared data's train.pt), is removed first and moved in last of all."""
+    names = [path.name for path in scratch.iterdir()]
     if marker is not None:
         (output_dir / marker).unlink(missing_ok=True)
     for name in names:
-        os.replace(scratch / name, output_dir / name)
+        if name != marker:
+            os.replace(scratch / name, output_dir / name)
     for pattern in stale:
         for path in output_dir.glob(pattern):
             if path.name not in names and path.is_file():
                 path.unlink()
+    if marker in names:
+        os.replace(scratch / marker, output_dir / marker)
 
 
 def read_yaml_mapping(path: Path, missing: str) -> dict:

@@ -4,8 +4,8 @@ A name (alpaca, dolly, viggo, gsm8k, sql, games) means the directory data/<name>
 yet, the matching data_prep/<name>.py runs in this process with its own defaults, the run's --checkpoint_dir
 (whose tokenizer the samples must be encoded with) and data/<name> as destination — exactly what
 `python data_prep/<name>.py --checkpoint_dir ...` does. Any other --data value is a prepared directory, as before.
-Preparation removes the old train.pt first and writes the new one last, so a train.pt means a complete set: a
-preparation cut short leaves none, and the next run prepares the data again.
+Preparation moves a new set into place with its train.pt last, so a train.pt means a complete set: a
+preparation cut short leaves the earlier set, or none, and then the next run prepares the data again.
 """
 
 from __future__ import annotations

@@ -15,9 +15,9 @@ whose answer is empty when only answers are learned (mask_inputs). Nothing is wr
 destination until every record has been read, checked and tokenized.
 
 The destination then holds train.pt and test.pt (lists of {input_ids, labels, instruction, input, output},
-readable with torch.load(weights_only=True)), prompt_style.yaml, meta.json and length_report.json. The old
-train.pt is removed first and the new one written last, so a train.pt there means the whole set comes from one
-preparation (litft/named_data.py prepares a named data set again when it is missing). With
+readable with torch.load(weights_only=True)), prompt_style.yaml, meta.json and length_report.json, written
+beside an earlier set first and moved into place once whole, train.pt last: a train.pt there means the whole set
+comes from one preparation (litft/named_data.py prepares a named data set again when it is missing). With
 new tokens (markers that structure the data, e.g. "<sql>"), the tokenizer is grown first so each marker is one
 new id V, V + 1, ... (litft/new_tokens.py), and the grown tokenizer files are written next to the data.
 """
@@ -168,6 +168,8 @@ def take_fields(records: list[tuple[str, dict]], path: Path, instruction: str | 
             if key is not None and key not in record and (field != "input" or input_required):
                 found = ", ".join(map(repr, record)) or "none"
                 raise UserError(f"{path} {where}: missing key {key!r} (for {field}); keys found: {found}")
+            if field == "input" and input_required and (value is None or isinstance(value, str) and not value.strip()):
+                raise UserError(f"{path} {where}: {key!r} (the input) is empty; this task's answer is made from it")
             if value is None and field == "input":
                 value = ""
             if not isinstance(value, str):

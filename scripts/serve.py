@@ -110,8 +110,7 @@ def check_address(host: str, port: int) -> None:
     if not 0 < port < 65536:
         raise UserError(f"--port must be between 1 and 65535, got {port}")
     try:
-        # ::1 is IPv6; "" (every interface) is 0.0.0.0, as uvicorn takes it
-        family = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as uvicorn picks it ("" is 0.0.0.0)
         with socket.create_server((host, port), family=family):
             pass
     except OSError as e:
@@ -120,7 +119,7 @@ def check_address(host: str, port: int) -> None:
 
 
 def address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # an IPv6 address in brackets, as in a URL
+    return f"[{host}]:{port}" if ":" in host else f"{host or '0.0.0.0'}:{port}"  # IPv6 in brackets, as in a URL
 
 
 def served(name: str, lora: str | None, tokenizer: Tokenizer, style) -> Served:

@@ -350,16 +350,18 @@ def test_alpaca_viggo_gsm8k_sql_mappings_from_local_files(tmp_path, sp_dir):
                                                          "output": "inform(name[X])"}
 
 
-@pytest.mark.parametrize("script, record, key", [
-    ("viggo", {"mr": "inform(name[X])", "target": "X."}, "'ref' (for input)"),
-    ("sql", {"question": "How many?", "answer": "SELECT 1"}, "'context' (for input)"),
+@pytest.mark.parametrize("script, record, message", [
+    ("viggo", {"mr": "inform(name[X])", "target": "X."}, "missing key 'ref' (for input)"),
+    ("viggo", {"mr": "inform(name[X])", "ref": None}, "'ref' (the input) is empty"),
+    ("sql", {"question": "How many?", "answer": "SELECT 1"}, "missing key 'context' (for input)"),
+    ("sql", {"question": "How many?", "context": "  ", "answer": "SELECT 1"}, "'context' (the input) is empty"),
 ])
-def test_a_task_whose_input_is_missing_is_refused(tmp_path, sp_dir, script, record, key):
+def test_a_task_whose_input_is_missing_is_refused(tmp_path, sp_dir, script, record, message):
     """The sentence (ViGGO) or the table (SQL) is what the answer is made from: without it every input was empty."""
     (tmp_path / "records.json").write_text(json.dumps([record] * 4))
     proc = run_main(f"data_prep/{script}.py", "--data_file", tmp_path / "records.json", "--checkpoint_dir", sp_dir,
                     "--destination_path", tmp_path / "out")
-    assert_user_error(proc, "missing key " + key)
+    assert_user_error(proc, message)
     assert not (tmp_path / "out").exists()
 
 

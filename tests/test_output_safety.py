@@ -92,3 +92,25 @@ def test_a_path_of_the_wrong_kind_is_named_as_such(runs, tmp_path):
         assert_user_error(proc, message)
         assert "weights_only" not in proc.stderr
     assert not any((tmp_path / name).exists() for name in ("merged", "c", "d", "p"))
+
+
+def test_a_scratch_folder_is_removed_only_when_its_process_is_gone(tmp_path):
+    """Two preparations of one data set started together (two runs' first use of --data alpaca): the second must
+    not delete the first one's scratch folder while it writes; a killed run's folder goes."""
+    import subprocess
+    import sys
+
+    from litft.files import SCRATCH, staged_output
+
+    out = tmp_path / "data"
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    killed = out / f"{SCRATCH}{gone.stdout.strip()}-abc"  # its process has exited
+    killed.mkdir(parents=True)
+    (killed / ".train.pt.x.tmp").write_bytes(b"partial")
+    with staged_output(out, marker="train.pt") as first:
+        (first / "test.pt").write_text("first")
+        with staged_output(out, marker="train.pt") as second:  # started while the first still writes
+            (second / "train.pt").write_text("second")
+        (first / "train.pt").write_text("first")
+    assert not killed.exists()
+    assert {p.name: p.read_text() for p in out.iterdir()} == {"test.pt": "first", "train.pt": "first"}

@@ -477,7 +477,13 @@ def test_an_ipv6_host_is_checked_as_ipv6():
     except OSError:
         pytest.skip("this machine has no IPv6 loopback")
     check_address("::1", port)  # an IPv4 socket was tried before: "Address family for hostname not supported"
-    check_address("", port)  # every interface, as uvicorn takes ""
+
+
+def test_an_empty_host_is_every_interface_as_uvicorn_takes_it():
+    from scripts.serve import address, check_address
+
+    check_address("", free_port())
+    assert address("", 8000) == "0.0.0.0:8000" and address("::1", 8000) == "[::1]:8000"
 
 
 @pytest.mark.parametrize("lora, quantize, fragment", [
