@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import assert_user_error, run_main, run_script
+from conftest import assert_user_error, run_main
 from test_train import finetune, tiny  # noqa: F401 (fixture)
 
 
