@@ -378,6 +378,7 @@ def prepare(train: list[dict], test: list[dict], *, task: str, source: str, dest
                         f"{max_seq_length}, or its answer is empty; raise --max_seq_length or choose a shorter "
                         "--prompt_style")
     print_report(report)
+    note_shared_examples(train, test)
     meta = {"task": task, "source": str(source), "checkpoint_dir": str(checkpoint_dir), "max_seq_length": max_seq_length,
             "mask_inputs": mask_inputs, "ignore_index": IGNORE_INDEX, "prompt_style": style.name, "seed": seed,
             "val_split_fraction": val_split_fraction, "counts": {s: len(samples[s]) for s in SPLITS},
@@ -389,6 +390,16 @@ def prepare(train: list[dict], test: list[dict], *, task: str, source: str, dest
         raise UserError(f"cannot write to {destination_path} ({e.strerror}); choose another --destination_path") from None
     print(f"wrote {meta['counts']['train']} train and {meta['counts']['test']} test samples to {destination_path}")
     return meta
+
+
+def note_shared_examples(train: list[dict], test: list[dict]) -> None:
+    """One line on stderr when test examples are also training examples (a file that repeats records, or a
+    --val_file that overlaps the data): their scores measure memory, not what was learned."""
+    seen = {(e["instruction"], e["input"], e["output"]) for e in train}
+    shared = sum((e["instruction"], e["input"], e["output"]) in seen for e in test)
+    if shared:
+        print(f"note: {shared} of {len(test)} test examples are also training examples (repeated records); the "
+              "test loss and exact match overstate what a model learns beyond them", file=sys.stderr)
 
 
 def write_prepared(destination_path: Path, samples: dict, style: PromptStyle, report: dict, meta: dict,

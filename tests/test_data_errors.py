@@ -125,6 +125,22 @@ def test_a_rerun_that_fails_writing_leaves_the_earlier_set_as_it_was(tmp_path, s
     assert {p.name: p.read_bytes() for p in destination.iterdir()} == before
 
 
+def test_test_examples_that_repeat_training_ones_are_noted(tmp_path, sp_dir):
+    """Ten copies of one record split 5/5: every test example is a training one, which a reader of the test
+    scores should know; distinct records get no note."""
+    repeated, distinct = tmp_path / "repeated.jsonl", tmp_path / "distinct.jsonl"
+    repeated.write_text((json.dumps(GOOD) + "\n") * 10)
+    distinct.write_text("".join(json.dumps({**GOOD, "output": f"{GOOD['output']} {i}"}) + "\n" for i in range(10)))
+    notes = []
+    for path in (repeated, distinct):
+        proc = run_main("data_prep/json_data.py", "--data_file", path, "--checkpoint_dir", sp_dir,
+                        "--destination_path", tmp_path / path.stem, "--val_split_fraction", "0.5")
+        assert proc.returncode == 0, proc.stderr
+        notes.append([line for line in proc.stderr.splitlines() if line.startswith("note:")])
+    assert notes == [["note: 5 of 5 test examples are also training examples (repeated records); the test loss "
+                      "and exact match overstate what a model learns beyond them"], []]
+
+
 def test_unknown_data_name_in_evaluate(tmp_path):
     proc = run_main("scripts/evaluate.py", "--checkpoint_dir", tmp_path, "--data", "no_such_data")
     assert_user_error(proc, "--data no_such_data", "data/no_such_data does not exist")
