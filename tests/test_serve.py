@@ -353,42 +353,52 @@ def test_a_client_that_leaves_takes_its_row_out_of_the_batch(base):
     assert final == "cancelled" and len(later) < 48  # not "length": the row left before its 50 tokens
 
 
-def test_a_client_that_leaves_before_a_whole_answer_takes_its_row_out(base):
-    """Without streaming, the server watches the connection while the answer is decoded. Here the client closes it
-    right after sending the request (the http.disconnect message uvicorn gives from then on), before the engine
-    starts: the server answers nobody (499) and the row ends "cancelled" at its first step, not after max_tokens."""
+def request_then_leave(base, body: dict, send) -> tuple[str, int]:
+    """POST `body` to /v1/completions of an app in this process, as uvicorn would (ASGI spec 2.3), from a client
+    that is gone from the request's second `receive` on; `send` gets what the app answers. Returns the row's last
+    engine event and how many tokens it got before it."""
     model = load_finetuned(base)
     engine, queues = Engine(model, max_batch_size=4), []
     submit = engine.submit
     engine.submit = lambda row: queues.append(submit(row)) or queues[-1]  # the test's view of the row's events
     app = create_app(engine, Tokenizer(base), {"base": Served("base", None, None, frozenset())},
                      model.config.block_size)
-    body = json.dumps({"model": "base", "prompt": "one two three", "max_tokens": 40}).encode()
-    received, sent = [], []
+    received = []
 
     async def receive() -> dict:
         received.append(1)
         if len(received) == 1:
-            return {"type": "http.request", "body": body, "more_body": False}
+            return {"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}
         return {"type": "http.disconnect"}
 
-    async def send(message: dict) -> None:
-        sent.append(message)
-
-    async def request_then_leave() -> str:
-        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-                 "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"",
-                 "root_path": "", "headers": [(b"content-type", b"application/json")],
+    async def request() -> tuple[str, int]:
+        scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+                 "method": "POST", "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions",
+                 "query_string": b"", "root_path": "", "headers": [(b"content-type", b"application/json")],
                  "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000)}
         await asyncio.wait_for(app(scope, receive, send), 20)  # a server that does not watch waits here forever
-        engine.start()
+        engine.start()  # only now: the row was queued while the client left
         tokens = 0
         while not isinstance(event := await asyncio.wait_for(queues[0].get(), 60), str):
             tokens += 1
         return event, tokens
 
-    final, tokens = asyncio.run(request_then_leave())
-    engine.stop()
+    try:
+        return asyncio.run(request())
+    finally:
+        engine.stop()
+
+
+def test_a_client_that_leaves_before_a_whole_answer_takes_its_row_out(base):
+    """Without streaming, the server watches the connection while the answer is decoded. Here the client closes it
+    right after sending the request (the http.disconnect message uvicorn gives from then on), before the engine
+    starts: the server answers nobody (499) and the row ends "cancelled" at its first step, not after max_tokens."""
+    sent = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    final, tokens = request_then_leave(base, {"model": "base", "prompt": "one two three", "max_tokens": 40}, send)
     assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 499
     assert final == "cancelled" and tokens <= 1, (final, tokens)
 
@@ -397,38 +407,12 @@ def test_a_stream_whose_client_leaves_before_its_first_chunk_takes_its_row_out(b
     """Starlette cancels a stream when the client disconnects, here before its first chunk: its text generator never
     started, so nothing inside it can free the row; the response's background task does, and the row ends
     "cancelled" at its first step, not after max_tokens."""
-    model = load_finetuned(base)
-    engine, queues = Engine(model, max_batch_size=4), []
-    submit = engine.submit
-    engine.submit = lambda row: queues.append(submit(row)) or queues[-1]
-    app = create_app(engine, Tokenizer(base), {"base": Served("base", None, None, frozenset())},
-                     model.config.block_size)
-    body = json.dumps({"model": "base", "prompt": "one two three", "max_tokens": 40, "stream": True}).encode()
-    received = []
-
-    async def receive() -> dict:
-        received.append(1)
-        if len(received) == 1:
-            return {"type": "http.request", "body": body, "more_body": False}
-        return {"type": "http.disconnect"}
 
     async def send(message: dict) -> None:
         await asyncio.sleep(0.05)  # the disconnect is heard while the response starts
 
-    async def stream_then_leave() -> tuple[str, int]:
-        scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
-                 "method": "POST", "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions",
-                 "query_string": b"", "root_path": "", "headers": [(b"content-type", b"application/json")],
-                 "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000)}
-        await asyncio.wait_for(app(scope, receive, send), 20)
-        engine.start()
-        tokens = 0
-        while not isinstance(event := await asyncio.wait_for(queues[0].get(), 60), str):
-            tokens += 1
-        return event, tokens
-
-    final, tokens = asyncio.run(stream_then_leave())
-    engine.stop()
+    body = {"model": "base", "prompt": "one two three", "max_tokens": 40, "stream": True}
+    final, tokens = request_then_leave(base, body, send)
     assert final == "cancelled" and tokens <= 1, (final, tokens)
 
 
