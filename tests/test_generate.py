@@ -350,7 +350,7 @@ def test_a_prompt_that_is_not_utf8_and_bad_sampling_flags_are_one_line(tiny_chec
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert_user_error(proc, "--prompt is not valid UTF-8")
     for flag, value in (("--temperature", "-0.5"), ("--temperature", "nan"), ("--top_k", "0"), ("--top_p", "1.5"),
-                        ("--top_p", "0")):
+                        ("--top_p", "-0.1")):
         assert_user_error(run_main("generate/base.py", "--checkpoint_dir", directory, "--prompt", "hi", flag, value),
                           flag)
 
