@@ -15,7 +15,8 @@ from litft.errors import UserError
 from litft.preview import preview
 
 
-def main(data: Path, n: int = 3, split: Literal["train", "test"] = "train", max_seq_length: Optional[int] = None) -> None:
+def main(data: Path, n: int = 3, split: Literal["train", "test"] = "train", max_seq_length: Optional[int] = None,
+         checkpoint_dir: Optional[Path] = None) -> None:
     """Render the first --n samples of a prepared --data directory and warn about what would train badly.
 
     Args:
@@ -23,10 +24,12 @@ def main(data: Path, n: int = 3, split: Literal["train", "test"] = "train", max_
         n: how many samples to render.
         split: train or test.
         max_seq_length: the --max_seq_length you will train with: samples longer than it count as truncated.
+        checkpoint_dir: the model the data was prepared with, when its path in meta.json (as data prep was given
+            it) is not found from here.
     """
     if n < 1:
         raise UserError(f"--n must be at least 1, got {n}")
-    print(preview(data, n, split, max_seq_length))
+    print(preview(data, n, split, max_seq_length, checkpoint_dir))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,9 @@ from pathlib import Path
 import torch
 
 from litft import data as data_lib
+from litft.base_checkpoint import tokenizer_fingerprint
 from litft.data import cut
+from litft.errors import UserError
 from litft.loss import IGNORE_INDEX
 from litft.prompts import PromptStyle
 from litft.tokenizer import Tokenizer
@@ -94,6 +96,25 @@ def truncation_warning(samples: list[dict], max_seq_length: int | None, truncate
     return f"{truncated} of {n} samples ({truncated / n:.0%}) are truncated: {'; '.join(causes)}"
 
 
+def preparing_tokenizer(directory: Path, meta: dict, checkpoint_dir: Path | None) -> Tokenizer:
+    """The tokenizer the set was prepared with: --checkpoint_dir's when given (it must be the same one), else the
+    checkpoint meta.json names, a path as data prep was given it (relative to where that ran)."""
+    recorded = meta.get("checkpoint_dir")
+    if checkpoint_dir is None and recorded and not has_tokenizer(Path(recorded)):
+        raise UserError(f"{directory} was prepared with the tokenizer of {recorded}, which is not found from "
+                        f"{Path.cwd()}; pass --checkpoint_dir (the model it was prepared with)")
+    source = Path(checkpoint_dir or recorded or directory)
+    fingerprint = meta.get("tokenizer")
+    if checkpoint_dir is not None and fingerprint and tokenizer_fingerprint(source) != fingerprint:
+        raise UserError(f"{directory} was prepared with another tokenizer than {source}'s; pass the "
+                        f"--checkpoint_dir it was prepared with ({recorded})")
+    return Tokenizer(source)
+
+
+def has_tokenizer(checkpoint_dir: Path) -> bool:
+    return any((checkpoint_dir / name).is_file() for name in ("tokenizer.json", "tokenizer.model"))
+
+
 def show(i: int, split: str, sample: dict, tokenizer: Tokenizer, max_seq_length: int | None) -> str:
     """Sample i rendered as training reads it: cut to --max_seq_length like litft/data.py's collate."""
     ids, labels = cut(sample["input_ids"], sample["labels"], max_seq_length)
@@ -103,12 +124,13 @@ def show(i: int, split: str, sample: dict, tokenizer: Tokenizer, max_seq_length:
     return f"--- {split} sample {i} ({length}) ---\n{render({'input_ids': ids, 'labels': labels}, tokenizer)}"
 
 
-def preview(data: str | Path, n: int, split: str = "train", max_seq_length: int | None = None) -> str:
+def preview(data: str | Path, n: int, split: str = "train", max_seq_length: int | None = None,
+            checkpoint_dir: Path | None = None) -> str:
     """The first n samples of a prepared split rendered, then its checks: the text data_prep/preview.py prints."""
     directory = data_lib.data_dir(data)
     samples, meta = data_lib.load_split(data, split), data_lib.meta_of(data)
     new_tokens = meta.get("new_tokens", [])
-    tokenizer = Tokenizer(directory if new_tokens else Path(meta.get("checkpoint_dir", directory)))
+    tokenizer = Tokenizer(directory) if new_tokens else preparing_tokenizer(directory, meta, checkpoint_dir)
     style = PromptStyle.from_dir(directory)
     before = data_lib.read_json(directory / "length_report.json").get(split, {}).get("truncated", 0)
     shown = [show(i, split, s, tokenizer, max_seq_length) for i, s in enumerate(samples[:n])]

@@ -103,7 +103,8 @@ def read_data(fabric: Fabric, args: TrainArgs, method: Method) -> tuple[list[dic
                         "a data_prep script")
     check_trained_tokens(args, train_data)
     if args.preview and fabric.global_rank == 0:
-        print(preview(args.data, args.preview, max_seq_length=args.max_seq_length), file=sys.stderr)
+        print(preview(args.data, args.preview, max_seq_length=args.max_seq_length, checkpoint_dir=args.checkpoint_dir),
+              file=sys.stderr)
     rows = pack_rows(fabric, args, train_data) if args.packing else train_data
     # checked now, before the run directory is written (the training loop draws its first batch much later)
     check_fills_a_micro_batch(len(rows), args.micro_batch_size, fabric.world_size, len(train_data) if args.packing

@@ -124,3 +124,29 @@ def test_a_damaged_length_report_is_a_user_error(long_data, tmp_path):
     (data / "length_report.json").write_text('{"train": {"truncated": 1')
     with pytest.raises(UserError, match=rf"{data}/length_report.json is damaged \(.*\); prepare the data again"):
         preview_text(data, 1)
+
+
+def test_a_set_prepared_with_a_relative_checkpoint_path_previews_from_elsewhere_given_checkpoint_dir(
+        tiny, chat_checkpoint, tmp_path):
+    """meta.json keeps --checkpoint_dir as data prep was given it: from another directory that path names nothing,
+    so preview says to pass --checkpoint_dir, and then renders what it renders where the data was prepared."""
+    work = tmp_path / "work"
+    shutil.copytree(tiny["ckpt"], work / "model")
+    (work / "rows.json").write_text(json.dumps(ROWS))
+    run_script("data_prep/json_data.py", "--data_file", "rows.json", "--destination_path", "data", "--checkpoint_dir",
+               "model", "--val_split_fraction", "0.1", "--prompt_style", "alpaca", cwd=work, check=True)
+    there = run_script("data_prep/preview.py", "--data", "data", "--n", "1", cwd=work, check=True).stdout
+    assert "«" in there and "</s>" in there
+
+    elsewhere = run_script("data_prep/preview.py", "--data", work / "data", "--n", "1", cwd=tmp_path)
+    assert elsewhere.returncode != 0
+    assert elsewhere.stderr.strip().splitlines() == [
+        f"error: {work / 'data'} was prepared with the tokenizer of model, which is not found from {tmp_path}; "
+        "pass --checkpoint_dir (the model it was prepared with)"]
+    given = run_script("data_prep/preview.py", "--data", work / "data", "--n", "1", "--checkpoint_dir",
+                       work / "model", cwd=tmp_path, check=True)
+    assert given.stdout == there
+
+    other = run_script("data_prep/preview.py", "--data", work / "data", "--n", "1", "--checkpoint_dir",
+                       chat_checkpoint, cwd=tmp_path)
+    assert other.returncode != 0 and "was prepared with another tokenizer than" in other.stderr
