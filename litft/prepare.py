@@ -379,6 +379,9 @@ def prepare(train: list[dict], test: list[dict], *, task: str, source: str, dest
                         "--prompt_style")
     print_report(report)
     note_shared_examples(train, test)
+    if test and not samples["test"]:
+        print(f"note: every one of the {len(test)} test examples was dropped (see the report above), so training "
+              "will skip validation; raise --max_seq_length or give answers to the test examples", file=sys.stderr)
     meta = {"task": task, "source": str(source), "checkpoint_dir": str(checkpoint_dir), "max_seq_length": max_seq_length,
             "mask_inputs": mask_inputs, "ignore_index": IGNORE_INDEX, "prompt_style": style.name, "seed": seed,
             "val_split_fraction": val_split_fraction, "counts": {s: len(samples[s]) for s in SPLITS},

@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import assert_user_error, run_main, run_script
 
 from litft.prepare import DownloadError, download
@@ -139,6 +140,21 @@ def test_test_examples_that_repeat_training_ones_are_noted(tmp_path, sp_dir):
         notes.append([line for line in proc.stderr.splitlines() if line.startswith("note:")])
     assert notes == [["note: 5 of 5 test examples are also training examples (repeated records); the test loss "
                       "and exact match overstate what a model learns beyond them"], []]
+
+
+def test_a_test_split_that_loses_every_example_is_noted(tmp_path, sp_dir):
+    """A --val_file whose answers are all empty: each sample is dropped (it would teach nothing but to stop), so
+    the test split is empty and training would skip validation; preparation says so."""
+    train, val = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
+    train.write_text("".join(json.dumps({**GOOD, "output": f"Hi {i}."}) + "\n" for i in range(4)))
+    val.write_text((json.dumps({**GOOD, "output": ""}) + "\n") * 3)
+    proc = run_main("data_prep/json_data.py", "--data_file", train, "--val_file", val, "--checkpoint_dir", sp_dir,
+                    "--destination_path", tmp_path / "data")
+    assert proc.returncode == 0, proc.stderr
+    assert len(torch.load(tmp_path / "data" / "test.pt", weights_only=True)) == 0
+    assert [line for line in proc.stderr.splitlines() if line.startswith("note:")] == [
+        "note: every one of the 3 test examples was dropped (see the report above), so training will skip "
+        "validation; raise --max_seq_length or give answers to the test examples"]
 
 
 def test_unknown_data_name_in_evaluate(tmp_path):
