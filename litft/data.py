@@ -20,13 +20,18 @@ from torch import Tensor
 from litft.errors import UserError
 from litft.prompts import PromptStyle
 
+NAMED = ("alpaca", "dolly", "viggo", "gsm8k", "sql", "games")  # prepared on first use (litft/named_data.py)
+
 
 def data_dir(data: str | Path) -> Path:
-    """`alpaca` -> data/alpaca; a path is taken as given."""
+    """`alpaca` -> data/alpaca; a path is taken as given. A bare name that is also a folder here means that folder
+    when it holds prepared data, or when it is not a named set and data/<name> does not exist: an unrelated
+    ./alpaca must not be read as the data, nor have a first use's preparation written into it."""
     path = Path(data)
-    if path.is_dir() or len(path.parts) > 1:
+    if len(path.parts) != 1 or (path / "train.pt").is_file():
         return path
-    return Path("data") / path
+    named = Path("data") / path
+    return path if path.is_dir() and str(data) not in NAMED and not named.is_dir() else named
 
 
 def load_split(data: str | Path, split: str) -> list[dict]:

@@ -14,12 +14,11 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from litft.data import data_dir
+from litft.data import NAMED, data_dir
 from litft.errors import UserError
 from litft.prepare import DownloadError
 
 REPO = Path(__file__).resolve().parents[1]
-NAMED = ("alpaca", "dolly", "viggo", "gsm8k", "sql", "games")
 
 
 def ensure_data(data: str | Path, checkpoint_dir: Path) -> None:

@@ -235,6 +235,25 @@ def test_missing_data_names_the_script_to_run(tmp_path, monkeypatch):
         prompt_style_of(tmp_path / "empty")
 
 
+def test_a_bare_name_means_a_folder_here_only_when_that_holds_data_or_names_no_data_set(tmp_path, monkeypatch):
+    """`--data alpaca` beside an unrelated ./alpaca folder (a clone of the data's repository) means data/alpaca,
+    as the named sets' first-use preparation writes there; a folder here is read when it is prepared data, or
+    when it is not a named set's and data/<name> does not exist (then the error says it is not prepared data)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "alpaca").mkdir()
+    (tmp_path / "alpaca" / "README.md").write_text("a clone, not prepared data")
+    with pytest.raises(UserError, match=r"data/alpaca does not exist .*python data_prep/alpaca.py"):
+        load_split("alpaca", "train")
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(UserError, match=r"--data mine: mine is not prepared data"):
+        load_split("mine", "train")
+    for prepared in (tmp_path / "data" / "mine", tmp_path / "alpaca"):
+        prepared.mkdir(parents=True, exist_ok=True)
+        torch.save([{"input_ids": torch.tensor([1]), "where": str(prepared)}], prepared / "train.pt")
+    assert load_split("mine", "train")[0]["where"] == str(tmp_path / "data" / "mine")
+    assert load_split("alpaca", "train")[0]["where"] == str(tmp_path / "alpaca")  # prepared here: read here
+
+
 def test_a_file_as_data_and_damaged_json_files_are_user_errors(tmp_path, sp_dir):
     prepare_here(tmp_path, sp_dir)
     data = tmp_path / "data"
