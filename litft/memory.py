@@ -9,6 +9,10 @@
     loss         the logits the loss holds at once: one chunk of positions (the fast, chunked loss) or the
                  whole micro batch's (B, T, vocab)
     process      what the process holds before the model exists: Python, torch (on a GPU: not counted)
+    step         AdamW's temporaries while it updates the weights: on a GPU, where it updates all tensors of
+                 a dtype together (foreach), one more copy of the trained parameters; on a CPU, one tensor at a
+                 time, two copies of the largest. The activations are freed by then, so the peak counts the
+                 larger of the two
 
 The activations are not derived by hand: the forward pass of the run's own model (its method, precision,
 quantization, loss and --packing) runs on fake tensors (torch's FakeTensorMode: shapes and dtypes only, no
@@ -56,13 +60,15 @@ class Plan:
     backward: float
     loss: float
     process: float
+    step: float = 0.0  # AdamW's temporaries, held when the activations, backward and loss are not
     samples: int = 1  # the micro batch this plan is for
     per_sample: tuple[float, float, float] = (0.0, 0.0, 0.0)  # what one more sample adds to activations, backward,
     # loss
 
     @property
     def total(self) -> float:
-        return sum(getattr(self, part) for part in PARTS)
+        held = self.weights + self.gradients + self.optimizer + self.process  # through the whole step
+        return held + max(self.activations + self.backward + self.loss, self.step)
 
     def with_micro_batch(self, samples: int) -> "Plan":
         """This plan for a micro batch of `samples`: only the activations, the backward pass and the loss grow."""
@@ -72,7 +78,8 @@ class Plan:
                        loss=self.loss + extra * self.per_sample[2], samples=samples)
 
     def describe(self, seq: int) -> str:
-        parts = ", ".join(f"{part} {getattr(self, part) / GB:.2f}" for part in PARTS)
+        parts = ", ".join(f"{part} {getattr(self, part) / GB:.2f}" for part in PARTS) + \
+            f", optimizer step {self.step / GB:.2f}"
         return f"estimated peak {self.total / GB:.2f} GB ({parts}; micro batch {self.samples} × {seq} tokens)"
 
 
@@ -98,14 +105,15 @@ def plan(config: Config, prepare: Callable[[Llama], None], seq: int, *, dtype: t
         block = (probe_with(2, False)["saved"] - probe_with(1, False)["saved"]) / config.n_layer
     else:  # the backward pass's gradients flowing through one block take about what the block saved
         block = per_sample / config.n_layer
-    logits = 3 * config.vocab_size * 4  # bytes per position: fp32 logits, their softmax, their gradient
-    if loss_chunk:  # one chunk of positions at a time, however large the micro batch
-        loss_bytes, loss_per_sample = min(loss_chunk, seq) * logits, 0
-    else:  # the whole micro batch's logits at once
-        loss_bytes = loss_per_sample = seq * logits
+    logits = config.vocab_size * 4  # bytes of one position's fp32 logits
+    if loss_chunk:  # one chunk of positions at a time, however large the micro batch: logits, softmax, gradient
+        loss_bytes, loss_per_sample = min(loss_chunk, seq) * 3 * logits, 0
+    else:  # the whole micro batch's: the log-softmax autograd saves is among the activations; two gradients more
+        loss_bytes = loss_per_sample = seq * 2 * logits
     return Plan(weights=one["weights"], gradients=one["trainable"], optimizer=2 * one["trainable"],
                 activations=one["saved"], backward=block, loss=loss_bytes,
                 process=0.0 if device.type == "cuda" else resident_bytes(),
+                step=one["trainable"] if device.type == "cuda" else 2 * one["largest"],
                 per_sample=(per_sample, block, loss_per_sample))
 
 
@@ -143,6 +151,7 @@ def probe(config: Config, prepare, seq: int, samples: int, dtype, autocast, quan
             loss_fn(model.train(), x, x, packed_pos=two_per_row(samples, seq) if packing else None)
         return {"weights": sum(p.numel() * p.element_size() for p in unique(model.parameters())) + workspace_bytes(model),
                 "trainable": sum(p.numel() * p.element_size() for p in unique(model.parameters()) if p.requires_grad),
+                "largest": max((p.numel() * p.element_size() for p in model.parameters() if p.requires_grad), default=0),
                 "saved": sum(saved.values())}
 
 
@@ -220,7 +229,8 @@ def plan_run(args: TrainArgs, method: Method, seq: int, world_size: int, device:
                loss=lambda model: fast.for_training(model, args.fast), device=device,
                loss_chunk=CHUNK_TOKENS if args.fast else None, packing=args.packing)
     shards = world_size if args.strategy == "fsdp" else 1  # FSDP holds 1/N of the weights and of their states
-    one = replace(one, weights=one.weights / shards, gradients=one.gradients / shards, optimizer=one.optimizer / shards)
+    one = replace(one, weights=one.weights / shards, gradients=one.gradients / shards, optimizer=one.optimizer / shards,
+                  step=one.step / shards)
     estimate = one.with_micro_batch
 
     if args.micro_batch_size == "auto":
