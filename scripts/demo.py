@@ -190,7 +190,7 @@ def write_report(model: Path, method: str, out_dir: Path, run_dir: Path, before:
              f"{base_bytes / 1e6:.1f} MB ({summary['weights_file_bytes'] / base_bytes:.1%}) |",
              f"| trainable parameters | {summary['trainable_parameters']:,} |",
              f"| training | {summary['steps']} steps, {summary['train_seconds']:.0f} s, "
-             f"{summary['tokens_per_s'] or 0:.0f} tokens/s |",  # 0: the run's last session trained no step
+             f"{rate(summary)} tokens/s |",
              f"| peak memory (training process) | {summary['peak_memory_gb']:.2f} GB |",
              f"| demo wall time | {seconds / 60:.1f} min |"]
     if merged:
@@ -205,6 +205,11 @@ def write_report(model: Path, method: str, out_dir: Path, run_dir: Path, before:
     return text
 
 
+def rate(summary: dict) -> str:
+    """tokens/s of a run's summary.json; null (–) when its last session trained no step (a resume of a finished run)."""
+    return "–" if summary["tokens_per_s"] is None else f"{summary['tokens_per_s']:.0f}"
+
+
 def compare(out_dir: Path) -> str:
     """One table over every method whose run and evaluation exist in out_dir."""
     rows = ["| method | exact match | trainable parameters | weights file | peak memory | train time | tokens/s |",
@@ -216,7 +221,7 @@ def compare(out_dir: Path) -> str:
         s, e = json.loads(summary.read_text()), json.loads(evaluation.read_text())
         rows.append(f"| {method} | {e['exact_match']:.1%} | {s['trainable_parameters']:,} | "
                     f"{s['weights_file_bytes'] / 1e6:.1f} MB | {s['peak_memory_gb']:.2f} GB | "
-                    f"{s['train_seconds']:.0f} s | {s['tokens_per_s']:.0f} |")
+                    f"{s['train_seconds']:.0f} s | {rate(s)} |")
     if len(rows) == 2:
         raise UserError(f"no finished demo runs in {out_dir}; run python scripts/demo.py --method lora first")
     base = ROOT / out_dir / "eval-base.json"

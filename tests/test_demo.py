@@ -35,6 +35,11 @@ def test_demo_pipeline_end_to_end(tiny_checkpoint, tmp_path):
     table = run_script("scripts/demo.py", "--method", "compare", "--out_dir", out, check=True).stdout
     assert table.splitlines()[2].startswith("| lora |") and "base (no training)" in table
 
+    summary = out / "lora" / "summary.json"  # as a resume that had no step left to train writes it
+    summary.write_text(json.dumps({**json.loads(summary.read_text()), "tokens_per_s": None}))
+    table = run_script("scripts/demo.py", "--method", "compare", "--out_dir", out, check=True).stdout
+    assert table.splitlines()[2].startswith("| lora |") and table.splitlines()[2].endswith(" s | – |")
+
 
 def test_compare_without_runs_is_one_line(tmp_path):
     assert_user_error(run_script("scripts/demo.py", "--method", "compare", "--out_dir", tmp_path), "no finished demo runs")
