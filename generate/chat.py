@@ -75,7 +75,8 @@ def main(checkpoint_dir: Optional[Path] = None, lora_path: Optional[Path] = None
     """
     check_sampling(temperature, top_k, top_p)
     checkpoint_dir, weights_path, method = which_model(checkpoint_dir, lora_path, adapter_path)
-    if not 0 < max_new_tokens < (block_size := Config.from_checkpoint(checkpoint_dir).block_size):
+    block_size = Config.from_checkpoint(checkpoint_dir).block_size
+    if not 0 < max_new_tokens < block_size:
         raise UserError(f"--max_new_tokens must be between 1 and the model's block_size - 1 ({block_size - 1}), "
                         f"got {max_new_tokens}")
     run_dir = None if weights_path is None else run_dir_of(weights_path)

@@ -125,10 +125,20 @@ def fit_conversation(tokenizer: Tokenizer, style: PromptStyle | None, messages: 
             return system + turns, ids
         next_user = next((i for i, m in enumerate(turns) if i > 0 and m["role"] == "user"), None)
         if next_user is None:
-            raise UserError(f"the last message makes a prompt of {len(ids)} tokens, which with max_new_tokens "
-                            f"({reply_tokens}) exceeds the model's block_size ({block_size}); shorten the message "
-                            "or lower max_new_tokens")
+            raise UserError(too_long(tokenizer, style, system, len(ids), reply_tokens, block_size))
         turns = turns[next_user:]  # the oldest turn: its user message and everything up to the next one
+
+
+def too_long(tokenizer: Tokenizer, style: PromptStyle | None, system: list[dict], tokens: int, reply_tokens: int,
+             block_size: int) -> str:
+    """Why the last message alone does not fit, naming the system message's share when it has one."""
+    kept, shorten = "", "the message"
+    if system:
+        alone = len(encode_conversation(tokenizer, style, system + [{"role": "user", "content": ""}]))
+        kept, shorten = f" (the system message, kept in every prompt, takes {alone} of them)", \
+            "the message or the system message"
+    return (f"the last message makes a prompt of {tokens} tokens{kept}, which with max_new_tokens ({reply_tokens}) "
+            f"exceeds the model's block_size ({block_size}); shorten {shorten} or lower max_new_tokens")
 
 
 def llama2_exchanges(messages: list[dict[str, str]]) -> list[str]:

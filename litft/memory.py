@@ -151,7 +151,8 @@ def probe(config: Config, prepare, seq: int, samples: int, dtype, autocast, quan
             loss_fn(model.train(), x, x, packed_pos=two_per_row(samples, seq) if packing else None)
         return {"weights": sum(p.numel() * p.element_size() for p in unique(model.parameters())) + workspace_bytes(model),
                 "trainable": sum(p.numel() * p.element_size() for p in unique(model.parameters()) if p.requires_grad),
-                "largest": max((p.numel() * p.element_size() for p in model.parameters() if p.requires_grad), default=0),
+                "largest": max((p.numel() * p.element_size() for p in model.parameters() if p.requires_grad),
+                               default=0),
                 "saved": sum(saved.values())}
 
 

@@ -181,7 +181,10 @@ def test_fit_conversation_drops_the_oldest_turns_and_keeps_the_system_message(sm
         kept, ids = fit_conversation(tokenizer, style, messages, block_size=block_size, reply_tokens=10)
         assert kept == [SYSTEM, *messages[first:]]
         assert ids.tolist() == hf_chat(smollm2_dir, kept, tokenize=True)
-    with pytest.raises(UserError, match=rf"prompt of {length[5]} tokens.*block_size \({length[5] + 9}\)"):
+    alone = len(hf_chat(smollm2_dir, [SYSTEM, {"role": "user", "content": ""}], tokenize=True))  # its share
+    with pytest.raises(UserError, match=rf"prompt of {length[5]} tokens \(the system message, kept in every prompt, "
+                                        rf"takes {alone} of them\).*block_size \({length[5] + 9}\); shorten the message "
+                                        "or the system message"):
         fit_conversation(tokenizer, style, messages, block_size=length[5] + 9, reply_tokens=10)
     with pytest.raises(UserError, match="max_new_tokens must be between 1 and"):
         fit_conversation(tokenizer, style, messages, block_size=100, reply_tokens=100)
@@ -411,6 +414,9 @@ def test_user_errors_are_one_line(chat_checkpoint, tmp_path):
     assert_user_error(both, "--lora_path or --adapter_path, not both")
     too_long = run_main("generate/chat.py", "--checkpoint_dir", chat_checkpoint, "--max_new_tokens", 512)
     assert_user_error(too_long, "--max_new_tokens must be between 1 and the model's block_size - 1 (511)")
+    for value in ("0", "-3"):  # had been a traceback: the bound was read before it was set
+        none = run_main("generate/chat.py", "--checkpoint_dir", chat_checkpoint, "--max_new_tokens", value)
+        assert_user_error(none, f"--max_new_tokens must be between 1 and the model's block_size - 1 (511), got {value}")
 
 
 @pytest.mark.parametrize("style, kept", [("llama2-chat", True), ("alpaca", False)])
