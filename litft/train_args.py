@@ -22,6 +22,8 @@ from litft.nf4 import check_scheme
 PRECISIONS = ("bf16-mixed", "bf16-true", "16-mixed", "16-true", "32-true")
 AT_LEAST_ONE = ("max_steps", "batch_size", "micro_batch_size", "devices", "num_nodes", "eval_interval", "eval_iters",
                 "save_interval", "log_interval", "pad_to_multiple_of")
+# what a launcher (torchrun, SLURM, LSF, MPI) sets in each process it starts, where Fabric reads the nodes' ranks
+LAUNCHERS = ("WORLD_SIZE", "SLURM_NTASKS", "LSB_JOBID", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
 
 
 @dataclass
@@ -78,6 +80,9 @@ class TrainArgs:
                             "float32 past about 3e37 (e.g. 3e-4)")
         if self.min_lr > self.learning_rate:
             raise UserError(f"--min_lr {self.min_lr}: must not exceed --learning_rate {self.learning_rate}")
+        processes = self.devices * self.num_nodes
+        if not 0 <= self.seed <= 2**32 - processes:  # each process seeds itself with --seed + its rank (< 2³²)
+            raise UserError(f"--seed {self.seed}: must be between 0 and {2**32 - processes}")
         if self.max_seq_length is not None and self.max_seq_length < 2:
             raise UserError(f"--max_seq_length {self.max_seq_length}: must be at least 2 (a token and EOS)")
         check_scheme(self.quantize)
@@ -107,6 +112,9 @@ class TrainArgs:
         """Under a launcher (torchrun, srun with torchrun's variables, Fabric's own child processes) WORLD_SIZE
         processes run; --devices × --num_nodes must say the same, or they would wait for each other forever."""
         world, per_node = env.get("WORLD_SIZE"), env.get("LOCAL_WORLD_SIZE")
+        if self.num_nodes > 1 and not any(name in env for name in LAUNCHERS):  # node 0 would wait for the others
+            raise UserError(f"--num_nodes {self.num_nodes} needs a launcher on each node (torchrun, srun) or "
+                            "torchrun's variables set by hand; see howto/train.md section 5")
         if world is None or int(world) == self.devices * self.num_nodes:
             return
         hint = f"; pass --devices {per_node} --num_nodes {int(world) // int(per_node)}" if per_node else ""

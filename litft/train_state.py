@@ -67,9 +67,10 @@ def resumable(out_dir: Path, run_id: str | None = None) -> Path:
         old = [d for d in checkpoints_dir(out_dir).glob("step-*") if (d / ".metadata").exists()]
         whose = f" of run {run_id} (the run_id in run.yaml)" if run_id is not None else ""
         raise UserError(f"--resume: {old[-1]} is in torch's distributed checkpoint format, which is not loaded "
-                        "because reading it unpickles; start the run again without --resume" if old else
-                        f"--resume: no complete checkpoint{whose} in {checkpoints_dir(out_dir)}; run without --resume "
-                        "to start")
+                        "because reading it unpickles; start the run again with --overwrite true" if old else
+                        f"--resume: no complete checkpoint{whose} in {checkpoints_dir(out_dir)}; " +
+                        ("start the run again with --overwrite true (it stopped before its first checkpoint)"
+                         if (Path(out_dir) / "run.yaml").is_file() else "run without --resume to start"))
     return path
 
 
@@ -87,14 +88,18 @@ def save(fabric, model, optimizer, scheduler, state: State, out_dir: Path, run_i
     tensors, groups = _local_state(model, _raw(optimizer))
     save_file(tensors, tmp / f"state-rank{rank}.safetensors")
     (tmp / f"state-rank{rank}.json").write_text(json.dumps({"rng": _rng_state(), "param_groups": groups}))
+    _on_disk(tmp / f"state-rank{rank}.safetensors", tmp / f"state-rank{rank}.json")
     if rank == 0:
         meta = {"step": state.step, "position": state.position, "scheduler": scheduler.state_dict(),
                 "history": state.history, "metrics": state.metrics, "world_size": fabric.world_size, "run_id": run_id,
                 "grad_scaler": fabric.strategy.precision.state_dict(),  # {} but under 16-mixed
                 "sharded": any(isinstance(p, DTensor) for p in model.parameters())}
         (tmp / META).write_text(json.dumps(meta))
+        _on_disk(tmp / META)
     fabric.barrier()
     if rank == 0:
+        if final.exists() and _read_meta(final) is None:  # left damaged (a power loss): resumed from before it
+            shutil.rmtree(final)
         os.replace(tmp, final)
         for old in own_checkpoints(out_dir, run_id, up_to=final)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
@@ -103,16 +108,28 @@ def save(fabric, model, optimizer, scheduler, state: State, out_dir: Path, run_i
 
 
 def own_checkpoints(out_dir: Path, run_id: str, up_to: Path | None = None) -> list[Path]:
-    """Complete checkpoints (up to `up_to`, when given) that run `run_id` wrote, oldest first."""
-    mine = []
-    for d in sorted(checkpoints_dir(out_dir).glob("step-*")):
-        if not d.name.endswith(".tmp") and (up_to is None or d.name <= up_to.name) and (d / META).is_file():
-            try:
-                if json.loads((d / META).read_text()).get("run_id") == run_id:
-                    mine.append(d)
-            except (OSError, ValueError):
-                pass  # unreadable: not known to be ours, so kept
-    return mine
+    """Complete checkpoints (up to `up_to`, when given) that run `run_id` wrote, oldest first. One whose meta.json
+    is unreadable is not known to be ours, so it is kept, and never resumed from."""
+    return [d for d in sorted(checkpoints_dir(out_dir).glob("step-*"))
+            if not d.name.endswith(".tmp") and (up_to is None or d.name <= up_to.name)
+            and (_read_meta(d) or {}).get("run_id") == run_id]
+
+
+def _read_meta(checkpoint: Path) -> dict | None:
+    """A checkpoint's meta.json, or None when it is missing or unreadable."""
+    try:
+        meta = json.loads((checkpoint / META).read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def _on_disk(*paths: Path) -> None:
+    """Flush written files to the disk before the checkpoint's folder is renamed complete: after a power loss the
+    rename may otherwise survive and the files not."""
+    for path in paths:
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
 
 
 def check_continues(path: Path, max_steps: int, sharded: bool) -> None:

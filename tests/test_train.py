@@ -230,6 +230,27 @@ class RunsCode:
         return (os.system, (f"touch {self.marker}",))
 
 
+def test_a_resume_past_a_damaged_checkpoint_replaces_it_and_a_run_without_one_is_told_to_start_again(tiny, tmp_path):
+    """A power loss can leave a checkpoint renamed complete with its meta.json empty: --resume goes back to the one
+    before it and, at that step, replaces it with its own (the rename had failed with a traceback), ending where
+    an uninterrupted run ends. A run stopped before its first checkpoint cannot be resumed, and a fresh start
+    into its directory is refused ("holds an earlier run"): --resume now points to --overwrite, not back."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    finetune(tiny, straight)
+    shutil.copytree(straight, resumed)
+    (resumed / "checkpoints" / "step-000006" / "meta.json").write_text("")
+    (resumed / "lit_model_lora.pth").unlink()
+    proc = finetune(tiny, resumed, "--resume", "true")
+    assert "resumed from step 3" in proc.stderr
+    assert json.loads((resumed / "checkpoints" / "step-000006" / "meta.json").read_text())["step"] == 6
+    assert_same(weights(straight / "lit_model_lora.pth"), weights(resumed / "lit_model_lora.pth"))
+
+    for name in ("checkpoints", "lit_model_lora.pth", "summary.json"):  # what a run killed at its first step left
+        shutil.rmtree(resumed / name) if name == "checkpoints" else (resumed / name).unlink()
+    assert_user_error(refused(tiny, resumed, "--resume", "true"), "no complete checkpoint",
+                      "start the run again with --overwrite true")
+
+
 def test_resume_never_unpickles_what_the_run_directory_holds(tiny, tmp_path):
     """Whatever a checkpoint directory holds, --resume reads only safetensors and JSON: planted pickles (the
     `.metadata` torch's distributed checkpoint reads with pickle, a tensor file) never run."""
@@ -313,7 +334,9 @@ def test_compile_on_a_cpu_without_a_cpp_compiler_is_one_line(tiny, tmp_path, mon
 
 @pytest.mark.parametrize("args, fragments", [
     (["--batch_size", "5"], ["--batch_size 5", "--micro_batch_size 2"]),
-    (["--resume", "true"], ["--resume", "no complete checkpoint"]),
+    (["--resume", "true"], ["--resume", "no complete checkpoint", "run without --resume to start"]),
+    (["--seed=-1"], ["--seed -1: must be between 0 and 4294967295"]),  # had been numpy's traceback
+    (["--seed", str(2**32 - 1), "--devices", "2"], [f"--seed {2**32 - 1}: must be between 0 and {2**32 - 2}"]),
     (["--lora_targets", "q,banana"], ["unknown LoRA target", "banana"]),
     (["--micro_batch_size", "x"], ["--micro_batch_size: expected an integer or one of 'auto', got 'x'"]),
 ])
