@@ -61,6 +61,8 @@ class Plan:
     loss: float
     process: float
     step: float = 0.0  # AdamW's temporaries, held when the activations, backward and loss are not
+    gathered: float = 0.0  # the weights FSDP holds whole on each process: the root's and two blocks' (`sharded`)
+    workspace: float = 0.0  # a 4-bit model's (among the weights): each process holds its own
     samples: int = 1  # the micro batch this plan is for
     per_sample: tuple[float, float, float] = (0.0, 0.0, 0.0)  # what one more sample adds to activations, backward,
     # loss
@@ -76,6 +78,17 @@ class Plan:
         return replace(self, activations=self.activations + extra * self.per_sample[0],
                        backward=self.backward + extra * self.per_sample[1],
                        loss=self.loss + extra * self.per_sample[2], samples=samples)
+
+    def sharded(self, shards: int) -> "Plan":
+        """This plan for one of `shards` FSDP processes (litft/train_setup.py shard_blocks): 1/N of every weight,
+        gradient, AdamW moment and step temporary, plus the weights it gathers whole: the root's (embedding, final
+        norm, lm_head), which stay gathered from the forward pass to the end of the backward one, and two blocks'
+        at a time (the one computing, the next gathered ahead)."""
+        if shards == 1:
+            return self
+        weights = (self.weights - self.workspace) / shards + self.gathered + self.workspace
+        return replace(self, weights=weights, gradients=self.gradients / shards, optimizer=self.optimizer / shards,
+                       step=self.step / shards)
 
     def describe(self, seq: int) -> str:
         parts = ", ".join(f"{part} {getattr(self, part) / GB:.2f}" for part in PARTS) + \
@@ -114,6 +127,7 @@ def plan(config: Config, prepare: Callable[[Llama], None], seq: int, *, dtype: t
                 activations=one["saved"], backward=block, loss=loss_bytes,
                 process=0.0 if device.type == "cuda" else resident_bytes(),
                 step=one["trainable"] if device.type == "cuda" else 2 * one["largest"],
+                gathered=one["root"] + 2 * one["block"], workspace=one["workspace"],
                 per_sample=(per_sample, block, loss_per_sample))
 
 
@@ -149,7 +163,11 @@ def probe(config: Config, prepare, seq: int, samples: int, dtype, autocast, quan
         with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), \
                 torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
             loss_fn(model.train(), x, x, packed_pos=two_per_row(samples, seq) if packing else None)
-        return {"weights": sum(p.numel() * p.element_size() for p in unique(model.parameters())) + workspace_bytes(model),
+        size = lambda params: sum(p.numel() * p.element_size() for p in unique(params))  # noqa: E731
+        in_blocks = {p.untyped_storage()._cdata for p in model.blocks.parameters()}
+        return {"weights": size(model.parameters()) + workspace_bytes(model), "workspace": workspace_bytes(model),
+                "root": size(p for p in model.parameters() if p.untyped_storage()._cdata not in in_blocks),
+                "block": size(model.blocks[0].parameters()),
                 "trainable": sum(p.numel() * p.element_size() for p in unique(model.parameters()) if p.requires_grad),
                 "largest": max((p.numel() * p.element_size() for p in model.parameters() if p.requires_grad),
                                default=0),
@@ -229,10 +247,7 @@ def plan_run(args: TrainArgs, method: Method, seq: int, world_size: int, device:
                quantize=args.quantize, activation_checkpointing=args.activation_checkpointing,
                loss=lambda model: fast.for_training(model, args.fast), device=device,
                loss_chunk=CHUNK_TOKENS if args.fast else None, packing=args.packing)
-    shards = world_size if args.strategy == "fsdp" else 1  # FSDP holds 1/N of the weights and of their states
-    one = replace(one, weights=one.weights / shards, gradients=one.gradients / shards, optimizer=one.optimizer / shards,
-                  step=one.step / shards)
-    estimate = one.with_micro_batch
+    estimate = one.sharded(world_size if args.strategy == "fsdp" else 1).with_micro_batch
 
     if args.micro_batch_size == "auto":
         fitting = [m for m in range(per_step, 0, -1) if per_step % m == 0 and local * estimate(m).total <= MARGIN * free]

@@ -121,3 +121,66 @@ def test_a_killed_process_ends_the_others_in_one_line_and_the_run_resumes(tiny, 
     resumed = finetune(tiny, out, *flags, "--resume", "true", "--max_steps", str(step + 2))
     assert f"resumed from step {step}" in resumed.stderr
     assert json.loads((out / "summary.json").read_text())["steps"] == step + 2
+
+
+GATHERED = """
+import json, sys
+from dataclasses import replace
+import torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor
+from litft.config import Config
+from litft.model import Llama
+from litft.train_setup import shard_blocks
+
+dist.init_process_group("gloo")
+model = Llama(Config(**json.loads(sys.argv[1]))).requires_grad_(True)
+shard_blocks(model, init_device_mesh("cpu", (2,), mesh_dim_names=("data_parallel",)))
+shards = sum(p.to_local().numel() * p.element_size() for p in model.parameters())
+whole = [0]
+
+def count(*_):  # the parameters FSDP has swapped in whole (gathered) at this moment
+    held = sum(p.numel() * p.element_size() for p in model.parameters() if not isinstance(p, DTensor))
+    whole[0] = max(whole[0], held)
+
+for module in model.modules():
+    module.register_forward_pre_hook(count), module.register_forward_hook(count)
+    if module is not model:
+        module.register_full_backward_pre_hook(count), module.register_full_backward_hook(count)
+model(torch.randint(0, 64, (2, 16))).float().mean().backward()
+if dist.get_rank() == 0:
+    print(json.dumps({"shards": shards, "whole": whole[0]}))
+dist.destroy_process_group()
+"""
+
+
+def test_the_fsdp_plan_counts_the_weights_each_process_gathers(tmp_path):
+    """Truth: FSDP2's own parameters in 2 processes (gloo) through a forward and backward pass: each holds half of
+    every weight as its shard and, at most, the root's weights (embedding, norm, lm_head: gathered from the forward
+    pass to the end of the backward one) and one block's gathered whole. The plan adds one more block, the one
+    FSDP gathers ahead of its use, which lives in FSDP's buffers and not in the parameters. The plan had divided
+    every weight by the processes."""
+    from dataclasses import replace
+
+    from litft import memory
+    from litft.config import Config
+    from litft.fast import for_training
+    from litft.model import Block
+
+    config = replace(Config.from_name("tiny-gqa"), n_layer=4, vocab_size=4096, n_embd=128, intermediate_size=512,
+                     tie_embeddings=False)
+    fields = {k: getattr(config, k) for k in ("name", "vocab_size", "n_layer", "n_embd", "n_head", "n_query_groups",
+                                              "intermediate_size", "block_size", "tie_embeddings")}
+    script = tmp_path / "gathered.py"
+    script.write_text(GATHERED)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(free_port()), str(script), json.dumps(fields)], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    held = json.loads(proc.stdout.strip().splitlines()[-1])
+    plan = memory.plan(config, lambda model: model.requires_grad_(True), 16, dtype=torch.float32, autocast=None,
+                       quantize=None, activation_checkpointing=False, loss=lambda model: for_training(model, True),
+                       device=torch.device("cuda"))
+    block = sum(p.numel() * p.element_size() for p in Block(config).parameters())  # the one gathered ahead
+    assert held["shards"] == plan.weights / 2
+    assert plan.sharded(2).weights == held["shards"] + held["whole"] + block
