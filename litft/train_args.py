@@ -100,6 +100,8 @@ class TrainArgs:
         on a GPU, fp32 on a CPU; micro batches padded to multiples of 16 in 16 bits, where on a CPU it saved memory
         (litft/data.py batch_length), and to their longest sample in fp32, where it would only add work."""
         self.precision = self.precision or ("bf16-mixed" if on_gpu else "32-true")
+        if self.precision == "16-mixed" and not on_gpu:  # Lightning would run bf16-mixed, recorded as 16-mixed
+            raise UserError("--precision 16-mixed: fp16 autocast needs a GPU; on a CPU use bf16-mixed or 32-true")
         if self.pad_to_multiple_of is None:
             self.pad_to_multiple_of = 1 if self.precision == "32-true" else 16
 

@@ -336,6 +336,7 @@ def test_compile_on_a_cpu_without_a_cpp_compiler_is_one_line(tiny, tmp_path, mon
     (["--batch_size", "5"], ["--batch_size 5", "--micro_batch_size 2"]),
     (["--resume", "true"], ["--resume", "no complete checkpoint", "run without --resume to start"]),
     (["--seed=-1"], ["--seed -1: must be between 0 and 4294967295"]),  # had been numpy's traceback
+    (["--precision", "16-mixed"], ["--precision 16-mixed: fp16 autocast needs a GPU"]),  # ran bf16, said 16
     (["--seed", str(2**32 - 1), "--devices", "2"], [f"--seed {2**32 - 1}: must be between 0 and {2**32 - 2}"]),
     (["--lora_targets", "q,banana"], ["unknown LoRA target", "banana"]),
     (["--micro_batch_size", "x"], ["--micro_batch_size: expected an integer or one of 'auto', got 'x'"]),
