@@ -1,6 +1,7 @@
 """What --precision means for the dtypes of a run's weights.
 
-    *-true    (bf16-true, 16-true, 32-true)  every weight in that dtype, trained ones too
+    *-true    (bf16-true, 32-true)           every weight in that dtype, trained ones too (training refuses
+                                             16-true: AdamW's eps is 0 in fp16, see below)
     *-mixed   (bf16-mixed, 16-mixed)         the frozen base as the checkpoint stores it, the weights a run trains
                                              (and so AdamW's moments) in fp32; autocast computes in 16 bits
 

@@ -19,7 +19,7 @@ from litft.errors import UserError
 from litft.model import Llama
 from litft.nf4 import check_scheme
 
-PRECISIONS = ("bf16-mixed", "bf16-true", "16-mixed", "16-true", "32-true")
+PRECISIONS = ("bf16-mixed", "bf16-true", "16-mixed", "32-true")  # 16-true: refused in `validate`, with why
 AT_LEAST_ONE = ("max_steps", "batch_size", "micro_batch_size", "devices", "num_nodes", "eval_interval", "eval_iters",
                 "save_interval", "log_interval", "pad_to_multiple_of")
 # what a launcher (torchrun, SLURM, LSF, MPI) sets in each process it starts, where Fabric reads the nodes' ranks
@@ -86,6 +86,10 @@ class TrainArgs:
         if self.max_seq_length is not None and self.max_seq_length < 2:
             raise UserError(f"--max_seq_length {self.max_seq_length}: must be at least 2 (a token and EOS)")
         check_scheme(self.quantize)
+        if self.precision == "16-true":
+            raise UserError("--precision 16-true: AdamW's eps (1e-8) is 0 in float16, so a weight whose gradient is 0 "
+                            "(LoRA's A at the first step, an unused token's embedding row) becomes NaN; train in "
+                            "bf16-true, bf16-mixed, 32-true or, on a GPU, 16-mixed")
         if self.precision is not None and self.precision not in PRECISIONS:
             raise UserError(f"--precision {self.precision}: choose one of {', '.join(PRECISIONS)}")
         if torch.cuda.is_available() and self.devices > torch.cuda.device_count():
