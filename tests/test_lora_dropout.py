@@ -118,3 +118,23 @@ def test_fused_layers_share_one_dropout_per_input_tensor():
     assert mlp.gate_proj.dropout is mlp.up_proj.dropout and mlp.up_proj.dropout.readers == 2
     assert attn.o_proj.dropout.readers == mlp.down_proj.dropout.readers == 1
     assert attn.o_proj.dropout is not attn.q_proj.dropout and attn.q_proj.dropout.p == 0.1
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["lora", "qlora"])
+def test_a_model_in_eval_mode_keeps_its_dropout_off_when_fused(quantized):
+    """nn.Module's contract: a module made for a model in eval mode must not train. A QLoRA layer's new shared
+    dropout had started in training mode under an eval-mode layer, so its outputs were random."""
+    from litft.config import Config
+    from litft.fast.fused_lora import fuse_lora
+    from litft.lora import LINEAR, LoRAConfig, add_lora
+    from litft.model import Llama
+    from litft.qlora import quantize
+
+    torch.manual_seed(0)
+    model = add_lora(Llama(Config.from_name("tiny-gqa")), LoRAConfig(targets=list(LINEAR), dropout=0.5))
+    if quantized:
+        quantize(model, "nf4")
+    fuse_lora(model.eval())
+    assert not any(m.training for m in model.modules())
+    x = torch.randint(0, 256, (1, 8))
+    assert torch.equal(model(x), model(x))

@@ -69,4 +69,5 @@ def fuse_lora(model: Llama) -> Llama:
 
 def shared_dropout(dropout: nn.Module, readers: int) -> nn.Module:
     """The same probability as `dropout` (nn.Dropout or, for p = 0, nn.Identity), as a SharedDropout."""
-    return SharedDropout(dropout.p, readers) if isinstance(dropout, nn.Dropout) else nn.Identity()
+    shared = SharedDropout(dropout.p, readers) if isinstance(dropout, nn.Dropout) else nn.Identity()
+    return shared.train(dropout.training)  # in the mode of the model it joins
