@@ -15,7 +15,7 @@ from litft.errors import UserError
 from litft.preview import preview
 
 
-def main(data: Path, n: int = 3, split: Literal["train", "test"] = "train", max_seq_length: Optional[int] = None,
+def main(data: str, n: int = 3, split: Literal["train", "test"] = "train", max_seq_length: Optional[int] = None,
          checkpoint_dir: Optional[Path] = None) -> None:
     """Render the first --n samples of a prepared --data directory and warn about what would train badly.
 

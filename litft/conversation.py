@@ -135,8 +135,8 @@ def too_long(tokenizer: Tokenizer, style: PromptStyle | None, system: list[dict]
     kept, shorten = "", "the message"
     if system:
         alone = len(encode_conversation(tokenizer, style, system + [{"role": "user", "content": ""}]))
-        kept, shorten = f" (the system message, kept in every prompt, takes {alone} of them)", \
-            "the message or the system message"
+        kept, shorten = f" (the system message, kept in every prompt, takes {alone} of them with the turn's " \
+            "framing)", "the message or the system message"
     return (f"the last message makes a prompt of {tokens} tokens{kept}, which with max_new_tokens ({reply_tokens}) "
             f"exceeds the model's block_size ({block_size}); shorten {shorten} or lower max_new_tokens")
 

@@ -11,6 +11,7 @@ never contributes to the loss and no label written during preparation is ever ov
 from __future__ import annotations
 
 import json
+import os
 import pickle
 from pathlib import Path
 
@@ -24,11 +25,13 @@ NAMED = ("alpaca", "dolly", "viggo", "gsm8k", "sql", "games")  # prepared on fir
 
 
 def data_dir(data: str | Path) -> Path:
-    """`alpaca` -> data/alpaca; a path is taken as given. A bare name that is also a folder here means that folder
-    when it holds prepared data, or when it is not a named set and data/<name> does not exist: an unrelated
-    ./alpaca must not be read as the data, nor have a first use's preparation written into it."""
+    """`alpaca` -> data/alpaca; a path (`./alpaca`, `out/data`) is taken as given. A bare name that is also a
+    folder here means that folder when it holds prepared data, or when it is not a named set and data/<name> does
+    not exist: an unrelated ./alpaca must not be read as the data, nor have a first use's preparation written
+    into it."""
     path = Path(data)
-    if len(path.parts) != 1 or (path / "train.pt").is_file():
+    bare = len(path.parts) == 1 and path.name not in ("", "..") and not any(s in str(data) for s in ("/", os.sep))
+    if not bare or (path / "train.pt").is_file():
         return path
     named = Path("data") / path
     return path if path.is_dir() and str(data) not in NAMED and not named.is_dir() else named

@@ -104,8 +104,8 @@ def preparing_tokenizer(directory: Path, meta: dict, checkpoint_dir: Path | None
         raise UserError(f"{directory} was prepared with the tokenizer of {recorded}, which is not found from "
                         f"{Path.cwd()}; pass --checkpoint_dir (the model it was prepared with)")
     source = Path(checkpoint_dir or recorded or directory)
-    fingerprint = meta.get("tokenizer")
-    if checkpoint_dir is not None and fingerprint and tokenizer_fingerprint(source) != fingerprint:
+    fingerprint = meta.get("tokenizer")  # a relative path from here may also lead to another model
+    if fingerprint and tokenizer_fingerprint(source) != fingerprint:
         raise UserError(f"{directory} was prepared with another tokenizer than {source}'s; pass the "
                         f"--checkpoint_dir it was prepared with ({recorded})")
     return Tokenizer(source)

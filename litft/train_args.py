@@ -22,8 +22,9 @@ from litft.nf4 import check_scheme
 PRECISIONS = ("bf16-mixed", "bf16-true", "16-mixed", "32-true")  # 16-true: refused in `validate`, with why
 AT_LEAST_ONE = ("max_steps", "batch_size", "micro_batch_size", "devices", "num_nodes", "eval_interval", "eval_iters",
                 "save_interval", "log_interval", "pad_to_multiple_of")
-# what a launcher (torchrun, SLURM, LSF, MPI) sets in each process it starts, where Fabric reads the nodes' ranks
-LAUNCHERS = ("WORLD_SIZE", "SLURM_NTASKS", "LSB_JOBID", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+# what a launcher (torchrun, SLURM, LSF, MPI) sets in each process it starts, or a user in each node's one command
+# that Fabric then starts its processes from (NODE_RANK, with MASTER_ADDR and MASTER_PORT): the nodes' ranks
+LAUNCHERS = ("WORLD_SIZE", "NODE_RANK", "SLURM_NTASKS", "LSB_JOBID", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
 
 
 @dataclass
@@ -120,7 +121,7 @@ class TrainArgs:
         world, per_node = env.get("WORLD_SIZE"), env.get("LOCAL_WORLD_SIZE")
         if self.num_nodes > 1 and not any(name in env for name in LAUNCHERS):  # node 0 would wait for the others
             raise UserError(f"--num_nodes {self.num_nodes} needs a launcher on each node (torchrun, srun) or "
-                            "torchrun's variables set by hand; see howto/train.md section 5")
+                            "NODE_RANK, MASTER_ADDR and MASTER_PORT set by hand; see howto/train.md section 5")
         if world is None or int(world) == self.devices * self.num_nodes:
             return
         hint = f"; pass --devices {per_node} --num_nodes {int(world) // int(per_node)}" if per_node else ""

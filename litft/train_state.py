@@ -69,7 +69,7 @@ def resumable(out_dir: Path, run_id: str | None = None) -> Path:
         raise UserError(f"--resume: {old[-1]} is in torch's distributed checkpoint format, which is not loaded "
                         "because reading it unpickles; start the run again with --overwrite true" if old else
                         f"--resume: no complete checkpoint{whose} in {checkpoints_dir(out_dir)}; " +
-                        ("start the run again with --overwrite true (it stopped before its first checkpoint)"
+                        ("start the run again with --overwrite true"
                          if (Path(out_dir) / "run.yaml").is_file() else "run without --resume to start"))
     return path
 

@@ -183,7 +183,7 @@ def test_fit_conversation_drops_the_oldest_turns_and_keeps_the_system_message(sm
         assert ids.tolist() == hf_chat(smollm2_dir, kept, tokenize=True)
     alone = len(hf_chat(smollm2_dir, [SYSTEM, {"role": "user", "content": ""}], tokenize=True))  # its share
     with pytest.raises(UserError, match=rf"prompt of {length[5]} tokens \(the system message, kept in every prompt, "
-                                        rf"takes {alone} of them\).*block_size \({length[5] + 9}\); shorten the message "
+                                        rf"takes {alone} of them with the turn's framing\).*block_size \({length[5] + 9}\); shorten the message "
                                         "or the system message"):
         fit_conversation(tokenizer, style, messages, block_size=length[5] + 9, reply_tokens=10)
     with pytest.raises(UserError, match="max_new_tokens must be between 1 and"):

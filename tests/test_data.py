@@ -251,6 +251,9 @@ def test_a_bare_name_means_a_folder_here_only_when_that_holds_data_or_names_no_d
         prepared.mkdir(parents=True, exist_ok=True)
         torch.save([{"input_ids": torch.tensor([1]), "where": str(prepared)}], prepared / "train.pt")
     assert load_split("mine", "train")[0]["where"] == str(tmp_path / "data" / "mine")
+    for path in ("./mine", "mine/"):  # written as a path: that folder, prepared or not
+        with pytest.raises(UserError, match=rf"--data {path}: mine is not prepared data"):
+            load_split(path, "train")
     assert load_split("alpaca", "train")[0]["where"] == str(tmp_path / "alpaca")  # prepared here: read here
 
 

@@ -390,6 +390,7 @@ def test_a_world_size_other_than_the_launchers_is_one_line(tiny, tmp_path):
     with pytest.raises(UserError, match=r"--num_nodes 2 needs a launcher on each node \(torchrun, srun\)"):
         TrainArgs(num_nodes=2).check_launcher({})  # had waited for node 1 until the 30-minute rendezvous timeout
     TrainArgs(devices=8, num_nodes=2).check_launcher({"SLURM_NTASKS": "16"})  # srun: Fabric reads SLURM's variables
+    TrainArgs(devices=8, num_nodes=2).check_launcher({"NODE_RANK": "1", "MASTER_ADDR": "node0", "MASTER_PORT": "29500"})
     env = {"WORLD_SIZE": "3", "LOCAL_WORLD_SIZE": "3", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": "29599"}
     proc = run_script("finetune/lora.py", "--checkpoint_dir", tiny["ckpt"], "--data", tiny["data"], "--out_dir",
