@@ -52,6 +52,7 @@ from litft.config import Config
 from litft.errors import UserError
 from litft.files import (
     TOKENIZER_FILES,
+    WRITTEN_BY,
     atomic_path,
     check_not_hf_model,
     check_output_dir,
@@ -256,15 +257,19 @@ def convert_weights(reader, config: Config, dtype: torch.dtype = torch.float32,
 
 
 def convert_gguf(gguf_path: Path, output_dir: Path, dtype: torch.dtype = torch.float32,
-                 name: str | None = None) -> str:
+                 name: str | None = None, overwrite: bool = False) -> str:
     """GGUF file -> lit checkpoint directory (lit_model.pth, model_config.yaml, tokenizer files). Returns a summary.
 
     `name` is the model's name in model_config.yaml (default: the directory's). Everything is read and checked
-    before anything is written. Into a directory that held another checkpoint, that model's tokenizer files and
-    prompt_style.yaml are removed: they would be read in place of this one's.
+    before anything is written. A directory that holds a checkpoint is replaced only with `overwrite` (a mistyped
+    path must not replace a model); then that model's tokenizer files, prompt_style.yaml and an exporter's record
+    of having written it are removed too: they would be read in place of this one's.
     """
     output_dir = check_output_dir("--output_dir", Path(output_dir), "a checkpoint", gguf=Path(gguf_path).parent)
     check_not_hf_model("--output_dir", output_dir)
+    if (output_dir / WEIGHTS).is_file() and not overwrite:
+        raise UserError(f"--output_dir {output_dir} already holds a checkpoint ({WEIGHTS}); choose another "
+                        "directory, or pass --overwrite true to replace it")
     reader = open_gguf(gguf_path)
     meta = metadata(reader)
     config = config_from_gguf(meta, tensor_shapes(reader), name or output_dir.name, rope_freqs(reader))
@@ -274,7 +279,7 @@ def convert_gguf(gguf_path: Path, output_dir: Path, dtype: torch.dtype = torch.f
     state_dict = convert_weights(reader, config, dtype, permuted_qk=meta["general.architecture"] == "llama")
     # published together; an earlier model's other tokenizer files and prompt style go (the GGUF's chat template
     # is this model's style)
-    with staged_output(output_dir, TOKENIZER_FILES + (PROMPT_STYLE,)) as scratch:
+    with staged_output(output_dir, TOKENIZER_FILES + (PROMPT_STYLE, WRITTEN_BY)) as scratch:
         save_state_dict(state_dict, scratch / WEIGHTS)
         config.save(scratch)
         for file, contents in files.items():

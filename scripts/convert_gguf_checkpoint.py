@@ -20,16 +20,18 @@ import torch
 from litft.gguf import convert_gguf
 
 
-def main(gguf_path: Path, output_dir: Path, dtype: Literal["float32", "bfloat16", "float16"] = "float32") -> None:
+def main(gguf_path: Path, output_dir: Path, dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+         overwrite: bool = False) -> None:
     """Convert a GGUF file (llama or qwen2 architecture) into a lit checkpoint.
 
     Args:
         gguf_path: the .gguf file (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_*, Q*_K tensors).
         output_dir: the checkpoint directory to write (created if needed).
         dtype: dtype of the saved weights. float32 keeps the dequantized values exactly; bfloat16 halves the size.
+        overwrite: replace the checkpoint --output_dir already holds (without it, one is refused).
     """
     start = time.perf_counter()
-    summary = convert_gguf(gguf_path, output_dir, getattr(torch, dtype))
+    summary = convert_gguf(gguf_path, output_dir, getattr(torch, dtype), overwrite=overwrite)
     print(f"{summary} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
 
 

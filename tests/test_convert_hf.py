@@ -332,7 +332,7 @@ def test_a_killed_conversion_leaves_the_earlier_checkpoint_whole_and_the_next_on
 
     out = tmp_path / "ckpt"
     cmd = [sys.executable, str(ROOT / "scripts/convert_gguf_checkpoint.py"), "--gguf_path", str(smollm2_gguf),
-           "--output_dir", str(out)]
+           "--output_dir", str(out), "--overwrite", "true"]  # the second conversion replaces the first
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     subprocess.run(cmd, check=True, capture_output=True, env=env)
     earlier = (out / "lit_model.pth").read_bytes()

@@ -185,6 +185,15 @@ def test_converting_over_another_checkpoint_leaves_none_of_its_prompting(tmp_pat
     assert sorted(p.name for p in out.iterdir()) == ["lit_model.pth", "model_config.yaml", "tokenizer.json",
                                                      "tokenizer_config.json"]
 
+    # a checkpoint there now: a second conversion (a mistyped --output_dir) had replaced it unasked
+    (out / "litft_export.yaml").write_text("written_by: scripts/merge_lora.py\n")  # as a merge's output holds
+    before = (out / "lit_model.pth").read_bytes()
+    assert_user_error(run_main(SCRIPT, "--gguf_path", tmp_path / "tiny.gguf", "--output_dir", out),
+                      f"--output_dir {out} already holds a checkpoint (lit_model.pth)", "--overwrite true")
+    assert (out / "lit_model.pth").read_bytes() == before and (out / "litft_export.yaml").is_file()
+    run_script(SCRIPT, "--gguf_path", tmp_path / "tiny.gguf", "--output_dir", out, "--overwrite", "true", check=True)
+    assert not (out / "litft_export.yaml").exists()  # its record of the merge no longer says what the folder holds
+
 
 def llama_cpp_rope_freqs(theta: float, head_size: int, factor: float, low: float, high: float, L: int) -> np.ndarray:
     """llama.cpp's converter for Llama 3.1: each pair's divisor of θ_i (1 fast, `factor` slow, blended between)."""
