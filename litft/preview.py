@@ -106,8 +106,9 @@ def preparing_tokenizer(directory: Path, meta: dict, checkpoint_dir: Path | None
     source = Path(checkpoint_dir or recorded or directory)
     fingerprint = meta.get("tokenizer")  # a relative path from here may also lead to another model
     if fingerprint and tokenizer_fingerprint(source) != fingerprint:
-        raise UserError(f"{directory} was prepared with another tokenizer than {source}'s; pass the "
-                        f"--checkpoint_dir it was prepared with ({recorded})")
+        found = f"--checkpoint_dir {source}" if checkpoint_dir is not None else f"{source}, as found from {Path.cwd()},"
+        raise UserError(f"{directory} was prepared with another tokenizer than {found} holds; pass --checkpoint_dir "
+                        "(the model it was prepared with)")
     return Tokenizer(source)
 
 

@@ -91,6 +91,8 @@ class TrainArgs:
             raise UserError("--precision 16-true: AdamW's eps (1e-8) is 0 in float16, so a weight whose gradient is 0 "
                             "(LoRA's A at the first step, an unused token's embedding row) becomes NaN; train in "
                             "bf16-true, bf16-mixed, 32-true or, on a GPU, 16-mixed")
+        if self.precision == "16-mixed" and not torch.cuda.is_available():  # Lightning would run bf16, saying 16
+            raise UserError("--precision 16-mixed: fp16 autocast needs a GPU; on a CPU use bf16-mixed or 32-true")
         if self.precision is not None and self.precision not in PRECISIONS:
             raise UserError(f"--precision {self.precision}: choose one of {', '.join(PRECISIONS)}")
         if torch.cuda.is_available() and self.devices > torch.cuda.device_count():
@@ -105,8 +107,6 @@ class TrainArgs:
         on a GPU, fp32 on a CPU; micro batches padded to multiples of 16 in 16 bits, where on a CPU it saved memory
         (litft/data.py batch_length), and to their longest sample in fp32, where it would only add work."""
         self.precision = self.precision or ("bf16-mixed" if on_gpu else "32-true")
-        if self.precision == "16-mixed" and not on_gpu:  # Lightning would run bf16-mixed, recorded as 16-mixed
-            raise UserError("--precision 16-mixed: fp16 autocast needs a GPU; on a CPU use bf16-mixed or 32-true")
         if self.pad_to_multiple_of is None:
             self.pad_to_multiple_of = 1 if self.precision == "32-true" else 16
 

@@ -149,4 +149,9 @@ def test_a_set_prepared_with_a_relative_checkpoint_path_previews_from_elsewhere_
 
     other = run_script("data_prep/preview.py", "--data", work / "data", "--n", "1", "--checkpoint_dir",
                        chat_checkpoint, cwd=tmp_path)
-    assert other.returncode != 0 and "was prepared with another tokenizer than" in other.stderr
+    assert other.returncode != 0 and "was prepared with another tokenizer than --checkpoint_dir" in other.stderr
+    shutil.copytree(chat_checkpoint, tmp_path / "model")  # from here, the recorded "model" is another model
+    misled = run_script("data_prep/preview.py", "--data", work / "data", "--n", "1", cwd=tmp_path)
+    assert misled.stderr.strip().splitlines() == [
+        f"error: {work / 'data'} was prepared with another tokenizer than model, as found from {tmp_path}, holds; "
+        "pass --checkpoint_dir (the model it was prepared with)"]

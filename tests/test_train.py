@@ -336,7 +336,6 @@ def test_compile_on_a_cpu_without_a_cpp_compiler_is_one_line(tiny, tmp_path, mon
     (["--batch_size", "5"], ["--batch_size 5", "--micro_batch_size 2"]),
     (["--resume", "true"], ["--resume", "no complete checkpoint", "run without --resume to start"]),
     (["--seed=-1"], ["--seed -1: must be between 0 and 4294967295"]),  # had been numpy's traceback
-    (["--precision", "16-mixed"], ["--precision 16-mixed: fp16 autocast needs a GPU"]),  # ran bf16, said 16
     (["--precision", "16-true"], ["--precision 16-true: AdamW's eps (1e-8) is 0 in float16"]),  # NaN at step 1
     (["--seed", str(2**32 - 1), "--devices", "2"], [f"--seed {2**32 - 1}: must be between 0 and {2**32 - 2}"]),
     (["--lora_targets", "q,banana"], ["unknown LoRA target", "banana"]),
@@ -360,6 +359,21 @@ def test_a_run_gone_non_finite_names_a_finite_checkpoint(tiny, tmp_path):
         assert all(v.isfinite().all() for k, v in state.items() if k.startswith("param:")), checkpoint.name
     if named == "none":
         assert not (out / "lit_model_lora.pth").exists()
+
+
+def test_16_mixed_is_refused_only_without_a_gpu(tmp_path, monkeypatch):
+    """On a CPU Lightning runs --precision 16-mixed as bf16-mixed while hyperparameters.yaml says 16-mixed; refused
+    there, before anything is converted or prepared (validate), and accepted where a GPU is."""
+    from litft.errors import UserError
+    from litft.train_args import TrainArgs
+
+    args = TrainArgs(precision="16-mixed", out_dir=tmp_path / "run", micro_batch_size=4)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match="--precision 16-mixed: fp16 autocast needs a GPU"):
+        args.validate()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    args.validate()
 
 
 def test_weights_gone_non_finite_are_saved_as_neither_weights_file_nor_checkpoint(tmp_path):
