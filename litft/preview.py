@@ -28,6 +28,7 @@ from litft.data import cut
 from litft.errors import UserError
 from litft.loss import IGNORE_INDEX
 from litft.prompts import PromptStyle
+from litft.readers import has_tokenizer
 from litft.tokenizer import Tokenizer
 
 TRAINED = ("«", "»")
@@ -110,10 +111,6 @@ def preparing_tokenizer(directory: Path, meta: dict, checkpoint_dir: Path | None
         raise UserError(f"{directory} was prepared with another tokenizer than {found} holds; pass --checkpoint_dir "
                         "(the model it was prepared with)")
     return Tokenizer(source)
-
-
-def has_tokenizer(checkpoint_dir: Path) -> bool:
-    return any((checkpoint_dir / name).is_file() for name in ("tokenizer.json", "tokenizer.model"))
 
 
 def show(i: int, split: str, sample: dict, tokenizer: Tokenizer, max_seq_length: int | None) -> str:
