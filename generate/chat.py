@@ -27,7 +27,7 @@ import torch
 from litft.base_checkpoint import DEFAULT_CHECKPOINT, ensure_checkpoint, resolve_run
 from litft.cli import run
 from litft.config import Config
-from litft.conversation import fit_conversation
+from litft.conversation import fit_conversation, turn_stops
 from litft.errors import UserError
 from litft.fast import for_generation
 from litft.files import run_dir_of
@@ -162,7 +162,7 @@ def answer(chat: Chat, messages: list[dict]) -> list[dict]:
     # closed at once even when interrupted, so the KV cache is freed before the next reply allocates its own
     with closing(generate(chat.model, ids.to(chat.device), chat.max_new_tokens, stop_ids=stops,
                           **chat.sampling)) as tokens:
-        text, _ = stream(tokens, chat.tokenizer)
+        text, _ = stream(tokens, chat.tokenizer, turn_stops(chat.style))
     return kept + [{"role": "assistant", "content": text}]
 
 

@@ -19,9 +19,12 @@ so the tokens it writes next are its reply. Per prompt style (litft/prompts.py):
                    Each finished exchange is its own sequence, BOS ... EOS: `encode_conversation` encodes them one
                    by one with the tokenizer's BOS and EOS ids; the rendered text writes them as <s> and </s>.
     alpaca         a single-instruction style: it has no turns, so the instruction is the last user message and
-                   the earlier messages are its input, one "Role: content" line each
+                   the earlier messages are its input, one "Role: content" line each (content stripped: a reply
+                   the model wrote after "Assistant:" starts with a space, which the line already has)
     plain          (and no style at all): with earlier messages, a transcript of "Role: content" lines that ends
-                   "User: {last}\nAssistant:", so the model continues as the assistant, after the question
+                   "User: {last}\nAssistant:", so the model continues as the assistant, after the question. No
+                   token ends its turn, so a reply also ends where the model starts the user's next line
+                   ("\nUser:", `turn_stops`), as llama.cpp's reverse prompt ends one
     A single user message, in either, is exactly `style.apply(message)`.
 
 As with a single prompt, the text is encoded with `bos=style.add_bos`: a chat template writes its own BOS.
@@ -91,10 +94,16 @@ def render_conversation(style: PromptStyle | None, messages: list[dict]) -> str:
     if name == "llama2-chat":
         return "</s><s>".join(llama2_exchanges(messages))  # the first <s> is the tokenizer's, as for one prompt
     *earlier, last = messages
-    context = "\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in earlier)
+    context = "\n".join(f"{m['role'].capitalize()}: {m['content'].strip()}" for m in earlier)
     if name == "plain" and earlier:  # the question last: plain's own order (instruction, input) would end in history
-        return f"{context}\nUser: {last['content']}\nAssistant:"
+        return f"{context}\nUser: {last['content'].strip()}\nAssistant:"
     return (style or PromptStyle("plain")).apply(last["content"], context)
+
+
+def turn_stops(style: PromptStyle | None) -> list[str]:
+    """Text that ends the assistant's turn besides the stop tokens: plain's "\nUser:", where the model, having no
+    end-of-turn token, goes on to write the user's next line. The other styles end a turn with a token."""
+    return ["\nUser:"] if style is None or style.name == "plain" else []
 
 
 def encode_conversation(tokenizer: Tokenizer, style: PromptStyle | None, messages: list[dict]) -> Tensor:

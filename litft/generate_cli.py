@@ -15,7 +15,7 @@ import sys
 import time
 from functools import partial
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 
@@ -26,6 +26,7 @@ from litft.generate import check_fits, generate, stop_token_ids
 from litft.load_finetuned import tokenizer_dir
 from litft.memory import peak_memory_gb
 from litft.prompts import resolve_style
+from litft.stop_strings import StopStrings
 from litft.tokenizer import StreamDecoder, Tokenizer
 
 PRECISIONS = {"bf16-true": torch.bfloat16, "16-true": torch.float16, "32-true": torch.float32}
@@ -119,18 +120,19 @@ def check_sampling(temperature: float, top_k: Optional[int], top_p: float) -> No
         raise UserError(f"--top_p must be in [0, 1], got {top_p}")
 
 
-def stream(tokens: Iterator[int], tokenizer: Tokenizer) -> tuple[str, dict[str, float]]:
-    """Print the completion to stdout as the tokens arrive; return it with timings (seconds) for the report."""
-    decoder, pieces = StreamDecoder(tokenizer), []
+def stream(tokens: Iterator[int], tokenizer: Tokenizer, stops: Iterable[str] = ()) -> tuple[str, dict[str, float]]:
+    """Print the completion to stdout as the tokens arrive, up to the first of the stop strings `stops` (which
+    ends it, unprinted); return it with timings (seconds) for the report."""
+    decoder, text = StreamDecoder(tokenizer), StopStrings(stops)
     start, first = time.perf_counter(), None
     for token_id in tokens:
         first = first or time.perf_counter()
-        pieces.append(decoder.step(token_id))
-        print(pieces[-1], end="", flush=True)
-    pieces.append(decoder.flush())
-    print(pieces[-1], flush=True)  # anything held back, and a final newline
+        print(text.add(decoder.step(token_id)), end="", flush=True)
+        if text.stopped:
+            break
+    print(text.add(decoder.flush(), final=True), flush=True)  # anything held back, and a final newline
     end = time.perf_counter()
-    return "".join(pieces), {"tokens": len(decoder.ids), "start": start, "first": first or end, "end": end}
+    return text.text, {"tokens": len(decoder.ids), "start": start, "first": first or end, "end": end}
 
 
 def report(t: dict[str, float], device: torch.device) -> None:

@@ -34,10 +34,11 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from litft.batch_generate import Row
-from litft.conversation import encode_conversation
+from litft.conversation import encode_conversation, turn_stops
 from litft.engine import Engine, Stopping
 from litft.errors import UserError
 from litft.prompts import PromptStyle
+from litft.stop_strings import StopStrings
 from litft.tokenizer import StreamDecoder, Tokenizer
 
 
@@ -104,7 +105,7 @@ def create_app(engine: Engine, tokenizer: Tokenizer, models: dict[str, Served], 
         stream, usage = streaming(body)
         with as_api_error(param):
             events = engine.submit(row)
-        pieces = completion_text(events, row, tokenizer, stops)
+        pieces = completion_text(events, row, tokenizer, stops + (turn_stops(served.style) if chat else []))
         reply = Reply(served.name, chat, len(ids))
         if stream:  # the row leaves the batch after the stream, even one cancelled before its first chunk
             return StreamingResponse(reply.events(pieces, usage), media_type="text/event-stream",
@@ -267,36 +268,25 @@ def streaming(body: dict) -> tuple[bool, bool]:
     return stream, bool(options.get("include_usage", False))
 
 
-def first_stop(text: str, stops: list[str], start: int) -> int:
-    """Where the first of `stops` begins in text[start:] (as an index into text), or -1."""
-    found = [i for i in (text.find(s, start) for s in stops) if i >= 0]
-    return min(found, default=-1)
-
-
 async def completion_text(events, row: Row, tokenizer: Tokenizer,
                           stops: list[str]) -> AsyncIterator[tuple[str, str | None, int]]:
-    """The engine's tokens as text: yields (new text, finish reason or None, tokens so far).
-
-    The last len(longest stop string) - 1 characters are held back until more text shows they do not begin a
-    stop string; at a stop string the text ends before it, and the row is taken out of the batch."""
-    decoder, text, sent, finish = StreamDecoder(tokenizer), "", 0, None
-    hold = max(map(len, stops), default=1) - 1
+    """The engine's tokens as text: yields (new text, finish reason or None, tokens so far). Text that may begin
+    a stop string is held back (litft/stop_strings.py); at a stop string the text ends before it, and the row is
+    taken out of the batch."""
+    decoder, text, finish = StreamDecoder(tokenizer), StopStrings(stops), None
     try:
         while finish is None:
             event = await events.get()
             if isinstance(event, Exception):
                 raise event
             if isinstance(event, str):  # "stop" (a stop token), "length" (max_tokens) or "cancelled"
-                finish, text = {"stop": "stop", "length": "length"}.get(event, "cancelled"), text + decoder.flush()
+                finish, new = {"stop": "stop", "length": "length"}.get(event, "cancelled"), text.add(decoder.flush(),
+                                                                                                    final=True)
             else:
-                text += decoder.step(event)
-            at = first_stop(text, stops, max(0, sent - hold))
-            if at >= 0:
-                text, finish = text[:at], "stop"
-            end = len(text) if finish else max(sent, len(text) - hold)
-            if end > sent or finish:
-                yield text[sent:end], finish, len(decoder.ids)
-                sent = end
+                new = text.add(decoder.step(event))
+            finish = "stop" if text.stopped else finish
+            if new or finish:
+                yield new, finish, len(decoder.ids)
     finally:
         row.done = True  # finished, a stop string, or a client that went away: the row leaves the batch
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import pty
+import random
 import select
 import shutil
 import signal
@@ -45,6 +46,7 @@ from litft.load_finetuned import load_finetuned
 from litft.lora import LoRAConfig, add_lora, lora_state_dict
 from litft.model import Llama
 from litft.prompts import PromptStyle, resolve_style
+from litft.stop_strings import StopStrings
 from litft.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -130,7 +132,7 @@ def test_alpaca_takes_the_earlier_turns_as_input_and_plain_ends_with_the_questio
     """alpaca: the last message is the instruction, the earlier turns its input. plain has no turns and continues
     text, so the prompt must end with the question and the assistant's cue, never in the history."""
     messages = CONVERSATIONS[2]
-    context = ("System: You answer in one word.\nUser: Hi\nAssistant:  Hello! \nUser: Two\nlines\nAssistant: Yes.")
+    context = ("System: You answer in one word.\nUser: Hi\nAssistant: Hello!\nUser: Two\nlines\nAssistant: Yes.")
     assert render_conversation(PromptStyle("alpaca"), messages) == PromptStyle("alpaca").apply("Bye", context)
     assert render_conversation(PromptStyle("plain"), messages) == context + "\nUser: Bye\nAssistant:"
     assert render_conversation(None, messages) == render_conversation(PromptStyle("plain"), messages)
@@ -406,6 +408,74 @@ def test_end_of_input_ends_the_session(chat_checkpoint):
     finally:
         status = term.close()
     assert status == 0, term.output.decode()
+
+
+# A model that writes " Red.\nUser: Red.\nUser: ..." after any prompt ending in ":", as a base model in a plain
+# transcript goes on to write the user's next line. One layer whose attention and MLP add nothing, so the last
+# hidden state is the current token's embedding: the next token depends on the current one alone (a bigram model).
+PARROT = {":": " Red", " Red": ".", ".": "\n", "\n": "User", "User": ":"}
+
+
+@pytest.fixture(scope="module")
+def parrot_checkpoint(smollm2_dir, tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("parrot")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(smollm2_dir / name, directory / name)
+    tokenizer = Tokenizer(directory)
+    config = Config.from_name("tiny-gqa", n_layer=1, vocab_size=tokenizer.vocab_size, block_size=256,
+                              tie_embeddings=False)
+    torch.manual_seed(0)
+    model = Llama(config)
+    with torch.no_grad():
+        model.blocks[0].attn.o_proj.weight.zero_()
+        model.blocks[0].mlp.down_proj.weight.zero_()
+        model.lm_head.weight.zero_()
+        for this, after in PARROT.items():
+            [a], [b] = tokenizer.encode(this).tolist(), tokenizer.encode(after).tolist()
+            model.lm_head.weight[b] = 10 * model.embed.weight[a]
+    save_lit_checkpoint(model, directory)
+    return directory
+
+
+def test_a_plain_reply_ends_where_the_model_starts_the_users_next_line(parrot_checkpoint):
+    """In the plain style no token ends the assistant's turn: the reply is cut at "\nUser:" (llama.cpp's reverse
+    prompt), and the next prompt holds the cut reply. Truth: `generate`'s greedy text, cut where str.find finds
+    "\nUser:"."""
+    model = for_generation(partial(load_finetuned, parrot_checkpoint), "cpu", torch.float32)
+    tokenizer = Tokenizer(parrot_checkpoint)
+    first = [{"role": "user", "content": "Say:"}]
+    whole = greedy_reply(model, tokenizer, None, first, 12)
+    assert whole.count("\nUser:") > 1, whole  # without the cut the reply would go on as the user
+    reply = whole[:whole.find("\nUser:")]
+    second = first + [{"role": "assistant", "content": reply}, {"role": "user", "content": "Again:"}]
+    assert render_conversation(None, second) == f"User: Say:\nAssistant: {reply.strip()}\nUser: Again:\nAssistant:"
+    again = greedy_reply(model, tokenizer, None, second, 12)
+    again = again[:again.find("\nUser:")]
+    proc = subprocess.run([sys.executable, "generate/chat.py", "--checkpoint_dir", str(parrot_checkpoint),
+                           "--prompt_style", "plain", "--temperature", "0", "--max_new_tokens", "12"],
+                          input="Say:\nAgain:\n", capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == f"{reply}\n{again}\n", proc.stdout
+
+
+def test_stop_strings_cut_text_where_str_find_does_however_the_text_arrives():
+    """StopStrings against str.find on the whole text: random texts, stop strings and splits into pieces. What
+    it shows is the text up to the first stop string, and it holds back no more than a stop string's length - 1."""
+    rng = random.Random(0)
+    for _ in range(2000):
+        text = "".join(rng.choice(["a", "b", "\n", "User", ":", "Us"]) for _ in range(rng.randrange(12)))
+        stops = rng.sample(["\nUser:", "ab", "b\nU", ":a", "Us"], rng.randrange(3))
+        cuts = sorted(rng.choices(range(len(text) + 1), k=rng.randrange(5)))
+        pieces = [text[i:j] for i, j in zip([0, *cuts], [*cuts, len(text)])]
+        found = [i for i in (text.find(s) for s in stops) if i >= 0]
+        expected = text[:min(found)] if found else text
+        cut, shown, arrived = StopStrings(stops), "", ""
+        for piece in pieces:
+            shown, arrived = shown + cut.add(piece), arrived + piece
+            assert expected.startswith(shown) and (cut.stopped or len(shown) >= len(arrived) - cut.hold)
+        shown += cut.add("", final=True)
+        assert (shown, cut.text, cut.stopped) == (expected, expected, bool(found)), (text, stops, pieces)
 
 
 def test_user_errors_are_one_line(chat_checkpoint, tmp_path):

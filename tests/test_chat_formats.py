@@ -25,8 +25,8 @@ from litft.config import Config
 from litft.conversation import render_conversation
 from litft.errors import UserError
 from litft.generate import generate, stop_token_ids
-from litft.gguf import metadata, open_gguf, tokenizer_files
 from litft.generate_cli import generate_cli
+from litft.gguf import metadata, open_gguf, tokenizer_files
 from litft.load_finetuned import load_finetuned
 from litft.model import Llama
 from litft.prepare import answer_end_id, encode_example

@@ -198,10 +198,9 @@ SQL = [{"question": f"Who is user {n}?", "context": "CREATE TABLE users (name VA
 def answering_checkpoint(directory: Path, corpus: str, answer: str) -> Path:
     """A lit checkpoint whose greedy answer to every alpaca prompt is `answer` then EOS: a byte-level BPE trained on
     `corpus` (so each word of the answer is one token) and a chain model (tests/test_chat_formats.py)."""
+    from test_chat_formats import chain_model
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers, trainers
-
-    from test_chat_formats import chain_model
 
     hf = HFTokenizer(models.BPE())
     hf.pre_tokenizer, hf.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()

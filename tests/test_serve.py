@@ -22,6 +22,7 @@ import pytest
 import torch
 from conftest import ROOT, assert_user_error, run_main, run_script
 from test_batch_generate import LORAS, PROMPTS, base, runs  # noqa: F401 (fixtures)
+from test_chat import parrot_checkpoint, smollm2_dir  # noqa: F401 (fixtures)
 from test_merge_export import bases, make_run  # noqa: F401 (fixtures)
 
 from litft.adapter import AdapterConfig
@@ -414,6 +415,33 @@ def test_a_stream_whose_client_leaves_before_its_first_chunk_takes_its_row_out(b
     body = {"model": "base", "prompt": "one two three", "max_tokens": 40, "stream": True}
     final, tokens = request_then_leave(base, body, send)
     assert final == "cancelled" and tokens <= 1, (final, tokens)
+
+
+def test_a_plain_chat_answer_ends_where_the_model_starts_the_users_next_line(parrot_checkpoint):
+    """A base served without a chat format (plain) has no end-of-turn token: a chat answer ends at "\nUser:", as
+    generate/chat.py's does, streamed or not; a completion (text, not turns) goes on. The parrot model writes
+    " Red.\nUser: Red.\nUser: ..." (test_chat.py)."""
+    from fastapi.testclient import TestClient
+
+    model = load_finetuned(parrot_checkpoint)
+    engine = Engine(model, max_batch_size=2)
+    app = create_app(engine, Tokenizer(parrot_checkpoint), {"base": Served("base", None, None, frozenset())},
+                     model.config.block_size)
+    ask = {"model": "base", "temperature": 0, "max_tokens": 12}
+    engine.start()
+    try:
+        with TestClient(app) as client:
+            text = client.post("/v1/completions", json={**ask, "prompt": "Say:"}).json()["choices"][0]["text"]
+            chat = client.post("/v1/chat/completions", json={**ask, "messages": [{"role": "user", "content": "Say:"}]})
+            streamed = client.post("/v1/chat/completions", json={**ask, "stream": True,
+                                                                 "messages": [{"role": "user", "content": "Say:"}]})
+    finally:
+        engine.stop()
+    assert text.count("\nUser:") > 1, text
+    choice = chat.json()["choices"][0]
+    assert (choice["message"]["content"], choice["finish_reason"]) == (text[:text.find("\nUser:")], "stop")
+    chunks = [json.loads(line[6:]) for line in streamed.text.splitlines() if line.startswith("data: {")]
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == choice["message"]["content"]
 
 
 def test_a_stopping_server_answers_503_and_a_second_signal_stops_it_at_once(base):
