@@ -17,7 +17,10 @@ keys and values depend on weights only, so the KV cache needs nothing extra; the
 query attention the prompt's keys/values have n_query_groups heads, shared by query heads like K and V are.
 
 The gate g is one number per attention head (as in the authors' code and lit-llama), so each head decides
-how much of the prompt it lets in. The trainable parameters are
+how much of the prompt it lets in; it multiplies the prompt's attention as it is, as lit-llama's and peft's
+AdaptionPrompt do (the authors' code applies tanh(g): the same near zero, bounded by ±1; peft keeps one gate per
+layer). L here is the prompt length: the paper writes K for it, and L for the number of adapted layers.
+The trainable parameters are
 
     (n_layer − start_layer) × (L × C + n_head)
 
@@ -155,6 +158,9 @@ def check_not_other_method(state_dict: dict[str, Tensor], source: Path, v2: bool
     method = "LLaMA-Adapter v2" if v2 else "LLaMA-Adapter"
     if any("lora_" in n for n in state_dict):
         raise UserError(f"{source} holds LoRA weights, not {method} weights; serve it with generate/lora.py --lora_path")
+    if any(n.endswith(("adapter_wte.weight", "gating_factor")) for n in state_dict):
+        raise UserError(f"{source} is a LLaMA-Adapter file in lit-llama's or LitGPT's naming (adapter_wte, "
+                        "gating_factor); litft reads the files its own runs save (blocks.*.attn.prefix.*)")
     if not any(is_adapter_key(n) for n in state_dict):
         raise UserError(f"{source} holds no adaption prompt (blocks.*.attn.prefix.*), so it is not a {method} file; "
                         "a full fine-tune is served by generate/full.py")

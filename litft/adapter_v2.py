@@ -13,8 +13,8 @@ Trainable parameters, for the linear layers' output widths d_out and the norms' 
     prompts and gates (v1)  +  2 × Σ d_out (q, k, v, o, gate, up, down in every layer, and lm_head)
                             +  (2 × n_layer + 1) × C  (attn_norm and mlp_norm per layer, the final norm)
 
-Llama-2-7B, L = 10, start_layer = 2: 1,229,760 + 2 × (32 × 42,496 + 32,000) + 65 × 4,096 = 4,279,744, the
-"4.3 M" reported for V2 on 7B. The output head's bias and scale are 64,000 of them: a per-token shift and
+Llama-2-7B, L = 10, start_layer = 2: 1,229,760 + 2 × (32 × 42,496 + 32,000) + 65 × 4,096 = 4,279,744, about
+4.3 M. The output head's bias and scale are 64,000 of them: a per-token shift and
 stretch of the logits.
 
 The frozen W keeps its state-dict name (`q_proj.weight`, ...), so a base lit checkpoint loads into an adapted

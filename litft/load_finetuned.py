@@ -95,19 +95,28 @@ def lora_settings(lora_path: Path) -> LoRAConfig:
     method = detect_method(lora_path)
     if method != "lora" and method in RUN_FILES:
         raise UserError(f"{lora_path} is from an {method} run, not a LoRA run; this command takes a LoRA run "
-                        "(lit_model_lora.pth beside lora.yaml)")
+                        f"(lit_model_lora.pth beside lora.yaml); generate/{method}.py --adapter_path serves that one")
     return LoRAConfig.from_dir(Path(lora_path).parent)
 
 
+# What makes one base's weights meaningless on another, in model_config.yaml's names: shapes, and how heads are
+# shared. (A run's weights can fit another base's shapes: 2 or 4 key/value heads of the same width.)
+ARCHITECTURE = ("n_embd", "n_layer", "n_head", "n_query_groups", "intermediate_size", "vocab_size", "tie_embeddings",
+                "qkv_bias")
+
+
 def check_same_base(run_dir: Path, base: Config, source: Path) -> None:
-    """A run directory's model_config.yaml names the model it was trained on; refuse another base model."""
+    """A run directory's model_config.yaml names the model it was trained on; refuse a base of another
+    architecture. (block_size and RoPE may differ: a base's context can be set for use.)"""
     if not (Path(run_dir) / "model_config.yaml").is_file():
         return
     trained = Config.from_checkpoint(run_dir)
-    if (trained.n_layer, trained.n_embd, trained.vocab_size) != (base.n_layer, base.n_embd, base.vocab_size):
-        raise UserError(f"{source} was trained on {trained.name or 'a model'} (width {trained.n_embd}, "
-                        f"{trained.n_layer} layers), not {base.name or 'this model'} (width {base.n_embd}, "
-                        f"{base.n_layer} layers); pass the --checkpoint_dir it was trained on")
+    if differ := [k for k in ARCHITECTURE if getattr(trained, k) != getattr(base, k)]:
+        def fields(config: Config) -> str:
+            return ", ".join(f"{k} {getattr(config, k)}" for k in differ[:3])  # the first three that differ
+
+        raise UserError(f"{source} was trained on {trained.name or 'a model'} ({fields(trained)}), not "
+                        f"{base.name or 'this model'} ({fields(base)}); pass the --checkpoint_dir it was trained on")
 
 
 def load_adapter(checkpoint_dir: Path, weights_path: Path, load_base: Callable[..., Llama], v2: bool) -> Llama:
@@ -126,7 +135,7 @@ def load_adapter(checkpoint_dir: Path, weights_path: Path, load_base: Callable[.
 
 def load_lora_run(checkpoint_dir: Path, weights_path: Path, load_base: Callable[..., Llama]) -> Llama:
     """Base model + LoRA; r, alpha, targets (and new tokens) come from the run directory's lora.yaml."""
-    LoRAConfig.from_dir(weights_path.parent)  # fail before the base model is read
+    lora_settings(weights_path)  # fail before the base model is read
     check_same_base(weights_path.parent, Config.from_checkpoint(checkpoint_dir), weights_path)
     return load_lora(load_base(checkpoint_dir), weights_path)
 

@@ -215,6 +215,44 @@ def test_adapter_v2_logits_equal_transformers_llama_with_the_scale_and_bias_fold
         torch.testing.assert_close(ours(idx), expected, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("n_head,n_kv,tied", [(4, 4, False), (4, 2, True), (8, 2, False)])
+def test_adapter_logits_equal_peft_adaption_prompt(tmp_path, n_head, n_kv, tied):
+    """peft's AdaptionPrompt is another implementation of LLaMA-Adapter v1 on transformers' Llama: the same base
+    weights (converted with litft's converter), the same prompts and nonzero gates in the top 3 of 4 layers, the
+    same logits. peft has one gate per layer; litft's per-head gates are all set to it."""
+    transformers, peft = pytest.importorskip("transformers"), pytest.importorskip("peft")
+    from litft.convert_hf import hf_to_lit_state_dict, read_hf_config
+
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=n_head,
+        num_key_value_heads=n_kv, max_position_embeddings=128, tie_word_embeddings=tied)).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    hf.save_pretrained(tmp_path)
+    config = read_hf_config(tmp_path)
+    ours = Llama(config).eval()
+    ours.load_state_dict(hf_to_lit_state_dict(tmp_path, config), strict=False)
+    adapted = peft.get_peft_model(hf, peft.AdaptionPromptConfig(adapter_len=5, adapter_layers=3,
+                                                                task_type="CAUSAL_LM")).eval()
+    add_adapter(ours, AdapterConfig(prompt_length=5, start_layer=1)).eval()
+    layers = [m for m in adapted.modules() if hasattr(m, "adaption_gate")]
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for block, layer in zip(ours.blocks[1:], layers, strict=True):
+            layer.adaption_prompt.copy_(torch.randn(layer.adaption_prompt.shape, generator=gen))
+            layer.adaption_gate.copy_(0.5 + torch.rand(1, generator=gen))
+            block.attn.prefix.prompt.copy_(layer.adaption_prompt[0])
+            block.attn.prefix.gate.fill_(layer.adaption_gate.item())
+        idx = torch.randint(0, 256, (2, 13))
+        expected = adapted(input_ids=idx).logits
+        with adapted.disable_adapter():
+            assert (expected - adapted(input_ids=idx).logits).abs().max() > 1  # the prompts matter
+        torch.testing.assert_close(ours(idx), expected, atol=1e-4, rtol=1e-4)
+
+
 # ---- trainable parameter counts on Llama-2-7B ----------------------------------------------------------
 
 
@@ -237,7 +275,7 @@ def test_parameter_counts_on_llama2_7b():
     print(f"Llama-2-7B trainable: adapter v1 {counts[False]:,}, adapter v2 {counts[True]:,}")
     assert counts[False] == v1_expected == 1_229_760
     assert counts[True] == v2_expected
-    assert round(counts[False] / 1e6, 1) == 1.2 and round(counts[True] / 1e6, 1) == 4.3  # the published figures
+    assert round(counts[False] / 1e6, 1) == 1.2  # the LLaMA-Adapter paper's figure
 
 
 def test_config_rejects_bad_values():
@@ -267,6 +305,29 @@ def test_cached_greedy_equals_uncached_greedy(name, v2):
     assert len(set(cached)) > 5
     assert cached == greedy_without_cache(model, prompt, 30)
     assert cached != greedy_without_cache(base_tokens_model, prompt, 30)  # the adapter changed the output
+
+
+@pytest.mark.parametrize("v2", [False, True])
+def test_cached_and_packed_logits_equal_the_whole_forward(v2):
+    """The prompt has no position, so decoding token by token from the KV cache, and a row that packs three
+    samples (positions restarting, attention kept within each), give each sample's logits of a plain forward."""
+    model = tiny_model("tiny-gqa")
+    add = (lambda m: add_adapter_v2(m, AdapterV2Config(4, 0))) if v2 else (lambda m: add_adapter(m, AdapterConfig(4, 0)))
+    add(model)
+    randomize(model, trainable(model))
+    idx = torch.randint(0, 256, (2, 12))
+    samples = [torch.randint(0, 256, (n,)) for n in (4, 5, 3)]
+    with torch.no_grad():
+        whole = model(idx)
+        model.set_kv_cache(2, 32)
+        steps = [model(idx[:, :5], input_pos=torch.arange(5))]
+        steps += [model(idx[:, t:t + 1], input_pos=torch.tensor([t])) for t in range(5, 12)]
+        model.clear_kv_cache()
+        positions = torch.cat([torch.arange(len(s)) for s in samples])[None]
+        packed = model(torch.cat(samples)[None], packed_pos=positions)[0]
+        alone = torch.cat([model(s[None])[0] for s in samples])
+    torch.testing.assert_close(torch.cat(steps, 1), whole, atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(packed, alone, atol=2e-4, rtol=1e-4)
 
 
 # ---- the generate scripts as users run them ------------------------------------------------------------
@@ -344,7 +405,27 @@ def test_generate_adapter_user_errors(base_dir, tmp_path):
     other = replace(Config.from_name("tiny-gqa", n_embd=32, vocab_size=32000, block_size=64), name="tiny-gqa-w32")
     (tmp_path / "other").mkdir()
     make_run(base_dir, tmp_path / "other", v2=False, config=other)
-    assert_user_error(adapter_cli(tmp_path / "other" / "lit_model_adapter.pth"), "tiny-gqa-w32", "width 32", "width 64")
+    assert_user_error(adapter_cli(tmp_path / "other" / "lit_model_adapter.pth"), "tiny-gqa-w32", "n_embd 32", "n_embd 64")
+    # the same width and layers, but 4 key/value heads where the run had 2: every adapter tensor fits, and the
+    # keys and values its prompt meets would be another model's
+    mha = replace(Config.from_name("tiny-gqa", vocab_size=32000, block_size=64), n_query_groups=4, name="tiny-kv4")
+    (tmp_path / "kv4").mkdir()
+    make_run(base_dir, tmp_path / "kv4", v2=False, config=mha)
+    assert_user_error(adapter_cli(tmp_path / "kv4" / "lit_model_adapter.pth"), "tiny-kv4 (n_query_groups 4), not "
+                      "tiny-gqa (n_query_groups 2); pass the --checkpoint_dir it was trained on")
+    # an adapter run given to generate/lora.py is named, with the script that serves it
+    (tmp_path / "v1").mkdir()
+    make_run(base_dir, tmp_path / "v1", v2=False)
+    lora_cli = run_main("generate/lora.py", "--checkpoint_dir", base_dir, "--lora_path", tmp_path / "v1",
+                        "--prompt", "hi", "--max_new_tokens", "2")
+    assert_user_error(lora_cli, "is from an adapter run, not a LoRA run", "generate/adapter.py --adapter_path")
+    # lit-llama's and LitGPT's naming of the same method
+    litgpt = {"transformer.h.1.attn.adapter_wte.weight": torch.zeros(3, 64),
+              "transformer.h.1.attn.gating_factor": torch.zeros(1, 4, 1, 1)}
+    (tmp_path / "litgpt").mkdir()
+    make_run(base_dir, tmp_path / "litgpt", v2=False)
+    save_state_dict(litgpt, tmp_path / "litgpt" / "lit_model_adapter.pth")
+    assert_user_error(adapter_cli(tmp_path / "litgpt" / "lit_model_adapter.pth"), "lit-llama's or LitGPT's naming")
 
     lora = {"blocks.0.attn.q_proj.lora_A": torch.zeros(8, 64), "blocks.0.attn.q_proj.lora_B": torch.zeros(64, 8)}
     save_state_dict(lora, tmp_path / "lit_model_lora.pth")

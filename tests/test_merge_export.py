@@ -206,7 +206,7 @@ def test_a_run_put_on_another_base_of_its_shape_is_warned_about(bases, tmp_path)
     save_lit_checkpoint(Llama(Config.from_name("tiny-mha", vocab_size=32000, block_size=64, n_embd=32, n_head=2,
                                                n_query_groups=2)), narrow)
     proc = run_main("generate/lora.py", "--checkpoint_dir", narrow, *lora, "--prompt", "hi")
-    assert_user_error(proc, "width 64", "width 32")
+    assert_user_error(proc, "n_embd 64", "n_embd 32")
     assert "warning:" not in proc.stderr
     merged_on_its_own = run_script("scripts/merge_lora.py", "--checkpoint_dir", base_dir, *lora, "--verify", "false",
                                    "--out_dir", tmp_path / "merged", check=True)
