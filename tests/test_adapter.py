@@ -312,8 +312,7 @@ def test_cached_and_packed_logits_equal_the_whole_forward(v2):
     """The prompt has no position, so decoding token by token from the KV cache, and a row that packs three
     samples (positions restarting, attention kept within each), give each sample's logits of a plain forward."""
     model = tiny_model("tiny-gqa")
-    add = (lambda m: add_adapter_v2(m, AdapterV2Config(4, 0))) if v2 else (lambda m: add_adapter(m, AdapterConfig(4, 0)))
-    add(model)
+    add_adapter_v2(model, AdapterV2Config(4, 0)) if v2 else add_adapter(model, AdapterConfig(4, 0))
     randomize(model, trainable(model))
     idx = torch.randint(0, 256, (2, 12))
     samples = [torch.randint(0, 256, (n,)) for n in (4, 5, 3)]
@@ -405,7 +404,8 @@ def test_generate_adapter_user_errors(base_dir, tmp_path):
     other = replace(Config.from_name("tiny-gqa", n_embd=32, vocab_size=32000, block_size=64), name="tiny-gqa-w32")
     (tmp_path / "other").mkdir()
     make_run(base_dir, tmp_path / "other", v2=False, config=other)
-    assert_user_error(adapter_cli(tmp_path / "other" / "lit_model_adapter.pth"), "tiny-gqa-w32", "n_embd 32", "n_embd 64")
+    assert_user_error(adapter_cli(tmp_path / "other" / "lit_model_adapter.pth"), "tiny-gqa-w32", "n_embd 32",
+                      "n_embd 64")
     # the same width and layers, but 4 key/value heads where the run had 2: every adapter tensor fits, and the
     # keys and values its prompt meets would be another model's
     mha = replace(Config.from_name("tiny-gqa", vocab_size=32000, block_size=64), n_query_groups=4, name="tiny-kv4")
