@@ -74,7 +74,14 @@ def weights_in(weights_path: Path | None) -> Path | None:
     if weights_path is None or not Path(weights_path).is_dir():
         return weights_path
     method = detect_method(Path(weights_path))
-    return Path(weights_path) / RUN_FILES[method][1] if method in RUN_FILES else Path(weights_path)
+    if method in RUN_FILES:
+        return Path(weights_path) / RUN_FILES[method][1]
+    for config_file, weights in RUN_FILES.values():  # a run's weights without the settings saved beside them
+        found = [(Path(weights_path) / name).is_file() for name in (weights, config_file, "lit_model.pth")]
+        if found == [True, False, False]:
+            raise UserError(f"{weights_path} holds {weights} but no {config_file}, which its run saved beside it; "
+                            "restore that file, or pass a complete run directory")
+    return Path(weights_path)
 
 
 def trained_quantize(weights_path: Path | None, method: str | None) -> str | None:

@@ -2,11 +2,13 @@
 
 A prediction matches when its *extracted* form equals the reference's:
 
-    gsm8k          the number after the first "####" (lm-evaluation-harness's strict match): commas, "$"
-                   and a trailing "." dropped, "-" or "−" kept, decimals compared as numbers (3.50 == 3.5,
-                   7.0 == 7); no "####" or no number -> no answer
-    sql            case-insensitive; runs of whitespace -> one space; no spaces around ( ) , = < > !;
-                   double quotes -> single quotes; a trailing ";" dropped
+    gsm8k          the first number after the first "####": commas, "$" and a trailing "." dropped, "-" or "−"
+                   kept, decimals compared as numbers (3.50 == 3.5, 7.0 == 7); no "####" or no number -> no
+                   answer. lm-evaluation-harness's strict match reads the same number where it finds one; it
+                   finds none in "####72", "#### $72" or "#### The answer is 72", which count here
+    sql            outside string literals: case-insensitive; runs of whitespace -> one space; no spaces around
+                   ( ) , = < > !; a trailing ";" dropped. A literal keeps its text exactly ('Bob' is not 'bob',
+                   as in SQL), in single quotes whichever quotes it came in
     viggo, games   case-insensitive; runs of whitespace -> one space; no spaces around ( ) [ ] ,
     anything else  case-insensitive; runs of whitespace -> one space; surrounding whitespace dropped
 """
@@ -28,9 +30,19 @@ def normalize_mr(text: str) -> str:
     return re.sub(r"\s*([()\[\],])\s*", r"\1", normalize_text(text))
 
 
+_SQL_LITERAL = re.compile(r"'[^']*'|\"[^\"]*\"")  # a quoted string ('it''s' reads as two, the same either side)
+
+
 def normalize_sql(text: str) -> str:
-    text = normalize_text(text).replace('"', "'").rstrip(";").strip()
-    return re.sub(r"\s*([(),=<>!])\s*", r"\1", text)
+    literals: list[str] = []
+
+    def set_aside(match: re.Match) -> str:  # a literal leaves the text while the rest is normalised
+        literals.append(f"'{match.group()[1:-1]}'")
+        return f"\0{len(literals) - 1}\0"
+
+    text = normalize_text(_SQL_LITERAL.sub(set_aside, text)).rstrip(";").strip()
+    text = re.sub(r"\s*([(),=<>!])\s*", r"\1", text)
+    return re.sub(r"\0(\d+)\0", lambda m: literals[int(m.group(1))], text)
 
 
 def extract_gsm8k(text: str) -> str | None:
@@ -47,7 +59,7 @@ def extract_gsm8k(text: str) -> str | None:
         return None
     if value == value.to_integral_value():
         return str(int(value))  # exact at any length; "-0" is 0
-    return str(value.normalize(Context(prec=len(number))))  # "3.50" is 3.5, every digit kept
+    return format(value.normalize(Context(prec=len(number))), "f")  # "3.50" is 3.5, every digit kept, no exponent
 
 
 EXTRACT = {"gsm8k": extract_gsm8k, "sql": normalize_sql, "viggo": normalize_mr, "games": normalize_mr}

@@ -25,7 +25,7 @@ from litft.data import data_dir, load_split, meta_of, prompt_style_of
 from litft.errors import UserError
 from litft.evaluate import evaluate
 from litft.fast import for_generation
-from litft.files import atomic_write_text, run_dir_of
+from litft.files import atomic_write_text, check_writable, holds, run_dir_of
 from litft.generate_cli import check_checkpoint_dir, pick_precision
 from litft.load_finetuned import load_finetuned, tokenizer_dir, weights_in
 from litft.nf4 import check_scheme
@@ -84,7 +84,9 @@ def main(checkpoint_dir: Path, data: str, weights_path: Optional[Path] = None, s
 
 
 def check_out(out: Path, data: str) -> Path:
-    """The report's path: a .json file, not a directory, not inside the data it reads (checked before evaluating)."""
+    """The report's path, checked before evaluating: a .json file that can be written and replaces nothing but an
+    earlier report; not inside the data it reads, a checkpoint or a PEFT adapter (a tokenizer.json or config.json
+    there is no report to replace). A run directory may hold reports beside its files."""
     out = Path(out)
     if out.is_dir():
         raise UserError(f"--out {out} is a directory; name the .json file to write")
@@ -92,7 +94,21 @@ def check_out(out: Path, data: str) -> Path:
         raise UserError(f"--out {out}: the report is JSON; name a .json file")
     if out.parent.resolve() == data_dir(data).resolve():
         raise UserError(f"--out {out} is inside the data directory this command reads; write it elsewhere")
+    if (kind := holds(out.parent)) in ("prepared data", "a checkpoint", "a PEFT adapter"):
+        raise UserError(f"--out {out} is inside {kind} ({out.parent}); write the report elsewhere")
+    if out.is_file() and not is_report(out):
+        raise UserError(f"--out {out} exists and is not an evaluation report; name another file")
+    check_writable("--out", out, out.parent)
     return out
+
+
+def is_report(path: Path) -> bool:
+    """Whether `path` holds a report this script wrote (which a new one may replace)."""
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # unreadable, not UTF-8 (UnicodeDecodeError is a ValueError), not JSON
+        return False
+    return isinstance(report, dict) and {"exact_match", "predictions"} <= report.keys()
 
 
 def check_same_tokens(sample: dict, tokenizer: Tokenizer, style: PromptStyle, data: str, checkpoint_dir: Path) -> None:

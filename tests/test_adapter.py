@@ -453,6 +453,11 @@ def test_load_finetuned_refuses_files_of_another_model_or_method(base_dir, tmp_p
     for weights, method, message in cases:
         with pytest.raises(UserError, match=re.escape(message)):
             load_finetuned(base_dir, weights, method=method)
+    (tmp_path / "bare").mkdir()  # a run's weights copied without its adapter.yaml: not taken for a full fine-tune
+    shutil.copy(v1, tmp_path / "bare")
+    bare = f"{tmp_path / 'bare'} holds lit_model_adapter.pth but no adapter.yaml"
+    with pytest.raises(UserError, match=re.escape(bare)):
+        load_finetuned(base_dir, tmp_path / "bare")
     assert isinstance(load_finetuned(base_dir, v2).lm_head, ScaledLinear)  # the run dir names the method
 
 

@@ -42,6 +42,7 @@ from litft.tokenizer import Tokenizer
     ("#### 5\n\nQuestion: and twice that?\n#### 10", "5"),
     ("#### " + "9" * 40, "9" * 40),    # past decimal's default 28 digits: still exact, not an error
     ("#### 0." + "1" * 40, "0." + "1" * 40),
+    ("#### 0.0000001", "0.0000001"),   # as written, not 1E-7
     ("#### -0", "0"),
     ("The answer is 42.", None),       # no marker: no answer
     ("#### ", None),
@@ -49,6 +50,25 @@ from litft.tokenizer import Tokenizer
 ])
 def test_gsm8k_extraction(text, number):
     assert extract_gsm8k(text) == number
+
+
+def test_sql_that_normalises_alike_returns_the_same_rows_in_sqlite():
+    """Truth: SQLite. Layout, keyword case, quote style and a final ";" change no result and are ignored; the text
+    inside a string literal changes which rows come back ('Bob' = 'bob' is false) and is kept."""
+    import sqlite3
+
+    db = sqlite3.connect(":memory:")
+    db.executescript("CREATE TABLE t (name TEXT, n INT); INSERT INTO t VALUES ('Bob', 1), ('bob', 2), ('x , y', 3), "
+                     "('x,y', 4), ('New  York', 5), ('New York', 6), ('B', 7);")
+    pairs = [("SELECT n FROM t WHERE name = 'Bob'", 'select n from t where name="Bob";'),
+             ("SELECT COUNT ( * ) FROM t WHERE n > 2", "select count(*) from t where n>2"),
+             ("SELECT n FROM t WHERE name = 'Bob'", "SELECT n FROM t WHERE name = 'bob'"),
+             ("SELECT n FROM t WHERE name = 'x , y'", "SELECT n FROM t WHERE name = 'x,y'"),
+             ("SELECT n FROM t WHERE name = 'New  York'", "SELECT n FROM t WHERE name = 'New York'"),
+             ("SELECT n FROM t WHERE name = 'B' OR n = 1", "select n from t where name = 'B' or n=1")]
+    for a, b in pairs:
+        same_rows = db.execute(a).fetchall() == db.execute(b).fetchall()
+        assert (normalize_sql(a) == normalize_sql(b)) == same_rows, (a, b)
 
 
 def test_gsm8k_exact_match():
@@ -62,7 +82,8 @@ def test_normalization_rules():
     assert normalize_mr("Inform( name [Iron Echo] , genres[action,  puzzle] )") == \
         normalize_mr("inform(name[Iron Echo], genres[action, puzzle])")
     assert normalize_mr("inform(name[Iron Echo])") != normalize_mr("inform(name[Iron Echoes])")
-    assert normalize_sql('SELECT COUNT ( * ) FROM t WHERE a = "B";') == normalize_sql("select count(*) from t where a='b'")
+    assert normalize_sql('SELECT COUNT ( * ) FROM t WHERE a = "B";') == \
+        normalize_sql("select count(*) from t where a='B'")
     assert normalize_sql("SELECT a FROM t") != normalize_sql("SELECT b FROM t")
     for spaced, tight in (("b != 3", "b!=3"), ("b <> 3", "b<>3"), ("b >= 3", "b>=3")):
         assert normalize_sql(spaced) == normalize_sql(tight)

@@ -44,6 +44,14 @@ def test_writing_over_another_kind_of_directory_is_refused(runs, tmp_path):
                                "--out", runs["data"] / "train.pt"), "name a .json file")
     assert_user_error(run_main("scripts/evaluate.py", "--checkpoint_dir", runs["ckpt"], "--data", runs["data"],
                                "--out", runs["data"] / "meta.json"), "inside the data directory")
+    (tmp_path / "a_file").write_text("not a directory")
+    for out, fragment in ((other_base / "tokenizer.json", f"is inside a checkpoint ({other_base})"),
+                          (lora / "summary.json", "exists and is not an evaluation report"),
+                          (tmp_path / "a_file" / "report.json", f"{tmp_path / 'a_file'} is a file, not a directory")):
+        # refused before the model loads: a report written at the end would have replaced a checkpoint's
+        # tokenizer or a run's summary, or crashed with a traceback after the whole evaluation
+        assert_user_error(run_main("scripts/evaluate.py", "--checkpoint_dir", runs["ckpt"], "--data", runs["data"],
+                                   "--out", out), f"--out {out}", fragment)
     assert_user_error(run_main("scripts/export_gguf.py", "--checkpoint_dir", runs["ckpt"], "--lora_path",
                                lora / "lit_model_lora.pth", "--out_file", full / "lit_model.pth", "--verify", "false"),
                       "is not a GGUF file")
