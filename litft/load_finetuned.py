@@ -182,6 +182,9 @@ def check_lora_state_dict(model: Llama, state_dict: dict[str, Tensor], source_pa
         if r_dim is not None and t.shape[1 - r_dim] == e.shape[1 - r_dim]:
             raise UserError(f"{src} holds rank-{t.shape[r_dim]} LoRA tensors but lora.yaml says r={e.shape[r_dim]}; "
                             "the file and its lora.yaml do not belong together")
+        if k.endswith("new_rows") and t.shape[1:] == e.shape[1:]:
+            raise UserError(f"{src} holds {t.shape[0]} new-token rows but lora.yaml names {e.shape[0]} new tokens; "
+                            "the file and its lora.yaml do not belong together")
         raise UserError(f"{src} was made for another base model: {k} is {tuple(t.shape)} in the file but "
                         f"{tuple(e.shape)} for {cfg.name or 'this base'} (width {cfg.n_embd}); "
                         "pass the --checkpoint_dir it was trained on")

@@ -56,7 +56,7 @@ class LoRAConfig:
     dropout: float = 0.05
     targets: list[str] = field(default_factory=lambda: list(LINEAR))  # all linear layers of the blocks
     rslora: bool = False  # scale by α/√r instead of α/r
-    new_tokens: list[str] = field(default_factory=list)  # special tokens appended to the vocabulary
+    new_tokens: list[str] = field(default_factory=list)  # tokens appended to the vocabulary (litft/new_tokens.py)
     quantize: str | None = None  # the base's frozen weights were stored in NF4 in training (QLoRA: litft/qlora.py)
 
     def __post_init__(self) -> None:

@@ -60,6 +60,10 @@ def write_tokenizer(checkpoint_dir: Path, out_dir: Path, new_tokens: list[str], 
 def _check(size: int, first_id: int, new_tokens: list[str], path: Path, present: list[str]) -> None:
     if present:
         raise UserError(f"new tokens {present} are already in {path}; new tokens must be new")
+    if size < first_id:  # Qwen2.5: 151,665 tokens, 151,936 rows
+        raise UserError(f"{path} has {size} tokens but the model has {first_id} rows (a vocabulary padded beyond its "
+                        "tokenizer); litft adds new tokens after the last row only, so write the markers as plain "
+                        "text instead (prepare the data without --new_tokens)")
     if size != first_id:
         raise UserError(f"{path} has {size} tokens but the model has {first_id} rows; new token ids would not line up")
 

@@ -438,7 +438,10 @@ def model_vocab_size(checkpoint_dir: Path) -> int:
 
 def split_tokens(text: str) -> list[str]:
     """ "<q>, </q>" -> ["<q>", "</q>"] (the --new_tokens flag of the data_prep scripts)."""
-    return [t.strip() for t in text.split(",") if t.strip()]
+    tokens = [t.strip() for t in text.split(",")] if text.strip() else []
+    if "" in tokens:
+        raise UserError(f"--new_tokens {text!r} has an empty token; separate the tokens with single commas")
+    return tokens
 
 
 def print_report(report: dict) -> None:

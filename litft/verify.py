@@ -12,7 +12,8 @@ answer position, the reader's own greedy decoding writes the same answer, token 
 answer is decoded by the reader's tokenizer when it has one, so its text (not only its ids) is compared.
 
 The prompts are a few instructions in the run's prompt style (without digits: transformers' reading of SmolLM2's
-GGUF tokenizer splits numbers differently from llama.cpp's `smollm` rule). A checkpoint without a tokenizer is
+GGUF tokenizer splits numbers differently from llama.cpp's `smollm` rule), and for a run that added tokens one
+more that holds them all. A checkpoint without a tokenizer is
 checked on fixed random token ids instead. An export passes when every prompt's greedy text is equal and no
 logit differs by more than TOLERANCE; otherwise the exporter stops with one line and exit status ≠ 0.
 """
@@ -95,11 +96,12 @@ def reference(model: Llama, tokenizer: Tokenizer | None, style: PromptStyle | No
     """Greedy answers and logits of `model` (evaluated in float32) on the verification prompts."""
     model = model.eval()
     block = model.config.block_size
-    texts, bos = [style.apply(p) if style else p for p in PROMPTS], style.add_bos if style else None
     new_rows = getattr(model.embed, "new_rows", None)  # a LoRA run's new tokens
-    rows = model.embed.num_embeddings + (len(new_rows) if new_rows is not None else 0)
-    if tokenizer is not None and tokenizer.vocab_size > rows:
+    n_new = len(new_rows) if new_rows is not None else 0
+    if tokenizer is not None and tokenizer.vocab_size > model.embed.num_embeddings + n_new:
         tokenizer = None  # a tokenizer bigger than the model (a test's stand-in): its ids would not fit
+    questions = PROMPTS if tokenizer is None or not n_new else (*PROMPTS, with_new_tokens(tokenizer, model, n_new))
+    texts, bos = [style.apply(p) if style else p for p in questions], style.add_bos if style else None
     if tokenizer is None:
         prompts = [torch.randint(model.config.vocab_size, (8,), generator=torch.Generator().manual_seed(i))
                    for i in range(len(PROMPTS))]
@@ -113,6 +115,13 @@ def reference(model: Llama, tokenizer: Tokenizer | None, style: PromptStyle | No
         logits.append(model(ids[-1][None])[0].float())  # (1, T) -> (T, vocab)
     return Reference(texts, bos, ids, [len(p) for p in prompts], logits, set(stop_ids) if tokenizer else set(),
                      tokenizer.decode if tokenizer is not None else None)
+
+
+def with_new_tokens(tokenizer: Tokenizer, model: Llama, n_new: int) -> str:
+    """A prompt that holds every new token, so their rows are read as inputs (and the reader's tokenizer must know
+    them), not only when an answer happens to choose one."""
+    first = model.embed.num_embeddings
+    return f"Write a word between {' and '.join(tokenizer.decode([first + i]) for i in range(n_new))}."
 
 
 def litft_reference(checkpoint_dir: Path, lora_path: Path | None = None, tokens: Path | None = None) -> Reference:

@@ -11,14 +11,17 @@ import shutil
 
 import pytest
 import torch
+import yaml
 from conftest import assert_user_error, run_main, run_script
 from test_train import COMMON
 from tokenizers import Tokenizer
 
 from litft import Config, Llama
 from litft.checkpoint import save_lit_checkpoint
+from litft.errors import UserError
 from litft.generate import generate
 from litft.load_finetuned import load_finetuned
+from litft.new_tokens import grown_tokenizer_files
 from litft.tokenizer import Tokenizer as LitTokenizer
 
 NEW = ["<ans>", "</ans>"]
@@ -69,6 +72,12 @@ def test_new_tokens_from_data_prep_to_generation(tiny_checkpoint, tmp_path):
     merged = run_script("generate/base.py", "--checkpoint_dir", tmp_path / "merged", *ask, check=True)
     assert merged.stdout == lora.stdout
 
+    shutil.copytree(run, tmp_path / "run3")  # lora.yaml names a third token the file has no row for
+    settings = yaml.safe_load((tmp_path / "run3" / "lora.yaml").read_text())
+    (tmp_path / "run3" / "lora.yaml").write_text(yaml.safe_dump({**settings, "new_tokens": [*NEW, "<x>"]}))
+    with pytest.raises(UserError, match="holds 2 new-token rows but lora.yaml names 3 new tokens"):
+        load_finetuned(base, tmp_path / "run3" / "lit_model_lora.pth")
+
     full = run_main("finetune/full.py", *flags, "--out_dir", tmp_path / "full")
     assert_user_error(full, "prepared with new tokens", "finetune/lora.py")
     assert not (tmp_path / "full").exists()
@@ -78,6 +87,21 @@ def test_new_tokens_from_data_prep_to_generation(tiny_checkpoint, tmp_path):
     again = run_main("data_prep/json_data.py", "--data_file", tmp_path / "rows.json", "--destination_path", data,
                      "--checkpoint_dir", base, "--new_tokens", "<ans>,<ans>")
     assert_user_error(again, "different from the others")
+    for value in (",", "<ans>,,</ans>"):  # an empty item had been dropped: the data lacked a token the user asked for
+        empty = run_main("data_prep/json_data.py", "--data_file", tmp_path / "rows.json", "--destination_path",
+                         tmp_path / "data2", "--checkpoint_dir", base, "--new_tokens", value)
+        assert_user_error(empty, f"--new_tokens {value!r} has an empty token")
+        assert not (tmp_path / "data2").exists()
+
+
+def test_a_vocabulary_padded_beyond_its_tokenizer_is_refused_with_what_to_do(tiny_checkpoint, tmp_path):
+    """Qwen2.5 has 151,936 rows for 151,665 tokens: a new token's id (the tokenizer's next) would name a padding
+    row, not the row litft adds after the last one."""
+    shutil.copy(tiny_checkpoint / "tokenizer.json", tmp_path / "tokenizer.json")
+    vocab = Tokenizer.from_file(str(tmp_path / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
+    with pytest.raises(UserError, match=f"has {vocab} tokens but the model has {vocab + 64} rows \\(a vocabulary "
+                                        "padded beyond its tokenizer\\).*prepare the data without --new_tokens"):
+        grown_tokenizer_files(tmp_path, ["<ans>"], vocab + 64)
 
 
 def test_a_sentencepiece_token_with_a_space_inside_is_refused(sentencepiece_model, tmp_path):
@@ -85,9 +109,6 @@ def test_a_sentencepiece_token_with_a_space_inside_is_refused(sentencepiece_mode
     "### Answer:", it still spells that text in ordinary pieces, so such a row would never be trained. Refused."""
     from sentencepiece import SentencePieceProcessor
     from sentencepiece import sentencepiece_model_pb2 as pb
-
-    from litft.errors import UserError
-    from litft.new_tokens import grown_tokenizer_files
 
     proto = pb.ModelProto()
     proto.ParseFromString(sentencepiece_model.read_bytes())
@@ -108,9 +129,6 @@ def test_a_token_that_would_not_decode_to_its_own_text_is_refused(tiny_checkpoin
     """The tokenizers library, grown by "café" on a byte-level tokenizer (SmolLM2's), decodes its id as "caf\ufffd"
     (é is read as the lone byte 0xE9); such a token is refused, tokens that come back as written are kept."""
     from tokenizers import AddedToken
-
-    from litft.errors import UserError
-    from litft.new_tokens import grown_tokenizer_files
 
     library = Tokenizer.from_file(str(tiny_checkpoint / "tokenizer.json"))
     vocab = library.get_vocab_size(with_added_tokens=True)

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -39,10 +40,10 @@ def lora_run(bases, tmp_path):  # noqa: F811
     return base, tmp_path / "run" / "lit_model_lora.pth"
 
 
-def verified_line(proc) -> str:
+def verified_line(proc, prompts: int = 4) -> str:
     assert proc.returncode == 0, proc.stderr
     lines = [line for line in proc.stdout.splitlines() if line.startswith("verified: ")]
-    assert len(lines) == 1 and "greedy text equal on 4/4 prompts" in lines[0], proc.stdout
+    assert len(lines) == 1 and f"greedy text equal on {prompts}/{prompts} prompts" in lines[0], proc.stdout
     return lines[0]
 
 
@@ -138,7 +139,19 @@ def test_who_reads_a_peft_export_with_new_tokens(bases, tmp_path, tied):  # noqa
     save_state_dict(lora_state_dict(model), run / "lit_model_lora.pth")
     proc = run_script("scripts/export_peft.py", "--checkpoint_dir", bases[tied], "--lora_path",
                       run / "lit_model_lora.pth", "--output_dir", tmp_path / "peft")
-    assert "(peft vs litft)" in verified_line(proc)
+    assert "(peft vs litft)" in verified_line(proc, prompts=5)  # the fifth holds <a> and <b>
+    # an export whose new input rows are wrong: no answer chooses <a>, but the fifth prompt reads it
+    shutil.copytree(tmp_path / "peft", tmp_path / "bad")
+    import safetensors.torch
+
+    from scripts import export_peft
+
+    weights = safetensors.torch.load_file(tmp_path / "bad" / "adapter_model.safetensors")
+    [rows] = [k for k in weights if "embed_tokens" in k and "token_adapter" in k]
+    weights[rows][0] = 5.0
+    safetensors.torch.save_file(weights, tmp_path / "bad" / "adapter_model.safetensors")
+    with pytest.raises(UserError, match="verification failed"):
+        export_peft.verified(bases[tied], run / "lit_model_lora.pth", tmp_path / "bad", tmp_path / "bad", 2)
 
     text = "say <a> then <b>"
     ours = Tokenizer(tmp_path / "peft").encode(text)  # (T,): BOS, ..., 32000, ..., 32001
