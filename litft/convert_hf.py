@@ -202,8 +202,10 @@ def save_hf_safetensors(state_dict: dict[str, Tensor], out_dir: Path, max_shard_
     return names
 
 
-def convert_hf_checkpoint(checkpoint_dir: Path, output_dir: Path | None = None, dtype: str | None = None) -> str:
-    """HF directory -> lit checkpoint (lit_model.pth, model_config.yaml, tokenizer files). Returns a summary line."""
+def convert_hf_checkpoint(checkpoint_dir: Path, output_dir: Path | None = None, dtype: str | None = None,
+                          overwrite: bool = False) -> str:
+    """HF directory -> lit checkpoint (lit_model.pth, model_config.yaml, tokenizer files). Returns a summary line.
+    An output directory other than the HF one that already holds a checkpoint is replaced only with `overwrite`."""
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
         raise UserError(f"checkpoint directory {checkpoint_dir} does not exist; download it with scripts/download.py")
@@ -211,6 +213,9 @@ def convert_hf_checkpoint(checkpoint_dir: Path, output_dir: Path | None = None, 
     in_place = output_dir.resolve() == checkpoint_dir.resolve()
     if not in_place:
         check_not_hf_model("--output_dir", output_dir)
+        if (output_dir / WEIGHTS).is_file() and not overwrite:  # a mistyped path must not replace another model
+            raise UserError(f"--output_dir {output_dir} already holds a checkpoint ({WEIGHTS}); choose another "
+                            "directory, or pass --overwrite true to replace it")
     config = read_hf_config(checkpoint_dir)
     state_dict = hf_to_lit_state_dict(checkpoint_dir, config, parse_dtype(dtype))  # all checked before writing
 

@@ -16,15 +16,16 @@ from litft.convert_hf import convert_hf_checkpoint
 
 
 def main(checkpoint_dir: Path, output_dir: Optional[Path] = None,
-         dtype: Optional[Literal["float32", "float16", "bfloat16"]] = None) -> None:
+         dtype: Optional[Literal["float32", "float16", "bfloat16"]] = None, overwrite: bool = False) -> None:
     """Convert HF weights to litft's format.
 
     Args:
         checkpoint_dir: a Hugging Face model directory (config.json + weights + tokenizer files).
         output_dir: where to write the lit checkpoint; defaults to checkpoint_dir itself.
         dtype: cast the weights to this dtype; by default they keep the dtype they are stored in.
+        overwrite: replace the checkpoint another --output_dir already holds (without it, one is refused).
     """
-    print(convert_hf_checkpoint(checkpoint_dir, output_dir, dtype))
+    print(convert_hf_checkpoint(checkpoint_dir, output_dir, dtype, overwrite))
 
 
 if __name__ == "__main__":

@@ -259,6 +259,7 @@ def test_converting_over_another_checkpoint_leaves_none_of_its_prompting(tmp_pat
     import sentencepiece as spm
 
     from litft.convert_hf import convert_hf_checkpoint
+    from litft.errors import UserError
     from litft.prompts import PromptStyle, resolve_style
     from litft.tokenizer import Tokenizer
 
@@ -268,7 +269,10 @@ def test_converting_over_another_checkpoint_leaves_none_of_its_prompting(tmp_pat
     (out / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")  # ... its chat template, its style
     PromptStyle("alpaca").save(out)
 
-    convert_hf_checkpoint(tmp_path / "hf", out)
+    with pytest.raises(UserError, match=f"--output_dir {out} already holds a checkpoint.*--overwrite true"):
+        convert_hf_checkpoint(tmp_path / "hf", out)  # a mistyped path: refused, the other model untouched
+    assert resolve_style(None, out).name == "alpaca"
+    convert_hf_checkpoint(tmp_path / "hf", out, overwrite=True)
     assert resolve_style(None, out) is None  # the new model brings no style and no template
     text = "the quick brown fox jumps over naïve cafés"
     expected = spm.SentencePieceProcessor(model_file=str(sentencepiece_model)).encode(text)
@@ -311,7 +315,7 @@ def test_a_conversion_failing_after_the_weights_leaves_the_earlier_checkpoint_as
 
     monkeypatch.setattr(Config, "save", fail)
     with pytest.raises(OSError, match="disk full"):
-        convert_hf_checkpoint(tmp_path / "new", out)
+        convert_hf_checkpoint(tmp_path / "new", out, overwrite=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
