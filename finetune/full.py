@@ -7,7 +7,8 @@ generate/base.py (or generate/full.py) serves directly.
 
 Defaults: learning rate 2e-5 (the references advise 1e-5 … 3e-5 for full fine-tuning), weight decay 0.1.
 Needs weights, gradients and AdamW's two moments for every parameter: ~16 bytes per parameter in fp32, so
-a 7B model needs FSDP across several GPUs.
+a 7B model needs FSDP across several GPUs. Train in bf16-mixed (the GPU default: fp32 copies of the weights):
+under bf16-true a step of 2e-5 rounds away on most weights, and the run warns how many.
 """
 
 from functools import partial

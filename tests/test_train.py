@@ -439,6 +439,23 @@ def test_lora_trains_over_a_float16_checkpoint(tiny, tmp_path, precision):
     assert {v.dtype for v in weights(tmp_path / "out" / "lit_model_lora.pth").values()} == {torch.float32}
 
 
+def test_bf16_true_warns_how_many_weights_a_step_of_the_learning_rate_leaves_unchanged(tiny, tmp_path):
+    """bf16 keeps 8 significant bits: AdamW's first step (±lr, its moments being the gradient's) rounds away on a
+    weight more than ~256 × lr in size. Truth: the weights one real full fine-tuning step left unchanged; the
+    warning's share is at most that (a zero gradient, or a step down at a power of two, adds a few)."""
+    flags = ("--learning_rate", "2e-5", "--max_steps", "1", "--warmup_steps", "0", "--save_interval", "1")
+    proc = finetune(tiny, tmp_path / "true", "--precision", "bf16-true", *flags, script="finetune/full.py")
+    [line] = [line for line in proc.stderr.splitlines() if line.startswith("warning: under --precision bf16-true")]
+    warned = float(re.search(r"leaves ([\d.]+)% of the trained weights unchanged", line).group(1))
+    before = {k: v.to(torch.bfloat16) for k, v in weights(tiny["ckpt"] / "lit_model.pth").items()}
+    after = weights(tmp_path / "true" / "lit_model.pth")
+    same = sum(int((after[k] == v).sum()) for k, v in before.items())
+    unchanged = 100 * same / sum(v.numel() for v in before.values())
+    assert 30 < warned <= unchanged + 1, (warned, unchanged)  # measured: 42.8 % and 42.8 %
+    mixed = finetune(tiny, tmp_path / "mixed", "--precision", "bf16-mixed", *flags, script="finetune/full.py")
+    assert "warning: under --precision" not in mixed.stderr  # fp32 copies: every step counts
+
+
 def test_a_resumed_16_mixed_run_keeps_its_loss_scale(tmp_path):
     """Under 16-mixed torch's GradScaler halves the loss scale at each step whose gradients overflow (and skips it),
     and doubles it only after 2000 good steps: a resume that started again from 65536 would skip those steps again.
