@@ -439,6 +439,56 @@ def test_lora_trains_over_a_float16_checkpoint(tiny, tmp_path, precision):
     assert {v.dtype for v in weights(tmp_path / "out" / "lit_model_lora.pth").values()} == {torch.float32}
 
 
+def test_two_full_fine_tuning_steps_equal_transformers_with_torchs_clipping_adamw_and_cosine(tiny, tmp_path):
+    """Truth: transformers' LlamaForCausalLM (token-weighted loss over the batch), torch's clip_grad_norm_ and
+    AdamW with the Trainer's decay rule (matrices decay, norm weights not), and transformers' cosine schedule. Four
+    samples of different lengths are the whole training split, so both steps see the same batch, here in two micro
+    batches (accumulated token-weighted); the second step runs at half the rate. (AdamW's betas barely show in two
+    steps on one batch: its moments then hold the gradient and its square whatever they are.)"""
+    from litft.convert_hf import lit_to_hf_state_dict
+    from litft.data import collate
+
+    transformers = pytest.importorskip("transformers")
+    rows = [{"instruction": f"colour {i}" + " blue" * i, "input": "", "output": "red " * (1 + i)} for i in range(4)]
+    (tmp_path / "train.json").write_text(json.dumps(rows))
+    (tmp_path / "val.json").write_text(json.dumps(rows[:1]))
+    run_script("data_prep/json_data.py", "--data_file", tmp_path / "train.json", "--val_file", tmp_path / "val.json",
+               "--destination_path", tmp_path / "data", "--checkpoint_dir", tiny["ckpt"], "--prompt_style", "plain",
+               check=True)
+    run_script("finetune/full.py", "--checkpoint_dir", tiny["ckpt"], "--data", tmp_path / "data", "--out_dir",
+               tmp_path / "out", "--max_steps", "2", "--batch_size", "4", "--micro_batch_size", "2",
+               "--learning_rate", "1e-2", "--weight_decay", "0.1", "--grad_clip", "0.5", "--warmup_steps", "0",
+               "--eval_interval", "100", "--save_interval", "100", "--precision", "32-true", check=True)
+
+    base = load_lit_model(tiny["ckpt"], dtype=torch.float32)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**base.config.to_hf_config()))
+    hf.load_state_dict(lit_to_hf_state_dict(base.state_dict()), strict=False)
+    hf.tie_weights()
+    decayed = [p for p in hf.parameters() if p.dim() == 2]
+    optimizer = torch.optim.AdamW([{"params": decayed, "weight_decay": 0.1},
+                                   {"params": [p for p in hf.parameters() if p.dim() < 2], "weight_decay": 0.0}],
+                                  lr=1e-2, betas=(0.9, 0.95))
+    schedule = transformers.get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=0, num_training_steps=2)
+    x, y = collate(torch.load(tmp_path / "data" / "train.pt", weights_only=True), pad_id=0)
+    for _ in range(2):
+        hf(input_ids=x, labels=y).loss.backward()
+        torch.nn.utils.clip_grad_norm_(hf.parameters(), 0.5)
+        optimizer.step(), schedule.step(), optimizer.zero_grad()
+    ours, theirs = weights(tmp_path / "out" / "lit_model.pth"), lit_state_of(hf)
+    assert ours.keys() == theirs.keys()
+    for name, tensor in ours.items():  # updates are ~1e-2: a wrong decay group, clip or rate shows at once
+        torch.testing.assert_close(tensor, theirs[name], atol=1e-4, rtol=0, msg=name)
+    assert max((v - base.state_dict()[k]).abs().max() for k, v in ours.items()) > 5e-3
+
+
+def lit_state_of(hf) -> dict[str, torch.Tensor]:
+    """transformers' weights under litft's names (its tied lm_head left out, as litft saves it)."""
+    from litft.convert_hf import hf_to_lit_name
+
+    return {hf_to_lit_name(k): v.detach() for k, v in hf.state_dict().items()
+            if not (k == "lm_head.weight" and hf.config.tie_word_embeddings)}
+
+
 def test_bf16_true_warns_how_many_weights_a_step_of_the_learning_rate_leaves_unchanged(tiny, tmp_path):
     """bf16 keeps 8 significant bits: AdamW's first step (±lr, its moments being the gradient's) rounds away on a
     weight more than ~256 × lr in size. Truth: the weights one real full fine-tuning step left unchanged; the
