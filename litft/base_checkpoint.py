@@ -31,7 +31,7 @@ from litft.config import Config
 from litft.errors import UserError
 from litft.files import atomic_write_text, read_yaml_mapping, run_dir_of
 from litft.gguf import convert_gguf
-from litft.load_finetuned import check_same_base, detect_method, lora_settings, weights_in
+from litft.load_finetuned import check_same_base, detect_method, weights_in
 from litft.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -182,8 +182,9 @@ def resolve_run(method: str, weights_path: Path, checkpoint_dir: Path | None, fl
         raise UserError(f"{weights_path} does not exist; train a run first (python finetune/{method}.py) "
                         f"or pass --{flag} of a finished run")
     weights_path = weights_in(weights_path)  # a LoRA or adapter run's directory: its weights file
-    if method == "lora":
-        lora_settings(weights_path)  # an adapter run is named as one, with the script that serves it
+    if method == "lora" and (other := detect_method(weights_path)) in ("adapter", "adapter_v2"):
+        raise UserError(f"{weights_path} is from an {other} run, not a LoRA run; pass it as --adapter_path (to "
+                        f"generate/{other}.py or generate/chat.py)")
     if checkpoint_dir is None:
         return weights_path, base_of(run_dir_of(weights_path))
     # the run's model_config.yaml names its model (a full run's directory is a checkpoint of its own): another shape

@@ -19,8 +19,8 @@ so the tokens it writes next are its reply. Per prompt style (litft/prompts.py):
                    Each finished exchange is its own sequence, BOS ... EOS: `encode_conversation` encodes them one
                    by one with the tokenizer's BOS and EOS ids; the rendered text writes them as <s> and </s>.
     alpaca         a single-instruction style: it has no turns, so the instruction is the last user message and
-                   the earlier messages are its input, one "Role: content" line each (content stripped: a reply
-                   the model wrote after "Assistant:" starts with a space, which the line already has)
+                   the earlier messages are its input, one "Role: content" line each (a reply the model wrote
+                   after "Assistant:" starts with a space, the one after the colon: it is not written twice)
     plain          (and no style at all): with earlier messages, a transcript of "Role: content" lines that ends
                    "User: {last}\nAssistant:", so the model continues as the assistant, after the question. No
                    token ends its turn, so a reply also ends where the model starts the user's next line
@@ -94,10 +94,17 @@ def render_conversation(style: PromptStyle | None, messages: list[dict]) -> str:
     if name == "llama2-chat":
         return "</s><s>".join(llama2_exchanges(messages))  # the first <s> is the tokenizer's, as for one prompt
     *earlier, last = messages
-    context = "\n".join(f"{m['role'].capitalize()}: {m['content'].strip()}" for m in earlier)
+    context = "\n".join(f"{m['role'].capitalize()}: {line_content(m)}" for m in earlier)
     if name == "plain" and earlier:  # the question last: plain's own order (instruction, input) would end in history
-        return f"{context}\nUser: {last['content'].strip()}\nAssistant:"
+        return f"{context}\nUser: {last['content']}\nAssistant:"
     return (style or PromptStyle("plain")).apply(last["content"], context)
+
+
+def line_content(message: dict[str, str]) -> str:
+    """A message's content on its "Role: content" line. A reply the model wrote after "Assistant:" starts with a
+    space, which the line already has after the colon: written back as it came."""
+    content = message["content"]
+    return content[1:] if message["role"] == "assistant" and content.startswith(" ") else content
 
 
 def turn_stops(style: PromptStyle | None) -> list[str]:

@@ -280,8 +280,8 @@ async def completion_text(events, row: Row, tokenizer: Tokenizer,
             if isinstance(event, Exception):
                 raise event
             if isinstance(event, str):  # "stop" (a stop token), "length" (max_tokens) or "cancelled"
-                finish, new = {"stop": "stop", "length": "length"}.get(event, "cancelled"), text.add(decoder.flush(),
-                                                                                                    final=True)
+                finish = {"stop": "stop", "length": "length"}.get(event, "cancelled")
+                new = text.add(decoder.flush(), final=True)
             else:
                 new = text.add(decoder.step(event))
             finish = "stop" if text.stopped else finish

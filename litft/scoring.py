@@ -8,7 +8,8 @@ A prediction matches when its *extracted* form equals the reference's:
                    finds none in "####72", "#### $72" or "#### The answer is 72", which count here
     sql            outside string literals: case-insensitive; runs of whitespace -> one space; no spaces around
                    ( ) , = < > !; a trailing ";" dropped. A literal keeps its text exactly ('Bob' is not 'bob',
-                   as in SQL), in single quotes whichever quotes it came in
+                   as in SQL), in single quotes whichever quotes it came in: a double-quoted string is read as a
+                   value, as sql-create-context writes its values (SQLite too, when no column has that name)
     viggo, games   case-insensitive; runs of whitespace -> one space; no spaces around ( ) [ ] ,
     anything else  case-insensitive; runs of whitespace -> one space; surrounding whitespace dropped
 """

@@ -1,12 +1,12 @@
 """Stop strings: text that ends a reply, as OpenAI's `stop` does, cut out of text that arrives piece by piece.
 
 A stop string can arrive split over several tokens ("\\nUs" then "er:"), so text that might be the start of one
-cannot be shown yet: the last len(longest stop string) - 1 characters are held back until more text shows they
-do not begin a stop string. At the first stop string the text ends, before it.
+cannot be shown yet: the longest end of the text that begins a stop string is held back until more text shows
+whether it goes on into one. At the first stop string the text ends, before it.
 
     stops = StopStrings(["\\nUser:"])
-    stops.add("Red.\\nUs")    -> "Red"         ".\\nUs" is held back (it may begin "\\nUser:")
-    stops.add("er: and")     -> ""            stops.stopped is True; the text is "Red."
+    stops.add("Red.\\nUs")    -> "Red."   "\\nUs" is held back: it begins "\\nUser:"
+    stops.add("er: and")     -> ""       "\\nUser:" arrived: the text ends before it, "Red.", and stops.stopped
 """
 
 from __future__ import annotations
@@ -30,6 +30,10 @@ class StopStrings:
         found = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
         if found:
             self.text, self.stopped = self.text[:min(found)], True
-        end = len(self.text) if final or self.stopped else max(self.shown, len(self.text) - self.hold)
+        end = len(self.text) if final or self.stopped else len(self.text) - self.held()
         new, self.shown = self.text[self.shown:end], max(self.shown, end)
         return new
+
+    def held(self) -> int:
+        """How many of the text's last characters begin a stop string (and so cannot be shown yet)."""
+        return max((k for s in self.stops for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)

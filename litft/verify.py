@@ -120,8 +120,8 @@ def reference(model: Llama, tokenizer: Tokenizer | None, style: PromptStyle | No
 def with_new_tokens(tokenizer: Tokenizer, model: Llama, n_new: int) -> str:
     """A prompt that holds every new token, so their rows are read as inputs (and the reader's tokenizer must know
     them), not only when an answer happens to choose one."""
-    first = model.embed.num_embeddings
-    return f"Write a word between {' and '.join(tokenizer.decode([first + i]) for i in range(n_new))}."
+    tokens = [tokenizer.decode([model.embed.num_embeddings + i]) for i in range(n_new)]
+    return f"Write a word after {tokens[0]}." if n_new == 1 else f"Write a word between {' and '.join(tokens)}."
 
 
 def litft_reference(checkpoint_dir: Path, lora_path: Path | None = None, tokens: Path | None = None) -> Reference:

@@ -418,7 +418,8 @@ def test_generate_adapter_user_errors(base_dir, tmp_path):
     make_run(base_dir, tmp_path / "v1", v2=False)
     lora_cli = run_main("generate/lora.py", "--checkpoint_dir", base_dir, "--lora_path", tmp_path / "v1",
                         "--prompt", "hi", "--max_new_tokens", "2")
-    assert_user_error(lora_cli, "is from an adapter run, not a LoRA run", "generate/adapter.py --adapter_path")
+    assert_user_error(lora_cli, "is from an adapter run, not a LoRA run; pass it as --adapter_path (to "
+                      "generate/adapter.py or generate/chat.py)")
     # lit-llama's and LitGPT's naming of the same method
     litgpt = {"transformer.h.1.attn.adapter_wte.weight": torch.zeros(3, 64),
               "transformer.h.1.attn.gating_factor": torch.zeros(1, 4, 1, 1)}

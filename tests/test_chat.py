@@ -10,6 +10,7 @@ Truth for the program: `litft.generate.generate`, greedy, run in-process on the 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import pty
@@ -132,7 +133,7 @@ def test_alpaca_takes_the_earlier_turns_as_input_and_plain_ends_with_the_questio
     """alpaca: the last message is the instruction, the earlier turns its input. plain has no turns and continues
     text, so the prompt must end with the question and the assistant's cue, never in the history."""
     messages = CONVERSATIONS[2]
-    context = ("System: You answer in one word.\nUser: Hi\nAssistant: Hello!\nUser: Two\nlines\nAssistant: Yes.")
+    context = ("System: You answer in one word.\nUser: Hi\nAssistant: Hello! \nUser: Two\nlines\nAssistant: Yes.")
     assert render_conversation(PromptStyle("alpaca"), messages) == PromptStyle("alpaca").apply("Bye", context)
     assert render_conversation(PromptStyle("plain"), messages) == context + "\nUser: Bye\nAssistant:"
     assert render_conversation(None, messages) == render_conversation(PromptStyle("plain"), messages)
@@ -190,6 +191,19 @@ def test_fit_conversation_drops_the_oldest_turns_and_keeps_the_system_message(sm
         fit_conversation(tokenizer, style, messages, block_size=length[5] + 9, reply_tokens=10)
     with pytest.raises(UserError, match="max_new_tokens must be between 1 and"):
         fit_conversation(tokenizer, style, messages, block_size=100, reply_tokens=100)
+
+
+def test_fit_conversation_drops_messages_that_do_not_alternate_one_turn_at_a_time(smollm2_dir):
+    """OpenAI's API takes two user messages in a row, or an assistant message first: each older user message
+    starts a turn of its own, and the leading assistant message is dropped with the first turn."""
+    tokenizer, style = Tokenizer(smollm2_dir), resolve_style(None, smollm2_dir)
+    long, short = {"role": "user", "content": "red " * 200}, {"role": "user", "content": "Bye"}
+    opener = {"role": "assistant", "content": "Hello, how can I help?"}
+    for messages in ([SYSTEM, long, short], [SYSTEM, opener, long, short], [opener, long, short]):
+        expected = [m for m in (SYSTEM, short) if m in messages]
+        block_size = len(hf_chat(smollm2_dir, expected, tokenize=True)) + 10  # room for the last message only
+        kept, ids = fit_conversation(tokenizer, style, messages, block_size=block_size, reply_tokens=10)
+        assert kept == expected and ids.tolist() == hf_chat(smollm2_dir, kept, tokenize=True), messages
 
 
 # ---- the program, in a pseudo-terminal -------------------------------------------------------------------------
@@ -437,7 +451,7 @@ def parrot_checkpoint(smollm2_dir, tmp_path_factory) -> Path:
     return directory
 
 
-def test_a_plain_reply_ends_where_the_model_starts_the_users_next_line(parrot_checkpoint):
+def test_a_plain_reply_ends_where_the_model_starts_the_users_next_line(parrot_checkpoint, monkeypatch):
     """In the plain style no token ends the assistant's turn: the reply is cut at "\nUser:" (llama.cpp's reverse
     prompt), and the next prompt holds the cut reply. Truth: `generate`'s greedy text, cut where str.find finds
     "\nUser:"."""
@@ -457,11 +471,20 @@ def test_a_plain_reply_ends_where_the_model_starts_the_users_next_line(parrot_ch
                           env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == f"{reply}\n{again}\n", proc.stdout
+    # what the program keeps of the exchange, the next prompt's history, is the reply as printed
+    spec = importlib.util.spec_from_file_location("chat_program", ROOT / "generate" / "chat.py")
+    program = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "chat_program", program)  # a dataclass looks its module up there
+    spec.loader.exec_module(program)
+    sampling = {"temperature": 0, "top_k": None, "top_p": 1.0, "generator": None}
+    chat = program.Chat(model, tokenizer, None, torch.device("cpu"), 12, sampling)
+    assert program.answer(chat, first) == first + [{"role": "assistant", "content": reply}]
 
 
 def test_stop_strings_cut_text_where_str_find_does_however_the_text_arrives():
     """StopStrings against str.find on the whole text: random texts, stop strings and splits into pieces. What
-    it shows is the text up to the first stop string, and it holds back no more than a stop string's length - 1."""
+    it shows is the text up to the first stop string; while it waits, it holds back only the longest end of what
+    arrived that begins a stop string (str.startswith), so text that cannot become one is shown at once."""
     rng = random.Random(0)
     for _ in range(2000):
         text = "".join(rng.choice(["a", "b", "\n", "User", ":", "Us"]) for _ in range(rng.randrange(12)))
@@ -473,7 +496,11 @@ def test_stop_strings_cut_text_where_str_find_does_however_the_text_arrives():
         cut, shown, arrived = StopStrings(stops), "", ""
         for piece in pieces:
             shown, arrived = shown + cut.add(piece), arrived + piece
-            assert expected.startswith(shown) and (cut.stopped or len(shown) >= len(arrived) - cut.hold)
+            if not cut.stopped:
+                begins = [k for s in stops for k in range(1, min(len(s), len(arrived) + 1))
+                          if s.startswith(arrived[len(arrived) - k:])]
+                assert shown == arrived[:len(arrived) - max(begins, default=0)], (arrived, stops, shown)
+            assert expected.startswith(shown)
         shown += cut.add("", final=True)
         assert (shown, cut.text, cut.stopped) == (expected, expected, bool(found)), (text, stops, pieces)
 
