@@ -206,27 +206,28 @@ class Loop:
             state.position += accumulation
             if not torch.isfinite(loss):
                 self.stop(f"loss became {loss.item()}", state.step + 1)
-            self.clip_gradients(state)
+            grad_norm = self.clip_gradients(state)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             lr = self.optimizer.param_groups[0]["lr"]  # the rate this step used; the next one's is set below
             self.scheduler.step()
             state.step += 1
             self.step_seconds += time.perf_counter() - t0
-            self.log(state, loss.item(), lr, self.tokens(samples, trained), time.perf_counter() - t0)
+            self.log(state, loss.item(), lr, grad_norm, self.tokens(samples, trained), time.perf_counter() - t0)
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}")
             self.evaluate_and_save(state)
 
-    def clip_gradients(self, state: train_state.State) -> None:
+    def clip_gradients(self, state: train_state.State) -> float:
         """Clip the gradients' norm to --grad_clip (0: leave them as they are), and stop before AdamW steps on a
         non-finite one: its update would make the weights NaN, and the next checkpoint would hold them. Under
-        16-mixed the GradScaler skips such a step itself, and lowers its scale."""
+        16-mixed the GradScaler skips such a step itself, and lowers its scale. Returns the norm before clipping."""
         norm = self.fabric.clip_gradients(self.model, self.optimizer, max_norm=self.args.grad_clip or math.inf,
                                           error_if_nonfinite=False)
         norm = norm.full_tensor() if isinstance(norm, DTensor) else norm  # FSDP: the norm over every shard
         if not torch.isfinite(norm) and getattr(self.fabric.strategy.precision, "scaler", None) is None:
             self.stop(f"the gradient norm became {norm.item()}", state.step + 1)
+        return norm.item()
 
     def stop(self, what: str, step: int) -> NoReturn:
         """One line for a step gone non-finite, naming this run's last checkpoint: every one was checked finite."""
@@ -292,10 +293,11 @@ class Loop:
             # calls it directly (one device, FSDP) rather than through its forward wrapper (DDP)
             return self.loss_fn(self.model, x, y, packed_pos=packed_pos)
 
-    def log(self, state: train_state.State, loss: float, lr: float, tokens: Counter, seconds: float) -> None:
+    def log(self, state: train_state.State, loss: float, lr: float, grad_norm: float, tokens: Counter,
+            seconds: float) -> None:
         state.history.append({"step": state.step, "train_loss": loss})
         if state.step % self.args.log_interval == 0:
-            self.fabric.log_dict({"train/loss": loss, "train/lr": lr,
+            self.fabric.log_dict({"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
                                   **throughput(tokens, seconds, "train/"),
                                   "train/memory_gb": peak_memory_gb(self.fabric.device)}, step=state.step)
 

@@ -443,8 +443,11 @@ def test_two_full_fine_tuning_steps_equal_transformers_with_torchs_clipping_adam
     """Truth: transformers' LlamaForCausalLM (token-weighted loss over the batch), torch's clip_grad_norm_ and
     AdamW with the Trainer's decay rule (matrices decay, norm weights not), and transformers' cosine schedule. Four
     samples of different lengths are the whole training split, so both steps see the same batch, here in two micro
-    batches (accumulated token-weighted); the second step runs at half the rate. (AdamW's betas barely show in two
+    batches (accumulated token-weighted); the second step runs at half the rate. The gradient norms TensorBoard
+    logs are torch's, before clipping. (AdamW's betas barely show in two
     steps on one batch: its moments then hold the gradient and its square whatever they are.)"""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     from litft.convert_hf import lit_to_hf_state_dict
     from litft.data import collate
 
@@ -470,10 +473,13 @@ def test_two_full_fine_tuning_steps_equal_transformers_with_torchs_clipping_adam
                                   lr=1e-2, betas=(0.9, 0.95))
     schedule = transformers.get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=0, num_training_steps=2)
     x, y = collate(torch.load(tmp_path / "data" / "train.pt", weights_only=True), pad_id=0)
+    norms = []
     for _ in range(2):
         hf(input_ids=x, labels=y).loss.backward()
-        torch.nn.utils.clip_grad_norm_(hf.parameters(), 0.5)
+        norms.append(torch.nn.utils.clip_grad_norm_(hf.parameters(), 0.5).item())  # the norm before clipping
         optimizer.step(), schedule.step(), optimizer.zero_grad()
+    logged = EventAccumulator(str(next((tmp_path / "out" / "logs").rglob("events.out.tfevents.*")))).Reload()
+    assert [e.value for e in logged.Scalars("train/grad_norm")] == pytest.approx(norms, rel=1e-4)
     ours, theirs = weights(tmp_path / "out" / "lit_model.pth"), lit_state_of(hf)
     assert ours.keys() == theirs.keys()
     for name, tensor in ours.items():  # updates are ~1e-2: a wrong decay group, clip or rate shows at once
