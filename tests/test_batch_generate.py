@@ -209,5 +209,9 @@ def test_a_lora_that_cannot_share_the_batch_is_refused(base, bases, tmp_path):
     with pytest.raises(UserError, match="embedding"):
         add_loras(model, {"e": tmp_path / "embed" / "lit_model_lora.pth"})
     make_run(bases[False], tmp_path / "other", LoRAConfig(r=2, targets=["k"]))  # 4 key heads there, 2 here
+    with pytest.raises(UserError, match=r"was trained on tiny-mha \(n_query_groups 4, tie_embeddings False\), not "
+                                        r"tiny-gqa \(n_query_groups 2, tie_embeddings True\)"):
+        add_loras(model, {"o": tmp_path / "other" / "lit_model_lora.pth"})  # its model_config.yaml says so
+    (tmp_path / "other" / "model_config.yaml").unlink()
     with pytest.raises(UserError, match="made for another base model: blocks.0.attn.k_proj"):
-        add_loras(model, {"o": tmp_path / "other" / "lit_model_lora.pth"})
+        add_loras(model, {"o": tmp_path / "other" / "lit_model_lora.pth"})  # without it, the shapes say so

@@ -248,8 +248,10 @@ def test_new_tokens_in_a_tokenizers_json(tmp_path):
     V = tok.get_vocab_size()
     grown = Tokenizer.from_str(grown_tokenizer_files(tmp_path, ["<r>", "<s2>"], V)["tokenizer.json"].decode())
     assert grown.encode("the <r> cat<s2>").ids[-3:] == [V, grown.token_to_id("cat"), V + 1]
-    with pytest.raises(Exception, match="would not line up"):
+    with pytest.raises(Exception, match="a vocabulary padded beyond its tokenizer"):
         grown_tokenizer_files(tmp_path, ["<r>"], V + 5)
+    with pytest.raises(Exception, match="would not line up"):  # a tokenizer with more tokens than the model rows
+        grown_tokenizer_files(tmp_path, ["<r>"], V - 1)
 
 
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
