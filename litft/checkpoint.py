@@ -20,6 +20,14 @@ from litft.model import Llama
 WEIGHTS = "lit_model.pth"
 
 
+def check_not_replacing(flag: str, output_dir: Path, overwrite: bool) -> None:
+    """Refuse, in one line, to convert into a directory that already holds a checkpoint unless `overwrite`: a
+    mistyped path must not replace another model."""
+    if (Path(output_dir) / WEIGHTS).is_file() and not overwrite:
+        raise UserError(f"{flag} {output_dir} already holds a checkpoint ({WEIGHTS}); choose another directory, or "
+                        "pass --overwrite true to replace it")
+
+
 def check_shapes(model: torch.nn.Module, state_dict: dict[str, Tensor], source: Path, strict: bool = True) -> None:
     """Fail with one line naming the first mismatching tensor, instead of PyTorch's wall of text."""
     expected = model.state_dict()

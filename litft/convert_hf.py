@@ -32,7 +32,7 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-from litft.checkpoint import WEIGHTS, check_shapes
+from litft.checkpoint import WEIGHTS, check_not_replacing, check_shapes
 from litft.config import CONFIGS, Config
 from litft.errors import UserError
 from litft.files import (
@@ -213,9 +213,7 @@ def convert_hf_checkpoint(checkpoint_dir: Path, output_dir: Path | None = None, 
     in_place = output_dir.resolve() == checkpoint_dir.resolve()
     if not in_place:
         check_not_hf_model("--output_dir", output_dir)
-        if (output_dir / WEIGHTS).is_file() and not overwrite:  # a mistyped path must not replace another model
-            raise UserError(f"--output_dir {output_dir} already holds a checkpoint ({WEIGHTS}); choose another "
-                            "directory, or pass --overwrite true to replace it")
+        check_not_replacing("--output_dir", output_dir, overwrite)
     config = read_hf_config(checkpoint_dir)
     state_dict = hf_to_lit_state_dict(checkpoint_dir, config, parse_dtype(dtype))  # all checked before writing
 

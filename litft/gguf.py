@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from litft.checkpoint import WEIGHTS
+from litft.checkpoint import WEIGHTS, check_not_replacing
 from litft.config import Config
 from litft.errors import UserError
 from litft.files import (
@@ -267,9 +267,7 @@ def convert_gguf(gguf_path: Path, output_dir: Path, dtype: torch.dtype = torch.f
     """
     output_dir = check_output_dir("--output_dir", Path(output_dir), "a checkpoint", gguf=Path(gguf_path).parent)
     check_not_hf_model("--output_dir", output_dir)
-    if (output_dir / WEIGHTS).is_file() and not overwrite:
-        raise UserError(f"--output_dir {output_dir} already holds a checkpoint ({WEIGHTS}); choose another "
-                        "directory, or pass --overwrite true to replace it")
+    check_not_replacing("--output_dir", output_dir, overwrite)
     reader = open_gguf(gguf_path)
     meta = metadata(reader)
     config = config_from_gguf(meta, tensor_shapes(reader), name or output_dir.name, rope_freqs(reader))
