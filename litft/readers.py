@@ -16,6 +16,8 @@ transformers' own reading.
 from __future__ import annotations
 
 import importlib
+import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +36,14 @@ from litft.verify import Reader
 
 def require_readers(peft: bool = False) -> None:
     """Check that the readers are installed — transformers, and peft for a PEFT adapter — (one line if not), and keep
-    their logging to errors."""
+    their logging to errors: a deprecation inside them, or bitsandbytes (imported by peft) missing an optional CPU
+    kernel, is nothing the user of an exporter can act on."""
     names = ["transformers", "peft"] if peft else ["transformers"]
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    for module in ("transformers", "peft"):
+        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
+    # export_peft.py says what this warning of peft's is about, in terms of litft's tools
+    warnings.filterwarnings("ignore", message="Model has `tie_word_embeddings=True`", category=UserWarning)
     try:
         transformers, *_ = [importlib.import_module(name) for name in names]
     except ImportError as e:

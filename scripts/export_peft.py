@@ -9,6 +9,10 @@ tests/test_verify.py; transformers' own `model.load_adapter("out/lora/peft")` re
     model = AutoModelForCausalLM.from_pretrained("meta-llama/Llama-2-7b-hf")
     model = PeftModel.from_pretrained(model, "out/lora/peft")
 
+On a base with tied embeddings (SmolLM2, Llama 3.2 1B/3B), a LoRA on embed or lm_head works in peft unmerged, but
+peft's `merge_and_unload` adds its update to the one matrix both layers share (tests/test_merge_export.py shows
+the merged model computing something else); the script says so, and scripts/merge_lora.py merges such a run.
+
 No other reader of PEFT adapters (vLLM's LoRA support, ...) is tested here; for those, merge the run
 (scripts/merge_lora.py) and export the merged model (convert_lit_checkpoint.py, export_gguf.py).
 
@@ -145,6 +149,10 @@ def main(checkpoint_dir: Path, lora_path: Path, output_dir: Path, verify: bool =
         print(f"this LoRA was trained on an {lora.quantize} base quantized from the checkpoint's {dtype} weights: load "
               f"the base with dtype={dtype} and BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4', "
               f"bnb_4bit_use_double_quant={SCHEMES[lora.quantize]})", file=sys.stderr)
+    if tied := base.tie_embeddings and sorted({"embed", "lm_head"} & set(lora.targets)):
+        print(f"the base ties embed and lm_head (one matrix) and this LoRA adapts {' and '.join(tied)}: load the "
+              "adapter unmerged, as PeftModel.from_pretrained does; peft's merge_and_unload would add the update to both "
+              "layers. To merge, run scripts/merge_lora.py, which unties them", file=sys.stderr)
     if line:
         print(line)
 

@@ -115,8 +115,13 @@ def test_export_loads_in_peft_and_matches(bases, tmp_path, tied, targets, rslora
     run_dir, out = tmp_path / "run", tmp_path / "peft"
     model = make_run(base_dir, run_dir, LoRAConfig(r=4, alpha=8, targets=targets, rslora=rslora))
     lora_path = run_dir if rslora else run_dir / "lit_model_lora.pth"  # the run directory or its weights file
-    run_script("scripts/export_peft.py", "--checkpoint_dir", base_dir, "--lora_path", lora_path, "--output_dir", out,
-               check=True)
+    proc = run_script("scripts/export_peft.py", "--checkpoint_dir", base_dir, "--lora_path", lora_path, "--output_dir",
+                      out, check=True)
+    # stderr holds the exporter's own lines alone: no deprecation from transformers, no bitsandbytes kernel notice
+    lines = proc.stderr.splitlines()
+    adapts_tied = tied and "embed" in targets
+    assert [line.split()[0] for line in lines] == ["wrote"] + ["the"] * adapts_tied, proc.stderr
+    assert not adapts_tied or "adapts embed and lm_head" in lines[1] and "merge_and_unload" in lines[1]
     config = json.loads((out / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"], config["use_rslora"], config["task_type"]) == (4, 8, rslora, "CAUSAL_LM")
     hf = hf_model(model.config)
@@ -129,6 +134,8 @@ def test_export_loads_in_peft_and_matches(bases, tmp_path, tied, targets, rslora
         with pm.disable_adapter():
             assert (pm(x).logits - expected).abs().max() > 1e-3  # the adapter is active
         torch.testing.assert_close(model(x), expected, atol=1e-4, rtol=0)
+        if adapts_tied:  # what the exporter's line warns of: peft merges both updates into the one shared matrix
+            assert (pm.merge_and_unload()(x).logits - expected).abs().max() > 1e-2
 
 
 def test_user_errors_are_one_line_and_write_nothing(bases, tmp_path):
