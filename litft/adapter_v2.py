@@ -20,8 +20,8 @@ stretch of the logits.
 The frozen W keeps its state-dict name (`q_proj.weight`, ...), so a base lit checkpoint loads into an adapted
 model unchanged, and the run saves only prompts, gates, s, b and the norms.
 
-Merging into a plain checkpoint is not exact and is not offered: s ⊙ (W x + b) = (s ⊙ W) x + s ⊙ b folds the
-scale into W, but a bias-free Llama layer has no place for s ⊙ b, and the adaption prompt is an extra
+Merging into a plain checkpoint is not exact and is not offered: s ⊙ (W x + b) = (diag(s) W) x + s ⊙ b folds the
+scale into W's rows, but a bias-free Llama layer has no place for s ⊙ b, and the adaption prompt is an extra
 attention path a plain Llama does not have. Serve a V2 run with generate/adapter_v2.py.
 """
 

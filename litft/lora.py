@@ -4,10 +4,9 @@ A frozen weight W (d_out × d_in) gets a trainable low-rank update:
 
     h = W x + (α / r) · B A x          A: r × d_in,  B: d_out × r,  r ≪ min(d_in, d_out)
 
-A starts kaiming-uniform and B at zero, so B A = 0 and at step 0 the model is exactly the pretrained one;
-only A and B are trained and saved. In training the branch reads dropout(x), the frozen path x itself:
-
-    h = W x + (α / r) · B A dropout(x)
+A starts kaiming-uniform (PEFT's default; the paper draws it from a Gaussian) and B at zero, so B A = 0 and at
+step 0 the model is exactly the pretrained one; only A and B are trained and saved. In training the branch reads
+dropout(x), the frozen path x itself: h = W x + (α / r) · B A dropout(x).
 
 rsLoRA (Kalajdzievski 2023, https://arxiv.org/abs/2312.03732) scales by α / √r instead, so the update's size
 does not shrink as r grows. Each adapted layer adds r · (d_in + d_out) parameters. Llama-2-7B (width 4096, MLP
@@ -22,8 +21,9 @@ model unchanged (tied embed and lm_head still share it); the new tensors are `lo
 (`new_tokens`) add trainable rows to embed and lm_head, saved next to A and B: litft/new_rows.py.
 
 Merging folds W' = W + (α / r) · B A (and appends new rows): a plain Llama, no extra inference cost; on tied
-embed or lm_head it *unties* them (exact). QLoRA keeps W in 4 bits: litft/qlora.py. By default training runs
-litft/fast/fused_lora.py (the same value, faster) and fp32 generation merges; `--fast false` runs this code.
+embed or lm_head it *unties* them (exact). QLoRA keeps W in 4 bits: litft/qlora.py. Training runs
+litft/fast/fused_lora.py by default (the same value at dropout 0; with dropout, layers reading one input share its
+mask: fast/lora_dropout.py), fp32 generation merges, and `--fast false` runs this code.
 """
 
 from __future__ import annotations

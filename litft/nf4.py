@@ -61,8 +61,8 @@ def dynamic_code() -> Tensor:
     """The signed dynamic 8-bit code: 256 levels, ascending, in [−1, 1]. float32 (256,).
 
     For e = 0 … 6 the levels 10^(e − 6) · m, where m runs over the 2^e midpoints of [0.1, 1] cut into 2^e equal
-    steps: more fraction levels where the exponent leaves more bits. Both signs, then 0 and 1; the unused
-    rest of the 256 byte values also decodes to 0."""
+    steps: more fraction levels where the exponent leaves more bits. Both signs (2 · 127
+    levels), then 0 and 1: all 256 byte values."""
     levels = []
     for e in range(7):
         bounds = torch.linspace(0.1, 1, 2**e + 1, dtype=torch.float32)

@@ -4,7 +4,7 @@ LoRA (litft/lora.py) trains A and B and only ever reads W. QLoRA therefore store
 the blocks in NF4 (litft/nf4.py: 4 bits per weight and a scale per 64) and rebuilds it, in the compute dtype,
 each time a matmul needs it:
 
-    h = Ŵ x + (α/r) · B A dropout(x)          Ŵ = dequantize(NF4(W)), one layer's at a time in full precision
+    h = Ŵ x + (α/r) · B A dropout(x)          Ŵ = dequantize(NF4(W)), one layer's at a time, in the compute dtype
 
 Gradients reach A, B and x (through Ŵᵀ in the backward pass, which dequantizes W once more) but never Ŵ, so the
 4-bit weights need neither gradients nor optimizer state. The embedding, lm_head and the norms stay in full

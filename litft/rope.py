@@ -1,7 +1,8 @@
 """Rotary position embeddings (RoPE), Su et al. 2021 — https://arxiv.org/abs/2104.09864 — and the ways
 checkpoints stretch them past the context they were pretrained on.
 
-Each head's channel pair (i, i + hs/2) is rotated by the angle  pos · θ_i,  with  θ_i = base^(-2i/hs):
+Each head's channel pair (i, i + hs/2) is rotated by the angle  pos · θ_i,  with  θ_i = base^(-2i/hs) (the paper
+pairs adjacent channels (2i, 2i + 1); Hugging Face checkpoints permute q's and k's rows so that this split is the same):
 
     q' = q · cos(pos θ) + rotate_half(q) · sin(pos θ)          rotate_half(x1, x2) = (-x2, x1)
 
@@ -13,8 +14,8 @@ far. Longer contexts change θ, and a checkpoint's config.json says how (`rope_s
     dynamic    NTK-aware: past the original context L, base grows to
                base · (factor · T / L − (factor − 1))^(hs / (hs − 2)) for a sequence of T tokens, recomputed as
                T grows (the keys already in a KV cache keep the angles they were written with).
-    llama3     Llama 3.1+: wavelengths longer than L / low_freq_factor are divided by `factor`, shorter than
-               L / high_freq_factor are kept, and the band between is blended smoothly.
+    llama3     Llama 3.1+: pairs whose wavelength is longer than L / low_freq_factor turn `factor` times slower
+               (θ_i / factor), those shorter than L / high_freq_factor are kept, and the band between is blended.
     yarn       Peng et al. 2023 (https://arxiv.org/abs/2309.00071): interpolate slow pairs, keep fast pairs,
                ramp linearly between β_fast and β_slow rotations within L, and scale cos and sin by
                0.1 · ln(factor) + 1 (the "attention factor").
@@ -112,7 +113,7 @@ def inverse_frequencies(config: RoPEConfig, seq_len: int, device=None) -> tuple[
 
 
 def llama3_frequencies(theta: Tensor, s: RoPEScaling) -> Tensor:
-    """Divide long wavelengths by `factor`, keep short ones, blend the band in between."""
+    """Slow the long-wavelength pairs `factor` times (θ / factor), keep the short ones, blend the band in between."""
     wavelength = 2 * math.pi / theta
     long_wave, short_wave = s.original_max_position / s.low_freq_factor, s.original_max_position / s.high_freq_factor
     scaled = torch.where(wavelength > long_wave, theta / s.factor, theta)

@@ -18,9 +18,10 @@ def batch_indices(n: int, micro_batch_size: int, world_size: int, rank: int, see
                   start: int = 0) -> Iterator[list[int]]:
     """Yield this process's sample indices, one micro batch at a time, forever; resumable at `start`.
 
-    Each epoch is a fresh permutation seeded by (seed, epoch). Micro batch i of the whole job covers
-    permutation slots [i·m·W, (i+1)·m·W); process `rank` takes its m of them. So one process with micro batch m
-    sees the same samples in the same order as W processes together.
+    Epoch e is a fresh permutation seeded with seed + e (so --seed 2 starts with the order of --seed 1's second
+    epoch). Micro batch i of the whole job covers permutation slots [i·m·W, (i+1)·m·W); process `rank` takes its
+    m of them, and the last n mod (m·W) slots of each epoch are skipped. So, when n is a multiple of m·W, one
+    process accumulating W micro batches of m sees the same samples in the same order as W processes together.
     """
     check_fills_a_micro_batch(n, micro_batch_size, world_size)
     per_iter = micro_batch_size * world_size

@@ -93,7 +93,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.zeros_like(h) if h.requires_grad else None  # (N, C)
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if weight.requires_grad else None  # (V, C)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
-        # grad_h and grad_w above keep the dtypes of h and weight; the matmuls below use the autocast dtype's copies
+        # grad_h has h's dtype, grad_w sums in fp32 (cast to W's dtype when saved); the matmuls use autocast's copies
         h_mm, w_mm = _cast_once_for_autocast(h, weight)
         with torch.autocast(h.device.type, enabled=False):
             for s in range(0, h.size(0), chunk_tokens):
