@@ -29,7 +29,7 @@ import yaml
 from litft.checkpoint import WEIGHTS
 from litft.config import Config
 from litft.errors import UserError
-from litft.files import atomic_write_text, read_yaml_mapping, run_dir_of
+from litft.files import atomic_write_text, read_yaml_mapping, run_dir_of, sync_directory
 from litft.gguf import convert_gguf
 from litft.load_finetuned import check_same_base, detect_method, weights_in
 from litft.tokenizer import Tokenizer
@@ -68,6 +68,7 @@ def ensure_checkpoint(checkpoint_dir: Path) -> None:
             raise UserError(f"converting {OFFLINE_GGUF} into {checkpoint_dir} failed: {e}") from None
         scratch.chmod(0o755)  # mkdtemp makes a directory only its owner can read; a checkpoint is for everyone
         scratch.rename(checkpoint_dir)
+        sync_directory(checkpoint_dir.parent)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

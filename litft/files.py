@@ -1,8 +1,9 @@
 """Files on disk, written safely: atomic writes, YAML settings, tensor state dicts, tokenizer files.
 
 Every file litft writes goes to a temporary file in the same directory first and is renamed into place, so a
-crash mid-write never leaves a half-written file behind. Tensors are read with `weights_only=True`: a file that
-would run code when unpickled is refused.
+crash mid-write never leaves a half-written file behind; the file, then its directory, are synced to disk, so a
+power cut right after the rename leaves the new file or the old one, not an empty one. Tensors are read with
+`weights_only=True`: a file that would run code when unpickled is refused.
 """
 
 from __future__ import annotations
@@ -51,9 +52,21 @@ def atomic_path(path: Path) -> Iterator[Path]:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        sync_directory(path.parent)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def sync_directory(directory: Path) -> None:
+    """Make the renames in `directory` durable: a rename lives in the directory's entries, which fsync on the file
+    does not write. (Windows cannot open a directory; there, as before, the rename is left to the system.)"""
+    if os.name == "posix":
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -198,6 +211,7 @@ def publish(scratch: Path, output_dir: Path, stale: tuple[str, ...] = (), marker
                 path.unlink()
     if marker in names:
         os.replace(scratch / marker, output_dir / marker)
+    sync_directory(output_dir)
 
 
 def read_yaml_mapping(path: Path, missing: str) -> dict:

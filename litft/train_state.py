@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.tensor import DTensor
 
 from litft.errors import UserError
-from litft.files import atomic_path
+from litft.files import atomic_path, sync_directory
 
 
 @dataclass
@@ -100,7 +100,9 @@ def save(fabric, model, optimizer, scheduler, state: State, out_dir: Path, run_i
     if rank == 0:
         if final.exists() and _read_meta(final) is None:  # left damaged (a power loss): resumed from before it
             shutil.rmtree(final)
+        sync_directory(tmp)  # its files' names, then the rename that makes it complete
         os.replace(tmp, final)
+        sync_directory(final.parent)
         for old in own_checkpoints(out_dir, run_id, up_to=final)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     fabric.barrier()

@@ -122,3 +122,52 @@ def test_a_scratch_folder_is_removed_only_when_its_process_is_gone(tmp_path):
         (first / "train.pt").write_text("first")
     assert not killed.exists()
     assert {p.name: p.read_text() for p in out.iterdir()} == {"test.pt": "first", "train.pt": "first"}
+
+
+def test_files_then_the_directory_entries_that_name_them_are_synced_to_disk(tmp_path, monkeypatch):
+    """POSIX makes a rename durable only once its directory is fsynced (fsync(2): syncing a file "does not
+    necessarily ensure that the entry in the directory containing the file has also reached disk"). So every
+    rename litft completes an output with comes after its file's fsync and before its directory's."""
+    import os
+    import stat
+
+    import torch
+    from lightning.fabric import Fabric
+
+    from litft import train_state
+    from litft.files import atomic_write_text, staged_output
+
+    events = []  # ("sync", path kind, inode) and ("rename", source, destination) in order
+    fsync, replace = os.fsync, os.replace
+
+    def recorded_fsync(fd):
+        st = os.fstat(fd)
+        events.append(("sync", "dir" if stat.S_ISDIR(st.st_mode) else "file", st.st_ino))
+        return fsync(fd)
+
+    def recorded_replace(src, dst):
+        events.append(("rename", Path(src), Path(dst)))
+        return replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", recorded_fsync)
+    monkeypatch.setattr(os, "replace", recorded_replace)
+
+    def check(renamed_to: Path) -> None:
+        k = next(i for i, e in enumerate(events) if e[0] == "rename" and e[2] == renamed_to)
+        assert ("sync", "dir", renamed_to.parent.stat().st_ino) in events[k + 1:], events
+        assert any(e[:2] == ("sync", "file") for e in events[:k]) or renamed_to.is_dir(), events
+
+    atomic_write_text(tmp_path / "a.txt", "a")
+    check(tmp_path / "a.txt")
+    events.clear()
+    with staged_output(tmp_path / "out") as scratch:
+        atomic_write_text(scratch / "b.txt", "b")
+    check(tmp_path / "out" / "b.txt")
+    events.clear()
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    final = train_state.save(Fabric(accelerator="cpu", devices=1), model, optimizer,
+                             torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0), train_state.State(step=1),
+                             tmp_path / "run", "run-id")
+    check(final)
+    assert ("sync", "dir", (final / train_state.META).parent.stat().st_ino) in events  # the step's own entries
