@@ -234,9 +234,11 @@ def free_bytes(device: torch.device) -> float:
 # ---- a training run's plan: printed before the weights are read; --micro_batch_size auto ---------------------
 
 
-def plan_run(args: TrainArgs, method: Method, seq: int, world_size: int, device: torch.device) -> tuple[int, str]:
+def plan_run(args: TrainArgs, method: Method, seq: int, world_size: int, device: torch.device,
+             rows: int | None = None) -> tuple[int, str]:
     """(the micro batch size to use, the line to print). With --micro_batch_size auto: the largest that divides
-    the batch and fits; otherwise the one asked for, refused in one line when its estimate does not fit."""
+    the batch, fits, and that the `rows` of training data fill on every process; otherwise the one asked for,
+    refused in one line when its estimate does not fit."""
     config = Config.from_checkpoint(args.checkpoint_dir)
     per_step = args.batch_size // world_size
     local = 1 if device.type == "cuda" else args.devices  # a CPU's processes share its memory
@@ -250,7 +252,8 @@ def plan_run(args: TrainArgs, method: Method, seq: int, world_size: int, device:
     estimate = one.sharded(world_size if args.strategy == "fsdp" else 1).with_micro_batch
 
     if args.micro_batch_size == "auto":
-        fitting = [m for m in range(per_step, 0, -1) if per_step % m == 0 and local * estimate(m).total <= MARGIN * free]
+        most = min(per_step, (rows or per_step * world_size) // world_size)
+        fitting = [m for m in range(most, 0, -1) if per_step % m == 0 and local * estimate(m).total <= MARGIN * free]
         if not fitting:
             raise UserError(f"--micro_batch_size auto: not even 1 sample of {seq} tokens fits the {free / GB:.1f} GB "
                             f"free ({estimate(1).describe(seq)}); {ADVICE}")

@@ -107,8 +107,9 @@ def read_data(fabric: Fabric, args: TrainArgs, method: Method) -> tuple[list[dic
               file=sys.stderr)
     rows = pack_rows(fabric, args, train_data) if args.packing else train_data
     # checked now, before the run directory is written (the training loop draws its first batch much later)
-    check_fills_a_micro_batch(len(rows), args.micro_batch_size, fabric.world_size, len(train_data) if args.packing
-                              else None)
+    # auto: at least one row per process; the size it resolves to never exceeds that (litft/memory.py's plan_run)
+    smallest = 1 if args.micro_batch_size == "auto" else args.micro_batch_size
+    check_fills_a_micro_batch(len(rows), smallest, fabric.world_size, len(train_data) if args.packing else None)
     return rows, val_data
 
 

@@ -98,7 +98,8 @@ def plan_memory(fabric: Fabric, args: TrainArgs, method: Method, train_data: lis
     the others follow; a resumed run kept the size it started with, run_dir.check); refuse a run that would not
     fit."""
     seq = data_lib.batch_length(longest(train_data), args.batch_multiple(), args.max_seq_length)
-    micro, line = decided_by_rank0(fabric, lambda: memory.plan_run(args, method, seq, fabric.world_size, fabric.device))
+    micro, line = decided_by_rank0(fabric, lambda: memory.plan_run(args, method, seq, fabric.world_size, fabric.device,
+                                                                   rows=len(train_data)))
     fabric.print(line, file=sys.stderr)
     args.micro_batch_size = micro
     args.micro_batches(fabric.world_size)  # checks that the batch splits into micro batches on every process

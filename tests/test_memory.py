@@ -332,3 +332,12 @@ def test_a_cpu_plan_on_glibc_says_the_peak_may_exceed_it(tiny, monkeypatch):
         line = memory.plan_run(args, lora_method(), 64, world_size=1, device=torch.device("cpu"))[1]
         assert line.startswith("memory plan: estimated peak")
         assert ("LD_PRELOAD=libtcmalloc_minimal.so.4" in line) == warned, name
+
+
+def test_auto_never_picks_more_samples_than_the_data_has_per_process(tiny, monkeypatch):
+    """A batch of 12 on 1 process, memory for anything: auto takes the largest divisor of 12 the rows fill."""
+    monkeypatch.setattr(memory, "free_bytes", lambda device: 1e15)
+    args = TrainArgs(checkpoint_dir=tiny["ckpt"], batch_size=12, micro_batch_size="auto")
+    picked = {rows: memory.plan_run(args, lora_method(), 64, world_size=1, device=torch.device("cpu"), rows=rows)[0]
+              for rows in (100, 12, 5, 3, 1)}
+    assert picked == {100: 12, 12: 12, 5: 4, 3: 3, 1: 1}

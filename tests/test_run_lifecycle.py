@@ -161,6 +161,14 @@ def test_resume_removes_orphans_and_rotation_spares_other_runs(tiny, done_run, t
     assert not any(orphan.exists() for orphan in orphans)
 
 
+def test_a_new_run_with_micro_batch_size_auto_trains_and_records_the_size_it_picked(tiny, tmp_path):
+    """The README's `--micro_batch_size auto` on a fresh run: the plan names the size, run.yaml keeps it."""
+    out = tmp_path / "auto"
+    proc = finetune(tiny, out, "--micro_batch_size", "auto", "--max_steps", "1")
+    assert "micro batch 4 × " in proc.stderr, proc.stderr
+    assert yaml.safe_load((out / "run.yaml").read_text())["must_match"]["micro_batch_size"] == 4
+
+
 def test_a_resume_past_max_steps_is_refused_and_one_at_it_writes_the_summary(tiny, done_run, tmp_path):
     """A finished 6-step run resumed with --max_steps 4 is past it: one line saying where the run is, and nothing
     touched. Resumed with --max_steps 6, as a run killed after its last checkpoint but before its summary is: no
