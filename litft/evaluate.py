@@ -40,15 +40,16 @@ def evaluate(model: torch.nn.Module, tokenizer, samples: list[dict], style: Prom
     samples = samples[:limit] if limit else samples
     device = next(model.parameters()).device
     stops, block_size = stop_token_ids(tokenizer, style), model.config.block_size
-    rows = []
+    rows, too_long = [], 0  # prompts that fill the context: no room for an answer
     for sample in tqdm(samples, desc="evaluating", unit=" samples"):
         prompt = style.apply(sample["instruction"], sample["input"])
         ids = tokenizer.encode(prompt, bos=style.add_bos).to(device)  # (T,), as generate/ scripts encode a prompt
         budget = min(max_new_tokens, block_size - len(ids))
+        too_long += budget <= 0
         answer = tokenizer.decode(list(generate(model, ids, budget, temperature=0, stop_ids=stops))) if budget > 0 else ""
         rows.append({"prompt": prompt, "reference": sample["output"], "prediction": answer,
                      "extracted": extract(task, answer), "correct": exact_match(task, answer, sample["output"])})
     correct = sum(row["correct"] for row in rows)
-    return {"task": task, "prompt_style": style.name, "samples": len(rows), "correct": correct,
+    return {"task": task, "prompt_style": style.name, "samples": len(rows), "correct": correct, "too_long": too_long,
             "exact_match": correct / len(rows) if rows else math.nan,
             "val_loss": validation_loss(model, samples, tokenizer.pad_id, batch_size), "predictions": rows}

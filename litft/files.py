@@ -143,13 +143,18 @@ def check_replaceable(flag: str, out: Path, script: str, overwrite: bool) -> Non
 
 
 def written_by(directory: Path) -> str | None:
-    """The script WRITTEN_BY names in `directory` (its first 65,536 characters at most), or None."""
+    """The script WRITTEN_BY names in `directory`, or None."""
+    return written_record(directory).get("written_by")
+
+
+def written_record(directory: Path) -> dict:
+    """WRITTEN_BY in `directory` (its first 65,536 characters at most): the script and its inputs; {} if none."""
     try:
         with open(Path(directory) / WRITTEN_BY, encoding="utf-8") as f:
             data = yaml.safe_load(f.read(2**16))
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return None
-    return data.get("written_by") if isinstance(data, dict) else None
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def write_written_by(directory: Path, script: str, **sources: Path | None) -> None:

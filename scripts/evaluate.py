@@ -26,7 +26,8 @@ from litft.errors import UserError
 from litft.evaluate import evaluate
 from litft.fast import for_generation
 from litft.files import atomic_write_text, check_writable, holds, run_dir_of
-from litft.generate_cli import check_checkpoint_dir, pick_precision
+from litft.generate_cli import pick_precision
+from litft.kinds import check_checkpoint
 from litft.load_finetuned import load_finetuned, tokenizer_dir, weights_in
 from litft.nf4 import check_scheme
 from litft.prompts import PromptStyle
@@ -55,7 +56,7 @@ def main(checkpoint_dir: Path, data: str, weights_path: Optional[Path] = None, s
     for flag, value in (("--limit", limit), ("--max_new_tokens", max_new_tokens), ("--batch_size", batch_size)):
         if value is not None and value < 1:
             raise UserError(f"{flag} must be at least 1, got {value}")
-    check_checkpoint_dir(Path(checkpoint_dir))
+    check_checkpoint(checkpoint_dir)
     weights_path = weights_in(weights_path)  # a LoRA or adapter run's directory: its weights file
     out = check_out(out or Path("out/evaluate") / f"{data_dir(data).name}-{split}.json", data)
     samples, style = load_split(data, split), prompt_style_of(data)
@@ -78,9 +79,16 @@ def main(checkpoint_dir: Path, data: str, weights_path: Optional[Path] = None, s
     report.update(data=str(data_dir(data)), split=split, limit=limit, checkpoint_dir=str(checkpoint_dir),
                   weights_path=str(weights_path) if weights_path else None, seconds=round(time.perf_counter() - start, 1))
     atomic_write_text(out, json.dumps(report, indent=2) + "\n")
+    print_summary(report, out, model.config.block_size)
+    return report
+
+
+def print_summary(report: dict, out: Path, block_size: int) -> None:
+    if report["too_long"]:
+        print(f"note: {report['too_long']} of {report['samples']} prompts fill the model's context ({block_size} "
+              "tokens), leaving no room for an answer: each is scored wrong", file=sys.stderr)
     print(f"exact match {report['exact_match']:.1%} ({report['correct']}/{report['samples']})  "
           f"val loss {report['val_loss']:.4f}  report: {out}")
-    return report
 
 
 def check_out(out: Path, data: str) -> Path:

@@ -41,7 +41,9 @@ from litft.files import (
     copy_tokenizer,
     staged_output,
     write_written_by,
+    written_record,
 )
+from litft.kinds import check_checkpoint
 from litft.load_finetuned import check_same_base, load_lora, lora_settings, weights_in
 from litft.lora import LoRAConfig, merge_lora
 from litft.new_tokens import grown_tokenizer_files, write_tokenizer
@@ -64,7 +66,7 @@ def main(checkpoint_dir: Path, lora_path: Path, out_dir: Path, verify: bool = Tr
         verify: compare the merged checkpoint, in transformers, with the unmerged LoRA model.
         overwrite: replace the files of a directory that this script did not write.
     """
-    checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
+    checkpoint_dir, out_dir = check_checkpoint(checkpoint_dir), Path(out_dir)
     lora_path = weights_in(Path(lora_path))  # a run directory: its lit_model_lora.pth
     if verify:
         require_readers()  # before anything is written
@@ -90,6 +92,10 @@ def check_inputs(checkpoint_dir: Path, lora_path: Path) -> tuple[Config, LoRACon
         what = "is a directory" if lora_path.is_dir() else "does not exist"
         raise UserError(f"--lora_path {lora_path} {what}; pass a LoRA run's directory or its lit_model_lora.pth")
     base = Config.from_checkpoint(checkpoint_dir)  # fail early on a bad base directory
+    record = written_record(checkpoint_dir)
+    if record.get("written_by") == SCRIPT and record.get("lora_path") == str(lora_path.resolve()):
+        raise UserError(f"--checkpoint_dir {checkpoint_dir} already has {lora_path} merged into it (this script wrote "
+                        f"it); merging again would add the update twice: pass the base, {record.get('checkpoint_dir')}")
     lora = lora_settings(lora_path)
     check_same_base(lora_path.parent, base, lora_path)  # the run's model_config.yaml names its base
     warn_if_trained_on_another(lora_path.parent, checkpoint_dir, lora_path)  # same shape, another model

@@ -186,6 +186,7 @@ def test_answers_stop_where_the_context_ends(checkpoint, data):
         full_budget += 0 < budget == len(expected)  # the context, not EOS, ended this answer
     assert full_budget >= 1
     assert min(lengths) < block_size <= max(lengths), lengths  # an answer cut short, and a prompt with no room
+    assert report["too_long"] == sum(n >= block_size for n in lengths) >= 1  # counted, for the note evaluate.py prints
 
 
 def test_training_and_generation_use_the_same_prompt(tmp_path, checkpoint, data):

@@ -89,6 +89,10 @@ def test_merged_checkpoint_equals_unmerged(bases, tmp_path, tied):
     x = torch.randint(0, 32000, (2, 17))
     with torch.no_grad():
         torch.testing.assert_close(merged(x), model(x), atol=1e-5, rtol=0)
+    # the merged model given as the base of the same run would take the update twice: refused, naming the base
+    proc = run_main("scripts/merge_lora.py", "--checkpoint_dir", out, "--lora_path", run_dir, "--out_dir",
+                    tmp_path / "twice", "--verify", "false")
+    assert_user_error(proc, f"--checkpoint_dir {out} already has", "merged into it", f"pass the base, {base_dir}")
     if not tied:  # merged again into the same directory, from a run without a prompt style: the first's must go
         plain = make_run(base_dir, tmp_path / "plain-run", LoRAConfig(r=2, alpha=4), style=None)
         run_script("scripts/merge_lora.py", "--checkpoint_dir", base_dir, "--lora_path", tmp_path / "plain-run",
