@@ -33,6 +33,7 @@ from litft.fast import for_generation
 from litft.files import run_dir_of
 from litft.generate import generate, stop_token_ids
 from litft.generate_cli import check_sampling, pick_precision, stream
+from litft.kinds import check_checkpoint
 from litft.load_finetuned import detect_method, load_finetuned, tokenizer_dir
 from litft.prompts import PromptStyle, resolve_style
 from litft.tokenizer import Tokenizer
@@ -110,8 +111,7 @@ def which_model(checkpoint_dir: Optional[Path], lora_path: Optional[Path],
         return checkpoint_dir, adapter_path, method
     checkpoint_dir = Path(checkpoint_dir or DEFAULT_CHECKPOINT)
     ensure_checkpoint(checkpoint_dir)  # the default base is converted on first use; any other must exist
-    if not checkpoint_dir.is_dir():
-        raise UserError(f"checkpoint directory {checkpoint_dir} does not exist; download or convert a model first")
+    check_checkpoint(checkpoint_dir)
     return checkpoint_dir, None, None
 
 

@@ -57,13 +57,14 @@ class AdapterConfig:
 
     def __post_init__(self) -> None:
         if self.prompt_length <= 0:
-            raise UserError(f"prompt_length must be at least 1, got {self.prompt_length} (the paper uses 10)")
+            raise UserError(f"--prompt_length must be at least 1, got {self.prompt_length} (the paper uses 10)")
         if self.start_layer < 0:
-            raise UserError(f"start_layer must be >= 0, got {self.start_layer}")
+            raise UserError(f"--start_layer must be >= 0, got {self.start_layer}")
 
     def check(self, n_layer: int) -> None:
         if self.start_layer >= n_layer:
-            raise UserError(f"start_layer {self.start_layer} leaves no layer to adapt: the model has {n_layer} layers")
+            raise UserError(f"--start_layer {self.start_layer} leaves no layer to adapt: the model has {n_layer} "
+                            f"layers; pass --start_layer {n_layer - 1} or less")
 
     def save(self, run_dir: Path) -> None:
         write_settings(Path(run_dir) / self.FILE, self)

@@ -31,6 +31,7 @@ from litft.config import Config
 from litft.errors import UserError
 from litft.files import atomic_write_text, read_yaml_mapping, run_dir_of, sync_directory
 from litft.gguf import convert_gguf
+from litft.kinds import check_run_kind
 from litft.load_finetuned import check_same_base, detect_method, weights_in
 from litft.tokenizer import Tokenizer
 
@@ -182,6 +183,7 @@ def resolve_run(method: str, weights_path: Path, checkpoint_dir: Path | None, fl
     if not weights_path.exists():
         raise UserError(f"{weights_path} does not exist; train a run first (python finetune/{method}.py) "
                         f"or pass --{flag} of a finished run")
+    check_run_kind(weights_path, method, f"--{flag}", base_given=checkpoint_dir is not None)
     weights_path = weights_in(weights_path)  # a LoRA or adapter run's directory: its weights file
     if method == "lora" and (other := detect_method(weights_path)) in ("adapter", "adapter_v2"):
         raise UserError(f"{weights_path} is from an {other} run, not a LoRA run; pass it as --adapter_path (to "

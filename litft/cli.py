@@ -10,10 +10,14 @@ from __future__ import annotations
 import os
 import re
 import sys
+from pathlib import Path
 from typing import Any, Callable
+
+import yaml
 
 from litft.base_checkpoint import ensure_checkpoint
 from litft.errors import UserError
+from litft.kinds import check_checkpoint
 from litft.named_data import ensure_data
 from litft.train_args import TrainArgs
 
@@ -34,7 +38,7 @@ def reported(call: Callable[[], Any]) -> Any:
     except UserError as e:
         fail(str(e), 2)
     except ArgumentError as e:  # a flag the command does not take, or a value of the wrong type
-        fail(f"{flag_error(str(e))} (--help lists the flags)", 2)
+        fail(f"{config_error(str(e), sys.argv) or flag_error(str(e))} (--help lists the flags)", 2)
     except BrokenPipeError:  # stdout's reader left (`| head`): nothing more to say to it (Python's "Note on SIGPIPE")
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
@@ -56,6 +60,38 @@ def flag_error(message: str) -> str:
     if expected and given:
         return f"--{key}: expected {type_names(expected.group(1))}, got {given.group(1).strip()!r}"
     return f"--{key}: " + " ".join(line.strip() for line in detail.splitlines())
+
+
+def check_no_flag_before_config(argv: list[str]) -> None:
+    """Flags are read in order, so a --config file replaces a flag given before it; that flag would be dropped
+    silently. (Flags after --config override the file, as recipes/ show.)"""
+    at = next((i for i, a in enumerate(argv) if a == "--config" or a.startswith("--config=")), None)
+    if at is None or (argv[at] == "--config" and at + 1 == len(argv)):
+        return
+    path = argv[at + 1] if argv[at] == "--config" else argv[at].split("=", 1)[1]
+    try:
+        keys = set(yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {})
+    except (OSError, ValueError, TypeError, yaml.YAMLError):  # unreadable, or not a mapping: the parser says so
+        return
+    for flag in (a[2:].split("=", 1)[0] for a in argv[:at] if a.startswith("--")):
+        if flag in keys:
+            raise UserError(f"--{flag} comes before --config {path}, which sets {flag} again and wins; put --config "
+                            "first")
+
+
+def config_error(message: str, argv: list[str]) -> str | None:
+    """A --config file's unknown key or broken YAML, named with the file (jsonargparse names neither the file nor,
+    for YAML, more than "<unicode string>")."""
+    files = [argv[i + 1] if a == "--config" else a.split("=", 1)[1] for i, a in enumerate(argv)
+             if (a == "--config" and i + 1 < len(argv)) or a.startswith("--config=")]
+    if not files:
+        return None
+    if key := re.match(r"Option '([^']+)' is not accepted", message):
+        return f"--config {files[-1]}: unknown key '{key.group(1)}'"
+    if message.startswith("Problems parsing config"):
+        where = re.sub(r'\s*in "<unicode string>"', "", message.split(":", 1)[1]).strip()
+        return f"--config {files[-1]} is not valid YAML: {' '.join(where.split())}"
+    return None
 
 
 def type_names(types: str) -> str:
@@ -103,10 +139,12 @@ def _finetune(recipe: Callable[..., Any], args: list[str] | None, defaults: dict
     parser.add_class_arguments(TrainArgs, nested_key=None)
     parser.add_function_arguments(recipe, nested_key=None, skip={"train"})
     parser.set_defaults(**defaults)
+    check_no_flag_before_config(sys.argv[1:] if args is None else args)
     flags = parser.parse_args(args).as_dict()
     flags.pop("config", None)
     train = TrainArgs(**{k: flags.pop(k) for k in list(flags) if k in TrainArgs.__dataclass_fields__})
     train.validate()
     ensure_checkpoint(train.checkpoint_dir)
+    check_checkpoint(train.checkpoint_dir)
     ensure_data(train.data, train.checkpoint_dir)
     return recipe(train, **flags)

@@ -41,9 +41,14 @@ def load_split(data: str | Path, split: str) -> list[dict]:
     """The samples of `split` ("train" or "test") in a prepared directory."""
     directory = data_dir(data)
     path = directory / f"{split}.pt"
-    if directory.is_file():
+    given = Path(data)
+    if given.is_file() and given.suffix != ".pt":  # a raw data file: the data_prep scripts turn it into train.pt
+        raise UserError(f"--data {data} is a data file, not prepared data; prepare it first: python "
+                        f"data_prep/json_data.py --data_file {data} --destination_path data/{given.stem} (and the "
+                        f"--checkpoint_dir you train), then pass --data data/{given.stem}")
+    if directory.is_file() or given.is_file():
         raise UserError(f"--data {data} is a file; --data names the directory that holds train.pt and test.pt "
-                        f"(here: --data {directory.parent})")
+                        f"(here: --data {given.parent})")
     if not path.is_file():
         script = Path(__file__).resolve().parents[1] / "data_prep" / f"{directory.name}.py"
         hint = f"python data_prep/{directory.name}.py" if script.is_file() else "a data_prep script (e.g. data_prep/json_data.py)"

@@ -84,7 +84,7 @@ def check_fits(block_size: int, prompt_len: int, max_new_tokens: int) -> None:
     if prompt_len == 0:
         raise UserError("the prompt is empty; give at least one token to continue from")
     if max_new_tokens < 1:
-        raise UserError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        raise UserError(f"--max_new_tokens must be at least 1, got {max_new_tokens}")
     if prompt_len + max_new_tokens > block_size:
         raise UserError(f"the prompt ({prompt_len} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the "
                         f"model's block_size ({block_size}); shorten the prompt or lower --max_new_tokens")

@@ -23,6 +23,7 @@ from litft.config import Config
 from litft.errors import UserError
 from litft.fast import for_generation
 from litft.generate import check_fits, generate, stop_token_ids
+from litft.kinds import check_checkpoint
 from litft.load_finetuned import tokenizer_dir
 from litft.memory import peak_memory_gb
 from litft.prompts import resolve_style
@@ -76,7 +77,7 @@ def generate_cli(checkpoint_dir: Path, prompt: str, max_new_tokens: int = 100, t
     precision, dtype = pick_precision(precision, device)
     check_sampling(temperature, top_k, top_p)
     check_text(prompt, "--prompt")
-    checkpoint_dir = check_checkpoint_dir(Path(checkpoint_dir))
+    checkpoint_dir = check_checkpoint(checkpoint_dir)
     style = resolve_style(prompt_style, *(d for d in (run_dir, checkpoint_dir) if d is not None and Path(d).is_dir()))
     tokenizer = Tokenizer(tokenizer_dir(run_dir, checkpoint_dir))  # a run with new tokens has its own
     ids = tokenizer.encode(style.apply(prompt), bos=style.add_bos) if style else tokenizer.encode(prompt)  # (T,)
@@ -94,13 +95,6 @@ def generate_cli(checkpoint_dir: Path, prompt: str, max_new_tokens: int = 100, t
     text, timings = stream(tokens, tokenizer)
     report(timings, device)
     return text
-
-
-def check_checkpoint_dir(checkpoint_dir: Path) -> Path:
-    if not checkpoint_dir.is_dir():
-        what = "is a file, not a directory" if checkpoint_dir.exists() else "does not exist"
-        raise UserError(f"checkpoint directory {checkpoint_dir} {what}; download or convert a model first")
-    return checkpoint_dir
 
 
 def check_text(text: str, flag: str) -> None:

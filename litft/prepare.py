@@ -45,6 +45,7 @@ from litft.base_checkpoint import ensure_checkpoint, tokenizer_fingerprint
 from litft.config import Config
 from litft.errors import UserError
 from litft.files import TOKENIZER_FILES, atomic_path, atomic_write_text, check_output_dir, staged_output
+from litft.kinds import check_checkpoint
 from litft.new_tokens import write_tokenizer
 from litft.prompts import PromptStyle
 from litft.tokenizer import Tokenizer
@@ -358,6 +359,7 @@ def prepare(train: list[dict], test: list[dict], *, task: str, source: str, dest
             val_split_fraction: float, new_tokens: list[str] = ()) -> dict:
     """Tokenize both splits, print the length report and write everything to `destination_path`."""
     ensure_checkpoint(checkpoint_dir)  # the default base is converted on first use
+    check_checkpoint(checkpoint_dir)
     style = PromptStyle.from_name(prompt_style, checkpoint_dir)  # chat-template: the checkpoint's own template
     destination_path = Path(destination_path)
     check_writable(destination_path)

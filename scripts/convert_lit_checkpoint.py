@@ -41,6 +41,7 @@ from litft.files import (
     write_written_by,
 )
 from litft.hf_prompting import generation_config, read_json, write_tokenizer_config
+from litft.kinds import check_checkpoint
 from litft.model import Llama
 from litft.readers import hf_directory, require_readers
 from litft.tokenizer import Tokenizer
@@ -63,7 +64,7 @@ def main(checkpoint_dir: Path, output_dir: Path, max_shard_gb: float = 5.0, veri
         verify: load the output with transformers and compare it with litft's model.
         overwrite: replace the files of a directory that this script did not write.
     """
-    checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
+    checkpoint_dir, output_dir = check_checkpoint(checkpoint_dir), Path(output_dir)
     if not max_shard_gb > 0:
         raise UserError(f"--max_shard_gb must be above 0, got {max_shard_gb}")
     if verify:

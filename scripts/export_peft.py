@@ -73,6 +73,7 @@ from litft.files import (
     write_written_by,
 )
 from litft.hf_prompting import write_tokenizer_config
+from litft.kinds import check_checkpoint
 from litft.load_finetuned import (
     check_lora_state_dict,
     check_same_base,
@@ -130,7 +131,7 @@ def main(checkpoint_dir: Path, lora_path: Path, output_dir: Path, verify: bool =
         verify: load the adapter with peft onto transformers' base and compare it with litft's LoRA model.
         overwrite: replace the files of a directory that this script did not write.
     """
-    checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
+    checkpoint_dir, output_dir = check_checkpoint(checkpoint_dir), Path(output_dir)
     lora_path = weights_in(Path(lora_path))  # a run directory: its lit_model_lora.pth
     if verify:
         require_readers(peft=True)  # before anything is written

@@ -27,6 +27,7 @@ from litft.errors import UserError
 from litft.fast import for_generation
 from litft.generate import stop_token_ids
 from litft.generate_cli import pick_precision
+from litft.kinds import check_checkpoint
 from litft.load_finetuned import load_finetuned, lora_settings, weights_in
 from litft.multi_lora import add_loras, check_run
 from litft.openai_api import Served, create_app
@@ -59,6 +60,7 @@ def main(checkpoint_dir: Path = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Ins
         if value < 1:
             raise UserError(f"{flag} must be at least 1, got {value}")
     ensure_checkpoint(checkpoint_dir)
+    check_checkpoint(checkpoint_dir)
     runs = parse_loras(lora, checkpoint_dir, quantize)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision, dtype = pick_precision(precision, device)

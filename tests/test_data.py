@@ -263,6 +263,11 @@ def test_a_file_as_data_and_damaged_json_files_are_user_errors(tmp_path, sp_dir)
     with pytest.raises(UserError, match=rf"--data {data}/train.pt is a file; --data names the directory .*"
                                         rf"\(here: --data {data}\)"):
         load_split(data / "train.pt", "train")
+    (tmp_path / "rows.json").write_text("[]")
+    with pytest.raises(UserError, match=rf"--data {tmp_path}/rows.json is a data file, not prepared data; prepare it "
+                                        rf"first: python data_prep/json_data.py --data_file {tmp_path}/rows.json "
+                                        r"--destination_path data/rows .* then pass --data data/rows"):
+        load_split(tmp_path / "rows.json", "train")
     for content, reason in [(b'{"task": "text", "coun', "Unterminated string"), (b"\xff\xfe\x00", "not UTF-8"),
                             (b"[1, 2]", "holds a JSON list, not an object")]:
         (data / "meta.json").write_bytes(content)

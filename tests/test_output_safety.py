@@ -102,6 +102,37 @@ def test_a_path_of_the_wrong_kind_is_named_as_such(runs, tmp_path):
     assert not any((tmp_path / name).exists() for name in ("merged", "c", "d", "p"))
 
 
+def test_a_directory_of_another_kind_is_named_with_the_command_that_reads_it(runs, smollm2_gguf, tmp_path):
+    """The directories the commands above wrote, each given where another kind is read: one line names what it is
+    and the command that takes it, before a weight or a tokenizer is read."""
+    lora, full, data, ckpt = runs["lora"], runs["full"], runs["data"], runs["ckpt"]
+    (tmp_path / "rows.json").write_text("[]")
+    cases = [
+        (("generate/base.py", "--checkpoint_dir", lora), f"--checkpoint_dir {lora} is a LoRA run, not a checkpoint; "
+         f"generate from it with generate/lora.py --lora_path {lora}"),
+        (("finetune/lora.py", "--checkpoint_dir", data, "--data", data, "--out_dir", tmp_path / "o"),
+         f"--checkpoint_dir {data} is prepared data, not a checkpoint"),
+        (("scripts/convert_lit_checkpoint.py", "--checkpoint_dir", lora, "--output_dir", tmp_path / "o"),
+         "is a LoRA run, not a checkpoint", "scripts/merge_lora.py"),
+        (("generate/chat.py", "--checkpoint_dir", smollm2_gguf), "is a GGUF file, not a checkpoint",
+         f"scripts/convert_gguf_checkpoint.py --gguf_path {smollm2_gguf}"),
+        (("generate/lora.py", "--lora_path", full), f"--lora_path {full} is a full fine-tune, not a LoRA run; "
+         f"generate from it with generate/full.py --finetuned_path {full}"),
+        (("generate/lora.py", "--lora_path", ckpt), f"--lora_path {ckpt} is a base checkpoint, not a LoRA run; "
+         f"generate from it with generate/base.py --checkpoint_dir {ckpt}"),
+        (("generate/adapter.py", "--adapter_path", data), f"--adapter_path {data} is prepared data, not an adapter "
+         "run"),
+        (("generate/full.py", "--finetuned_path", ckpt), f"--finetuned_path {ckpt} is a base checkpoint, not a full "
+         "fine-tune"),  # with --checkpoint_dir, generate/full.py serves a checkpoint (tests/test_adapter.py)
+        (("finetune/lora.py", "--checkpoint_dir", ckpt, "--data", tmp_path / "rows.json", "--out_dir", tmp_path / "o"),
+         "rows.json is a data file, not prepared data", "data_prep/json_data.py --data_file"),
+    ]
+    for args, *message in cases:
+        prompt = ("--prompt", "hi") if args[0].startswith("generate/") and args[0] != "generate/chat.py" else ()
+        assert_user_error(run_main(*args, *prompt), *message)
+    assert not (tmp_path / "o").exists()
+
+
 def test_a_scratch_folder_is_removed_only_when_its_process_is_gone(tmp_path):
     """Two preparations of one data set started together (two runs' first use of --data alpaca): the second must
     not delete the first one's scratch folder while it writes; a killed run's folder goes."""

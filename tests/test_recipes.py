@@ -141,7 +141,7 @@ def test_a_recipe_reaches_the_training_loop(recipe, monkeypatch, tmp_path):
         assert (str(got) if isinstance(got, Path) else got) == value, key
 
 
-def test_flags_after_config_win_and_a_misspelt_recipe_key_is_one_line(tmp_path):
+def test_flags_after_config_win_flags_before_it_are_refused_and_a_bad_recipe_is_one_line(tmp_path):
     recipe = ROOT / "recipes" / "lora.yaml"
     printed = run_script("finetune/lora.py", "--config", recipe, "--max_steps", "7", "--lora_r", "4", "--print_config",
                          check=True)
@@ -149,4 +149,11 @@ def test_flags_after_config_win_and_a_misspelt_recipe_key_is_one_line(tmp_path):
     assert (parsed["max_steps"], parsed["lora_r"], parsed["batch_size"]) == (7, 4, 64)
     bad = tmp_path / "bad.yaml"
     bad.write_text(recipe.read_text().replace("lora_r:", "lora_rank:"))
-    assert_user_error(run_script("finetune/lora.py", "--config", bad, "--print_config"), "lora_rank")
+    assert_user_error(run_script("finetune/lora.py", "--config", bad, "--print_config"),
+                      f"--config {bad}: unknown key 'lora_rank'")
+    bad.write_text("lora_r: [\n")
+    assert_user_error(run_script("finetune/lora.py", f"--config={bad}", "--print_config"),
+                      f"--config {bad} is not valid YAML", "line 2, column 1")
+    # a flag before --config would be replaced by the recipe's value without a word: refused instead
+    assert_user_error(run_script("finetune/lora.py", "--max_steps", "7", "--config", recipe, "--print_config"),
+                      f"--max_steps comes before --config {recipe}, which sets max_steps again", "put --config first")

@@ -425,9 +425,9 @@ def test_a_bad_out_dir_is_one_line_and_touches_nothing(tiny, tmp_path, where, fr
 
 
 @pytest.mark.parametrize("args, fragments", [
-    (["--prompt_length", "0"], ["prompt_length must be at least 1"]),
-    (["--start_layer=-1"], ["start_layer must be >= 0"]),
-    (["--start_layer", "9"], ["start_layer 9", "2 layers"]),
+    (["--prompt_length", "0"], ["--prompt_length must be at least 1"]),
+    (["--start_layer=-1"], ["--start_layer must be >= 0"]),
+    (["--start_layer", "9"], ["--start_layer 9", "2 layers", "pass --start_layer 1 or less"]),
 ], ids=["prompt_length-0", "start_layer-negative", "start_layer-beyond"])
 def test_bad_adapter_flags_are_one_line(tiny, tmp_path, args, fragments):
     proc = refused(tiny, tmp_path / "run", *args, script="finetune/adapter.py")

@@ -1,0 +1,86 @@
+"""What a path given on the command line holds, and the one line for a path of the wrong kind.
+
+litft reads several kinds of directory, easily mixed up on a command line: a base checkpoint, a fine-tuning run
+(LoRA, adapter, adapter v2, full), prepared data, a PEFT export, a Hugging Face download, and GGUF files. A
+command given the wrong kind names what the path holds and the command that reads it, before anything loads:
+
+    $ python generate/base.py --checkpoint_dir out/lora --prompt "..."
+    error: --checkpoint_dir out/lora is a LoRA run, not a checkpoint; generate from it with generate/lora.py
+    --lora_path out/lora
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NoReturn
+
+from litft.errors import UserError
+from litft.files import run_dir_of
+from litft.load_finetuned import RUN_FILES
+
+# kind: (how a line names it, what to do with it; {path} is the path as given)
+KINDS = {
+    "lora": ("a LoRA run", "generate from it with generate/lora.py --lora_path {path}, or merge it into a "
+                           "checkpoint first (scripts/merge_lora.py)"),
+    "adapter": ("an adapter run", "generate from it with generate/adapter.py --adapter_path {path}"),
+    "adapter_v2": ("an adapter v2 run", "generate from it with generate/adapter_v2.py --adapter_path {path}"),
+    "full": ("a full fine-tune", "generate from it with generate/full.py --finetuned_path {path}"),
+    "checkpoint": ("a base checkpoint", "generate from it with generate/base.py --checkpoint_dir {path}"),
+    "data": ("prepared data", "train on it with finetune/lora.py --data {path}"),
+    "peft": ("a PEFT adapter", "litft reads the run it was exported from; pass that run directory"),
+    "hf": ("a Hugging Face model", "convert it first: python scripts/convert_hf_checkpoint.py --checkpoint_dir {path}"),
+    "gguf": ("a GGUF file", "convert it first: python scripts/convert_gguf_checkpoint.py --gguf_path {path} "
+                            "--output_dir checkpoints/NAME"),
+}
+
+
+def kind_of(path: Path) -> str | None:
+    """One of KINDS for what `path` (a directory, or a file in one) holds; None when it is none of them."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".gguf":
+        return "gguf"
+    directory = run_dir_of(path)
+    has = lambda name: (directory / name).is_file()  # noqa: E731
+    runs = [method for method, (config_file, _) in RUN_FILES.items() if has(config_file)]
+    if len(runs) == 1:
+        return runs[0]
+    if has("run.yaml") and has("lit_model.pth"):
+        return "full"
+    if has("train.pt"):
+        return "data"
+    if has("adapter_config.json"):
+        return "peft"
+    if has("lit_model.pth") and has("model_config.yaml"):
+        return "checkpoint"
+    if has("config.json") and not has("model_config.yaml"):
+        return "hf"
+    return None
+
+
+def refuse(flag: str, path: Path, kind: str, wanted: str) -> NoReturn:
+    """One line: `flag path` is a `kind`, not `wanted`; how to use what it is."""
+    name, advice = KINDS[kind]
+    raise UserError(f"{flag} {path} is {name}, not {wanted}; {advice.format(path=path)}")
+
+
+def check_checkpoint(path: Path, flag: str = "--checkpoint_dir") -> Path:
+    """A base checkpoint (or a full fine-tune, a checkpoint of its own) is what `flag` takes; the kinds above that
+    are not are refused by name. A directory of no known kind is left to the checks that read its files."""
+    path = Path(path)
+    if (kind := kind_of(path)) not in (None, "checkpoint", "full"):
+        refuse(flag, path, kind, "a checkpoint")
+    if not path.is_dir():
+        what = "is a file, not a directory" if path.exists() else "does not exist"
+        raise UserError(f"checkpoint directory {path} {what}; download or convert a model first")
+    return path
+
+
+def check_run_kind(path: Path, method: str, flag: str, base_given: bool) -> None:
+    """A run is what generate/<method>.py's `flag` takes (one of another method is named where it is loaded:
+    litft/base_checkpoint.py's resolve_run). generate/full.py also takes a checkpoint, given the base it derives
+    from; any other kind is refused by name."""
+    takes = set(RUN_FILES)
+    if method == "full":
+        takes |= {"full", "checkpoint"} if base_given else {"full"}
+    if (kind := kind_of(path)) is not None and kind not in takes:
+        refuse(flag, path, kind, KINDS[method][0])
