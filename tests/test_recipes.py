@@ -125,7 +125,8 @@ def test_a_recipe_reaches_the_training_loop(recipe, monkeypatch, tmp_path):
 
     received = {}
     monkeypatch.setattr(litft.train, "fit", lambda args, method: received.update(args=args, method=method))
-    monkeypatch.setattr(litft.cli, "ensure_checkpoint", lambda *a, **k: None)
+    monkeypatch.setattr(litft.cli, "ensure_checkpoint", lambda *a, **k: None)  # the recipes' bases are not here
+    monkeypatch.setattr(litft.cli, "check_checkpoint", lambda *a, **k: None)
     monkeypatch.setattr(litft.cli, "ensure_data", lambda *a, **k: None)
     monkeypatch.chdir(tmp_path)  # the recipe's relative out_dir and data resolve here, where nothing exists yet
     monkeypatch.setattr(sys, "argv", [recipe_script(recipe), "--config", str(recipe)])
