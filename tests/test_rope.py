@@ -156,3 +156,30 @@ def test_a_sliding_window_caps_the_context(tmp_path):
     assert Config.from_hf_config(mistral).block_size == 4096
     qwen = hub_config(None, 32768, model_type="qwen2", sliding_window=4096, use_sliding_window=False)
     assert Config.from_hf_config(qwen).block_size == 32768
+
+
+@pytest.mark.parametrize("scaling", [
+    {"rope_type": "yarn", "factor": 1.5, "original_max_position_embeddings": 4096},
+    {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 4096},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096, "truncate": False},
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 8192},
+], ids=["yarn-1.5", "yarn-2", "yarn-4-untruncated", "llama3"])
+def test_frequencies_and_attention_factor_equal_transformers_at_real_sizes(scaling):
+    """Head size 128 and an original context of thousands, as real checkpoints have, where YaRN's default β_fast 32
+    and β_slow 1 both fall inside the head's pairs (the tiny models above clamp them away), and factors under 2,
+    whose attention factor 0.1 · ln(factor) + 1 is still applied. Truth: transformers' ROPE_INIT_FUNCTIONS."""
+    from types import SimpleNamespace
+
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from litft.rope import inverse_frequencies, rope_from_hf
+
+    hf = {"hidden_size": 4096, "num_attention_heads": 32, "rope_theta": 500000.0, "rope_scaling": scaling,
+          "max_position_embeddings": int(scaling["factor"] * scaling["original_max_position_embeddings"])}
+    expected, expected_factor = ROPE_INIT_FUNCTIONS[scaling["rope_type"]](transformers.LlamaConfig(**hf), "cpu")
+    base, rope_scaling = rope_from_hf(hf)
+    got, factor = inverse_frequencies(SimpleNamespace(head_size=128, rope_base=base, rope_scaling=rope_scaling),
+                                      scaling["original_max_position_embeddings"])
+    torch.testing.assert_close(got, expected.float(), rtol=1e-6, atol=0)
+    assert factor == pytest.approx(expected_factor, rel=1e-12) and (factor > 1) == (scaling["rope_type"] == "yarn")
