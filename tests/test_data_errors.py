@@ -14,6 +14,8 @@ import pytest
 import torch
 from conftest import assert_user_error, run_main, run_script
 
+from litft.data import load_split
+from litft.errors import UserError
 from litft.prepare import DownloadError, download
 
 GOOD = {"instruction": "Say hi.", "input": "", "output": "Hi."}
@@ -228,3 +230,13 @@ def test_a_download_shorter_than_its_content_length_is_refused_and_not_kept(tmp_
         assert list(tmp_path.iterdir()) == []
     complete = type("Complete", (ShortBody,), {"length": len(ShortBody.body)})
     assert download(serve(complete), path).read_bytes() == ShortBody.body
+
+
+@pytest.mark.parametrize("content", [[torch.arange(5)], [{"labels": torch.arange(5)}], 7, {"input_ids": [1]}],
+                         ids=["a-list-of-tensors", "samples-without-input_ids", "an-int", "a-dict"])
+def test_a_train_pt_that_torch_reads_but_is_not_samples_is_one_line(tmp_path, content):
+    """Files torch.save writes and weights_only loading reads, none a list of samples: refused by name."""
+    (tmp_path / "data").mkdir()
+    torch.save(content, tmp_path / "data" / "train.pt")
+    with pytest.raises(UserError, match=r"train.pt does not hold a list of samples; prepare it again"):
+        load_split(tmp_path / "data", "train")

@@ -146,6 +146,23 @@ def test_completions_stop_strings_seed_and_max_tokens(server, base):
     assert default.usage.completion_tokens == 16  # the server's --max_tokens when a request sets none
     nucleus_of_one = client.completions.create(model=base.name, prompt="one", temperature=1.0, top_p=0)
     assert nucleus_of_one.choices[0].text == default.choices[0].text  # OpenAI's top_p 0: the most likely token
+    one = client.completions.create(model=base.name, prompt="one two three", temperature=0, max_tokens=1)
+    assert one.usage.completion_tokens == 1 and text.startswith(one.choices[0].text)  # the API's smallest reply
+
+
+def test_a_seed_is_taken_exactly_where_torch_takes_it(server, base):
+    """The seeds at the ends of the range torch.Generator.manual_seed accepts, and one past each: answered, or
+    refused with a 400 naming seed, as torch accepts or refuses them (never a 500 from torch)."""
+    _, port, _ = server
+    for seed in (2 ** 64 - 1, 2 ** 64, -2 ** 63, -2 ** 63 - 1):
+        try:
+            torch.Generator().manual_seed(seed)
+            takes = True
+        except (RuntimeError, ValueError):
+            takes = False
+        status, answer = post(port, "/v1/completions", json.dumps({"model": base.name, "prompt": "one",
+                                                                    "max_tokens": 2, "seed": seed}))
+        assert (status, "seed" in str(answer.get("error", {}).get("param"))) == ((200, False) if takes else (400, True))
 
 
 @pytest.mark.parametrize("body, status, fragment", [
@@ -162,6 +179,8 @@ def test_completions_stop_strings_seed_and_max_tokens(server, base):
     ({"model": ["qv"], "messages": [{"role": "user", "content": "hi"}]}, 400, "model must be a string"),
     ({"messages": [{"role": "user", "content": "hi"}]}, 400, "model must be a string"),
     ({"model": "qv", "messages": [{"role": "user", "content": "hi"}], "seed": 2 ** 70}, 400, "seed"),
+    ({"model": "qv", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400,
+     "max_tokens must be a positive integer"),
     ({"model": "qv", "messages": [{"role": "user", "content": "hi"}], "stream": "no"}, 400, "stream"),
     ({"model": "qv", "messages": [{"role": "user", "content": "hi"}], "stream": True, "stream_options": 1}, 400,
      "stream_options"),
