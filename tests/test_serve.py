@@ -29,12 +29,12 @@ from litft.adapter import AdapterConfig
 from litft.base_checkpoint import record_base
 from litft.batch_generate import Row
 from litft.conversation import encode_conversation
-from litft.engine import Engine
+from litft.engine import Engine, Stopping
 from litft.generate import generate, stop_token_ids
 from litft.load_finetuned import load_finetuned
 from litft.lora import LoRAConfig
 from litft.multi_lora import add_loras
-from litft.openai_api import Served, completion_text, create_app
+from litft.openai_api import APIError, Reply, Served, completion_text, create_app
 from litft.prompts import resolve_style
 from litft.tokenizer import Tokenizer
 
@@ -487,6 +487,23 @@ def test_a_stopping_server_answers_503_and_a_second_signal_stops_it_at_once(base
     assert answer.status_code == 503 and "the server is stopping" in answer.json()["error"]["message"]
     with pytest.raises(KeyboardInterrupt):
         stop(engine)
+
+
+@pytest.mark.parametrize("failure, status", [(Stopping(), 503), (RuntimeError("out of memory"), 500)],
+                         ids=["queued-when-the-server-stopped", "the-engine-failed"])
+def test_a_reply_that_cannot_finish_is_a_server_error_in_openais_shape(failure, status):
+    """A non-streamed reply whose engine rows end in an exception: 503 Service Unavailable for a server that is
+    stopping (RFC 9110 §15.6.4: temporary; OpenAI's clients retry it), 500 for a failed generation; both with
+    OpenAI's error object of type "server_error" (4xx statuses are "invalid_request_error")."""
+    async def pieces():
+        raise failure
+        yield  # an async generator
+
+    with pytest.raises(APIError) as e:
+        asyncio.run(Reply("base", chat=False, prompt_tokens=3).whole(pieces()))
+    body = json.loads(e.value.response().body)
+    assert e.value.response().status_code == status and body["error"]["type"] == "server_error"
+    assert set(body["error"]) == {"message", "type", "param", "code"}
 
 
 def test_an_address_in_use_is_refused_in_one_line(base):
