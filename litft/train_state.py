@@ -57,7 +57,7 @@ def latest(out_dir: Path, run_id: str | None = None) -> Path | None:
     if run_id is not None:
         return (own_checkpoints(out_dir, run_id) or [None])[-1]
     done = [d for d in checkpoints_dir(out_dir).glob("step-*") if not d.name.endswith(".tmp") and (d / META).is_file()]
-    return max(done, key=lambda d: d.name, default=None)
+    return max(done, key=step_of, default=None)
 
 
 def resumable(out_dir: Path, run_id: str | None = None) -> Path:
@@ -112,9 +112,15 @@ def save(fabric, model, optimizer, scheduler, state: State, out_dir: Path, run_i
 def own_checkpoints(out_dir: Path, run_id: str, up_to: Path | None = None) -> list[Path]:
     """Complete checkpoints (up to `up_to`, when given) that run `run_id` wrote, oldest first. One whose meta.json
     is unreadable is not known to be ours, so it is kept, and never resumed from."""
-    return [d for d in sorted(checkpoints_dir(out_dir).glob("step-*"))
-            if not d.name.endswith(".tmp") and (up_to is None or d.name <= up_to.name)
+    return [d for d in sorted(checkpoints_dir(out_dir).glob("step-*"), key=step_of)
+            if not d.name.endswith(".tmp") and (up_to is None or step_of(d) <= step_of(up_to))
             and (_read_meta(d) or {}).get("run_id") == run_id]
+
+
+def step_of(checkpoint: Path) -> int:
+    """step-000100 -> 100: by number, as names sort wrongly past six digits (step-1000000 < step-999999)."""
+    digits = checkpoint.name.removeprefix("step-").removesuffix(".tmp")
+    return int(digits) if digits.isdigit() else -1
 
 
 def _read_meta(checkpoint: Path) -> dict | None:

@@ -25,6 +25,8 @@ import yaml
 from conftest import ROOT, assert_user_error, run_script
 from test_train import COMMON, assert_same, finetune, refused, tiny, weights  # noqa: F401 — `tiny` is a fixture
 
+from litft import train_state
+
 
 def snapshot(directory: Path) -> dict[str, tuple[int, int]]:
     """Every file under `directory` with its size and modification time: equal snapshots, nothing touched."""
@@ -480,3 +482,14 @@ def test_ctrl_c_is_one_line_and_status_130(tiny, tmp_path, moment):
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr, stderr
     assert [line for line in stderr.splitlines() if line.startswith("error:")] == ["error: interrupted"], stderr
+
+
+def test_checkpoints_are_ordered_by_step_past_six_digits(tmp_path):
+    """step-1000000 is newer than step-999999, though it sorts before it as text."""
+    for step in (999_999, 1_000_000, 3):
+        d = train_state.checkpoints_dir(tmp_path) / f"step-{step:06d}"
+        d.mkdir(parents=True)
+        (d / train_state.META).write_text(json.dumps({"step": step, "run_id": "r"}))
+    assert train_state.latest(tmp_path, "r").name == train_state.latest(tmp_path).name == "step-1000000"
+    assert [d.name for d in train_state.own_checkpoints(tmp_path, "r")] == ["step-000003", "step-999999",
+                                                                             "step-1000000"]
