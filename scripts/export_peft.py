@@ -53,10 +53,11 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 import torch
 
-from litft.base_checkpoint import warn_if_trained_on_another
+from litft.base_checkpoint import base_of, warn_if_trained_on_another
 from litft.checkpoint import WEIGHTS
 from litft.cli import run
 from litft.config import CONFIGS, Config
@@ -69,6 +70,7 @@ from litft.files import (
     check_output_dir,
     check_replaceable,
     load_state_dict,
+    run_dir_of,
     staged_output,
     write_written_by,
 )
@@ -120,19 +122,21 @@ def adapter_config(lora: LoRAConfig, base: Config, base_path: str) -> dict:
     }
 
 
-def main(checkpoint_dir: Path, lora_path: Path, output_dir: Path, verify: bool = True, overwrite: bool = False) -> None:
+def main(lora_path: Path, output_dir: Path, checkpoint_dir: Optional[Path] = None, verify: bool = True,
+         overwrite: bool = False) -> None:
     """Write --lora_path as a PEFT adapter (adapter_config.json, adapter_model.safetensors) in --output_dir.
 
     Args:
-        checkpoint_dir: the base lit checkpoint the LoRA run was trained on (model_config.yaml; with new tokens,
-            its tokenizer files too).
         lora_path: the run's lit_model_lora.pth (its folder holds lora.yaml), or that run directory.
         output_dir: where to write the adapter (created if needed).
+        checkpoint_dir: the base lit checkpoint the LoRA run was trained on (model_config.yaml; with new tokens,
+            its tokenizer files too); default: the one the run's base.yaml records.
         verify: load the adapter with peft onto transformers' base and compare it with litft's LoRA model.
         overwrite: replace the files of a directory that this script did not write.
     """
-    checkpoint_dir, output_dir = check_checkpoint(checkpoint_dir), Path(output_dir)
     lora_path = weights_in(Path(lora_path))  # a run directory: its lit_model_lora.pth
+    checkpoint_dir = check_checkpoint(checkpoint_dir or base_of(run_dir_of(lora_path)))
+    output_dir = Path(output_dir)
     if verify:
         require_readers(peft=True)  # before anything is written
     check_output_dir("--output_dir", output_dir, "a PEFT adapter", base=checkpoint_dir, run=lora_path.parent)

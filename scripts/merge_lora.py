@@ -25,10 +25,11 @@ from __future__ import annotations
 import shutil
 import sys
 from pathlib import Path
+from typing import Optional
 
 import torch
 
-from litft.base_checkpoint import warn_if_trained_on_another
+from litft.base_checkpoint import base_of, warn_if_trained_on_another
 from litft.checkpoint import load_lit_model, save_lit_checkpoint
 from litft.cli import run
 from litft.config import Config
@@ -39,6 +40,7 @@ from litft.files import (
     check_output_dir,
     check_replaceable,
     copy_tokenizer,
+    run_dir_of,
     staged_output,
     write_written_by,
     written_record,
@@ -56,18 +58,20 @@ SCRIPT = "scripts/merge_lora.py"
 STALE = (*TOKENIZER_FILES, PROMPT_STYLE)  # what an earlier merge into --out_dir may have left that this one does not
 
 
-def main(checkpoint_dir: Path, lora_path: Path, out_dir: Path, verify: bool = True, overwrite: bool = False) -> None:
+def main(lora_path: Path, out_dir: Path, checkpoint_dir: Optional[Path] = None, verify: bool = True,
+         overwrite: bool = False) -> None:
     """Merge the LoRA weights in --lora_path into the base model in --checkpoint_dir and save it to --out_dir.
 
     Args:
-        checkpoint_dir: the base lit checkpoint the LoRA run was trained on.
         lora_path: the run's lit_model_lora.pth (its folder holds lora.yaml), or that run directory.
         out_dir: where to write the merged lit checkpoint (created if needed).
+        checkpoint_dir: the base lit checkpoint the LoRA run was trained on (default: the one its base.yaml
+            records).
         verify: compare the merged checkpoint, in transformers, with the unmerged LoRA model.
         overwrite: replace the files of a directory that this script did not write.
     """
-    checkpoint_dir, out_dir = check_checkpoint(checkpoint_dir), Path(out_dir)
     lora_path = weights_in(Path(lora_path))  # a run directory: its lit_model_lora.pth
+    checkpoint_dir, out_dir = check_checkpoint(checkpoint_dir or base_of(run_dir_of(lora_path))), Path(out_dir)
     if verify:
         require_readers()  # before anything is written
     check_output_dir("--out_dir", out_dir, "a checkpoint", base=checkpoint_dir, run=lora_path.parent)

@@ -81,6 +81,25 @@ def test_the_run_path_alone_is_enough_from_anywhere(workspace, lora_run, tmp_pat
                              "--temperature", "0", "--max_new_tokens", "12", "--checkpoint_dir",
                              workspace / DEFAULT_BASE, cwd=tmp_path, check=True)
     assert served.stdout == spelled_out.stdout
+    # merging and exporting find the base the same way: the same files as with --checkpoint_dir spelled out
+    for script, out in (("scripts/merge_lora.py", "--out_dir"), ("scripts/export_peft.py", "--output_dir")):
+        run_script(script, "--lora_path", lora_run, out, tmp_path / "found", "--verify", "false", cwd=tmp_path,
+                   check=True)
+        run_script(script, "--lora_path", lora_run, out, tmp_path / "named", "--verify", "false", "--checkpoint_dir",
+                   workspace / DEFAULT_BASE, cwd=tmp_path, check=True)
+        found, named = (sorted(p.name for p in (tmp_path / d).iterdir()) for d in ("found", "named"))
+        assert found == named
+        for f in found:
+            assert same_content(tmp_path / "found" / f, tmp_path / "named" / f), f
+        shutil.rmtree(tmp_path / "found"), shutil.rmtree(tmp_path / "named")
+
+
+def same_content(a: Path, b: Path) -> bool:
+    """Equal files; for torch.save's, equal tensors (its archive is named after the temporary file it was written to)."""
+    if a.suffix != ".pth":
+        return a.read_bytes() == b.read_bytes()
+    x, y = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
 @pytest.mark.parametrize("method", ["adapter", "adapter_v2", "full"])

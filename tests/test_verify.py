@@ -88,10 +88,10 @@ def test_corrupted_outputs_fail_verification(bases, llama3_checkpoint, tmp_path,
 
     config = peft.adapter_config
     cases = [
-        (merge, "merge_lora", nudged, lambda: merge.main(base, lora, tmp_path / "m")),
+        (merge, "merge_lora", nudged, lambda: merge.main(lora, tmp_path / "m", base)),
         (convert, "lit_to_hf_state_dict", corrupt_hf_names(convert.lit_to_hf_state_dict),
          lambda: convert.main(base, tmp_path / "hf")),
-        (peft, "adapter_config", lambda *a: {**config(*a), "lora_alpha": 32}, lambda: peft.main(base, lora, tmp_path / "p")),
+        (peft, "adapter_config", lambda *a: {**config(*a), "lora_alpha": 32}, lambda: peft.main(lora, tmp_path / "p", base)),
         (litft.gguf_export, "permute_qk", lambda w, n: w, lambda: gguf.main(llama3_checkpoint, tmp_path / "m.gguf", dtype="f32")),
     ]
     for module, name, corrupted, call in cases:
@@ -115,9 +115,9 @@ def test_without_the_readers_verification_is_one_line_before_anything_is_written
     base, lora = lora_run(bases, tmp_path)
     monkeypatch.setitem(sys.modules, "peft", None)  # as if peft were not installed
     with pytest.raises(UserError, match="pip install transformers peft, or pass --verify false"):
-        export_peft.main(base, lora, tmp_path / "p")
+        export_peft.main(lora, tmp_path / "p", base)
     assert not (tmp_path / "p").exists()
-    merge.main(base, lora, tmp_path / "m")  # its verification needs no peft
+    merge.main(lora, tmp_path / "m", base)  # its verification needs no peft
     assert (tmp_path / "m" / "lit_model.pth").is_file()
     monkeypatch.setitem(sys.modules, "transformers", None)
     with pytest.raises(UserError, match="pip install transformers, or pass --verify false"):
