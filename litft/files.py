@@ -8,6 +8,7 @@ power cut right after the rename leaves the new file or the old one, not an empt
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import shutil
@@ -60,13 +61,18 @@ def atomic_path(path: Path) -> Iterator[Path]:
 
 def sync_directory(directory: Path) -> None:
     """Make the renames in `directory` durable: a rename lives in the directory's entries, which fsync on the file
-    does not write. (Windows cannot open a directory; there, as before, the rename is left to the system.)"""
-    if os.name == "posix":
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    does not write. (Windows cannot open a directory, and some network and FUSE file systems cannot sync one;
+    there the rename is left to the system, as before.)"""
+    if os.name != "posix":
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -35,32 +35,34 @@ KINDS = {
 
 
 def kind_of(path: Path) -> str | None:
-    """One of KINDS for what `path` (a directory, or a file in one) holds; None when it is none of them."""
+    """One of KINDS for what `path` (a directory, or a file in one) holds; None when it is none of them, or does
+    not exist. A directory holding a model's weights is a checkpoint (or a full run), whatever else lies beside."""
     path = Path(path)
+    if not path.exists():
+        return None
     if path.is_file() and path.suffix == ".gguf":
         return "gguf"
-    directory = run_dir_of(path)
-    has = lambda name: (directory / name).is_file()  # noqa: E731
-    runs = [method for method, (config_file, _) in RUN_FILES.items() if has(config_file)]
+    names = {p.name for p in run_dir_of(path).iterdir() if p.is_file()}
+    runs = [method for method, (config_file, _) in RUN_FILES.items() if config_file in names]
     if len(runs) == 1:
         return runs[0]
-    if has("run.yaml") and has("lit_model.pth"):
-        return "full"
-    if has("train.pt"):
+    if {"lit_model.pth", "model_config.yaml"} <= names or {"run.yaml", "lit_model.pth"} <= names:
+        return "full" if "run.yaml" in names else "checkpoint"
+    if "train.pt" in names:
         return "data"
-    if has("adapter_config.json"):
+    if "adapter_config.json" in names:
         return "peft"
-    if has("lit_model.pth") and has("model_config.yaml"):
-        return "checkpoint"
-    if has("config.json") and not has("model_config.yaml"):
+    if "config.json" in names and "model_config.yaml" not in names:
         return "hf"
     return None
 
 
 def refuse(flag: str, path: Path, kind: str, wanted: str) -> NoReturn:
-    """One line: `flag path` is a `kind`, not `wanted`; how to use what it is."""
+    """One line: `flag path` is a `kind`, not `wanted`; how to use what it is (a run's flags take its weights
+    file too; the others take the directory the file is in)."""
     name, advice = KINDS[kind]
-    raise UserError(f"{flag} {path} is {name}, not {wanted}; {advice.format(path=path)}")
+    where = path if kind in RUN_FILES or kind in ("full", "gguf") else run_dir_of(path)
+    raise UserError(f"{flag} {path} is {name}, not {wanted}; {advice.format(path=where)}")
 
 
 def check_checkpoint(path: Path, flag: str = "--checkpoint_dir") -> Path:

@@ -133,6 +133,25 @@ def test_a_directory_of_another_kind_is_named_with_the_command_that_reads_it(run
     assert not (tmp_path / "o").exists()
 
 
+def test_what_a_checkpoint_may_hold_beside_it_and_paths_that_do_not_exist(runs, tmp_path):
+    """A checkpoint that also holds a PEFT adapter's or prepared data's files is still a checkpoint; a mistyped
+    path inside a run does not exist (it is not the run); a weights file of the wrong kind is answered with the
+    directory the right flag takes."""
+    from litft.kinds import check_checkpoint, kind_of
+
+    shutil.copytree(runs["ckpt"], tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "adapter_config.json").write_text("{}")
+    shutil.copy(runs["data"] / "train.pt", tmp_path / "ckpt")
+    assert kind_of(tmp_path / "ckpt") == "checkpoint" and check_checkpoint(tmp_path / "ckpt") == tmp_path / "ckpt"
+    assert kind_of(runs["lora"] / "typo") is None
+    assert_user_error(run_main("generate/base.py", "--checkpoint_dir", runs["lora"] / "typo", "--prompt", "hi"),
+                      f"checkpoint directory {runs['lora'] / 'typo'} does not exist")
+    weights = runs["ckpt"] / "lit_model.pth"
+    assert_user_error(run_main("generate/lora.py", "--lora_path", weights, "--prompt", "hi"),
+                      f"--lora_path {weights} is a base checkpoint",
+                      f"generate/base.py --checkpoint_dir {runs['ckpt']}")
+
+
 def test_a_scratch_folder_is_removed_only_when_its_process_is_gone(tmp_path):
     """Two preparations of one data set started together (two runs' first use of --data alpaca): the second must
     not delete the first one's scratch folder while it writes; a killed run's folder goes."""
