@@ -62,21 +62,15 @@ def flag_error(message: str) -> str:
     return f"--{key}: " + " ".join(line.strip() for line in detail.splitlines())
 
 
-def check_no_flag_before_config(argv: list[str]) -> None:
-    """Flags are read in order, so a --config file replaces a flag given before it; that flag would be dropped
-    silently. (Flags after --config override the file, as recipes/ show.)"""
-    at = next((i for i, a in enumerate(argv) if a == "--config" or a.startswith("--config=")), None)
-    if at is None or (argv[at] == "--config" and at + 1 == len(argv)):
-        return
-    path = argv[at + 1] if argv[at] == "--config" else argv[at].split("=", 1)[1]
-    try:
-        keys = set(yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {})
-    except (OSError, ValueError, TypeError, yaml.YAMLError):  # unreadable, or not a mapping: the parser says so
-        return
-    for flag in (a[2:].split("=", 1)[0] for a in argv[:at] if a.startswith("--")):
-        if flag in keys:
-            raise UserError(f"--{flag} comes before --config {path}, which sets {flag} again and wins; put --config "
-                            "first")
+def configs_first(argv: list[str]) -> list[str]:
+    """The --config files first, in their order, then every other flag: a flag always wins over a file, wherever it
+    stands. (Parsed in place, a file would replace the flags before it without a word.)"""
+    configs, rest, i = [], [], 0
+    while i < len(argv):
+        n = 2 if argv[i] == "--config" and i + 1 < len(argv) else 1
+        (configs if argv[i] == "--config" or argv[i].startswith("--config=") else rest).extend(argv[i:i + n])
+        i += n
+    return configs + rest
 
 
 def config_error(message: str, argv: list[str]) -> str | None:
@@ -84,14 +78,22 @@ def config_error(message: str, argv: list[str]) -> str | None:
     for YAML, more than "<unicode string>")."""
     files = [argv[i + 1] if a == "--config" else a.split("=", 1)[1] for i, a in enumerate(argv)
              if (a == "--config" and i + 1 < len(argv)) or a.startswith("--config=")]
-    if not files:
-        return None
+    contents = {path: read_yaml(path) for path in files}  # None: not YAML
     if key := re.match(r"Option '([^']+)' is not accepted", message):
-        return f"--config {files[-1]}: unknown key '{key.group(1)}'"
-    if message.startswith("Problems parsing config"):
+        holder = next((p for p, c in contents.items() if isinstance(c, dict) and key.group(1).split(".")[0] in c), None)
+        return f"--config {holder}: unknown key '{key.group(1)}'" if holder else None
+    if message.startswith("Problems parsing config") and (broken := [p for p, c in contents.items() if c is None]):
         where = re.sub(r'\s*in "<unicode string>"', "", message.split(":", 1)[1]).strip()
-        return f"--config {files[-1]} is not valid YAML: {' '.join(where.split())}"
+        return f"--config {broken[0]} is not valid YAML: {' '.join(where.split())}"
     return None
+
+
+def read_yaml(path: str) -> object | None:
+    """The YAML in `path`; None when it cannot be read or parsed (and {} for an empty file)."""
+    try:
+        return yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
 
 
 def type_names(types: str) -> str:
@@ -139,8 +141,7 @@ def _finetune(recipe: Callable[..., Any], args: list[str] | None, defaults: dict
     parser.add_class_arguments(TrainArgs, nested_key=None)
     parser.add_function_arguments(recipe, nested_key=None, skip={"train"})
     parser.set_defaults(**defaults)
-    check_no_flag_before_config(sys.argv[1:] if args is None else args)
-    flags = parser.parse_args(args).as_dict()
+    flags = parser.parse_args(configs_first(sys.argv[1:] if args is None else args)).as_dict()
     flags.pop("config", None)
     train = TrainArgs(**{k: flags.pop(k) for k in list(flags) if k in TrainArgs.__dataclass_fields__})
     train.validate()

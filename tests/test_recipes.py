@@ -142,7 +142,7 @@ def test_a_recipe_reaches_the_training_loop(recipe, monkeypatch, tmp_path):
         assert (str(got) if isinstance(got, Path) else got) == value, key
 
 
-def test_flags_after_config_win_flags_before_it_are_refused_and_a_bad_recipe_is_one_line(tmp_path):
+def test_flags_win_over_config_and_a_bad_recipe_is_one_line_naming_it(tmp_path):
     recipe = ROOT / "recipes" / "lora.yaml"
     printed = run_script("finetune/lora.py", "--config", recipe, "--max_steps", "7", "--lora_r", "4", "--print_config",
                          check=True)
@@ -155,6 +155,11 @@ def test_flags_after_config_win_flags_before_it_are_refused_and_a_bad_recipe_is_
     bad.write_text("lora_r: [\n")
     assert_user_error(run_script("finetune/lora.py", f"--config={bad}", "--print_config"),
                       f"--config {bad} is not valid YAML", "line 2, column 1")
-    # a flag before --config would be replaced by the recipe's value without a word: refused instead
-    assert_user_error(run_script("finetune/lora.py", "--max_steps", "7", "--config", recipe, "--print_config"),
-                      f"--max_steps comes before --config {recipe}, which sets max_steps again", "put --config first")
+    # a flag wins over the recipe wherever it stands: before --config, abbreviated, between two --config files
+    for flags in (["--max_steps", "7", "--config", recipe], ["--max_step", "7", "--config", recipe],
+                  ["--config", recipe, "--max_steps", "7", "--config", recipe]):
+        printed = run_script("finetune/lora.py", *flags, "--print_config", check=True)
+        assert yaml.safe_load(printed.stdout)["max_steps"] == 7, flags
+    # of two files, the one that holds the misspelt key is named
+    assert_user_error(run_script("finetune/lora.py", "--config", recipe, "--config", bad, "--print_config"),
+                      f"--config {bad}")
