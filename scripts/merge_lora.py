@@ -29,7 +29,7 @@ from typing import Optional
 
 import torch
 
-from litft.base_checkpoint import base_of, warn_if_trained_on_another
+from litft.base_checkpoint import base_of, other_base, warn_if_trained_on_another
 from litft.checkpoint import load_lit_model, save_lit_checkpoint
 from litft.cli import run
 from litft.config import Config
@@ -97,7 +97,8 @@ def check_inputs(checkpoint_dir: Path, lora_path: Path) -> tuple[Config, LoRACon
         raise UserError(f"--lora_path {lora_path} {what}; pass a LoRA run's directory or its lit_model_lora.pth")
     base = Config.from_checkpoint(checkpoint_dir)  # fail early on a bad base directory
     record = written_record(checkpoint_dir)
-    if record.get("written_by") == SCRIPT and record.get("lora_path") == str(lora_path.resolve()):
+    trained_here = (lora_path.parent / "base.yaml").is_file() and other_base(lora_path.parent, checkpoint_dir) is None
+    if record.get("written_by") == SCRIPT and record.get("lora_path") == str(lora_path.resolve()) and not trained_here:
         raise UserError(f"--checkpoint_dir {checkpoint_dir} already has {lora_path} merged into it (this script wrote "
                         f"it); merging again would add the update twice: pass the base, {record.get('checkpoint_dir')}")
     lora = lora_settings(lora_path)

@@ -15,6 +15,7 @@ import yaml
 from conftest import assert_user_error, run_main, run_script
 
 from litft.adapter import AdapterConfig
+from litft.base_checkpoint import record_base
 from litft.checkpoint import load_lit_model, save_lit_checkpoint
 from litft.config import Config
 from litft.errors import UserError
@@ -93,7 +94,11 @@ def test_merged_checkpoint_equals_unmerged(bases, tmp_path, tied):
     proc = run_main("scripts/merge_lora.py", "--checkpoint_dir", out, "--lora_path", run_dir, "--out_dir",
                     tmp_path / "twice", "--verify", "false")
     assert_user_error(proc, f"--checkpoint_dir {out} already has", "merged into it", f"pass the base, {base_dir}")
-    if not tied:  # merged again into the same directory, from a run without a prompt style: the first's must go
+    if not tied:  # a new run at the same path, trained on the merged model (its base.yaml says so), merges into it
+        record_base(run_dir, out)
+        run_script("scripts/merge_lora.py", "--checkpoint_dir", out, "--lora_path", run_dir, "--out_dir",
+                   tmp_path / "twice", "--verify", "false", check=True)
+  # merged again into the same directory, from a run without a prompt style: the first's must go
         plain = make_run(base_dir, tmp_path / "plain-run", LoRAConfig(r=2, alpha=4), style=None)
         run_script("scripts/merge_lora.py", "--checkpoint_dir", base_dir, "--lora_path", tmp_path / "plain-run",
                    "--out_dir", out, "--verify", "false", check=True)  # the run directory stands for its weights
