@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from litft.errors import UserError
-from litft.files import run_dir_of
+from litft.files import read_yaml_mapping, run_dir_of
 from litft.load_finetuned import RUN_FILES
 
 # kind: (how a line names it, what to do with it; {path} is the path as given)
@@ -62,7 +62,18 @@ def refuse(flag: str, path: Path, kind: str, wanted: str) -> NoReturn:
     file too; the others take the directory the file is in)."""
     name, advice = KINDS[kind]
     where = path if kind in RUN_FILES or kind in ("full", "gguf") else run_dir_of(path)
-    raise UserError(f"{flag} {path} is {name}, not {wanted}; {advice.format(path=where)}")
+    base_yaml = run_dir_of(path) / "base.yaml"  # a run's record of its base: the checkpoint the user may have meant
+    record = read_yaml_mapping(base_yaml, "") if (kind in RUN_FILES or kind == "full") and base_yaml.is_file() else {}
+    trained_on = f" trained on {shown(Path(record['path']))}" if record.get("path") else ""
+    raise UserError(f"{flag} {path} is {name}{trained_on}, not {wanted}; {advice.format(path=where)}")
+
+
+def shown(path: Path) -> Path:
+    """A recorded absolute path, relative to the current directory when it lies below it."""
+    try:
+        return path.relative_to(Path.cwd())
+    except ValueError:
+        return path
 
 
 def check_checkpoint(path: Path, flag: str = "--checkpoint_dir") -> Path:

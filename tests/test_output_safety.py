@@ -108,16 +108,16 @@ def test_a_directory_of_another_kind_is_named_with_the_command_that_reads_it(run
     lora, full, data, ckpt = runs["lora"], runs["full"], runs["data"], runs["ckpt"]
     (tmp_path / "rows.json").write_text("[]")
     cases = [
-        (("generate/base.py", "--checkpoint_dir", lora), f"--checkpoint_dir {lora} is a LoRA run, not a checkpoint; "
-         f"generate from it with generate/lora.py --lora_path {lora}"),
+        (("generate/base.py", "--checkpoint_dir", lora), f"--checkpoint_dir {lora} is a LoRA run trained on "
+         f"{ckpt}, not a checkpoint; generate from it with generate/lora.py --lora_path {lora}"),
         (("finetune/lora.py", "--checkpoint_dir", data, "--data", data, "--out_dir", tmp_path / "o"),
          f"--checkpoint_dir {data} is prepared data, not a checkpoint"),
         (("scripts/convert_lit_checkpoint.py", "--checkpoint_dir", lora, "--output_dir", tmp_path / "o"),
-         "is a LoRA run, not a checkpoint", "scripts/merge_lora.py"),
+         f"is a LoRA run trained on {ckpt}, not a checkpoint", "scripts/merge_lora.py"),
         (("generate/chat.py", "--checkpoint_dir", smollm2_gguf), "is a GGUF file, not a checkpoint",
          f"scripts/convert_gguf_checkpoint.py --gguf_path {smollm2_gguf}"),
-        (("generate/lora.py", "--lora_path", full), f"--lora_path {full} is a full fine-tune, not a LoRA run; "
-         f"generate from it with generate/full.py --finetuned_path {full}"),
+        (("generate/lora.py", "--lora_path", full), f"--lora_path {full} is a full fine-tune trained on {ckpt}, not a "
+         f"LoRA run; generate from it with generate/full.py --finetuned_path {full}"),
         (("generate/lora.py", "--lora_path", ckpt), f"--lora_path {ckpt} is a base checkpoint, not a LoRA run; "
          f"generate from it with generate/base.py --checkpoint_dir {ckpt}"),
         (("generate/adapter.py", "--adapter_path", data), f"--adapter_path {data} is prepared data, not an adapter "
