@@ -76,11 +76,12 @@ def shown(path: Path) -> Path:
         return path
 
 
-def check_checkpoint(path: Path, flag: str = "--checkpoint_dir") -> Path:
-    """A base checkpoint (or a full fine-tune, a checkpoint of its own) is what `flag` takes; the kinds above that
-    are not are refused by name. A directory of no known kind is left to the checks that read its files."""
+def check_checkpoint(path: Path, flag: str = "--checkpoint_dir", also: tuple[str, ...] = ()) -> Path:
+    """A base checkpoint (or a full fine-tune, a checkpoint of its own) is what `flag` takes, and the kinds in
+    `also`; the other kinds above are refused by name. A directory of no known kind is left to the checks that read
+    its files."""
     path = Path(path)
-    if (kind := kind_of(path)) not in (None, "checkpoint", "full"):
+    if (kind := kind_of(path)) not in (None, "checkpoint", "full", *also):
         refuse(flag, path, kind, "a checkpoint")
     if not path.is_dir():
         what = "is a file, not a directory" if path.exists() else "does not exist"

@@ -359,7 +359,7 @@ def prepare(train: list[dict], test: list[dict], *, task: str, source: str, dest
             val_split_fraction: float, new_tokens: list[str] = ()) -> dict:
     """Tokenize both splits, print the length report and write everything to `destination_path`."""
     ensure_checkpoint(checkpoint_dir)  # the default base is converted on first use
-    check_checkpoint(checkpoint_dir)
+    check_checkpoint(checkpoint_dir, also=("hf",))  # only its tokenizer is read: a download not yet converted will do
     style = PromptStyle.from_name(prompt_style, checkpoint_dir)  # chat-template: the checkpoint's own template
     destination_path = Path(destination_path)
     check_writable(destination_path)

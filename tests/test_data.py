@@ -404,3 +404,18 @@ def test_help_puts_each_shared_option_under_its_own_flag(script):
     assert seed in sections["--seed"], sections["--seed"]
     assert [flag for flag, text in sections.items() if seed in text] == ["--seed"]
     assert "destination_path:" not in options and "seed:" not in options
+
+
+def test_data_is_prepared_from_a_download_not_yet_converted(tmp_path, sp_dir):
+    """Preparing data reads only the tokenizer, so a Hugging Face download (config.json, no lit weights yet) will
+    do, and gives the samples its converted checkpoint would; a LoRA run there is refused by name."""
+    from litft.kinds import kind_of
+
+    hf = tmp_path / "hf"
+    shutil.copytree(sp_dir, hf)
+    (hf / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert kind_of(hf) == "hf"
+    assert_same_samples(prepare_here(tmp_path / "a", hf), prepare_here(tmp_path / "b", sp_dir))
+    (hf / "lora.yaml").write_text("r: 8\n")
+    with pytest.raises(UserError, match=rf"--checkpoint_dir {hf} is a LoRA run, not a checkpoint"):
+        prepare_here(tmp_path / "c", hf)
