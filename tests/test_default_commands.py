@@ -91,7 +91,8 @@ def test_the_run_path_alone_is_enough_from_anywhere(workspace, lora_run, tmp_pat
         assert found == named
         for f in found:
             assert same_content(tmp_path / "found" / f, tmp_path / "named" / f), f
-        shutil.rmtree(tmp_path / "found"), shutil.rmtree(tmp_path / "named")
+        for d in ("found", "named"):
+            shutil.rmtree(tmp_path / d)
 
 
 def same_content(a: Path, b: Path) -> bool:
