@@ -7,6 +7,7 @@ and Ctrl-C at any point (`error: interrupted`, exit status 130, the shell's code
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import sys
@@ -23,14 +24,19 @@ from litft.train_args import TrainArgs
 
 
 def run(fn: Callable[..., Any], args: list[str] | None = None) -> Any:
-    """Parse the command line into `fn`'s signature (`--help`, `--config`, `--print_config`) and call it."""
-    from jsonargparse import auto_cli
+    """Parse the command line into `fn`'s signature (`--help`, `--config`, `--print_config`) and call it.
 
-    return reported(lambda: auto_cli(fn, args=args, as_positional=False, exit_on_error=False))
+    A flag is spelled whole: argparse's default would read `--prompt` as the first flag it begins (`--prompt_style`).
+    """
+    from jsonargparse import auto_cli, auto_parser
+
+    return reported(lambda: auto_cli(fn, args=args, as_positional=False, exit_on_error=False, allow_abbrev=False),
+                    parser=lambda: auto_parser(fn, as_positional=False))
 
 
-def reported(call: Callable[[], Any]) -> Any:
-    """Call `call`; a user error or an interrupt ends the process with its one line."""
+def reported(call: Callable[[], Any], parser: Callable[[], Any] | None = None) -> Any:
+    """Call `call`; a user error or an interrupt ends the process with its one line. `parser()` builds the command's
+    parser, whose flags a misspelt one is matched against."""
     from jsonargparse import ArgumentError
 
     try:
@@ -38,7 +44,7 @@ def reported(call: Callable[[], Any]) -> Any:
     except UserError as e:
         fail(str(e), 2)
     except ArgumentError as e:  # a flag the command does not take, or a value of the wrong type
-        fail(f"{config_error(str(e), sys.argv) or flag_error(str(e))} (--help lists the flags)", 2)
+        fail(f"{config_error(str(e), sys.argv) or flag_error(str(e))}{suggestion(str(e), parser)}", 2)
     except BrokenPipeError:  # stdout's reader left (`| head`): nothing more to say to it (Python's "Note on SIGPIPE")
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
@@ -60,6 +66,14 @@ def flag_error(message: str) -> str:
     if expected and given:
         return f"--{key}: expected {type_names(expected.group(1))}, got {given.group(1).strip()!r}"
     return f"--{key}: " + " ".join(line.strip() for line in detail.splitlines())
+
+
+def suggestion(message: str, parser: Callable[[], Any] | None) -> str:
+    """' (did you mean --max_steps?)' for 'unrecognized arguments: --max_step 7'; else ' (--help lists the flags)'."""
+    given = re.match(r"unrecognized arguments: (--[\w.-]+)", message)
+    flags = list(parser()._option_string_actions) if given and parser else []  # argparse's table of flag -> action
+    close = difflib.get_close_matches(given.group(1), flags, n=1, cutoff=0.75) if flags else []
+    return f" (did you mean {close[0]}?)" if close else " (--help lists the flags)"
 
 
 def configs_first(argv: list[str]) -> list[str]:
@@ -129,18 +143,11 @@ def run_finetune(recipe: Callable[..., Any], args: list[str] | None = None, **de
     named --data set prepared when they are missing (litft/base_checkpoint.py, litft/named_data.py) — here,
     before Fabric starts other processes.
     """
-    return reported(lambda: _finetune(recipe, args, defaults))
+    return reported(lambda: _finetune(recipe, args, defaults), parser=lambda: finetune_parser(recipe, defaults))
 
 
 def _finetune(recipe: Callable[..., Any], args: list[str] | None, defaults: dict) -> Any:
-    from jsonargparse import ActionConfigFile, ArgumentParser
-
-    parser = ArgumentParser(description=(recipe.__doc__ or "").strip().splitlines()[0] if recipe.__doc__ else None,
-                            exit_on_error=False)
-    parser.add_argument("--config", action=ActionConfigFile, help="a YAML recipe (see recipes/)")
-    parser.add_class_arguments(TrainArgs, nested_key=None)
-    parser.add_function_arguments(recipe, nested_key=None, skip={"train"})
-    parser.set_defaults(**defaults)
+    parser = finetune_parser(recipe, defaults)
     flags = parser.parse_args(configs_first(sys.argv[1:] if args is None else args)).as_dict()
     flags.pop("config", None)
     train = TrainArgs(**{k: flags.pop(k) for k in list(flags) if k in TrainArgs.__dataclass_fields__})
@@ -149,3 +156,16 @@ def _finetune(recipe: Callable[..., Any], args: list[str] | None, defaults: dict
     check_checkpoint(train.checkpoint_dir)
     ensure_data(train.data, train.checkpoint_dir)
     return recipe(train, **flags)
+
+
+def finetune_parser(recipe: Callable[..., Any], defaults: dict) -> Any:
+    """TrainArgs' flags, then the recipe's own, then --config; `defaults` replace TrainArgs' defaults."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser(description=(recipe.__doc__ or "").strip().splitlines()[0] if recipe.__doc__ else None,
+                            exit_on_error=False, allow_abbrev=False)
+    parser.add_argument("--config", action=ActionConfigFile, help="a YAML recipe (see recipes/)")
+    parser.add_class_arguments(TrainArgs, nested_key=None)
+    parser.add_function_arguments(recipe, nested_key=None, skip={"train"})
+    parser.set_defaults(**defaults)
+    return parser

@@ -297,10 +297,15 @@ def test_cli_user_errors(tiny_checkpoint, tmp_path):
             (["--prompt", "hi", "--max_new_tokens", "abc"], "--max_new_tokens: expected an integer, got 'abc'"),
             (["--prompt", "hi", "--top_k", "1.5"], "--top_k: expected an integer or null, got '1.5'"),
             (["--prompt", "hi", "--bogus", "1"], "unrecognized arguments: --bogus 1"),
+            (["--prompt", "hi", "--temp", "0"], "unrecognized arguments: --temp 0"),  # argparse's default: temperature
             ([], "arguments are required: prompt")):
         proc = run_main("generate/base.py", "--checkpoint_dir", directory, *flags)
         assert_user_error(proc, fragment, "--help")
         assert proc.stderr.count("\n") == 1, proc.stderr  # the line alone: jsonargparse's usage block is not printed
+    assert_user_error(run_main("generate/base.py", "--checkpoint_dir", directory, "--prompt", "hi", "--top-k", "1"),
+                      "unrecognized arguments: --top-k 1 (did you mean --top_k?)")
+    assert_user_error(run_main("generate/chat.py", "--checkpoint_dir", directory, "--prompt", "hi"),
+                      "unrecognized arguments: --prompt hi")  # not --prompt_style: chat reads its prompts from stdin
     assert_user_error(run_main("generate/base.py", "--checkpoint_dir", tmp_path / "nope", "--prompt", "hi"),
                       "does not exist")
     (tmp_path / "empty").mkdir()  # no run of any kind: it exists, but holds no weights
