@@ -8,7 +8,7 @@ Everything else lives here, once:
     for each optimizer step:                              batch_size samples = accumulation × micro batches
         for each micro batch:                             (micro_batch_size, T) tokens per process
             loss = next_token_loss(model(x), y) · n_k / N      (litft/loss.py; n_k of the step's N trained tokens)
-            backward (gradients sync across processes only on the last micro batch)
+            backward (DDP syncs gradients on the last micro batch only; FSDP on each, to keep them sharded)
         clip gradients (a non-finite norm stops the run), AdamW step, learning rate: linear warmup then cosine decay
         every eval_interval: validation loss, perplexity and one generated sample
         every save_interval: the method's weights file, then a resumable checkpoint
@@ -242,13 +242,18 @@ class Loop:
 
         A micro batch's mean loss is weighted by its share n_k / N of the trained tokens, times the number of
         processes, which DDP's and FSDP's gradient average divides out again: the gradient is that of
-        Σ (token losses) / N. Weighing each micro batch's mean alike would let 3 tokens count as much as 300."""
+        Σ (token losses) / N. Weighing each micro batch's mean alike would let 3 tokens count as much as 300.
+
+        DDP holds whole gradients anyway, so it all-reduces once, after the last micro batch. FSDP reduce-scatters
+        after every one, so each process keeps only its shard of the gradients: skipping that sync would hold them
+        whole until the last micro batch (torch's FSDP2 `set_requires_gradient_sync`), more than the memory plan."""
         fabric = self.fabric
+        hold = self.args.strategy != "fsdp"  # keep the gradients local until the last micro batch
         counts = [trained_tokens(y) for _, y, _ in micro_batches]
         total = fabric.all_reduce(sum(counts), reduce_op="sum")  # N
         loss = torch.zeros((), device=fabric.device)
         for k, (x, y, packed_pos) in enumerate(micro_batches):
-            with fabric.no_backward_sync(self.model, enabled=k < len(micro_batches) - 1):
+            with fabric.no_backward_sync(self.model, enabled=hold and k < len(micro_batches) - 1):
                 micro_loss = self.loss(x, y, packed_pos)  # the mean over its n_k trained tokens
                 fabric.backward(micro_loss * (counts[k] * fabric.world_size / total))
             loss += micro_loss.detach() * counts[k] / total

@@ -154,6 +154,72 @@ dist.destroy_process_group()
 """
 
 
+GRADIENTS = """
+import json, sys
+from pathlib import Path
+import torch
+from torch.distributed.tensor import DTensor
+from litft.config import Config
+from litft.fast import for_training
+from litft.model import Llama
+from litft.train import Loop
+from litft.train_args import TrainArgs
+from litft.train_setup import make_fabric
+
+args = TrainArgs(devices=2, strategy="fsdp", precision="32-true", out_dir=Path(sys.argv[1]))
+fabric = make_fabric(args)
+fabric.launch()
+torch.manual_seed(0)
+model = Llama(Config.from_name("tiny-gqa")).requires_grad_(True)
+loss_fn = for_training(model)
+wrapped = fabric.setup_module(model)
+wrapped.mark_forward_method("hidden_states")
+loop = Loop(fabric=fabric, model=wrapped, raw=model, optimizer=None, scheduler=None, loss_fn=loss_fn, args=args,
+            method=None, tokenizer=None, style=None, val_data=[], run_id="")
+held, loss = [], loop.loss
+
+def record(*batch):  # as a micro batch starts: the gradients this process holds as shards (DTensors), their bytes
+    grads = [p.grad for p in model.parameters()]
+    held.append([isinstance(g, DTensor) for g in grads].count(True))
+    held.append(sum(g.to_local().numel() * g.element_size() for g in grads if isinstance(g, DTensor)))
+    return loss(*batch)
+
+loop.loss = record
+x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(fabric.global_rank))
+loop.accumulate([(x, x, None)] * 3)
+whole = sum(p.numel() * 4 for p in model.parameters())
+if fabric.global_rank == 0:
+    print(json.dumps({"held": held, "whole": whole, "parameters": len(list(model.parameters()))}))
+fabric.barrier()  # neither process leaves while the other still talks to it
+torch.distributed.destroy_process_group()
+"""
+
+
+def test_fsdp_keeps_each_process_s_gradients_sharded_between_micro_batches(tmp_path):
+    """Truth: torch's FSDP2, in 2 processes (gloo), through litft's own accumulate with 3 micro batches. After each
+    backward every parameter's gradient is its DTensor shard, half of the whole: what the memory plan counts
+    (litft/memory.py, Plan.sharded). Skipping the sync before the last micro batch (Fabric's no_backward_sync) had
+    left no gradient in the shards and every gradient whole inside FSDP, until the last one."""
+    from litft import memory
+    from litft.config import Config
+    from litft.fast import for_training
+
+    script = tmp_path / "gradients.py"
+    script.write_text(GRADIENTS)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(free_port()), str(script), str(tmp_path / "run")], cwd=ROOT, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = json.loads(proc.stdout.strip().splitlines()[-1])
+    before_second, before_third = found["held"][2:4], found["held"][4:6]  # the first micro batch starts with none
+    assert found["held"][:2] == [0, 0]
+    assert before_second == before_third == [found["parameters"], found["whole"] // 2]
+    plan = memory.plan(Config.from_name("tiny-gqa"), lambda model: model.requires_grad_(True), 16, dtype=torch.float32,
+                       autocast=None, quantize=None, activation_checkpointing=False,
+                       loss=lambda model: for_training(model, True), device=torch.device("cuda"))
+    assert plan.sharded(2).gradients == before_second[1]
+
+
 def test_the_fsdp_plan_counts_the_weights_each_process_gathers(tmp_path):
     """Truth: FSDP2's own parameters in 2 processes (gloo) through a forward and backward pass: each holds half of
     every weight as its shard and, at most, the root's weights (embedding, norm, lm_head: gathered from the forward

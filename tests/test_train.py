@@ -304,10 +304,12 @@ def test_killed_runs_resume_from_last_complete_checkpoint(tiny, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_processes_match_one(tiny, tmp_path, strategy):
-    """Same global batch, same data order: 2 processes (gloo) save the weights one process saves."""
+    """Same global batch, same data order: 2 processes (gloo) save the weights one process saves. Micro batches of
+    1 sample: one process accumulates 4 a step, each of two accumulates 2 (DDP syncs on the last, FSDP on each)."""
     one, two = tmp_path / "one", tmp_path / "two"
-    finetune(tiny, one, "--lora_dropout", "0")
-    proc = finetune(tiny, two, "--lora_dropout", "0", "--devices", "2", "--strategy", strategy)
+    finetune(tiny, one, "--lora_dropout", "0", "--micro_batch_size", "1")
+    proc = finetune(tiny, two, "--lora_dropout", "0", "--micro_batch_size", "1", "--devices", "2",
+                    "--strategy", strategy)
     assert "Starting with 2 processes" in proc.stdout + proc.stderr
     assert_same(weights(one / "lit_model_lora.pth"), weights(two / "lit_model_lora.pth"), atol=1e-5)
 
