@@ -5,7 +5,8 @@
     make_fabric      devices, precision, DDP or FSDP (each transformer block sharded on its own), TensorBoard
     plan_memory      the run's peak estimated before a weight is read (litft/memory.py); `--micro_batch_size auto`
     build_model      the base loaded (on the meta device first: no random weights), the method applied, NF4
-    start_run        out_dir checked and cleared for a fresh, resumed or overwritten run (litft/run_dir.py)
+    start_run        out_dir checked and cleared for a fresh, resumed or overwritten run (litft/run_dir.py), and
+                     seen by every process: each writes its part of every checkpoint there
     write_run_files  what later commands need to use the weights without repeating flags
 
 Some decisions are rank 0's alone (the plan, the run directory), and every process must follow them, a refusal
@@ -18,6 +19,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -143,7 +145,33 @@ def warn_if_steps_round_away(fabric: Fabric, model: Llama, lr: float) -> None:
 def start_run(fabric: Fabric, args: TrainArgs, method: Method) -> str:
     """Rank 0 checks out_dir for a fresh, resumed or overwritten run and clears what must go (litft/run_dir.py);
     every process learns the outcome, so a refusal ends them all. Returns the run's id."""
-    return decided_by_rank0(fabric, lambda: run_dir.start(args, method))
+    run_id = decided_by_rank0(fabric, lambda: run_dir.start(args, method))
+    check_out_dir_is_shared(fabric, Path(args.out_dir), run_id)
+    return run_id
+
+
+def check_out_dir_is_shared(fabric: Fabric, out: Path, run_id: str) -> None:
+    """Every process writes its part of each checkpoint into out_dir and reads it back on --resume, so the nodes
+    of a multi-node run need one out_dir on a filesystem they share. Rank 0 leaves a mark there; a process that
+    does not see it within seconds (a node-local disk) ends the run now rather than at its first save."""
+    if fabric.world_size == 1:
+        return
+    mark = out / f".shared.{run_id}.tmp"  # a killed run's is removed as an orphan (litft/run_dir.py)
+    if fabric.global_rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        mark.touch()
+    fabric.barrier()
+    for _ in range(10):  # a network filesystem may show a new file to other nodes a moment later
+        if mark.exists():
+            break
+        time.sleep(0.5)
+    blind = int(fabric.all_reduce(torch.tensor(0 if mark.exists() else 1, device=fabric.device), reduce_op="sum"))
+    if fabric.global_rank == 0:
+        mark.unlink(missing_ok=True)
+    if blind:
+        raise UserError(f"--out_dir {out}: {blind} of the {fabric.world_size} processes cannot see the files process 0 "
+                        "writes there (a disk local to each node?); every process writes its part of each "
+                        "checkpoint into it: give every node the same --out_dir on a shared filesystem")
 
 
 def write_run_files(args: TrainArgs, method: Method, model: Llama, style, run_id: str) -> None:

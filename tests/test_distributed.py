@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, assert_user_error
 from test_train import COMMON, finetune, tiny, weights  # noqa: F401  (tiny is a fixture)
 
 pytestmark = pytest.mark.slow
@@ -58,23 +58,41 @@ def test_two_nodes_train_the_same_losses_as_one_process(tiny, tmp_path):
     """`--num_nodes 2 --devices 1`, started as two nodes on 127.0.0.1 the way torchrun or srun start them (each
     process gets MASTER_ADDR, MASTER_PORT, NODE_RANK, WORLD_SIZE, LOCAL_RANK), equals one process in fp32."""
     finetune(tiny, tmp_path / "one", "--lora_dropout", "0")
-    args = [sys.executable, str(ROOT / "finetune/lora.py"), "--checkpoint_dir", str(tiny["ckpt"]), "--data",
-            str(tiny["data"]), "--out_dir", str(tmp_path / "two"), *COMMON, "--lora_dropout", "0",
-            "--num_nodes", "2", "--devices", "1", "--strategy", "ddp"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
-           "WORLD_SIZE": "2", "LOCAL_RANK": "0"}
-    nodes = [subprocess.Popen(args, cwd=ROOT, env={**env, "NODE_RANK": str(rank)}, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
-    try:
-        results = [node.communicate(timeout=300) for node in nodes]
-    finally:
-        for node in nodes:
-            node.kill()
-    assert [node.returncode for node in nodes] == [0, 0], results[0][1][-2000:] + results[1][1][-2000:]
+    nodes = two_nodes(tiny, tmp_path / "two", tmp_path / "two")
+    assert [code for code, _ in nodes] == [0, 0], nodes[0][1][-2000:] + nodes[1][1][-2000:]
     assert losses(tmp_path / "two") == losses(tmp_path / "one")
     a, b = weights(tmp_path / "one" / "lit_model_lora.pth"), weights(tmp_path / "two" / "lit_model_lora.pth")
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=key)
+
+
+def two_nodes(tiny: dict, *out_dirs: Path) -> list[tuple[int, str]]:
+    """A LoRA run of `--num_nodes 2 --devices 1` started as two nodes on 127.0.0.1, node r writing to out_dirs[r];
+    each node's exit status and stderr."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+           "WORLD_SIZE": "2", "LOCAL_RANK": "0"}
+    nodes = [subprocess.Popen([sys.executable, str(ROOT / "finetune/lora.py"), "--checkpoint_dir", str(tiny["ckpt"]),
+                               "--data", str(tiny["data"]), "--out_dir", str(out), *COMMON, "--lora_dropout", "0",
+                               "--num_nodes", "2", "--devices", "1", "--strategy", "ddp"],
+                              cwd=ROOT, env={**env, "NODE_RANK": str(rank)}, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for rank, out in enumerate(out_dirs)]
+    try:
+        errors = [node.communicate(timeout=300)[1] for node in nodes]
+        return [(node.returncode, stderr) for node, stderr in zip(nodes, errors)]
+    finally:
+        for node in nodes:
+            node.kill()
+
+
+def test_nodes_without_a_shared_out_dir_stop_at_start_in_one_line(tiny, tmp_path):
+    """Two nodes whose --out_dir is not one folder (as node-local disks are): every process writes its part of
+    each checkpoint there, so the run stops before training, on both nodes, in one line. It had trained until its
+    first save, where the second node found no checkpoint folder to write into."""
+    nodes = two_nodes(tiny, tmp_path / "node0", tmp_path / "node1")
+    for code, stderr in nodes:
+        assert_user_error(subprocess.CompletedProcess([], code, "", stderr), "--out_dir", "same --out_dir on a shared")
+        assert "step 1" not in stderr and "training" not in stderr, stderr[-2000:]
+    assert not list((tmp_path / "node0").glob(".shared.*"))
 
 
 def children(pid: int) -> list[int]:
