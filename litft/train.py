@@ -47,7 +47,8 @@ from litft.schedule import batch_indices, lr_factor
 from litft.tokenizer import Tokenizer
 from litft.train_args import Method, TrainArgs
 from litft.train_data import check_lengths, check_token_ids, read_data, tokenizer_of
-from litft.train_setup import build_model, check_can_compile, make_fabric, plan_memory, start_run, write_run_files
+from litft.train_setup import (build_model, check_can_compile, failing_anywhere, make_fabric, plan_memory, start_run,
+                               write_run_files)
 
 if TYPE_CHECKING:
     from lightning.fabric import Fabric
@@ -109,7 +110,8 @@ def restore(loop: Loop) -> train_state.State:
     the schedule (run_dir.check_resume checked that it is this run's and that --max_steps lies beyond it)."""
     if not loop.args.resume:
         return train_state.State()
-    state = train_state.load(loop.fabric, loop.raw, loop.optimizer, loop.scheduler, loop.args.out_dir, loop.run_id)
+    state = failing_anywhere(loop.fabric, lambda: train_state.load(loop.fabric, loop.raw, loop.optimizer,
+                                                                   loop.scheduler, loop.args.out_dir, loop.run_id))
     loop.fabric.print(f"resumed from step {state.step}", file=sys.stderr)
     if state.step == loop.args.max_steps:  # killed after its last checkpoint: only the summary is left to write
         loop.fabric.print(f"step {state.step} is --max_steps: nothing left to train; writing the run's summary",

@@ -11,7 +11,8 @@
 
 Some decisions are rank 0's alone (the plan, the run directory), and every process must follow them, a refusal
 included, or the others would wait forever at the next collective: `decided_by_rank0` runs the decision on rank 0
-and broadcasts its value or its one-line error.
+and broadcasts its value or its one-line error; `failing_anywhere` runs one on every process (loading each one's
+part of a checkpoint) and stops them all when any fails.
 """
 
 from __future__ import annotations
@@ -51,6 +52,23 @@ def decided_by_rank0(fabric: Fabric, decide: Callable[[], Any]) -> Any:
         except UserError as e:
             outcome = (None, str(e))
     value, error = fabric.broadcast(outcome, src=0)
+    if error:
+        raise UserError(error)
+    return value
+
+
+def failing_anywhere(fabric: Fabric, act: Callable[[], Any]) -> Any:
+    """`act()` on every process; a UserError on any one (the lowest rank's, when several fail) is raised on all,
+    so none goes on alone to wait at the next collective."""
+    value, error = None, None
+    try:
+        value = act()
+    except UserError as e:
+        error = str(e)
+    if fabric.world_size > 1:
+        mine = torch.tensor(fabric.global_rank if error else fabric.world_size, device=fabric.device)
+        first = int(fabric.all_reduce(mine, reduce_op=torch.distributed.ReduceOp.MIN))
+        error = fabric.broadcast(error, src=first) if first < fabric.world_size else None
     if error:
         raise UserError(error)
     return value

@@ -141,6 +141,23 @@ def test_a_killed_process_ends_the_others_in_one_line_and_the_run_resumes(tiny, 
     assert json.loads((out / "summary.json").read_text())["steps"] == step + 2
 
 
+def test_a_checkpoint_damaged_for_one_process_stops_them_all_at_resume_in_one_line(tiny, tmp_path):
+    """Rank 1's part of the newest checkpoint truncated (as a disk that filled up leaves it): safetensors refuses
+    it on rank 1 only, and every process stops with the line that names the damaged checkpoint, before the run's
+    record is touched. Rank 0 had gone on alone and rewritten hyperparameters.yaml, then reported a lost process
+    and advised the same --resume again."""
+    out = tmp_path / "run"
+    flags = ("--devices", "2", "--strategy", "ddp", "--lora_dropout", "0")
+    finetune(tiny, out, *flags)
+    newest = sorted((out / "checkpoints").glob("step-*"))[-1]
+    part = newest / "state-rank1.safetensors"
+    part.write_bytes(part.read_bytes()[:100])
+    record = (out / "hyperparameters.yaml").read_bytes()
+    resumed = finetune(tiny, out, *flags, "--resume", "true", "--max_steps", "8", check=False)
+    assert_user_error(resumed, f"{newest} is damaged", "remove it to resume from the checkpoint before it")
+    assert (out / "hyperparameters.yaml").read_bytes() == record
+
+
 GATHERED = """
 import json, sys
 from dataclasses import replace
