@@ -47,8 +47,15 @@ from litft.schedule import batch_indices, lr_factor
 from litft.tokenizer import Tokenizer
 from litft.train_args import Method, TrainArgs
 from litft.train_data import check_lengths, check_token_ids, read_data, tokenizer_of
-from litft.train_setup import (build_model, check_can_compile, failing_anywhere, make_fabric, plan_memory, start_run,
-                               write_run_files)
+from litft.train_setup import (
+    build_model,
+    check_can_compile,
+    failing_anywhere,
+    make_fabric,
+    plan_memory,
+    start_run,
+    write_run_files,
+)
 
 if TYPE_CHECKING:
     from lightning.fabric import Fabric
