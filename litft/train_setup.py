@@ -79,15 +79,17 @@ def make_fabric(args: TrainArgs) -> Fabric:
     # transformers where that is installed), and a command whose flags are wrong should say so at once.
     from lightning.fabric import Fabric
     from lightning.fabric.loggers import TensorBoardLogger
-    from lightning.fabric.strategies import ModelParallelStrategy
+    from lightning.fabric.strategies import DDPStrategy, ModelParallelStrategy
 
     on_gpu = torch.cuda.is_available()
     strategy = args.strategy
     if strategy == "fsdp":
         strategy = ModelParallelStrategy(parallelize_fn=shard_blocks, data_parallel_size=args.devices * args.num_nodes,
                                          tensor_parallel_size=1)
-    elif strategy == "ddp" and not on_gpu:
-        strategy = "ddp"
+    elif strategy == "ddp" or (strategy == "auto" and args.devices * args.num_nodes > 1):  # auto's choice too
+        # gradients as views into DDP's all-reduce buckets: without it each process holds them twice (PyTorch's
+        # DDP docs: the saving "will be equal to the total gradients size")
+        strategy = DDPStrategy(gradient_as_bucket_view=True)
     logger = TensorBoardLogger(root_dir=str(args.out_dir), name="logs", version="")
     return Fabric(accelerator="cuda" if on_gpu else "cpu", devices=args.devices, num_nodes=args.num_nodes,
                   strategy=strategy, precision=args.precision, loggers=logger)

@@ -201,7 +201,7 @@ from litft.train import Loop
 from litft.train_args import TrainArgs
 from litft.train_setup import make_fabric
 
-args = TrainArgs(devices=2, strategy="fsdp", precision="32-true", out_dir=Path(sys.argv[1]))
+args = TrainArgs(devices=2, strategy=sys.argv[2], precision="32-true", out_dir=Path(sys.argv[1]))
 fabric = make_fabric(args)
 fabric.launch()
 torch.manual_seed(0)
@@ -223,11 +223,33 @@ loop.loss = record
 x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(fabric.global_rank))
 loop.accumulate([(x, x, None)] * 3)
 whole = sum(p.numel() * 4 for p in model.parameters())
+storages = {(g.to_local() if isinstance(g, DTensor) else g).untyped_storage().data_ptr()
+            for g in (p.grad for p in model.parameters())}
 if fabric.global_rank == 0:
-    print(json.dumps({"held": held, "whole": whole, "parameters": len(list(model.parameters()))}))
+    print(json.dumps({"held": held, "whole": whole, "parameters": len(list(model.parameters())),
+                      "storages": len(storages)}))
 fabric.barrier()  # neither process leaves while the other still talks to it
 torch.distributed.destroy_process_group()
 """
+
+
+def gradients_held(tmp_path: Path, strategy: str) -> dict:
+    """GRADIENTS run in 2 processes under `strategy`: what it found, from rank 0."""
+    script = tmp_path / "gradients.py"
+    script.write_text(GRADIENTS)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(free_port()), str(script), str(tmp_path / "run"), strategy], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_ddp_keeps_the_gradients_in_its_all_reduce_buckets(tmp_path):
+    """Truth: torch's DDP storages. With gradient_as_bucket_view the gradients are views into the few flat buckets
+    DDP all-reduces, not a second copy of them: the memory plan counts them once. Each gradient had its own."""
+    found = gradients_held(tmp_path, "ddp")
+    assert found["storages"] < found["parameters"] / 4, found
 
 
 def test_fsdp_keeps_each_process_s_gradients_sharded_between_micro_batches(tmp_path):
@@ -239,13 +261,7 @@ def test_fsdp_keeps_each_process_s_gradients_sharded_between_micro_batches(tmp_p
     from litft.config import Config
     from litft.fast import for_training
 
-    script = tmp_path / "gradients.py"
-    script.write_text(GRADIENTS)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(free_port()), str(script), str(tmp_path / "run")], cwd=ROOT, capture_output=True,
-                          text=True, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    found = json.loads(proc.stdout.strip().splitlines()[-1])
+    found = gradients_held(tmp_path, "fsdp")
     before_second, before_third = found["held"][2:4], found["held"][4:6]  # the first micro batch starts with none
     assert found["held"][:2] == [0, 0]
     assert before_second == before_third == [found["parameters"], found["whole"] // 2]
