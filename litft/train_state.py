@@ -2,7 +2,8 @@
 
 A checkpoint is a directory `out_dir/checkpoints/step-000100/` holding
     state-rank<r>.safetensors   each process's trainable parameters and AdamW moments (its own shards under
-                                FSDP: DTensor local pieces), named `param:<name>` and `optim:<name>:<key>`
+                                FSDP: DTensor local pieces), named `param:<name>` and `optim:<name>:<key>`;
+                                with whole tensors (DDP) rank 0's alone, which every process holds alike
     state-rank<r>.json          that process's random number generator state, and its optimizer's settings
     meta.json                   step, data position, scheduler state, loss history, the number of processes,
                                 and under 16-mixed the GradScaler's loss scale
@@ -85,15 +86,18 @@ def save(fabric, model, optimizer, scheduler, state: State, out_dir: Path, run_i
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
     fabric.barrier()
+    sharded = any(isinstance(p, DTensor) for p in model.parameters())
     tensors, groups = _local_state(model, _raw(optimizer))
-    save_file(tensors, tmp / f"state-rank{rank}.safetensors")
+    if sharded or rank == 0:  # DDP's processes hold the same replica (its all-reduce keeps them so): one copy
+        save_file(tensors, tmp / f"state-rank{rank}.safetensors")
+        _on_disk(tmp / f"state-rank{rank}.safetensors")
     (tmp / f"state-rank{rank}.json").write_text(json.dumps({"rng": _rng_state(), "param_groups": groups}))
-    _on_disk(tmp / f"state-rank{rank}.safetensors", tmp / f"state-rank{rank}.json")
+    _on_disk(tmp / f"state-rank{rank}.json")
     if rank == 0:
         meta = {"step": state.step, "position": state.position, "scheduler": scheduler.state_dict(),
                 "history": state.history, "metrics": state.metrics, "world_size": fabric.world_size, "run_id": run_id,
                 "grad_scaler": fabric.strategy.precision.state_dict(),  # {} but under 16-mixed
-                "sharded": any(isinstance(p, DTensor) for p in model.parameters())}
+                "sharded": sharded}
         (tmp / META).write_text(json.dumps(meta))
         _on_disk(tmp / META)
     fabric.barrier()
@@ -167,7 +171,7 @@ def load(fabric, model, optimizer, scheduler, out_dir: Path, run_id: str) -> Sta
         raise UserError(f"--resume: {path} was written by {meta['world_size']} processes, this run has "
                         f"{fabric.world_size}; resume with the same --devices × --num_nodes")
     try:
-        tensors = load_file(path / f"state-rank{rank}.safetensors")
+        tensors = load_file(path / f"state-rank{rank if meta.get('sharded', True) else 0}.safetensors")
     except (SafetensorError, OSError) as e:
         raise UserError(f"--resume: {path} is damaged ({str(e).splitlines()[0]}); remove it to resume from the "
                         "checkpoint before it") from None

@@ -142,12 +142,12 @@ def test_a_killed_process_ends_the_others_in_one_line_and_the_run_resumes(tiny, 
 
 
 def test_a_checkpoint_damaged_for_one_process_stops_them_all_at_resume_in_one_line(tiny, tmp_path):
-    """Rank 1's part of the newest checkpoint truncated (as a disk that filled up leaves it): safetensors refuses
+    """Rank 1's shards in the newest checkpoint truncated (as a disk that filled up leaves it): safetensors refuses
     it on rank 1 only, and every process stops with the line that names the damaged checkpoint, before the run's
     record is touched. Rank 0 had gone on alone and rewritten hyperparameters.yaml, then reported a lost process
     and advised the same --resume again."""
     out = tmp_path / "run"
-    flags = ("--devices", "2", "--strategy", "ddp", "--lora_dropout", "0")
+    flags = ("--devices", "2", "--strategy", "fsdp", "--lora_dropout", "0")
     finetune(tiny, out, *flags)
     newest = sorted((out / "checkpoints").glob("step-*"))[-1]
     part = newest / "state-rank1.safetensors"

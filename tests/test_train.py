@@ -311,6 +311,10 @@ def test_two_processes_match_one(tiny, tmp_path, strategy):
     proc = finetune(tiny, two, "--lora_dropout", "0", "--micro_batch_size", "1", "--devices", "2",
                     "--strategy", strategy)
     assert "Starting with 2 processes" in proc.stdout + proc.stderr
+    newest = sorted((two / "checkpoints").glob("step-*"))[-1]  # DDP's replicas are alike: rank 0's tensors alone
+    tensors = ["state-rank0.safetensors", "state-rank1.safetensors"][:2 if strategy == "fsdp" else 1]
+    assert sorted(p.name for p in newest.iterdir()) == sorted(["meta.json", "state-rank0.json", "state-rank1.json",
+                                                                *tensors])
     assert_same(weights(one / "lit_model_lora.pth"), weights(two / "lit_model_lora.pth"), atol=1e-5)
 
 
