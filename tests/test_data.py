@@ -122,6 +122,11 @@ def test_truncated_samples_keep_eos_and_are_counted(tmp_path, sp_dir, sentencepi
     report = json.loads((tmp_path / "data" / "length_report.json").read_text())["train"]
     assert report["truncated"] == sum(n > max_len for n in full[:-1]) > 0
     assert report["dropped"] == 1 and report["max"] == max_len
+    import numpy as np  # the percentiles the report shows, as numpy computes them (rounded up to a real length)
+
+    lengths = [len(s["input_ids"]) for s in samples]
+    assert [report[f"p{q}"] for q in (50, 90, 95, 99)] == \
+        [int(np.percentile(lengths, q, method="higher")) for q in (50, 90, 95, 99)]
 
 
 def test_an_empty_answer_is_dropped_when_only_answers_are_learned(tmp_path, sp_dir):

@@ -219,6 +219,14 @@ def test_seeded_sampling_is_reproducible():
     assert run(3) != run(4)
 
 
+def test_sampling_without_seed_uses_the_documented_default(tiny_checkpoint):
+    """howto/generate.md: the draw is seeded by --seed, default 1234."""
+    directory, _ = tiny_checkpoint
+    flags = ("--checkpoint_dir", directory, "--prompt", "hi", "--temperature", "1", "--max_new_tokens", "24")
+    texts = [run_main("generate/base.py", *flags, *seed).stdout for seed in ((), ("--seed", "1234"), ("--seed", "7"))]
+    assert texts[0] == texts[1] != texts[2]
+
+
 def test_stops_at_a_stop_token_without_yielding_it():
     model = tiny_model("tiny-mha")
     prompt = torch.randint(0, 256, (5,))

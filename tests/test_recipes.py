@@ -156,9 +156,10 @@ def test_flags_win_over_config_and_a_bad_recipe_is_one_line_naming_it(tmp_path):
     assert_user_error(run_script("finetune/lora.py", f"--config={bad}", "--print_config"),
                       f"--config {bad} is not valid YAML", "line 2, column 1")
     # a flag wins over the recipe wherever it stands: before --config, between two --config files
-    for flags in (["--max_steps", "7", "--config", recipe],
-                  ["--config", recipe, "--max_steps", "7", "--config", recipe]):
-        printed = run_script("finetune/lora.py", *flags, "--print_config", check=True)
+    for flags in (["--max_steps", "7", "--config", recipe, "--print_config"],
+                  ["--print_config", "--max_steps", "7", "--config", recipe],  # the file last of all
+                  ["--config", recipe, "--max_steps", "7", "--config", recipe, "--print_config"]):
+        printed = run_script("finetune/lora.py", *flags, check=True)
         assert yaml.safe_load(printed.stdout)["max_steps"] == 7, flags
     # a flag is spelled whole (argparse's allow_abbrev would read --max_step as --max_steps); a near miss is named
     assert_user_error(run_script("finetune/lora.py", "--max_step", "7", "--config", recipe, "--print_config"),

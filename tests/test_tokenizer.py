@@ -81,6 +81,7 @@ def test_sentencepiece_matches_library(sp_dir, sentencepiece_model):
         assert tok.decode(torch.tensor(expected)) == sp.decode(expected) == text
     assert 0 < len(sp.encode("🦙")) and all(sp.id_to_piece(i).startswith("<0x") for i in sp.encode("🦙")[1:])
     assert tok.encode(TEXTS[3], max_length=5).tolist() == [sp.bos_id()] + sp.encode(TEXTS[3])[:4]
+    assert tok.encode(TEXTS[3], max_length=1).tolist() == [sp.bos_id()]  # any max_length above 0 truncates
     assert tok.token_to_id("</s>") == sp.eos_id() and tok.token_to_id("no-such-piece") is None
 
 
