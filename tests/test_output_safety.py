@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import assert_user_error, run_main
 from test_train import finetune, tiny  # noqa: F401 (fixture)
 
@@ -105,11 +106,21 @@ def test_a_path_of_the_wrong_kind_is_named_as_such(runs, tmp_path):
 def test_a_directory_of_another_kind_is_named_with_the_command_that_reads_it(runs, smollm2_gguf, tmp_path):
     """The directories the commands above wrote, each given where another kind is read: one line names what it is
     and the command that takes it, before a weight or a tokenizer is read."""
+    from safetensors.torch import save_file
+
     lora, full, data, ckpt = runs["lora"], runs["full"], runs["data"], runs["ckpt"]
     (tmp_path / "rows.json").write_text("[]")
+    peft = tmp_path / "peft"  # what scripts/export_peft.py writes, as peft's save_pretrained names it
+    peft.mkdir()
+    (peft / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 2}')
+    save_file({"base_model.model.lm_head.lora_A.weight": torch.zeros(2, 4)}, peft / "adapter_model.safetensors")
     cases = [
         (("generate/base.py", "--checkpoint_dir", lora), f"--checkpoint_dir {lora} is a LoRA run trained on "
          f"{ckpt}, not a checkpoint; generate from it with generate/lora.py --lora_path {lora}"),
+        (("generate/base.py", "--checkpoint_dir", lora / "lit_model_lora.pth"),  # its weights file: named as given
+         f"generate from it with generate/lora.py --lora_path {lora / 'lit_model_lora.pth'}, or merge"),
+        (("generate/base.py", "--checkpoint_dir", peft), f"--checkpoint_dir {peft} is a PEFT adapter, not a "
+         "checkpoint; litft reads the run it was exported from"),
         (("finetune/lora.py", "--checkpoint_dir", data, "--data", data, "--out_dir", tmp_path / "o"),
          f"--checkpoint_dir {data} is prepared data, not a checkpoint"),
         (("scripts/convert_lit_checkpoint.py", "--checkpoint_dir", lora, "--output_dir", tmp_path / "o"),
