@@ -57,15 +57,16 @@ def kind_of(path: Path) -> str | None:
     return None
 
 
-def refuse(flag: str, path: Path, kind: str, wanted: str) -> NoReturn:
+def refuse(flag: str, path: Path, kind: str, wanted: str, advice: dict[str, str] | None = None) -> NoReturn:
     """One line: `flag path` is a `kind`, not `wanted`; how to use what it is (a run's flags take its weights
-    file too; the others take the directory the file is in)."""
-    name, advice = KINDS[kind]
+    file too; the others take the directory the file is in). `advice` replaces KINDS' for the kinds it names."""
+    name, what_to_do = KINDS[kind]
+    what_to_do = (advice or {}).get(kind, what_to_do)
     where = path if kind in RUN_FILES or kind in ("full", "gguf") else run_dir_of(path)
     base_yaml = run_dir_of(path) / "base.yaml"  # a run's record of its base: the checkpoint the user may have meant
     record = read_yaml_mapping(base_yaml, "") if (kind in RUN_FILES or kind == "full") and base_yaml.is_file() else {}
     trained_on = f" trained on {shown(Path(record['path']))}" if record.get("path") else ""
-    raise UserError(f"{flag} {path} is {name}{trained_on}, not {wanted}; {advice.format(path=where)}")
+    raise UserError(f"{flag} {path} is {name}{trained_on}, not {wanted}; {what_to_do.format(path=where)}")
 
 
 def shown(path: Path) -> Path:
@@ -76,13 +77,14 @@ def shown(path: Path) -> Path:
         return path
 
 
-def check_checkpoint(path: Path, flag: str = "--checkpoint_dir", also: tuple[str, ...] = ()) -> Path:
+def check_checkpoint(path: Path, flag: str = "--checkpoint_dir", also: tuple[str, ...] = (),
+                     advice: dict[str, str] | None = None) -> Path:
     """A base checkpoint (or a full fine-tune, a checkpoint of its own) is what `flag` takes, and the kinds in
-    `also`; the other kinds above are refused by name. A directory of no known kind is left to the checks that read
-    its files."""
+    `also`; the other kinds above are refused by name (with the command's own `advice` for some). A directory of no
+    known kind is left to the checks that read its files."""
     path = Path(path)
     if (kind := kind_of(path)) not in (None, "checkpoint", "full", *also):
-        refuse(flag, path, kind, "a checkpoint")
+        refuse(flag, path, kind, "a checkpoint", advice)
     if not path.is_dir():
         what = "is a file, not a directory" if path.exists() else "does not exist"
         raise UserError(f"checkpoint directory {path} {what}; download or convert a model first")
