@@ -105,7 +105,8 @@ def write_hf_directory(directory: Path, checkpoint_dir: Path, config: Config, hf
         atomic_write_text(directory / "generation_config.json", json.dumps(generation, indent=2))
         files += [] if "generation_config.json" in files else ["generation_config.json"]
     if tokenizer is not None:
-        files += write_tokenizer_config(directory, tokenizer, style)
+        changed = write_tokenizer_config(directory, tokenizer, style)  # ["tokenizer_config.json (keys changed)"]
+        files = [f for f in files if not (changed and f == "tokenizer_config.json")] + changed
     return files
 
 

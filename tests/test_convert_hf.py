@@ -4,12 +4,13 @@ from_pretrained is the reader of what convert_lit_checkpoint.py writes."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_script
+from conftest import run_main, run_script
 from safetensors import safe_open
 
 transformers = pytest.importorskip("transformers")
@@ -352,3 +353,15 @@ def test_a_killed_conversion_leaves_the_earlier_checkpoint_whole_and_the_next_on
     subprocess.run(cmd, check=True, capture_output=True, env=env)
     assert sorted(p.name for p in out.iterdir()) == ["lit_model.pth", "model_config.yaml", "tokenizer.json",
                                                      "tokenizer_config.json"]
+
+
+def test_the_export_line_names_each_file_it_wrote_once(tiny_checkpoint, tmp_path):
+    """Truth: the directory itself. A checkpoint whose tokenizer_config.json is copied and then given its prompt
+    style's chat template had that file listed twice."""
+    shutil.copytree(tiny_checkpoint, tmp_path / "lit")
+    (tmp_path / "lit" / "prompt_style.yaml").write_text("name: chatml\n")  # its template goes into the export
+    wrote = run_main("scripts/convert_lit_checkpoint.py", "--checkpoint_dir", tmp_path / "lit", "--output_dir",
+                     tmp_path / "hf", "--verify", "false").stdout.splitlines()[0]
+    listed = re.sub(r" \([^)]*\)", "", wrote.split(": ", 1)[1]).split(", ")  # what changed in a file, in (...)
+    assert "tokenizer_config.json (chat_template)" in wrote
+    assert sorted(listed) == sorted(p.name for p in (tmp_path / "hf").iterdir() if p.name != "litft_export.yaml")
