@@ -54,6 +54,7 @@ from litft.train_setup import (
     make_fabric,
     plan_memory,
     start_run,
+    uses_ddp,
     write_run_files,
 )
 
@@ -140,6 +141,9 @@ def setup_loop(fabric: Fabric, model: Llama, args: TrainArgs, method: Method, lo
     """Hand the model to Fabric (device, precision, DDP/FSDP), build the optimizer and the schedule."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     fabric.print(f"trainable parameters: {trainable:,} of {qlora.weight_count(model):,}", file=sys.stderr)
+    if uses_ddp(args):  # gradients there before DDP wraps the model become views into its buckets at once
+        for p in filter(lambda p: p.requires_grad, model.parameters()):
+            p.grad = torch.zeros_like(p)
     wrapped = fabric.setup_module(model)
     wrapped.mark_forward_method("hidden_states")  # the fast loss calls it: under DDP it must pass DDP's forward too
     fabric.seed_everything(args.seed + fabric.global_rank, verbose=False)  # different dropout masks per process
@@ -215,17 +219,24 @@ class Loop:
             state.position += accumulation
             if not torch.isfinite(loss):
                 self.stop(f"loss became {loss.item()}", state.step + 1)
-            grad_norm = self.clip_gradients(state)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            lr = self.optimizer.param_groups[0]["lr"]  # the rate this step used; the next one's is set below
-            self.scheduler.step()
+            grad_norm, lr = self.update(state)
             state.step += 1
             self.step_seconds += time.perf_counter() - t0
             self.log(state, loss.item(), lr, grad_norm, self.tokens(samples, trained), time.perf_counter() - t0)
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}")
             self.evaluate_and_save(state)
+
+    def update(self, state: train_state.State) -> tuple[float, float]:
+        """Clip the gradients, step AdamW and the schedule; returns the norm before clipping and the learning rate
+        this step used. DDP's gradients are views into its all-reduce buckets: they are zeroed, not freed, or the
+        next step's micro batches before the synced last one would make new ones beside the buckets."""
+        grad_norm = self.clip_gradients(state)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=not uses_ddp(self.args))
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step used; the next one's is set below
+        self.scheduler.step()
+        return grad_norm, lr
 
     def clip_gradients(self, state: train_state.State) -> float:
         """Clip the gradients' norm to --grad_clip (0: leave them as they are), and stop before AdamW steps on a

@@ -86,13 +86,18 @@ def make_fabric(args: TrainArgs) -> Fabric:
     if strategy == "fsdp":
         strategy = ModelParallelStrategy(parallelize_fn=shard_blocks, data_parallel_size=args.devices * args.num_nodes,
                                          tensor_parallel_size=1)
-    elif strategy == "ddp" or (strategy == "auto" and args.devices * args.num_nodes > 1):  # auto's choice too
+    elif uses_ddp(args):
         # gradients as views into DDP's all-reduce buckets: without it each process holds them twice (PyTorch's
         # DDP docs: the saving "will be equal to the total gradients size")
         strategy = DDPStrategy(gradient_as_bucket_view=True)
     logger = TensorBoardLogger(root_dir=str(args.out_dir), name="logs", version="")
     return Fabric(accelerator="cuda" if on_gpu else "cpu", devices=args.devices, num_nodes=args.num_nodes,
                   strategy=strategy, precision=args.precision, loggers=logger)
+
+
+def uses_ddp(args: TrainArgs) -> bool:
+    """--strategy ddp, or auto (Fabric's choice) with more than one process."""
+    return args.strategy == "ddp" or (args.strategy == "auto" and args.devices * args.num_nodes > 1)
 
 
 def check_can_compile(device: torch.device) -> None:

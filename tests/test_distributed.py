@@ -197,37 +197,35 @@ from torch.distributed.tensor import DTensor
 from litft.config import Config
 from litft.fast import for_training
 from litft.model import Llama
-from litft.train import Loop
+from litft.train import setup_loop
 from litft.train_args import TrainArgs
 from litft.train_setup import make_fabric
+from litft.train_state import State
 
 args = TrainArgs(devices=2, strategy=sys.argv[2], precision="32-true", out_dir=Path(sys.argv[1]))
 fabric = make_fabric(args)
 fabric.launch()
 torch.manual_seed(0)
 model = Llama(Config.from_name("tiny-gqa")).requires_grad_(True)
-loss_fn = for_training(model)
-wrapped = fabric.setup_module(model)
-wrapped.mark_forward_method("hidden_states")
-loop = Loop(fabric=fabric, model=wrapped, raw=model, optimizer=None, scheduler=None, loss_fn=loss_fn, args=args,
-            method=None, tokenizer=None, style=None, val_data=[], run_id="")
+loop = setup_loop(fabric, model, args, None, for_training(model), tokenizer=None, style=None, val_data=[], run_id="")
 held, loss = [], loop.loss
 
-def record(*batch):  # as a micro batch starts: the gradients this process holds as shards (DTensors), their bytes
-    grads = [p.grad for p in model.parameters()]
-    held.append([isinstance(g, DTensor) for g in grads].count(True))
-    held.append(sum(g.to_local().numel() * g.element_size() for g in grads if isinstance(g, DTensor)))
+def record(*batch):  # as a micro batch starts: the gradients this process holds
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+    held.append({"grads": len(grads), "shards": sum(isinstance(g, DTensor) for g in grads),
+                 "shard_bytes": sum(t.numel() * t.element_size() for g, t in zip(grads, local) if g is not t),
+                 "storages": len({t.untyped_storage().data_ptr() for t in local})})
     return loss(*batch)
 
 loop.loss = record
 x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(fabric.global_rank))
-loop.accumulate([(x, x, None)] * 3)
-whole = sum(p.numel() * 4 for p in model.parameters())
-storages = {(g.to_local() if isinstance(g, DTensor) else g).untyped_storage().data_ptr()
-            for g in (p.grad for p in model.parameters())}
+for _ in range(2):  # two optimizer steps of three micro batches, as Loop.steps takes them
+    loop.accumulate([(x, x, None)] * 3)
+    loop.update(State())
 if fabric.global_rank == 0:
-    print(json.dumps({"held": held, "whole": whole, "parameters": len(list(model.parameters())),
-                      "storages": len(storages)}))
+    print(json.dumps({"held": held, "whole": sum(p.numel() * 4 for p in model.parameters()),
+                      "parameters": len(list(model.parameters()))}))
 fabric.barrier()  # neither process leaves while the other still talks to it
 torch.distributed.destroy_process_group()
 """
@@ -246,29 +244,34 @@ def gradients_held(tmp_path: Path, strategy: str) -> dict:
 
 
 def test_ddp_keeps_the_gradients_in_its_all_reduce_buckets(tmp_path):
-    """Truth: torch's DDP storages. With gradient_as_bucket_view the gradients are views into the few flat buckets
-    DDP all-reduces, not a second copy of them: the memory plan counts them once. Each gradient had its own."""
+    """Truth: torch's DDP storages, as each of 3 micro batches of 2 optimizer steps starts. With
+    gradient_as_bucket_view the gradients are views into the few flat buckets DDP all-reduces, not a second copy:
+    the memory plan counts them once. They are there from the start (zeroed before DDP wraps the model) and zeroed
+    in place after each step; freed instead, the micro batches before the synced last one (no_backward_sync) made
+    new ones beside the buckets. Each gradient had had its own storage."""
     found = gradients_held(tmp_path, "ddp")
-    assert found["storages"] < found["parameters"] / 4, found
+    assert len(found["held"]) == 6
+    for held in found["held"]:
+        assert held["grads"] == found["parameters"] and held["storages"] < found["parameters"] / 4, found
 
 
 def test_fsdp_keeps_each_process_s_gradients_sharded_between_micro_batches(tmp_path):
-    """Truth: torch's FSDP2, in 2 processes (gloo), through litft's own accumulate with 3 micro batches. After each
-    backward every parameter's gradient is its DTensor shard, half of the whole: what the memory plan counts
-    (litft/memory.py, Plan.sharded). Skipping the sync before the last micro batch (Fabric's no_backward_sync) had
-    left no gradient in the shards and every gradient whole inside FSDP, until the last one."""
+    """Truth: torch's FSDP2, in 2 processes (gloo), through litft's own loop: 2 optimizer steps of 3 micro batches.
+    After each backward every parameter's gradient is its DTensor shard, half of the whole: what the memory plan
+    counts (litft/memory.py, Plan.sharded). Skipping the sync before the last micro batch (Fabric's
+    no_backward_sync) had left no gradient in the shards and every gradient whole inside FSDP, until the last one."""
     from litft import memory
     from litft.config import Config
     from litft.fast import for_training
 
     found = gradients_held(tmp_path, "fsdp")
-    before_second, before_third = found["held"][2:4], found["held"][4:6]  # the first micro batch starts with none
-    assert found["held"][:2] == [0, 0]
-    assert before_second == before_third == [found["parameters"], found["whole"] // 2]
+    shards = [(h["shards"], h["shard_bytes"]) for h in found["held"]]
+    half = (found["parameters"], found["whole"] // 2)
+    assert shards == [(0, 0), half, half] * 2  # each step starts with none: AdamW's zero_grad frees them
     plan = memory.plan(Config.from_name("tiny-gqa"), lambda model: model.requires_grad_(True), 16, dtype=torch.float32,
                        autocast=None, quantize=None, activation_checkpointing=False,
                        loss=lambda model: for_training(model, True), device=torch.device("cuda"))
-    assert plan.sharded(2).gradients == before_second[1]
+    assert plan.sharded(2).gradients == half[1]
 
 
 def test_the_fsdp_plan_counts_the_weights_each_process_gathers(tmp_path):
