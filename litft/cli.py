@@ -71,7 +71,7 @@ def flag_error(message: str) -> str:
 def suggestion(message: str, parser: Callable[[], Any] | None) -> str:
     """' (did you mean --max_steps?)' for 'unrecognized arguments: --max_step 7'; else ' (--help lists the flags)'."""
     given = re.match(r"unrecognized arguments: (--[\w.-]+)", message)
-    flags = list(parser()._option_string_actions) if given and parser else []  # argparse's table of flag -> action
+    flags = [flag for action in parser()._actions for flag in action.option_strings] if given and parser else []
     close = difflib.get_close_matches(given.group(1), flags, n=1, cutoff=0.75) if flags else []
     return f" (did you mean {close[0]}?)" if close else " (--help lists the flags)"
 

@@ -58,19 +58,24 @@ def decided_by_rank0(fabric: Fabric, decide: Callable[[], Any]) -> Any:
 
 
 def failing_anywhere(fabric: Fabric, act: Callable[[], Any]) -> Any:
-    """`act()` on every process; a UserError on any one (the lowest rank's, when several fail) is raised on all,
-    so none goes on alone to wait at the next collective."""
+    """`act()` on every process. When it fails on any (the lowest rank's failure, when several do), every process
+    stops rather than go on alone to wait at the next collective: a UserError with its line everywhere; any other
+    error as itself where it happened, and elsewhere as a line naming that process."""
     value, error = None, None
     try:
         value = act()
-    except UserError as e:
-        error = str(e)
+    except Exception as e:  # told to the other processes first, then raised
+        error = e
     if fabric.world_size > 1:
-        mine = torch.tensor(fabric.global_rank if error else fabric.world_size, device=fabric.device)
+        mine = torch.tensor(fabric.world_size if error is None else fabric.global_rank, device=fabric.device)
         first = int(fabric.all_reduce(mine, reduce_op=torch.distributed.ReduceOp.MIN))
-        error = fabric.broadcast(error, src=first) if first < fabric.world_size else None
-    if error:
-        raise UserError(error)
+        if first < fabric.world_size:
+            told = (isinstance(error, UserError), str(error)) if fabric.global_rank == first else None
+            user, message = fabric.broadcast(told, src=first)
+            if error is None or isinstance(error, UserError):
+                raise UserError(message if user else f"process {first} failed: {message}")
+    if error is not None:
+        raise error
     return value
 
 
@@ -181,9 +186,10 @@ def check_out_dir_is_shared(fabric: Fabric, out: Path, run_id: str) -> None:
     does not see it within seconds (a node-local disk) ends the run now rather than at its first save."""
     if fabric.world_size == 1:
         return
-    mark = out / f".shared.{run_id}.tmp"  # a killed run's is removed as an orphan (litft/run_dir.py)
+    mark = out / f".shared-{run_id}"  # not a run file: one a killed run leaves refuses nothing (litft/run_dir.py)
+    out.mkdir(parents=True, exist_ok=True)  # by every process: one that looked for it before may have cached "none"
+    fabric.barrier()
     if fabric.global_rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
         mark.touch()
     fabric.barrier()
     for _ in range(10):  # a network filesystem may show a new file to other nodes a moment later

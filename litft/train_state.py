@@ -87,8 +87,9 @@ def save(fabric, model, optimizer, scheduler, state: State, out_dir: Path, run_i
         tmp.mkdir(parents=True)
     fabric.barrier()
     sharded = any(isinstance(p, DTensor) for p in model.parameters())
-    tensors, groups = _local_state(model, _raw(optimizer))
-    if sharded or rank == 0:  # DDP's processes hold the same replica (its all-reduce keeps them so): one copy
+    writes = sharded or rank == 0  # DDP's processes hold the same replica (its all-reduce keeps them so): one copy
+    tensors, groups = _local_state(model, _raw(optimizer), with_tensors=writes)
+    if writes:
         save_file(tensors, tmp / f"state-rank{rank}.safetensors")
         _on_disk(tmp / f"state-rank{rank}.safetensors")
     (tmp / f"state-rank{rank}.json").write_text(json.dumps({"rng": _rng_state(), "param_groups": groups}))
@@ -206,16 +207,19 @@ def _resharded(model):
     return model
 
 
-def _local_state(model, optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    """Trainable parameters and their AdamW state by parameter name; param_groups with names for ids."""
+def _local_state(model, optimizer, with_tensors: bool = True) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """Trainable parameters and their AdamW state by parameter name (none without `with_tensors`); param_groups
+    with names for ids."""
     _resharded(model)
     names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [names[id(p)] for p in g["params"]]}
+              for g in optimizer.param_groups]
+    if not with_tensors:
+        return {}, groups
     tensors = {f"param:{n}": _local(p).detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
     for p, s in optimizer.state.items():
         for key, value in s.items():
             tensors[f"optim:{names[id(p)]}:{key}"] = _local(value).detach().contiguous()
-    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [names[id(p)] for p in g["params"]]}
-              for g in optimizer.param_groups]
     return {k: v.cpu() for k, v in tensors.items()}, groups
 
 

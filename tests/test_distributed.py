@@ -92,7 +92,7 @@ def test_nodes_without_a_shared_out_dir_stop_at_start_in_one_line(tiny, tmp_path
     for code, stderr in nodes:
         assert_user_error(subprocess.CompletedProcess([], code, "", stderr), "--out_dir", "same --out_dir on a shared")
         assert "step 1" not in stderr and "training" not in stderr, stderr[-2000:]
-    assert not list((tmp_path / "node0").glob(".shared.*"))
+    assert not list((tmp_path / "node0").glob(".shared-*"))
 
 
 def children(pid: int) -> list[int]:
