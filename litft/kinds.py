@@ -59,14 +59,17 @@ def kind_of(path: Path) -> str | None:
 
 def refuse(flag: str, path: Path, kind: str, wanted: str, advice: dict[str, str] | None = None) -> NoReturn:
     """One line: `flag path` is a `kind`, not `wanted`; how to use what it is (a run's flags take its weights
-    file too; the others take the directory the file is in). `advice` replaces KINDS' for the kinds it names."""
+    file too; the others take the directory the file is in). `advice` replaces KINDS' for the kinds it names; it
+    may say {base}, the base a run records (else BASE)."""
     name, what_to_do = KINDS[kind]
     what_to_do = (advice or {}).get(kind, what_to_do)
     where = path if kind in RUN_FILES or kind in ("full", "gguf") else run_dir_of(path)
     base_yaml = run_dir_of(path) / "base.yaml"  # a run's record of its base: the checkpoint the user may have meant
     record = read_yaml_mapping(base_yaml, "") if (kind in RUN_FILES or kind == "full") and base_yaml.is_file() else {}
-    trained_on = f" trained on {shown(Path(record['path']))}" if record.get("path") else ""
-    raise UserError(f"{flag} {path} is {name}{trained_on}, not {wanted}; {what_to_do.format(path=where)}")
+    base = shown(Path(record["path"])) if record.get("path") else None
+    trained_on = f" trained on {base}" if base else ""
+    raise UserError(f"{flag} {path} is {name}{trained_on}, not {wanted}; "
+                    f"{what_to_do.format(path=where, base=base or 'BASE')}")
 
 
 def shown(path: Path) -> Path:

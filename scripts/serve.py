@@ -60,7 +60,8 @@ def main(checkpoint_dir: Path = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Ins
         if value < 1:
             raise UserError(f"{flag} must be at least 1, got {value}")
     ensure_checkpoint(checkpoint_dir)
-    check_checkpoint(checkpoint_dir, advice={"lora": "serve it on that base: --checkpoint_dir BASE --lora NAME={path}"})
+    serve_a_run = "serve it on its base: --checkpoint_dir {base} --lora NAME={path}"
+    check_checkpoint(checkpoint_dir, advice={"lora": serve_a_run})
     runs = parse_loras(lora, checkpoint_dir, quantize)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision, dtype = pick_precision(precision, device)

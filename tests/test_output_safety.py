@@ -120,7 +120,7 @@ def test_a_directory_of_another_kind_is_named_with_the_command_that_reads_it(run
         (("generate/base.py", "--checkpoint_dir", lora / "lit_model_lora.pth"),  # its weights file: named as given
          f"generate from it with generate/lora.py --lora_path {lora / 'lit_model_lora.pth'}, or merge"),
         (("scripts/serve.py", "--checkpoint_dir", lora), f"--checkpoint_dir {lora} is a LoRA run trained on {ckpt}, "
-         f"not a checkpoint; serve it on that base: --checkpoint_dir BASE --lora NAME={lora}"),
+         f"not a checkpoint; serve it on its base: --checkpoint_dir {ckpt} --lora NAME={lora}"),
         (("generate/base.py", "--checkpoint_dir", peft), f"--checkpoint_dir {peft} is a PEFT adapter, not a "
          "checkpoint; litft reads the run it was exported from"),
         (("finetune/lora.py", "--checkpoint_dir", data, "--data", data, "--out_dir", tmp_path / "o"),
