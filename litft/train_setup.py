@@ -93,8 +93,10 @@ def make_fabric(args: TrainArgs) -> Fabric:
                                          tensor_parallel_size=1)
     elif uses_ddp(args):
         # gradients as views into DDP's all-reduce buckets: without it each process holds them twice (PyTorch's
-        # DDP docs: the saving "will be equal to the total gradients size")
-        strategy = DDPStrategy(gradient_as_bucket_view=True)
+        # DDP docs: the saving "will be equal to the total gradients size"); forked from a notebook or a REPL, which
+        # a new `python` process cannot start from, as Fabric's own choice for auto is there
+        interactive = hasattr(sys, "ps1") or bool(sys.flags.interactive)
+        strategy = DDPStrategy(gradient_as_bucket_view=True, start_method="fork" if interactive else "popen")
     logger = TensorBoardLogger(root_dir=str(args.out_dir), name="logs", version="")
     return Fabric(accelerator="cuda" if on_gpu else "cpu", devices=args.devices, num_nodes=args.num_nodes,
                   strategy=strategy, precision=args.precision, loggers=logger)
