@@ -145,16 +145,23 @@ def test_a_checkpoint_damaged_for_one_process_stops_them_all_at_resume_in_one_li
     """Rank 1's shards in the newest checkpoint truncated (as a disk that filled up leaves it): safetensors refuses
     it on rank 1 only, and every process stops with the line that names the damaged checkpoint, before the run's
     record is touched. Rank 0 had gone on alone and rewritten hyperparameters.yaml, then reported a lost process
-    and advised the same --resume again."""
+    and advised the same --resume again. A failure that is no user error (rank 1's JSON without the key it needs:
+    a KeyError there) stops the others too, each with a line naming that process, instead of leaving them waiting."""
     out = tmp_path / "run"
     flags = ("--devices", "2", "--strategy", "fsdp", "--lora_dropout", "0")
     finetune(tiny, out, *flags)
     newest = sorted((out / "checkpoints").glob("step-*"))[-1]
-    part = newest / "state-rank1.safetensors"
-    part.write_bytes(part.read_bytes()[:100])
+    part, whole = newest / "state-rank1.safetensors", (newest / "state-rank1.safetensors").read_bytes()
+    part.write_bytes(whole[:100])
     record = (out / "hyperparameters.yaml").read_bytes()
     resumed = finetune(tiny, out, *flags, "--resume", "true", "--max_steps", "8", check=False)
     assert_user_error(resumed, f"{newest} is damaged", "remove it to resume from the checkpoint before it")
+    assert (out / "hyperparameters.yaml").read_bytes() == record
+    part.write_bytes(whole)
+    (newest / "state-rank1.json").write_text('{"rng": {}}')
+    resumed = finetune(tiny, out, *flags, "--resume", "true", "--max_steps", "8", check=False)
+    lines = [line for line in resumed.stderr.splitlines() if line.startswith("error:")]
+    assert resumed.returncode != 0 and lines == ["error: process 1 failed: 'param_groups'"], resumed.stderr[-3000:]
     assert (out / "hyperparameters.yaml").read_bytes() == record
 
 
