@@ -142,6 +142,7 @@ def setup_loop(fabric: Fabric, model: Llama, args: TrainArgs, method: Method, lo
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     fabric.print(f"trainable parameters: {trainable:,} of {qlora.weight_count(model):,}", file=sys.stderr)
     if uses_ddp(args):  # gradients there before DDP wraps the model become views into its buckets at once
+        model.to(fabric.device)  # made where they stay, not in host memory first
         for p in filter(lambda p: p.requires_grad, model.parameters()):
             p.grad = torch.zeros_like(p)
     wrapped = fabric.setup_module(model)

@@ -70,8 +70,8 @@ def failing_anywhere(fabric: Fabric, act: Callable[[], Any]) -> Any:
         mine = torch.tensor(fabric.world_size if error is None else fabric.global_rank, device=fabric.device)
         first = int(fabric.all_reduce(mine, reduce_op=torch.distributed.ReduceOp.MIN))
         if first < fabric.world_size:
-            told = (isinstance(error, UserError), str(error)) if fabric.global_rank == first else None
-            user, message = fabric.broadcast(told, src=first)
+            said = str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
+            user, message = fabric.broadcast((isinstance(error, UserError), said), src=first)  # first's own
             if error is None or isinstance(error, UserError):
                 raise UserError(message if user else f"process {first} failed: {message}")
     if error is not None:
@@ -93,10 +93,8 @@ def make_fabric(args: TrainArgs) -> Fabric:
                                          tensor_parallel_size=1)
     elif uses_ddp(args):
         # gradients as views into DDP's all-reduce buckets: without it each process holds them twice (PyTorch's
-        # DDP docs: the saving "will be equal to the total gradients size"); forked from a notebook or a REPL, which
-        # a new `python` process cannot start from, as Fabric's own choice for auto is there
-        interactive = hasattr(sys, "ps1") or bool(sys.flags.interactive)
-        strategy = DDPStrategy(gradient_as_bucket_view=True, start_method="fork" if interactive else "popen")
+        # DDP docs: the saving "will be equal to the total gradients size")
+        strategy = DDPStrategy(gradient_as_bucket_view=True)
     logger = TensorBoardLogger(root_dir=str(args.out_dir), name="logs", version="")
     return Fabric(accelerator="cuda" if on_gpu else "cpu", devices=args.devices, num_nodes=args.num_nodes,
                   strategy=strategy, precision=args.precision, loggers=logger)
