@@ -162,12 +162,13 @@ def test_a_test_split_smaller_than_the_processes_is_evaluated(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("processes", [(), pytest.param(("--devices", "2", "--strategy", "fsdp"), marks=pytest.mark.slow),
+                                       pytest.param(("--devices", "2", "--strategy", "ddp"), marks=pytest.mark.slow),
                                        ("--packing", "true", "--max_seq_length", "40")],
-                         ids=["one-process", "fsdp-two-processes", "packed"])
+                         ids=["one-process", "fsdp-two-processes", "ddp-two-processes", "packed"])
 def test_resume_is_bit_identical(tiny, tmp_path, processes):
     """6 steps straight vs. the same run resumed from its step-3 checkpoint: identical LoRA weights (under FSDP,
-    each process restores its own shards of the parameters and AdamW moments; packed, the resumed run packs the
-    same rows again)."""
+    each process restores its own shards of the parameters and AdamW moments; under DDP every process reads rank
+    0's copy; packed, the resumed run packs the same rows again)."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     finetune(tiny, straight, *processes)
     shutil.copytree(straight, resumed)
