@@ -97,12 +97,14 @@ def generate(model: torch.nn.Module, prompt: Tensor, max_new_tokens: int, temper
     """Yield new token ids one by one as they are produced, for a 1-D prompt of token ids (T,).
 
     Stops after `max_new_tokens`, or at the first token in `stop_ids` (which is not yielded). The model
-    should be in eval mode. The KV cache is allocated here and dropped when the generator finishes.
+    should be in eval mode. The KV cache is allocated here and dropped when the generator finishes; it is this
+    generator's own, so generators stepped in turn on one model (two streams served at once) do not mix.
     """
     T = prompt.size(0)
     check_fits(model.config.block_size, T, max_new_tokens)
     stop_ids, device = set(stop_ids), prompt.device
     model.set_kv_cache(batch_size=1, max_seq_length=T + max_new_tokens)
+    caches = model.kv_caches()
     try:
         logits = next_token_logits(model, prompt[None], torch.arange(T, device=device))  # prefill
         for t in range(T, T + max_new_tokens):
@@ -112,6 +114,7 @@ def generate(model: torch.nn.Module, prompt: Tensor, max_new_tokens: int, temper
                 return
             yield token_id
             if t + 1 < T + max_new_tokens:
+                model.use_kv_caches(caches)  # another generator may have stepped on this model while we yielded
                 logits = next_token_logits(model, token[None], torch.tensor([t], device=device))  # decode
     finally:
         model.clear_kv_cache()

@@ -121,6 +121,11 @@ class Llama(nn.Module):
     def kv_caches(self) -> list[KVCache | None]:
         return [block.attn.kv_cache for block in self.blocks]
 
+    def use_kv_caches(self, caches: list[KVCache | None]) -> None:
+        """Put back caches taken with kv_caches(), one per layer: a generation that shares the model resumes."""
+        for block, cache in zip(self.blocks, caches):
+            block.attn.kv_cache = cache
+
     def join_kv_caches(self, earlier: list[KVCache]) -> None:
         """The cache becomes `earlier`'s rows followed by its own (sequences joining a batch being decoded)."""
         for block, cache in zip(self.blocks, earlier):

@@ -422,3 +422,23 @@ def test_a_model_that_generated_first_can_still_be_trained():
     model.train()
     model(torch.randint(0, 256, (1, 8))).logsumexp(-1).mean().backward()
     assert model.embed.weight.grad is not None and model.embed.weight.grad.abs().sum() > 0
+
+
+def test_generators_stepped_in_turn_on_one_model_each_decode_their_own_prompt():
+    """Two streams served by one model, their steps interleaved (as a simple server would): each keeps its own
+    KV cache, so each text is transformers' greedy `generate` of its own prompt."""
+    transformers = pytest.importorskip("transformers")
+    hf_config = transformers.LlamaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.3, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(2)
+    hf = transformers.LlamaForCausalLM(hf_config).eval()
+    ours = Llama(Config.from_hf_config(hf_config.to_dict()))
+    ours.load_state_dict(hf_to_litft(hf.state_dict()))
+    prompts = [torch.randint(3, 256, (n,)) for n in (9, 4)]
+    with torch.no_grad():
+        expected = [hf.generate(p[None], attention_mask=torch.ones(1, p.numel(), dtype=torch.long), do_sample=False,
+                                max_new_tokens=N_NEW, min_new_tokens=N_NEW)[0, p.numel():].tolist() for p in prompts]
+    assert expected[0] != expected[1] and len(set(expected[0])) > 5
+    first, second = (generate(ours, p, N_NEW, temperature=0) for p in prompts)
+    assert [list(pair) for pair in zip(*zip(first, second))] == expected
