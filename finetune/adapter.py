@@ -5,6 +5,7 @@
 
 Defaults follow lit-llama's published run (Raschka, "Parameter-Efficient LLM Finetuning With LoRA"):
 learning rate 9e-3, weight decay 0.02, prompt length 10. Everything else is litft.train.
+With --quantize nf4 (or nf4-dq) the frozen base is stored in 4 bits (litft/qlora.py, howto/adapter.md section 4).
 """
 
 from dataclasses import asdict
@@ -23,9 +24,9 @@ def main(train: TrainArgs, prompt_length: int = 10, start_layer: int = 2) -> dic
         prompt_length: L, the learned prompt rows per adapted layer.
         start_layer: the first layer (0-based) that gets a prompt; the layers above it do too.
     """
-    config = AdapterConfig(prompt_length=prompt_length, start_layer=start_layer)
+    config = AdapterConfig(prompt_length=prompt_length, start_layer=start_layer, quantize=train.quantize)
     method = Method(name="adapter", weights_name=WEIGHTS, prepare=partial(add_adapter, config=config),
-                    save_config=config.save, config=asdict(config))
+                    save_config=config.save, config=asdict(config), quantizable=True)
     return fit(train, method)
 
 

@@ -49,10 +49,12 @@ WEIGHTS = "lit_model_adapter.pth"  # the run's trained tensors
 
 @dataclass(frozen=True)
 class AdapterConfig:
-    """prompt_length: L, rows of the adaption prompt per layer. start_layer: the first layer that gets one."""
+    """prompt_length: L, rows of the adaption prompt per layer. start_layer: the first layer that gets one.
+    quantize: nf4 or nf4-dq when the frozen base was stored in 4 bits in training (litft/qlora.py)."""
 
     prompt_length: int = 10
     start_layer: int = 2
+    quantize: str | None = None
     FILE: ClassVar[str] = FILE
 
     def __post_init__(self) -> None:

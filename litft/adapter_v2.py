@@ -64,8 +64,10 @@ class ScaledLinear(nn.Module):
         self.adapter_scale = nn.Parameter(torch.ones(self.out_features, device=w.device, dtype=w.dtype))
 
     def forward(self, x: Tensor) -> Tensor:  # (..., d_in) -> (..., d_out)
-        y = F.linear(x, self.weight, self.bias)  # W x (+ b₀), in autocast's dtype under mixed precision
-        return (self.adapter_scale * (y + self.adapter_bias)).to(y.dtype)  # s and b may be fp32 master weights
+        return self.scale_and_shift(F.linear(x, self.weight, self.bias))  # W x (+ b₀): autocast's dtype, if on
+
+    def scale_and_shift(self, y: Tensor) -> Tensor:  # s ⊙ (y + b), in y's dtype: s and b may be fp32 master weights
+        return (self.adapter_scale * (y + self.adapter_bias)).to(y.dtype)
 
     def reset_parameters(self) -> None:  # for the adapter's own parameters only; W comes from the checkpoint
         nn.init.zeros_(self.adapter_bias)

@@ -29,6 +29,7 @@ from litft.qlora import as_used
 # A run directory's method, by the config file it holds: (config file, weights file)
 RUN_FILES = {"lora": (LORA_FILE, LORA_WEIGHTS), "adapter": (adapter.FILE, adapter.WEIGHTS),
              "adapter_v2": (adapter_v2.FILE, adapter_v2.WEIGHTS)}
+SETTINGS = {"lora": LoRAConfig, "adapter": adapter.AdapterConfig, "adapter_v2": adapter_v2.AdapterV2Config}
 
 
 def load_finetuned(checkpoint_dir: Path, weights_path: Path | None = None, device: str | torch.device = "cpu",
@@ -85,10 +86,14 @@ def weights_in(weights_path: Path | None) -> Path | None:
 
 
 def trained_quantize(weights_path: Path | None, method: str | None) -> str | None:
-    """nf4 or nf4-dq for a LoRA run trained on a quantized base (QLoRA), else None."""
-    if weights_path is None or (method or detect_method(Path(weights_path))) != "lora":
+    """nf4 or nf4-dq for a LoRA or adapter run trained on a quantized base (QLoRA), else None."""
+    method = None if weights_path is None else method or detect_method(Path(weights_path))
+    run_dir = None if weights_path is None else Path(weights_path).parent
+    if method not in SETTINGS or not (run_dir / RUN_FILES[method][0]).is_file():  # load_method says what is missing
         return None
-    return LoRAConfig.from_dir(Path(weights_path).parent).quantize
+    scheme = SETTINGS[method].from_dir(run_dir).quantize
+    check_scheme(scheme, flag=f"{run_dir / RUN_FILES[method][0]} has quantize:")  # a hand-edited file
+    return scheme
 
 
 def detect_method(weights_path: Path) -> str:

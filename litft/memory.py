@@ -281,6 +281,6 @@ def prepared_as_trained(method: Method, precision: str) -> Callable[[Llama], Non
 
 
 ADVICE = ("lower --micro_batch_size (auto picks the largest that fits), or use --activation_checkpointing true, "
-          "--quantize nf4 (LoRA), a shorter --max_seq_length or more --devices with --strategy fsdp")
+          "--quantize nf4 (LoRA, adapters), a shorter --max_seq_length or more --devices with --strategy fsdp")
 GLIBC_NOTE = ("memory plan: glibc's malloc keeps freed memory resident, so the peak may reach 2× the plan; "
               "LD_PRELOAD=libtcmalloc_minimal.so.4 keeps it near the plan (howto/train.md section 8)")

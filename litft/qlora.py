@@ -10,9 +10,12 @@ Gradients reach A, B and x (through Ŵᵀ in the backward pass, which dequantize
 4-bit weights need neither gradients nor optimizer state. The embedding, lm_head and the norms stay in full
 precision: a small share of a large model, and the most sensitive to rounding.
 
-The adapter learns to correct Ŵ, not W. A QLoRA run is therefore always used with Ŵ: served in 4 bits
-(--quantize nf4), served with Ŵ dequantized into full precision (the default: the same function, more memory),
-or merged as W' = Ŵ + (α/r)·B A (scripts/merge_lora.py).
+LLaMA-Adapter (v1, v2) trains on a 4-bit base the same way, since it too only reads W: v1's prompts add no layer,
+and v2's scale and shift wrap each NF4 layer as they wrap a Linear, s ⊙ (Ŵ x + b) (ScaledNF4Linear below).
+
+What trains on Ŵ learns to correct Ŵ, not W. A run trained on a 4-bit base is therefore always used with Ŵ:
+served in 4 bits (--quantize nf4), served with Ŵ dequantized into full precision (the default: the same function,
+more memory), or, for LoRA, merged as W' = Ŵ + (α/r)·B A (scripts/merge_lora.py).
 
 Memory, Llama-2-7B (the arithmetic is in litft/nf4.py): the frozen model takes ~3.9 GB in NF4 instead of 13.5 GB
 in bf16; the LoRA tensors, their gradients and AdamW's two moments come on top in full precision.
@@ -24,6 +27,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from litft.adapter_v2 import ScaledLinear
 from litft.errors import UserError
 from litft.lora import LoRAConfig, LoRALinear
 from litft.model import Llama
@@ -118,20 +122,43 @@ class QLoRALinear(NF4Linear):
         return lora
 
 
+class ScaledNF4Linear(NF4Linear):
+    """y = s ⊙ (Ŵ x + b₀ + b): adapter v2's ScaledLinear (litft/adapter_v2.py) whose frozen W is stored in NF4. s and b
+    keep their names, so the run saves and loads them as any adapter v2 run does."""
+
+    def __init__(self, scaled: ScaledLinear, double: bool, workspace: Workspace) -> None:
+        super().__init__(scaled, double, workspace)
+        self.adapter_bias, self.adapter_scale = scaled.adapter_bias, scaled.adapter_scale
+
+    scale_and_shift = ScaledLinear.scale_and_shift
+
+    def forward(self, x: Tensor) -> Tensor:  # (..., d_in) -> (..., d_out)
+        return self.scale_and_shift(super().forward(x))
+
+    def dequantized(self, dtype: torch.dtype) -> ScaledLinear:
+        """The ScaledLinear over Ŵ with the same s and b."""
+        scaled = ScaledLinear(super().dequantized(dtype))
+        scaled.adapter_bias, scaled.adapter_scale = self.adapter_bias, self.adapter_scale
+        return scaled
+
+
 def quantize(model: Llama, scheme: str) -> Llama:
-    """Store every linear weight of the blocks in NF4, frozen, in place: LoRALinear -> QLoRALinear, nn.Linear ->
-    NF4Linear. A layer of another kind (adapter v2's ScaledLinear) is refused."""
+    """Store every linear weight of the blocks in NF4, frozen, in place: LoRALinear -> QLoRALinear, adapter v2's
+    ScaledLinear -> ScaledNF4Linear, nn.Linear -> NF4Linear. A layer of another kind is refused."""
     check_scheme(scheme)
     workspace = Workspace()
     for block in model.blocks:
         for name, layer in list(block.named_modules()):
             if type(layer) is LoRALinear:
                 replace(block, name, QLoRALinear(layer, SCHEMES[scheme], workspace))
+            elif type(layer) is ScaledLinear:
+                replace(block, name, ScaledNF4Linear(layer, SCHEMES[scheme], workspace))
             elif type(layer) is nn.Linear:
                 replace(block, name, NF4Linear(layer, SCHEMES[scheme], workspace))
             elif isinstance(getattr(layer, "weight", None), nn.Parameter) and layer.weight.dim() == 2:
                 raise UserError(f"--quantize {scheme} stores the blocks' linear layers in 4 bits, but {name} is a "
-                                f"{type(layer).__name__}; quantize a base model, a full fine-tune, a LoRA or an adapter v1 run")
+                                f"{type(layer).__name__}; quantize a base model, a full fine-tune, a LoRA or an "
+                                "adapter run")
     return model
 
 
@@ -148,12 +175,11 @@ def dequantize(model: Llama) -> Llama:
 
 def as_used(model: Llama, trained: str | None, requested: str | None) -> Llama:
     """The model as it is to be used, in place: its frozen weights in NF4 when `requested` (--quantize); else, for
-    a LoRA trained on an NF4 base (`trained`), on Ŵ in full precision, the weights its A and B learnt to correct."""
+    a LoRA or adapter trained on an NF4 base (`trained`), on Ŵ in full precision, the weights it learnt to correct."""
     check_scheme(requested)
-    check_scheme(trained, flag="the run's lora.yaml has quantize:")  # a hand-edited file
     if trained is not None and requested not in (None, trained):
-        raise UserError(f"this LoRA was trained on an {trained} base (QLoRA): use it with --quantize {trained}, or "
-                        "without --quantize for the same weights dequantized to full precision")
+        raise UserError(f"this run was trained on an {trained} base: use it with --quantize {trained}, or without "
+                        "--quantize for the same weights dequantized to full precision")
     if requested is not None:
         return quantize(model, requested)
     return dequantize(quantize(model, trained)) if trained is not None else model

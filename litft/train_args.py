@@ -35,7 +35,7 @@ class TrainArgs:
     checkpoint_dir: Path = DEFAULT_CHECKPOINT  # SmolLM2-135M-Instruct, converted from the offline GGUF on first use
     out_dir: Path = Path("out/finetune")
     precision: str | None = None  # bf16-mixed, bf16-true, 16-mixed, 32-true; default bf16-mixed on a GPU, else 32-true
-    quantize: str | None = None  # nf4 or nf4-dq: the frozen base in 4 bits (QLoRA, litft/qlora.py); LoRA only
+    quantize: str | None = None  # nf4 or nf4-dq: the frozen base in 4 bits (QLoRA, litft/qlora.py); not full
     devices: int = 1
     num_nodes: int = 1
     strategy: Literal["auto", "ddp", "fsdp"] = "auto"
@@ -147,9 +147,9 @@ class Method:
     save_config: Callable[[Path], None] = lambda out_dir: None  # writes e.g. lora.yaml into out_dir
     config: dict = field(default_factory=dict)  # recorded in hyperparameters.yaml
     new_tokens: list[str] = field(default_factory=list)  # tokens the prepared model has new rows for (LoRA only)
-    quantizable: bool = False  # its frozen base may be stored in NF4 (--quantize): LoRA, which only reads W
+    quantizable: bool = False  # its frozen base may be stored in NF4 (--quantize): LoRA, adapters (they only read W)
 
     def check_quantize(self, quantize: str | None) -> None:
         if quantize is not None and not self.quantizable:
-            raise UserError(f"--quantize {quantize}: the {self.name} method cannot train on a 4-bit base; QLoRA is "
-                            "finetune/lora.py --quantize (drop --quantize here)")
+            raise UserError(f"--quantize {quantize}: the {self.name} method cannot train on a 4-bit base; LoRA and the "
+                            "adapters can (finetune/lora.py, adapter.py, adapter_v2.py); drop --quantize here")

@@ -8,6 +8,7 @@ forms of a run, the unmerged QLoRA model it was trained as.
 
 from __future__ import annotations
 
+import copy
 import re
 import shutil
 from functools import partial
@@ -182,9 +183,11 @@ def test_what_cannot_be_quantized_is_refused_in_one_line():
     _, model = tiny_pair("tiny-gqa")
     with pytest.raises(UserError, match=r"nf5: choose nf4 or nf4-dq"):
         quantize(model, "nf5")
-    model.requires_grad_(False)
-    add_adapter_v2(model, AdapterV2Config(start_layer=0))
-    with pytest.raises(UserError, match=r"attn.q_proj is a ScaledLinear"):
+    class CustomLinear(torch.nn.Linear):  # a kind of layer litft/qlora.py has no 4-bit form of
+        pass
+
+    model.blocks[0].mlp.up = CustomLinear(8, 8)
+    with pytest.raises(UserError, match=r"mlp.up is a CustomLinear; quantize a base model, a full fine-tune, a LoRA"):
         quantize(model, "nf4")
 
 
@@ -268,10 +271,9 @@ def test_bad_quantize_flags_are_one_line(tiny, tmp_path, args, fragments):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("script", ["finetune/full.py", "finetune/adapter.py", "finetune/adapter_v2.py"])
-def test_methods_that_cannot_train_on_a_4bit_base_say_so(tiny, tmp_path, script):
-    proc = finetune(tiny, tmp_path / "out", "--quantize", "nf4", script=script, check=False)
-    assert_user_error(proc, "--quantize nf4", "cannot train on a 4-bit base", "finetune/lora.py")
+def test_full_fine_tuning_cannot_train_on_a_4bit_base_and_says_so(tiny, tmp_path):
+    proc = finetune(tiny, tmp_path / "out", "--quantize", "nf4", script="finetune/full.py", check=False)
+    assert_user_error(proc, "--quantize nf4", "cannot train on a 4-bit base", "finetune/lora.py, adapter.py")
     assert not (tmp_path / "out").exists()
 
 
@@ -319,3 +321,75 @@ def test_an_adapter_v1_model_runs_on_its_4bit_base():
     with torch.no_grad():
         quantized = quantize(model.eval(), "nf4")(x)
         torch.testing.assert_close(dequantize(model)(x), quantized, atol=1e-5, rtol=0)
+
+
+def bitsandbytes_dequantized(model):
+    """A copy of `model` whose blocks' linear weights are Ŵ as bitsandbytes makes it: dequantize_4bit of its own
+    quantize_4bit (NF4, blocks of 64)."""
+    bnb = pytest.importorskip("bitsandbytes.functional")
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        for layer in model.blocks.modules():
+            if isinstance(getattr(layer, "weight", None), torch.Tensor) and layer.weight.dim() == 2:
+                packed, state = bnb.quantize_4bit(layer.weight.data, blocksize=64, quant_type="nf4")
+                layer.weight.copy_(bnb.dequantize_4bit(packed, state))
+    return model
+
+
+def test_adapter_v2_on_a_4bit_base_computes_and_learns_as_on_bitsandbytes_dequantized_weights():
+    """Adapter v2 scales and shifts each 4-bit layer's output, s ⊙ (Ŵ x + b): its logits and the gradients of
+    every trainable tensor (s, b, prompts, gates, norms) equal those of the same adapter over a plain model whose
+    weights are bitsandbytes' Ŵ (fp32)."""
+    _, model = tiny_pair("tiny-gqa")
+    add_adapter_v2(model.requires_grad_(False), AdapterV2Config(start_layer=0))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)  # s ≠ 1, b ≠ 0, gates open: every adapter tensor counts
+    reference = bitsandbytes_dequantized(model)
+    quantize(model, "nf4")
+    assert sum(isinstance(m, NF4Linear) for m in model.modules()) == 7 * model.config.n_layer
+    x, y = torch.randint(0, 256, (2, 2, 9))
+    grads = []
+    for m in (model, reference):
+        logits = m(x)
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten()).backward()
+        grads.append({name: p.grad for name, p in m.named_parameters() if p.requires_grad})
+        grads[-1]["logits"] = logits.detach()
+    assert sorted(grads[0]) == sorted(grads[1]) and len(grads[0]) > 8 * model.config.n_layer
+    for name, expected in grads[1].items():
+        torch.testing.assert_close(grads[0][name], expected, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["adapter", "adapter_v2"])
+def test_an_adapter_run_on_a_4bit_base_trains_and_is_served_on_that_base(tiny, tmp_path, method):
+    """finetune/adapter*.py --quantize nf4 records the 4-bit base, and the run is used on it: in NF4
+    (--quantize nf4) and on Ŵ in full precision (the default) it computes what its tensors compute over
+    bitsandbytes' Ŵ — not what they compute over the original W. generate/ prints the same text both ways."""
+    run = tmp_path / "run"
+    finetune(tiny, run, "--quantize", "nf4", "--start_layer", "0", script=f"finetune/{method}.py")
+    assert yaml.safe_load((run / f"{method}.yaml").read_text())["quantize"] == "nf4"
+    trained = run / f"lit_model_{method}.pth"
+    on_original_w = load_lit_model(tiny["ckpt"])
+    add, config = (add_adapter_v2, AdapterV2Config) if method == "adapter_v2" else (add_adapter, AdapterConfig)
+    add(on_original_w, config.from_dir(run))
+    on_original_w.load_state_dict(torch.load(trained, weights_only=True), strict=False)
+    reference = bitsandbytes_dequantized(on_original_w).eval()
+    x = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        expected = reference(x)
+        for q in ("nf4", None):
+            torch.testing.assert_close(load_finetuned(tiny["ckpt"], trained, quantize=q)(x), expected, atol=1e-5,
+                                       rtol=0)
+        assert (on_original_w.eval()(x) - expected).abs().max() > 1e-3
+
+    flags = ("--adapter_path", trained, "--prompt", "colour 3", "--temperature", "0", "--max_new_tokens", "8")
+    texts = {run_script(f"generate/{method}.py", *flags, *q, check=True).stdout for q in (("--quantize", "nf4"), ())}
+    assert len(texts) == 1
+    proc = run_script(f"generate/{method}.py", *flags, "--quantize", "nf4-dq")
+    assert_user_error(proc, "trained on an nf4 base", "--quantize nf4")
+    settings = run / f"{method}.yaml"
+    settings.write_text(settings.read_text().replace("quantize: nf4", "quantize: nf5"))  # edited by hand
+    assert_user_error(run_script(f"generate/{method}.py", *flags), f"{settings} has quantize: nf5: choose nf4 or nf4-dq")
