@@ -26,6 +26,7 @@ from conftest import ROOT, assert_user_error, run_script
 from test_train import COMMON, assert_same, finetune, refused, tiny, weights  # noqa: F401 — `tiny` is a fixture
 
 from litft import train_state
+from litft.errors import UserError
 
 
 def snapshot(directory: Path) -> dict[str, tuple[int, int]]:
@@ -389,7 +390,6 @@ def test_sample_tokens_0_turns_the_sample_off(tiny, tmp_path):
 def test_a_world_size_other_than_the_launchers_is_one_line(tiny, tmp_path):
     """torchrun started 4 processes (2 per node) while the flags say 2: without the check every process would wait
     for ranks that never come."""
-    from litft.errors import UserError
     from litft.train_args import TrainArgs
 
     with pytest.raises(UserError, match=r"--devices 2 × --num_nodes 1 is 2 processes, but the launcher started 4 "
@@ -493,3 +493,23 @@ def test_checkpoints_are_ordered_by_step_past_six_digits(tmp_path):
     assert train_state.latest(tmp_path, "r").name == train_state.latest(tmp_path).name == "step-1000000"
     assert [d.name for d in train_state.own_checkpoints(tmp_path, "r")] == ["step-000003", "step-999999",
                                                                              "step-1000000"]
+
+
+def test_resume_finds_no_checkpoint_in_what_a_killed_save_or_an_old_format_leaves(tmp_path):
+    """A save killed before its rename (step-*.tmp) or before meta.json, and torch's distributed checkpoint format
+    (a `.metadata` file): none is a checkpoint to resume from, and each says what to do in one line."""
+    checkpoints = train_state.checkpoints_dir(tmp_path)
+    for name in ("step-000004.tmp", "step-000002"):
+        (checkpoints / name).mkdir(parents=True)
+        (checkpoints / name / "state-rank0.json").write_text("{}")
+    (checkpoints / "step-000004.tmp" / train_state.META).write_text(json.dumps({"step": 4, "run_id": "r"}))
+    with pytest.raises(UserError, match=rf"no complete checkpoint in {checkpoints}; run without --resume to start"):
+        train_state.resumable(tmp_path)
+    (tmp_path / "run.yaml").write_text("run_id: r\n")
+    with pytest.raises(UserError, match=r"no complete checkpoint of run r \(the run_id in run.yaml\) in .*; start "
+                                        r"the run again with --overwrite true"):
+        train_state.resumable(tmp_path, "r")
+    (checkpoints / "step-000002" / ".metadata").write_bytes(b"a pickle")
+    with pytest.raises(UserError, match=r"step-000002 is in torch's distributed checkpoint format, which is not "
+                                        r"loaded because reading it unpickles"):
+        train_state.resumable(tmp_path, "r")
