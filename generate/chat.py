@@ -38,6 +38,11 @@ from litft.load_finetuned import detect_method, load_finetuned, tokenizer_dir
 from litft.prompts import PromptStyle, resolve_style
 from litft.tokenizer import Tokenizer
 
+# what to do with a directory of another kind than a flag takes (litft/kinds.py), in this program's own flags
+ADVICE = {"lora": "chat with it with --lora_path {path}", "adapter": "chat with it with --adapter_path {path}",
+          "adapter_v2": "chat with it with --adapter_path {path}", "full": "chat with it with --checkpoint_dir {path}",
+          "checkpoint": "chat with it with --checkpoint_dir {path}"}
+
 
 @dataclass
 class Chat:
@@ -101,17 +106,18 @@ def which_model(checkpoint_dir: Optional[Path], lora_path: Optional[Path],
     if lora_path is not None and adapter_path is not None:
         raise UserError("pass --lora_path or --adapter_path, not both")
     if lora_path is not None:
-        lora_path, checkpoint_dir = resolve_run("lora", lora_path, checkpoint_dir, flag="lora_path")
+        lora_path, checkpoint_dir = resolve_run("lora", lora_path, checkpoint_dir, flag="lora_path", advice=ADVICE)
         return checkpoint_dir, lora_path, "lora"
     if adapter_path is not None:
-        adapter_path, checkpoint_dir = resolve_run("adapter", adapter_path, checkpoint_dir, flag="adapter_path")
+        adapter_path, checkpoint_dir = resolve_run("adapter", adapter_path, checkpoint_dir, flag="adapter_path",
+                                                   advice=ADVICE)
         if (method := detect_method(adapter_path)) not in ("adapter", "adapter_v2"):
             raise UserError(f"{adapter_path} is not a LLaMA-Adapter run (no adapter.yaml or adapter_v2.yaml beside "
                             "it); pass a lit_model_adapter.pth or lit_model_adapter_v2.pth")
         return checkpoint_dir, adapter_path, method
     checkpoint_dir = Path(checkpoint_dir or DEFAULT_CHECKPOINT)
     ensure_checkpoint(checkpoint_dir)  # the default base is converted on first use; any other must exist
-    check_checkpoint(checkpoint_dir)
+    check_checkpoint(checkpoint_dir, advice=ADVICE)
     return checkpoint_dir, None, None
 
 

@@ -175,15 +175,16 @@ def other_base(run_dir: Path, checkpoint_dir: Path) -> str | None:
     return str(record.get("path", "an unrecorded base"))
 
 
-def resolve_run(method: str, weights_path: Path, checkpoint_dir: Path | None, flag: str) -> tuple[Path, Path]:
+def resolve_run(method: str, weights_path: Path, checkpoint_dir: Path | None, flag: str,
+                advice: dict[str, str] | None = None) -> tuple[Path, Path]:
     """(weights file or run dir, base checkpoint) for generate/<method>.py; the base comes from the run's record
     unless --checkpoint_dir names one (then a warning says when it is not the recorded base, and the run's model
-    shape is checked against it, as always)."""
+    shape is checked against it, as always). `advice`: see litft/kinds.py's refuse."""
     weights_path = Path(weights_path)
     if not weights_path.exists():
         raise UserError(f"{weights_path} does not exist; train a run first (python finetune/{method}.py) "
                         f"or pass --{flag} of a finished run")
-    check_run_kind(weights_path, method, f"--{flag}", base_given=checkpoint_dir is not None)
+    check_run_kind(weights_path, method, f"--{flag}", base_given=checkpoint_dir is not None, advice=advice)
     weights_path = weights_in(weights_path)  # a LoRA or adapter run's directory: its weights file
     if method == "lora" and (other := detect_method(weights_path)) in ("adapter", "adapter_v2"):
         raise UserError(f"{weights_path} is from an {other} run, not a LoRA run; pass it as --adapter_path (to "

@@ -57,7 +57,8 @@ def validate_messages(messages: object) -> list[dict[str, str]]:
         role, content = message.get("role"), text_of(message.get("content"), i)
         role = "system" if role == "developer" else role  # OpenAI's newer name for the system message
         if role not in ROLES:
-            raise UserError(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {role!r}")
+            raise UserError(f"messages[{i}].role must be one of {', '.join(ROLES)} (or developer, for system), "
+                            f"got {role!r}")
         checked.append({"role": role, "content": content})
     if checked[-1]["role"] != "user":
         raise UserError(f"the last message must be the user's (role user), got {checked[-1]['role']}; "

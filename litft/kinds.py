@@ -94,12 +94,12 @@ def check_checkpoint(path: Path, flag: str = "--checkpoint_dir", also: tuple[str
     return path
 
 
-def check_run_kind(path: Path, method: str, flag: str, base_given: bool) -> None:
+def check_run_kind(path: Path, method: str, flag: str, base_given: bool, advice: dict[str, str] | None = None) -> None:
     """A run is what generate/<method>.py's `flag` takes (one of another method is named where it is loaded:
     litft/base_checkpoint.py's resolve_run). generate/full.py also takes a checkpoint, given the base it derives
-    from; any other kind is refused by name."""
+    from; any other kind is refused by name (with the command's own `advice` for some)."""
     takes = set(RUN_FILES)
     if method == "full":
         takes |= {"full", "checkpoint"} if base_given else {"full"}
     if (kind := kind_of(path)) is not None and kind not in takes:
-        refuse(flag, path, kind, KINDS[method][0])
+        refuse(flag, path, kind, KINDS[method][0], advice)

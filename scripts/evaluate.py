@@ -2,6 +2,7 @@
 
     python scripts/evaluate.py --checkpoint_dir checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct \\
         --weights_path out/lora/games/lit_model_lora.pth --data games --limit 100 --out out/lora/games/eval.json
+    python scripts/evaluate.py --weights_path out/lora/games --data games     # on the base the run records
 
 Answers are greedy, prompts use the style the data was prepared with (prompt_style.yaml), and exact match
 follows the task's rule (litft/scoring.py). Accuracy and loss go to stdout; the JSON report holds them and
@@ -19,7 +20,7 @@ from typing import Literal, Optional
 
 import torch
 
-from litft.base_checkpoint import warn_if_trained_on_another
+from litft.base_checkpoint import DEFAULT_CHECKPOINT, base_of, ensure_checkpoint, warn_if_trained_on_another
 from litft.cli import run
 from litft.data import data_dir, load_split, meta_of, prompt_style_of
 from litft.errors import UserError
@@ -34,13 +35,15 @@ from litft.prompts import PromptStyle
 from litft.tokenizer import Tokenizer
 
 
-def main(checkpoint_dir: Path, data: str, weights_path: Optional[Path] = None, split: Literal["test", "train"] = "test",
+def main(data: str, checkpoint_dir: Optional[Path] = None, weights_path: Optional[Path] = None,
+         split: Literal["test", "train"] = "test",
          limit: Optional[int] = None, max_new_tokens: int = 128, out: Optional[Path] = None,
          precision: Optional[str] = None, batch_size: int = 8, fast: bool = True, quantize: Optional[str] = None) -> dict:
     """Score greedy answers by exact match and compute the validation loss.
 
     Args:
-        checkpoint_dir: the base model's lit checkpoint (weights, model_config.yaml, tokenizer).
+        checkpoint_dir: the base model's lit checkpoint (weights, model_config.yaml, tokenizer); default: the base
+            the run in --weights_path records (its base.yaml), or SmolLM2-135M-Instruct with no --weights_path.
         data: a prepared data name (games -> data/games) or directory.
         weights_path: a fine-tuning run's weights (LoRA, adapter or full); none evaluates the checkpoint as is.
         split: which split to evaluate (test or train).
@@ -56,7 +59,7 @@ def main(checkpoint_dir: Path, data: str, weights_path: Optional[Path] = None, s
     for flag, value in (("--limit", limit), ("--max_new_tokens", max_new_tokens), ("--batch_size", batch_size)):
         if value is not None and value < 1:
             raise UserError(f"{flag} must be at least 1, got {value}")
-    check_checkpoint(checkpoint_dir)
+    checkpoint_dir = check_checkpoint(base_to_evaluate(checkpoint_dir, weights_path))
     weights_path = weights_in(weights_path)  # a LoRA or adapter run's directory: its weights file
     out = check_out(out or Path("out/evaluate") / f"{data_dir(data).name}-{split}.json", data)
     samples, style = load_split(data, split), prompt_style_of(data)
@@ -81,6 +84,20 @@ def main(checkpoint_dir: Path, data: str, weights_path: Optional[Path] = None, s
     atomic_write_text(out, json.dumps(report, indent=2) + "\n")
     print_summary(report, out, model.config.block_size)
     return report
+
+
+def base_to_evaluate(checkpoint_dir: Optional[Path], weights_path: Optional[Path]) -> Path:
+    """--checkpoint_dir; else the base the run in --weights_path records, or the default base (converted on first
+    use), as generate/ picks it."""
+    if checkpoint_dir is not None:
+        return Path(checkpoint_dir)
+    if weights_path is None:
+        ensure_checkpoint(Path(DEFAULT_CHECKPOINT))
+        return Path(DEFAULT_CHECKPOINT)
+    if not Path(weights_path).exists():
+        raise UserError(f"--weights_path {weights_path} does not exist; pass a fine-tuning run's directory or its "
+                        "weights file")
+    return base_of(run_dir_of(Path(weights_path)))
 
 
 def print_summary(report: dict, out: Path, block_size: int) -> None:

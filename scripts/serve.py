@@ -140,8 +140,8 @@ def parse_loras(specs: list[str], checkpoint_dir: Path, quantize: str | None = N
             raise UserError(f"--lora {name} is given twice (or is the base model's name); give each LoRA its own name")
         runs[name] = weights_in(Path(path))  # a run directory: its lit_model_lora.pth
         if not runs[name].is_file():
-            raise UserError(f"--lora {name}: {path} is no LoRA run's weights file; pass the run's directory or its "
-                            "lit_model_lora.pth")
+            what = "does not exist" if not Path(path).exists() else "is no LoRA run's weights file"
+            raise UserError(f"--lora {name}: {path} {what}; pass the run's directory or its lit_model_lora.pth")
         lora_settings(runs[name])  # an adapter run is named as such
         check_trained_on(runs[name].parent, checkpoint_dir, f"--lora {name} ({path})")
         check_run(name, runs[name], base, quantize)  # one that cannot share a batch, or needs --quantize

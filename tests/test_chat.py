@@ -147,7 +147,8 @@ def test_alpaca_takes_the_earlier_turns_as_input_and_plain_ends_with_the_questio
 @pytest.mark.parametrize("messages,fragment", [
     (None, "non-empty list"), ([], "non-empty list"), ("Hi", "non-empty list"),
     (["Hi"], "messages[0] must be an object"),
-    ([{"role": "tool", "content": "x"}], "messages[0].role must be one of system, user, assistant, got 'tool'"),
+    ([{"role": "tool", "content": "x"}],
+     "messages[0].role must be one of system, user, assistant (or developer, for system), got 'tool'"),
     ([{"content": "x"}], "messages[0].role must be one of"),
     ([{"role": "user", "content": 5}], "messages[0].content must be a string (or a list of text parts), got int"),
     ([{"role": "user"}], "messages[0].content must be a string (or a list of text parts), got NoneType"),
@@ -525,3 +526,17 @@ def test_an_export_keeps_the_bases_template_only_when_it_lays_prompts_out_as_the
     shutil.copytree(llama2_dir, export)
     write_tokenizer_config(export, Tokenizer(export), PromptStyle(style))
     assert (transformers.AutoTokenizer.from_pretrained(export).chat_template == LLAMA2_TEMPLATE) is kept
+
+
+def test_a_directory_of_another_kind_is_named_with_the_chat_flag_that_takes_it(chat_checkpoint, tmp_path):
+    """The refusal names chat.py's own flag for what was given, not another program's."""
+    for flag in ("--adapter_path", "--lora_path"):
+        proc = run_main("generate/chat.py", flag, chat_checkpoint)
+        assert_user_error(proc, f"{flag} {chat_checkpoint} is a base checkpoint, not",
+                          f"chat with it with --checkpoint_dir {chat_checkpoint}")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "lora.yaml").write_text("r: 8\n")
+    (run / "lit_model_lora.pth").write_bytes(b"")
+    proc = run_main("generate/chat.py", "--checkpoint_dir", run)
+    assert_user_error(proc, f"--checkpoint_dir {run} is a LoRA run", f"chat with it with --lora_path {run}")

@@ -208,6 +208,12 @@ def test_training_and_generation_use_the_same_prompt(tmp_path, checkpoint, data)
     plain = tokenizer.decode(greedy_without_cache(model, tokenizer.encode(sample["instruction"]), 6, [tokenizer.eos_id]))
     assert plain != expected  # the comparison can tell prompt styles apart
 
+    # scripts/evaluate.py given only the run: the base is the one its base.yaml records, as for generate/
+    proc = run_script("scripts/evaluate.py", "--weights_path", run, "--data", data, "--max_new_tokens", "6",
+                      "--out", tmp_path / "report.json", "--split", "train", "--limit", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "report.json").read_text())["predictions"][0]["prediction"] == expected
+
 
 # ---- the task formats end to end: data_prep/<task>.py -> scripts/evaluate.py ----------------------------------------
 

@@ -565,3 +565,8 @@ def test_a_lora_of_another_base_is_refused_at_start_up(base, bases, tmp_path):
     (tmp_path / "adapter_run" / "lit_model_adapter.pth").touch()
     proc = run_main("scripts/serve.py", "--checkpoint_dir", base, "--lora", f"a={tmp_path / 'adapter_run'}")
     assert_user_error(proc, "lit_model_adapter.pth is from an adapter run, not a LoRA run")
+    missing = tmp_path / "none" / "lit_model_lora.pth"
+    proc = run_main("scripts/serve.py", "--checkpoint_dir", base, "--lora", f"m={missing}")
+    assert_user_error(proc, f"--lora m: {missing} does not exist; pass the run's directory or its lit_model_lora.pth")
+    proc = run_main("scripts/serve.py", "--checkpoint_dir", base, "--lora", f"e={tmp_path}")  # a folder of no run
+    assert_user_error(proc, f"--lora e: {tmp_path} is no LoRA run's weights file")
