@@ -248,8 +248,8 @@ def test_merge_with_new_tokens_grows_vocabulary_and_tokenizer(bases, tmp_path):
     ids = sp.encode("a <sql>SELECT 1</sql> [R]")
     assert {32000, 32001, 32002} <= set(ids) and sp.decode(ids) == "a <sql>SELECT 1</sql> [R]"
     x = torch.tensor([ids])
-    with torch.no_grad():
-        torch.testing.assert_close(merged(x), model(x), atol=1e-5, rtol=0)
+    with torch.no_grad():  # the new rows (std 0.5) give logits near 40, where fp32 rounds in steps of 4e-6
+        torch.testing.assert_close(merged(x), model(x), atol=1e-5, rtol=2e-6)
 
 
 def test_new_tokens_in_a_tokenizers_json(tmp_path):
