@@ -32,6 +32,7 @@ from litft.convert_hf import lit_to_hf_state_dict, save_hf_safetensors
 from litft.errors import UserError
 from litft.files import (
     TOKENIZER_FILES,
+    WRITTEN_BY,
     atomic_write_text,
     check_output_dir,
     check_replaceable,
@@ -85,7 +86,7 @@ def main(checkpoint_dir: Path, output_dir: Path, max_shard_gb: float = 5.0, veri
         verified = check(litft_reference(checkpoint_dir), hf_directory(scratch),
                          f"the Hugging Face directory {output_dir}") if verify else None
         write_written_by(scratch, SCRIPT, checkpoint_dir=checkpoint_dir)
-    print(f"wrote {output_dir}: {', '.join(files)}")
+    print(f"wrote {output_dir}: {', '.join([*files, WRITTEN_BY])}")
     if verified:
         print(verified)
 

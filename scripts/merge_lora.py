@@ -36,6 +36,7 @@ from litft.config import Config
 from litft.errors import UserError
 from litft.files import (
     TOKENIZER_FILES,
+    WRITTEN_BY,
     atomic_path,
     check_output_dir,
     check_replaceable,
@@ -85,7 +86,7 @@ def main(lora_path: Path, out_dir: Path, checkpoint_dir: Optional[Path] = None, 
         line = verified(checkpoint_dir, lora_path, scratch, out_dir) if verify else None
         write_written_by(scratch, SCRIPT, checkpoint_dir=checkpoint_dir, lora_path=lora_path)
     print(f"merged {lora_path} into {checkpoint_dir} -> {out_dir} (lit_model.pth, model_config.yaml, "
-          f"{', '.join(copied)})", file=sys.stderr)
+          f"{', '.join([*copied, WRITTEN_BY])})", file=sys.stderr)
     if line:
         print(line)
 
