@@ -123,8 +123,12 @@ def write_merged(directory: Path, merged, checkpoint_dir: Path, lora_path: Path,
     return copied
 
 
-# Merged weights are rounded to the checkpoint's dtype, the LoRA model is not: a 16-bit merge moves logits a little.
-TOLERANCES = {torch.float32: TOLERANCE, torch.bfloat16: 0.25, torch.float16: 0.05}
+# The merged model computes (W + (α/r)·B·A) x where the LoRA model adds W x and (α/r)·B·(A x): other roundings, which
+# a model's later layers can amplify. In float32 the run of `scripts/demo.py --max_steps 2` moved SmolLM2's logits
+# (near 40) by 9e-5 in most processes and by 5.7e-3 in some, so a float32 merge is held to 1e-2, ten times the
+# other exporters' bound, which still refuses a merge that is wrong (tests/test_verify.py). 16-bit merges are also
+# rounded to the checkpoint's dtype.
+TOLERANCES = {torch.float32: 10 * TOLERANCE, torch.bfloat16: 0.25, torch.float16: 0.05}
 
 
 def verified(checkpoint_dir: Path, lora_path: Path, written: Path, out_dir: Path) -> str:
