@@ -278,22 +278,25 @@ def test_full_fine_tuning_cannot_train_on_a_4bit_base_and_says_so(tiny, tmp_path
 
 
 @pytest.mark.slow
-def test_fsdp_shards_the_4bit_base_and_trains_and_resumes_as_one_process(tiny, tmp_path):
+@pytest.mark.parametrize("script,flags,saved", [
+    ("finetune/lora.py", ("--lora_dropout", "0"), "lit_model_lora.pth"),
+    ("finetune/adapter_v2.py", ("--start_layer", "0"), "lit_model_adapter_v2.pth")], ids=["lora", "adapter_v2"])
+def test_fsdp_shards_the_4bit_base_and_trains_and_resumes_as_one_process(tiny, tmp_path, script, flags, saved):
     """2 processes (gloo, FSDP2), which shard the NF4 bytes and absmaxes like any parameter, take the optimizer
     steps of 1 process (fp32: the same losses to rounding); resumed from step 3 they end bit for bit where the
-    straight run ends."""
-    flags = ("--quantize", "nf4-dq", "--lora_dropout", "0")
-    finetune(tiny, tmp_path / "one", *flags)
+    straight run ends. LoRA and adapter v2 (which also scales and shifts the 4-bit base's outputs)."""
+    flags = ("--quantize", "nf4-dq", *flags)
+    finetune(tiny, tmp_path / "one", *flags, script=script)
     two = tmp_path / "two"
-    finetune(tiny, two, *flags, "--devices", "2", "--strategy", "fsdp")
+    finetune(tiny, two, *flags, "--devices", "2", "--strategy", "fsdp", script=script)
     torch.testing.assert_close(torch.tensor(losses(two)), torch.tensor(losses(tmp_path / "one")), rtol=1e-5, atol=0)
     resumed = tmp_path / "resumed"
     shutil.copytree(two, resumed)
     shutil.rmtree(resumed / "checkpoints" / "step-000006")
-    (resumed / "lit_model_lora.pth").unlink()
-    proc = finetune(tiny, resumed, *flags, "--devices", "2", "--strategy", "fsdp", "--resume", "true")
+    (resumed / saved).unlink()
+    proc = finetune(tiny, resumed, *flags, "--devices", "2", "--strategy", "fsdp", "--resume", "true", script=script)
     assert "resumed from step 3" in proc.stderr
-    assert_same(weights(two / "lit_model_lora.pth"), weights(resumed / "lit_model_lora.pth"))
+    assert_same(weights(two / saved), weights(resumed / saved))
 
 
 def test_qlora_holds_less_than_lora_and_saves_no_more():
