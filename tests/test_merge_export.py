@@ -163,6 +163,9 @@ def test_user_errors_are_one_line_and_write_nothing(bases, tmp_path):
     quoted = tmp_path / "quoted"  # a hand-edited yaml: "false" is a string, which Python takes as true
     make_run(base_dir, quoted, LoRAConfig(r=4))
     (quoted / "lora.yaml").write_text(yaml.safe_dump({"r": 4, "rslora": "false"}))
+    boolean = tmp_path / "boolean"  # YAML's `r: true` is a bool, which Python would take as the integer 1
+    make_run(base_dir, boolean, LoRAConfig(r=4))
+    (boolean / "lora.yaml").write_text("r: true\n")
     adapter_file = tmp_path / "adapter_run"
     make_run(base_dir, adapter_file, LoRAConfig(r=4))
     save_state_dict({"blocks.0.attn.prefix.prompt": torch.zeros(3, config.n_embd)}, adapter_file / "lit_model_lora.pth")
@@ -171,7 +174,8 @@ def test_user_errors_are_one_line_and_write_nothing(bases, tmp_path):
              ("generate/lora.py", None, rank, ["rank-4", "r=8"]),
              ("scripts/export_peft.py", "--output_dir", unknown, ["unknown LoRA target 'query'", "embed, lm_head"]),
              ("scripts/merge_lora.py", "--out_dir", adapter_file, ["holds no LoRA tensors"]),
-             ("generate/lora.py", None, quoted, ["rslora is 'false', which is not true or false"])]
+             ("generate/lora.py", None, quoted, ["rslora is 'false', which is not true or false"]),
+             ("generate/lora.py", None, boolean, ["r is True, which is not an integer"])]
     for script, out_flag, run_dir, fragments in cases:
         out = tmp_path / f"out_{run_dir.name}"
         args = (out_flag, out) if out_flag else ("--prompt", "hi", "--max_new_tokens", "5")
@@ -417,6 +421,11 @@ def test_an_output_directory_is_replaced_only_when_the_same_script_wrote_it(base
         assert yaml.safe_load((fresh / "litft_export.yaml").read_text())["written_by"] == script
         assert run_main(script, *args, "--verify", "false", "--overwrite", "true").returncode == 0
         assert snapshot(out) != before and (out / "litft_export.yaml").is_file()
+    merged = tmp_path / "fresh-a"  # a checkpoint, as convert_lit_checkpoint.py writes, but merge_lora.py wrote it
+    before = snapshot(merged)
+    assert_user_error(run_main("scripts/convert_lit_checkpoint.py", "--checkpoint_dir", base_dir, "--output_dir", merged,
+                               "--verify", "false"), "did not write; choose another directory")
+    assert snapshot(merged) == before
 
 
 def fail_verification(*args):

@@ -85,12 +85,15 @@ def test_overwrite_replaces_the_run_and_keeps_everything_else(tiny, done_run, tm
         (out / name).parent.mkdir(exist_ok=True)
         (out / name).write_text(text)
     (out / "checkpoints" / "step-000005.tmp").mkdir()  # a killed save's directory
+    events = {p.name for p in (out / "logs").glob("events.out.tfevents.*")}
+    assert events
     proc = finetune(tiny, out, "--overwrite", "true", "--max_steps", "2", "--save_interval", "1", "--lora_r", "4")
     assert "removing the earlier run's files" in proc.stderr
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["README", "step-000001", "step-000002"]
     assert all((out / name).read_text() == text for name, text in kept.items())
     assert yaml.safe_load((out / "lora.yaml").read_text())["r"] == 4
     assert json.loads((out / "summary.json").read_text())["steps"] == 2
+    assert not events & {p.name for p in (out / "logs").glob("events.out.tfevents.*")}  # TensorBoard shows one run
 
 
 def other_base(tiny, tmp_path: Path) -> list[str]:
@@ -113,6 +116,14 @@ def other_data(tiny, tmp_path: Path) -> list[str]:
     return ["--data", str(data)]
 
 
+def other_prompt_style(tiny, tmp_path: Path) -> list[str]:
+    """The same samples with another prompt style recorded: generation would prompt unlike training."""
+    data = tmp_path / "other-style"
+    shutil.copytree(tiny["data"], data)
+    (data / "prompt_style.yaml").write_text(yaml.safe_dump({"name": "alpaca"}))
+    return ["--data", str(data)]
+
+
 @pytest.mark.parametrize("change, named", [
     (lambda tiny, tmp: ["--lora_r", "16"], "--lora_r 8, this run has --lora_r 16"),
     (lambda tiny, tmp: ["--lora_targets", "q,v"], "this run has --lora_targets q,v;"),
@@ -123,7 +134,11 @@ def other_data(tiny, tmp_path: Path) -> list[str]:
     (lambda tiny, tmp: ["--packing", "true"], "--packing False, this run has --packing True"),
     (other_base, "this run has base"),
     (other_data, "this run has data"),
-], ids=["lora_r", "lora_targets", "lora_alpha", "quantize", "micro_batch_size", "seed", "packing", "other-base", "other-data"])
+    (other_prompt_style, "this run has data"),
+    (lambda tiny, tmp: ["--devices", "2", "--strategy", "ddp"],
+     "1 processes (--devices × --num_nodes), this run has 2 processes"),
+], ids=["lora_r", "lora_targets", "lora_alpha", "quantize", "micro_batch_size", "seed", "packing", "other-base", "other-data",
+        "other-prompt-style", "processes"])
 def test_a_resume_that_asks_for_another_run_is_refused_untouched(tiny, done_run, tmp_path, change, named):
     out = copy_run(done_run, tmp_path)
     before = snapshot(out)
@@ -162,6 +177,33 @@ def test_resume_removes_orphans_and_rotation_spares_other_runs(tiny, done_run, t
     assert "resumed from step 6" in proc.stderr
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000006", "step-000008", "step-000009"]
     assert not any(orphan.exists() for orphan in orphans)
+
+
+def test_another_runs_later_checkpoint_does_not_count_as_this_runs_progress(tiny, done_run, tmp_path):
+    """Another run's step 8 lies past --max_steps 7, this run's newest is step 6: the resume goes on to step 7."""
+    out = copy_run(done_run, tmp_path)
+    foreign = out / "checkpoints" / "step-000008"
+    shutil.copytree(out / "checkpoints" / "step-000006", foreign)
+    meta = json.loads((foreign / "meta.json").read_text())
+    (foreign / "meta.json").write_text(json.dumps({**meta, "step": 8, "run_id": "another-run"}))
+    proc = finetune(tiny, out, "--resume", "true", "--max_steps", "7")
+    assert "resumed from step 6" in proc.stderr
+    assert (out / "checkpoints" / "step-000007").is_dir() and foreign.is_dir()
+
+
+def test_removing_a_run_removes_checkpoints_and_logs_only_when_nothing_else_is_in_them(tmp_path):
+    from litft.run_dir import remove
+
+    for folder, mine in (("checkpoints", None), ("logs", "mine.txt")):
+        (tmp_path / folder / "step-000001").mkdir(parents=True)
+        (tmp_path / folder / "step-000001" / "meta.json").write_text("{}")
+        if mine:
+            (tmp_path / folder / mine).write_text("the user's")
+        remove([tmp_path / folder / "step-000001"])
+        if mine:
+            assert [p.name for p in (tmp_path / folder).iterdir()] == [mine]
+        else:
+            assert not (tmp_path / folder).exists()
 
 
 def test_a_new_run_with_micro_batch_size_auto_trains_and_records_the_size_it_picked(tiny, tmp_path):
