@@ -423,8 +423,9 @@ def test_an_output_directory_is_replaced_only_when_the_same_script_wrote_it(base
         assert snapshot(out) != before and (out / "litft_export.yaml").is_file()
     merged = tmp_path / "fresh-a"  # a checkpoint, as convert_lit_checkpoint.py writes, but merge_lora.py wrote it
     before = snapshot(merged)
-    assert_user_error(run_main("scripts/convert_lit_checkpoint.py", "--checkpoint_dir", base_dir, "--output_dir", merged,
-                               "--verify", "false"), "did not write; choose another directory")
+    convert = run_main("scripts/convert_lit_checkpoint.py", "--checkpoint_dir", base_dir, "--output_dir", merged,
+                       "--verify", "false")
+    assert_user_error(convert, "did not write; choose another directory")
     assert snapshot(merged) == before
 
 

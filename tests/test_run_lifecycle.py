@@ -137,8 +137,8 @@ def other_prompt_style(tiny, tmp_path: Path) -> list[str]:
     (other_prompt_style, "this run has data"),
     (lambda tiny, tmp: ["--devices", "2", "--strategy", "ddp"],
      "1 processes (--devices × --num_nodes), this run has 2 processes"),
-], ids=["lora_r", "lora_targets", "lora_alpha", "quantize", "micro_batch_size", "seed", "packing", "other-base", "other-data",
-        "other-prompt-style", "processes"])
+], ids=["lora_r", "lora_targets", "lora_alpha", "quantize", "micro_batch_size", "seed", "packing", "other-base",
+        "other-data", "other-prompt-style", "processes"])
 def test_a_resume_that_asks_for_another_run_is_refused_untouched(tiny, done_run, tmp_path, change, named):
     out = copy_run(done_run, tmp_path)
     before = snapshot(out)
