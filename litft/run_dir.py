@@ -169,7 +169,7 @@ def show(key: str, value, base: Path, data: Path) -> str:
     if key == "data":
         return f"data {data} (fingerprint {value})"
     if key == "processes":
-        return f"{value} processes (--devices × --num_nodes)"
+        return f"{value} process{'' if value == 1 else 'es'} (--devices × --num_nodes)"
     if key in SETTINGS:
         return f"--{key} {value}"
     if key == "packing":

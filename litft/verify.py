@@ -15,7 +15,8 @@ The prompts are a few instructions in the run's prompt style (without digits: tr
 GGUF tokenizer splits numbers differently from llama.cpp's `smollm` rule), and for a run that added tokens one
 more that holds them all. A checkpoint without a tokenizer is
 checked on fixed random token ids instead. An export passes when every prompt's greedy text is equal and no
-logit differs by more than TOLERANCE; otherwise the exporter stops with one line and exit status ≠ 0.
+logit differs by more than TOLERANCE (MERGED_TOLERANCE for a merged LoRA, which computes with other roundings than the
+run it came from); otherwise the exporter stops with one line and exit status ≠ 0.
 """
 
 from __future__ import annotations
@@ -39,6 +40,11 @@ PROMPTS = ("What is the capital of France?", "Write a short poem about the sea."
            "Name three colours of the rainbow.")
 NEW_TOKENS = 16
 TOLERANCE = 1e-3  # float32 on both sides: two correct implementations differ by ~1e-5
+# A merged model computes (W + (α/r)·B·A) x where its LoRA run adds W x and (α/r)·B·(A x): different roundings, which
+# later layers can amplify. Merging the run of `scripts/demo.py --max_steps 2` (SmolLM2 in float32, converted from
+# the offline GGUF; logits near 40) moved logits by 9e-5 in most runs of merge_lora.py and by 5.7e-3 in some, so a
+# float32 merge is held to ten times TOLERANCE. The nudged merged weight of tests/test_verify.py still fails (6.5e-2).
+MERGED_TOLERANCE = 10 * TOLERANCE
 
 Logits = Callable[[Tensor], Tensor]  # ids (T,) -> logits (T, vocab)
 Decode = Callable[[list[int]], str]

@@ -34,7 +34,7 @@ from litft.load_finetuned import detect_method, load_finetuned, tokenizer_dir, w
 from litft.lora import merge_lora
 from litft.model import Llama
 from litft.readers import gguf_file, require_readers
-from litft.verify import Reader, check, compare, prompting, reference
+from litft.verify import MERGED_TOLERANCE, Reader, check, compare, prompting, reference
 
 
 def main(checkpoint_dir: Path, out_file: Path, lora_path: Path | None = None, adapter_path: Path | None = None,
@@ -68,7 +68,7 @@ def main(checkpoint_dir: Path, out_file: Path, lora_path: Path | None = None, ad
     if lora_path is not None:
         model = merge_lora(model)
         if source is not None:  # merging must not change what the model computes
-            check(source, Reader("the merged model", logits_of(model)), "the LoRA run")
+            check(source, Reader("the merged model", logits_of(model)), "the LoRA run", MERGED_TOLERANCE)
     vocab = vocab_metadata(tokenizer_dir(run_dir, checkpoint_dir), model.config.vocab_size, style)
     if style is not None and style.chat_template is None:
         print(f"note: the prompt style {style.name!r} has no chat template form; the file carries none, so prompt "

@@ -421,7 +421,9 @@ def test_an_output_directory_is_replaced_only_when_the_same_script_wrote_it(base
         assert yaml.safe_load((fresh / "litft_export.yaml").read_text())["written_by"] == script
         assert run_main(script, *args, "--verify", "false", "--overwrite", "true").returncode == 0
         assert snapshot(out) != before and (out / "litft_export.yaml").is_file()
-    merged = tmp_path / "fresh-a"  # a checkpoint, as convert_lit_checkpoint.py writes, but merge_lora.py wrote it
+    # merge_lora.py's output holds a lit checkpoint, the kind convert_lit_checkpoint.py's --output_dir may hold (its
+    # HF files go beside one): only litft_export.yaml, which names merge_lora.py, refuses it
+    merged = tmp_path / f"fresh-{commands[0][-1].name}"
     before = snapshot(merged)
     convert = run_main("scripts/convert_lit_checkpoint.py", "--checkpoint_dir", base_dir, "--output_dir", merged,
                        "--verify", "false")

@@ -190,14 +190,17 @@ def test_a_scratch_folder_is_removed_only_when_its_process_is_gone(tmp_path):
 def test_a_failed_output_removes_the_directory_it_created_and_keeps_one_that_was_there(tmp_path):
     from litft.files import staged_output
 
-    for out, existed in ((tmp_path / "new" / "out", False), (tmp_path / "empty", True)):
+    for out, existed in ((tmp_path / "new", False), (tmp_path / "empty", True)):
         if existed:
             out.mkdir()
         with pytest.raises(RuntimeError):
             with staged_output(out) as scratch:
                 (scratch / "lit_model.pth").write_bytes(b"half")
                 raise RuntimeError("a failed verification")
-        assert out.is_dir() == existed and (not existed or not any(out.iterdir()))
+        if existed:
+            assert list(out.iterdir()) == []  # kept, and nothing of the failed output in it
+        else:
+            assert not out.exists()
 
 
 def test_files_then_the_directory_entries_that_name_them_are_synced_to_disk(tmp_path, monkeypatch):

@@ -117,7 +117,8 @@ def other_data(tiny, tmp_path: Path) -> list[str]:
 
 
 def other_prompt_style(tiny, tmp_path: Path) -> list[str]:
-    """The same samples with another prompt style recorded: generation would prompt unlike training."""
+    """The same samples with another prompt style recorded (generation would prompt unlike training): the data
+    fingerprint covers prompt_style.yaml."""
     data = tmp_path / "other-style"
     shutil.copytree(tiny["data"], data)
     (data / "prompt_style.yaml").write_text(yaml.safe_dump({"name": "alpaca"}))
@@ -136,7 +137,7 @@ def other_prompt_style(tiny, tmp_path: Path) -> list[str]:
     (other_data, "this run has data"),
     (other_prompt_style, "this run has data"),
     (lambda tiny, tmp: ["--devices", "2", "--strategy", "ddp"],
-     "1 processes (--devices × --num_nodes), this run has 2 processes"),
+     "1 process (--devices × --num_nodes), this run has 2 processes"),
 ], ids=["lora_r", "lora_targets", "lora_alpha", "quantize", "micro_batch_size", "seed", "packing", "other-base",
         "other-data", "other-prompt-style", "processes"])
 def test_a_resume_that_asks_for_another_run_is_refused_untouched(tiny, done_run, tmp_path, change, named):
