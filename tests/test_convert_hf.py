@@ -364,4 +364,4 @@ def test_the_export_line_names_each_file_it_wrote_once(tiny_checkpoint, tmp_path
                      tmp_path / "hf", "--verify", "false").stdout.splitlines()[0]
     listed = re.sub(r" \([^)]*\)", "", wrote.split(": ", 1)[1]).split(", ")  # what changed in a file, in (...)
     assert "tokenizer_config.json (chat_template)" in wrote
-    assert sorted(listed) == sorted(p.name for p in (tmp_path / "hf").iterdir() if p.name != "litft_export.yaml")
+    assert sorted(listed) == sorted(p.name for p in (tmp_path / "hf").iterdir())
