@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import json
-import re
 import shutil
 
 import pytest
@@ -57,8 +56,6 @@ def test_every_exporter_prints_its_verified_line(bases, tmp_path):  # noqa: F811
     assert sorted(listed) == sorted(p.name for p in (tmp_path / "m").iterdir())  # the line names every file written
     hf = run_script("scripts/convert_lit_checkpoint.py", "--checkpoint_dir", tmp_path / "m", "--output_dir", tmp_path / "hf")
     assert "(transformers vs litft)" in verified_line(hf)
-    listed = re.sub(r" \(.*?\)", "", hf.stdout.splitlines()[0].split(": ", 1)[1]).split(", ")  # notes in (...) go
-    assert sorted(listed) == sorted(p.name for p in (tmp_path / "hf").iterdir())
     peft = run_script("scripts/export_peft.py", "--checkpoint_dir", base, "--lora_path", lora, "--output_dir", tmp_path / "p")
     assert "(peft vs litft)" in verified_line(peft)
     skipped = run_script("scripts/export_peft.py", "--checkpoint_dir", base, "--lora_path", lora, "--output_dir",
