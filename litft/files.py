@@ -172,12 +172,12 @@ def write_written_by(directory: Path, script: str, **sources: Path | None) -> No
 @contextmanager
 def staged_output(output_dir: Path, stale: tuple[str, ...] = (), marker: str | None = None) -> Iterator[Path]:
     """Yield a scratch directory inside `output_dir` to write (and verify) an output in; when the block ends
-    without error its files are published into `output_dir` (see `publish`). An error leaves `output_dir` as it
-    was: the scratch directory is removed, and `output_dir` too if this made it and it is empty. Scratch
+    without error its files are published into `output_dir` (see `publish`). An error leaves the disk as it was:
+    the scratch directory is removed, and so are the directories made for `output_dir` while they are empty. Scratch
     directories a killed run left are removed first (each may hold a full copy of the weights); one whose process
     still runs is another run's, writing now, and stays."""
     output_dir = Path(output_dir)
-    created = not output_dir.exists()
+    created = missing_directories(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     for leftover in output_dir.glob(f"{SCRATCH}*"):
         if not process_runs(leftover.name[len(SCRATCH):].split("-", 1)[0]):
@@ -187,9 +187,20 @@ def staged_output(output_dir: Path, stale: tuple[str, ...] = (), marker: str | N
             yield Path(scratch)
             publish(Path(scratch), output_dir, stale, marker)
     except BaseException:
-        if created and not any(output_dir.iterdir()):
-            output_dir.rmdir()
+        for directory in created:  # deepest first: each is removed only if nothing else came into it
+            if any(directory.iterdir()):
+                break
+            directory.rmdir()
         raise
+
+
+def missing_directories(path: Path) -> list[Path]:
+    """`path` and those of its parents that do not exist yet, deepest first: what mkdir(parents=True) makes."""
+    missing = []
+    while not path.exists():
+        missing.append(path)
+        path = path.parent
+    return missing
 
 
 def process_runs(pid: str) -> bool:

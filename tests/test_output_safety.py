@@ -187,10 +187,10 @@ def test_a_scratch_folder_is_removed_only_when_its_process_is_gone(tmp_path):
     assert {p.name: p.read_text() for p in out.iterdir()} == {"test.pt": "first", "train.pt": "first"}
 
 
-def test_a_failed_output_removes_the_directory_it_created_and_keeps_one_that_was_there(tmp_path):
+def test_a_failed_output_removes_the_directories_it_created_and_keeps_one_that_was_there(tmp_path):
     from litft.files import staged_output
 
-    for out, existed in ((tmp_path / "new", False), (tmp_path / "empty", True)):
+    for out, existed in ((tmp_path / "new", False), (tmp_path / "empty", True), (tmp_path / "a" / "b" / "new", False)):
         if existed:
             out.mkdir()
         with pytest.raises(RuntimeError):
@@ -201,6 +201,7 @@ def test_a_failed_output_removes_the_directory_it_created_and_keeps_one_that_was
             assert list(out.iterdir()) == []  # kept, and nothing of the failed output in it
         else:
             assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]  # a/ and a/b/ were made for a/b/new, and went too
 
 
 def test_files_then_the_directory_entries_that_name_them_are_synced_to_disk(tmp_path, monkeypatch):
