@@ -71,13 +71,14 @@ def generate_batch(model: torch.nn.Module, rows: list[Row], more: Callable[[], l
             if not live:
                 return
             tokens, keep = pick(logits, live), []  # (B',)
-            for j, row in enumerate(live):
+            for j, token in enumerate(tokens.tolist()):  # one read from the device for the whole batch
+                row = live[j]
                 if row.done:
                     continue
-                if int(tokens[j]) in row.stop_ids:
+                if token in row.stop_ids:
                     yield row, None
                     continue
-                yield row, int(tokens[j])
+                yield row, token
                 produced[id(row)] += 1
                 if produced[id(row)] < row.max_new_tokens and not row.done:
                     keep.append(j)

@@ -13,12 +13,23 @@ sequences that join it, `keep` drops the rows of those that ended.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
 from litft.config import Config
+
+
+class Positions(NamedTuple):
+    """Where a forward pass's tokens go in the cache. `end` is read from the device once per forward pass, by the
+    model: reading it in every layer would make the host wait for the GPU there, 30 times a step on a 30-layer
+    model, and the GPU would then wait in turn for the host to queue the next layer's work."""
+
+    index: Tensor  # (T,), or (B, T): a position per row
+    end: int  # index.max() + 1: the positions attention reads, 0..end-1
 
 
 class KVCache(nn.Module):
@@ -33,8 +44,9 @@ class KVCache(nn.Module):
         """S, the positions there is room for."""
         return self.k.size(2)
 
-    def update(self, pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write k, v (B, nkv, T, hs) at positions pos, (T,) or (B, T); return the cache up to the last one."""
+    def update(self, positions: Positions, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k, v (B, nkv, T, hs) at the positions; return the cache up to the last one, (B, nkv, end, hs)."""
+        pos = positions.index
         if pos.dim() == 1:
             self.k.index_copy_(2, pos, k.to(self.k.dtype))
             self.v.index_copy_(2, pos, v.to(self.v.dtype))
@@ -42,8 +54,7 @@ class KVCache(nn.Module):
             rows = torch.arange(pos.size(0), device=pos.device)[:, None]  # (B, 1)
             self.k[rows, :, pos] = k.transpose(1, 2).to(self.k.dtype)  # indexed as (B, T, nkv, hs)
             self.v[rows, :, pos] = v.transpose(1, 2).to(self.v.dtype)
-        end = int(pos.max()) + 1
-        return self.k[:, :, :end], self.v[:, :, :end]
+        return self.k[:, :, :positions.end], self.v[:, :, :positions.end]
 
     def grow(self, length: int) -> None:
         """Room for `length` positions, those cached kept: (B, nkv, S, hs) -> (B, nkv, max(S, length), hs)."""

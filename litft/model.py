@@ -28,7 +28,7 @@ import torch.utils.checkpoint
 from torch import Tensor
 
 from litft.config import Config
-from litft.kv_cache import KVCache
+from litft.kv_cache import KVCache, Positions
 from litft.rope import apply_rope, rope_tables
 
 
@@ -77,7 +77,7 @@ class Llama(nn.Module):
         else:  # decoding: attend to every cached position <= our own (no backward pass: a boolean mask will do)
             end = int(input_pos.max()) + 1
             cos, sin = self.rope(end, x.device)
-            pos, cos, sin = input_pos, cos[input_pos], sin[input_pos]
+            pos, cos, sin = Positions(input_pos, end), cos[input_pos], sin[input_pos]
             seen = input_pos[..., None] >= torch.arange(end, device=x.device)  # (T, end) or (B, T, end)
             if input_pos.dim() == 2:  # a position per row (rows of different lengths decoded together)
                 cos, sin, mask = cos[:, None], sin[:, None], seen[:, None]  # (B, 1, T, hs), (B, 1, T, end)
@@ -168,7 +168,7 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.n_embd, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, pos: Tensor | None, mask: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, pos: Positions | None, mask: Tensor | None) -> Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin, pos, mask)
         return x + self.mlp(self.mlp_norm(x))
 
@@ -187,7 +187,7 @@ class Attention(nn.Module):
         # rotated queries, returns (B, n_head, T, hs) to add to the attention output. None for the plain model.
         self.prefix: nn.Module | None = None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, pos: Tensor | None, mask: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, pos: Positions | None, mask: Tensor | None) -> Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_size).transpose(1, 2)  # (B, nkv, T, hs)

@@ -132,6 +132,49 @@ def test_the_cache_grows_with_the_longest_row_not_with_what_a_row_may_reach(base
     assert max(lengths) <= len(PROMPTS[0]) + 6 + 2 < model.config.block_size
 
 
+@pytest.mark.parametrize("per_row", [False, True])
+def test_a_decoding_step_reads_the_device_once_not_once_per_layer(base, monkeypatch, per_row):
+    """Reading a tensor's value on the host (int(), .item(), .tolist(), ...) makes a GPU's host wait until the
+    device has run all the work queued so far. The model reads the last position once per forward pass, for the
+    whole batch (litft/kv_cache.py's Positions), whatever the number of layers or rows."""
+    from litft.generate import next_token_logits
+
+    model = load_lit_model(base).eval()
+    assert model.config.n_layer > 1
+    model.set_kv_cache(batch_size=3, max_seq_length=16)
+    pos = torch.tensor([[4], [9], [6]]) if per_row else torch.tensor([7])  # (B, 1) a position per row, or (1,)
+    reads = count_host_reads(monkeypatch)
+    with torch.inference_mode():
+        next_token_logits(model, torch.tensor([[5], [6], [7]]), pos)
+    assert reads == ["__int__"]
+
+
+def test_the_batch_loop_reads_the_device_as_often_for_many_rows_as_for_one(base, monkeypatch):
+    """A step of generate_batch reads the new tokens of all rows at once: each more step costs the same reads
+    (the tokens, the longest position, and the forward pass's one) for 4 rows as for 1."""
+    model = load_lit_model(base).eval()
+    reads = count_host_reads(monkeypatch)
+
+    def reads_for(prompts: list[list[int]], steps: int) -> int:
+        reads.clear()
+        batched(model, [Row(torch.tensor(p), steps, temperature=0) for p in prompts])
+        return len(reads)
+
+    per_step = {n: reads_for(PROMPTS[:n], 6) - reads_for(PROMPTS[:n], 5) for n in (1, 4)}
+    assert per_step == {1: 3, 4: 3}
+
+
+def count_host_reads(monkeypatch) -> list[str]:
+    """The names of the Tensor methods that read a value to the host, one entry per call from now on."""
+    reads = []
+    for name in ("__int__", "__index__", "__bool__", "__float__", "item", "tolist"):
+        def counted(self, *args, _read=getattr(torch.Tensor, name), _name=name):
+            reads.append(_name)
+            return _read(self, *args)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return reads
+
+
 def test_sampled_rows_draw_as_each_prompt_alone(base):
     model = load_lit_model(base).double().eval()
     settings = [dict(temperature=0.7, top_k=20), dict(temperature=0), dict(temperature=1.3, top_p=0.8),
