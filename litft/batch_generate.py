@@ -71,8 +71,7 @@ def generate_batch(model: torch.nn.Module, rows: list[Row], more: Callable[[], l
             if not live:
                 return
             tokens, keep = pick(logits, live), []  # (B',)
-            for j, token in enumerate(tokens.tolist()):  # one read from the device for the whole batch
-                row = live[j]
+            for j, (row, token) in enumerate(zip(live, tokens.tolist(), strict=True)):  # one read for the batch
                 if row.done:
                     continue
                 if token in row.stop_ids:
@@ -86,8 +85,8 @@ def generate_batch(model: torch.nn.Module, rows: list[Row], more: Callable[[], l
                 live, tokens, pos = drop_rows(model, live, tokens, pos, keep)
                 produced = {id(row): produced[id(row)] for row in live}
             if live:
-                if int(pos.max()) >= model.kv_caches()[0].length:  # the longest row has reached the cache's end
-                    model.grow_kv_cache(min(int(pos.max()) + cache_step, model.config.block_size))
+                if (longest := int(pos.max())) >= model.kv_caches()[0].length:  # it has reached the cache's end
+                    model.grow_kv_cache(min(longest + cache_step, model.config.block_size))
                 logits = next_token_logits(model, tokens[:, None], pos[:, None])  # decode: (B', 1) -> (B', vocab)
                 pos = pos + 1
             joining = more()

@@ -172,8 +172,9 @@ def write_written_by(directory: Path, script: str, **sources: Path | None) -> No
 @contextmanager
 def staged_output(output_dir: Path, stale: tuple[str, ...] = (), marker: str | None = None) -> Iterator[Path]:
     """Yield a scratch directory inside `output_dir` to write (and verify) an output in; when the block ends
-    without error its files are published into `output_dir` (see `publish`). An error leaves the disk as it was:
-    the scratch directory is removed, and so are the directories made for `output_dir` while they are empty. Scratch
+    without error its files are published into `output_dir` (see `publish`). An error in the block leaves `output_dir`
+    as it was: the scratch directory is removed, and so are the directories made for `output_dir` that are still
+    empty. Scratch
     directories a killed run left are removed first (each may hold a full copy of the weights); one whose process
     still runs is another run's, writing now, and stays."""
     output_dir = Path(output_dir)
@@ -188,16 +189,17 @@ def staged_output(output_dir: Path, stale: tuple[str, ...] = (), marker: str | N
             publish(Path(scratch), output_dir, stale, marker)
     except BaseException:
         for directory in created:  # deepest first: each is removed only if nothing else came into it
-            if any(directory.iterdir()):
+            try:
+                directory.rmdir()  # refused for a directory that is not empty
+            except OSError:
                 break
-            directory.rmdir()
         raise
 
 
 def missing_directories(path: Path) -> list[Path]:
     """`path` and those of its parents that do not exist yet, deepest first: what mkdir(parents=True) makes."""
     missing = []
-    while not path.exists():
+    while not path.exists() and path != path.parent:  # (a missing Windows drive is its own parent)
         missing.append(path)
         path = path.parent
     return missing

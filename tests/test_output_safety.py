@@ -203,6 +203,12 @@ def test_a_failed_output_removes_the_directories_it_created_and_keeps_one_that_w
             assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]  # a/ and a/b/ were made for a/b/new, and went too
 
+    with pytest.raises(RuntimeError):  # a directory it made that something else has written into meanwhile stays
+        with staged_output(tmp_path / "c" / "new") as scratch:
+            (tmp_path / "c" / "notes.txt").write_text("another run's")
+            raise RuntimeError("a failed verification")
+    assert [p.name for p in (tmp_path / "c").iterdir()] == ["notes.txt"]
+
 
 def test_files_then_the_directory_entries_that_name_them_are_synced_to_disk(tmp_path, monkeypatch):
     """POSIX makes a rename durable only once its directory is fsynced (fsync(2): syncing a file "does not
