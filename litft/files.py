@@ -172,11 +172,10 @@ def write_written_by(directory: Path, script: str, **sources: Path | None) -> No
 @contextmanager
 def staged_output(output_dir: Path, stale: tuple[str, ...] = (), marker: str | None = None) -> Iterator[Path]:
     """Yield a scratch directory inside `output_dir` to write (and verify) an output in; when the block ends
-    without error its files are published into `output_dir` (see `publish`). An error in the block leaves `output_dir`
-    as it was: the scratch directory is removed, and so are the directories made for `output_dir` that are still
-    empty. Scratch
-    directories a killed run left are removed first (each may hold a full copy of the weights); one whose process
-    still runs is another run's, writing now, and stays."""
+    without error its files are published into `output_dir` (see `publish`). An error in the block leaves
+    `output_dir` as it was: the scratch directory is removed, and so are the directories made for `output_dir`
+    that are still empty. Scratch directories a killed run left are removed first (each may hold a full copy of
+    the weights); one whose process still runs is another run's, writing now, and stays."""
     output_dir = Path(output_dir)
     created = missing_directories(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
