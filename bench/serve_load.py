@@ -9,14 +9,17 @@
    request has a time limit, and the server is stopped at the end whatever happens.
 3. Runs the same prompts (the same token ids) through transformers + PEFT's batched
    `generate(..., adapter_names=...)`, all rows in one batch, the LoRAs exported with scripts/export_peft.py
-   (`--verify false`). Like litft's server, PEFT first answers the first request alone, untimed.
+   (`--verify false`). Like litft's server, PEFT first answers the first request alone, untimed. With
+   `--peft_alone true` PEFT also answers each request alone, to show how often its own batched answers equal
+   those (in 16 bits the batch's shapes change the rounding, for PEFT as for litft).
 
 With `--rounds N` the all-at-once phase and PEFT's batch alternate N times (litft, PEFT, litft, PEFT, ...), and
 each side's fastest round is reported: on a machine whose load comes and goes, a slow minute then costs both sides
 alike, and contention only ever adds time.
 
 It prints aggregate tokens/s of each, their ratios, time to first token and per-request tokens/s, and whether
-every concurrent answer equals its one-at-a-time answer (and PEFT's).
+every concurrent answer equals its one-at-a-time answer (and PEFT's; with `--peft_alone`, PEFT's batched answers
+against its own one at a time).
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ DTYPES = {"32-true": torch.float32, "bf16-true": torch.bfloat16}
 
 def main(checkpoint_dir: Path = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct"), requests: int = 32,
          loras: int = 4, max_tokens: int = 64, out_dir: Path = Path("out/bench/serve"), peft: bool = True,
-         precision: str = "32-true", rounds: int = 1) -> None:
+         precision: str = "32-true", rounds: int = 1, peft_alone: bool = False) -> None:
     """Print the load test's table and write it to out_dir/report.json.
 
     Args:
@@ -71,6 +74,8 @@ def main(checkpoint_dir: Path = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Ins
         precision: 32-true or bf16-true, for litft's server and transformers + PEFT alike (both on the GPU when
             there is one).
         rounds: how many times the all-at-once phase and PEFT's batch alternate; the fastest of each is reported.
+        peft_alone: also run each request alone through transformers + PEFT (after the rounds), and count how many
+            of PEFT's batched answers equal those.
     """
     runs = make_loras(checkpoint_dir, out_dir / "loras", loras)
     questions = [f"Write two sentences about {TOPICS[i % len(TOPICS)]}." for i in range(requests)]
@@ -101,6 +106,12 @@ def main(checkpoint_dir: Path = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Ins
         report["peft_batched"] = {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
                                   "seconds_each_round": [s for _, s, _ in peft_runs]}
         report["peft_equal_litft"] = min(sum(a["text"] == t for a, t in zip(alone, texts)) for texts, _, _ in peft_runs)
+        if peft_alone:
+            singles = [peft_batch([i]) for i in range(requests)]  # (texts, seconds, tokens) of a batch of one
+            seconds, tokens = sum(s for _, s, _ in singles), sum(n for _, _, n in singles)
+            report["peft_one_at_a_time"] = {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds}
+            report["peft_batched_equal_peft_alone"] = min(sum(t == s[0][0] for t, s in zip(texts, singles))
+                                                          for texts, _, _ in peft_runs)
     print_report(report)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
 
@@ -190,9 +201,10 @@ def summary(answers: list[dict], seconds: float) -> dict:
 
 
 def peft_generator(checkpoint_dir: Path, runs: dict[str, Path], out_dir: Path, names: list[str], questions: list[str],
-                   max_tokens: int, dtype: torch.dtype) -> Callable[[], tuple[list[str], float, int]]:
-    """transformers + PEFT, loaded and warmed up: a function that runs every request in one left-padded batch with
-    generate(adapter_names=...) and returns the texts, the seconds and the tokens."""
+                   max_tokens: int, dtype: torch.dtype) -> Callable[..., tuple[list[str], float, int]]:
+    """transformers + PEFT, loaded and warmed up: a function that runs requests (all by default, or the indexes it
+    is given) in one left-padded batch with generate(adapter_names=...) and returns the texts, the seconds and the
+    tokens."""
     import peft
     import transformers
 
@@ -215,22 +227,23 @@ def peft_generator(checkpoint_dir: Path, runs: dict[str, Path], out_dir: Path, n
     tokenizer = Tokenizer(checkpoint_dir)
     style = resolve_style(None, checkpoint_dir)
     prompts = [encode_conversation(tokenizer, style, [{"role": "user", "content": q}]).tolist() for q in questions]
-    width = max(map(len, prompts))
-    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     stops = sorted(tokenizer.stop_ids)
     with torch.inference_mode():  # warm-up, untimed, as litft's server gets one: the first request alone
         first = torch.tensor([prompts[0]], device=device)
         model.generate(input_ids=first, attention_mask=torch.ones_like(first), max_new_tokens=max_tokens,
                        do_sample=False, eos_token_id=stops, pad_token_id=0, adapter_names=names[:1])
 
-    def batch() -> tuple[list[str], float, int]:
+    def batch(which: list[int] | None = None) -> tuple[list[str], float, int]:
+        which = range(len(prompts)) if which is None else which
+        width = max(len(prompts[i]) for i in which)
+        ids = torch.tensor([[0] * (width - len(prompts[i])) + prompts[i] for i in which], device=device)
+        mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in which], device=device)
         if device == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         with torch.inference_mode():
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens, do_sample=False,
-                                 eos_token_id=stops, pad_token_id=0, adapter_names=names)
+                                 eos_token_id=stops, pad_token_id=0, adapter_names=[names[i] for i in which])
         if device == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
@@ -266,6 +279,9 @@ def print_report(r: dict) -> None:
     if "peft_batched" in r:
         p = r["peft_batched"]
         print(f"{'transformers+peft, 1 batch':28}{p['tokens']:>8}{p['seconds']:>9.2f}{p['tokens_per_s']:>10.1f}")
+    if "peft_one_at_a_time" in r:
+        p = r["peft_one_at_a_time"]
+        print(f"{'transformers+peft, alone':28}{p['tokens']:>8}{p['seconds']:>9.2f}{p['tokens_per_s']:>10.1f}")
     if r["rounds"] > 1:  # answers below: the fewest equal in any round
         each = lambda seconds: ", ".join(f"{s:.2f}" for s in seconds)  # noqa: E731
         peft = f"; transformers+peft: {each(r['peft_batched']['seconds_each_round'])}" if "peft_batched" in r else ""
@@ -276,6 +292,9 @@ def print_report(r: dict) -> None:
         print(f"aggregate tokens/s, litft all at once / transformers+peft batched: "
               f"{many['tokens_per_s'] / r['peft_batched']['tokens_per_s']:.2f}x")
         print(f"litft answers equal to transformers+peft's: {r['peft_equal_litft']}/{r['requests']}")
+    if "peft_batched_equal_peft_alone" in r:
+        print(f"transformers+peft batched answers equal to its own one at a time: "
+              f"{r['peft_batched_equal_peft_alone']}/{r['requests']}")
 
 
 if __name__ == "__main__":
