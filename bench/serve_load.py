@@ -10,8 +10,9 @@
 3. Runs the same prompts (the same token ids) through transformers + PEFT's batched
    `generate(..., adapter_names=...)`, all rows in one batch, the LoRAs exported with scripts/export_peft.py
    (`--verify false`). Like litft's server, PEFT first answers the first request alone, untimed. With
-   `--peft_alone true` PEFT also answers each request alone, to show how often its own batched answers equal
-   those (in 16 bits the batch's shapes change the rounding, for PEFT as for litft).
+   `--peft_alone true` PEFT also answers each request alone (in-process like its batch: only the `generate`
+   calls are timed, where litft's one-at-a-time row goes through HTTP), to show how often its own batched answers
+   equal those (in 16 bits the batch's shapes change the rounding, for PEFT as for litft).
 
 With `--rounds N` the all-at-once phase and PEFT's batch alternate N times (litft, PEFT, litft, PEFT, ...), and
 each side's fastest round is reported: on a machine whose load comes and goes, a slow minute then costs both sides
@@ -44,6 +45,7 @@ from litft.base_checkpoint import record_base  # noqa: E402
 from litft.checkpoint import load_lit_model  # noqa: E402
 from litft.cli import run  # noqa: E402
 from litft.conversation import encode_conversation  # noqa: E402
+from litft.errors import UserError  # noqa: E402
 from litft.files import save_state_dict  # noqa: E402
 from litft.lora import LoRAConfig, add_lora, lora_state_dict  # noqa: E402
 from litft.prompts import resolve_style  # noqa: E402
@@ -77,6 +79,8 @@ def main(checkpoint_dir: Path = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Ins
         peft_alone: also run each request alone through transformers + PEFT (after the rounds), and count how many
             of PEFT's batched answers equal those.
     """
+    if peft_alone and not peft:
+        raise UserError("--peft_alone true runs transformers + PEFT: drop --peft false, or --peft_alone")
     runs = make_loras(checkpoint_dir, out_dir / "loras", loras)
     questions = [f"Write two sentences about {TOPICS[i % len(TOPICS)]}." for i in range(requests)]
     names = [f"lora{i % loras}" for i in range(requests)]
@@ -108,10 +112,10 @@ def main(checkpoint_dir: Path = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Ins
         report["peft_equal_litft"] = min(sum(a["text"] == t for a, t in zip(alone, texts)) for texts, _, _ in peft_runs)
         if peft_alone:
             singles = [peft_batch([i]) for i in range(requests)]  # (texts, seconds, tokens) of a batch of one
-            seconds, tokens = sum(s for _, s, _ in singles), sum(n for _, _, n in singles)
-            report["peft_one_at_a_time"] = {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds}
-            report["peft_batched_equal_peft_alone"] = min(sum(t == s[0][0] for t, s in zip(texts, singles))
-                                                          for texts, _, _ in peft_runs)
+            alone_s, alone_n = sum(s for _, s, _ in singles), sum(n for _, _, n in singles)
+            report["peft_one_at_a_time"] = {"seconds": alone_s, "tokens": alone_n, "tokens_per_s": alone_n / alone_s}
+            report["peft_batched_equal_peft_alone"] = min(sum(t == single[0][0] for t, single in zip(batched, singles))
+                                                          for batched, _, _ in peft_runs)
     print_report(report)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
 
