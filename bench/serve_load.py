@@ -18,7 +18,8 @@ With `--rounds N` the all-at-once phase and PEFT's batch alternate N times (litf
 each side's fastest round is reported: on a machine whose load comes and goes, a slow minute then costs both sides
 alike, and contention only ever adds time.
 
-It prints aggregate tokens/s of each, their ratios, time to first token and per-request tokens/s, and whether
+It prints aggregate tokens/s of each, their ratios (against PEFT by time as well: where the answers differ, so
+do the numbers of tokens), time to first token and per-request tokens/s, and whether
 every concurrent answer equals its one-at-a-time answer (and PEFT's; with `--peft_alone`, PEFT's batched answers
 against its own one at a time).
 """
@@ -295,6 +296,9 @@ def print_report(r: dict) -> None:
     if "peft_batched" in r:
         print(f"aggregate tokens/s, litft all at once / transformers+peft batched: "
               f"{many['tokens_per_s'] / r['peft_batched']['tokens_per_s']:.2f}x")
+        p = r["peft_batched"]  # by time as well: with different answers the two batches make different tokens
+        print(f"seconds, transformers+peft batched / litft all at once: {p['seconds'] / many['seconds']:.2f}x "
+              f"(tokens {many['tokens']} / {p['tokens']})")
         print(f"litft answers equal to transformers+peft's: {r['peft_equal_litft']}/{r['requests']}")
     if "peft_batched_equal_peft_alone" in r:
         print(f"transformers+peft batched answers equal to its own one at a time: "
