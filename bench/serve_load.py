@@ -19,9 +19,9 @@ each side's fastest round is reported: on a machine whose load comes and goes, a
 alike, and contention only ever adds time.
 
 It prints aggregate tokens/s of each, their ratios (against PEFT by time as well: where the answers differ, so
-do the numbers of tokens), time to first token and per-request tokens/s, and whether
-every concurrent answer equals its one-at-a-time answer (and PEFT's; with `--peft_alone`, PEFT's batched answers
-against its own one at a time).
+do the numbers of tokens), time to first token and per-request tokens/s, and whether every concurrent answer
+equals its one-at-a-time answer (and PEFT's; with `--peft_alone`, PEFT's batched answers against its own one at
+a time).
 """
 
 from __future__ import annotations
