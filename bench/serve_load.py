@@ -64,7 +64,7 @@ DTYPES = {"32-true": torch.float32, "bf16-true": torch.bfloat16}
 
 def main(checkpoint_dir: Path = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct"), requests: int = 32,
          loras: int = 4, max_tokens: int = 64, out_dir: Path = Path("out/bench/serve"), peft: bool = True,
-         precision: str = "32-true", rounds: int = 1, peft_alone: bool = False) -> None:
+         precision: str = "32-true", rounds: int = 1, peft_alone: bool = False, min_shared: int = 16) -> None:
     """Print the load test's table and write it to out_dir/report.json.
 
     Args:
@@ -79,6 +79,8 @@ def main(checkpoint_dir: Path = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Ins
         rounds: how many times the all-at-once phase and PEFT's batch alternate; the fastest of each is reported.
         peft_alone: also run each request alone through transformers + PEFT (after the rounds), and count how many
             of PEFT's batched answers equal those.
+        min_shared: the server's --min_shared (requests of one LoRA joining together that begin with at least this
+            many equal tokens, here the chat template's system prompt, compute them once; 0: never).
     """
     if peft_alone and not peft:
         raise UserError("--peft_alone true runs transformers + PEFT: drop --peft false, or --peft_alone")
@@ -88,7 +90,7 @@ def main(checkpoint_dir: Path = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Ins
     peft_batch = peft_generator(checkpoint_dir, runs, out_dir, names, questions, max_tokens,
                                 DTYPES[precision]) if peft else None
     together, peft_runs = [], []  # per round: (answers, seconds); (texts, seconds, tokens)
-    with Server(checkpoint_dir, runs, precision) as server:
+    with Server(checkpoint_dir, runs, precision, min_shared) as server:
         server.ask(names[0], questions[0], max_tokens)  # warm-up
         t0 = time.perf_counter()
         alone = [server.ask(n, q, max_tokens) for n, q in zip(names, questions)]
@@ -102,6 +104,7 @@ def main(checkpoint_dir: Path = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Ins
                 peft_runs.append(peft_batch())
     answers, together_s = min(together, key=lambda r: r[1])
     report = {"requests": requests, "loras": loras, "max_tokens": max_tokens, "precision": precision,
+              "min_shared": min_shared,
               "rounds": rounds, "one_at_a_time": summary(alone, alone_s), "concurrent": summary(answers, together_s),
               "concurrent_seconds_each_round": [s for _, s in together],
               "concurrent_equal_one_at_a_time": min(sum(a["text"] == b["text"] for a, b in zip(alone, answers))
@@ -146,7 +149,7 @@ def make_loras(checkpoint_dir: Path, directory: Path, n: int) -> dict[str, Path]
 class Server:
     """scripts/serve.py on a free port of 127.0.0.1, stopped on exit; requests through the official openai client."""
 
-    def __init__(self, checkpoint_dir: Path, runs: dict[str, Path], precision: str) -> None:
+    def __init__(self, checkpoint_dir: Path, runs: dict[str, Path], precision: str, min_shared: int = 16) -> None:
         import openai
 
         with socket.socket() as s:
@@ -154,7 +157,8 @@ class Server:
             port = s.getsockname()[1]
         self.proc = subprocess.Popen([sys.executable, str(ROOT / "scripts/serve.py"), "--checkpoint_dir",
                                       str(checkpoint_dir), "--port", str(port), "--max_batch_size", "64", "--precision",
-                                      precision, *(f"--lora={n}={p}" for n, p in runs.items())],
+                                      precision, "--min_shared", str(min_shared),
+                                      *(f"--lora={n}={p}" for n, p in runs.items())],
                                      env=with_root_on_path())
         self.client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", timeout=300,
                                     max_retries=0)
@@ -275,8 +279,8 @@ def with_root_on_path() -> dict[str, str]:
 def print_report(r: dict) -> None:
     one, many = r["one_at_a_time"], r["concurrent"]
     rounds = f", fastest of {r['rounds']} alternating rounds" if r["rounds"] > 1 else ""
-    print(f"{r['requests']} requests over {r['loras']} LoRAs, greedy, max_tokens {r['max_tokens']}, {r['precision']}"
-          f"{rounds}")
+    print(f"{r['requests']} requests over {r['loras']} LoRAs, greedy, max_tokens {r['max_tokens']}, {r['precision']}, "
+          f"--min_shared {r['min_shared']}{rounds}")
     print(f"{'':28}{'tokens':>8}{'seconds':>9}{'tokens/s':>10}{'TTFT p50':>10}{'TTFT max':>10}{'req tok/s':>11}")
     for label, s in (("litft, one at a time", one), ("litft, all at once", many)):
         print(f"{label:28}{s['tokens']:>8}{s['seconds']:>9.2f}{s['tokens_per_s']:>10.1f}{s['ttft_median_s']:>10.3f}"

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from litft.generate import check_fits, next_token_logits, sample
 from litft.multi_lora import use_loras
+from litft.shared_prefix import copy_starts, plan_starts, prefill_starts
 
 
 @dataclass
@@ -50,14 +51,15 @@ class Row:
 
 @torch.inference_mode()
 def generate_batch(model: torch.nn.Module, rows: list[Row], more: Callable[[], list[Row]] = list,
-                   cache_step: int = 256) -> Iterator[tuple[Row, Optional[int]]]:
+                   cache_step: int = 256, min_shared: int = 16) -> Iterator[tuple[Row, Optional[int]]]:
     """Decode many prompts together; yield (row, token id) as tokens are produced, and (row, None) when a row
     meets one of its stop ids. A row also ends after max_new_tokens, or once its `done` is set. `more()` is asked
     after every step for rows that join the batch (a server's new requests); decoding ends when no row is left.
 
     Joining rows are prefilled in a cache of their own, whose rows are then appended to the batch's. A row that
     ends leaves the batch (its cache row is dropped), so the rest decode at the cost of their number. The cache
-    grows `cache_step` positions at a time (see above). (With
+    grows `cache_step` positions at a time (see above). Rows of one LoRA joining together that begin with
+    `min_shared` or more equal tokens prefill that start once (litft/shared_prefix.py; 0: never). (With
     dynamic NTK RoPE scaling past the original context, the tables follow the batch's longest row, so there a
     row depends on the others.)
     """
@@ -66,7 +68,7 @@ def generate_batch(model: torch.nn.Module, rows: list[Row], more: Callable[[], l
     try:
         while True:
             if joining := [row for row in joining if not row.done]:
-                live, logits, pos = join(model, live, logits, pos, joining, cache_step)
+                live, logits, pos = join(model, live, logits, pos, joining, cache_step, min_shared)
                 produced.update((id(row), 0) for row in joining)
             if not live:
                 return
@@ -109,11 +111,11 @@ def drop_rows(model: torch.nn.Module, live: list[Row], tokens: Tensor, pos: Tens
 
 
 def join(model: torch.nn.Module, live: list[Row], logits: Optional[Tensor], pos: Optional[Tensor],
-         joining: list[Row], cache_step: int) -> tuple[list[Row], Tensor, Tensor]:
+         joining: list[Row], cache_step: int, min_shared: int) -> tuple[list[Row], Tensor, Tensor]:
     """Prefill `joining` in a cache of its own, then append its rows to the batch's: the live rows, their logits
     (B', vocab) and positions (B',) grow by the new rows."""
     earlier = model.kv_caches() if live else None
-    new_logits, new_pos = prefill(model, joining, cache_step)
+    new_logits, new_pos = prefill(model, joining, cache_step, min_shared)
     if live:
         model.join_kv_caches(earlier)
         new_logits, new_pos = torch.cat((logits, new_logits)), torch.cat((pos, new_pos))
@@ -121,20 +123,26 @@ def join(model: torch.nn.Module, live: list[Row], logits: Optional[Tensor], pos:
     return live + joining, new_logits, new_pos
 
 
-def prefill(model: torch.nn.Module, rows: list[Row], cache_step: int) -> tuple[Tensor, Tensor]:
+def prefill(model: torch.nn.Module, rows: list[Row], cache_step: int, min_shared: int) -> tuple[Tensor, Tensor]:
     """Run the prompts of `rows` in a new KV cache, with room for `cache_step` more positions (or as many as the
-    rows may reach, if fewer); return their next-token logits (B, vocab) and lengths (B,)."""
+    rows may reach, if fewer); return their next-token logits (B, vocab) and lengths (B,). Rows of one LoRA that
+    begin with `min_shared` or more equal tokens run those once (litft/shared_prefix.py; 0: never)."""
     for row in rows:
         check_fits(model.config.block_size, row.prompt.size(0), row.max_new_tokens)
-    device = rows[0].prompt.device
-    lengths = torch.tensor([row.prompt.size(0) for row in rows], device=device)  # (B,)
-    idx = torch.nn.utils.rnn.pad_sequence([row.prompt for row in rows], batch_first=True)  # (B, T), right-padded
-    B, T = idx.shape
+    device, prompts, loras = rows[0].prompt.device, [row.prompt for row in rows], [row.lora for row in rows]
+    lengths = torch.tensor([p.size(0) for p in prompts], device=device)  # (B,)
+    groups, start = plan_starts(prompts, loras, min_shared, model.config.block_size)  # start: P_b, 0 if no group
+    starts = prefill_starts(model, prompts, loras, groups) if groups else None
+    idx = torch.nn.utils.rnn.pad_sequence([p[s:] for p, s in zip(prompts, start)], batch_first=True)  # (B, S)
+    (B, S), T = idx.shape, int(lengths.max())
     reach = max(int(n) + row.max_new_tokens for n, row in zip(lengths, rows))
-    model.set_kv_cache(batch_size=B, max_seq_length=min(reach, T + cache_step))
-    use_loras(model, [row.lora for row in rows])
-    h = model.hidden_states(idx, torch.arange(T, device=device).expand(B, T))  # (B, T, C)
-    return model.lm_head(h[torch.arange(B, device=device), lengths - 1]), lengths  # (B, vocab), (B,)
+    model.set_kv_cache(batch_size=B, max_seq_length=max(min(reach, T + cache_step), max(start) + S))
+    if starts:
+        copy_starts(model, starts, groups, B)
+    use_loras(model, loras)
+    offset = torch.tensor(start, device=device)  # (B,)
+    h = model.hidden_states(idx, offset[:, None] + torch.arange(S, device=device))  # (B, S, C), right-padded
+    return model.lm_head(h[torch.arange(B, device=device), lengths - offset - 1]), lengths  # (B, vocab), (B,)
 
 
 def pick(logits: Tensor, rows: list[Row]) -> Tensor:

@@ -52,8 +52,8 @@ class Job:
 
 
 class Engine:
-    def __init__(self, model: torch.nn.Module, max_batch_size: int = 32) -> None:
-        self.model, self.max_batch_size = model, max_batch_size
+    def __init__(self, model: torch.nn.Module, max_batch_size: int = 32, min_shared: int = 16) -> None:
+        self.model, self.max_batch_size, self.min_shared = model, max_batch_size, min_shared  # (generate_batch's)
         self.device = model.embed.weight.device
         self.waiting: queue.SimpleQueue[Job | None] = queue.SimpleQueue()  # put() is safe from a signal handler
         self.stopping = threading.Event()
@@ -122,7 +122,7 @@ class Engine:
             return [job.row for job in new]
 
         try:
-            for row, token in generate_batch(self.model, admit(jobs), more):
+            for row, token in generate_batch(self.model, admit(jobs), more, min_shared=self.min_shared):
                 job = active[id(row)]
                 if token is None:
                     active.pop(id(row)).send("stop")

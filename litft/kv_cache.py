@@ -69,6 +69,11 @@ class KVCache(nn.Module):
         other.grow(length)
         self.k, self.v = torch.cat((self.k, other.k)), torch.cat((self.v, other.v))
 
+    def copy_start(self, other: "KVCache", rows: Tensor) -> None:
+        """Our row b's first positions become other's row rows[b] (all of other's positions; rows sharing a start)."""
+        n = other.length
+        self.k[:, :, :n], self.v[:, :, :n] = other.k[rows], other.v[rows]
+
     def keep(self, rows: Tensor) -> None:
         """Keep these rows of the batch, in this order (the others have finished)."""
         self.k, self.v = self.k[rows], self.v[rows]

@@ -37,7 +37,7 @@ from litft.tokenizer import Tokenizer
 
 def main(checkpoint_dir: Path = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct"), lora: list[str] = [],
          host: str = "127.0.0.1", port: int = 8000, quantize: str | None = None, precision: str | None = None,
-         max_batch_size: int = 32, max_tokens: int = 512, prompt_style: str | None = None) -> None:
+         max_batch_size: int = 32, max_tokens: int = 512, prompt_style: str | None = None, min_shared: int = 16) -> None:
     """Serve the base model and its LoRAs until interrupted (Ctrl-C).
 
     Args:
@@ -52,13 +52,14 @@ def main(checkpoint_dir: Path = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Ins
         max_tokens: the most tokens a reply gets when its request sets no max_tokens (and the context allows).
         prompt_style: how chat messages are laid out for the base model (default: its prompt_style.yaml or chat
             template); a LoRA's chat messages follow its own run's style.
+        min_shared: requests of one model that join the batch together and begin with at least this many equal
+            tokens (a chat template's system prompt) compute those once (litft/shared_prefix.py); 0: never.
     """
     import torch
 
     check_address(host, port)
-    for flag, value in (("--max_batch_size", max_batch_size), ("--max_tokens", max_tokens)):
-        if value < 1:
-            raise UserError(f"{flag} must be at least 1, got {value}")
+    check_at_least(("--max_batch_size", max_batch_size, 1), ("--max_tokens", max_tokens, 1),
+                   ("--min_shared", min_shared, 0))
     ensure_checkpoint(checkpoint_dir)
     serve_a_run = "serve it on its base: --checkpoint_dir {base} --lora NAME={path}"
     check_checkpoint(checkpoint_dir, advice={"lora": serve_a_run})
@@ -72,7 +73,7 @@ def main(checkpoint_dir: Path = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Ins
     models = {checkpoint_dir.name: served(checkpoint_dir.name, None, tokenizer, base_style)}
     for name, path in runs.items():
         models[name] = served(name, name, tokenizer, resolve_style(None, path.parent, checkpoint_dir))
-    engine = Engine(model, max_batch_size)
+    engine = Engine(model, max_batch_size, min_shared)
     app = create_app(engine, tokenizer, models, model.config.block_size, max_tokens)
     server, http = listen(app, host, port)
     print(f"serving {', '.join(models)} on http://{address(host, port)}/v1 ({device.type}, {precision}); Ctrl-C stops",
@@ -83,6 +84,13 @@ def main(checkpoint_dir: Path = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Ins
     server.should_exit = True
     http.join(timeout=30)
     print("stopped", file=sys.stderr)
+
+
+def check_at_least(*limits: tuple[str, int, int]) -> None:
+    """(flag, value, least) for each number a flag sets: one line for the first too small."""
+    for flag, value, least in limits:
+        if value < least:
+            raise UserError(f"{flag} must be at least {least}, got {value}")
 
 
 def stop(engine: Engine) -> None:

@@ -224,22 +224,26 @@ def test_one_forward_pass_gives_each_row_its_own_lora(base, runs):
             torch.testing.assert_close(got[b], load_finetuned(base, runs[n] if n else None).double()(x[b:b + 1])[0])
 
 
-def test_each_row_equals_peft_generate_with_adapter_names(base, runs, tmp_path):
-    """transformers + PEFT, our LoRAs exported to PEFT's format, generate(adapter_names=...) on the same batch."""
+def peft_generate(base: Path, runs: dict[str, Path], tmp_path: Path, prompts: list[list[int]],
+                  names: list[str | None], max_new_tokens: int) -> list[list[int]]:
+    """transformers + PEFT, our LoRAs exported to PEFT's format: generate(adapter_names=...) on one batch."""
     for name, path in runs.items():
         run_script("scripts/export_peft.py", "--checkpoint_dir", base, "--lora_path", path,
                    "--output_dir", tmp_path / name, check=True)
     pm = peft.PeftModel.from_pretrained(scaled_hf_model(), tmp_path / "qv", adapter_name="qv")
     pm.load_adapter(tmp_path / "all", adapter_name="all")
     pm.eval()
-    names = ["all", "qv", None, "all"]
-    width = max(map(len, PROMPTS))
-    ids = torch.tensor([[0] * (width - len(p)) + p for p in PROMPTS])  # left-padded, as transformers batches
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in PROMPTS])
-    out = pm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False, eos_token_id=None,
-                      pad_token_id=0, adapter_names=[n or "__base__" for n in names])
-    expected = out[:, width:].tolist()
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])  # left-padded, as transformers batches
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    out = pm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                      eos_token_id=None, pad_token_id=0, adapter_names=[n or "__base__" for n in names])
+    return out[:, width:].tolist()
 
+
+def test_each_row_equals_peft_generate_with_adapter_names(base, runs, tmp_path):
+    names = ["all", "qv", None, "all"]
+    expected = peft_generate(base, runs, tmp_path, PROMPTS, names, 10)
     model = load_lit_model(base).double().eval()
     add_loras(model, runs)
     rows = [Row(torch.tensor(p), 10, temperature=0, lora=n) for p, n in zip(PROMPTS, names)]

@@ -570,3 +570,8 @@ def test_a_lora_of_another_base_is_refused_at_start_up(base, bases, tmp_path):
     assert_user_error(proc, f"--lora m: {missing} does not exist; pass the run's directory or its lit_model_lora.pth")
     proc = run_main("scripts/serve.py", "--checkpoint_dir", base, "--lora", f"e={tmp_path}")  # a folder of no run
     assert_user_error(proc, f"--lora e: {tmp_path} is no LoRA run's weights file")
+
+
+def test_a_negative_min_shared_is_refused_in_one_line(base):
+    proc = run_main("scripts/serve.py", "--checkpoint_dir", base, "--min_shared", "-1")
+    assert_user_error(proc, "--min_shared must be at least 0, got -1")

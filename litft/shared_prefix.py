@@ -1,0 +1,107 @@
+"""Rows that begin alike are prefilled once: a chat template's system prompt, a shared preamble.
+
+Requests to a chat server mostly begin with the same tokens. SmolLM2's template opens every conversation that has
+no system message with its own ("You are a helpful AI assistant named SmolLM, trained by Hugging Face"): 28 of the
+37 tokens of "Write two sentences about the sea." A causal model's keys and values at position p depend only on
+tokens 0..p (and on the row's LoRA), so rows of one LoRA that begin with the same P tokens have the same keys and
+values there. When such rows join the batch together, that start is computed once for the group and copied:
+
+    group the rows      by LoRA, then by common start (sorted prompts; neighbours sharing >= min_shared tokens)
+    pass 1              each group's start, (G, P_max): k rows sharing P tokens cost P token passes, not k·P
+    copy                row b's first P_b cache positions <- its group's row of pass 1's cache
+    pass 2              each row's own rest, (B, S): row b at positions P_b .. P_b + S - 1, attending to its copy
+
+A row keeps at least its last token for pass 2, whose output gives its first new token. The copied values are
+those pass 1 computed in a batch of another shape: in 16 bits that can round the last bit differently from the
+row prefilled alone, as any batching can (howto/serve.md, **Batching**).
+
+vLLM's automatic prefix caching and SGLang's RadixAttention (Zheng et al. 2023, https://arxiv.org/abs/2312.07104)
+keep such starts between requests; here a start lives only while the rows that share it are prefilled.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from litft.multi_lora import use_loras
+
+
+class Group(NamedTuple):
+    rows: list[int]  # indexes of the rows that share the start, the first one holding it
+    length: int  # P: the tokens they share (at most the shortest prompt's length - 1)
+
+
+def common_length(a: list[int], b: list[int]) -> int:
+    """How many first tokens a and b have in common."""
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
+
+
+def shared_starts(prompts: list[list[int]], loras: list[str | None], min_shared: int) -> list[Group]:
+    """The groups of two or more rows, of one LoRA, whose prompts begin with at least `min_shared` equal tokens.
+
+    Sorted, prompts with a common start are neighbours; a group is a run of neighbours each sharing at least
+    min_shared tokens with the one before, and it shares what all of them share (the least of those)."""
+    order = sorted(range(len(prompts)), key=lambda i: (loras[i] is None, loras[i] or "", prompts[i]))
+    runs: list[list[int]] = []
+    for before, i in zip([None, *order], order):
+        shares = before is not None and loras[before] == loras[i]
+        if shares and common_length(prompts[before], prompts[i]) >= min_shared:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    groups = []
+    for run in runs:
+        shared = min(common_length(prompts[run[0]], prompts[i]) for i in run[1:]) if len(run) > 1 else 0
+        length = min(shared, *(len(prompts[i]) - 1 for i in run))  # each row keeps its last token for pass 2
+        if len(run) > 1 and length >= min_shared:
+            groups.append(Group(run, length))
+    return groups
+
+
+def plan_starts(prompts: list[Tensor], loras: list[str | None], min_shared: int,
+                block_size: int) -> tuple[list[Group], list[int]]:
+    """The groups (none when min_shared is 0), and P_b, each row's shared start (0 for a row of no group). Pass 2
+    runs every row for as many positions as the longest rest: where a short rest's padding would then reach past
+    the context (a long shared start, a long other prompt), nothing is shared."""
+    if min_shared <= 0 or len(prompts) < 2:
+        return [], [0] * len(prompts)
+    flat = torch.cat(prompts).tolist()  # one read from the device for all prompts
+    ends = list(itertools.accumulate(p.size(0) for p in prompts))
+    groups = shared_starts([flat[e - p.size(0):e] for p, e in zip(prompts, ends)], loras, min_shared)
+    start = [0] * len(prompts)
+    for group in groups:
+        for i in group.rows:
+            start[i] = group.length
+    if max(start) + max(p.size(0) - s for p, s in zip(prompts, start)) > block_size:
+        return [], [0] * len(prompts)
+    return groups, start
+
+
+@torch.inference_mode()
+def prefill_starts(model: torch.nn.Module, prompts: list[Tensor], loras: list[str | None],
+                   groups: list[Group]) -> list:
+    """Pass 1: run each group's start, in a cache of its own (one row per group); return that cache's layers."""
+    device = prompts[0].device
+    starts = [prompts[g.rows[0]][:g.length] for g in groups]
+    idx = torch.nn.utils.rnn.pad_sequence(starts, batch_first=True)  # (G, P_max), right-padded
+    G, P = idx.shape
+    model.set_kv_cache(batch_size=G, max_seq_length=P)
+    use_loras(model, [loras[g.rows[0]] for g in groups])
+    model.trunk(model.embed(idx), torch.arange(P, device=device).expand(G, P))  # only the cache it fills is kept
+    return model.kv_caches()
+
+
+def copy_starts(model: torch.nn.Module, starts: list, groups: list[Group], batch_size: int) -> None:
+    """Copy each group's start into the first positions of its rows in the model's (new, batch_size-row) cache."""
+    source = [0] * batch_size  # a row of no group copies group 0's, which its own pass 2 overwrites
+    for g, group in enumerate(groups):
+        for i in group.rows:
+            source[i] = g
+    rows = torch.tensor(source, device=starts[0].k.device)
+    for cache, start in zip(model.kv_caches(), starts):
+        cache.copy_start(start, rows)
