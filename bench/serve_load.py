@@ -80,7 +80,8 @@ def main(checkpoint_dir: Path = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Ins
         peft_alone: also run each request alone through transformers + PEFT (after the rounds), and count how many
             of PEFT's batched answers equal those.
         min_shared: the server's --min_shared (requests of one LoRA joining together that begin with at least this
-            many equal tokens, here the chat template's system prompt, compute them once; 0: never).
+            many equal tokens, here the chat template's system turn and "Write two sentences about", compute them
+            once; 0: never).
     """
     if peft_alone and not peft:
         raise UserError("--peft_alone true runs transformers + PEFT: drop --peft false, or --peft_alone")

@@ -7,6 +7,7 @@ Prompts have different lengths, and they end at different times. Every row keeps
 sees another's padding:
 
     prefill   prompts right-padded to (B, T), row b at positions 0..T_b-1; its logits read at T_b - 1
+              (rows that begin alike: their start once, then (B, S), row b from P_b: litft/shared_prefix.py)
     decode    one token per live row, (B', 1), row b at its own position T_b + n_b
               (the pads' cache slots past T_b are overwritten before a mask ever shows them)
 
@@ -129,18 +130,20 @@ def prefill(model: torch.nn.Module, rows: list[Row], cache_step: int, min_shared
     begin with `min_shared` or more equal tokens run those once (litft/shared_prefix.py; 0: never)."""
     for row in rows:
         check_fits(model.config.block_size, row.prompt.size(0), row.max_new_tokens)
-    device, prompts, loras = rows[0].prompt.device, [row.prompt for row in rows], [row.lora for row in rows]
+    device = rows[0].prompt.device
+    prompts, loras = [row.prompt for row in rows], [row.lora for row in rows]
     lengths = torch.tensor([p.size(0) for p in prompts], device=device)  # (B,)
-    groups, start = plan_starts(prompts, loras, min_shared, model.config.block_size)  # start: P_b, 0 if no group
-    starts = prefill_starts(model, prompts, loras, groups) if groups else None
-    idx = torch.nn.utils.rnn.pad_sequence([p[s:] for p, s in zip(prompts, start)], batch_first=True)  # (B, S)
-    (B, S), T = idx.shape, int(lengths.max())
+    groups, shared = plan_starts(prompts, loras, min_shared, model.config)  # shared: P_b, 0 for a row of no group
+    start_caches = prefill_starts(model, prompts, loras, groups) if groups else None
+    idx = torch.nn.utils.rnn.pad_sequence([p[n:] for p, n in zip(prompts, shared)], batch_first=True)  # (B, S)
+    B, S = idx.shape
     reach = max(int(n) + row.max_new_tokens for n, row in zip(lengths, rows))
-    model.set_kv_cache(batch_size=B, max_seq_length=max(min(reach, T + cache_step), max(start) + S))
-    if starts:
-        copy_starts(model, starts, groups, B)
+    room = min(reach, int(lengths.max()) + cache_step)
+    model.set_kv_cache(batch_size=B, max_seq_length=max(room, max(shared) + S))
+    if start_caches:
+        copy_starts(model, start_caches, groups, B)
     use_loras(model, loras)
-    offset = torch.tensor(start, device=device)  # (B,)
+    offset = torch.tensor(shared, device=device)  # (B,)
     h = model.hidden_states(idx, offset[:, None] + torch.arange(S, device=device))  # (B, S, C), right-padded
     return model.lm_head(h[torch.arange(B, device=device), lengths - offset - 1]), lengths  # (B, vocab), (B,)
 

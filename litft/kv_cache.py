@@ -70,7 +70,8 @@ class KVCache(nn.Module):
         self.k, self.v = torch.cat((self.k, other.k)), torch.cat((self.v, other.v))
 
     def copy_start(self, other: "KVCache", rows: Tensor) -> None:
-        """Our row b's first positions become other's row rows[b] (all of other's positions; rows sharing a start)."""
+        """Our row b's first positions become other's row rows[b], all of other's positions (rows sharing a start,
+        litft/shared_prefix.py: past a row's own start they are padding, overwritten before a mask shows them)."""
         n = other.length
         self.k[:, :, :n], self.v[:, :, :n] = other.k[rows], other.v[rows]
 

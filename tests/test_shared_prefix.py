@@ -11,7 +11,7 @@ import torch
 from test_batch_generate import alone, base, batched, runs  # noqa: F401 (fixtures)
 from test_merge_export import bases  # noqa: F401 (a fixture)
 
-from litft.batch_generate import Row
+from litft.batch_generate import Row, generate_batch
 from litft.checkpoint import load_lit_model
 from litft.load_finetuned import load_finetuned
 from litft.multi_lora import add_loras
@@ -66,22 +66,65 @@ def test_equal_to_peft_generate_with_adapter_names_on_rows_that_share_a_start(ba
     assert batched(model, [Row(torch.tensor(p), 6, temperature=0, lora=n) for p, n in zip(PROMPTS, names)]) == expected
 
 
-def test_nothing_is_shared_where_a_short_rest_would_be_padded_past_the_context(base):
-    """block_size is 64: rows sharing 40 tokens with a rest of 1 and another row of 30 would run 40 + 30."""
+def test_nothing_is_shared_where_it_would_cost_more_positions_or_run_past_the_context(base):
     model = load_lit_model(base).double().eval()
     start = list(range(500, 540))
+    # two rows sharing 40 tokens, and a row of 30: 40 + 3 x 30 positions shared, 3 x 41 in one pass
     prompts = [start + [1], start + [2], list(range(600, 630))]
-    rows = [Row(torch.tensor(p), 4, temperature=0) for p in prompts]
     positions = prefill_positions(model)
+    rows = [Row(torch.tensor(p), 4, temperature=0) for p in prompts]
     assert batched(model, rows) == [alone(model, p, 4, temperature=0) for p in prompts]
     assert positions[0] == 3 * 41  # one pass, every row whole
+    # nine rows sharing 40 tokens and that row of 30: fewer positions (40 + 10 x 30 < 10 x 41), but the row of 30,
+    # padded to 30 positions from 40, would reach position 69 of a 64-position context
+    prompts = [start + [i] for i in range(9)] + [list(range(600, 630))]
+    positions.clear()
+    rows = [Row(torch.tensor(p), 2, temperature=0) for p in prompts]
+    assert model.config.block_size == 64
+    assert batched(model, rows) == [alone(model, p, 2, temperature=0) for p in prompts]
+    assert positions[0] == 10 * 41
+
+
+def test_nothing_is_shared_under_dynamic_ntk_rope(base):
+    """Dynamic NTK scaling's tables depend on a pass's length, stretched past original_max_position (16 here): four
+    rows sharing 12 tokens and a row of 6 would run a pass 2 of 12 + 6 = 18 positions, where each row alone, and
+    the batch's decoding, stay within 16."""
+    from dataclasses import replace
+
+    from litft.model import Llama
+    from litft.rope import RoPEScaling
+
+    plain = load_lit_model(base)
+    model = Llama(replace(plain.config, rope_scaling=RoPEScaling(type="dynamic", factor=4.0, original_max_position=16)))
+    model.load_state_dict(plain.state_dict())
+    model = model.double().eval()
+    prompts = [list(range(20, 32)) + [i] for i in range(4)] + [list(range(50, 56))]
+    positions = prefill_positions(model)
+    rows = [Row(torch.tensor(p), 3, temperature=0) for p in prompts]
+    got = {id(row): [] for row in rows}
+    for row, token in generate_batch(model, rows, min_shared=4):
+        got[id(row)].append(token)
+    got = [got[id(row)] for row in rows]
+    assert positions[0] == 5 * 13
+    assert got == [alone(model, p, 3, temperature=0) for p in prompts]
 
 
 def test_a_min_shared_of_zero_shares_nothing(base):
-    from litft.batch_generate import generate_batch
-
     model = load_lit_model(base).double().eval()
     rows = [Row(torch.tensor(p), 2, temperature=0) for p in PROMPTS[:3]]
     positions = prefill_positions(model)
     list(generate_batch(model, rows, min_shared=0))
     assert positions[0] == 3 * 25
+
+
+def test_rows_that_share_a_start_join_a_running_batch_as_alone(base, runs):
+    from test_batch_generate import arriving
+
+    model = add_loras(load_lit_model(base).double().eval(), runs)
+    rows = [Row(torch.tensor(p), 8, temperature=0, lora=n) for p, n in zip(PROMPTS, NAMES)]
+    positions = prefill_positions(model)
+    got = batched(model, [rows[4], *rows[:4], *rows[5:]], arriving(rows[:4] + rows[5:], [2] * 6))
+    assert positions[:4] == [3, 1, 1, 1]  # the first row alone: its 3 tokens, then a step before each call to more
+    assert positions[4:6] == [2 * 21, 6 * 6]  # the six that join at the third call share their starts as above
+    expected = [alone(load_finetuned(base, runs[n]).double(), p, 8, temperature=0) for p, n in zip(PROMPTS, NAMES)]
+    assert got == [expected[4], *expected[:4], *expected[5:]]
