@@ -128,3 +128,35 @@ def test_rows_that_share_a_start_join_a_running_batch_as_alone(base, runs):
     assert positions[4:6] == [2 * 21, 6 * 6]  # the six that join at the third call share their starts as above
     expected = [alone(load_finetuned(base, runs[n]).double(), p, 8, temperature=0) for p, n in zip(PROMPTS, NAMES)]
     assert got == [expected[4], *expected[:4], *expected[5:]]
+
+
+def test_the_server_engine_shares_starts_by_default(base, runs):
+    """litft/engine.py (scripts/serve.py's loop), in-process: of four requests queued at once, the first is
+    prefilled alone and the three that join it at the next step share their start; each answer is the one its
+    prompt gets alone (fp32)."""
+    import asyncio
+
+    from litft.engine import Engine
+    from litft.generate import generate
+
+    model = add_loras(load_finetuned(base), runs)
+    engine = Engine(model, max_batch_size=8)
+    positions = prefill_positions(model)
+    prompts, names = PROMPTS[:4], NAMES[:4]
+
+    async def serve_four() -> list[list[int]]:
+        queues = [engine.submit(Row(torch.tensor(p), 6, lora=n)) for p, n in zip(prompts, names)]
+        engine.start()
+        out = []
+        for q in queues:
+            tokens = []
+            while isinstance(event := await asyncio.wait_for(q.get(), 60), int):
+                tokens.append(event)
+            out.append(tokens)
+        return out
+
+    got = asyncio.run(serve_four())
+    engine.stop()
+    assert positions[:4] == [23, 1, 19, 3 * 6]  # alone; a step; the three that join: their start, then their rests
+    assert got == [list(generate(load_finetuned(base, runs[n]), torch.tensor(p), 6, temperature=0))
+                   for p, n in zip(prompts, names)]
