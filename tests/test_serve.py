@@ -324,28 +324,35 @@ def post(port: int, path: str, body: str) -> tuple[int, dict]:
         conn.close()
 
 
-def test_requests_waiting_together_are_decoded_in_one_batch(base, runs):
-    """The engine in-process: four requests queued at once are decoded as one batch of four."""
-    model = add_loras(load_finetuned(base), runs)
-    engine = Engine(model, max_batch_size=8)
-    names = ["qv", None, "all", "qv"]
-
-    async def serve_four() -> list[list[int]]:
-        queues = [engine.submit(Row(torch.tensor(p), 6, lora=n)) for p, n in zip(PROMPTS, names)]
+def serve_queued(engine: Engine, rows: list[Row]) -> list[tuple[list[int], object]]:
+    """Queue `rows` on an engine not yet started (so that they wait together), start it, and return each row's
+    tokens and the event that ended them; the engine is stopped after."""
+    async def serve() -> list[tuple[list[int], object]]:
+        queues = [engine.submit(row) for row in rows]
         engine.start()
         out = []
         for q in queues:
             tokens = []
             while isinstance(event := await asyncio.wait_for(q.get(), 60), int):
                 tokens.append(event)
-            assert event == "length"
-            out.append(tokens)
+            out.append((tokens, event))
         return out
 
-    got = asyncio.run(serve_four())
-    engine.stop()
+    try:
+        return asyncio.run(serve())
+    finally:
+        engine.stop()
+
+
+def test_requests_waiting_together_are_decoded_in_one_batch(base, runs):
+    """The engine in-process: four requests queued at once are decoded as one batch of four."""
+    model = add_loras(load_finetuned(base), runs)
+    engine = Engine(model, max_batch_size=8)
+    names = ["qv", None, "all", "qv"]
+    served = serve_queued(engine, [Row(torch.tensor(p), 6, lora=n) for p, n in zip(PROMPTS, names)])
+    assert [end for _, end in served] == ["length"] * 4
     assert engine.largest_batch == 4
-    for p, n, tokens in zip(PROMPTS, names, got):
+    for p, n, (tokens, _) in zip(PROMPTS, names, served):
         assert tokens == list(generate(load_finetuned(base, runs[n] if n else None), torch.tensor(p), 6,
                                        temperature=0)), n
 

@@ -52,7 +52,8 @@ def test_rows_that_share_a_start_decode_as_each_prompt_alone_with_its_lora(base,
     assert got == expected
     # pass 1: the two "all" rows share 21 tokens, the four qv rows that begin with SYSTEM 19 (the row that is only
     # SYSTEM keeps its last token): 2 starts of 21 positions (right-padded); pass 2: 7 rows of 6 positions (the
-    # longest rest: SYSTEM's last token and [7, 8, 11, 12, 13]; the others padded); 84 positions, against 137 prompt tokens
+    # longest rest: SYSTEM's last token and [7, 8, 11, 12, 13]; the others padded). 84 positions, against 137
+    # prompt tokens
     assert positions[:2] == [2 * 21, 7 * 6]
     assert positions[2:] == [7] * 7  # then one position per row and step
 
@@ -134,29 +135,17 @@ def test_the_server_engine_shares_starts_by_default(base, runs):
     """litft/engine.py (scripts/serve.py's loop), in-process: of four requests queued at once, the first is
     prefilled alone and the three that join it at the next step share their start; each answer is the one its
     prompt gets alone (fp32)."""
-    import asyncio
+    from test_serve import serve_queued
 
     from litft.engine import Engine
     from litft.generate import generate
 
     model = add_loras(load_finetuned(base), runs)
-    engine = Engine(model, max_batch_size=8)
     positions = prefill_positions(model)
     prompts, names = PROMPTS[:4], NAMES[:4]
-
-    async def serve_four() -> list[list[int]]:
-        queues = [engine.submit(Row(torch.tensor(p), 6, lora=n)) for p, n in zip(prompts, names)]
-        engine.start()
-        out = []
-        for q in queues:
-            tokens = []
-            while isinstance(event := await asyncio.wait_for(q.get(), 60), int):
-                tokens.append(event)
-            out.append(tokens)
-        return out
-
-    got = asyncio.run(serve_four())
-    engine.stop()
+    rows = [Row(torch.tensor(p), 6, lora=n) for p, n in zip(prompts, names)]
+    served = serve_queued(Engine(model, max_batch_size=8), rows)
+    got = [tokens for tokens, _ in served]
     assert positions[:4] == [23, 1, 19, 3 * 6]  # alone; a step; the three that join: their start, then their rests
     assert got == [list(generate(load_finetuned(base, runs[n]), torch.tensor(p), 6, temperature=0))
                    for p, n in zip(prompts, names)]
