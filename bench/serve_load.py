@@ -105,9 +105,8 @@ def main(checkpoint_dir: Path = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Ins
                 peft_runs.append(peft_batch())
     answers, together_s = min(together, key=lambda r: r[1])
     report = {"requests": requests, "loras": loras, "max_tokens": max_tokens, "precision": precision,
-              "min_shared": min_shared,
-              "rounds": rounds, "one_at_a_time": summary(alone, alone_s), "concurrent": summary(answers, together_s),
-              "concurrent_seconds_each_round": [s for _, s in together],
+              "min_shared": min_shared, "rounds": rounds, "one_at_a_time": summary(alone, alone_s),
+              "concurrent": summary(answers, together_s), "concurrent_seconds_each_round": [s for _, s in together],
               "concurrent_equal_one_at_a_time": min(sum(a["text"] == b["text"] for a, b in zip(alone, answers))
                                                     for answers, _ in together)}
     if peft_runs:
