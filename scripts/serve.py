@@ -37,7 +37,8 @@ from litft.tokenizer import Tokenizer
 
 def main(checkpoint_dir: Path = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct"), lora: list[str] = [],
          host: str = "127.0.0.1", port: int = 8000, quantize: str | None = None, precision: str | None = None,
-         max_batch_size: int = 32, max_tokens: int = 512, prompt_style: str | None = None, min_shared: int = 16) -> None:
+         max_batch_size: int = 32, max_tokens: int = 512, prompt_style: str | None = None,
+         min_shared: int = 16) -> None:
     """Serve the base model and its LoRAs until interrupted (Ctrl-C).
 
     Args:
