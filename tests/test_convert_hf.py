@@ -70,7 +70,7 @@ def test_logits_match_transformers(tmp_path, shape, fast):
     if SHAPES[shape][2]:
         assert ours.lm_head.weight is ours.embed.weight
     if fast:
-        prepare_for_cpu_decoding(ours, threads=2)
+        prepare_for_cpu_decoding(ours)
     assert max_logit_diff(ours, hf) <= 1e-4
 
 

@@ -14,7 +14,7 @@ from conftest import assert_user_error, run_main, run_script
 from litft.checkpoint import save_lit_checkpoint
 from litft.config import Config
 from litft.errors import UserError
-from litft.fast.cpu_decoding import SplitLinear, prepare_for_cpu_decoding
+from litft.fast.cpu_decoding import PackedLinear, prepare_for_cpu_decoding
 from litft.generate import generate, greedy_without_cache, sample, stop_token_ids, top_p_filter
 from litft.model import Llama
 from litft.prompts import PromptStyle
@@ -54,9 +54,9 @@ def test_kv_cache_greedy_equals_greedy_without_cache(name):
     assert cached == greedy_without_cache(model, prompt, N_NEW)
 
 
-@pytest.mark.parametrize("split", [None, 3], ids=["as-loaded", "cpu-decoding-layout"])
+@pytest.mark.parametrize("packed", [False, True], ids=["as-loaded", "cpu-decoding-layout"])
 @pytest.mark.parametrize("heads,kv_heads,tied", [(4, 4, False), (4, 2, False), (4, 1, True)])
-def test_greedy_equals_transformers_generate(heads, kv_heads, tied, split):
+def test_greedy_equals_transformers_generate(heads, kv_heads, tied, packed):
     transformers = pytest.importorskip("transformers")
     hf_config = transformers.LlamaConfig(
         vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=heads,
@@ -73,9 +73,9 @@ def test_greedy_equals_transformers_generate(heads, kv_heads, tied, split):
         expected = hf.generate(prompt[None], attention_mask=torch.ones(1, 9, dtype=torch.long), do_sample=False,
                                max_new_tokens=N_NEW, min_new_tokens=N_NEW)[0, 9:].tolist()
     assert len(expected) == N_NEW and len(set(expected)) > 5
-    if split:  # what generate_cli does on a CPU: every Linear in 3 column blocks (vocab 256 needs padding)
-        prepare_for_cpu_decoding(ours, threads=split)
-        assert {type(m) for m in ours.modules()} & {torch.nn.Linear, SplitLinear} == {SplitLinear}
+    if packed:  # what generate_cli does on a CPU: every Linear's weight reordered for oneDNN
+        prepare_for_cpu_decoding(ours)
+        assert {type(m) for m in ours.modules()} & {torch.nn.Linear, PackedLinear} == {PackedLinear}
     assert list(generate(ours, prompt, N_NEW, temperature=0)) == expected
 
 
@@ -116,18 +116,18 @@ def test_bf16_decoding_with_the_kv_cache_is_as_close_to_fp32_as_transformers_bf1
     assert torch.equal(got.argmax(-1)[clear], full[9:][clear])
 
 
-@pytest.mark.parametrize("n", [1, 2, 3, 4])
 @pytest.mark.parametrize("bias", [False, True])
-def test_split_linear_equals_nn_linear(n, bias):
+@pytest.mark.parametrize("d_out", [10, 49])  # sizes no kernel's block divides
+def test_packed_linear_equals_nn_linear(bias, d_out):
     torch.manual_seed(0)
-    linear = torch.nn.Linear(24, 10, bias=bias)  # 10 outputs: 3 and 4 blocks need padding
-    x = torch.randn(2, 5, 24)
-    torch.testing.assert_close(SplitLinear(linear, n)(x), linear(x), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(SplitLinear(linear, n)(x[0, :1]), linear(x[0, :1]), rtol=1e-5, atol=1e-6)
+    linear = torch.nn.Linear(24, d_out, bias=bias)
+    x = torch.randn(3, 5, 24)
+    for rows in (x, x[0], x[0, :1], x[:, :2].transpose(0, 1)):  # (B, T, d), (T, d), one row, not contiguous
+        torch.testing.assert_close(PackedLinear(linear)(rows), linear(rows), rtol=1e-5, atol=1e-6)
 
 
 def test_a_model_in_the_cpu_decoding_layout_refuses_to_be_saved():
-    model = prepare_for_cpu_decoding(tiny_model("tiny-gqa"), threads=2)
+    model = prepare_for_cpu_decoding(tiny_model("tiny-gqa"))
     with pytest.raises(RuntimeError, match="save the model before prepare_for_cpu_decoding"):
         model.state_dict()
 
@@ -136,10 +136,10 @@ def test_cpu_decoding_layout_leaves_lora_and_bf16_models_alone():
     from litft.lora import LoRAConfig, LoRALinear, add_lora
 
     lora = add_lora(tiny_model("tiny-gqa"), LoRAConfig(targets=("q", "v")))
-    prepare_for_cpu_decoding(lora, threads=2)
-    assert isinstance(lora.blocks[0].attn.q_proj, LoRALinear) and isinstance(lora.blocks[0].attn.k_proj, SplitLinear)
-    bf16 = prepare_for_cpu_decoding(tiny_model("tiny-gqa").to(torch.bfloat16), threads=2)
-    assert not any(isinstance(m, SplitLinear) for m in bf16.modules())
+    prepare_for_cpu_decoding(lora)
+    assert isinstance(lora.blocks[0].attn.q_proj, LoRALinear) and isinstance(lora.blocks[0].attn.k_proj, PackedLinear)
+    bf16 = prepare_for_cpu_decoding(tiny_model("tiny-gqa").to(torch.bfloat16))
+    assert not any(isinstance(m, PackedLinear) for m in bf16.modules())
 
 
 def test_top_k_1_is_greedy():

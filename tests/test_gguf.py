@@ -375,7 +375,7 @@ def test_smollm2_gguf_matches_transformers_gguf_loader(smollm2_gguf, tmp_path):
     with torch.no_grad():
         expected = reference(ids).logits
         plain = ours(ids)
-        fast = prepare_for_cpu_decoding(ours, threads=2)(ids)
+        fast = prepare_for_cpu_decoding(ours)(ids)
     for logits in (plain, fast):
         torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
         assert logits[0].argmax(-1).tolist() == expected[0].argmax(-1).tolist()

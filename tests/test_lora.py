@@ -113,7 +113,7 @@ def test_logits_match_peft(name, targets, rslora, fast):
         expected, got, base = pm(x).logits, ours(x), pm.get_base_model()
         with pm.disable_adapter():
             plain = base(x).logits
-        decoding = prepare_for_cpu_decoding(merge_lora(ours), threads=2)(x) if fast else got
+        decoding = prepare_for_cpu_decoding(merge_lora(ours))(x) if fast else got
     assert (expected - plain).abs().max() > 1e-2  # the LoRA update is really there
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
     torch.testing.assert_close(decoding, expected, atol=1e-4, rtol=0)

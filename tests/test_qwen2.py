@@ -56,7 +56,7 @@ def test_logits_and_greedy_text_match_transformers(tmp_path, tied, fast):
     _, ours = convert(hf, tmp_path)
     assert ours.config.qkv_bias and ours.blocks[0].attn.o_proj.bias is None
     if fast:
-        prepare_for_cpu_decoding(ours, threads=2)
+        prepare_for_cpu_decoding(ours)
     x = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert (ours(x) - hf(x).logits).abs().max().item() <= 1e-4

@@ -1,57 +1,50 @@
-"""A weight layout for decoding on a CPU: each thread streams its own slice of every matrix.
+"""A weight layout for decoding on a CPU: every fp32 weight reordered once, for oneDNN's matrix kernels.
 
-Decoding one token multiplies a (1, d_in) row by every weight matrix of the model. That is matrix-vector
-work: two FLOPs per weight read, so its speed is the rate at which weights come in from memory. With the
-torch 2.13 CPU build, an fp32 `nn.Linear` on one row (y = x Wᵀ, W stored as (d_out, d_in)) measured the same
-speed with 1 thread as with 2: 10–15 GB/s of weights on a 2-core Zen 4 that sums a tensor at ~50 GB/s.
+Decoding multiplies a few rows (one per sequence of the batch, one for plain generation) by every weight matrix
+of the model: y = x Wᵀ with x of shape (rows, d_in). A library multiplying matrices first lays W out in the
+blocked order its kernels read; `nn.Linear` hands W over as it is stored, (d_out, d_in), in every call.
 
-`SplitLinear` stores Wᵀ cut into n column blocks, one per thread:
+`PackedLinear` does the reordering once, when the model is prepared:
 
-    blocks = [W₁ᵀ, W₂ᵀ, …, Wₙᵀ]                        (n, d_in, d_out / n), W padded to a multiple of n rows
-    y = x Wᵀ = [x W₁ᵀ | x W₂ᵀ | … | x Wₙᵀ]             one batched matmul, which torch spreads over its threads
+    packed = reorder(W)                         oneDNN's blocked layout for W (torch.ops.mkldnn._reorder_linear_weight)
+    y = oneDNN_linear(x, packed) (+ b)          (..., d_in) -> (..., d_out)
 
-The arithmetic is the same; only the order of the additions inside each dot product may differ (results
-agree to ~1e-5 relative). The prompt's prefill goes through the same layout, one (T, d_in) @ (d_in, d_out / n)
-product per block. On SmolLM2-135M with 2 threads a decoding step took ~36 ms instead of ~55 ms (table per
-matrix shape in bench/RESULTS.md); with n = 1 the layout is plain Wᵀ, which measured faster than W as well.
-In bf16 on a CPU it measured no faster, and GPU kernels already use the whole device, so only fp32 CPU
-models are converted. Many-core machines (small blocks) have not been measured.
+These are the ops torch.compile's CPU freezing pass puts in place of a linear layer. The arithmetic is y = x Wᵀ;
+only the order of the additions inside each dot product differs (results agree to ~1e-6 relative). With the
+torch 2.13 CPU build on a 2-core AMD EPYC (AVX-512), over 30 distinct weights per shape so that they stream
+from memory as in a model, fp32 `F.linear` on SmolLM2-135M's shapes ran at 7–9 GFLOP/s for one row and
+65–108 for 32 rows; the packed layout at 10–20 and 145–290 (`python bench/cpu_linear.py`, table in
+bench/RESULTS.md, "The CPU layout"). Where torch was built without oneDNN, layers are left as they are.
 
-`prepare_for_cpu_decoding(model)` swaps every plain fp32 `nn.Linear` of a CPU model for a `SplitLinear`, in
+`prepare_for_cpu_decoding(model)` swaps every plain fp32 `nn.Linear` of a CPU model for a `PackedLinear`, in
 place, freeing each original weight once its copy exists — except a tied output head's, which is still the
 embedding (SmolLM2-135M: 113 MB more). The model is then for generation only: the swapped weights are no
 longer parameters, so it can be neither trained nor saved (saving raises). `for_generation` (litft/fast) merges an
 fp32 LoRA first, so that its layers are plain `nn.Linear` too; other wrapped layers (LoRA unmerged, LLaMA-Adapter
-v2's scaled layers) are left as they are.
+v2's scaled layers) keep their own products, and the plain `nn.Linear` inside them (a served LoRA's base
+weight, litft/multi_lora.py) is swapped.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
 
-class SplitLinear(nn.Module):
-    """y = x Wᵀ (+ b) with Wᵀ kept as `n` column blocks, (n, d_in, d_out / n), for an n-thread matmul."""
+class PackedLinear(nn.Module):
+    """y = x Wᵀ (+ b) with W kept in oneDNN's blocked layout, reordered once."""
 
-    def __init__(self, linear: nn.Linear, n: int) -> None:
+    def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
-        weight = linear.weight.detach()  # (d_out, d_in)
-        self.out_features, d_in = weight.shape
-        if self.out_features % n:
-            weight = F.pad(weight, (0, 0, 0, -self.out_features % n))  # (n · k, d_in), k = ceil(d_out / n)
-        blocks = weight.t().reshape(d_in, n, -1).transpose(0, 1)  # (n, d_in, k), a view: one copy below
-        self.register_buffer("blocks", blocks.contiguous(), persistent=False)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach())  # (d_out, d_in), blocked
+        self.register_buffer("packed", packed, persistent=False)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach(), persistent=False)
         self.register_state_dict_pre_hook(refuse_to_save)
 
     def forward(self, x: Tensor) -> Tensor:  # (..., d_in) -> (..., d_out)
-        rows = x.reshape(1, -1, x.size(-1))  # (1, R, d_in), R = all leading dims
-        y = torch.matmul(rows, self.blocks)  # (n, R, k): block i holds output columns i·k .. (i+1)·k - 1
-        y = y.transpose(0, 1).reshape(*x.shape[:-1], -1)[..., : self.out_features]  # (..., d_out)
-        return y if self.bias is None else y + self.bias
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
 def refuse_to_save(module: nn.Module, prefix: str, keep_vars: bool) -> None:
@@ -60,22 +53,21 @@ def refuse_to_save(module: nn.Module, prefix: str, keep_vars: bool) -> None:
 
 
 def uses_cpu_layout(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether prepare_for_cpu_decoding converts weights on this device in this dtype: fp32 on a CPU.
+    """Whether prepare_for_cpu_decoding converts weights on this device in this dtype: fp32 on a CPU, where torch
+    has oneDNN.
 
     for_generation loads such weights into memory instead of memory-mapping them (load_lit_model's mmap=False),
     so that each original is freed as soon as its copy exists."""
-    return torch.device(device).type == "cpu" and dtype == torch.float32
+    return torch.device(device).type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
 
 
-def prepare_for_cpu_decoding(model: nn.Module, threads: int | None = None) -> nn.Module:
-    """Swap every plain fp32 CPU `nn.Linear` in `model` for a `SplitLinear` over `threads` blocks, in place.
+def prepare_for_cpu_decoding(model: nn.Module) -> nn.Module:
+    """Swap every plain fp32 CPU `nn.Linear` in `model` for a `PackedLinear`, in place.
 
-    `threads` defaults to torch.get_num_threads(). GPU and 16-bit layers are left as they are; calling it
-    twice changes nothing more. Returns the same model.
+    GPU and 16-bit layers are left as they are; calling it twice changes nothing more. Returns the same model.
     """
-    n = threads or torch.get_num_threads()
     names = [name for name, m in model.named_modules()
              if type(m) is nn.Linear and uses_cpu_layout(m.weight.device, m.weight.dtype)]
     for name in names:  # one at a time, so each old weight can be freed as soon as its copy exists
-        model.set_submodule(name, SplitLinear(model.get_submodule(name), n))
+        model.set_submodule(name, PackedLinear(model.get_submodule(name)))
     return model
