@@ -12,9 +12,10 @@ blocked order its kernels read; `nn.Linear` hands W over as it is stored, (d_out
 These are the ops torch.compile's CPU freezing pass puts in place of a linear layer. The arithmetic is y = x Wᵀ;
 only the order of the additions inside each dot product differs (results agree to ~1e-6 relative). With the
 torch 2.13 CPU build on a 2-core AMD EPYC (AVX-512), over 30 distinct weights per shape so that they stream
-from memory as in a model, fp32 `F.linear` on SmolLM2-135M's shapes ran at 7–9 GFLOP/s for one row and
-65–108 for 32 rows; the packed layout at 10–20 and 145–290 (`python bench/cpu_linear.py`, table in
-bench/RESULTS.md, "The CPU layout"). Where torch was built without oneDNN, layers are left as they are.
+from memory as in a model, fp32 `F.linear` on SmolLM2-135M's shapes ran at 6–9 GFLOP/s for one row and
+65–120 for 32 rows; the packed layout at 10–20 and 145–290. Greedy decoding of one sequence ran 1.8× faster
+than with `nn.Linear` (`python bench/cpu_linear.py`; bench/RESULTS.md, "The CPU layout, packed for oneDNN"). Where
+torch was built without oneDNN, layers are left as they are.
 
 `prepare_for_cpu_decoding(model)` swaps every plain fp32 `nn.Linear` of a CPU model for a `PackedLinear`, in
 place, freeing each original weight once its copy exists — except a tied output head's, which is still the
