@@ -129,8 +129,9 @@ def interrupted(e: BaseException | None) -> bool:
 
 def fail(message: str, status: int) -> None:
     """Print `error: message` once — from the first process of a multi-process run only — and exit."""
-    if os.environ.get("LOCAL_RANK", "0") == "0":
-        print(f"error: {message}", file=sys.stderr, flush=True)
+    if os.environ.get("LOCAL_RANK", "0") == "0":  # line and newline in one write: other processes print meanwhile
+        sys.stderr.write(f"error: {message}\n")
+        sys.stderr.flush()
     sys.exit(status)
 
 
