@@ -55,6 +55,7 @@ class ColumnBlocks(nn.Module):
 
     def __init__(self, linear: nn.Linear, threads: int) -> None:
         super().__init__()
+        assert linear.bias is None, "column blocks are timed on bias-free weights (Llama's)"
         w = F.pad(linear.weight.detach(), (0, 0, 0, -linear.out_features % threads))  # rows: a multiple of threads
         self.blocks = w.t().reshape(w.size(1), threads, -1).transpose(0, 1).contiguous()
         self.out_features = linear.out_features
@@ -96,8 +97,8 @@ def products(rows: list[int], layers: int, repeats: int) -> None:
         for n in rows:
             x = torch.randn(n, d_in)
             expected = by_layout["F.linear"][0](x)
-            for products in by_layout.values():
-                torch.testing.assert_close(products[0](x), expected, rtol=1e-4, atol=1e-4)
+            for layer_products in by_layout.values():
+                torch.testing.assert_close(layer_products[0](x), expected, rtol=1e-4, atol=1e-4)
             rate = {layout: 2 * n * d_in * d_out / seconds_per_product([lambda p=p: p(x) for p in products],
                                                                         repeats) / 1e9
                     for layout, products in by_layout.items()}

@@ -2,7 +2,7 @@
 
 The scripts (generate/base.py, lora.py, adapter.py, adapter_v2.py, full.py) differ only in how the model is
 built; `generate_cli` does the rest. It loads the model through litft/fast (`for_generation`): on a CPU in fp32
-the weights are stored in a layout that lets every thread work on each matrix-vector product, and an fp32 LoRA is
+the weights are reordered once into oneDNN's blocked layout (litft/fast/cpu_decoding.py), and an fp32 LoRA is
 merged first; `--fast false` decodes with the model as loaded. The decoding loop (litft/generate.py) is the same
 either way. The completion goes to stdout as it is produced; what was loaded, the time to first token, the
 decoding speed and the peak memory go to stderr.

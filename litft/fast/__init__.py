@@ -28,7 +28,7 @@ Generation (`for_generation`):
 - an fp32 LoRA is merged into its weights (W + (α/r)·B·A, exact to rounding): it decodes at the base
   model's speed, 25–27 tokens/s instead of 15.6 unmerged on SmolLM2-135M.
 - the CPU decoding layout (cpu_decoding.py): fp32 weights reordered once for oneDNN's kernels; one sequence
-  decodes 1.8× faster than with nn.Linear, and a batch's products run 1.6–3.6× faster (bench/cpu_linear.py).
+  decodes 1.8× faster than with nn.Linear, and 32-row products run 1.6–3.6× faster (bench/cpu_linear.py).
   Such weights are read into memory rather than memory-mapped, so each original is freed as soon as its copy
   exists.
 """

@@ -9,7 +9,7 @@ blocked order its kernels read; `nn.Linear` hands W over as it is stored, (d_out
     packed = reorder(W)                         oneDNN's blocked layout for W (torch.ops.mkldnn._reorder_linear_weight)
     y = oneDNN_linear(x, packed) (+ b)          (..., d_in) -> (..., d_out)
 
-These are the ops torch.compile's CPU freezing pass puts in place of a linear layer. The arithmetic is y = x Wᵀ;
+torch.compile's CPU freezing pass uses the same two ops for 16-bit weights. The arithmetic is y = x Wᵀ;
 only the order of the additions inside each dot product differs (results agree to ~1e-6 relative). With the
 torch 2.13 CPU build on a 2-core AMD EPYC (AVX-512), over 30 distinct weights per shape so that they stream
 from memory as in a model, fp32 `F.linear` on SmolLM2-135M's shapes ran at 6–9 GFLOP/s for one row and
